@@ -1,0 +1,1 @@
+"""Dataset readers, record preparation and grain input pipelines."""

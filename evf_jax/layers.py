@@ -1,0 +1,90 @@
+"""Building blocks shared by the SAM and BEiT-3 ports.
+
+Every parameter is created through these helpers so that it carries logical axis names; the
+mapping of logical names to mesh axes lives in config (see `evf_jax.sharding`), never in model code.
+Parity defaults differ from flax's: torch's GELU is exact and its LayerNorm epsilon is 1e-5, so both
+are always passed explicitly.
+
+Logical axis names used for parameters:
+  embed   model width (the residual stream)
+  mlp     hidden width of feed-forward layers
+  heads   fused (num_heads * head_dim) projection width
+  vocab   token vocabulary
+  conv_h, conv_w   spatial kernel dims (never sharded)
+  norm    LayerNorm scale/bias over a non-embed width (e.g. the 256-d SAM neck)
+
+SAM's LayerNorm2d is `layer_norm` applied to an NHWC tensor: the same math over channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def logical(init: Initializer, names: Sequence[Optional[str]]) -> Initializer:
+  """Wraps an initializer so the parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(features: int, axes: tuple[Optional[str], Optional[str]], *, name: str,
+          dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+          use_bias: bool = True,
+          kernel_init: Initializer = nn.initializers.lecun_normal()) -> nn.Dense:
+  """A 2-D `nn.Dense` (as torch `Linear`) whose kernel is (in, out) with logical names `axes`."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=logical(kernel_init, axes),
+      bias_init=logical(nn.initializers.zeros_init(), (axes[1],)),
+      name=name)
+
+
+def layer_norm(epsilon: float, *, name: str, axis_name: Optional[str] = "embed",
+               dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm over the last axis with an explicit epsilon (torch's default is 1e-5, flax's 1e-6).
+
+  Statistics are always computed in float32, whatever `dtype` is.
+  """
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+      scale_init=logical(nn.initializers.ones_init(), (axis_name,)),
+      bias_init=logical(nn.initializers.zeros_init(), (axis_name,)),
+      use_fast_variance=False, force_float32_reductions=True,
+      name=name)
+
+
+def conv(features: int, kernel_size: tuple[int, int], *, name: str,
+         strides: tuple[int, int] = (1, 1), padding: Any = "VALID", use_bias: bool = True,
+         in_axis: Optional[str] = None, out_axis: Optional[str] = "embed",
+         dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32) -> nn.Conv:
+  """NHWC `nn.Conv`; kernel (kh, kw, in, out), converted from torch's (out, in, kh, kw)."""
+  return nn.Conv(
+      features, kernel_size, strides=strides, padding=padding, use_bias=use_bias,
+      dtype=dtype, param_dtype=param_dtype,
+      kernel_init=logical(nn.initializers.lecun_normal(), ("conv_h", "conv_w", in_axis, out_axis)),
+      bias_init=logical(nn.initializers.zeros_init(), (out_axis,)),
+      name=name)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as torch's `nn.GELU()` default."""
+  return nn.gelu(x, approximate=False)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: Optional[jax.Array] = None,
+              mask: Optional[jax.Array] = None, scale: Optional[float] = None,
+              implementation: Optional[str] = None) -> jax.Array:
+  """Multi-head attention on (B, T, N, H) tensors, through `jax.nn.dot_product_attention`.
+
+  `bias` and `mask` broadcast to (B, N, T, S). `implementation` is None (XLA, or the best available),
+  "xla" or "cudnn" (flash attention on NVIDIA GPUs; needs fp16/bf16 inputs).
+  Softmax runs in float32 whatever the input dtype.
+  """
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                      implementation=implementation)

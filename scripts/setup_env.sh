@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs runtime + test requirements into it.
+# Re-running is cheap: a stamp of the requirement files skips pip when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.evf_jax_requirements.sha256
+want=$(cat requirements.txt requirements-dev.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements-dev.txt
+# torchscale pins timm (-> torchvision -> a CUDA torch); BEiT-3 at EVF-SAM's settings needs neither.
+.venv/bin/python -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
+echo "$want" > "$stamp"
