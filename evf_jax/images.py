@@ -1,0 +1,78 @@
+"""Reading user images into RGB uint8 (H, W, 3) the way the reference sees them.
+
+The reference reads images with OpenCV's default colour mode, so we follow its conventions:
+EXIF orientation applied, alpha dropped (not composited), palette and grayscale expanded to RGB,
+16-bit samples scaled to 8 bits. Every way a file can be unusable is a `UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from evf_jax.errors import UserError
+
+SUPPORTED = "JPEG, PNG, WebP, BMP (and anything else Pillow reads)"
+
+
+class ImageReadError(UserError, ValueError):
+  pass
+
+
+def to_rgb_uint8(img) -> np.ndarray:
+  """A PIL image of any mode -> RGB uint8 (H, W, 3)."""
+  from PIL import Image
+  mode = img.mode
+  if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    a = np.asarray(img).astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
+      a = a / 257.0  # 16-bit range onto 8 bits
+    a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return np.repeat(a[..., None], 3, axis=-1)
+  if mode in ("RGBA", "LA", "PA", "P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+    if mode == "P" and "transparency" in img.info:
+      img = img.convert("RGBA")
+    img = img.convert("RGB")
+  elif mode != "RGB":
+    img = img.convert("RGB")
+  if not isinstance(img, Image.Image):
+    raise TypeError(type(img))
+  return np.asarray(img, dtype=np.uint8).copy()
+
+
+def load_image(path: str) -> np.ndarray:
+  """Reads an image file into RGB uint8 (H, W, 3), EXIF orientation applied."""
+  from PIL import Image, ImageOps, UnidentifiedImageError
+  if not os.path.exists(path):
+    raise ImageReadError(f"image not found: {path}")
+  if os.path.isdir(path):
+    raise ImageReadError(f"expected an image file, got a directory: {path}")
+  if os.path.getsize(path) == 0:
+    raise ImageReadError(f"image file is empty (0 bytes): {path}")
+  try:
+    with Image.open(path) as img:
+      img.load()  # decode now, so a truncated file fails here and not later
+      if img.width == 0 or img.height == 0:
+        raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {path}")
+      img = ImageOps.exif_transpose(img)
+      rgb = to_rgb_uint8(img)
+  except UnidentifiedImageError:
+    raise ImageReadError(f"not an image (supported: {SUPPORTED}): {path}") from None
+  except ImageReadError:
+    raise
+  except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    raise ImageReadError(f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+  return rgb
+
+
+def check_rgb_array(image: np.ndarray) -> np.ndarray:
+  """Validates an in-memory image given to the Python API."""
+  a = np.asarray(image)
+  if a.ndim != 3 or a.shape[-1] != 3:
+    raise ImageReadError(f"expected an RGB image of shape (H, W, 3), got {a.shape}")
+  if a.shape[0] == 0 or a.shape[1] == 0:
+    raise ImageReadError(f"image has zero size: {a.shape}")
+  if a.dtype != np.uint8:
+    raise ImageReadError(f"expected a uint8 image, got {a.dtype}")
+  return a
