@@ -72,6 +72,23 @@ def conv(features: int, kernel_size: tuple[int, int], *, name: str,
       name=name)
 
 
+def conv_transpose(features: int, kernel_size: tuple[int, int], *, name: str,
+                   strides: tuple[int, int], in_axis: Optional[str] = None,
+                   out_axis: Optional[str] = None, dtype: Optional[Dtype] = None,
+                   param_dtype: Dtype = jnp.float32) -> nn.ConvTranspose:
+  """NHWC transposed conv with torch `ConvTranspose2d(padding=0)` semantics.
+
+  `transpose_kernel=True` makes flax flip the kernel spatially as torch does; the kernel is
+  (kh, kw, out, in), converted from torch's (in, out, kh, kw) by the `conv_transpose2d` transform.
+  """
+  return nn.ConvTranspose(
+      features, kernel_size, strides=strides, padding="VALID", transpose_kernel=True,
+      dtype=dtype, param_dtype=param_dtype,
+      kernel_init=logical(nn.initializers.lecun_normal(), ("conv_h", "conv_w", out_axis, in_axis)),
+      bias_init=logical(nn.initializers.zeros_init(), (out_axis,)),
+      name=name)
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """Exact (erf) GELU, as torch's `nn.GELU()` default."""
   return nn.gelu(x, approximate=False)

@@ -1,0 +1,202 @@
+"""SAM's image encoder: a ViTDet-style ViT with windowed and global attention, decomposed relative-position
+bias and a convolutional neck. Mirrors `segment_anything/modeling/image_encoder.py`; NHWC throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from evf_jax import layers
+
+Dtype = Any
+
+
+def window_partition(x: jax.Array, window: int) -> tuple[jax.Array, tuple[int, int]]:
+  """(B, H, W, C) -> (B * nh * nw, window, window, C), zero-padding H and W at the bottom/right up to
+  multiples of `window`. Returns the padded (Hp, Wp) too."""
+  b, h, w, c = x.shape
+  pad_h, pad_w = -h % window, -w % window
+  if pad_h or pad_w:
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))  # NHWC: H then W
+  hp, wp = h + pad_h, w + pad_w
+  x = x.reshape(b, hp // window, window, wp // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window, window, c), (hp, wp)
+
+
+def window_unpartition(x: jax.Array, window: int, padded_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> jax.Array:
+  """The inverse of `window_partition`, dropping the padding."""
+  hp, wp = padded_hw
+  h, w = hw
+  b = x.shape[0] // ((hp // window) * (wp // window))
+  x = x.reshape(b, hp // window, wp // window, window, window, -1).transpose(0, 1, 3, 2, 4, 5)
+  x = x.reshape(b, hp, wp, -1)
+  return x[:, :h, :w, :] if (hp > h or wp > w) else x
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+  """Relative-position table (q_size, k_size, C) gathered from `rel_pos` (L, C).
+
+  When L differs from 2 * max(q, k) - 1 the table is first resized linearly along L (half-pixel centres,
+  no antialias, as torch's `F.interpolate(mode="linear")`). Indices are static numpy values.
+  """
+  max_dist = 2 * max(q_size, k_size) - 1
+  if rel_pos.shape[0] != max_dist:
+    rel_pos = jax.image.resize(rel_pos.astype(jnp.float32), (max_dist, rel_pos.shape[1]),
+                               method="linear", antialias=False).astype(rel_pos.dtype)
+  # Coordinates of the shorter side are stretched when q and k differ (never the case inside SAM).
+  q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+  k_coords = np.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+  rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+  return rel_pos[rel.astype(np.int64)]
+
+
+def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
+                            q_hw: tuple[int, int], k_hw: tuple[int, int]) -> jax.Array:
+  """The additive attention bias of MViTv2's decomposed relative positions.
+
+  q: (B, q_h * q_w, N, D), unscaled. Returns (B, N, q_h * q_w, k_h * k_w).
+  """
+  (qh, qw), (kh, kw) = q_hw, k_hw
+  rh = get_rel_pos(qh, kh, rel_pos_h)
+  rw = get_rel_pos(qw, kw, rel_pos_w)
+  b, _, n, d = q.shape
+  rq = q.reshape(b, qh, qw, n, d)
+  rel_h = jnp.einsum("byxnd,ykd->bnyxk", rq, rh.astype(q.dtype))
+  rel_w = jnp.einsum("byxnd,xkd->bnyxk", rq, rw.astype(q.dtype))
+  bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, N, qh, qw, kh, kw)
+  return bias.reshape(b, n, qh * qw, kh * kw)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative-position bias."""
+  dim: int
+  num_heads: int
+  rel_pos_size: tuple[int, int]  # the (H, W) the rel-pos tables are sized for
+  attention_impl: Optional[str] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, _ = x.shape
+    hd = self.dim // self.num_heads
+    qkv = layers.dense(3 * self.dim, ("embed", "heads"), name="qkv", dtype=self.dtype,
+                       param_dtype=self.param_dtype)(x)
+    # torch splits the fused output as (3, heads, head_dim).
+    qkv = qkv.reshape(b, h * w, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    table = lambda n, size: self.param(  # noqa: E731
+        n, layers.logical(nn.initializers.zeros_init(), (None, None)), (2 * size - 1, hd), self.param_dtype)
+    rel_pos_h = table("rel_pos_h", self.rel_pos_size[0])
+    rel_pos_w = table("rel_pos_w", self.rel_pos_size[1])
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (h, w), (h, w))
+    out = layers.attention(q, k, v, bias=bias.astype(q.dtype), implementation=self.attention_impl)
+    out = out.reshape(b, h, w, self.dim)
+    return layers.dense(self.dim, ("heads", "embed"), name="proj", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(out)
+
+
+class MLPBlock(nn.Module):
+  """Linear -> activation -> Linear (`common.MLPBlock`); exact GELU in the ViT, ReLU in the decoder."""
+  dim: int
+  mlp_dim: int
+  activation: str = "gelu"
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = layers.dense(self.mlp_dim, ("embed", "mlp"), name="lin1", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(x)
+    x = layers.gelu(x) if self.activation == "gelu" else nn.relu(x)
+    return layers.dense(self.dim, ("mlp", "embed"), name="lin2", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block; attention is windowed when `window_size > 0`, else global."""
+  dim: int
+  num_heads: int
+  mlp_ratio: float
+  window_size: int
+  input_size: tuple[int, int]  # the grid the global block's rel-pos tables are sized for
+  attention_impl: Optional[str] = None
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    shortcut = x
+    x = layers.layer_norm(1e-6, name="norm1", **kw)(x)
+    ws = self.window_size
+    h, w = x.shape[1], x.shape[2]
+    if ws > 0:
+      x, padded = window_partition(x, ws)
+    x = Attention(self.dim, self.num_heads, (ws, ws) if ws > 0 else tuple(self.input_size),
+                  attention_impl=self.attention_impl, name="attn", **kw)(x)
+    if ws > 0:
+      x = window_unpartition(x, ws, padded, (h, w))
+    x = shortcut + x
+    y = layers.layer_norm(1e-6, name="norm2", **kw)(x)
+    return x + MLPBlock(self.dim, int(self.dim * self.mlp_ratio), name="mlp", **kw)(y)
+
+
+class PatchEmbed(nn.Module):
+  embed_dim: int
+  patch_size: int
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch_size
+    return layers.conv(self.embed_dim, (p, p), strides=(p, p), name="proj", dtype=self.dtype,
+                       param_dtype=self.param_dtype)(x)
+
+
+class ImageEncoderViT(nn.Module):
+  """(B, S, S, 3) normalised, padded images -> (B, S/16, S/16, prompt_embed_dim) embeddings."""
+  img_size: int = 1024
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  out_chans: int = 256
+  window_size: int = 14
+  global_attn_indexes: Sequence[int] = (2, 5, 8, 11)
+  attention_impl: Optional[str] = None
+  remat: bool = False  # recompute block activations in the backward pass (saves memory when fine-tuning)
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    grid = self.img_size // self.patch_size
+    x = PatchEmbed(self.embed_dim, self.patch_size, name="patch_embed", **kw)(x)
+    pos = self.param("pos_embed", layers.logical(nn.initializers.zeros_init(), (None, None, None, "embed")),
+                     (1, grid, grid, self.embed_dim), self.param_dtype)
+    if pos.shape[1:3] != x.shape[1:3]:
+      raise ValueError(f"image grid {x.shape[1:3]} differs from the pos_embed grid {pos.shape[1:3]}; "
+                       f"inputs must be padded to {self.img_size}x{self.img_size}")
+    x = x + pos.astype(x.dtype)
+    block_cls = nn.remat(Block) if self.remat else Block
+    for i in range(self.depth):
+      ws = 0 if i in self.global_attn_indexes else self.window_size
+      x = block_cls(self.embed_dim, self.num_heads, self.mlp_ratio, ws, (grid, grid),
+                    attention_impl=self.attention_impl, name=f"blocks_{i}", **kw)(x)
+    # Neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d (channels last, so plain LayerNorm over C).
+    x = layers.conv(self.out_chans, (1, 1), use_bias=False, in_axis="embed", out_axis=None,
+                    name="neck_0", **kw)(x)
+    x = layers.layer_norm(1e-6, axis_name="norm", name="neck_1", **kw)(x)
+    x = layers.conv(self.out_chans, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, in_axis=None,
+                    out_axis=None, name="neck_2", **kw)(x)
+    return layers.layer_norm(1e-6, axis_name="norm", name="neck_3", **kw)(x)

@@ -1,0 +1,129 @@
+"""The text tokenizer of EVF-SAM: XLM-R ids over BEiT-3's sentencepiece model, without transformers.
+
+EVF-SAM loads `XLMRobertaTokenizer` (the slow, sentencepiece one) from its checkpoint directory, whose
+`sentencepiece.bpe.model` is BEiT-3's spm. That tokenizer uses fairseq's id layout:
+
+  `<s>`=0, `<pad>`=1, `</s>`=2, `<unk>`=3; a sentencepiece piece id i > 0 becomes i + 1 (the fairseq
+  offset); sentencepiece's own id 0 (its `<unk>`) becomes 3; `<mask>` = len(spm) + 1.
+
+and encodes a prompt as `[<s>] + pieces + [</s>]`. This module reproduces that with the
+sentencepiece library directly. Text is always plain text: "[semantic]" is split into ordinary pieces,
+and, unlike transformers, a literal "<s>" / "</s>" / "<pad>" / "<unk>" / "<mask>" inside a prompt is
+not turned into a special id (EVF-SAM prompts never contain them).
+
+Batches are right-padded with `<pad>` to a static length bucket, so a jitted model sees few shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Sequence
+
+import numpy as np
+
+from evf_jax.errors import UserError
+
+SPM_FILE = "sentencepiece.bpe.model"
+
+BOS_ID = 0   # <s>, also CLS
+PAD_ID = 1   # <pad>
+EOS_ID = 2   # </s>, also SEP
+UNK_ID = 3   # <unk>
+FAIRSEQ_OFFSET = 1
+
+# BEiT-3's text positions: max_source_positions 1024 minus the fairseq offset 2.
+MAX_TEXT_LEN = 1022
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+class TokenizerError(UserError, ValueError):
+  """The sentencepiece model is missing or not usable."""
+
+
+class TextTokenizer:
+  """XLM-R-style ids from a sentencepiece model (EVF-SAM's `XLMRobertaTokenizer`, slow version).
+
+  Args:
+    path: a directory containing `sentencepiece.bpe.model`, or the path of a `.model` file.
+    max_length: the longest encoded prompt (special tokens included) `encode_batch` produces by
+      default; longer prompts are truncated with a warning. The default is BEiT-3's limit (1022),
+      so nothing the reference could run is cut.
+  """
+
+  def __init__(self, path: str, max_length: int = MAX_TEXT_LEN):
+    import sentencepiece as spm
+    model_file = os.path.join(path, SPM_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(model_file):
+      raise TokenizerError(f"{path}: no sentencepiece model (expected a .model file or a directory "
+                           f"containing {SPM_FILE})")
+    self.sp = spm.SentencePieceProcessor()
+    try:
+      self.sp.Load(model_file)
+    except Exception as e:  # sentencepiece raises OSError/RuntimeError on a bad proto
+      raise TokenizerError(f"{model_file}: not a sentencepiece model ({e})") from e
+    if self.sp.unk_id() != 0:
+      raise TokenizerError(f"{model_file}: sentencepiece <unk> has id {self.sp.unk_id()}; the XLM-R id "
+                           "mapping needs it at 0 (with <s>=1, </s>=2)")
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2 (<s> and </s>), got {max_length}")
+    self.model_file = model_file
+    self.max_length = max_length
+
+  # Ids.
+  @property
+  def mask_id(self) -> int:
+    return len(self.sp) + FAIRSEQ_OFFSET
+
+  @property
+  def vocab_size(self) -> int:
+    """Ids in use, `<mask>` included (the BEiT-3 embedding table may be larger: 64010)."""
+    return len(self.sp) + FAIRSEQ_OFFSET + 1
+
+  @property
+  def pad_id(self) -> int:
+    return PAD_ID
+
+  def pieces(self, text: str) -> list[str]:
+    return self.sp.EncodeAsPieces(text)
+
+  def encode(self, text: str) -> list[int]:
+    """`[0] + pieces + [2]`, every sentencepiece id shifted by the fairseq offset (its unk -> 3)."""
+    ids = self.sp.EncodeAsIds(text)
+    return [BOS_ID] + [i + FAIRSEQ_OFFSET if i else UNK_ID for i in ids] + [EOS_ID]
+
+  def encode_batch(self, texts: Sequence[str], max_length: Optional[int] = None,
+                   buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes and right-pads prompts to one static length.
+
+    The length is the smallest of `buckets` that fits the longest prompt, capped at `max_length`
+    (default: the tokenizer's); `buckets=None` always pads to `max_length`. A prompt longer than the
+    cap keeps its first `max_length - 1` ids and its final `</s>`, and a warning names it.
+
+    Returns:
+      input_ids: int32 (N, L), padded with `<pad>` (1).
+      attention_mask: bool (N, L), True at real tokens (EVF-SAM's `input_ids != 1`; the model's
+        `text_padding_mask` is its negation).
+    """
+    cap = self.max_length if max_length is None else int(max_length)
+    if cap < 2:
+      raise ValueError(f"max_length must be >= 2 (<s> and </s>), got {cap}")
+    encoded = [self.encode(t) for t in texts]
+    for i, ids in enumerate(encoded):
+      if len(ids) > cap:
+        warnings.warn(f"prompt {i} has {len(ids)} tokens, more than max_length={cap}; truncated to "
+                      f"{cap} (keeping the final </s>): {texts[i][:60]!r}", stacklevel=2)
+        encoded[i] = ids[:cap - 1] + [EOS_ID]
+    longest = max((len(ids) for ids in encoded), default=0)
+    if buckets is None:
+      length = cap
+    else:
+      length = min([b for b in sorted(buckets) if b >= longest] or [cap])
+      length = min(length, cap)
+    input_ids = np.full((len(encoded), length), PAD_ID, np.int32)
+    for i, ids in enumerate(encoded):
+      input_ids[i, :len(ids)] = ids
+    attention_mask = np.zeros((len(encoded), length), bool)
+    for i, ids in enumerate(encoded):
+      attention_mask[i, :len(ids)] = True
+    return input_ids, attention_mask

@@ -1,0 +1,180 @@
+"""TextTokenizer: XLM-R/fairseq ids over a sentencepiece model, on small models trained here.
+
+Findings about transformers 5.x (`XLMRobertaTokenizer`, now backed by `tokenizers` and a Unigram model):
+  - `XLMRobertaTokenizer(vocab_file=...)` builds a 5-token vocabulary (the specials only); loading
+    with `from_pretrained(directory)` converts the sentencepiece model properly.
+  - For a sentencepiece *unigram* model (XLM-R's own "sentencepiece.bpe.model" is one) its ids equal ours.
+  - For a sentencepiece *BPE* model it segments differently (it scores BPE pieces as a unigram model),
+    so it is not a faithful stand-in for the slow tokenizer EVF-SAM used. We use sentencepiece directly.
+  - It turns literal "<s>", "</s>", "<mask>"... inside the text into special ids (as the slow tokenizer
+    also did); we treat text as plain text (EVF-SAM prompts never contain these strings).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+from evf_jax import tokenizer as T
+
+WORDS = ("the a man woman left right red blue car dog cat on of with sitting standing person tree sky "
+         "building semantic second from far small big green yellow shirt holding umbrella").split()
+UNICODE = ["café", "naïve", "東京", "ñandú", "Ελλάδα", "щука", "مرحبا", "😀", "é", "ﬁ", "Ⅻ", "１２３", "€", "½"]
+
+
+def _corpus(seed=0) -> list[str]:
+  rng = random.Random(seed)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  lines = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(1500)]
+  lines += [" ".join(rng.choice(WORDS + UNICODE[:6]) for _ in range(rng.randint(1, 12)))
+            + rng.choice(["", ".", ",", "!", "?", " 42", " [semantic]"]) for _ in range(2500)]
+  return lines
+
+
+def _train(directory: str, model_type: str) -> str:
+  import sentencepiece as spm
+  os.makedirs(directory, exist_ok=True)
+  corpus = os.path.join(directory, "corpus.txt")
+  with open(corpus, "w", encoding="utf-8") as f:
+    f.write("\n".join(_corpus()))
+  # sentencepiece's defaults are XLM-R's: <unk>=0, <s>=1, </s>=2, no pad piece.
+  spm.SentencePieceTrainer.train(
+      input=corpus, model_prefix=os.path.join(directory, "sentencepiece.bpe"), vocab_size=300,
+      model_type=model_type, character_coverage=0.9995, num_threads=1, hard_vocab_limit=False,
+      minloglevel=2)
+  return directory
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+  return _train(str(tmp_path_factory.mktemp("spm_bpe")), "bpe")
+
+
+@pytest.fixture(scope="module")
+def unigram_dir(tmp_path_factory):
+  return _train(str(tmp_path_factory.mktemp("spm_unigram")), "unigram")
+
+
+def varied_strings(n=240, seed=1) -> list[str]:
+  rng = random.Random(seed)
+  fixed = ["", " ", "   ", "\t", "\n", "[semantic]", "[semantic] ", "[semantic] the man on the left",
+           "  leading spaces", "trailing spaces   ", "  both  ", "multiple    inner   spaces",
+           "tabs\tand\nnewlines", "UPPER Case MiXeD", "123", "3.14159", "-42", "1,000,000", "#1 (left)",
+           "a/b\\c", "quote's \"double\"", "!!!???", "...", "e-mail@example.com", "50%", "x<s>y".replace("<s>", "_"),
+           "😀😀", "東京タワー", "the 2nd car, far-right!", "ﬁne ½ Ⅻ １２３"]
+  out = list(fixed)
+  punct = list(".,;:!?-()[]{}'\"/&%$#@*+=~`^|<>")
+  while len(out) < n:
+    parts = []
+    for _ in range(rng.randint(0, 14)):
+      r = rng.random()
+      if r < 0.55:
+        parts.append(rng.choice(WORDS))
+      elif r < 0.7:
+        parts.append(rng.choice(UNICODE))
+      elif r < 0.85:
+        parts.append(str(rng.randint(0, 10 ** rng.randint(1, 6))))
+      else:
+        parts.append("".join(rng.choice(punct) for _ in range(rng.randint(1, 3))))
+    s = rng.choice([" ", "  ", "", " \t"]).join(parts)
+    if rng.random() < 0.3:
+      s = "[semantic] " + s
+    if rng.random() < 0.2:
+      s = rng.choice([" ", "   ", "\n"]) + s
+    if rng.random() < 0.2:
+      s = s + rng.choice([" ", "  ", "\t"])
+    out.append(s)
+  return out
+
+
+def test_ids_are_sentencepiece_plus_offset(bpe_dir):
+  import sentencepiece as spm
+  tok = T.TextTokenizer(bpe_dir)
+  sp = spm.SentencePieceProcessor(model_file=os.path.join(bpe_dir, T.SPM_FILE))
+  assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
+  strings = varied_strings()
+  assert len(strings) >= 200
+  saw_unk = False
+  for s in strings:
+    ids = tok.encode(s)
+    sp_ids = sp.encode(s)
+    assert ids == [0] + [i + 1 if i != 0 else 3 for i in sp_ids] + [2], s
+    assert ids[0] == 0 and ids[-1] == 2 and T.PAD_ID not in ids
+    assert all(3 <= i < tok.mask_id for i in ids[1:-1]), s
+    saw_unk |= 3 in ids
+  assert saw_unk  # some characters (emoji, CJK) are outside the small model
+
+
+def test_special_ids_and_sizes(bpe_dir):
+  tok = T.TextTokenizer(bpe_dir)
+  assert tok.encode("") == [0, 2]
+  assert tok.mask_id == len(tok.sp) + 1
+  assert tok.vocab_size == len(tok.sp) + 2
+  assert tok.pad_id == 1
+  # "[semantic]" is ordinary text: the same ids as its pieces, no special id inside.
+  ids = tok.encode("[semantic] dog")
+  assert ids[1:-1] == [tok.sp.piece_to_id(p) + 1 for p in tok.pieces("[semantic] dog")]
+
+
+def test_paths_and_errors(bpe_dir, tmp_path):
+  a = T.TextTokenizer(bpe_dir).encode("red car")
+  b = T.TextTokenizer(os.path.join(bpe_dir, T.SPM_FILE)).encode("red car")
+  assert a == b
+  with pytest.raises(T.TokenizerError, match="no sentencepiece model"):
+    T.TextTokenizer(str(tmp_path))
+  bad = tmp_path / "broken.model"
+  bad.write_bytes(b"not a proto")
+  with pytest.raises(T.TokenizerError, match="not a sentencepiece model"):
+    T.TextTokenizer(str(bad))
+
+
+def test_encode_batch_buckets_and_padding(bpe_dir):
+  tok = T.TextTokenizer(bpe_dir)
+  texts = ["dog", "[semantic] the man on the left", ""]
+  ids, mask = tok.encode_batch(texts)
+  assert ids.dtype == np.int32 and mask.dtype == np.bool_
+  assert ids.shape == (3, 16)
+  for i, t in enumerate(texts):
+    enc = tok.encode(t)
+    np.testing.assert_array_equal(ids[i, :len(enc)], enc)
+    assert (ids[i, len(enc):] == 1).all()
+    np.testing.assert_array_equal(mask[i], np.arange(16) < len(enc))
+  np.testing.assert_array_equal(mask, ids != 1)  # EVF-SAM's attention_masks = input_ids != 1
+  long = " ".join(["umbrella"] * 12)
+  assert tok.encode_batch(["dog", long])[0].shape[1] == (16 if len(tok.encode(long)) <= 16 else 32)
+  assert tok.encode_batch(["dog"] * 2, buckets=None, max_length=24)[0].shape == (2, 24)
+  assert tok.encode_batch(["dog"], buckets=(8, 40))[0].shape == (1, 8)
+  assert tok.encode_batch([])[0].shape == (0, 16)
+
+
+def test_truncation_keeps_eos_and_warns(bpe_dir):
+  tok = T.TextTokenizer(bpe_dir, max_length=10)
+  long = "the man on the left sitting with a red umbrella holding a blue dog"
+  full = tok.encode(long)
+  assert len(full) > 10
+  with pytest.warns(UserWarning, match="prompt 1 has"):
+    ids, mask = tok.encode_batch(["dog", long])
+  assert ids.shape == (2, 10)
+  np.testing.assert_array_equal(ids[1], full[:9] + [2])
+  assert mask[1].all()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    tok.encode_batch(["dog", long], max_length=64)  # a per-call cap overrides the tokenizer's
+
+
+def test_matches_transformers_on_unigram(unigram_dir):
+  """transformers 5's XLMRobertaTokenizer (from a directory) agrees with us on a unigram spm."""
+  transformers = pytest.importorskip("transformers")
+  try:
+    hf = transformers.XLMRobertaTokenizer.from_pretrained(unigram_dir)
+  except Exception as e:  # pragma: no cover - depends on the installed transformers
+    pytest.skip(f"transformers cannot load the test model: {e}")
+  tok = T.TextTokenizer(unigram_dir)
+  assert len(hf) == tok.vocab_size and hf.mask_token_id == tok.mask_id
+  assert (hf.bos_token_id, hf.pad_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2, 3)
+  for s in varied_strings():
+    assert hf(s)["input_ids"] == tok.encode(s), repr(s)
