@@ -2,4 +2,87 @@
 
 from __future__ import annotations
 
-from evf_jax.cli import command  # noqa: F401
+import argparse
+import os
+
+from evf_jax.cli import command
+from evf_jax.errors import UserError
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--src", required=True,
+                 help="a Hugging Face-style EVF-SAM directory (config.json + model.safetensors / sharded "
+                      "safetensors / pytorch_model.bin + tokenizer files), or a hub id like YxZhang/evf-sam")
+  p.add_argument("--out", required=True, help="the evf-jax checkpoint directory to write")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="stored parameter dtype")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an existing evf-jax checkpoint at --out (other directories are never replaced)")
+
+
+@command("convert", help="convert a PyTorch EVF-SAM checkpoint into an evf-jax checkpoint directory")
+def convert_cmd(args: argparse.Namespace) -> int:
+  from convert.evf import convert_directory
+  convert_directory(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+  return 0
+
+
+convert_cmd.add_arguments = _convert_args
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True, help="an evf-jax checkpoint directory (from `run.py convert`)")
+  p.add_argument("--image", required=True, help="the image (JPEG, PNG, WebP, BMP, ...)")
+  p.add_argument("--prompt", action="append", required=True,
+                 help="a referring text; repeat for several (e.g. --prompt 'zebra top left' --prompt '[semantic] sky')")
+  p.add_argument("--out-dir", required=True, help="where to write <stem>_<i>_mask.png and <stem>_<i>_vis.png")
+  p.add_argument("--save-logits", action="store_true", help="also write <stem>_<i>_logits.npy (float32, H x W)")
+  p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision")
+  p.add_argument("--max-text-length", type=int, default=None,
+                 help="longest prompt in tokens (special tokens included); longer ones are truncated with a warning")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="persistent compilation cache directory (makes later runs start faster)")
+
+
+def overlay(image, mask):
+  """The reference's visualisation: masked pixels become 0.5 * pixel + 0.5 * (50, 120, 220)."""
+  import numpy as np
+  out = image.copy()
+  blend = image.astype(np.float64) * 0.5 + np.array([50, 120, 220]) * 0.5
+  out[mask] = blend[mask].astype(np.uint8)
+  return out
+
+
+@command("predict", help="segment an image by text prompts with a converted checkpoint")
+def predict_cmd(args: argparse.Namespace) -> int:
+  import numpy as np
+  from PIL import Image
+
+  from evf_jax.images import load_image
+  from evf_jax.predictor import Predictor
+  prompts = list(args.prompt)
+  for i, p in enumerate(prompts):
+    if not p.strip():
+      raise UserError(f"--prompt {i + 1} is empty or whitespace-only")
+  image = load_image(args.image)
+  if os.path.isfile(args.out_dir):
+    raise UserError(f"--out-dir {args.out_dir} is a file")
+  predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision,
+                                        compilation_cache_dir=args.compilation_cache,
+                                        max_text_length=args.max_text_length)
+  predictor.set_image(image)
+  result = predictor.predict(prompts)
+  os.makedirs(args.out_dir, exist_ok=True)
+  stem = os.path.splitext(os.path.basename(args.image))[0]
+  for i, prompt in enumerate(prompts):
+    mask = result.masks[i]
+    base = os.path.join(args.out_dir, f"{stem}_{i}")
+    Image.fromarray((mask * 255).astype(np.uint8)).save(base + "_mask.png")
+    Image.fromarray(overlay(image, mask)).save(base + "_vis.png")
+    if args.save_logits:
+      np.save(base + "_logits.npy", result.logits[i].astype(np.float32))
+    print(f"[{i}] {prompt!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
+          f"score {float(result.scores[i]):.4f}")
+  return 0
+
+
+predict_cmd.add_arguments = _predict_args

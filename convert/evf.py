@@ -1,0 +1,202 @@
+"""EVF-SAM checkpoints (Hugging Face layout) -> an evf-jax model directory.
+
+Source keys: `visual_model.*` (SAM), `mm_extractor.beit3.*` (BEiT-3), `text_hidden_fcs.0.{0,2}.*`
+(the projector). The SAM and BEiT-3 tables are reused under those prefixes, so there is one rule per
+tensor kind in the whole project.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from convert import beit3 as beit3_conv
+from convert import sam as sam_conv
+from convert.io import CheckpointReadError, load_hf_directory
+from convert.rules import RULES_VERSION, ConversionError, ConversionResult, Rule, convert
+from evf_jax import __version__
+from evf_jax.checkpoints import CONFIG_FILE, save_model
+from evf_jax.errors import UserError
+from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
+
+SAM_PREFIX = "visual_model."
+BEIT3_PREFIX = "mm_extractor.beit3."
+TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.json")
+TOKENIZER_DIR = "tokenizer"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _prefixed(rules, src_prefix: str, dst_prefix: str) -> list[Rule]:
+  return [Rule(re.escape(src_prefix) + r.pattern, dst_prefix + r.target, r.transform) for r in rules]
+
+
+def evf_rules() -> list[Rule]:
+  return [*_prefixed(sam_conv.sam_rules(), SAM_PREFIX, "sam/"),
+          *_prefixed(beit3_conv.RULES, BEIT3_PREFIX, "beit3/"),
+          Rule(r"text_hidden_fcs\.0\.0\.weight", "projector/fc1/kernel", "linear"),
+          Rule(r"text_hidden_fcs\.0\.0\.bias", "projector/fc1/bias"),
+          Rule(r"text_hidden_fcs\.0\.2\.weight", "projector/fc2/kernel", "linear"),
+          Rule(r"text_hidden_fcs\.0\.2\.bias", "projector/fc2/bias")]
+
+
+def convert_evf(state_dict: Mapping[str, np.ndarray], config: EvfConfig,
+                dtype: Optional[Any] = None) -> ConversionResult:
+  """Every tensor of an EVF-SAM state dict onto `EvfSam(config)`'s params; strict, one error for all."""
+  ignore = [re.escape(SAM_PREFIX) + p for p in sam_conv.SAM_IGNORE]
+  ignore += [re.escape(BEIT3_PREFIX) + p for p in beit3_conv.IGNORE]
+  return convert(state_dict, evf_rules(), abstract_params(config), ignore=ignore, dtype=dtype,
+                 what=f"EVF-SAM checkpoint (sam_scale={config.sam_scale}, "
+                      f"mm_extractor_scale={config.mm_extractor_scale})")
+
+
+def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> EvfConfig:
+  """EvfConfig from the reference's config.json (`model_type`, `sam_scale`, `mm_extractor_scale`, ...)."""
+  if hf_config.get("model_type") != MODEL_TYPE:
+    raise UserError(f"{where}: model_type is {hf_config.get('model_type')!r}, not an EVF-SAM "
+                    f"checkpoint (expected {MODEL_TYPE!r}; EVF-SAM2 / EfficientSAM variants are not supported)")
+  sam_scale = hf_config.get("sam_scale", "huge")
+  beit_scale = hf_config.get("mm_extractor_scale")
+  if sam_scale not in SAM_SCALES:
+    raise UserError(f"{where}: sam_scale {sam_scale!r} is not one of {sorted(SAM_SCALES)}")
+  if beit_scale not in BEIT3_SCALES:
+    raise UserError(f"{where}: mm_extractor_scale {beit_scale!r} is not one of {list(BEIT3_SCALES)}")
+  config = EvfConfig.from_scales(sam_scale, beit_scale)
+  for key, want in (("hidden_size", config.hidden_size), ("out_dim", config.out_dim)):
+    if key in hf_config and int(hf_config[key]) != want:
+      raise UserError(f"{where}: {key}={hf_config[key]} does not fit sam_scale={sam_scale} / "
+                      f"mm_extractor_scale={beit_scale} (expected {want})")
+  return config
+
+
+def check_sizes(state_dict: Mapping[str, Any], config: EvfConfig) -> None:
+  """The named sizes must be the sizes of the tensors (a clearer message than shape mismatches)."""
+  problems = []
+  if config.sam_scale != "tiny":
+    got = sam_conv.infer_sam_size(state_dict, prefix=SAM_PREFIX)
+    if got != config.sam.name:
+      problems.append(f"config says sam_scale={config.sam_scale} ({config.sam.name}) but the SAM "
+                      f"weights are {got}")
+  if config.mm_extractor_scale != "tiny":
+    got = beit3_conv.infer_beit3_size(state_dict, prefix=BEIT3_PREFIX)
+    if got != config.mm_extractor_scale:
+      problems.append(f"config says mm_extractor_scale={config.mm_extractor_scale} but the BEiT-3 "
+                      f"weights are {got}")
+  if problems:
+    raise ConversionError(problems, "EVF-SAM checkpoint")
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def resolve_source(src: str) -> str:
+  """A local directory as is; otherwise a hub id ("owner/name") downloaded with huggingface_hub."""
+  if os.path.isdir(src):
+    return src
+  if os.path.exists(src):
+    raise UserError(f"--src {src}: expected a model directory (config.json + weights), got a file")
+  if not re.fullmatch(r"[\w.-]+/[\w.-]+", src):
+    raise UserError(f"--src {src}: no such directory, and not a Hugging Face hub id like 'YxZhang/evf-sam'")
+  try:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(repo_id=src, allow_patterns=["config.json", *WEIGHT_FILES,
+                                                           "model-*.safetensors", "pytorch_model-*.bin",
+                                                           *TOKENIZER_FILES])
+  except Exception as e:  # offline, unknown repo, auth: all user-side problems
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    raise UserError(f"cannot download {src!r} from the Hugging Face hub ({reason[:200]}); download it "
+                    "where the network allows and pass the local directory as --src") from None
+
+
+def _check_out_dir(out: str, overwrite: bool) -> None:
+  if os.path.isfile(out):
+    raise UserError(f"--out {out} is a file; expected a directory")
+  if os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
+      raise UserError(f"--out {out} is not an evf-jax checkpoint directory; refusing to overwrite it "
+                      "even with --overwrite (choose an empty or new directory)")
+
+
+def convert_directory(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
+                      log=print) -> dict[str, Any]:
+  """The whole `run.py convert`: read, check, convert, and write `out` atomically.
+
+  The new checkpoint is written next to `out` and moved into place only when complete, so a failed
+  conversion never leaves a half-written or destroyed directory behind.
+  """
+  import jax.numpy as jnp
+  if dtype not in ("float32", "bfloat16"):
+    raise UserError(f"--dtype {dtype}: expected float32 or bfloat16")
+  out = os.path.abspath(out)
+  _check_out_dir(out, overwrite)
+  src_dir = resolve_source(src)
+  cfg_path = os.path.join(src_dir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{src_dir}: config.json is missing (not a Hugging Face-style EVF-SAM directory)")
+  try:
+    with open(cfg_path) as f:
+      hf_config = json.load(f)
+  except ValueError as e:
+    raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+  config = config_from_hf(hf_config, cfg_path)
+  tok = os.path.join(src_dir, TOKENIZER_FILES[0])
+  if not os.path.isfile(tok):
+    raise UserError(f"{src_dir}: the tokenizer ({TOKENIZER_FILES[0]}) is missing")
+
+  log(f"reading weights from {src_dir}")
+  try:
+    state_dict = load_hf_directory(src_dir)
+  except CheckpointReadError:
+    raise
+  check_sizes(state_dict, config)
+  log(f"converting {len(state_dict)} tensors (sam_scale={config.sam_scale}, "
+      f"mm_extractor_scale={config.mm_extractor_scale}, dtype={dtype})")
+  result = convert_evf(state_dict, config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+  del state_dict
+
+  weight_files = sorted(f for f in os.listdir(src_dir)
+                        if f in WEIGHT_FILES or re.fullmatch(r"(model|pytorch_model)-.*\.(safetensors|bin)", f))
+  provenance = {
+      "source": src, "source_dir": os.path.abspath(src_dir),
+      "source_files": {f: _sha256(os.path.join(src_dir, f)) for f in weight_files + ["config.json"]},
+      "converter": {"evf_jax": __version__, "rules_version": RULES_VERSION},
+      "dtype": dtype, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "num_tensors": len(result.mapping),
+  }
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  staging = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    model_config = dict(config.to_dict(), param_dtype=dtype)
+    save_model(staging, result.params, model_config, provenance)
+    os.makedirs(os.path.join(staging, TOKENIZER_DIR))
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(src_dir, name)):
+        shutil.copy2(os.path.join(src_dir, name), os.path.join(staging, TOKENIZER_DIR, name))
+    old = None
+    if os.path.isdir(out):
+      old = f"{out}.old-{os.getpid()}"
+      os.replace(out, old)
+    os.replace(staging, out)
+    if old:
+      shutil.rmtree(old)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  log(f"wrote {out}")
+  return provenance

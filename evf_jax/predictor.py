@@ -1,0 +1,197 @@
+"""Text-prompted segmentation with the image embedding computed once.
+
+    p = Predictor.from_checkpoint(DIR)
+    p.set_image(rgb_uint8_hwc)                 # SAM embedding + BEiT-3 input, cached on device
+    r = p.predict(["zebra top left", "[semantic] sky"])
+    r.masks, r.logits, r.scores
+
+All prompts of one `predict` call go through one jitted computation (BEiT-3, projector, prompt encoder
+and mask decoder batched over prompts). Shapes are bucketed so repeated calls do not recompile:
+the number of prompts rounds up to a power of two, the text length to a tokenizer bucket, and the
+original image size to a multiple of `size_multiple` for the postprocess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evf_jax import checkpoints, images, postprocess
+from evf_jax.errors import UserError
+from evf_jax.evf import MODEL_TYPE, EvfConfig, EvfSam, abstract_params
+from evf_jax.sam import transforms as sam_transforms
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+TOKENIZER_DIR = "tokenizer"
+
+
+class PromptError(UserError, ValueError):
+  pass
+
+
+@dataclasses.dataclass
+class Prediction:
+  masks: np.ndarray    # (N, H, W) bool, logits > 0
+  logits: np.ndarray   # (N, H, W) float32 at the original image size
+  scores: np.ndarray   # (N,) predicted IoU
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _pow2_at_least(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Persist compiled programs across processes (jax's persistent compilation cache)."""
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class Predictor:
+  """EVF-SAM inference on one image at a time, any number of prompts per call.
+
+  Args:
+    config: the model architecture.
+    params: the converted parameter tree (numpy or jax arrays).
+    tokenizer: an `evf_jax.tokenizer.TextTokenizer`.
+    precision: "fp32", "bf16" or "fp16" compute dtype (parameters keep their stored dtype; LayerNorm
+      statistics and softmax run in float32 always).
+    attention_impl: None (XLA's choice), "xla", or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16).
+    size_multiple: original image sizes are padded up to a multiple of this for the postprocess.
+  """
+
+  def __init__(self, config: EvfConfig, params: Any, tokenizer, *, precision: str = "fp32",
+               attention_impl: Optional[str] = None, size_multiple: int = 64):
+    if precision not in PRECISIONS:
+      raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+    self.config = config
+    self.tokenizer = tokenizer
+    self.precision = precision
+    self.size_multiple = size_multiple
+    self.model = EvfSam(config, attention_impl=attention_impl, dtype=PRECISIONS[precision])
+    self.params = jax.device_put(params)
+    self._image = None  # (embedding, beit image, original hw, postprocess matrices)
+    model = self.model
+
+    @jax.jit
+    def embed(params, resized_u8, input_hw):
+      x = sam_transforms.normalize_and_pad(resized_u8, input_hw, config.sam.img_size,
+                                           config.sam.pixel_mean, config.sam.pixel_std)
+      return model.apply({"params": params}, x.astype(model.dtype), method=EvfSam.embed_image)
+
+    @jax.jit
+    def decode(params, embedding, beit_image, input_ids, attention_mask):
+      prompts = model.apply({"params": params}, beit_image.astype(model.dtype), input_ids,
+                            attention_mask, method=EvfSam.text_prompts)
+      low, iou = model.apply({"params": params}, embedding, prompts, method=EvfSam.decode)
+      return low[:, 0].astype(jnp.float32), iou[:, 0].astype(jnp.float32)
+
+    @jax.jit
+    def upsample(low, a_y, a_x):
+      return postprocess.apply_matrices(low, a_y, a_x)
+
+    self._embed, self._decode, self._upsample = embed, decode, upsample
+
+  # Construction.
+  @classmethod
+  def from_checkpoint(cls, directory: str, *, precision: str = "fp32", attention_impl: Optional[str] = None,
+                      compilation_cache_dir: Optional[str] = None, max_text_length: Optional[int] = None,
+                      **kwargs) -> "Predictor":
+    """Loads a directory written by `run.py convert`."""
+    from evf_jax.tokenizer import TextTokenizer
+    if compilation_cache_dir:
+      enable_compilation_cache(compilation_cache_dir)
+    raw = checkpoints.read_config(directory, expect_model_type=MODEL_TYPE)
+    try:
+      config = EvfConfig.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as e:
+      raise checkpoints.ModelDirError(f"{directory}: {checkpoints.CONFIG_FILE} is not a valid EVF-SAM "
+                                      f"config ({e})") from None
+    tok_dir = os.path.join(directory, TOKENIZER_DIR)
+    tokenizer = TextTokenizer(tok_dir) if max_text_length is None else TextTokenizer(tok_dir, max_text_length)
+    param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
+    target = abstract_params(config, param_dtype=param_dtype)
+    try:
+      params = checkpoints.load_params(directory, target)
+    except checkpoints.ModelDirError:
+      raise
+    except Exception as e:  # orbax: missing or mismatching arrays
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+      raise checkpoints.ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
+    return cls(config, params, tokenizer, precision=precision, attention_impl=attention_impl, **kwargs)
+
+  # Image.
+  def set_image(self, image: np.ndarray) -> None:
+    """Computes and caches SAM's image embedding and BEiT-3's input for an RGB uint8 (H, W, 3) image."""
+    from evf_jax.preprocess import beit_image
+    image = images.check_rgb_array(image)
+    size = self.config.sam.img_size
+    resized = sam_transforms.resize_longest_side(image, size)
+    input_hw = resized.shape[:2]
+    buf = np.zeros((1, size, size, 3), np.uint8)
+    buf[0, :input_hw[0], :input_hw[1]] = resized
+    embedding = self._embed(self.params, buf, np.asarray([input_hw], np.int32))
+    beit = beit_image(image, self.config.beit3.img_size)[None]
+    orig_hw = tuple(image.shape[:2])
+    pad_hw = (_round_up(orig_hw[0], self.size_multiple), _round_up(orig_hw[1], self.size_multiple))
+    a_y, a_x = postprocess.mask_postprocess_matrices(input_hw, orig_hw, low_res=self.config.sam.low_res_size,
+                                                     img_size=size, pad_to=pad_hw)
+    self._image = dict(embedding=embedding, beit=jnp.asarray(beit), orig_hw=orig_hw,
+                       a_y=jnp.asarray(a_y), a_x=jnp.asarray(a_x))
+
+  @property
+  def image_embedding(self) -> jax.Array:
+    self._require_image()
+    return self._image["embedding"]
+
+  def _require_image(self):
+    if self._image is None:
+      raise UserError("no image set: call set_image(image) before predict()")
+
+  # Prompts.
+  def predict(self, prompts: Sequence[str]) -> Prediction:
+    """Masks for each text prompt on the current image."""
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    if not prompts:
+      raise PromptError("no prompts given")
+    for i, p in enumerate(prompts):
+      if not isinstance(p, str) or not p.strip():
+        raise PromptError(f"prompt {i} is empty or whitespace-only")
+    input_ids, attention_mask = self.tokenizer.encode_batch(list(prompts))
+    return self.predict_tokens(input_ids, attention_mask)
+
+  def predict_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Prediction:
+    """As `predict`, for callers that tokenise themselves: (N, L) ids, (N, L) bool (True = token)."""
+    self._require_image()
+    input_ids = np.asarray(input_ids, np.int32)
+    attention_mask = np.asarray(attention_mask, bool)
+    if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape or input_ids.shape[0] == 0:
+      raise PromptError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be "
+                        "the same non-empty (N, L)")
+    n = input_ids.shape[0]
+    n_pad = _pow2_at_least(n)
+    if n_pad != n:  # filler prompts "<s></s>", dropped below
+      filler = np.full((n_pad - n, input_ids.shape[1]), self.tokenizer.pad_id, np.int32)
+      filler[:, 0], filler[:, 1] = 0, 2
+      fmask = np.zeros_like(filler, bool)
+      fmask[:, :2] = True
+      input_ids = np.concatenate([input_ids, filler])
+      attention_mask = np.concatenate([attention_mask, fmask])
+    img = self._image
+    low, iou = self._decode(self.params, img["embedding"], img["beit"], input_ids, attention_mask)
+    logits = self._upsample(low, img["a_y"], img["a_x"])  # padded shapes: no recompile per n or (H, W)
+    h, w = img["orig_hw"]
+    logits = np.asarray(logits)[:n, :h, :w]
+    return Prediction(masks=logits > 0, logits=logits, scores=np.asarray(iou)[:n])
