@@ -11,14 +11,15 @@ from typing import Callable, Optional, Sequence
 
 from evf_jax.errors import UserError
 
-# name -> (add_arguments(parser), run(args) -> exit code, one-line help)
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+# name -> (run(args) -> exit code, one-line help)
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {}
 
 
 def command(name: str, help: str):
-  """Registers `fn(args) -> int` as a sub-command; `fn.add_arguments(parser)` declares its flags."""
+  """Registers `fn(args) -> int` as a sub-command; `fn.add_arguments(parser)`, if set (before or after
+  registration), declares its flags."""
   def deco(fn):
-    _COMMANDS[name] = (getattr(fn, "add_arguments", lambda p: None), fn, help)
+    _COMMANDS[name] = (fn, help)
     return fn
   return deco
 
@@ -32,17 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
   _register_all()
   parser = argparse.ArgumentParser(prog="run.py", description="evf-jax: EVF-SAM in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for name, (add_args, _, help_) in _COMMANDS.items():
+  for name, (fn, help_) in _COMMANDS.items():
     p = sub.add_parser(name, help=help_, description=help_)
-    add_args(p)
+    getattr(fn, "add_arguments", lambda _: None)(p)
   return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+  return f"warning: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  import warnings
+  warnings.formatwarning = _one_line_warning
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
-    return int(_COMMANDS[args.command][1](args) or 0)
+    return int(_COMMANDS[args.command][0](args) or 0)
   except UserError as e:
     first = str(e).strip().splitlines()
     print(f"error: {first[0] if first else e.__class__.__name__}", file=sys.stderr)

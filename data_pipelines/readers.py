@@ -1,0 +1,364 @@
+"""Readers of the raw downloads (DATA_SPEC §1): each turns a dataset's own layout into `ImageTask`s.
+
+An `ImageTask` is one image of one split: where its file is, plus `build(h, w)`, which returns the image's
+prompt entries and masks (compressed RLE). `prepare.py` reads/validates the image, calls `build` with the
+decoded size, and writes a record (records.py). Readers check their required files up front and raise a
+UserError listing every missing one.
+
+`--src` is the dataset's root in the original EVF-SAM layout (DATA_SPEC §1):
+  refclef, refcoco, refcoco+, refcocog, grefcoco   dataset/refer_seg      (refs pickle, instances.json, images/)
+  ade20k                                           dataset/ade20k         (images/, annotations/)
+  obj365                                           dataset/Object365      (raw/Objects365_v1/2019-08-02/...)
+  humanparsing                                     dataset/humanparsing   (JPEGImages/, SegmentationClassAug/)
+  partimagenet                                     dataset/PartImageNet   (images/<split>/, annotations/<split>/<split>.json)
+  pascal_part                                      dataset/vlpart/pascal_part  (<split>.json, VOCdevkit/VOC2010/JPEGImages/)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import json
+import os
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from data_pipelines import records, safe_pickle
+from evf_jax.errors import UserError
+
+Build = Callable[[int, int], tuple[list[records.Entry], list[bytes]]]
+
+
+class SkipImage(Exception):
+  """This image cannot be used (e.g. corrupt label map); prepare counts it under `reason` and goes on."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass
+class ImageTask:
+  split: str
+  image_id: str
+  path: str
+  build: Build
+
+
+def _require(paths: Iterable[str], dataset: str, src: str) -> None:
+  missing = [p for p in paths if not os.path.exists(p)]
+  if missing:
+    raise UserError(f"{dataset}: missing under {src}: " + ", ".join(os.path.relpath(p, src) for p in missing)
+                    + " (see data_pipelines/readers.py for the expected layout)")
+
+
+def _load_json(path: str):
+  try:
+    with open(path, "rb") as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- COCO-style segmentations -> RLE
+
+def _rle_parts(seg, h: int, w: int) -> list[dict]:
+  """A COCO `segmentation` (polygon list, RLE dict, or list of RLE dicts) -> list of compressed RLEs."""
+  if isinstance(seg, dict):
+    seg = [seg]
+  if not seg:
+    return []
+  if isinstance(seg[0], dict):  # RLE(s); RefCLEF stores str counts, pycocotools wants bytes
+    out = []
+    for r in seg:
+      if isinstance(r["counts"], list):  # uncompressed RLE
+        out.append(mask_utils.frPyObjects(r, *r["size"]))
+      else:
+        counts = r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"]
+        out.append({"size": list(r["size"]), "counts": counts})
+    return out
+  polys = [p for p in seg if len(p) >= 6]  # < 3 points does not describe an area
+  return mask_utils.frPyObjects(polys, h, w) if polys else []
+
+
+def union_rle(parts: list[dict], h: int, w: int) -> bytes:
+  """Union of RLEs as compressed counts; empty -> all-zero mask. Union = the original's sum, clipped to 1."""
+  for p in parts:
+    if list(p["size"]) != [h, w]:
+      raise SkipImage("mask_size_mismatch")
+  if not parts:
+    return records.encode_mask(np.zeros((h, w), np.uint8))
+  return mask_utils.merge(parts, intersect=False)["counts"] if len(parts) > 1 else parts[0]["counts"]
+
+
+# ---------------------------------------------------------------- RefCOCO family (REFER / G_REFER)
+
+REFER_DATASETS = {  # name -> (splitBy, image folder under refer_seg/)
+    "refclef": ("unc", "images/saiapr_tc-12"),
+    "refcoco": ("unc", "images/mscoco/images/train2014"),
+    "refcoco+": ("unc", "images/mscoco/images/train2014"),
+    "refcocog": ("umd", "images/mscoco/images/train2014"),
+    "grefcoco": ("unc", "images/mscoco/images/train2014"),
+}
+
+
+def _eval_split_names(split: str) -> list[str]:
+  """REFER's split semantics: testA/testB/testC select refs whose split *contains* the letter ("testAB")."""
+  if split.startswith("test") and len(split) > 4:
+    return [f"test{c}" for c in split[4:]]
+  return [split]
+
+
+def read_refer(dataset: str, src: str) -> list[ImageTask]:
+  split_by, image_dir = REFER_DATASETS[dataset]
+  ann_dir = os.path.join(src, dataset)
+  image_root = os.path.join(src, image_dir)
+  inst_path = os.path.join(ann_dir, "instances.json")
+  if dataset == "grefcoco":
+    p, j = os.path.join(ann_dir, f"grefs({split_by}).p"), os.path.join(ann_dir, f"grefs({split_by}).json")
+    refs_path = p if os.path.exists(p) or not os.path.exists(j) else j
+  else:
+    refs_path = os.path.join(ann_dir, f"refs({split_by}).p")
+  _require([refs_path, inst_path, image_root], dataset, src)
+  try:
+    refs = _load_json(refs_path) if refs_path.endswith(".json") else safe_pickle.load(refs_path)
+  except safe_pickle.UnsafePickleError as e:
+    raise UserError(f"{refs_path}: {e}") from None
+  inst = _load_json(inst_path)
+  images = {im["id"]: im for im in inst["images"]}
+  anns = {a["id"]: a for a in inst["annotations"]}
+
+  # (split, image_id) -> refs; train keeps sentences verbatim, eval ones are strip().lower()-ed (DATA_SPEC §4.2).
+  by_image: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+  for ref in refs:
+    names = ["train"] if ref["split"] == "train" else _eval_split_names(ref["split"])
+    for name in names:
+      by_image[(name, ref["image_id"])].append(ref)
+
+  tasks = []
+  for (split, image_id), image_refs in sorted(by_image.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    im = images.get(image_id)
+    if im is None:
+      continue
+    tasks.append(ImageTask(split, str(image_id), os.path.join(image_root, im["file_name"]),
+                           _refer_builder(image_refs, anns, train=(split == "train"))))
+  return tasks
+
+
+def _ann_ids(ref: dict) -> list[int]:
+  ids = ref["ann_id"]
+  return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+def _refer_builder(image_refs: list[dict], anns: dict, train: bool) -> Build:
+  def build(h: int, w: int):
+    masks: list[bytes] = []
+    index_of: dict[tuple[int, ...], int] = {}
+    entries = []
+    for ref in image_refs:
+      ids = tuple(_ann_ids(ref))
+      if ids not in index_of:
+        # gRefCOCO: a list means the union of those instances; [-1] is a no-target expression (all-zero mask).
+        parts = []
+        for a in ids:
+          if a != -1 and a in anns:
+            parts += _rle_parts(anns[a]["segmentation"], h, w)
+        index_of[ids] = len(masks)
+        masks.append(union_rle(parts, h, w))
+      for sent in ref.get("sentences", []):
+        text = sent["sent"] if train else sent["sent"].strip().lower()
+        entries.append(records.Entry(text, index_of[ids], {
+            "ref_id": int(ref.get("ref_id", -1)), "sent_id": int(sent.get("sent_id", -1)), "ann_ids": list(ids)}))
+    return entries, masks
+  return build
+
+
+# ---------------------------------------------------------------- label-map datasets (ADE20K, HumanParsing)
+
+ADE20K_CLASSES = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
+    'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair', 'seat', 'fence',
+    'desk', 'rock', 'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard',
+    'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand',
+    'path', 'stairs', 'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
+    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove',
+    'palm', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus',
+    'towel', 'light', 'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth', 'television receiver',
+    'airplane', 'dirt track', 'apparel', 'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle',
+    'buffet', 'poster', 'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything',
+    'swimming pool', 'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven',
+    'ball', 'food', 'step', 'tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake',
+    'dishwasher', 'screen', 'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light', 'tray',
+    'ashcan', 'fan', 'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower', 'radiator',
+    'glass', 'clock', 'flag',
+)
+
+HUMANPARSING_CLASSES = (  # ATR ids 0..17, left/right swapped to the viewer's side (DATA_SPEC §1.6)
+    "background", "hat", "hair", "sunglasses", "upper clothes", "skirt", "pants", "dress", "belt",
+    "right shoe", "left shoe", "face", "right leg", "left leg", "right arm", "left arm", "bag", "scarf")
+
+
+def _read_label_map(path: str) -> np.ndarray:
+  try:
+    with Image.open(path) as im:
+      # Index PNGs ("P" mode) hold the label ids directly; "L" too. Never convert P through a palette.
+      arr = np.asarray(im if im.mode in ("P", "L", "I;16", "I") else im.convert("L"))
+  except (OSError, SyntaxError, ValueError):
+    raise SkipImage("corrupt_label_map") from None
+  if arr.ndim != 2:
+    raise SkipImage("corrupt_label_map")
+  return arr
+
+
+def _label_builder(label_path: str, class_ids: Callable[[np.ndarray], list[tuple[int, int, str]]]) -> Build:
+  """class_ids(label_map) -> [(stored value, class id, prompt)]; mask = (label_map == stored value)."""
+  def build(h: int, w: int):
+    label = _read_label_map(label_path)
+    if label.shape != (h, w):
+      raise SkipImage("label_size_mismatch")
+    masks, entries = [], []
+    for value, cid, text in class_ids(label):
+      entries.append(records.Entry(text, len(masks), {"class_id": int(cid)}))
+      masks.append(records.encode_mask(label == value))
+    return entries, masks
+  return build
+
+
+def _ade_classes(label: np.ndarray):
+  # Label shift: raw 0 ("other") and anything > 150 become ignore; raw k -> class k-1 (DATA_SPEC §1.4).
+  # Ignore pixels are simply negatives in every mask, which (label == k) already gives.
+  return [(int(v), int(v) - 1, "[semantic] " + ADE20K_CLASSES[int(v) - 1])
+          for v in np.unique(label) if 1 <= v <= len(ADE20K_CLASSES)]
+
+
+def read_ade20k(src: str) -> list[ImageTask]:
+  _require([os.path.join(src, "images", "training"), os.path.join(src, "annotations", "training")], "ade20k", src)
+  classes_file = os.path.join(src, "ade20k_classes.json")
+  if os.path.exists(classes_file) and list(_load_json(classes_file)) != list(ADE20K_CLASSES):
+    raise UserError(f"{classes_file} differs from the 150 SceneParsing classes this reader expects")
+  tasks = []
+  for folder, split in (("training", "train"), ("validation", "validation")):
+    for label_path in sorted(glob.glob(os.path.join(src, "annotations", folder, "*.png"))):
+      stem = os.path.splitext(os.path.basename(label_path))[0]
+      tasks.append(ImageTask(split, stem, os.path.join(src, "images", folder, stem + ".jpg"),
+                             _label_builder(label_path, _ade_classes)))
+  return tasks
+
+
+def _humanparsing_classes(label: np.ndarray):
+  # Every present id is a candidate, background (0) included, so "[semantic] background" is a prompt.
+  return [(int(v), int(v), "[semantic] " + HUMANPARSING_CLASSES[int(v)])
+          for v in np.unique(label) if v < len(HUMANPARSING_CLASSES)]
+
+
+def read_humanparsing(src: str) -> list[ImageTask]:
+  img_dir, lab_dir = os.path.join(src, "JPEGImages"), os.path.join(src, "SegmentationClassAug")
+  _require([img_dir, lab_dir], "humanparsing", src)
+  tasks = []
+  for label_path in sorted(glob.glob(os.path.join(lab_dir, "*.png"))):
+    stem = os.path.splitext(os.path.basename(label_path))[0]
+    tasks.append(ImageTask("train", stem, os.path.join(img_dir, stem + ".jpg"),
+                           _label_builder(label_path, _humanparsing_classes)))
+  return tasks
+
+
+# ---------------------------------------------------------------- COCO-json datasets (O365, parts)
+
+def _coco_tasks(coco: dict, split: str, image_root: str, builder: Callable[[list[dict], dict], Build]):
+  cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
+  by_image = collections.defaultdict(list)
+  for a in coco.get("annotations", []):
+    by_image[a["image_id"]].append(a)
+  tasks = []
+  for im in sorted(coco.get("images", []), key=lambda im: im["id"]):
+    if by_image.get(im["id"]):
+      tasks.append(ImageTask(split, str(im["id"]), os.path.join(image_root, im["file_name"]),
+                             builder(by_image[im["id"]], cats)))
+  return tasks
+
+
+def _o365_builder(image_anns: list[dict], cats: dict) -> Build:
+  def build(h: int, w: int):
+    masks, entries = [], []
+    for a in image_anns:
+      seg = a.get("segmentation")
+      rle = seg[0] if isinstance(seg, list) and seg else seg
+      if not isinstance(rle, dict):  # the original requires a compressed-RLE dict in segmentation[0]
+        continue
+      entries.append(records.Entry(cats[a["category_id"]], len(masks),  # name as stored, no prefix
+                                   {"ann_ids": [int(a["id"])], "class_id": int(a["category_id"])}))
+      masks.append(union_rle(_rle_parts(rle, h, w), h, w))
+    return entries, masks
+  return build
+
+
+def read_obj365(src: str) -> list[ImageTask]:
+  root = os.path.join(src, "raw", "Objects365_v1", "2019-08-02")
+  json_path, image_root = os.path.join(root, "o365_res_instances.json"), os.path.join(root, "train")
+  _require([json_path, image_root], "obj365", src)
+  return _coco_tasks(_load_json(json_path), "train", image_root, _o365_builder)
+
+
+def _part_builder(prompt: Callable[[str], str]) -> Callable[[list[dict], dict], Build]:
+  """Parts made semantic: instances of one category name merged into one mask (DATA_SPEC §1.7/§1.8)."""
+  def make(image_anns: list[dict], cats: dict) -> Build:
+    def build(h: int, w: int):
+      parts_by_name: dict[str, list[dict]] = collections.defaultdict(list)
+      ids_by_name: dict[str, list[int]] = collections.defaultdict(list)
+      for a in image_anns:
+        try:
+          parts = _rle_parts(a["segmentation"], h, w)
+        except Exception:  # pylint: disable=broad-except
+          continue  # the original skips annotations that fail to rasterise (a few broken ones exist)
+        if not parts:
+          continue
+        name = cats[a["category_id"]]
+        parts_by_name[name] += parts
+        ids_by_name[name].append(int(a["id"]))
+      masks, entries = [], []
+      for name in sorted(parts_by_name):
+        entries.append(records.Entry(prompt(name), len(masks), {"ann_ids": ids_by_name[name]}))
+        masks.append(union_rle(parts_by_name[name], h, w))
+      return entries, masks
+    return build
+  return make
+
+
+def read_partimagenet(src: str) -> list[ImageTask]:
+  train_json = os.path.join(src, "annotations", "train", "train.json")
+  _require([train_json, os.path.join(src, "images", "train")], "partimagenet", src)
+  tasks = []
+  for split in ("train", "val", "test"):
+    path = os.path.join(src, "annotations", split, f"{split}.json")
+    if os.path.exists(path):
+      tasks += _coco_tasks(_load_json(path), split, os.path.join(src, "images", split),
+                           _part_builder(lambda n: "[semantic] " + n.lower()))
+  return tasks
+
+
+def read_pascal_part(src: str) -> list[ImageTask]:
+  image_root = os.path.join(src, "VOCdevkit", "VOC2010", "JPEGImages")
+  _require([os.path.join(src, "train.json"), image_root], "pascal_part", src)
+  tasks = []
+  for split in ("train", "val"):
+    path = os.path.join(src, f"{split}.json")
+    if os.path.exists(path):
+      tasks += _coco_tasks(_load_json(path), split, image_root,
+                           _part_builder(lambda n: "[semantic] " + n.replace(":", " ")))
+  return tasks
+
+
+READERS: dict[str, Callable[[str], list[ImageTask]]] = {
+    **{name: (lambda src, name=name: read_refer(name, src)) for name in REFER_DATASETS},
+    "ade20k": read_ade20k,
+    "obj365": read_obj365,
+    "humanparsing": read_humanparsing,
+    "partimagenet": read_partimagenet,
+    "pascal_part": read_pascal_part,
+}

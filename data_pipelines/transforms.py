@@ -1,0 +1,163 @@
+"""Per-sample transform: record -> fixed-shape numpy arrays (DATA_SPEC §1.1, §3, §8.1).
+
+Loss targets: GT masks are brought into the SAM frame the same way as the image (resize, then bottom/right pad)
+at `mask_size` (default = the SAM input size, 1024), and `valid_region` marks the un-padded part. A trainer
+upsamples the 256x256 low-res logits to that frame and averages BCE/Dice over the valid region only.
+The original instead upsamples the logits to each image's *original* resolution and computes the loss there;
+ours sees the same geometry but at the SAM frame's resolution (a fixed pixel count per image), so each mask's
+pixel-mean BCE is taken over a resampled grid. Evaluation is unaffected: `eval_example` keeps GT masks at the
+original size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from data_pipelines import records
+from evf_jax import preprocess
+
+PAD_ID = 1  # XLM-R <pad>
+EOS_ID = 2  # XLM-R </s>
+
+
+class Tokenizer(Protocol):
+  """What the pipeline needs from a tokenizer: XLM-R ids with specials, `[0] + pieces + [2]`."""
+
+  def encode(self, text: str) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+  num_prompts: int = 3  # K: prompts per image, padded with prompt_valid = False
+  max_text_len: int = 64  # L: tokens per prompt, padded with PAD_ID, truncated keeping the final </s>
+  sam_size: int = 1024  # SAM input frame
+  sam_mode: str = "longest_side"  # "longest_side" (SAM-1: resize + pad) or "square" (SAM-2/EffiSAM: stretch)
+  mask_size: Optional[int] = None  # S: loss-target resolution in the SAM frame; None -> sam_size
+  beit_size: int = 224
+
+  @property
+  def target_size(self) -> int:
+    return self.mask_size or self.sam_size
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded image -> RGB uint8 (H, W, 3). (The original reads with OpenCV; JPEG decoders may differ by ±1.)"""
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert("RGB"))
+
+
+def frame_hw(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
+  """(h', w') of the un-padded image in a size x size SAM frame."""
+  if mode == "square":
+    return size, size
+  if mode != "longest_side":
+    raise ValueError(f"sam_mode must be 'longest_side' or 'square', got {mode!r}")
+  scale = size / max(h, w)
+  return int(h * scale + 0.5), int(w * scale + 0.5)  # the reference's rounding (DATA_SPEC §3.1)
+
+
+def _to_sam_frame(image: np.ndarray, size: int, mode: str, resample=Image.BILINEAR) -> tuple[np.ndarray, tuple[int, int]]:
+  """uint8 (H, W[, C]) -> (size, size[, C]) uint8 resized with PIL (antialiased when shrinking) + zero pad.
+
+  TODO(merge): the single place to switch to evf_jax.sam.transforms (sam branch) once merged; it does the same
+  longest-side / square resize with PIL bilinear on uint8.
+  """
+  new_h, new_w = frame_hw(image.shape[0], image.shape[1], size, mode)
+  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=resample))
+  out = np.zeros((size, size) + image.shape[2:], np.uint8)
+  out[:new_h, :new_w] = resized
+  return out, (new_h, new_w)
+
+
+def mask_to_frame(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
+  """{0,1} (H, W) mask -> {0,1} (size, size) in the SAM frame: bilinear (antialiased) on 0/255, threshold 128.
+
+  Bilinear-then-threshold follows the image's own resampling geometry and, unlike nearest, does not drop
+  thin structures at random when shrinking.
+  """
+  out, _ = _to_sam_frame(mask.astype(np.uint8) * 255, size, mode)
+  return (out >= 128).astype(np.uint8)
+
+
+def encode_text(tokenizer: Tokenizer, text: str, max_len: int) -> np.ndarray:
+  ids = list(tokenizer.encode(text))
+  if len(ids) > max_len:
+    ids = ids[:max_len - 1] + ids[-1:]  # keep </s>: BEiT-3 saw it at the end of every prompt
+  out = np.full((max_len,), PAD_ID, np.int32)
+  out[:len(ids)] = ids
+  return out
+
+
+def choose_entries(num_entries: int, k: int, rng: np.random.Generator) -> list[int]:
+  """Up to k distinct entry indices, uniformly without replacement (all of them if there are <= k)."""
+  if num_entries <= k:
+    return list(range(num_entries))
+  return sorted(rng.choice(num_entries, size=k, replace=False).tolist())
+
+
+def train_example(rec: records.Record, chosen: Sequence[int], tokenizer: Tokenizer, cfg: SampleConfig,
+                  source_id: int = 0) -> dict[str, np.ndarray]:
+  """One training sample with static shapes (see pipeline.BATCH_SPEC for the keys)."""
+  image = decode_image(rec.image)
+  h, w = image.shape[:2]
+  if (h, w) != (rec.h, rec.w):
+    raise ValueError(f"{rec.source}/{rec.image_id}: image is {h}x{w}, record says {rec.h}x{rec.w}")
+  sam, resize_hw = _to_sam_frame(image, cfg.sam_size, cfg.sam_mode)
+  k, length, s = cfg.num_prompts, cfg.max_text_len, cfg.target_size
+  input_ids = np.full((k, length), PAD_ID, np.int32)
+  masks = np.zeros((k, s, s), np.uint8)
+  valid = np.zeros((k,), bool)
+  decoded: dict[int, np.ndarray] = {}
+  for slot, e_idx in enumerate(chosen[:k]):
+    entry = rec.entries[e_idx]
+    input_ids[slot] = encode_text(tokenizer, entry.text, length)
+    if entry.mask_index not in decoded:
+      decoded[entry.mask_index] = mask_to_frame(rec.mask(entry.mask_index), s, cfg.sam_mode)
+    masks[slot] = decoded[entry.mask_index]
+    valid[slot] = True
+  t_h, t_w = frame_hw(h, w, s, cfg.sam_mode)
+  region = np.zeros((s, s), bool)
+  region[:t_h, :t_w] = True
+  return {
+      "sam_image": sam,
+      "beit_image": preprocess.beit_image(image, cfg.beit_size),
+      "input_ids": input_ids,
+      "attention_mask": input_ids != PAD_ID,
+      "prompt_valid": valid,
+      "masks": masks,
+      "valid_region": region,
+      "resize_hw": np.asarray(resize_hw, np.int32),
+      "orig_hw": np.asarray((h, w), np.int32),
+      "source_id": np.asarray(source_id, np.int32),
+  }
+
+
+def eval_example(rec: records.Record, tokenizer: Tokenizer, cfg: SampleConfig) -> dict:
+  """Every entry of an eval record, with GT masks at the original resolution (ragged: N_i prompts, H x W).
+
+  Keys: sam_image (S,S,3) uint8, beit_image (224,224,3) f32, input_ids (N,L) i32, attention_mask (N,L) bool,
+  masks (N,H,W) uint8 at original size, resize_hw (2,), orig_hw (2,), texts list[str], image_id str, source str.
+  """
+  image = decode_image(rec.image)
+  sam, resize_hw = _to_sam_frame(image, cfg.sam_size, cfg.sam_mode)
+  n, length = len(rec.entries), cfg.max_text_len
+  input_ids = np.stack([encode_text(tokenizer, e.text, length) for e in rec.entries]) if n else \
+      np.zeros((0, length), np.int32)
+  cache: dict[int, np.ndarray] = {}
+  masks = np.zeros((n, rec.h, rec.w), np.uint8)
+  for i, e in enumerate(rec.entries):
+    if e.mask_index not in cache:
+      cache[e.mask_index] = rec.mask(e.mask_index)
+    masks[i] = cache[e.mask_index]
+  return {
+      "sam_image": sam, "beit_image": preprocess.beit_image(image, cfg.beit_size),
+      "input_ids": input_ids, "attention_mask": input_ids != PAD_ID, "masks": masks,
+      "resize_hw": np.asarray(resize_hw, np.int32), "orig_hw": np.asarray((rec.h, rec.w), np.int32),
+      "texts": [e.text for e in rec.entries], "image_id": rec.image_id, "source": rec.source,
+  }
+

@@ -1,0 +1,111 @@
+"""Image preprocessing that must match the PyTorch reference bit-for-bit-ish (DATA_SPEC §3.3).
+
+BEiT-3 input: RGB uint8 -> float in [0, 1] -> 224x224 bicubic exactly like
+`torch.nn.functional.interpolate(mode="bicubic", align_corners=False, antialias=False)` -> (x - 0.5) / 0.5.
+PyTorch's bicubic is Keys' cubic with A = -0.75, source index (dst + 0.5) * in/out - 0.5 (not clamped),
+4 taps with edge clamping and no antialias. `jax.image.resize("cubic")` (A = -0.5, antialiased) and PIL
+bicubic are different kernels, hence this module. The resize is separable, so it is two matrix products
+with weight matrices precomputed per (in_size, out_size).
+
+SAM input normalisation lives here too (`sam_normalize`): the host ships uint8 pixels (4x less bandwidth
+than float32) and the device normalises and re-zeros the padding (the original pads with 0 *after*
+normalisation).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+BEIT_SIZE = 224
+BEIT_MEAN = 0.5
+BEIT_STD = 0.5
+SAM_MEAN = (123.675, 116.28, 103.53)
+SAM_STD = (58.395, 57.12, 57.375)
+_CUBIC_A = -0.75  # PyTorch's bicubic coefficient
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+  """Keys' cubic convolution kernel with A = -0.75 at distances x (>= 0)."""
+  a = np.float32(_CUBIC_A)
+  x = np.abs(x).astype(np.float32)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return np.where(x <= 1, near, np.where(x < 2, far, np.float32(0.0)))
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) float64 matrix M with resized = M @ signal, PyTorch bicubic, align_corners=False."""
+  # PyTorch computes the source coordinate in float32 for float32 images; doing the same matters (errors of
+  # ~1e-4 otherwise for large inputs, where the float32 rounding of the coordinate shifts the weights).
+  # Its CPU kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single rounding), which
+  # float64 arithmetic rounded once to float32 reproduces.
+  scale = np.float32(in_size) / np.float32(out_size)
+  src = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+  base = np.floor(src)  # not clamped for cubic (unlike bilinear)
+  t = (src - base).astype(np.float32)
+  base = base.astype(np.int64)
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  for k in range(-1, 3):  # 4 taps: base-1 .. base+2, weights depend on the distance to src
+    idx = np.clip(base + k, 0, in_size - 1)  # edge clamp: out-of-range taps reuse the border pixel
+    np.add.at(m, (rows, idx), _cubic(t - k))
+  m.setflags(write=False)
+  return m
+
+
+def resize_bicubic(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """(H, W, C) float -> (h, w, C) float32 with PyTorch's bicubic (A=-0.75, no antialias, edge clamp)."""
+  h_in, w_in = image.shape[:2]
+  mh = bicubic_matrix(h_in, out_hw[0]).astype(np.float32)
+  mw = bicubic_matrix(w_in, out_hw[1]).astype(np.float32)
+  x = np.asarray(image, np.float32)
+  # Rows first then columns; both are plain matmuls over the channel-last layout.
+  x = np.einsum("oh,hwc->owc", mh, x, optimize=True)
+  return np.einsum("pw,owc->opc", mw, x, optimize=True)
+
+
+def beit_image(image_u8: np.ndarray, size: int = BEIT_SIZE) -> np.ndarray:
+  """RGB uint8 (H, W, 3) -> (size, size, 3) float32 BEiT-3 input, normalised with mean = std = 0.5.
+
+  Aspect ratio is not kept (squashed), and bicubic overshoot is not clamped, exactly like the reference.
+  """
+  x = resize_bicubic(np.asarray(image_u8, np.float32) / 255.0, (size, size))
+  return (x - BEIT_MEAN) / BEIT_STD
+
+
+def beit_image_jnp(image_u8, size: int = BEIT_SIZE):
+  """The same as `beit_image` on device, for one (H, W, 3) image with a static shape."""
+  import jax.numpy as jnp
+  h_in, w_in = image_u8.shape[:2]
+  mh = jnp.asarray(bicubic_matrix(h_in, size), jnp.float32)
+  mw = jnp.asarray(bicubic_matrix(w_in, size), jnp.float32)
+  x = image_u8.astype(jnp.float32) / 255.0
+  x = jnp.einsum("oh,hwc->owc", mh, x, precision="highest")
+  x = jnp.einsum("pw,owc->opc", mw, x, precision="highest")
+  return (x - BEIT_MEAN) / BEIT_STD
+
+
+def sam_normalize(images_u8, resize_hw, dtype=None):
+  """On device: (B, S, S, 3) uint8 SAM-frame images -> normalised float with zeros outside the valid region.
+
+  `resize_hw` (B, 2) is the un-padded (h, w) of each image; for the SAM-2 square mode it is (S, S) and this is
+  a plain normalisation. Matches the reference's normalise-then-zero-pad.
+  """
+  import jax.numpy as jnp
+  dtype = dtype or jnp.float32
+  x = (images_u8.astype(jnp.float32) - jnp.asarray(SAM_MEAN, jnp.float32)) / jnp.asarray(SAM_STD, jnp.float32)
+  s_h, s_w = images_u8.shape[1:3]
+  rows = jnp.arange(s_h)[None, :, None] < resize_hw[:, 0, None, None]
+  cols = jnp.arange(s_w)[None, None, :] < resize_hw[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], x, 0.0).astype(dtype)
+
+
+def sam_normalize_np(image_u8: np.ndarray, resize_hw: tuple[int, int]) -> np.ndarray:
+  """Host version of `sam_normalize` for one (S, S, 3) image (tests, one-off inference)."""
+  x = (image_u8.astype(np.float32) - np.asarray(SAM_MEAN, np.float32)) / np.asarray(SAM_STD, np.float32)
+  x[resize_hw[0]:] = 0.0
+  x[:, resize_hw[1]:] = 0.0
+  return x

@@ -1,0 +1,165 @@
+"""The grain pipeline: shapes, K padding, determinism, exact resume, disjoint process shards, mixture, eval."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+
+from data_pipelines import pipeline, prepare, records, transforms
+from data_pipelines.transforms import SampleConfig
+from tests import data_fixtures as F
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+SMALL = SampleConfig(sam_size=128, max_text_len=16)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  tok = F.train_tokenizer(str(root))
+  syn = str(root / "syn")
+  prepare.prepare("synthetic", syn, num_train=12, num_eval=4, seed=0, progress=False)
+  F.write_refer(str(root / "raw"), "refcoco")
+  ref = str(root / "refcoco")
+  prepare.prepare("refcoco", ref, str(root / "raw"), progress=False)
+  return tok, syn, ref
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batch_spec_with_default_sizes(data):
+  tok, syn, _ = data
+  ds = pipeline.train_dataset({"syn": (1, [syn])}, tok, global_batch_size=2, seed=0, process_index=0,
+                              process_count=1)
+  (b,) = _take(pipeline.train_iterator(ds), 1)
+  expect = {"sam_image": ((2, 1024, 1024, 3), np.uint8), "beit_image": ((2, 224, 224, 3), np.float32),
+            "input_ids": ((2, 3, 64), np.int32), "attention_mask": ((2, 3, 64), bool),
+            "prompt_valid": ((2, 3), bool), "masks": ((2, 3, 1024, 1024), np.uint8),
+            "valid_region": ((2, 1024, 1024), bool), "resize_hw": ((2, 2), np.int32),
+            "orig_hw": ((2, 2), np.int32), "source_id": ((2,), np.int32)}
+  assert set(b) == set(pipeline.BATCH_KEYS) == set(expect)
+  for k, (shape, dtype) in expect.items():
+    assert b[k].shape == shape and b[k].dtype == dtype, k
+  for i in range(2):
+    h, w = b["resize_hw"][i]
+    assert max(h, w) == 1024 and b["valid_region"][i].sum() == h * w
+    assert not b["sam_image"][i, h:].any() and not b["sam_image"][i, :, w:].any()
+    assert not b["masks"][i][:, h:].any()
+  assert (b["input_ids"][..., 0] == 0).all() and b["attention_mask"].sum(-1).min() >= 3
+
+
+def test_prompt_padding_and_masks_match_records(data):
+  tok, _, ref = data
+  cfg = SampleConfig(sam_size=128, max_text_len=16, num_prompts=5)
+  ds = pipeline.train_dataset({"refer_seg": (1, [ref])}, tok, global_batch_size=1, seed=0, sample=cfg,
+                              process_index=0, process_count=1)
+  (b,) = _take(pipeline.train_iterator(ds), 1)
+  (rec,) = records.read_records(ref, "train")  # the only train image has 3 sentences
+  assert b["prompt_valid"][0].tolist() == [True, True, True, False, False]
+  for j, e in enumerate(rec.entries):
+    np.testing.assert_array_equal(b["masks"][0, j], transforms.mask_to_frame(rec.mask(e.mask_index), 128,
+                                                                             "longest_side"))
+    np.testing.assert_array_equal(b["input_ids"][0, j], transforms.encode_text(tok, e.text, 16))
+  assert not b["masks"][0, 3:].any() and (b["input_ids"][0, 3:] == 1).all() and not b["attention_mask"][0, 3:].any()
+  assert b["orig_hw"][0].tolist() == [48, 64] and b["resize_hw"][0].tolist() == [96, 128]
+
+
+def test_choose_entries_without_replacement():
+  rng = np.random.default_rng(0)
+  counts = collections.Counter()
+  for _ in range(3000):
+    c = transforms.choose_entries(6, 3, rng)
+    assert len(set(c)) == 3 and c == sorted(c)
+    counts.update(c)
+  assert all(abs(v / 3000 - 0.5) < 0.05 for v in counts.values())
+  assert transforms.choose_entries(2, 3, rng) == [0, 1]
+
+
+def test_same_seed_same_batches_and_exact_resume(data):
+  tok, syn, ref = data
+  mix = {"syn": (3, [syn]), "refer_seg": (1, [ref])}
+  make = lambda seed: pipeline.train_dataset(mix, tok, global_batch_size=4, seed=seed, sample=SMALL,
+                                             process_index=0, process_count=1)
+  first = _take(pipeline.train_iterator(make(7)), 5)
+  _assert_batches_equal(first, _take(pipeline.train_iterator(make(7)), 5))
+  other = _take(pipeline.train_iterator(make(8)), 1)[0]
+  assert not np.array_equal(other["orig_hw"], first[0]["orig_hw"])
+  it = pipeline.train_iterator(make(7))
+  _take(it, 2)
+  state = it.get_state()
+  resumed = pipeline.train_iterator(make(7))
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 3), first[2:])
+
+
+def test_process_shards_are_disjoint_and_complete(data):
+  tok, syn, ref = data
+  mix = {"syn": (1, [syn]), "refer_seg": (1, [ref])}
+  make = lambda p, n: pipeline.train_dataset(mix, tok, global_batch_size=4, seed=1, sample=SMALL,
+                                             process_index=p, process_count=n)
+  glob = make(0, 1)
+  parts = [make(p, 2) for p in range(2)]
+  for j in range(3):  # process p's j-th batch = samples p, p+2 of global batch j: disjoint, together complete
+    g = glob[j]
+    for p in range(2):
+      local = parts[p][j]
+      for k in g:
+        np.testing.assert_array_equal(local[k], g[k][p::2], err_msg=k)
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.train_dataset(mix, tok, global_batch_size=3, seed=1, process_index=0, process_count=2)
+
+
+def test_mixture_is_iid_with_weights(data):
+  mix = pipeline.Mixture.of({"obj365": (1, ["o"]), "refer_seg": (3, ["a", "b", "c"])})
+  assert mix.dirs() == ["o", "a", "b", "c"]
+  np.testing.assert_allclose(mix.dir_probabilities(), [0.25, 0.25, 0.25, 0.25])
+  sel = pipeline.IIDSelection([0.5, 0.3, 0.2], seed=3)
+  picks = [sel[i] for i in range(20000)]
+  assert all(idx == i for i, (_, idx) in enumerate(picks))
+  freq = np.bincount([d for d, _ in picks], minlength=3) / len(picks)
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.015)
+  assert [sel[i] for i in range(50)] == [pipeline.IIDSelection([0.5, 0.3, 0.2], seed=3)[i] for i in range(50)]
+  # i.i.d., not interleaved: runs of the same source occur
+  ds = [d for d, _ in picks[:200]]
+  assert max(len(r) for r in "".join(map(str, ds)).replace("1", " ").replace("2", " ").split()) >= 3
+  tok, syn, ref = data
+  ds = pipeline.train_dataset({"syn": (1, [syn]), "refer_seg": (0, [ref])}, tok, global_batch_size=2, seed=0,
+                              sample=SMALL, process_index=0, process_count=1)
+  assert all((ds[j]["source_id"] == 0).all() for j in range(3))  # weight 0 is never drawn
+
+
+def test_global_arrays_on_8_devices(data):
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  tok, syn, _ = data
+  ds = pipeline.train_dataset({"syn": (1, [syn])}, tok, global_batch_size=8, seed=0,
+                              sample=SampleConfig(sam_size=64, max_text_len=8))
+  local = ds[0]
+  mesh = jax.make_mesh((8,), ("data",))
+  batch = pipeline.make_global_batch(local, NamedSharding(mesh, P("data")))
+  assert batch["masks"].shape == (8, 3, 64, 64) and len(batch["masks"].addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(batch["input_ids"]), local["input_ids"])
+
+
+def test_eval_dataset_keeps_every_sentence_at_original_size(data):
+  tok, _, ref = data
+  (ex,) = list(pipeline.eval_dataset(ref, "testA", tok, sample=SMALL, process_index=0, process_count=1))
+  (rec,) = records.read_records(ref, "testA")
+  assert ex["texts"] == ["big box", "square thing"] and ex["masks"].shape == (2, rec.h, rec.w)
+  np.testing.assert_array_equal(ex["masks"][0], rec.mask(rec.entries[0].mask_index))
+  assert ex["input_ids"].shape == (2, 16) and ex["sam_image"].shape == (128, 128, 3)
+  _, syn, _ = data
+  ids = [[e["image_id"] for e in pipeline.eval_dataset(syn, "val", tok, sample=SMALL, process_index=p,
+                                                       process_count=3)] for p in range(3)]
+  flat = sum(ids, [])
+  assert sorted(flat) == sorted(f"val-{i}" for i in range(4)) and len(set(flat)) == 4

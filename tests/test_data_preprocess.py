@@ -1,0 +1,66 @@
+"""BEiT-3 bicubic vs PyTorch, SAM frame geometry and normalisation."""
+
+import numpy as np
+import pytest
+
+from data_pipelines import transforms
+from evf_jax import preprocess
+
+
+def _torch_beit(img: np.ndarray) -> np.ndarray:
+  torch = pytest.importorskip("torch")
+  t = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255.0
+  out = torch.nn.functional.interpolate(t, size=(224, 224), mode="bicubic", align_corners=False)
+  return ((out - 0.5) / 0.5)[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (1000, 333), (100, 37), (5, 300), (224, 224), (50, 60)])
+def test_beit_image_matches_torch_bicubic(hw):
+  img = np.random.default_rng(hw[0] * 7 + hw[1]).integers(0, 256, hw + (3,), dtype=np.uint8)
+  ref = _torch_beit(img)
+  out = preprocess.beit_image(img)
+  assert out.shape == (224, 224, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+
+
+def test_beit_image_jnp_matches_numpy():
+  img = np.random.default_rng(0).integers(0, 256, (90, 130, 3), dtype=np.uint8)
+  np.testing.assert_allclose(np.asarray(preprocess.beit_image_jnp(img)), preprocess.beit_image(img), atol=1e-5)
+
+
+def test_bicubic_matrix_rows_sum_to_one_and_identity():
+  m = preprocess.bicubic_matrix(37, 224)
+  np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(preprocess.bicubic_matrix(16, 16), np.eye(16), atol=1e-7)
+
+
+def test_sam_frame_geometry_and_normalisation():
+  assert transforms.frame_hw(480, 640, 1024, "longest_side") == (768, 1024)
+  assert transforms.frame_hw(333, 500, 1024, "longest_side") == (682, 1024)  # int(333*2.048+0.5)
+  assert transforms.frame_hw(333, 500, 1024, "square") == (1024, 1024)
+  img = np.full((30, 40, 3), 200, np.uint8)
+  framed, hw = transforms._to_sam_frame(img, 64, "longest_side")
+  assert hw == (48, 64) and framed.shape == (64, 64, 3)
+  assert (framed[:48] == 200).all() and (framed[48:] == 0).all()
+  norm = np.asarray(preprocess.sam_normalize(framed[None], np.array([hw])))[0]
+  np.testing.assert_allclose(norm, preprocess.sam_normalize_np(framed, hw), atol=1e-6)
+  np.testing.assert_allclose(norm[0, 0], (200 - np.array(preprocess.SAM_MEAN)) / np.array(preprocess.SAM_STD),
+                             rtol=1e-6)
+  assert (norm[48:] == 0).all()  # padding is 0 *after* normalisation
+
+
+def test_mask_to_frame_keeps_geometry():
+  m = np.zeros((40, 80), np.uint8)
+  m[:, :40] = 1  # left half
+  f = transforms.mask_to_frame(m, 64, "longest_side")
+  assert f.shape == (64, 64) and f[:32, :32].all() and not f[:32, 32:].any() and not f[32:].any()
+
+
+def test_encode_text_pads_and_truncates_keeping_eos():
+  class Tok:
+    def encode(self, text):
+      return [0] + [5] * len(text) + [2]
+  ids = transforms.encode_text(Tok(), "abc", 8)
+  assert ids.tolist() == [0, 5, 5, 5, 2, 1, 1, 1]
+  ids = transforms.encode_text(Tok(), "a" * 20, 6)
+  assert ids.tolist() == [0, 5, 5, 5, 5, 2]
