@@ -64,8 +64,11 @@ class ConversionError(UserError, ValueError):
 
   def __init__(self, problems: Sequence[str], what: str = "checkpoint"):
     self.problems = list(problems)
-    head = f"cannot convert {what}: {len(self.problems)} problem(s)"
-    super().__init__(head + "\n  " + "\n  ".join(self.problems))
+    if len(self.problems) == 1:
+      super().__init__(f"cannot convert {what}: {self.problems[0]}")
+    else:
+      head = f"cannot convert {what}: {len(self.problems)} problem(s)"
+      super().__init__(head + "\n  " + "\n  ".join(self.problems))
 
 
 @dataclasses.dataclass

@@ -80,7 +80,8 @@ def predict_cmd(args: argparse.Namespace) -> int:
     Image.fromarray(overlay(image, mask)).save(base + "_vis.png")
     if args.save_logits:
       np.save(base + "_logits.npy", result.logits[i].astype(np.float32))
-    print(f"[{i}] {prompt!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
           f"score {float(result.scores[i]):.4f}")
   return 0
 

@@ -1,0 +1,237 @@
+"""`run.py convert` / `run.py predict` as a user runs them: outputs, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evf_jax import cli
+from evf_jax.evf import EvfConfig
+from evf_jax.predictor import Predictor
+from tests import evf_reference as ref
+from tests.test_evf_e2e import _image
+from tests.test_tokenizer import _train as train_spm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli")
+  spm = train_spm(str(d / "spm"), "bpe")
+  config = EvfConfig.preset("tiny")
+  model = ref.build_torch_evf(config, 3)
+  return ref.write_hf_directory(model, config, os.path.join(spm, "sentencepiece.bpe.model"), str(d / "hf"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(hf_dir, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("ckpt") / "evf_tiny")
+  assert cli.main(["convert", "--src", hf_dir, "--out", out]) == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+  p = str(tmp_path_factory.mktemp("img") / "scene.jpg")
+  Image.fromarray(_image(70, 100, 5)).save(p, quality=95)
+  return p
+
+
+def _error_line(capsys, argv) -> str:
+  code = cli.main(argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2, err
+  assert err and err[0].startswith("error: "), err
+  assert "Traceback" not in "\n".join(err)
+  return err[0]
+
+
+# convert
+
+def test_convert_writes_checkpoint_with_provenance(ckpt):
+  for name in ("model_config.json", "provenance.json", "params", "tokenizer/sentencepiece.bpe.model"):
+    assert os.path.exists(os.path.join(ckpt, name)), name
+  prov = json.load(open(os.path.join(ckpt, "provenance.json")))
+  assert len(prov["source_files"]["model.safetensors"]) == 64
+  assert prov["converter"]["rules_version"] >= 1
+  assert json.load(open(os.path.join(ckpt, "model_config.json")))["model_type"] == "evf"
+
+
+def test_convert_refuses_to_overwrite(ckpt, hf_dir, tmp_path, capsys):
+  line = _error_line(capsys, ["convert", "--src", hf_dir, "--out", ckpt])
+  assert "--overwrite" in line
+  user_dir = tmp_path / "mine"
+  user_dir.mkdir()
+  (user_dir / "notes.txt").write_text("keep me")
+  line = _error_line(capsys, ["convert", "--src", hf_dir, "--out", str(user_dir), "--overwrite"])
+  assert "not an evf-jax checkpoint" in line
+  assert (user_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_convert_overwrite_replaces_a_checkpoint(hf_dir, tmp_path):
+  out = str(tmp_path / "c")
+  assert cli.main(["convert", "--src", hf_dir, "--out", out]) == 0
+  stamp = os.path.getmtime(os.path.join(out, "provenance.json"))
+  assert cli.main(["convert", "--src", hf_dir, "--out", out, "--overwrite", "--dtype", "bfloat16"]) == 0
+  assert json.load(open(os.path.join(out, "model_config.json")))["param_dtype"] == "bfloat16"
+  assert os.path.getmtime(os.path.join(out, "provenance.json")) >= stamp
+  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p or ".old-" in p]
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("no_config", "config.json is missing"),
+    ("other_type", "model_type is 'sam2'"),
+    ("no_tokenizer", "sentencepiece.bpe.model"),
+    ("no_weights", "no weights found"),
+    ("wrong_scale", "released sizes"),
+])
+def test_convert_bad_sources(hf_dir, tmp_path, capsys, damage, expect):
+  src = str(tmp_path / "src")
+  shutil.copytree(hf_dir, src)
+  cfg_path = os.path.join(src, "config.json")
+  cfg = json.load(open(cfg_path))
+  if damage == "no_config":
+    os.remove(cfg_path)
+  elif damage == "other_type":
+    json.dump(dict(cfg, model_type="sam2"), open(cfg_path, "w"))
+  elif damage == "no_tokenizer":
+    os.remove(os.path.join(src, "sentencepiece.bpe.model"))
+  elif damage == "no_weights":
+    os.remove(os.path.join(src, "model.safetensors"))
+  elif damage == "wrong_scale":
+    json.dump(dict(cfg, sam_scale="base", hidden_size=32, out_dim=256), open(cfg_path, "w"))
+  out = str(tmp_path / "out")
+  line = _error_line(capsys, ["convert", "--src", src, "--out", out])
+  assert expect in line, line
+  assert not os.path.exists(out)
+
+
+def test_convert_extra_and_missing_keys_are_all_listed(hf_dir, tmp_path, capsys):
+  from safetensors.numpy import load_file, save_file
+  src = str(tmp_path / "src")
+  shutil.copytree(hf_dir, src)
+  sd = load_file(os.path.join(src, "model.safetensors"))
+  sd["head.weight"] = np.zeros((2, 2), np.float32)
+  del sd["text_hidden_fcs.0.2.bias"]
+  save_file(sd, os.path.join(src, "model.safetensors"))
+  code = cli.main(["convert", "--src", src, "--out", str(tmp_path / "o")])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "2 problem(s)" in err.splitlines()[0]
+  assert "'head.weight'" in err and "'projector/fc2/bias'" in err
+
+
+def test_convert_hub_id_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  line = _error_line(capsys, ["convert", "--src", "YxZhang/evf-sam", "--out", str(tmp_path / "o")])
+  assert "cannot download 'YxZhang/evf-sam'" in line
+
+
+# predict
+
+def test_predict_writes_masks_overlays_and_logits(ckpt, image_file, tmp_path, capsys):
+  out = tmp_path / "pred"
+  prompts = ["zebra top left", "[semantic] sky"]
+  argv = ["predict", "--checkpoint", ckpt, "--image", image_file, "--out-dir", str(out), "--save-logits"]
+  for p in prompts:
+    argv += ["--prompt", p]
+  assert cli.main(argv) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and "mask area" in lines[0] and "score" in lines[1]
+  p = Predictor.from_checkpoint(ckpt)
+  img = np.asarray(Image.open(image_file).convert("RGB"))
+  p.set_image(img)
+  want = p.predict(prompts)
+  for i in range(2):
+    mask = np.asarray(Image.open(out / f"scene_{i}_mask.png"))
+    assert mask.shape == img.shape[:2] and set(np.unique(mask)) <= {0, 255}
+    np.testing.assert_array_equal(mask > 0, want.masks[i])
+    logits = np.load(out / f"scene_{i}_logits.npy")
+    assert logits.dtype == np.float32 and logits.shape == img.shape[:2]
+    np.testing.assert_allclose(logits, want.logits[i], atol=1e-6)
+    vis = np.asarray(Image.open(out / f"scene_{i}_vis.png"))
+    m = want.masks[i]
+    np.testing.assert_array_equal(vis[~m], img[~m])
+    if m.any():
+      np.testing.assert_array_equal(vis[m], (img[m] * 0.5 + np.array([50, 120, 220]) * 0.5).astype(np.uint8))
+
+
+def _bad_files(tmp_path):
+  text = tmp_path / "notes.png"
+  text.write_text("this is not an image")
+  empty = tmp_path / "empty.jpg"
+  empty.write_bytes(b"")
+  full = tmp_path / "full.jpg"
+  Image.fromarray(_image(64, 64)).save(full)
+  truncated = tmp_path / "truncated.jpg"
+  truncated.write_bytes(full.read_bytes()[:400])
+  return {"missing": (str(tmp_path / "nope.jpg"), "image not found"),
+          "not_image": (str(text), "not an image"),
+          "zero_size": (str(empty), "empty (0 bytes)"),
+          "truncated": (str(truncated), "cannot decode image")}
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_image", "zero_size", "truncated"])
+def test_predict_bad_image(ckpt, tmp_path, capsys, kind):
+  path, expect = _bad_files(tmp_path)[kind]
+  line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", path, "--prompt", "cat",
+                              "--out-dir", str(tmp_path / "o")])
+  assert expect in line and os.path.basename(path) in line
+
+
+@pytest.mark.parametrize("prompt", ["", "   \t"])
+def test_predict_empty_prompt(ckpt, image_file, tmp_path, capsys, prompt):
+  line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat",
+                              "--prompt", prompt, "--out-dir", str(tmp_path / "o")])
+  assert "--prompt 2 is empty" in line
+
+
+def test_predict_long_prompt_is_truncated_with_a_warning(ckpt, image_file, tmp_path, capsys):
+  long_prompt = " ".join(["the man on the left"] * 40)
+  with pytest.warns(UserWarning, match="truncated"):
+    code = cli.main(["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", long_prompt,
+                     "--max-text-length", "16", "--out-dir", str(tmp_path / "o")])
+  assert code == 0
+  assert os.path.exists(tmp_path / "o" / "scene_0_mask.png")
+
+
+@pytest.mark.parametrize("damage,expect", [
+    ("no_config", "model_config.json is missing"),
+    ("no_params", "weights (params/) are missing"),
+    ("no_tokenizer", "no sentencepiece model"),
+    ("other_type", "holds model_type 'sam2'"),
+    ("not_a_dir", "no such checkpoint directory"),
+])
+def test_predict_bad_checkpoint(ckpt, image_file, tmp_path, capsys, damage, expect):
+  bad = str(tmp_path / "ckpt")
+  shutil.copytree(ckpt, bad)
+  if damage == "no_config":
+    os.remove(os.path.join(bad, "model_config.json"))
+  elif damage == "no_params":
+    shutil.rmtree(os.path.join(bad, "params"))
+  elif damage == "no_tokenizer":
+    shutil.rmtree(os.path.join(bad, "tokenizer"))
+  elif damage == "other_type":
+    cfg = json.load(open(os.path.join(bad, "model_config.json")))
+    json.dump(dict(cfg, model_type="sam2"), open(os.path.join(bad, "model_config.json"), "w"))
+  elif damage == "not_a_dir":
+    bad = str(tmp_path / "missing_ckpt")
+  line = _error_line(capsys, ["predict", "--checkpoint", bad, "--image", image_file, "--prompt", "cat",
+                              "--out-dir", str(tmp_path / "o")])
+  assert expect in line
+
+
+def test_run_py_exit_code_and_no_traceback(tmp_path):
+  r = subprocess.run([sys.executable, "run.py", "predict", "--checkpoint", str(tmp_path), "--image",
+                      str(tmp_path / "missing.png"), "--prompt", "cat", "--out-dir", str(tmp_path / "o")],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
