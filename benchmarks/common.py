@@ -1,0 +1,79 @@
+"""Shared set-up for the benchmarks: one random-weight PyTorch EVF-SAM, saved as a Hugging Face-style
+directory and converted with OUR converter, so both sides compute with the same weights.
+
+Run benchmarks from the repository root (`python benchmarks/<name>.py`); they need the dev
+requirements (torch, segment-anything, torchscale), like the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import numpy as np  # noqa: E402
+
+PROMPTS = ["zebra top left", "[semantic] sky", "the man on the right holding a red umbrella", "cat",
+           "the second car from the left", "a small dog lying on the grass", "[semantic] road", "woman in white"]
+
+
+def test_image(h: int = 480, w: int = 640, seed: int = 0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[0:h, 0:w]
+  base = np.stack([np.sin(xx / 23.0 + c) * np.cos(yy / 31.0 - c) for c in range(3)], -1)
+  return (base * 100 + 128 + rng.normal(0, 15, (h, w, 3))).clip(0, 255).astype(np.uint8)
+
+
+def train_spm(directory: str) -> str:
+  """A small sentencepiece BPE model (the real one ships with the checkpoints)."""
+  from tests.test_tokenizer import _train
+  return _train(directory, "bpe")
+
+
+def build_models(size: str, workdir: str, seed: int = 0, dtype: str = "float32"):
+  """-> (EvfConfig, torch reference module, converted checkpoint dir). Cached in `workdir`."""
+  from evf_jax.evf import EvfConfig
+  from tests import evf_reference as ref
+  config = EvfConfig.preset(size)
+  model = ref.build_torch_evf(config, seed)
+  ckpt = os.path.join(workdir, f"evf_{size}_{dtype}")
+  if not os.path.isfile(os.path.join(ckpt, "model_config.json")):
+    from convert.evf import convert_directory
+    spm = train_spm(os.path.join(workdir, "spm"))
+    hf = ref.write_hf_directory(model, config, os.path.join(spm, "sentencepiece.bpe.model"),
+                                os.path.join(workdir, f"hf_{size}"))
+    convert_directory(hf, ckpt, dtype=dtype, overwrite=True, log=lambda *_: None)
+  return config, model, ckpt
+
+
+def timed(fn, repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def emit(result: dict) -> None:
+  print("RESULT " + json.dumps(result), flush=True)
+
+
+def parse_results(stdout: str) -> dict:
+  for line in stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  raise RuntimeError("child printed no RESULT line:\n" + stdout[-3000:])

@@ -1,0 +1,252 @@
+"""GPU benchmark (one command, a few minutes on an H100/H200): evf-jax vs the PyTorch reference, same GPU.
+
+    python benchmarks/gpu.py [--size evf-sam] [--out results.json]
+
+Reports:
+  1. SAM image-encoder throughput in bf16 (images/s, achieved TFLOP/s from XLA's cost analysis, % of the
+     chip's dense bf16 peak), for attention through XLA and through cuDNN flash attention;
+  2. end-to-end latency (decoded image -> masks at the original size) for 1 and 8 prompts, ours in fp32
+     and bf16; the reference (segment-anything + torchscale + EVF glue, as EVF-SAM's inference runs it:
+     everything per prompt) in fp32 and bf16 on the same GPU;
+  3. the bf16 logit error against our fp32 logits.
+The weights are random (seeded) and converted in memory with our converter.
+Needs torch, segment-anything, torchscale and fairscale importable (see README, Performance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # leave room for the torch reference
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
+RESULTS: dict = {}
+TORCH_DEVICE = "cuda"  # "cpu" when there is no GPU (only to try the script at tiny size)
+
+
+def log(msg: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def section(name):
+  def deco(fn):
+    def run(*a, **k):
+      t0 = time.perf_counter()
+      try:
+        fn(*a, **k)
+      except Exception as e:  # keep going: one failing section must not lose the others
+        RESULTS[name + "_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        log(f"{name} FAILED: {RESULTS[name + '_error']}")
+        traceback.print_exc()
+      log(f"{name} took {time.perf_counter() - t0:.1f} s")
+    return run
+  return deco
+
+
+def sync_time(fn, repeats=5, warmup=2):
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def encoder_matmul_flops(sam) -> float:
+  """Multiply-add FLOPs (x2) of SAM's ViT image encoder on one image, counted by hand (a cross-check of
+  XLA's count, which may not see inside fused attention kernels)."""
+  g = sam.embedding_size
+  t, d = g * g, sam.embed_dim
+  w = sam.window_size
+  padded = -(-g // w) * w
+  n_win, tw = (padded // w) ** 2, w * w
+  flops = 2 * t * (3 * sam.patch_size ** 2) * d
+  for i in range(sam.depth):
+    rows = t if i in sam.global_attn_indexes else n_win * tw
+    flops += 2 * rows * d * 3 * d + 2 * rows * d * d + 2 * 2 * rows * d * int(sam.mlp_ratio * d)
+    flops += (2 * 2 * t * t * d) if i in sam.global_attn_indexes else (2 * 2 * n_win * tw * tw * d)
+  c = sam.prompt_embed_dim
+  flops += 2 * t * d * c + 2 * t * c * c * 9
+  return float(flops)
+
+
+@section("encoder")
+def bench_encoder(config, params, batch_sizes, peak):
+  import jax
+  import jax.numpy as jnp
+  from evf_jax.evf import EvfSam
+  s = config.sam.img_size
+  for impl in ("xla", "cudnn"):
+    model = EvfSam(config, attention_impl=impl, dtype=jnp.bfloat16)
+    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
+    for b in batch_sizes:
+      x = jnp.asarray(np.random.default_rng(0).normal(size=(b, s, s, 3)), jnp.bfloat16)
+      try:
+        compiled = fn.lower(params, x).compile()
+        cost = compiled.cost_analysis() or {}
+        xla_flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
+        flops = b * encoder_matmul_flops(config.sam)
+        t = sync_time(lambda: compiled(params, x))
+      except Exception as e:
+        RESULTS[f"encoder_{impl}_b{b}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"encoder {impl} b={b} failed: {RESULTS[f'encoder_{impl}_b{b}_error']}")
+        break
+      tflops = flops / t / 1e12
+      RESULTS[f"encoder_{impl}_b{b}"] = dict(seconds=t, images_per_s=b / t, tflops=tflops,
+                                             pct_peak=100 * tflops / peak if peak else None, flops=flops,
+                                             xla_flops=xla_flops)
+      log(f"SAM encoder bf16 attention={impl} batch={b}: {t * 1e3:.1f} ms, {b / t:.2f} img/s, "
+          f"{tflops:.0f} TFLOP/s by hand-counted FLOPs ({100 * tflops / peak:.0f}% of {peak:.0f}); "
+          f"XLA counts {xla_flops / b / 1e12:.2f} TFLOP/img")
+
+
+@section("ours_e2e")
+def bench_ours(config, params, tokenizer, image):
+  import jax.numpy as jnp
+  from evf_jax.predictor import Predictor
+  out = {}
+  for precision in ("fp32", "bf16"):
+    for impl in (None, "cudnn") if precision == "bf16" else (None,):
+      p = Predictor(config, params, tokenizer, precision=precision, attention_impl=impl)
+      key = f"ours_{precision}" + (f"_{impl}" if impl else "")
+
+      def one():
+        p.set_image(image)
+        return p.predict(common.PROMPTS[:1])
+
+      def eight():
+        p.set_image(image)
+        return p.predict(common.PROMPTS[:8])
+      try:
+        t0 = time.perf_counter()
+        one()
+        first = time.perf_counter() - t0
+        eight()
+        t1, _ = common.timed(one, 5, warmup=1)
+        t8, _ = common.timed(eight, 5, warmup=1)
+        out[key] = eight().logits
+      except Exception as e:
+        RESULTS[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"{key} failed: {RESULTS[key + '_error']}")
+        continue
+      RESULTS[key] = dict(first_call=first, one_prompt=t1, eight_prompts=t8)
+      log(f"{key}: first call {first:.1f} s, 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
+  if "ours_fp32" in out:
+    for k, v in out.items():
+      if k != "ours_fp32":
+        err = float(np.abs(v - out["ours_fp32"]).max())
+        agree = float(((v > 0) == (out["ours_fp32"] > 0)).mean())
+        RESULTS[k + "_vs_fp32"] = dict(max_abs_logit_err=err, mask_agreement=agree,
+                                       logit_scale=float(np.abs(out["ours_fp32"]).max()))
+        log(f"{k} vs fp32: max |logit err| {err:.4f} (logit scale {RESULTS[k + '_vs_fp32']['logit_scale']:.2f}), "
+            f"mask agreement {100 * agree:.4f}%")
+  RESULTS["_ours_fp32_logits"] = out.get("ours_fp32")
+
+
+@section("reference")
+def bench_reference(config, model, tokenizer, image):
+  import torch
+  from tests import evf_reference as ref
+  ids = [[tokenizer.encode(p)] for p in common.PROMPTS]
+  m = model.to(TORCH_DEVICE)
+  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # bf16 as EVF-SAM's inference does half precision: autocast over fp32 weights.
+    def run(n):
+      outs = []
+      with torch.no_grad(), torch.autocast(TORCH_DEVICE, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        for i in range(n):  # EVF-SAM's inference(): everything, image encoder included, per prompt
+          outs.append(_ref_predict_cuda(ref, m, config, image, ids[i], dtype))
+      if TORCH_DEVICE == "cuda":
+        torch.cuda.synchronize()
+      return outs
+    run(1)
+    t1, _ = common.timed(lambda: run(1), 3, warmup=1)
+    t8, _ = common.timed(lambda: run(8), 3)
+    RESULTS[f"reference_{name}"] = dict(one_prompt=t1, eight_prompts=t8)
+    log(f"reference {name}: 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
+    if name == "fp32" and RESULTS.get("_ours_fp32_logits") is not None:
+      logits = np.stack([o for o in run(8)])
+      err = float(np.abs(logits - RESULTS["_ours_fp32_logits"]).max())
+      RESULTS["ours_fp32_vs_reference_fp32_gpu"] = err
+      log(f"ours fp32 vs reference fp32 on GPU: max |logit err| {err:.5f}")
+
+
+def _ref_predict_cuda(ref, model, config, image, ids, dtype):  # dtype: under autocast
+  import torch
+  x, input_hw = ref.sam_input(image, config.sam.img_size, config.sam.pixel_mean, config.sam.pixel_std)
+  sam = model.visual_model
+  emb = sam.image_encoder(x.to(TORCH_DEVICE))
+  t = torch.as_tensor(np.asarray(ids), device=TORCH_DEVICE)
+  beit = ref.beit_input(image, config.beit3.img_size).to(TORCH_DEVICE)
+  out = model.mm_extractor.beit3(visual_tokens=beit, textual_tokens=t, text_padding_position=t == 1)
+  feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+  pe = sam.prompt_encoder
+  e = pe.image_embedding_size
+  dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, e[0], e[1])
+  low, _ = sam.mask_decoder(image_embeddings=emb, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=feat,
+                            dense_prompt_embeddings=dense, multimask_output=False)
+  masks = sam.postprocess_masks(low.float(), input_size=input_hw, original_size=image.shape[:2])
+  return masks[0, 0].float().cpu().numpy()
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", default="evf-sam", choices=["tiny", "base", "evf-sam"])
+  ap.add_argument("--batch-sizes", default="1,4,8")
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--skip-reference", action="store_true")
+  args = ap.parse_args()
+  import jax
+  import torch
+  from convert.evf import convert_evf
+  from evf_jax.evf import EvfConfig
+  from evf_jax.tokenizer import TextTokenizer
+  from tests import evf_reference as ref
+  from tests import torch_reference as tr
+
+  global TORCH_DEVICE
+  TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+  dev = jax.devices()[0]
+  kind = getattr(dev, "device_kind", str(dev))
+  peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), float("nan"))
+  RESULTS.update(device=kind, jax=jax.__version__, torch=torch.__version__, size=args.size,
+                 date=time.strftime("%Y-%m-%d"))
+  log(f"device {kind}, jax {jax.__version__}, torch {torch.__version__}")
+  t0 = time.perf_counter()
+  config = EvfConfig.preset(args.size)
+  model = ref.build_torch_evf(config, 0)
+  params = convert_evf(tr.state_dict_numpy(model), config).params
+  params = jax.device_put(params)
+  tokenizer = TextTokenizer(common.train_spm(tempfile.mkdtemp()))
+  log(f"built and converted {args.size} in {time.perf_counter() - t0:.1f} s")
+  image = common.test_image()
+  bench_encoder(config, params, [int(b) for b in args.batch_sizes.split(",")], peak)
+  bench_ours(config, params, tokenizer, image)
+  del params
+  if not args.skip_reference:
+    bench_reference(config, model, tokenizer, image)
+  RESULTS.pop("_ours_fp32_logits", None)
+  text = json.dumps(RESULTS, indent=2, default=float)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()

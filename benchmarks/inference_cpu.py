@@ -1,0 +1,137 @@
+"""Inference speed and memory: evf-jax vs the PyTorch reference, same weights, same machine, one run.
+
+    python benchmarks/inference_cpu.py [--size base] [--repeats 3] [--threads 2]
+
+Measures (medians; each side runs in its own process so peak memory is its own):
+  a. one image + one prompt, end to end (decoded RGB array -> mask at the original size);
+  b. one image + 8 prompts: the reference as EVF-SAM's inference runs it (everything per prompt);
+     ours sets the image once and predicts the 8 prompts in one call;
+  c. first-call time (compile) in a fresh process, without and with the persistent compilation cache;
+  d. peak resident memory of each process.
+Ratios are ours / reference (lower is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
+
+def run_reference(args) -> dict:
+  import torch
+  torch.set_num_threads(args.threads)
+  from tests import evf_reference as ref
+  from evf_jax.tokenizer import TextTokenizer
+  config, model, ckpt = common.build_models(args.size, args.workdir)
+  tok = TextTokenizer(os.path.join(ckpt, "tokenizer"))
+  image = common.test_image()
+  ids = [[tok.encode(p)] for p in common.PROMPTS]
+
+  def one():
+    ref.reference_predict(model, config, image, ids[0])
+
+  def eight():  # EVF-SAM's inference(): the image encoder runs again for every prompt
+    for i in range(8):
+      ref.reference_predict(model, config, image, ids[i])
+
+  one_s, one_all = common.timed(one, args.repeats, warmup=1)
+  eight_s, eight_all = common.timed(eight, max(1, args.repeats_eight))
+  return dict(one=one_s, one_all=one_all, eight=eight_s, eight_all=eight_all,
+              peak_rss_mib=common.peak_rss_mib(), torch=torch.__version__)
+
+
+def run_ours(args) -> dict:
+  import jax
+  from evf_jax.predictor import Predictor
+  config, _, ckpt = common.build_models(args.size, args.workdir)
+  image = common.test_image()
+  t0 = time.perf_counter()
+  p = Predictor.from_checkpoint(ckpt, compilation_cache_dir=args.cache)
+  load_s = time.perf_counter() - t0
+
+  def one():
+    p.set_image(image)
+    r = p.predict(common.PROMPTS[:1])
+    assert r.masks.shape == (1, *image.shape[:2])
+
+  def eight():
+    p.set_image(image)
+    p.predict(common.PROMPTS[:8])
+
+  t0 = time.perf_counter()
+  one()  # compiles embed, decode (1 prompt) and upsample
+  first_call = time.perf_counter() - t0
+  if args.first_call_only:
+    return dict(load=load_s, first_call=first_call)
+  one_s, one_all = common.timed(one, args.repeats)
+  eight_s, eight_all = common.timed(eight, args.repeats, warmup=1)
+  return dict(load=load_s, first_call=first_call, one=one_s, one_all=one_all, eight=eight_s,
+              eight_all=eight_all, peak_rss_mib=common.peak_rss_mib(), jax=jax.__version__,
+              backend=jax.default_backend())
+
+
+def child(role: str, args, extra=()) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--size", args.size, "--workdir", args.workdir,
+         "--repeats", str(args.repeats), "--repeats-eight", str(args.repeats_eight), "--threads", str(args.threads),
+         *extra]
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  if args.threads:
+    env.update(OMP_NUM_THREADS=str(args.threads))
+  r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  if r.returncode:
+    raise RuntimeError(f"{role} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+  return common.parse_results(r.stdout)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", default="base", choices=["tiny", "base"])
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--repeats-eight", type=int, default=1, help="repeats of the reference's 8-prompt run (slow)")
+  ap.add_argument("--threads", type=int, default=2)
+  ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "evf_jax_bench"))
+  ap.add_argument("--role", default="parent", choices=["parent", "reference", "ours"])
+  ap.add_argument("--cache", default=None)
+  ap.add_argument("--first-call-only", action="store_true")
+  args = ap.parse_args()
+  if args.role == "reference":
+    common.emit(run_reference(args))
+    return
+  if args.role == "ours":
+    common.emit(run_ours(args))
+    return
+
+  os.makedirs(args.workdir, exist_ok=True)
+  common.build_models(args.size, args.workdir)  # convert once, outside any timing
+  ref = child("reference", args)
+  ours = child("ours", args)
+  cache = tempfile.mkdtemp(prefix="evf_jax_cc_")
+  cold = child("ours", args, ["--cache", cache, "--first-call-only"])
+  warm = child("ours", args, ["--cache", cache, "--first-call-only"])
+
+  def row(name, o, r):
+    print(f"{name:<44} {o:>10.3f} {r:>12.3f} {o / r:>8.3f}")
+
+  print(f"\nEVF-SAM {args.size}, fp32, {args.threads} threads, 640x480 image; jax {ours['jax']} ({ours['backend']}), "
+        f"torch {ref['torch']}")
+  print(f"{'':<44} {'ours [s]':>10} {'reference [s]':>12} {'ratio':>8}")
+  row("a. 1 image + 1 prompt, end to end", ours["one"], ref["one"])
+  row("b. 1 image + 8 prompts", ours["eight"], ref["eight"])
+  print(f"{'c. first call in a new process (compile)':<44} {cold['first_call']:>10.2f}")
+  print(f"{'   ... with the persistent cache filled':<44} {warm['first_call']:>10.2f}"
+        f"   speed-up {cold['first_call'] / warm['first_call']:.1f}x")
+  print(f"{'d. peak resident memory [MiB]':<44} {ours['peak_rss_mib']:>10.0f} {ref['peak_rss_mib']:>12.0f} "
+        f"{ours['peak_rss_mib'] / ref['peak_rss_mib']:>8.3f}")
+  print(f"raw: ours one {ours['one_all']}, eight {ours['eight_all']}; reference one {ref['one_all']}, "
+        f"eight {ref['eight_all']}")
+
+
+if __name__ == "__main__":
+  main()
