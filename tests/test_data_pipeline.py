@@ -1,7 +1,6 @@
 """The grain pipeline: shapes, K padding, determinism, exact resume, disjoint process shards, mixture, eval."""
 
 import collections
-import os
 
 import numpy as np
 import pytest
@@ -185,3 +184,12 @@ def test_resume_with_worker_processes(data):
     resumed.close()
   _assert_batches_equal(after, [ds[2], ds[3]])  # workers produce exactly the in-process batches
   del after
+
+
+def test_sam2_square_mode(data):
+  tok, syn, _ = data
+  cfg = SampleConfig(sam_size=64, max_text_len=8, sam_mode="square", mask_size=32)
+  b = pipeline.train_dataset({"syn": (1, [syn])}, tok, global_batch_size=2, seed=0, sample=cfg,
+                             process_index=0, process_count=1)[0]
+  assert (b["resize_hw"] == 64).all() and b["valid_region"].all() and b["masks"].shape == (2, 3, 32, 32)
+  assert b["masks"][b["prompt_valid"]].reshape(-1, 32 * 32).any(1).all()  # stretched masks stay non-empty
