@@ -188,6 +188,9 @@ def train_iterator(dataset: grain.MapDataset, *, worker_count: int = 0, read_thr
   """
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; run.py does not use absl.app
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=worker_buffer_size))
   return iter(ds)

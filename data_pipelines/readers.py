@@ -19,10 +19,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import io
 import json
 import os
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image

@@ -4,8 +4,8 @@ BEiT-3 input: RGB uint8 -> float in [0, 1] -> 224x224 bicubic exactly like
 `torch.nn.functional.interpolate(mode="bicubic", align_corners=False, antialias=False)` -> (x - 0.5) / 0.5.
 PyTorch's bicubic is Keys' cubic with A = -0.75, source index (dst + 0.5) * in/out - 0.5 (not clamped),
 4 taps with edge clamping and no antialias. `jax.image.resize("cubic")` (A = -0.5, antialiased) and PIL
-bicubic are different kernels, hence this module. The resize is separable, so it is two matrix products
-with weight matrices precomputed per (in_size, out_size).
+bicubic are different kernels, hence this module. The resize is separable: on the host, one 4-tap
+gather-and-sum per axis with taps precomputed per (in_size, out_size); on device, two small matmuls.
 
 SAM input normalisation lives here too (`sam_normalize`): the host ships uint8 pixels (4x less bandwidth
 than float32) and the device normalises and re-zeros the padding (the original pads with 0 *after*
@@ -36,8 +36,8 @@ def _cubic(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) float64 matrix M with resized = M @ signal, PyTorch bicubic, align_corners=False."""
+def bicubic_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """PyTorch bicubic (align_corners=False) as 4 taps per output: (indices, weights), both (out_size, 4)."""
   # PyTorch computes the source coordinate in float32 for float32 images; doing the same matters (errors of
   # ~1e-4 otherwise for large inputs, where the float32 rounding of the coordinate shifts the weights).
   # Its CPU kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add (a single rounding), which
@@ -47,11 +47,20 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   base = np.floor(src)  # not clamped for cubic (unlike bilinear)
   t = (src - base).astype(np.float32)
   base = base.astype(np.int64)
-  m = np.zeros((out_size, in_size), np.float64)
-  rows = np.arange(out_size)
-  for k in range(-1, 3):  # 4 taps: base-1 .. base+2, weights depend on the distance to src
-    idx = np.clip(base + k, 0, in_size - 1)  # edge clamp: out-of-range taps reuse the border pixel
-    np.add.at(m, (rows, idx), _cubic(t - k))
+  offsets = np.arange(-1, 3)  # taps base-1 .. base+2; weights depend on the distance to src
+  idx = np.clip(base[:, None] + offsets, 0, in_size - 1)  # edge clamp: out-of-range taps reuse the border
+  weights = _cubic(t[:, None] - offsets.astype(np.float32)).astype(np.float32)
+  idx.setflags(write=False)
+  weights.setflags(write=False)
+  return idx, weights
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) float32 matrix M with resized = M @ signal (the dense form of `bicubic_taps`)."""
+  idx, weights = bicubic_taps(in_size, out_size)
+  m = np.zeros((out_size, in_size), np.float32)
+  np.add.at(m, (np.arange(out_size)[:, None].repeat(4, 1), idx), weights)
   m.setflags(write=False)
   return m
 
@@ -59,12 +68,12 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 def resize_bicubic(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   """(H, W, C) float -> (h, w, C) float32 with PyTorch's bicubic (A=-0.75, no antialias, edge clamp)."""
   h_in, w_in = image.shape[:2]
-  mh = bicubic_matrix(h_in, out_hw[0]).astype(np.float32)
-  mw = bicubic_matrix(w_in, out_hw[1]).astype(np.float32)
   x = np.asarray(image, np.float32)
-  # Rows first then columns; both are plain matmuls over the channel-last layout.
-  x = np.einsum("oh,hwc->owc", mh, x, optimize=True)
-  return np.einsum("pw,owc->opc", mw, x, optimize=True)
+  # Separable, rows then columns, 4 gathered taps each: ~50x fewer flops than dense matmuls at 224.
+  idx, wt = bicubic_taps(h_in, out_hw[0])
+  x = sum(wt[:, k, None, None] * x[idx[:, k]] for k in range(4))
+  idx, wt = bicubic_taps(w_in, out_hw[1])
+  return sum(wt[None, :, k, None] * x[:, idx[:, k]] for k in range(4))
 
 
 def beit_image(image_u8: np.ndarray, size: int = BEIT_SIZE) -> np.ndarray:
@@ -80,8 +89,8 @@ def beit_image_jnp(image_u8, size: int = BEIT_SIZE):
   """The same as `beit_image` on device, for one (H, W, 3) image with a static shape."""
   import jax.numpy as jnp
   h_in, w_in = image_u8.shape[:2]
-  mh = jnp.asarray(bicubic_matrix(h_in, size), jnp.float32)
-  mw = jnp.asarray(bicubic_matrix(w_in, size), jnp.float32)
+  mh = jnp.asarray(bicubic_matrix(h_in, size))
+  mw = jnp.asarray(bicubic_matrix(w_in, size))
   x = image_u8.astype(jnp.float32) / 255.0
   x = jnp.einsum("oh,hwc->owc", mh, x, precision="highest")
   x = jnp.einsum("pw,owc->opc", mw, x, precision="highest")

@@ -31,7 +31,7 @@ from tests import torch_reference as tr
 PAD = 1
 
 
-def torch_beit3(cfg: Beit3Config, seed: int = 0):
+def torch_beit3(cfg: Beit3Config, seed: int = 0, randomize: bool = True):
   """torchscale BEiT3 built as EVF-SAM builds it (modeling_utils._get_{base,large}_config), randomised."""
   torch = tr.import_torch()
   EncoderConfig, BEiT3 = tr.torchscale_beit3()
@@ -43,7 +43,8 @@ def torch_beit3(cfg: Beit3Config, seed: int = 0):
       max_source_positions=cfg.max_source_positions, layernorm_eps=cfg.layernorm_eps)
   torch.manual_seed(seed)
   model = BEiT3(args).eval()
-  tr.randomize_(model, seed)
+  if randomize:
+    tr.randomize_(model, seed)
   return model
 
 

@@ -1,7 +1,6 @@
 """The grain pipeline: shapes, K padding, determinism, exact resume, disjoint process shards, mixture, eval."""
 
 import collections
-import os
 
 import numpy as np
 import pytest
@@ -163,3 +162,34 @@ def test_eval_dataset_keeps_every_sentence_at_original_size(data):
                                                        process_count=3)] for p in range(3)]
   flat = sum(ids, [])
   assert sorted(flat) == sorted(f"val-{i}" for i in range(4)) and len(set(flat)) == 4
+
+
+@pytest.mark.slow  # ~50 s here: every grain worker process re-imports jax and the test modules
+def test_resume_with_worker_processes(data):
+  tok, syn, _ = data
+  ds = pipeline.train_dataset({"syn": (1, [syn])}, tok, global_batch_size=2, seed=4, sample=SMALL,
+                              process_index=0, process_count=1)
+  it = pipeline.train_iterator(ds, worker_count=1)
+  try:
+    _take(it, 2)
+    state = it.get_state()
+    after = _take(it, 2)
+  finally:
+    it.close()
+  resumed = pipeline.train_iterator(ds, worker_count=1)
+  try:
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 2), after)
+  finally:
+    resumed.close()
+  _assert_batches_equal(after, [ds[2], ds[3]])  # workers produce exactly the in-process batches
+  del after
+
+
+def test_sam2_square_mode(data):
+  tok, syn, _ = data
+  cfg = SampleConfig(sam_size=64, max_text_len=8, sam_mode="square", mask_size=32)
+  b = pipeline.train_dataset({"syn": (1, [syn])}, tok, global_batch_size=2, seed=0, sample=cfg,
+                             process_index=0, process_count=1)[0]
+  assert (b["resize_hw"] == 64).all() and b["valid_region"].all() and b["masks"].shape == (2, 3, 32, 32)
+  assert b["masks"][b["prompt_valid"]].reshape(-1, 32 * 32).any(1).all()  # stretched masks stay non-empty
