@@ -33,8 +33,8 @@ def test_image(h: int = 480, w: int = 640, seed: int = 0) -> np.ndarray:
 
 def train_spm(directory: str) -> str:
   """A small sentencepiece BPE model (the real one ships with the checkpoints)."""
-  from tests.test_tokenizer import _train
-  return _train(directory, "bpe")
+  from tests.spm_model import train
+  return train(directory, "bpe")
 
 
 def build_models(size: str, workdir: str, seed: int = 0, dtype: str = "float32"):

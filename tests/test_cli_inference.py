@@ -17,7 +17,7 @@ from evf_jax.evf import EvfConfig
 from evf_jax.predictor import Predictor
 from tests import evf_reference as ref
 from tests.test_evf_e2e import _image
-from tests.test_tokenizer import _train as train_spm
+from tests.spm_model import train as train_spm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,7 +17,7 @@ from evf_jax.evf import EvfConfig
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import TextTokenizer
 from tests import evf_reference as ref
-from tests.test_tokenizer import _train as train_spm
+from tests.spm_model import train as train_spm
 
 PROMPTS = ["zebra top left", "[semantic] sky", "the second man from the right holding a red umbrella", "cat"]
 

@@ -21,32 +21,7 @@ import pytest
 
 from evf_jax import tokenizer as T
 
-WORDS = ("the a man woman left right red blue car dog cat on of with sitting standing person tree sky "
-         "building semantic second from far small big green yellow shirt holding umbrella").split()
-UNICODE = ["café", "naïve", "東京", "ñandú", "Ελλάδα", "щука", "مرحبا", "😀", "é", "ﬁ", "Ⅻ", "１２３", "€", "½"]
-
-
-def _corpus(seed=0) -> list[str]:
-  rng = random.Random(seed)
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  lines = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 8))) for _ in range(1500)]
-  lines += [" ".join(rng.choice(WORDS + UNICODE[:6]) for _ in range(rng.randint(1, 12)))
-            + rng.choice(["", ".", ",", "!", "?", " 42", " [semantic]"]) for _ in range(2500)]
-  return lines
-
-
-def _train(directory: str, model_type: str) -> str:
-  import sentencepiece as spm
-  os.makedirs(directory, exist_ok=True)
-  corpus = os.path.join(directory, "corpus.txt")
-  with open(corpus, "w", encoding="utf-8") as f:
-    f.write("\n".join(_corpus()))
-  # sentencepiece's defaults are XLM-R's: <unk>=0, <s>=1, </s>=2, no pad piece.
-  spm.SentencePieceTrainer.train(
-      input=corpus, model_prefix=os.path.join(directory, "sentencepiece.bpe"), vocab_size=300,
-      model_type=model_type, character_coverage=0.9995, num_threads=1, hard_vocab_limit=False,
-      minloglevel=2)
-  return directory
+from tests.spm_model import UNICODE, WORDS, train as _train  # noqa: F401
 
 
 @pytest.fixture(scope="module")
