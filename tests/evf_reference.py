@@ -48,7 +48,7 @@ def sam_input(image: np.ndarray, img_size: int, mean, std):
   h, w = image.shape[:2]
   scale = img_size * 1.0 / max(h, w)
   nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
-  resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+  resized = np.array(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
   x = torch.from_numpy(resized).permute(2, 0, 1).float()
   x = (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
   x = torch.nn.functional.pad(x, (0, img_size - nw, 0, img_size - nh))
@@ -58,7 +58,7 @@ def sam_input(image: np.ndarray, img_size: int, mean, std):
 def beit_input(image: np.ndarray, size: int):
   """(1, 3, size, size): ToTensor, bicubic (A=-0.75, no antialias), normalise mean=std=0.5."""
   import torch
-  x = torch.from_numpy(image).permute(2, 0, 1).float()[None] / 255.0
+  x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255.0
   x = torch.nn.functional.interpolate(x, (size, size), mode="bicubic", align_corners=False, antialias=False)
   return (x - 0.5) / 0.5
 
