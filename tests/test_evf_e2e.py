@@ -92,3 +92,38 @@ def test_reference_batch_equals_one_by_one(tiny, spm_dir):
   batched, _, _ = ref.reference_predict(model, config, image, ids)
   single, _ = _reference_one_by_one(model, config, image, tokenizer)
   np.testing.assert_allclose(batched, single, atol=1e-4 * max(1.0, float(np.abs(single).max())))
+
+
+def _check_size(tmp_path, spm_dir, preset, hw, prompts, atol_rel):
+  config = EvfConfig.preset(preset)
+  model, out = _convert(tmp_path, config, spm_dir, seed=1)
+  image = _image(*hw, seed=2)
+  tokenizer = TextTokenizer(spm_dir)
+  logits, scores, emb = [], [], None
+  for p in prompts:
+    lg, sc, emb = ref.reference_predict(model, config, image, np.asarray([tokenizer.encode(p)]),
+                                        image_embeddings=emb)
+    logits.append(lg[0])
+    scores.append(sc[0])
+  del model
+  want = np.stack(logits)
+  pred = Predictor.from_checkpoint(out)
+  pred.set_image(image)
+  got = pred.predict(prompts)
+  err = float(np.abs(got.logits - want).max())
+  scale = float(np.abs(want).max())
+  assert err <= atol_rel * max(1.0, scale), (err, scale)
+  np.testing.assert_allclose(got.scores, np.stack(scores), atol=1e-4)
+  assert ((got.logits > 0) != (want > 0)).mean() < 1e-4
+  return err, scale
+
+
+def test_base_end_to_end_parity(tmp_path, spm_dir):
+  """SAM ViT-B + BEiT-3-base, 1024 input, a 480x640 image, three prompts in one call."""
+  _check_size(tmp_path, spm_dir, "base", (480, 640), PROMPTS[:3], atol_rel=1e-4)
+
+
+@pytest.mark.slow
+def test_full_size_end_to_end_parity(tmp_path, spm_dir):
+  """The released architecture (SAM ViT-H + BEiT-3-large), random weights, 5 GB of float32."""
+  _check_size(tmp_path, spm_dir, "evf-sam", (427, 640), PROMPTS[:2], atol_rel=2e-4)
