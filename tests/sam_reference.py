@@ -34,6 +34,10 @@ def build_torch_sam(cfg: SamConfig, seed: int = 0):
       pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std))
   sam.eval()
   tr.randomize_(sam, seed)
+  # randomize_ re-draws buffers too; pixel_mean/std are constants of the model, not weights.
+  with torch.no_grad():
+    sam.pixel_mean.copy_(torch.tensor(cfg.pixel_mean).view(-1, 1, 1))
+    sam.pixel_std.copy_(torch.tensor(cfg.pixel_std).view(-1, 1, 1))
   return sam
 
 
