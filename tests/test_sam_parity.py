@@ -51,15 +51,15 @@ def _run(params, *args, cfg, method, multimask_output=None):
   return Sam(cfg).apply({"params": params}, *args, method=method, **kw)
 
 
-def _converted(torch_sam, cfg):
-  path = tr.tmp_safetensors(tr.state_dict_numpy(torch_sam))
+def _converted(torch_sam, cfg, directory):
+  path = tr.save_safetensors(tr.state_dict_numpy(torch_sam), str(directory / "model.safetensors"))
   return convert_sam(load_state_dict(path), cfg)
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tmp_path_factory):
   torch_sam = build_torch_sam(TINY, seed=1)
-  return torch_sam, _converted(torch_sam, TINY)
+  return torch_sam, _converted(torch_sam, TINY, tmp_path_factory.mktemp("tiny"))
 
 
 def _t(a):
@@ -239,11 +239,11 @@ VIT_B = SAM_CONFIGS["vit_b"]
 
 
 @pytest.fixture(scope="module")
-def vit_b():
+def vit_b(tmp_path_factory):
   """Torch ViT-B with random weights, converted; one 480x640 image run through both encoders."""
   import torch
   torch_sam = build_torch_sam(VIT_B, seed=3)
-  params = _converted(torch_sam, VIT_B)
+  params = _converted(torch_sam, VIT_B, tmp_path_factory.mktemp("vit_b"))
   image = np.random.default_rng(13).integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
   x, input_size, original_size = preprocess(image, VIT_B.img_size)
   from evf_jax.sam.transforms import resize_longest_side
