@@ -203,7 +203,7 @@ def test_vit_h_full_size(tmp_path):
 
   sd = load_state_dict(path)
   assert infer_sam_size(sd) == "vit_h"
-  params = convert_sam(sd, cfg)
+  params = jax.device_put(convert_sam(sd, cfg))  # keep one copy of the 2.5 GB of weights, not three
   del sd
   gc.collect()
   emb = jax.jit(lambda p, img: Sam(cfg).apply({"params": p}, img, method=Sam.embed_image))(params, x[None])
