@@ -192,7 +192,6 @@ def test_tiny_extra_sparse(tiny, others):
 # ------------------------------------------------------------------- windows and relative positions
 
 def test_window_partition_non_square():
-  import torch
   m = tr.segment_anything_modeling()
   x = np.random.default_rng(0).normal(size=(2, 6, 10, 3)).astype(np.float32)
   ref, ref_hw = m.image_encoder.window_partition(_t(x), 4)
@@ -200,7 +199,6 @@ def test_window_partition_non_square():
   assert hw == ref_hw == (8, 12)
   np.testing.assert_array_equal(np.asarray(ours), to_np(ref))
   np.testing.assert_array_equal(np.asarray(ie.window_unpartition(ours, 4, hw, (6, 10))), x)
-  del torch
 
 
 @pytest.mark.parametrize("q,k,length", [(14, 14, 27), (6, 6, 15), (10, 10, 15), (4, 8, 15), (8, 4, 7), (64, 64, 127)])
@@ -223,8 +221,6 @@ def test_block_non_square(window):
   tr.randomize_(blk, seed=11)
   ours = ie.Block(32, 2, 4.0, window, (8, 8))
   x = np.random.default_rng(12).normal(size=(2, 6, 10, 32)).astype(np.float32)
-  import flax.linen as nn
-  import jax
   target = {"image_encoder": {"blocks_0": nn.unbox(jax.eval_shape(ours.init, jax.random.key(0), x))["params"]}}
   sd = {f"image_encoder.blocks.0.{k}": v for k, v in tr.state_dict_numpy(blk).items()}
   params = convert(sd, sam_rules(), target).params["image_encoder"]["blocks_0"]
