@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import types
 
+import flax.linen as nn
 import jax
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
