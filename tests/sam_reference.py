@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import numpy as np
 
@@ -11,7 +12,8 @@ from evf_jax.sam.config import SamConfig
 from tests import torch_reference as tr
 
 
-def build_torch_sam(cfg: SamConfig, seed: int = 0):
+def build_torch_sam(cfg: SamConfig, seed: Optional[int] = 0):
+  """The torch Sam for `cfg`; weights re-drawn with `seed` (None: left as built, e.g. on the meta device)."""
   import torch
   m = tr.segment_anything_modeling()
   e = cfg.embedding_size
@@ -33,7 +35,13 @@ def build_torch_sam(cfg: SamConfig, seed: int = 0):
           iou_head_hidden_dim=cfg.iou_head_hidden_dim),
       pixel_mean=list(cfg.pixel_mean), pixel_std=list(cfg.pixel_std))
   sam.eval()
+  if seed is None:
+    return sam
   tr.randomize_(sam, seed)
+  # randomize_ re-draws buffers too; pixel_mean/std are constants of the model, not weights.
+  with torch.no_grad():
+    sam.pixel_mean.copy_(torch.tensor(cfg.pixel_mean).view(-1, 1, 1))
+    sam.pixel_std.copy_(torch.tensor(cfg.pixel_std).view(-1, 1, 1))
   return sam
 
 
