@@ -120,7 +120,7 @@ def test_missing_key(tiny_sd):
   with pytest.raises(ConversionError) as e:
     convert_sam(sd, TINY)
   msg = str(e.value)
-  assert "SAM tiny" in msg and "1 problem(s)" in msg
+  assert "SAM tiny" in msg and len(e.value.problems) == 1
   assert "'mask_decoder/iou_token'" in msg and "not filled" in msg
 
 
@@ -142,7 +142,7 @@ def test_wrong_shape(tiny_sd):
   with pytest.raises(ConversionError) as e:
     convert_sam(sd, TINY)
   msg = str(e.value)
-  assert "1 problem(s)" in msg  # the unfilled target is not listed again
+  assert len(e.value.problems) == 1  # the unfilled target is not listed again
   assert "'image_encoder.blocks.1.attn.rel_pos_h'" in msg and "(13, 16)" in msg and "(11, 16)" in msg
 
 

@@ -13,7 +13,6 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 import types
 
 import numpy as np
@@ -100,8 +99,3 @@ def save_safetensors(state: dict[str, np.ndarray], path: str) -> str:
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
   return path
-
-
-def tmp_safetensors(state: dict[str, np.ndarray]) -> str:
-  d = tempfile.mkdtemp(prefix="evfjax_")
-  return save_safetensors(state, os.path.join(d, "model.safetensors"))
