@@ -69,3 +69,15 @@ def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
   if abstract_params is None:
     return ckptr.restore(path)
   return ckptr.restore(path, abstract_params)
+
+
+def read_provenance(directory: str) -> Optional[dict[str, Any]]:
+  """The checkpoint's provenance.json (where the weights came from), or None if it has none."""
+  path = os.path.join(directory, PROVENANCE_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ModelDirError(f"{path}: not valid JSON ({e})") from e

@@ -115,3 +115,68 @@ def prepare_cmd(args) -> int:
 
 prepare_cmd.add_arguments = _prepare_args  # read by `command` at registration, so set before it
 command("prepare", help="Convert a raw dataset download (or the synthetic set) into ArrayRecord shards.")(prepare_cmd)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+  from evf_jax.evaluate import STANDARD_SPLITS
+  p.formatter_class = argparse.RawDescriptionHelpFormatter
+  p.epilog = (
+      "Splits are named as in EVF-SAM's eval.py, DATASET|SPLITBY|SPLIT (quote them in a shell):\n"
+      "  the eight standard ones (--split standard selects all): " + ", ".join(STANDARD_SPLITS) + "\n"
+      "  also: refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, synthetic|val\n"
+      "Data: --data ROOT holds one prepared directory per dataset, named like the dataset:\n"
+      "  python run.py prepare --dataset refcoco --src dataset/refer_seg --out ROOT/refcoco\n"
+      "  python run.py prepare --dataset synthetic --out ROOT/synthetic\n"
+      "so 'refcoco|unc|val' reads split 'val' of ROOT/refcoco. --data may also be one prepared directory.\n"
+      "Output: OUT_DIR/<DATASET_SPLITBY_SPLIT>.json per split (gIoU/cIoU as fractions, counts, timing,\n"
+      "devices, batch size, checkpoint provenance) and a table on stdout (IoUs in percent).")
+  p.add_argument("--checkpoint", required=True, help="an evf-jax checkpoint directory (from `run.py convert`)")
+  p.add_argument("--data", required=True, help="root of prepared datasets (see below)")
+  p.add_argument("--split", action="append", required=True, metavar="SPLIT",
+                 help="a split such as 'refcoco|unc|val', or 'standard'; repeat for several")
+  p.add_argument("--out-dir", default="eval_results", help="where the JSON results go (default: eval_results)")
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="images per step, all their sentences included; rounded up to a multiple of the device "
+                      "count (every image is evaluated exactly once whatever the value)")
+  p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                 help="compute precision (the reference evaluates in fp16 by default)")
+  p.add_argument("--size-multiple", type=int, default=128,
+                 help="original image sizes are padded up to a multiple of this (fewer compiled shapes)")
+  p.add_argument("--num-devices", type=int, default=None, help="use only the first N devices (default: all)")
+  p.add_argument("--save-overlays", type=int, default=0, metavar="N",
+                 help="write prediction | ground-truth overlays for the first N images of each split")
+  p.add_argument("--read-threads", type=int, default=4, help="host threads decoding images and masks")
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="persistent compilation cache directory (makes later runs start faster)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@command("eval", help="referring-segmentation evaluation (gIoU / cIoU) of a converted checkpoint on prepared splits")
+def eval_cmd(args: argparse.Namespace) -> int:
+  from evf_jax import evaluate
+  from evf_jax.predictor import enable_compilation_cache
+  if args.batch_size < 1:
+    raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+  if args.size_multiple < 1:
+    raise UserError(f"--size-multiple must be >= 1, got {args.size_multiple}")
+  if args.save_overlays < 0:
+    raise UserError(f"--save-overlays must be >= 0, got {args.save_overlays}")
+  devices = None
+  if args.num_devices is not None:
+    import jax
+    if not 1 <= args.num_devices <= jax.device_count():
+      raise UserError(f"--num-devices {args.num_devices}: there are {jax.device_count()} devices")
+    devices = jax.devices()[:args.num_devices]
+  if args.compilation_cache:
+    enable_compilation_cache(args.compilation_cache)
+  options = evaluate.EvalOptions(batch_size=args.batch_size, size_multiple=args.size_multiple,
+                                 read_threads=args.read_threads, save_overlays=args.save_overlays,
+                                 progress=not args.no_progress)
+  results = evaluate.evaluate_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out_dir,
+                                         options=options, precision=args.precision, devices=devices)
+  print(evaluate.format_table(results))
+  print(f"results: {', '.join(r['json'] for r in results)}")
+  return 0
+
+
+eval_cmd.add_arguments = _eval_args

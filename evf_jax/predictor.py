@@ -58,6 +58,33 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def load_checkpoint(directory: str, max_text_length: Optional[int] = None) -> tuple[EvfConfig, Any, Any]:
+  """A directory written by `run.py convert` -> (EvfConfig, params on the host, TextTokenizer).
+
+  Every problem with the directory (missing, another model type, bad config, unreadable weights) is a
+  `checkpoints.ModelDirError` with a one-line message.
+  """
+  from evf_jax.tokenizer import TextTokenizer
+  raw = checkpoints.read_config(directory, expect_model_type=MODEL_TYPE)
+  try:
+    config = EvfConfig.from_dict(raw)
+  except (KeyError, TypeError, ValueError) as e:
+    raise checkpoints.ModelDirError(f"{directory}: {checkpoints.CONFIG_FILE} is not a valid EVF-SAM "
+                                    f"config ({e})") from None
+  tok_dir = os.path.join(directory, TOKENIZER_DIR)
+  tokenizer = TextTokenizer(tok_dir) if max_text_length is None else TextTokenizer(tok_dir, max_text_length)
+  param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
+  target = abstract_params(config, param_dtype=param_dtype)
+  try:
+    params = checkpoints.load_params(directory, target)
+  except checkpoints.ModelDirError:
+    raise
+  except Exception as e:  # orbax: missing or mismatching arrays
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    raise checkpoints.ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
+  return config, params, tokenizer
+
+
 class Predictor:
   """EVF-SAM inference on one image at a time, any number of prompts per call.
 
@@ -109,26 +136,9 @@ class Predictor:
                       compilation_cache_dir: Optional[str] = None, max_text_length: Optional[int] = None,
                       **kwargs) -> "Predictor":
     """Loads a directory written by `run.py convert`."""
-    from evf_jax.tokenizer import TextTokenizer
     if compilation_cache_dir:
       enable_compilation_cache(compilation_cache_dir)
-    raw = checkpoints.read_config(directory, expect_model_type=MODEL_TYPE)
-    try:
-      config = EvfConfig.from_dict(raw)
-    except (KeyError, TypeError, ValueError) as e:
-      raise checkpoints.ModelDirError(f"{directory}: {checkpoints.CONFIG_FILE} is not a valid EVF-SAM "
-                                      f"config ({e})") from None
-    tok_dir = os.path.join(directory, TOKENIZER_DIR)
-    tokenizer = TextTokenizer(tok_dir) if max_text_length is None else TextTokenizer(tok_dir, max_text_length)
-    param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
-    target = abstract_params(config, param_dtype=param_dtype)
-    try:
-      params = checkpoints.load_params(directory, target)
-    except checkpoints.ModelDirError:
-      raise
-    except Exception as e:  # orbax: missing or mismatching arrays
-      msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-      raise checkpoints.ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
+    config, params, tokenizer = load_checkpoint(directory, max_text_length=max_text_length)
     return cls(config, params, tokenizer, precision=precision, attention_impl=attention_impl, **kwargs)
 
   # Image.
