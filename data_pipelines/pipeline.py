@@ -20,7 +20,7 @@ Batch dict (process-local numpy; B = global_batch_size / process_count, K = num_
 S = mask_size, default = sam_size = 1024):
 
   sam_image      (B, 1024, 1024, 3) uint8    SAM frame, resized and zero-padded bottom/right; NOT normalised:
-                                             call evf_jax.preprocess.sam_normalize(x, resize_hw) on device
+                                             evf_jax.sam.transforms.normalize_and_pad on device
                                              (uint8 is 4x less host->device traffic than float32)
   beit_image     (B, 224, 224, 3)   float32  BEiT-3 input, already normalised (bicubic overshoot kept)
   input_ids      (B, K, L)          int32    XLM-R ids, padded with 1

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import records
+from evf_jax.sam.transforms import get_preprocess_shape
 from evf_jax import preprocess
 
 PAD_ID = 1  # XLM-R <pad>
@@ -57,15 +58,14 @@ def frame_hw(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
     return size, size
   if mode != "longest_side":
     raise ValueError(f"sam_mode must be 'longest_side' or 'square', got {mode!r}")
-  scale = size / max(h, w)
-  return int(h * scale + 0.5), int(w * scale + 0.5)  # the reference's rounding (DATA_SPEC §3.1)
+  return get_preprocess_shape(h, w, size)  # the reference's rounding (DATA_SPEC §3.1)
 
 
 def _to_sam_frame(image: np.ndarray, size: int, mode: str, resample=Image.BILINEAR) -> tuple[np.ndarray, tuple[int, int]]:
   """uint8 (H, W[, C]) -> (size, size[, C]) uint8 resized with PIL (antialiased when shrinking) + zero pad.
 
-  TODO(merge): the single place to switch to evf_jax.sam.transforms (sam branch) once merged; it does the same
-  longest-side / square resize with PIL bilinear on uint8.
+  The same PIL bilinear resize as `evf_jax.sam.transforms.resize_longest_side`, generalised to the SAM-2
+  square mode and to single-channel masks.
   """
   new_h, new_w = frame_hw(image.shape[0], image.shape[1], size, mode)
   resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=resample))

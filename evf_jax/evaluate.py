@@ -258,7 +258,7 @@ def evf_predict_fn(config, precision: str = "fp32", attention_impl: Optional[str
 
   from evf_jax.evf import EvfSam
   from evf_jax.predictor import PRECISIONS
-  from evf_jax.preprocess import sam_normalize
+  from evf_jax.sam.transforms import normalize_and_pad
   if precision not in PRECISIONS:
     raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
   dtype = PRECISIONS[precision]
@@ -266,7 +266,8 @@ def evf_predict_fn(config, precision: str = "fp32", attention_impl: Optional[str
 
   def predict(params, batch):
     v = {"params": params}
-    x = sam_normalize(batch["sam_image"], batch["resize_hw"], dtype)
+    x = normalize_and_pad(batch["sam_image"], batch["resize_hw"], config.sam.img_size, config.sam.pixel_mean,
+                          config.sam.pixel_std).astype(dtype)
     embeddings = model.apply(v, x, method=EvfSam.embed_image)  # (B, h, w, C): once per image
 
     def one_image(embedding, beit, ids, mask):  # all K prompts of one image

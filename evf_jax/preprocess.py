@@ -7,9 +7,8 @@ PyTorch's bicubic is Keys' cubic with A = -0.75, source index (dst + 0.5) * in/o
 bicubic are different kernels, hence this module. The resize is separable: on the host, one 4-tap
 gather-and-sum per axis with taps precomputed per (in_size, out_size); on device, two small matmuls.
 
-SAM input normalisation lives here too (`sam_normalize`): the host ships uint8 pixels (4x less bandwidth
-than float32) and the device normalises and re-zeros the padding (the original pads with 0 *after*
-normalisation).
+SAM's input normalisation is `evf_jax.sam.transforms.normalize_and_pad` (the host ships uint8 pixels,
+4x less bandwidth than float32; the device normalises and re-zeros the padding).
 """
 
 from __future__ import annotations
@@ -21,8 +20,6 @@ import numpy as np
 BEIT_SIZE = 224
 BEIT_MEAN = 0.5
 BEIT_STD = 0.5
-SAM_MEAN = (123.675, 116.28, 103.53)
-SAM_STD = (58.395, 57.12, 57.375)
 _CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 
 
@@ -95,26 +92,3 @@ def beit_image_jnp(image_u8, size: int = BEIT_SIZE):
   x = jnp.einsum("oh,hwc->owc", mh, x, precision="highest")
   x = jnp.einsum("pw,owc->opc", mw, x, precision="highest")
   return (x - BEIT_MEAN) / BEIT_STD
-
-
-def sam_normalize(images_u8, resize_hw, dtype=None):
-  """On device: (B, S, S, 3) uint8 SAM-frame images -> normalised float with zeros outside the valid region.
-
-  `resize_hw` (B, 2) is the un-padded (h, w) of each image; for the SAM-2 square mode it is (S, S) and this is
-  a plain normalisation. Matches the reference's normalise-then-zero-pad.
-  """
-  import jax.numpy as jnp
-  dtype = dtype or jnp.float32
-  x = (images_u8.astype(jnp.float32) - jnp.asarray(SAM_MEAN, jnp.float32)) / jnp.asarray(SAM_STD, jnp.float32)
-  s_h, s_w = images_u8.shape[1:3]
-  rows = jnp.arange(s_h)[None, :, None] < resize_hw[:, 0, None, None]
-  cols = jnp.arange(s_w)[None, None, :] < resize_hw[:, 1, None, None]
-  return jnp.where((rows & cols)[..., None], x, 0.0).astype(dtype)
-
-
-def sam_normalize_np(image_u8: np.ndarray, resize_hw: tuple[int, int]) -> np.ndarray:
-  """Host version of `sam_normalize` for one (S, S, 3) image (tests, one-off inference)."""
-  x = (image_u8.astype(np.float32) - np.asarray(SAM_MEAN, np.float32)) / np.asarray(SAM_STD, np.float32)
-  x[resize_hw[0]:] = 0.0
-  x[:, resize_hw[1]:] = 0.0
-  return x

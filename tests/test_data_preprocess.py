@@ -5,6 +5,7 @@ import pytest
 
 from data_pipelines import transforms
 from evf_jax import preprocess
+from evf_jax.sam import transforms as sam_transforms
 
 
 def _torch_beit(img: np.ndarray) -> np.ndarray:
@@ -42,9 +43,9 @@ def test_sam_frame_geometry_and_normalisation():
   framed, hw = transforms._to_sam_frame(img, 64, "longest_side")
   assert hw == (48, 64) and framed.shape == (64, 64, 3)
   assert (framed[:48] == 200).all() and (framed[48:] == 0).all()
-  norm = np.asarray(preprocess.sam_normalize(framed[None], np.array([hw])))[0]
-  np.testing.assert_allclose(norm, preprocess.sam_normalize_np(framed, hw), atol=1e-6)
-  np.testing.assert_allclose(norm[0, 0], (200 - np.array(preprocess.SAM_MEAN)) / np.array(preprocess.SAM_STD),
+  norm = np.asarray(sam_transforms.normalize_and_pad(framed[None], np.array([hw]), 64))[0]
+  np.testing.assert_allclose(norm, sam_transforms.normalize_and_pad_np(framed[:48], 64), atol=1e-6)
+  np.testing.assert_allclose(norm[0, 0], (200 - np.array(sam_transforms.PIXEL_MEAN)) / np.array(sam_transforms.PIXEL_STD),
                              rtol=1e-6)
   assert (norm[48:] == 0).all()  # padding is 0 *after* normalisation
 
