@@ -41,7 +41,8 @@ class Sam(nn.Module):
         iou_head_depth=cfg.iou_head_depth, iou_head_hidden_dim=cfg.iou_head_hidden_dim,
         transformer_depth=cfg.decoder_depth, transformer_num_heads=cfg.decoder_num_heads,
         transformer_mlp_dim=cfg.decoder_mlp_dim, attention_downsample_rate=cfg.attention_downsample_rate,
-        attention_impl=self.attention_impl, **kw)
+        # The decoder's attentions are tiny (a few tokens against 4096): XLA's, also when the encoders use cuDNN.
+        attention_impl=None if self.attention_impl == "cudnn" else self.attention_impl, **kw)
 
   def embed_image(self, images: jax.Array) -> jax.Array:
     """(B, S, S, 3) normalised, padded images (see `transforms.preprocess`) -> (B, S/16, S/16, C)."""
