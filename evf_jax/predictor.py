@@ -160,6 +160,34 @@ class Predictor:
     self._image = dict(embedding=embedding, beit=jnp.asarray(beit), orig_hw=orig_hw,
                        a_y=jnp.asarray(a_y), a_x=jnp.asarray(a_x))
 
+  def precompile(self, image_hw: tuple[int, int] = (480, 640), num_prompts: int = 1,
+                 text_length: int = 16) -> dict[str, dict[str, float]]:
+    """Traces, lowers and compiles the three programs for one shape bucket without running them, and
+    returns the seconds each stage took. With the persistent compilation cache on, a later process
+    finds these programs there."""
+    import time
+    s, b = self.config.sam.img_size, self.config.beit3.img_size
+    n = _pow2_at_least(num_prompts)
+    pad_hw = (_round_up(image_hw[0], self.size_multiple), _round_up(image_hw[1], self.size_multiple))
+    low = self.config.sam.low_res_size
+    sds = jax.ShapeDtypeStruct
+    emb = jax.eval_shape(self._embed, self.params, sds((1, s, s, 3), jnp.uint8), sds((1, 2), jnp.int32))
+    programs = {
+        "embed": (self._embed, (self.params, sds((1, s, s, 3), jnp.uint8), sds((1, 2), jnp.int32))),
+        "decode": (self._decode, (self.params, emb, sds((1, b, b, 3), jnp.float32),
+                                  sds((n, text_length), jnp.int32), sds((n, text_length), jnp.bool_))),
+        "upsample": (self._upsample, (sds((n, low, low), jnp.float32), sds((pad_hw[0], low), jnp.float32),
+                                      sds((pad_hw[1], low), jnp.float32))),
+    }
+    times = {}
+    for name, (fn, args) in programs.items():
+      t0 = time.perf_counter()
+      lowered = fn.lower(*args)
+      t1 = time.perf_counter()
+      lowered.compile()
+      times[name] = {"trace_lower": t1 - t0, "compile": time.perf_counter() - t1}
+    return times
+
   @property
   def image_embedding(self) -> jax.Array:
     self._require_image()
