@@ -180,3 +180,21 @@ def eval_cmd(args: argparse.Namespace) -> int:
 
 
 eval_cmd.add_arguments = _eval_args
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", default="workdir/demo", help="where the data, checkpoint and outputs go")
+  p.add_argument("--num-train", type=int, default=64, help="synthetic training images to generate")
+  p.add_argument("--num-eval", type=int, default=8, help="synthetic validation images to generate")
+  p.add_argument("--seed", type=int, default=0)
+
+
+@command("demo", help="the embedded default job: synthetic data, a random-weight tiny model, predict and "
+                      "evaluate (no downloads; training is not built yet)")
+def demo_cmd(args: argparse.Namespace) -> int:
+  from evf_jax.demo import run_demo
+  run_demo(args.workdir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
+  return 0
+
+
+demo_cmd.add_arguments = _demo_args
