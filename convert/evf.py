@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -22,7 +21,7 @@ from convert import sam as sam_conv
 from convert.io import CheckpointReadError, load_hf_directory
 from convert.rules import RULES_VERSION, ConversionError, ConversionResult, Rule, convert
 from evf_jax import __version__
-from evf_jax.checkpoints import CONFIG_FILE, save_model
+from evf_jax.checkpoints import CONFIG_FILE, read_json, save_model
 from evf_jax.errors import UserError
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
 
@@ -148,11 +147,7 @@ def convert_directory(src: str, out: str, dtype: str = "float32", overwrite: boo
   cfg_path = os.path.join(src_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise UserError(f"{src_dir}: config.json is missing (not a Hugging Face-style EVF-SAM directory)")
-  try:
-    with open(cfg_path) as f:
-      hf_config = json.load(f)
-  except ValueError as e:
-    raise UserError(f"{cfg_path}: not valid JSON ({e})") from None
+  hf_config = read_json(cfg_path, UserError)
   config = config_from_hf(hf_config, cfg_path)
   tok = os.path.join(src_dir, TOKENIZER_FILES[0])
   if not os.path.isfile(tok):

@@ -41,17 +41,22 @@ def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, A
       json.dump(dict(provenance), f, indent=2, sort_keys=True)
 
 
+def read_json(path: str, error: type[Exception] = ModelDirError) -> Any:
+  """A JSON file, or `error` naming the file when it is not valid JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def read_config(directory: str, expect_model_type: Optional[str] = None) -> dict[str, Any]:
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isdir(directory):
     raise ModelDirError(f"{directory}: no such checkpoint directory")
   if not os.path.isfile(path):
     raise ModelDirError(f"{directory}: not a converted evf-jax checkpoint ({CONFIG_FILE} is missing)")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except ValueError as e:
-    raise ModelDirError(f"{path}: not valid JSON ({e})") from e
+  config = read_json(path)
   if expect_model_type is not None and config.get("model_type") != expect_model_type:
     raise ModelDirError(f"{directory}: holds model_type {config.get('model_type')!r}, "
                         f"expected {expect_model_type!r}")
@@ -74,10 +79,4 @@ def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
 def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   """The checkpoint's provenance.json (where the weights came from), or None if it has none."""
   path = os.path.join(directory, PROVENANCE_FILE)
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except ValueError as e:
-    raise ModelDirError(f"{path}: not valid JSON ({e})") from e
+  return read_json(path) if os.path.isfile(path) else None

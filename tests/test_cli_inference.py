@@ -235,3 +235,33 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
                      cwd=REPO, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
+
+
+@pytest.mark.parametrize("layout", ["sharded_safetensors", "pytorch_model_bin"])
+def test_convert_other_weight_layouts(hf_dir, ckpt, tmp_path, layout):
+  """Sharded safetensors with an index, and pytorch_model.bin (read with weights_only=True), give the
+  same params as the single model.safetensors."""
+  import torch
+  from safetensors.numpy import load_file, save_file
+
+  from evf_jax import checkpoints
+  src = str(tmp_path / "src")
+  shutil.copytree(hf_dir, src)
+  sd = load_file(os.path.join(src, "model.safetensors"))
+  os.remove(os.path.join(src, "model.safetensors"))
+  if layout == "sharded_safetensors":
+    keys = sorted(sd)
+    parts = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in parts.items():
+      save_file({k: sd[k] for k in ks}, os.path.join(src, name))
+    weight_map = {k: name for name, ks in parts.items() for k in ks}
+    json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(src, "model.safetensors.index.json"), "w"))
+  else:
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, os.path.join(src, "pytorch_model.bin"))
+  out = str(tmp_path / "out")
+  assert cli.main(["convert", "--src", src, "--out", out]) == 0
+  import jax
+  got, want = checkpoints.load_params(out), checkpoints.load_params(ckpt)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
