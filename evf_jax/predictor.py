@@ -52,6 +52,7 @@ def _pow2_at_least(n: int) -> int:
 
 def enable_compilation_cache(path: str) -> None:
   """Persist compiled programs across processes (jax's persistent compilation cache)."""
+  path = os.path.abspath(os.path.expanduser(path))
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
