@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import records
-from evf_jax.sam.transforms import get_preprocess_shape
+from evf_jax.sam.transforms import frame_hw, to_frame
 from evf_jax import preprocess
 
 PAD_ID = 1  # XLM-R <pad>
@@ -52,35 +52,13 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
-def frame_hw(h: int, w: int, size: int, mode: str) -> tuple[int, int]:
-  """(h', w') of the un-padded image in a size x size SAM frame."""
-  if mode == "square":
-    return size, size
-  if mode != "longest_side":
-    raise ValueError(f"sam_mode must be 'longest_side' or 'square', got {mode!r}")
-  return get_preprocess_shape(h, w, size)  # the reference's rounding (DATA_SPEC §3.1)
-
-
-def _to_sam_frame(image: np.ndarray, size: int, mode: str, resample=Image.BILINEAR) -> tuple[np.ndarray, tuple[int, int]]:
-  """uint8 (H, W[, C]) -> (size, size[, C]) uint8 resized with PIL (antialiased when shrinking) + zero pad.
-
-  The same PIL bilinear resize as `evf_jax.sam.transforms.resize_longest_side`, generalised to the SAM-2
-  square mode and to single-channel masks.
-  """
-  new_h, new_w = frame_hw(image.shape[0], image.shape[1], size, mode)
-  resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), resample=resample))
-  out = np.zeros((size, size) + image.shape[2:], np.uint8)
-  out[:new_h, :new_w] = resized
-  return out, (new_h, new_w)
-
-
 def mask_to_frame(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
   """{0,1} (H, W) mask -> {0,1} (size, size) in the SAM frame: bilinear (antialiased) on 0/255, threshold 128.
 
   Bilinear-then-threshold follows the image's own resampling geometry and, unlike nearest, does not drop
   thin structures at random when shrinking.
   """
-  out, _ = _to_sam_frame(mask.astype(np.uint8) * 255, size, mode)
+  out, _ = to_frame(mask.astype(np.uint8) * 255, size, mode)
   return (out >= 128).astype(np.uint8)
 
 
@@ -107,7 +85,7 @@ def train_example(rec: records.Record, chosen: Sequence[int], tokenizer: Tokeniz
   h, w = image.shape[:2]
   if (h, w) != (rec.h, rec.w):
     raise ValueError(f"{rec.source}/{rec.image_id}: image is {h}x{w}, record says {rec.h}x{rec.w}")
-  sam, resize_hw = _to_sam_frame(image, cfg.sam_size, cfg.sam_mode)
+  sam, resize_hw = to_frame(image, cfg.sam_size, cfg.sam_mode)
   k, length, s = cfg.num_prompts, cfg.max_text_len, cfg.target_size
   input_ids = np.full((k, length), PAD_ID, np.int32)
   masks = np.zeros((k, s, s), np.uint8)
@@ -144,7 +122,7 @@ def eval_example(rec: records.Record, tokenizer: Tokenizer, cfg: SampleConfig) -
   masks (N,H,W) uint8 at original size, resize_hw (2,), orig_hw (2,), texts list[str], image_id str, source str.
   """
   image = decode_image(rec.image)
-  sam, resize_hw = _to_sam_frame(image, cfg.sam_size, cfg.sam_mode)
+  sam, resize_hw = to_frame(image, cfg.sam_size, cfg.sam_mode)
   n, length = len(rec.entries), cfg.max_text_len
   input_ids = np.stack([encode_text(tokenizer, e.text, length) for e in rec.entries]) if n else \
       np.zeros((0, length), np.int32)

@@ -43,21 +43,9 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                  help="persistent compilation cache directory (makes later runs start faster)")
 
 
-def overlay(image, mask):
-  """The reference's visualisation: masked pixels become 0.5 * pixel + 0.5 * (50, 120, 220)."""
-  import numpy as np
-  out = image.copy()
-  blend = image.astype(np.float64) * 0.5 + np.array([50, 120, 220]) * 0.5
-  out[mask] = blend[mask].astype(np.uint8)
-  return out
-
-
 @command("predict", help="segment an image by text prompts with a converted checkpoint")
 def predict_cmd(args: argparse.Namespace) -> int:
-  import numpy as np
-  from PIL import Image
-
-  from evf_jax.images import load_image
+  from evf_jax.images import load_image, save_prediction
   from evf_jax.predictor import Predictor
   prompts = list(args.prompt)
   for i, p in enumerate(prompts):
@@ -75,11 +63,8 @@ def predict_cmd(args: argparse.Namespace) -> int:
   stem = os.path.splitext(os.path.basename(args.image))[0]
   for i, prompt in enumerate(prompts):
     mask = result.masks[i]
-    base = os.path.join(args.out_dir, f"{stem}_{i}")
-    Image.fromarray((mask * 255).astype(np.uint8)).save(base + "_mask.png")
-    Image.fromarray(overlay(image, mask)).save(base + "_vis.png")
-    if args.save_logits:
-      np.save(base + "_logits.npy", result.logits[i].astype(np.float32))
+    save_prediction(os.path.join(args.out_dir, f"{stem}_{i}"), image, mask,
+                    result.logits[i] if args.save_logits else None)
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
           f"score {float(result.scores[i]):.4f}")

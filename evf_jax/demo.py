@@ -10,11 +10,8 @@ The masks of a random model are meaningless: the job shows that the stages run e
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
-
-import numpy as np
 
 DEMO_CHECKPOINT = "checkpoint_random_tiny"
 
@@ -46,11 +43,10 @@ def write_random_checkpoint(out: str, texts: list[str], preset: str = "tiny", se
 
 
 def run_demo(workdir: str, num_train: int = 64, num_eval: int = 8, seed: int = 0, log=print) -> dict:
-  from PIL import Image
-
   from data_pipelines import prepare, records
+  from data_pipelines.transforms import decode_image
   from evf_jax import evaluate
-  from evf_jax.commands import overlay
+  from evf_jax.images import save_prediction
   from evf_jax.predictor import Predictor
   os.makedirs(workdir, exist_ok=True)
   data = os.path.join(workdir, "data", "synthetic")
@@ -70,7 +66,7 @@ def run_demo(workdir: str, num_train: int = 64, num_eval: int = 8, seed: int = 0
     log(f"[2/4] using the checkpoint {ckpt}")
 
   rec = val[0]
-  image = np.asarray(Image.open(io.BytesIO(rec.image)).convert("RGB"))
+  image = decode_image(rec.image)
   prompts = [e.text for e in rec.entries][:4]
   log(f"[3/4] predicting {len(prompts)} prompts on a {image.shape[1]}x{image.shape[0]} validation image")
   predictor = Predictor.from_checkpoint(ckpt)
@@ -79,8 +75,7 @@ def run_demo(workdir: str, num_train: int = 64, num_eval: int = 8, seed: int = 0
   out = os.path.join(workdir, "predict")
   os.makedirs(out, exist_ok=True)
   for i, (prompt, mask) in enumerate(zip(prompts, result.masks)):
-    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out, f"val0_{i}_mask.png"))
-    Image.fromarray(overlay(image, mask)).save(os.path.join(out, f"val0_{i}_vis.png"))
+    save_prediction(os.path.join(out, f"val0_{i}"), image, mask)
     log(f"      [{i}] {prompt!r}: mask area {int(mask.sum())} px, score {float(result.scores[i]):.3f}")
 
   log("[4/4] evaluating synthetic|val")

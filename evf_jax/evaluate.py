@@ -446,7 +446,7 @@ class _OverlayWriter:
     from PIL import Image
 
     from data_pipelines import records, transforms
-    from evf_jax.commands import overlay
+    from evf_jax.images import overlay
     if self._source is None:
       self._source = grain.sources.ArrayRecordDataSource(records.shard_paths(self.data_dir, self.split))
       os.makedirs(self.directory, exist_ok=True)

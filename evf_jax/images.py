@@ -76,3 +76,20 @@ def check_rgb_array(image: np.ndarray) -> np.ndarray:
   if a.dtype != np.uint8:
     raise ImageReadError(f"expected a uint8 image, got {a.dtype}")
   return a
+
+
+def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """The reference's visualisation: masked pixels become 0.5 * pixel + 0.5 * (50, 120, 220)."""
+  out = image.copy()
+  blend = image.astype(np.float64) * 0.5 + np.array([50, 120, 220]) * 0.5
+  out[mask] = blend[mask].astype(np.uint8)
+  return out
+
+
+def save_prediction(base: str, image: np.ndarray, mask: np.ndarray, logits=None) -> None:
+  """Writes `<base>_mask.png` (0/255), `<base>_vis.png` (overlay) and, given logits, `<base>_logits.npy`."""
+  from PIL import Image
+  Image.fromarray(mask.astype(np.uint8) * 255).save(base + "_mask.png")
+  Image.fromarray(overlay(image, mask)).save(base + "_vis.png")
+  if logits is not None:
+    np.save(base + "_logits.npy", np.asarray(logits, np.float32))

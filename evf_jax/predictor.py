@@ -148,11 +148,8 @@ class Predictor:
     from evf_jax.preprocess import beit_image
     image = images.check_rgb_array(image)
     size = self.config.sam.img_size
-    resized = sam_transforms.resize_longest_side(image, size)
-    input_hw = resized.shape[:2]
-    buf = np.zeros((1, size, size, 3), np.uint8)
-    buf[0, :input_hw[0], :input_hw[1]] = resized
-    embedding = self._embed(self.params, buf, np.asarray([input_hw], np.int32))
+    framed, input_hw = sam_transforms.to_frame(image, size)
+    embedding = self._embed(self.params, framed[None], np.asarray([input_hw], np.int32))
     beit = beit_image(image, self.config.beit3.img_size)[None]
     orig_hw = tuple(image.shape[:2])
     pad_hw = (_round_up(orig_hw[0], self.size_multiple), _round_up(orig_hw[1], self.size_multiple))

@@ -36,11 +36,11 @@ def test_bicubic_matrix_rows_sum_to_one_and_identity():
 
 
 def test_sam_frame_geometry_and_normalisation():
-  assert transforms.frame_hw(480, 640, 1024, "longest_side") == (768, 1024)
-  assert transforms.frame_hw(333, 500, 1024, "longest_side") == (682, 1024)  # int(333*2.048+0.5)
-  assert transforms.frame_hw(333, 500, 1024, "square") == (1024, 1024)
+  assert sam_transforms.frame_hw(480, 640, 1024, "longest_side") == (768, 1024)
+  assert sam_transforms.frame_hw(333, 500, 1024, "longest_side") == (682, 1024)  # int(333*2.048+0.5)
+  assert sam_transforms.frame_hw(333, 500, 1024, "square") == (1024, 1024)
   img = np.full((30, 40, 3), 200, np.uint8)
-  framed, hw = transforms._to_sam_frame(img, 64, "longest_side")
+  framed, hw = sam_transforms.to_frame(img, 64, "longest_side")
   assert hw == (48, 64) and framed.shape == (64, 64, 3)
   assert (framed[:48] == 200).all() and (framed[48:] == 0).all()
   norm = np.asarray(sam_transforms.normalize_and_pad(framed[None], np.array([hw]), 64))[0]

@@ -34,8 +34,36 @@ def resize_longest_side(image: np.ndarray, long_side: int = 1024) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
     raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
-  h, w = get_preprocess_shape(image.shape[0], image.shape[1], long_side)
-  return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+  return _pil_bilinear(image, get_preprocess_shape(image.shape[0], image.shape[1], long_side))
+
+
+def _pil_bilinear(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  return np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.Resampling.BILINEAR))
+
+
+def frame_hw(h: int, w: int, size: int, mode: str = "longest_side") -> tuple[int, int]:
+  """(h', w') of an (h, w) image inside the size x size model frame.
+
+  "longest_side": SAM-1's resize (then bottom/right padding); "square": SAM-2's plain stretch.
+  """
+  if mode == "square":
+    return size, size
+  if mode != "longest_side":
+    raise ValueError(f"mode must be 'longest_side' or 'square', got {mode!r}")
+  return get_preprocess_shape(h, w, size)
+
+
+def to_frame(image: np.ndarray, size: int = 1024, mode: str = "longest_side") -> tuple[np.ndarray, tuple[int, int]]:
+  """uint8 (H, W[, C]) -> ((size, size[, C]) uint8 resized with PIL bilinear and zero-padded, (h', w')).
+
+  The model input before `normalize_and_pad` (which normalises and re-zeros the padding on device);
+  single-channel arrays (masks as 0/255) go through the same resampling geometry.
+  """
+  image = np.asarray(image)
+  hw = frame_hw(image.shape[0], image.shape[1], size, mode)
+  out = np.zeros((size, size) + image.shape[2:], np.uint8)
+  out[:hw[0], :hw[1]] = _pil_bilinear(image, hw)
+  return out, hw
 
 
 def normalize_and_pad_np(image: np.ndarray, img_size: int = 1024, mean: Sequence[float] = PIXEL_MEAN,
