@@ -210,16 +210,17 @@ def test_get_rel_pos(q, k, length):
   _close(ie.get_rel_pos(q, k, jnp.asarray(table)), ref, 5e-6, "rel pos")
 
 
-@pytest.mark.parametrize("window", [4, 0])
-def test_block_non_square(window):
+@pytest.mark.parametrize("window,heads", [(4, 2), (0, 2), (0, 4)])
+def test_block_non_square(window, heads):
   """A block on a 6x10 grid: windows pad both sides differently (catches an H/W swap); the global block's
-  tables are sized for 8x8, so rel-pos is interpolated (down for H, up for W)."""
+  tables are sized for 8x8, so rel-pos is interpolated (down for H, up for W). With 2 heads (D=16 >= 6+10)
+  rel-pos rides in the QK product; with 4 heads (D=8) the global block takes the chunked path."""
   import torch
   m = tr.segment_anything_modeling()
-  blk = m.image_encoder.Block(dim=32, num_heads=2, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+  blk = m.image_encoder.Block(dim=32, num_heads=heads, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
                               use_rel_pos=True, window_size=window, input_size=(8, 8))
   tr.randomize_(blk, seed=11)
-  ours = ie.Block(32, 2, 4.0, window, (8, 8))
+  ours = ie.Block(32, heads, 4.0, window, (8, 8))
   x = np.random.default_rng(12).normal(size=(2, 6, 10, 32)).astype(np.float32)
   target = {"image_encoder": {"blocks_0": nn.unbox(jax.eval_shape(ours.init, jax.random.key(0), x))["params"]}}
   sd = {f"image_encoder.blocks.0.{k}": v for k, v in tr.state_dict_numpy(blk).items()}
@@ -227,6 +228,28 @@ def test_block_non_square(window):
   with torch.no_grad():
     ref = to_np(blk(_t(x)))
   _close(ours.apply({"params": params}, jnp.asarray(x)), ref, 2e-5, f"block window={window}")
+
+
+@pytest.mark.parametrize("maps_per_step,chunk_bytes", [(None, None), (1, 1), (3, 3 * 2 * 10 * 60 * 4), (8, 1 << 30)])
+def test_global_attention_chunking(maps_per_step, chunk_bytes):
+  """The chunked global path (`lax.map` over groups of (image, head) maps x grid rows) against
+  segment-anything's own `add_decomposed_rel_pos` + softmax + matmul, for every way of cutting the work:
+  one map and one row per step, 3 maps (straddling two images) x 2 rows, everything at once, and the
+  platform default."""
+  import torch
+  m = tr.segment_anything_modeling()
+  b, h, w, n, d = 2, 6, 10, 4, 8  # h + w > d: the chunked path
+  rng = np.random.default_rng(21)
+  q, k, v = (rng.normal(size=(b, h * w, n, d)).astype(np.float32) for _ in range(3))
+  rel_h, rel_w = (rng.normal(size=(2 * s - 1, d)).astype(np.float32) for s in (h, w))
+  ours = ie.rel_pos_attention(*(jnp.asarray(x) for x in (q, k, v, rel_h, rel_w)), (h, w),
+                              max_chunk_bytes=chunk_bytes, maps_per_step=maps_per_step)
+  tq, tk, tv = (_t(x).permute(0, 2, 1, 3).reshape(b * n, h * w, d) for x in (q, k, v))
+  with torch.no_grad():
+    attn = (tq * d ** -0.5) @ tk.transpose(-2, -1)
+    attn = m.image_encoder.add_decomposed_rel_pos(attn, tq, _t(rel_h), _t(rel_w), (h, w), (h, w))
+    ref = (attn.softmax(dim=-1) @ tv).reshape(b, n, h * w, d).permute(0, 2, 1, 3)
+  _close(ours, to_np(ref), 1e-5, f"global attention maps_per_step={maps_per_step} bytes={chunk_bytes}")
 
 
 # ------------------------------------------------------------------------------------- ViT-B, 1024
