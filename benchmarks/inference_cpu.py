@@ -9,12 +9,19 @@ Measures (medians; each side runs in its own process so peak memory is its own):
   c. first-call time (compile) in a fresh process, without and with the persistent compilation cache;
   d. peak resident memory of each process.
 Ratios are ours / reference (lower is better).
+
+Both frameworks allocate their large intermediate buffers afresh on every call, and glibc serves
+blocks over its mmap threshold (at most 32 MiB) with new pages that the kernel must fault in and zero:
+on the 2-core VM this was measured on, 1-4 million page faults per call. With `--tuned-malloc`, (a) is
+measured once more with both sides under the same glibc settings (`TUNED_MALLOC_ENV`: no mmap, no
+trimming, one arena), which keep freed memory in the heap for reuse.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +29,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
+
+
+# glibc malloc tunables (read at process start) that keep freed memory for reuse instead of returning it
+# to the kernel: the freed heap is then never given back, so a process stays at its peak size.
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_ARENA_MAX": "1"}
+
+
+def minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_reference(args) -> dict:
@@ -42,8 +58,13 @@ def run_reference(args) -> dict:
       ref.reference_predict(model, config, image, ids[i])
 
   one_s, one_all = common.timed(one, args.repeats, warmup=1)
+  faults = minor_faults()
+  one()
+  faults = minor_faults() - faults
+  if args.one_only:
+    return dict(one=one_s, one_all=one_all, faults_per_call=faults)
   eight_s, eight_all = common.timed(eight, max(1, args.repeats_eight))
-  return dict(one=one_s, one_all=one_all, eight=eight_s, eight_all=eight_all,
+  return dict(one=one_s, one_all=one_all, faults_per_call=faults, eight=eight_s, eight_all=eight_all,
               peak_rss_mib=common.peak_rss_mib(), torch=torch.__version__)
 
 
@@ -74,19 +95,25 @@ def run_ours(args) -> dict:
   one()  # compiles embed, decode (1 prompt) and upsample
   first_call = time.perf_counter() - t0
   one_s, one_all = common.timed(one, args.repeats)
+  faults = minor_faults()
+  one()
+  faults = minor_faults() - faults
+  if args.one_only:
+    return dict(one=one_s, one_all=one_all, faults_per_call=faults)
   eight_s, eight_all = common.timed(eight, args.repeats, warmup=1)
-  return dict(load=load_s, first_call=first_call, one=one_s, one_all=one_all, eight=eight_s,
+  return dict(load=load_s, first_call=first_call, one=one_s, one_all=one_all, faults_per_call=faults, eight=eight_s,
               eight_all=eight_all, peak_rss_mib=common.peak_rss_mib(), jax=jax.__version__,
               backend=jax.default_backend())
 
 
-def child(role: str, args, extra=()) -> dict:
+def child(role: str, args, extra=(), env_extra=None) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--size", args.size, "--workdir", args.workdir,
          "--repeats", str(args.repeats), "--repeats-eight", str(args.repeats_eight), "--threads", str(args.threads),
          *extra]
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   if args.threads:
     env.update(OMP_NUM_THREADS=str(args.threads))
+  env.update(env_extra or {})
   r = subprocess.run(cmd, capture_output=True, text=True, env=env)
   if r.returncode:
     raise RuntimeError(f"{role} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
@@ -103,6 +130,9 @@ def main() -> None:
   ap.add_argument("--role", default="parent", choices=["parent", "reference", "ours"])
   ap.add_argument("--cache", default=None)
   ap.add_argument("--first-call-only", action="store_true")
+  ap.add_argument("--one-only", action="store_true", help="child: measure (a) only")
+  ap.add_argument("--tuned-malloc", action="store_true",
+                  help="also measure (a) with both sides under the same glibc malloc settings (TUNED_MALLOC_ENV)")
   args = ap.parse_args()
   if args.role == "reference":
     common.emit(run_reference(args))
@@ -118,6 +148,9 @@ def main() -> None:
   cache = tempfile.mkdtemp(prefix="evf_jax_cc_")
   cold = child("ours", args, ["--cache", cache, "--first-call-only"])
   warm = child("ours", args, ["--cache", cache, "--first-call-only"])
+  if args.tuned_malloc:
+    ref_tuned = child("reference", args, ["--one-only"], TUNED_MALLOC_ENV)
+    ours_tuned = child("ours", args, ["--one-only"], TUNED_MALLOC_ENV)
 
   def row(name, o, r):
     print(f"{name:<44} {o:>10.3f} {r:>12.3f} {o / r:>8.3f}")
@@ -136,6 +169,12 @@ def main() -> None:
   print(f"{'   first call incl. compile, no cache':<44} {ours['first_call']:>10.2f}   (steady call {ours['one']:.2f})")
   print(f"{'d. peak resident memory [MiB]':<44} {ours['peak_rss_mib']:>10.0f} {ref['peak_rss_mib']:>12.0f} "
         f"{ours['peak_rss_mib'] / ref['peak_rss_mib']:>8.3f}")
+  print(f"   page faults per call (ours; reference)          {ours['faults_per_call']}; {ref['faults_per_call']}")
+  if args.tuned_malloc:
+    row("a'. as (a), both with TUNED_MALLOC_ENV", ours_tuned["one"], ref_tuned["one"])
+    print(f"   page faults per call (ours; reference)          {ours_tuned['faults_per_call']}; "
+          f"{ref_tuned['faults_per_call']}")
+    print(f"raw a': ours {ours_tuned['one_all']}; reference {ref_tuned['one_all']}")
   print(f"raw: ours one {ours['one_all']}, eight {ours['eight_all']}; reference one {ref['one_all']}, "
         f"eight {ref['eight_all']}")
 
