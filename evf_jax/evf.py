@@ -157,13 +157,15 @@ def _init_fn(config: EvfConfig, param_dtype: Dtype):
 
   SAM's `mask_downscaling` convs are reached only with a mask prompt, which EVF-SAM never passes;
   the SAM subtree comes from `Sam`'s own init (with a mask prompt) so the tree matches the checkpoints.
+  The EvfSam init runs `text_prompts` only (BEiT-3 + projector): tracing SAM twice cost ~1/3 of
+  `abstract_params`, which every checkpoint load runs.
   """
   from evf_jax.sam import sam as sam_lib
   model = EvfSam(config, param_dtype=param_dtype)
 
   def init(rng):
     r1, r2 = jax.random.split(rng)
-    params = dict(model.init(r1, *dummy_inputs(config))["params"])
+    params = dict(model.init(r1, *dummy_inputs(config)[1:], method=EvfSam.text_prompts)["params"])
     params["sam"] = Sam(config.sam, param_dtype=param_dtype).init(
         r2, **sam_lib.dummy_inputs(config.sam))["params"]
     return params
