@@ -83,6 +83,32 @@ def test_tiny_end_to_end_parity(tiny, spm_dir, hw):
     np.testing.assert_allclose(single.logits[0], batched.logits[i], atol=2e-5 * max(1.0, scale), rtol=0)
 
 
+def test_no_recompile_within_a_bucket(tiny):
+  """Calls that land in one shape bucket reuse the compiled programs: other image sizes that pad to the
+  same multiple of 64, other prompt counts with the same power of two, other texts of the same length
+  bucket. A new bucket compiles exactly once more."""
+  _, _, out = tiny
+  p = Predictor.from_checkpoint(out)
+  programs = {"embed": p._embed, "decode": p._decode, "upsample": p._upsample}
+
+  def sizes():
+    return {name: fn._cache_size() for name, fn in programs.items()}
+
+  p.set_image(_image(100, 120, seed=3))
+  p.predict(["zebra", "sky on the left", "cat"])  # 3 prompts -> bucket of 4
+  first = sizes()
+  assert all(v >= 1 for v in first.values()), first
+  for hw, prompts in [((70, 100), ["a", "b", "c", "d"]), ((128, 128), ["the tall man", "x", "dog"])]:
+    p.set_image(_image(*hw, seed=4))
+    p.predict(prompts)
+  assert sizes() == first, (first, sizes())
+  p.predict(["one prompt"])  # a new prompt bucket: decode and upsample compile once more, embed does not
+  after = sizes()
+  assert after == {"embed": first["embed"], "decode": first["decode"] + 1, "upsample": first["upsample"] + 1}
+  p.predict(["another one"])
+  assert sizes() == after
+
+
 def test_reference_batch_equals_one_by_one(tiny, spm_dir):
   """The padded-batch reference itself matches per-prompt runs (so our batched call is a fair check)."""
   config, model, _ = tiny
