@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from evf_jax import config_dicts
+
 
 @dataclasses.dataclass(frozen=True)
 class Beit3Config:
@@ -87,15 +89,11 @@ class Beit3Config:
 
   # JSON.
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return config_dicts.to_dict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "Beit3Config":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown Beit3Config field(s): {unknown}")
-    return cls(**dict(d))
+    return config_dicts.from_dict(cls, d)
 
 
 PRESETS = ("tiny", "base", "large")

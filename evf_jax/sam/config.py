@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from evf_jax import config_dicts
+
 
 @dataclasses.dataclass(frozen=True)
 class SamConfig:
@@ -66,16 +68,11 @@ class SamConfig:
     return self.num_multimask_outputs + 1
 
   def to_dict(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return config_dicts.to_dict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "SamConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown SamConfig fields: {unknown}")
-    return cls(**dict(d))
+    return config_dicts.from_dict(cls, d)
 
   @classmethod
   def named(cls, name: str) -> "SamConfig":
