@@ -36,8 +36,11 @@ from benchmarks import common  # noqa: E402
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_ARENA_MAX": "1"}
 
 
-def minor_faults() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faults_of(fn) -> int:
+  """Minor page faults this process takes during one fn()."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  fn()
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def run_reference(args) -> dict:
@@ -58,9 +61,7 @@ def run_reference(args) -> dict:
       ref.reference_predict(model, config, image, ids[i])
 
   one_s, one_all = common.timed(one, args.repeats, warmup=1)
-  faults = minor_faults()
-  one()
-  faults = minor_faults() - faults
+  faults = faults_of(one)
   if args.one_only:
     return dict(one=one_s, one_all=one_all, faults_per_call=faults)
   eight_s, eight_all = common.timed(eight, max(1, args.repeats_eight))
@@ -95,9 +96,7 @@ def run_ours(args) -> dict:
   one()  # compiles embed, decode (1 prompt) and upsample
   first_call = time.perf_counter() - t0
   one_s, one_all = common.timed(one, args.repeats)
-  faults = minor_faults()
-  one()
-  faults = minor_faults() - faults
+  faults = faults_of(one)
   if args.one_only:
     return dict(one=one_s, one_all=one_all, faults_per_call=faults)
   eight_s, eight_all = common.timed(eight, args.repeats, warmup=1)

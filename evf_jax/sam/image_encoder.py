@@ -122,9 +122,10 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
   rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)   # (w, w, D)
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, T, D)
   f32 = jnp.float32
+  scale = jnp.asarray(d ** -0.5, q.dtype)
 
   if h + w <= d:  # small grid: fold the rel-pos terms into one product
-    qs = qt * jnp.asarray(d ** -0.5, q.dtype)
+    qs = qt * scale
     rq = qt.reshape(b, n, h, w, d)
     rel_h = jnp.einsum("bnyxd,ykd->bnyxk", rq, rh).reshape(b, n, t, h)
     rel_w = jnp.einsum("bnyxd,xkd->bnyxk", rq, rw).reshape(b, n, t, w)
@@ -145,7 +146,6 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
   while h % rows:
     rows -= 1
   steps = h // rows
-  scale = jnp.asarray(d ** -0.5, q.dtype)
   kt, vt = (x.reshape(maps, t, d) for x in (kt, vt))
 
   def step(args):  # maps i * g .. (i + 1) * g of the (image, head) pairs, grid rows j * rows .. (j + 1) * rows
