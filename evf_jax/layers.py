@@ -72,6 +72,29 @@ def conv(features: int, kernel_size: tuple[int, int], *, name: str,
       name=name)
 
 
+class PatchConv(nn.Module):
+  """A conv with stride = kernel = `patch` (a ViT's patch embedding), computed as one matmul over the
+  flattened patches; the parameters are a conv's, kernel (kh, kw, in, out) and bias. XLA on an H100 ran
+  SAM's 16x16 conv over 3 channels as an implicit GEMM at ~35 TFLOP/s (1.8 ms of a SAM-H batch of 8)."""
+  features: int
+  patch: int
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    p = self.patch
+    b, h, w, c = x.shape
+    kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), ("conv_h", "conv_w", None, "embed")),
+                        (p, p, c, self.features), self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros_init(), ("embed",)), (self.features,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    gh, gw = h // p, w // p  # as a VALID conv, a remainder is dropped
+    patches = x[:, :gh * p, :gw * p].reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return patches.reshape(b, gh, gw, p * p * c) @ kernel.reshape(p * p * c, self.features) + bias
+
+
 def conv_transpose(features: int, kernel_size: tuple[int, int], *, name: str,
                    strides: tuple[int, int], in_axis: Optional[str] = None,
                    out_axis: Optional[str] = None, dtype: Optional[Dtype] = None,
@@ -90,8 +113,14 @@ def conv_transpose(features: int, kernel_size: tuple[int, int], *, name: str,
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch's `nn.GELU()` default."""
-  return nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as torch's `nn.GELU()` default, computed in float32 whatever x's dtype.
+
+  Written out rather than `nn.gelu(x, approximate=False)`: for bf16 inputs XLA's GPU compiler split that
+  one into two passes over the MLP's hidden activations; this form is one. SAM-H encoder, H100, batch 8,
+  bf16: 128.6 -> 113.4 ms, as fast as the tanh approximation (114.4 ms), measured in one run.
+  """
+  y = x.astype(jnp.float32)
+  return (0.5 * y * (1.0 + jax.lax.erf(y * 0.7071067811865476))).astype(x.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: Optional[jax.Array] = None,

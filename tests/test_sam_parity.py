@@ -210,24 +210,31 @@ def test_get_rel_pos(q, k, length):
   _close(ie.get_rel_pos(q, k, jnp.asarray(table)), ref, 5e-6, "rel pos")
 
 
-@pytest.mark.parametrize("window,heads", [(4, 2), (0, 2), (0, 4)])
-def test_block_non_square(window, heads):
+@pytest.mark.parametrize("window,heads,impl", [(4, 2, None), (0, 2, None), (0, 4, None), (3, 2, "cudnn"),
+                                               (0, 4, "cudnn")])
+def test_block_non_square(window, heads, impl, monkeypatch):
   """A block on a 6x10 grid: windows pad both sides differently (catches an H/W swap); the global block's
   tables are sized for 8x8, so rel-pos is interpolated (down for H, up for W). With 2 heads (D=16 >= 6+10)
-  rel-pos rides in the QK product; with 4 heads (D=8) the global block takes the chunked path."""
+  rel-pos rides in the QK product; with 4 heads (D=8) the global block takes the chunked path.
+  impl="cudnn" is the flash-attention path (`fold_rel_pos`: rel-pos folded into q and k, features padded
+  to a multiple of 8, 16 + 3 + 3 -> 24 for the 3x3 windows); without a GPU its kernel runs through XLA."""
   import torch
+  if impl == "cudnn":
+    plain = ie.layers.attention
+    monkeypatch.setattr(ie.layers, "attention",
+                        lambda *a, implementation=None, **k: plain(*a, implementation="xla", **k))
   m = tr.segment_anything_modeling()
   blk = m.image_encoder.Block(dim=32, num_heads=heads, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
                               use_rel_pos=True, window_size=window, input_size=(8, 8))
   tr.randomize_(blk, seed=11)
-  ours = ie.Block(32, heads, 4.0, window, (8, 8))
+  ours = ie.Block(32, heads, 4.0, window, (8, 8), attention_impl=impl)
   x = np.random.default_rng(12).normal(size=(2, 6, 10, 32)).astype(np.float32)
   target = {"image_encoder": {"blocks_0": nn.unbox(jax.eval_shape(ours.init, jax.random.key(0), x))["params"]}}
   sd = {f"image_encoder.blocks.0.{k}": v for k, v in tr.state_dict_numpy(blk).items()}
   params = convert(sd, sam_rules(), target).params["image_encoder"]["blocks_0"]
   with torch.no_grad():
     ref = to_np(blk(_t(x)))
-  _close(ours.apply({"params": params}, jnp.asarray(x)), ref, 2e-5, f"block window={window}")
+  _close(ours.apply({"params": params}, jnp.asarray(x)), ref, 2e-5, f"block window={window} attention={impl}")
 
 
 @pytest.mark.parametrize("maps_per_step,chunk_bytes", [(None, None), (1, 1), (3, 3 * 2 * 10 * 60 * 4), (8, 1 << 30)])

@@ -176,8 +176,7 @@ class VisionEmbedding(nn.Module):
       raise ValueError(f"BEiT-3 expects NHWC images of shape (B, {cfg.img_size}, {cfg.img_size}, "
                        f"{cfg.in_chans}), got {image.shape}")
     p = cfg.patch_size
-    x = layers.conv(cfg.embed_dim, (p, p), strides=(p, p), name="proj", dtype=self.dtype,
-                    param_dtype=self.param_dtype)(image)
+    x = layers.PatchConv(cfg.embed_dim, p, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(image)
     x = x.reshape(x.shape[0], cfg.num_patches, cfg.embed_dim)  # row-major over (h, w), as torch's flatten(2)
     token_init = layers.logical(nn.initializers.truncated_normal(0.02), (None, None, "embed"))
     cls = self.param("cls_token", token_init, (1, 1, cfg.embed_dim), self.param_dtype)

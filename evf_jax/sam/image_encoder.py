@@ -39,28 +39,36 @@ def window_unpartition(x: jax.Array, window: int, padded_hw: tuple[int, int],
   return x[:, :h, :w, :] if (hp > h or wp > w) else x
 
 
-def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
-  """Relative-position table (q_size, k_size, C) gathered from `rel_pos` (L, C).
-
-  When L differs from 2 * max(q, k) - 1 the table is first resized linearly along L (half-pixel centres,
-  no antialias, as torch's `F.interpolate(mode="linear")`). Indices are static numpy values.
-  """
+def rel_pos_table(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+  """`rel_pos` (L, C) resized linearly along L to 2 * max(q, k) - 1 rows when it has another length
+  (half-pixel centres, no antialias, as torch's `F.interpolate(mode="linear")`)."""
   max_dist = 2 * max(q_size, k_size) - 1
-  if rel_pos.shape[0] != max_dist:
-    rel_pos = jax.image.resize(rel_pos.astype(jnp.float32), (max_dist, rel_pos.shape[1]),
-                               method="linear", antialias=False).astype(rel_pos.dtype)
-  # Coordinates of the shorter side are stretched when q and k differ (never the case inside SAM).
+  if rel_pos.shape[0] == max_dist:
+    return rel_pos
+  return jax.image.resize(rel_pos.astype(jnp.float32), (max_dist, rel_pos.shape[1]),
+                          method="linear", antialias=False).astype(rel_pos.dtype)
+
+
+def rel_pos_index(q_size: int, k_size: int) -> np.ndarray:
+  """(q_size, k_size) static rows of `rel_pos_table` for each (query, key) coordinate pair. Coordinates
+  of the shorter side are stretched when q and k differ (never the case inside SAM)."""
   q_coords = np.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
   k_coords = np.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
   rel = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-  return rel_pos[rel.astype(np.int64)]
+  return rel.astype(np.int64)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: jax.Array) -> jax.Array:
+  """Relative-position table (q_size, k_size, C) gathered from `rel_pos` (L, C)."""
+  return rel_pos_table(q_size, k_size, rel_pos)[rel_pos_index(q_size, k_size)]
 
 
 def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
                             q_hw: tuple[int, int], k_hw: tuple[int, int]) -> jax.Array:
-  """The additive attention bias of MViTv2's decomposed relative positions.
+  """The additive attention bias of MViTv2's decomposed relative positions, materialised.
 
-  q: (B, q_h * q_w, N, D), unscaled. Returns (B, N, q_h * q_w, k_h * k_w).
+  q: (B, q_h * q_w, N, D), unscaled. Returns (B, N, q_h * q_w, k_h * k_w). The model never builds it
+  (see `rel_pos_attention` and `fold_rel_pos`); `benchmarks/gpu_encoder.py` times it as the baseline.
   """
   (qh, qw), (kh, kw) = q_hw, k_hw
   rh = get_rel_pos(qh, kh, rel_pos_h)
@@ -71,6 +79,57 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.A
   rel_w = jnp.einsum("byxnd,xkd->bnyxk", rq, rw.astype(q.dtype))
   bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, N, qh, qw, kh, kw)
   return bias.reshape(b, n, qh * qw, kh * kw)
+
+
+def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
+                 hw: tuple[int, int], multiple: int = 8) -> tuple[jax.Array, jax.Array]:
+  """Extends q and k (B, h * w, N, D) so that plain attention with scale D^-0.5 on (q_ext, k_ext, v) is
+  SAM's attention with the decomposed rel-pos bias.
+
+  q gains its h + w rel-pos scores (divided by the scale, which the kernel multiplies back), k one-hot
+  (row, column) indicators of each key; both are zero-padded to a multiple of `multiple` features
+  (cuDNN wants multiples of 8). The point is a fused flash-attention kernel with no (T, T) bias tensor
+  in memory: SAM-H's global blocks would otherwise write and read 0.5 GB per image each.
+  The scores come from one product of q with both tables, (B, T, N, D) x (Lh + Lw, D), and a static
+  gather of each token's rows: no transposed copies of q, which a per-row batched product needs
+  (H100, a batch of 8 windowed blocks: ~340 us per block for the batched form).
+  """
+  b, t, n, d = q.shape
+  h, w = hw
+  th, tw = rel_pos_table(h, h, rel_pos_h), rel_pos_table(w, w, rel_pos_w)
+  tables = jnp.concatenate([th, tw]).astype(q.dtype)  # (Lh + Lw, D)
+  scores = jnp.einsum("btnd,jd->btnj", q, tables, preferred_element_type=jnp.float32)
+  # Token s = (y, x) takes rows index_h[y, :] of the h table and Lh + index_w[x, :] of the w table.
+  rows = np.concatenate([np.repeat(rel_pos_index(h, h), w, axis=0),
+                         th.shape[0] + np.tile(rel_pos_index(w, w), (h, 1))], axis=1)  # (T, h + w)
+  rel = jnp.take_along_axis(scores, jnp.asarray(rows, jnp.int32)[None, :, None, :], axis=-1)
+  pad = -(d + h + w) % multiple
+  zeros = jnp.zeros((b, t, n, pad), q.dtype)
+  q_ext = jnp.concatenate([q, (rel * d ** 0.5).astype(q.dtype), zeros], -1)
+  key_row = np.repeat(np.eye(h), w, axis=0)  # (T, h): one-hot row of key s
+  key_col = np.tile(np.eye(w), (h, 1))       # (T, w): one-hot column of key s
+  onehot = jnp.asarray(np.concatenate([key_row, key_col], -1)[None, :, None, :], k.dtype)
+  k_ext = jnp.concatenate([k, jnp.broadcast_to(onehot, (b, t, n, h + w)), zeros], -1)
+  return q_ext, k_ext
+
+
+def flash_attention_wide_qk(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """cuDNN flash attention where q and k have more features than v (B, T, N, *).
+
+  cuDNN 9.10+ on Hopper takes unequal head dims, but `jax.nn.dot_product_attention` requires v's to
+  match k's; jax's cuDNN wrapper underneath does not, so it is called directly when it is there. Else
+  v is zero-padded to k's width and the output sliced back (SAM-H, H100, batch of 8: 3.43 ms vs 4.03 ms
+  for a global block's attention, 0.86 vs 1.04 ms for a windowed one's).
+  """
+  try:
+    from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+    return cudnn_attention(q, k, v, scale=scale)
+  except (ImportError, TypeError, ValueError, NotImplementedError, RuntimeError):
+    # An older or newer jax, an older cuDNN or GPU, or no cuDNN: the same result through the public API.
+    pass
+  d = v.shape[-1]
+  v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, k.shape[-1] - d)))
+  return layers.attention(q, k, v, scale=scale, implementation="cudnn")[..., :d]
 
 
 def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:
@@ -167,33 +226,50 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative-position bias."""
+  """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative-position bias, within
+  non-overlapping windows of `window_size` when > 0 (else global)."""
   dim: int
   num_heads: int
   rel_pos_size: tuple[int, int]  # the (H, W) the rel-pos tables are sized for
+  window_size: int = 0
   attention_impl: Optional[str] = None
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, _ = x.shape
+    b, h, w, c = x.shape
     hd = self.dim // self.num_heads
-    qkv = layers.dense(3 * self.dim, ("embed", "heads"), name="qkv", dtype=self.dtype,
-                       param_dtype=self.param_dtype)(x)
+    qkv_layer = layers.dense(3 * self.dim, ("embed", "heads"), name="qkv", dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    qkv = qkv_layer(x)
+    ws = self.window_size
+    if ws > 0:
+      # The reference pads the block's input with zeros and runs qkv on the padding too; here qkv runs on
+      # the real tokens only (4096 instead of 4900 at 1024 px) and the padding takes qkv(0), the bias.
+      pad_h, pad_w = -h % ws, -w % ws
+      if pad_h or pad_w:
+        fill = qkv_layer(jnp.zeros((1, 1, 1, c), x.dtype))
+        qkv = jnp.pad(qkv, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        real = np.pad(np.ones((h, w, 1), bool), ((0, pad_h), (0, pad_w), (0, 0)))
+        qkv = jnp.where(real, qkv, fill)
+      qkv, padded = window_partition(qkv, ws)
+    grid = (ws, ws) if ws > 0 else (h, w)
     # torch splits the fused output as (3, heads, head_dim).
-    qkv = qkv.reshape(b, h * w, 3, self.num_heads, hd)
+    qkv = qkv.reshape(qkv.shape[0], grid[0] * grid[1], 3, self.num_heads, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     table = lambda n, size: self.param(  # noqa: E731
         n, layers.logical(nn.initializers.zeros_init(), (None, None)), (2 * size - 1, hd), self.param_dtype)
     rel_pos_h = table("rel_pos_h", self.rel_pos_size[0])
     rel_pos_w = table("rel_pos_w", self.rel_pos_size[1])
-    if self.attention_impl == "cudnn":  # fused flash attention takes the bias as a full (T, T) tensor
-      bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, (h, w), (h, w))
-      out = layers.attention(q, k, v, bias=bias.astype(q.dtype), implementation="cudnn")
+    if self.attention_impl == "cudnn":  # flash attention, the rel-pos terms folded into q and k
+      q_ext, k_ext = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, grid)
+      out = flash_attention_wide_qk(q_ext, k_ext, v, scale=hd ** -0.5)
     else:
-      out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, (h, w))
-    out = out.reshape(b, h, w, self.dim)
+      out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
+    out = out.reshape(-1, *grid, self.dim)
+    if ws > 0:  # proj runs on the real tokens only; the reference drops the padding after it
+      out = window_unpartition(out, ws, padded, (h, w))
     return layers.dense(self.dim, ("heads", "embed"), name="proj", dtype=self.dtype,
                         param_dtype=self.param_dtype)(out)
 
@@ -232,13 +308,8 @@ class Block(nn.Module):
     shortcut = x
     x = layers.layer_norm(1e-6, name="norm1", **kw)(x)
     ws = self.window_size
-    h, w = x.shape[1], x.shape[2]
-    if ws > 0:
-      x, padded = window_partition(x, ws)
-    x = Attention(self.dim, self.num_heads, (ws, ws) if ws > 0 else tuple(self.input_size),
+    x = Attention(self.dim, self.num_heads, (ws, ws) if ws > 0 else tuple(self.input_size), window_size=ws,
                   attention_impl=self.attention_impl, name="attn", **kw)(x)
-    if ws > 0:
-      x = window_unpartition(x, ws, padded, (h, w))
     x = shortcut + x
     y = layers.layer_norm(1e-6, name="norm2", **kw)(x)
     return x + MLPBlock(self.dim, int(self.dim * self.mlp_ratio), name="mlp", **kw)(y)
@@ -252,9 +323,8 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    p = self.patch_size
-    return layers.conv(self.embed_dim, (p, p), strides=(p, p), name="proj", dtype=self.dtype,
-                       param_dtype=self.param_dtype)(x)
+    return layers.PatchConv(self.embed_dim, self.patch_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="proj")(x)
 
 
 class ImageEncoderViT(nn.Module):
