@@ -477,7 +477,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   Splits and data directories are all checked before the (slow) checkpoint load.
   """
   from evf_jax import checkpoints
-  from evf_jax.predictor import load_checkpoint
+  from evf_jax.evf import cast_kernels
+  from evf_jax.predictor import PRECISIONS, load_checkpoint
   splits = expand_splits(split_names)
   if not splits:
     raise UserError("no --split given")
@@ -487,6 +488,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   config, params, tokenizer = load_checkpoint(checkpoint, max_text_length=options.max_text_len)
   raw_config = checkpoints.read_config(checkpoint)
   provenance = checkpoints.read_provenance(checkpoint)
+  if precision in PRECISIONS:
+    params = cast_kernels(params, PRECISIONS[precision])
   evaluator = Evaluator(evf_predict_fn(config, precision, attention_impl), params, tokenizer,
                         sam_size=config.sam.img_size, beit_size=config.beit3.img_size,
                         low_res=config.sam.low_res_size, devices=devices, options=options)

@@ -24,7 +24,7 @@ import numpy as np
 
 from evf_jax import checkpoints, images, postprocess
 from evf_jax.errors import UserError
-from evf_jax.evf import MODEL_TYPE, EvfConfig, EvfSam, abstract_params
+from evf_jax.evf import MODEL_TYPE, EvfConfig, EvfSam, abstract_params, cast_kernels
 from evf_jax.sam import transforms as sam_transforms
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
@@ -108,7 +108,7 @@ class Predictor:
     self.precision = precision
     self.size_multiple = size_multiple
     self.model = EvfSam(config, attention_impl=attention_impl, dtype=PRECISIONS[precision])
-    self.params = jax.device_put(params)
+    self.params = jax.device_put(cast_kernels(params, PRECISIONS[precision]))
     self._image = None  # (embedding, beit image, original hw, postprocess matrices)
     model = self.model
 

@@ -153,3 +153,25 @@ def test_base_end_to_end_parity(tmp_path, spm_dir):
 def test_full_size_end_to_end_parity(tmp_path, spm_dir):
   """The released architecture (SAM ViT-H + BEiT-3-large), random weights, 5 GB of float32."""
   _check_size(tmp_path, spm_dir, "evf-sam", (427, 640), PROMPTS[:2], atol_rel=2e-4)
+
+
+def test_bf16_kernels_cast_once_bit_identical(tiny, monkeypatch):
+  """A bf16 Predictor stores Dense/Conv kernels in bf16 once (half the weight memory, no per-call casts),
+  with bit-identical logits to keeping every weight in float32 and casting on use. Casting any other
+  leaf (biases, LayerNorms, the Fourier matrix) would change them."""
+  import jax
+  import jax.numpy as jnp
+  from evf_jax import predictor as pred_mod
+  _, _, out = tiny
+  image = _image(90, 130, seed=5)
+  p = Predictor.from_checkpoint(out, precision="bf16")
+  kernels = [x.dtype for path, x in jax.tree_util.tree_leaves_with_path(p.params) if path[-1].key == "kernel"]
+  assert kernels and all(d == jnp.bfloat16 for d in kernels)
+  assert any(x.dtype == jnp.float32 for x in jax.tree.leaves(p.params))
+  p.set_image(image)
+  cast_once = p.predict(PROMPTS[:3]).logits
+  monkeypatch.setattr(pred_mod, "cast_kernels", lambda params, dtype: params)
+  q = Predictor.from_checkpoint(out, precision="bf16")
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(q.params))
+  q.set_image(image)
+  np.testing.assert_array_equal(cast_once, q.predict(PROMPTS[:3]).logits)
