@@ -1,113 +1,260 @@
-"""Where the SAM-H image encoder's time goes on a GPU (bf16), and the cuDNN end-to-end path.
+"""Where the SAM-H image encoder's time goes on a GPU (bf16). One command, ~3 minutes on an H100.
 
-    python benchmarks/gpu_encoder.py [--batch 8]
+    python benchmarks/gpu_encoder.py [--batch 8] [--out DIR]
 
-Times, at full size (random weights): one global-attention block and one windowed block with each
-attention path; the whole encoder with float32-stored vs bfloat16-stored params; a plain bf16 matmul
-of the MLP's shape (what the chip gives this problem); and `Predictor` end to end with cuDNN attention.
+1. The chip's two ceilings as this problem sees them: a device-to-device pass (bytes read + written per
+   second) and bf16 matmuls of the encoder's four Linear shapes.
+2. The attention core of one global block (4096 tokens) and one windowed block (25 windows x 196 tokens
+   per image), each way we can run it: cuDNN flash attention with the rel-pos terms folded into q and k
+   (`fold_rel_pos`) and V kept at head dim 80 (`flash_attention_wide_qk`: what attention_impl="cudnn"
+   runs), the same with V zero-padded to q/k's width, with the rel-pos bias materialised as a (B, N, T, T)
+   tensor, XLA (`rel_pos_attention`), and plain cuDNN attention without any rel-pos terms (a floor).
+   Each is checked against float32 XLA on the same inputs.
+3. The whole encoder at `--batch`, cuDNN (kernels stored in float32 and in bf16) and XLA, and a profile of
+   the cuDNN one: GPU time per kernel, grouped, from the profiler's trace.
+4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
+With --out, the log's numbers go to DIR/gpu_encoder.json and the raw trace to DIR.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, gpu  # noqa: E402
 from benchmarks.gpu import encoder_matmul_flops  # noqa: E402
 
-
-def log(msg):
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def timeit(fn, *args, repeats=10):
-  import jax
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+RESULTS = gpu.RESULTS  # one results dict, logger and section runner with gpu.py
+log, section = gpu.log, gpu.section
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--size", default="evf-sam")
-  args = ap.parse_args()
+def timeit(fn, *args):
+  return gpu.sync_time(lambda: fn(*args), repeats=10)
+
+
+@section("ceilings")
+def ceilings(b, g, d, mlp):
   import jax
   import jax.numpy as jnp
-  from evf_jax.evf import EvfConfig, EvfSam, init_params
-  from evf_jax.sam.image_encoder import Block
-  cfg = EvfConfig.preset(args.size)
-  sam = cfg.sam
-  b, g, d = args.batch, sam.embedding_size, sam.embed_dim
   key = jax.random.key(0)
+  x = jax.random.normal(key, (1 << 29,), jnp.bfloat16)  # 1 GiB
+  t = timeit(jax.jit(lambda x: x * 2), x)
+  RESULTS["copy_GBps"] = 2 * x.nbytes / t / 1e9
+  log(f"elementwise pass over 1 GiB bf16: {RESULTS['copy_GBps']:.0f} GB/s (read + write)")
+  del x
+  win_rows = b * 25 * 196
+  for name, m, k, n in (("qkv", win_rows, d, 3 * d), ("proj", win_rows, d, d), ("mlp1", b * g * g, d, mlp),
+                        ("mlp2", b * g * g, mlp, d)):
+    a = jax.random.normal(key, (m, k), jnp.bfloat16)
+    w = jax.random.normal(key, (k, n), jnp.bfloat16)
+    t = timeit(jax.jit(lambda a, w: a @ w), a, w)
+    RESULTS[f"matmul_{name}_tflops"] = 2 * m * k * n / t / 1e12
+    log(f"matmul {name} ({m}x{k}) @ ({k}x{n}) bf16: {t * 1e3:.2f} ms, {2 * m * k * n / t / 1e12:.0f} TFLOP/s")
 
-  # 1. A plain matmul of the MLP's first layer shape.
-  x = jax.random.normal(key, (b * g * g, d), jnp.bfloat16)
-  w = jax.random.normal(key, (d, 4 * d), jnp.bfloat16)
-  mm = jax.jit(lambda x, w: x @ w)
-  t = timeit(mm, x, w)
-  log(f"matmul ({b * g * g}x{d}) @ ({d}x{4 * d}) bf16: {2 * b * g * g * d * 4 * d / t / 1e12:.0f} TFLOP/s")
 
-  # 2. One block of each kind, each attention path.
-  xb = jax.random.normal(key, (b, g, g, d), jnp.bfloat16)
-  for ws, name in ((0, "global"), (sam.window_size, "windowed")):
-    for impl in ("xla", "cudnn"):
-      blk = Block(d, sam.num_heads, sam.mlp_ratio, ws, (g, g), attention_impl=impl, dtype=jnp.bfloat16)
+@section("attention")
+def attention_core(b, g, sam):
+  import jax
+  import jax.numpy as jnp
+  from evf_jax import layers
+  from evf_jax.sam import image_encoder as ie
+  n, hd = sam.num_heads, sam.embed_dim // sam.num_heads
+  scale = hd ** -0.5
+
+  def fold(q, k, v, rh, rw, hw):  # V zero-padded to q/k's width, through the public API
+    q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw)
+    v_ext = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q_ext.shape[-1] - hd)))
+    return layers.attention(q_ext, k_ext, v_ext, scale=scale, implementation="cudnn")[..., :hd]
+
+  def fold_unpadded_v(q, k, v, rh, rw, hw):  # what attention_impl="cudnn" runs
+    q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw)
+    return ie.flash_attention_wide_qk(q_ext, k_ext, v, scale)
+
+  def bias(q, k, v, rh, rw, hw):
+    bias = ie.decomposed_rel_pos_bias(q, rh, rw, hw, hw).astype(q.dtype)
+    return layers.attention(q, k, v, bias=bias, implementation="cudnn")
+
+  def xla(q, k, v, rh, rw, hw):
+    return ie.rel_pos_attention(q, k, v, rh, rw, hw)
+
+  def plain(q, k, v, rh, rw, hw):
+    return layers.attention(q, k, v, implementation="cudnn")
+
+  ways = {"cudnn_fold": fold, "cudnn_fold_unpadded_v": fold_unpadded_v, "cudnn_bias": bias, "xla": xla,
+          "cudnn_no_rel_pos": plain}
+  rng = np.random.default_rng(0)
+  for kind, batch, side in (("global", b, g), ("windowed", b * 25, sam.window_size)):
+    t = side * side
+    q, k, v = (jnp.asarray(rng.normal(size=(batch, t, n, hd)), jnp.bfloat16) for _ in range(3))
+    rh, rw = (jnp.asarray(0.3 * rng.normal(size=(2 * side - 1, hd)), jnp.float32) for _ in range(2))
+    ref = jax.jit(lambda *a: xla(*a, (side, side)))(*(x.astype(jnp.float32) for x in (q, k, v)), rh, rw)
+    useful = 4 * batch * n * t * t * hd
+    for name, fn in ways.items():
       try:
-        p = jax.jit(blk.init)(key, xb)
-        t = timeit(jax.jit(blk.apply), p, xb)
-        log(f"{name} block, attention={impl}, batch {b}: {t * 1e3:.2f} ms")
+        f = jax.jit(lambda *a, fn=fn: fn(*a, (side, side)))
+        out = f(q, k, v, rh, rw)
+        tm = timeit(f, q, k, v, rh, rw)
       except Exception as e:
-        log(f"{name} block, attention={impl}: FAILED {type(e).__name__}: {str(e)[:200]}")
+        RESULTS[f"attn_{kind}_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"{kind} attention {name}: FAILED {RESULTS[f'attn_{kind}_{name}_error']}")
+        continue
+      rel = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
+      RESULTS[f"attn_{kind}_{name}"] = dict(ms=tm * 1e3, tflops=useful / tm / 1e12, rel_err_vs_fp32=rel)
+      log(f"{kind} attention ({batch}x{t} tokens) {name}: {tm * 1e3:.2f} ms, {useful / tm / 1e12:.0f} "
+          f"useful TFLOP/s, |out - fp32| / |fp32| = {rel:.2e}")
 
-  # 3. The whole encoder, params stored in float32 (cast on use) vs bfloat16.
-  params = init_params(cfg, key)
-  imgs = jax.random.normal(key, (b, sam.img_size, sam.img_size, 3), jnp.bfloat16)
+
+def kernel_table(trace_dir, iterations):
+  """GPU time per kernel from the profiler's trace.json.gz: top kernels and rough groups, per iteration."""
+  path, = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  events = json.load(gzip.open(path))["traceEvents"]
+  procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  per_thread = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "GPU" in procs.get(e["pid"], ""):
+      per_thread[(e["pid"], e["tid"])] += e.get("dur", 0)
+  for key, us in per_thread.most_common(8):
+    log(f"  trace line {procs[key[0]]} / {threads.get(key, key[1])}: {us / 1e3 / iterations:.1f} ms/iter")
+  streams = [k for k in per_thread if "stream" in threads.get(k, "").lower()]
+  if not streams and per_thread:  # unknown trace layout: take the busiest GPU line
+    streams = [per_thread.most_common(1)[0][0]]
+  kernels = collections.Counter()
+  ops = {}
+  for e in events:
+    if e.get("ph") == "X" and (e["pid"], e["tid"]) in streams:
+      kernels[e["name"]] += e.get("dur", 0)
+      ops.setdefault(e["name"], (e.get("args") or {}).get("hlo_op", ""))
+  total = sum(kernels.values())
+  groups = collections.Counter()
+  for name, us in kernels.items():
+    low = name.lower()
+    group = ("attention (cuDNN)" if any(s in low for s in ("fmha", "flash", "sdpa")) else
+             "matmul and conv" if any(s in low for s in ("nvjet", "gemm", "xmma", "cutlass", "gmma")) else
+             "other fusions/copies")
+    groups[group] += us
+  log(f"  GPU kernel time {total / 1e3 / iterations:.1f} ms/iter over the kernel streams")
+  for group, us in groups.most_common():
+    log(f"  {group}: {us / 1e3 / iterations:.1f} ms/iter ({100 * us / max(total, 1):.0f}%)")
+  top = [dict(name=name[:120], hlo_op=ops[name], ms_per_iter=us / 1e3 / iterations) for name, us in kernels.most_common(40)]
+  for row in top[:30]:
+    log(f"    {row['ms_per_iter']:7.2f} ms  {row['name'][:90]}  [{row['hlo_op'][:40]}]")
+  RESULTS["profile_groups_ms"] = {k: v / 1e3 / iterations for k, v in groups.items()}
+  RESULTS["profile_top_kernels"] = top
+  return path
+
+
+@section("encoder")
+def encoder(cfg, params, b, out_dir):
+  import jax
+  import jax.numpy as jnp
+  from evf_jax.evf import EvfSam, cast_kernels
+  sam = cfg.sam
+  imgs = jax.random.normal(jax.random.key(1), (b, sam.img_size, sam.img_size, 3), jnp.bfloat16)
   flops = b * encoder_matmul_flops(sam)
-  for impl in ("cudnn",) if jax.default_backend() == "gpu" else ("xla",):
+  bf16_params = cast_kernels(params, jnp.bfloat16)
+  profiled = False
+  for impl in ("cudnn", "xla"):
     model = EvfSam(cfg, attention_impl=impl, dtype=jnp.bfloat16)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
-    for pdt in ("float32", "bfloat16"):
-      pp = params if pdt == "float32" else jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-      t = timeit(fn, pp, imgs)
-      log(f"encoder attention={impl} params {pdt}, batch {b}: {t * 1e3:.1f} ms, {b / t:.1f} img/s, "
-          f"{flops / t / 1e12:.0f} TFLOP/s")
+    try:
+      for pname, pp in (("f32", params), ("bf16_kernels", bf16_params)) if impl == "cudnn" else (("f32", params),):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(pp, imgs))
+        first = time.perf_counter() - t0
+        t = timeit(fn, pp, imgs)
+        RESULTS[f"encoder_{impl}_params_{pname}_b{b}"] = dict(ms=t * 1e3, tflops=flops / t / 1e12,
+                                                              first_call_s=first)
+        log(f"encoder attention={impl} params {pname}, batch {b}: {t * 1e3:.1f} ms, {b / t:.1f} img/s, "
+            f"{flops / t / 1e12:.0f} TFLOP/s (hand-counted), first call {first:.0f} s")
+    except Exception as e:
+      RESULTS[f"encoder_{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      log(f"encoder attention={impl}: FAILED {RESULTS[f'encoder_{impl}_error']}")
+      continue
+    if not profiled:  # the first path that runs: cuDNN on NVIDIA GPUs
+      profiled = True
+      trace_dir = tempfile.mkdtemp()
+      iterations = 3
+      with jax.profiler.trace(trace_dir):
+        for _ in range(iterations):
+          jax.block_until_ready(fn(params, imgs))
+      log(f"profile of the encoder, attention={impl}:")
+      path = kernel_table(trace_dir, iterations)
+      if out_dir and os.path.getsize(path) < (15 << 20):
+        shutil.copy(path, os.path.join(out_dir, f"encoder_{impl}.trace.json.gz"))
 
-  # 4. Predictor end to end with cuDNN attention (BEiT-3's padding mask included).
+
+@section("predictor")
+def predictor(cfg, params):
   from evf_jax.predictor import Predictor
   from evf_jax.tokenizer import TextTokenizer
   tok = TextTokenizer(common.train_spm(tempfile.mkdtemp()))
   image = common.test_image()
-  for prec, impl in (("bf16", "cudnn"), ("bf16", None)):
-    pred = Predictor(cfg, params, tok, precision=prec, attention_impl=impl)
-    try:
-      for n in (1, 8):
-        def run():
-          pred.set_image(image)
-          return pred.predict(common.PROMPTS[:n])
-        run()
-        t, _ = common.timed(run, 5, warmup=1)
-        log(f"Predictor {prec} attention={impl}: {n} prompt(s) {t * 1e3:.1f} ms")
-      t0 = time.perf_counter()
-      for _ in range(5):
-        pred.set_image(image)
-      jax.block_until_ready(pred.image_embedding)
-      log(f"  set_image alone: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms")
-    except Exception as e:
-      log(f"Predictor {prec} attention={impl}: FAILED {type(e).__name__}: {str(e)[:300]}")
+  pred = Predictor(cfg, params, tok, precision="bf16", attention_impl="cudnn")
+  for n in (1, 8):
+    def run():
+      pred.set_image(image)
+      return pred.predict(common.PROMPTS[:n])
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    t, _ = common.timed(run, 5, warmup=1)
+    RESULTS[f"predictor_bf16_cudnn_{n}"] = dict(ms=t * 1e3, first_call_s=first)
+    log(f"Predictor bf16 attention=cudnn: {n} prompt(s) {t * 1e3:.1f} ms (first call {first:.0f} s)")
+
+
+def random_params(cfg):
+  """Seeded random weights drawn with numpy (only speed is measured here): `init_params` compiles the
+  initialisers of the whole model, which took 3.5 minutes on the H100 machine."""
+  import jax
+  from evf_jax.evf import abstract_params
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: jax.device_put((0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype)),
+                      abstract_params(cfg))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--size", default="evf-sam")
+  ap.add_argument("--out", default=None, help="folder for gpu_encoder.json and the profiler trace")
+  ap.add_argument("--sections", default="ceilings,attention,encoder,predictor")
+  args = ap.parse_args()
+  if args.out:
+    gpu.OUT_PATH = os.path.join(args.out, "gpu_encoder.json")
+  import jax
+  from evf_jax.evf import EvfConfig
+  cfg = EvfConfig.preset(args.size)
+  sam = cfg.sam
+  dev = jax.devices()[0]
+  RESULTS.update(device=getattr(dev, "device_kind", str(dev)), jax=jax.__version__, batch=args.batch,
+                 date=time.strftime("%Y-%m-%d"))
+  log(f"device {RESULTS['device']}, jax {jax.__version__}")
+  sections = args.sections.split(",")
+  if "ceilings" in sections:
+    ceilings(args.batch, sam.embedding_size, sam.embed_dim, int(sam.mlp_ratio * sam.embed_dim))
+  if "attention" in sections:
+    attention_core(args.batch, sam.embedding_size, sam)
+  if "encoder" in sections or "predictor" in sections:
+    params = random_params(cfg)
+    if "encoder" in sections:
+      encoder(cfg, params, args.batch, args.out)
+    if "predictor" in sections:
+      predictor(cfg, params)
 
 
 if __name__ == "__main__":
