@@ -211,18 +211,27 @@ def test_get_rel_pos(q, k, length):
 
 
 @pytest.mark.parametrize("window,heads,impl", [(4, 2, None), (0, 2, None), (0, 4, None), (3, 2, "cudnn"),
-                                               (0, 4, "cudnn")])
+                                               (0, 4, "cudnn"), (0, 4, "cudnn-narrow")])
 def test_block_non_square(window, heads, impl, monkeypatch):
   """A block on a 6x10 grid: windows pad both sides differently (catches an H/W swap); the global block's
   tables are sized for 8x8, so rel-pos is interpolated (down for H, up for W). With 2 heads (D=16 >= 6+10)
   rel-pos rides in the QK product; with 4 heads (D=8) the global block takes the chunked path.
   impl="cudnn" is the flash-attention path (`fold_rel_pos`: rel-pos folded into q and k, features padded
-  to a multiple of 8, 16 + 3 + 3 -> 24 for the 3x3 windows); without a GPU its kernel runs through XLA."""
+  to a multiple of 8, 16 + 3 + 3 -> 24 for the 3x3 windows); without a GPU its kernel runs through XLA.
+  "cudnn-narrow" plays a GPU whose cuDNN takes fewer features than the folded 8 + 6 + 10 = 24 (as pre-Hopper
+  GPUs refuse SAM-H's 208): the block must fall back to the materialised bias."""
   import torch
-  if impl == "cudnn":
+  if impl and impl.startswith("cudnn"):
     plain = ie.layers.attention
-    monkeypatch.setattr(ie.layers, "attention",
-                        lambda *a, implementation=None, **k: plain(*a, implementation="xla", **k))
+    limit = 16 if impl == "cudnn-narrow" else 256
+
+    def kernel(q, k, v, *, implementation=None, **kw):
+      assert implementation == "cudnn"
+      if q.shape[-1] > limit:
+        raise NotImplementedError(f"head dim {q.shape[-1]} > {limit}")
+      return plain(q, k, v, implementation="xla", **kw)
+    monkeypatch.setattr(ie.layers, "attention", kernel)
+    impl = "cudnn"
   m = tr.segment_anything_modeling()
   blk = m.image_encoder.Block(dim=32, num_heads=heads, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
                               use_rel_pos=True, window_size=window, input_size=(8, 8))

@@ -67,8 +67,8 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.A
                             q_hw: tuple[int, int], k_hw: tuple[int, int]) -> jax.Array:
   """The additive attention bias of MViTv2's decomposed relative positions, materialised.
 
-  q: (B, q_h * q_w, N, D), unscaled. Returns (B, N, q_h * q_w, k_h * k_w). The model never builds it
-  (see `rel_pos_attention` and `fold_rel_pos`); `benchmarks/gpu_encoder.py` times it as the baseline.
+  q: (B, q_h * q_w, N, D), unscaled. Returns (B, N, q_h * q_w, k_h * k_w). Only the cuDNN path's
+  fallback builds it (see `cudnn_rel_pos_attention`); `benchmarks/gpu_encoder.py` times it as a baseline.
   """
   (qh, qw), (kh, kw) = q_hw, k_hw
   rh = get_rel_pos(qh, kh, rel_pos_h)
@@ -130,6 +130,22 @@ def flash_attention_wide_qk(q: jax.Array, k: jax.Array, v: jax.Array, scale: flo
   d = v.shape[-1]
   v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, k.shape[-1] - d)))
   return layers.attention(q, k, v, scale=scale, implementation="cudnn")[..., :d]
+
+
+def cudnn_rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.Array,
+                            rel_pos_w: jax.Array, hw: tuple[int, int]) -> jax.Array:
+  """SAM's attention on a (h, w) grid through cuDNN flash attention; q, k, v: (B, h * w, N, D).
+
+  The rel-pos terms ride in q and k (`fold_rel_pos`). When the folded width is over what the GPU's cuDNN
+  takes (256 on Hopper, 128 before it: SAM-H's global blocks fold to 80 + 128 = 208), the bias is
+  materialised as (B, N, T, T) instead.
+  """
+  q_ext, k_ext = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, hw)
+  try:
+    return flash_attention_wide_qk(q_ext, k_ext, v, scale=q.shape[-1] ** -0.5)
+  except NotImplementedError:
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, hw, hw).astype(q.dtype)
+    return layers.attention(q, k, v, bias=bias, implementation="cudnn")
 
 
 def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:
@@ -262,9 +278,8 @@ class Attention(nn.Module):
         n, layers.logical(nn.initializers.zeros_init(), (None, None)), (2 * size - 1, hd), self.param_dtype)
     rel_pos_h = table("rel_pos_h", self.rel_pos_size[0])
     rel_pos_w = table("rel_pos_w", self.rel_pos_size[1])
-    if self.attention_impl == "cudnn":  # flash attention, the rel-pos terms folded into q and k
-      q_ext, k_ext = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, grid)
-      out = flash_attention_wide_qk(q_ext, k_ext, v, scale=hd ** -0.5)
+    if self.attention_impl == "cudnn":
+      out = cudnn_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
     else:
       out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
     out = out.reshape(-1, *grid, self.dim)
