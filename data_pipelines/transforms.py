@@ -21,6 +21,7 @@ from PIL import Image
 from data_pipelines import records
 from evf_jax.sam.transforms import frame_hw, to_frame
 from evf_jax import preprocess
+from evf_jax.tokenizer import truncate_ids
 
 PAD_ID = 1  # XLM-R <pad>
 EOS_ID = 2  # XLM-R </s>
@@ -63,9 +64,9 @@ def mask_to_frame(mask: np.ndarray, size: int, mode: str) -> np.ndarray:
 
 
 def encode_text(tokenizer: Tokenizer, text: str, max_len: int) -> np.ndarray:
-  ids = list(tokenizer.encode(text))
-  if len(ids) > max_len:
-    ids = ids[:max_len - 1] + ids[-1:]  # keep </s>: BEiT-3 saw it at the end of every prompt
+  """One prompt's ids padded to max_len. Too long a prompt is cut as `TextTokenizer.encode_batch` cuts it,
+  but silently: training data repeats its long prompts every epoch."""
+  ids = truncate_ids(tokenizer.encode(text), max_len)
   out = np.full((max_len,), PAD_ID, np.int32)
   out[:len(ids)] = ids
   return out

@@ -37,6 +37,12 @@ MAX_TEXT_LEN = 1022
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 
 
+def truncate_ids(ids: Sequence[int], max_length: int) -> list[int]:
+  """`ids` cut to `max_length`, keeping the final id (`</s>`: BEiT-3 saw it at the end of every prompt)."""
+  ids = list(ids)
+  return ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
+
+
 class TokenizerError(UserError, ValueError):
   """The sentencepiece model is missing or not usable."""
 
@@ -113,7 +119,7 @@ class TextTokenizer:
       if len(ids) > cap:
         warnings.warn(f"prompt {i} has {len(ids)} tokens, more than max_length={cap}; truncated to "
                       f"{cap} (keeping the final </s>): {texts[i][:60]!r}", stacklevel=2)
-        encoded[i] = ids[:cap - 1] + [EOS_ID]
+        encoded[i] = truncate_ids(ids, cap)
     longest = max((len(ids) for ids in encoded), default=0)
     if buckets is None:
       length = cap
