@@ -82,13 +82,13 @@ def decomposed_rel_pos_bias(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.A
 
 
 def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
-                 hw: tuple[int, int], multiple: int = 8) -> tuple[jax.Array, jax.Array]:
-  """Extends q and k (B, h * w, N, D) so that plain attention with scale D^-0.5 on (q_ext, k_ext, v) is
-  SAM's attention with the decomposed rel-pos bias.
+                 hw: tuple[int, int], multiple: int = 8, q_scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """Extends q and k (B, h * w, N, D) so that plain attention with scale D^-0.5 / q_scale on
+  (q_ext, k_ext, v) is SAM's attention with the decomposed rel-pos bias.
 
-  q gains its h + w rel-pos scores (divided by the scale, which the kernel multiplies back), k one-hot
-  (row, column) indicators of each key; both are zero-padded to a multiple of `multiple` features
-  (cuDNN wants multiples of 8). The point is a fused flash-attention kernel with no (T, T) bias tensor
+  q (times q_scale) gains its h + w rel-pos scores times q_scale / D^-0.5 (the kernel's scale multiplies
+  that back), k one-hot (row, column) indicators of each key; both are zero-padded to a multiple of
+  `multiple` features (cuDNN wants multiples of 8). q_scale = D^-0.5 gives logits q_ext . k_ext. The point is a fused flash-attention kernel with no (T, T) bias tensor
   in memory: SAM-H's global blocks would otherwise write and read 0.5 GB per image each.
   The scores come from one product of q with both tables, (B, T, N, D) x (Lh + Lw, D), and a static
   gather of each token's rows: no transposed copies of q, which a per-row batched product needs
@@ -105,7 +105,8 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: ja
   rel = jnp.take_along_axis(scores, jnp.asarray(rows, jnp.int32)[None, :, None, :], axis=-1)
   pad = -(d + h + w) % multiple
   zeros = jnp.zeros((b, t, n, pad), q.dtype)
-  q_ext = jnp.concatenate([q, (rel * d ** 0.5).astype(q.dtype), zeros], -1)
+  qs = q if q_scale == 1.0 else q * jnp.asarray(q_scale, q.dtype)
+  q_ext = jnp.concatenate([qs, (rel * (q_scale * d ** 0.5)).astype(q.dtype), zeros], -1)
   key_row = np.repeat(np.eye(h), w, axis=0)  # (T, h): one-hot row of key s
   key_col = np.tile(np.eye(w), (h, 1))       # (T, w): one-hot column of key s
   onehot = jnp.asarray(np.concatenate([key_row, key_col], -1)[None, :, None, :], k.dtype)
@@ -184,34 +185,27 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
 
   q, k, v: (B, h * w, N, D). Work is done heads-major, (B, N, T, D). Two ways, chosen by grid size
   (timed on 2 CPU cores against passing the full bias to `jax.nn.dot_product_attention`):
-  - small grids (the 14x14 windows): the rel-pos terms ride inside the QK^T product, with q extended by
-    its (h + w) rel-pos scores and k by one-hot (row, column) indicators: one matmul with contraction
-    D + h + w and no broadcast passes over the logits (a ViT-B window batch: 167 ms -> 103 ms);
+  - small grids (the 14x14 windows): the rel-pos terms ride inside the QK^T product (`fold_rel_pos`, as
+    on the cuDNN path), with q extended by its (h + w) rel-pos scores and k by one-hot (row, column)
+    indicators: one matmul with contraction D + h + w and no broadcast passes over the logits (a ViT-B
+    window batch: 167 ms -> 103 ms); the scores as one product with both tables and a gather rather than
+    per-row products: a ViT-B windowed block 331/334/326 ms -> 325/314/307 ms (three rounds, one process);
   - large grids (global attention, 4096 tokens): the rel-pos terms are added by broadcasting in a
     (g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g (image, head) maps x r grid
     rows so each step's float32 logits stay under `max_chunk_bytes` (defaults: `default_chunking()`).
   """
   b, t, n, d = q.shape
   h, w = hw
+  f32 = jnp.float32
+  if h + w <= d:  # small grid: fold the rel-pos terms into one product
+    q_ext, k_ext = fold_rel_pos(q, k, rel_pos_h, rel_pos_w, hw, multiple=1, q_scale=d ** -0.5)
+    logits = jnp.einsum("btnd,bsnd->bnts", q_ext, k_ext, preferred_element_type=f32)
+    return _attend(logits, v.transpose(0, 2, 1, 3))
+
   rh = get_rel_pos(h, h, rel_pos_h).astype(q.dtype)   # (h, h, D)
   rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)   # (w, w, D)
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, T, D)
-  f32 = jnp.float32
   scale = jnp.asarray(d ** -0.5, q.dtype)
-
-  if h + w <= d:  # small grid: fold the rel-pos terms into one product
-    qs = qt * scale
-    rq = qt.reshape(b, n, h, w, d)
-    rel_h = jnp.einsum("bnyxd,ykd->bnyxk", rq, rh).reshape(b, n, t, h)
-    rel_w = jnp.einsum("bnyxd,xkd->bnyxk", rq, rw).reshape(b, n, t, w)
-    key_row = jnp.repeat(jnp.eye(h, dtype=q.dtype), w, axis=0)  # (T, h): one-hot row of key s
-    key_col = jnp.tile(jnp.eye(w, dtype=q.dtype), (h, 1))       # (T, w): one-hot column of key s
-    q_ext = jnp.concatenate([qs, rel_h, rel_w], axis=-1)
-    k_ext = jnp.concatenate([kt, jnp.broadcast_to(key_row, (b, n, t, h)),
-                             jnp.broadcast_to(key_col, (b, n, t, w))], axis=-1)
-    logits = jnp.einsum("bntd,bnsd->bnts", q_ext, k_ext, preferred_element_type=f32)
-    return _attend(logits, vt)
-
   default_maps, default_bytes = default_chunking()
   maps = b * n
   g = min(maps, maps_per_step or default_maps or maps)
