@@ -76,8 +76,7 @@ def attention_core(b, g, sam):
 
   def fold(q, k, v, rh, rw, hw):  # V zero-padded to q/k's width, through the public API
     q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw)
-    v_ext = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q_ext.shape[-1] - hd)))
-    return layers.attention(q_ext, k_ext, v_ext, scale=scale, implementation="cudnn")[..., :hd]
+    return ie.flash_attention_padded_v(q_ext, k_ext, v, scale)
 
   def fold_unpadded_v(q, k, v, rh, rw, hw):  # what attention_impl="cudnn" runs
     q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw)

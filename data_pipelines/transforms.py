@@ -21,10 +21,8 @@ from PIL import Image
 from data_pipelines import records
 from evf_jax.sam.transforms import frame_hw, to_frame
 from evf_jax import preprocess
-from evf_jax.tokenizer import truncate_ids
+from evf_jax.tokenizer import PAD_ID, truncate_ids
 
-PAD_ID = 1  # XLM-R <pad>
-EOS_ID = 2  # XLM-R </s>
 
 
 class Tokenizer(Protocol):

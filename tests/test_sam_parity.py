@@ -221,6 +221,7 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   "cudnn-narrow" plays a GPU whose cuDNN takes fewer features than the folded 8 + 6 + 10 = 24 (as pre-Hopper
   GPUs refuse SAM-H's 208): the block must fall back to the materialised bias."""
   import torch
+  label = impl
   if impl and impl.startswith("cudnn"):
     plain = ie.layers.attention
     limit = 16 if impl == "cudnn-narrow" else 256
@@ -243,7 +244,7 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   params = convert(sd, sam_rules(), target).params["image_encoder"]["blocks_0"]
   with torch.no_grad():
     ref = to_np(blk(_t(x)))
-  _close(ours.apply({"params": params}, jnp.asarray(x)), ref, 2e-5, f"block window={window} attention={impl}")
+  _close(ours.apply({"params": params}, jnp.asarray(x)), ref, 2e-5, f"block window={window} attention={label}")
 
 
 @pytest.mark.parametrize("maps_per_step,chunk_bytes", [(None, None), (1, 1), (3, 3 * 2 * 10 * 60 * 4), (8, 1 << 30)])

@@ -88,8 +88,9 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: ja
 
   q (times q_scale) gains its h + w rel-pos scores times q_scale / D^-0.5 (the kernel's scale multiplies
   that back), k one-hot (row, column) indicators of each key; both are zero-padded to a multiple of
-  `multiple` features (cuDNN wants multiples of 8). q_scale = D^-0.5 gives logits q_ext . k_ext. The point is a fused flash-attention kernel with no (T, T) bias tensor
-  in memory: SAM-H's global blocks would otherwise write and read 0.5 GB per image each.
+  `multiple` features (cuDNN wants multiples of 8). q_scale = D^-0.5 gives logits q_ext . k_ext.
+  On the cuDNN path the point is a fused flash-attention kernel with no (T, T) bias tensor in memory:
+  SAM-H's global blocks would otherwise write and read 0.5 GB per image each.
   The scores come from one product of q with both tables, (B, T, N, D) x (Lh + Lw, D), and a static
   gather of each token's rows: no transposed copies of q, which a per-row batched product needs
   (H100, a batch of 8 windowed blocks: ~340 us per block for the batched form).
@@ -127,7 +128,12 @@ def flash_attention_wide_qk(q: jax.Array, k: jax.Array, v: jax.Array, scale: flo
     return cudnn_attention(q, k, v, scale=scale)
   except (ImportError, TypeError, ValueError, NotImplementedError, RuntimeError):
     # An older or newer jax, an older cuDNN or GPU, or no cuDNN: the same result through the public API.
-    pass
+    return flash_attention_padded_v(q, k, v, scale)
+
+
+def flash_attention_padded_v(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """`flash_attention_wide_qk` through `jax.nn.dot_product_attention`: v zero-padded to k's width, the
+  output sliced back."""
   d = v.shape[-1]
   v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, k.shape[-1] - d)))
   return layers.attention(q, k, v, scale=scale, implementation="cudnn")[..., :d]
@@ -183,15 +189,15 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
                       maps_per_step: Optional[int] = None) -> jax.Array:
   """softmax(scale * q k^T + rel_h + rel_w) v on a (h, w) grid, without a materialised (T, T) bias.
 
-  q, k, v: (B, h * w, N, D). Work is done heads-major, (B, N, T, D). Two ways, chosen by grid size
-  (timed on 2 CPU cores against passing the full bias to `jax.nn.dot_product_attention`):
+  q, k, v: (B, h * w, N, D). Two ways, chosen by grid size (timed on 2 CPU cores against passing the
+  full bias to `jax.nn.dot_product_attention`):
   - small grids (the 14x14 windows): the rel-pos terms ride inside the QK^T product (`fold_rel_pos`, as
     on the cuDNN path), with q extended by its (h + w) rel-pos scores and k by one-hot (row, column)
     indicators: one matmul with contraction D + h + w and no broadcast passes over the logits (a ViT-B
     window batch: 167 ms -> 103 ms); the scores as one product with both tables and a gather rather than
     per-row products: a ViT-B windowed block 331/334/326 ms -> 325/314/307 ms (three rounds, one process);
-  - large grids (global attention, 4096 tokens): the rel-pos terms are added by broadcasting in a
-    (g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g (image, head) maps x r grid
+  - large grids (global attention, 4096 tokens), heads-major (B, N, T, D): the rel-pos terms are added
+    by broadcasting in a (g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g (image, head) maps x r grid
     rows so each step's float32 logits stay under `max_chunk_bytes` (defaults: `default_chunking()`).
   """
   b, t, n, d = q.shape
