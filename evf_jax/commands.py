@@ -9,6 +9,25 @@ from evf_jax.cli import command
 from evf_jax.errors import UserError
 
 
+def _add_attention_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn"],
+                 help="attention kernels: auto (XLA's choice), xla, or cudnn (flash attention on NVIDIA GPUs; "
+                      "needs --precision bf16 or fp16)")
+
+
+def _attention_impl(args: argparse.Namespace):
+  """--attention -> the models' attention_impl, checked against --precision and the platform before any
+  checkpoint is read."""
+  from evf_jax.predictor import compute_dtype
+  impl = None if args.attention == "auto" else args.attention
+  compute_dtype(args.precision, impl)
+  if impl == "cudnn":
+    import jax
+    if jax.default_backend() != "gpu":
+      raise UserError(f"--attention cudnn needs an NVIDIA GPU; jax is running on {jax.default_backend()}")
+  return impl
+
+
 def _convert_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--src", required=True,
                  help="a Hugging Face-style EVF-SAM directory (config.json + model.safetensors / sharded "
@@ -37,6 +56,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out-dir", required=True, help="where to write <stem>_<i>_mask.png and <stem>_<i>_vis.png")
   p.add_argument("--save-logits", action="store_true", help="also write <stem>_<i>_logits.npy (float32, H x W)")
   p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="compute precision")
+  _add_attention_arg(p)
   p.add_argument("--max-text-length", type=int, default=None,
                  help="longest prompt in tokens (special tokens included); longer ones are truncated with a warning")
   p.add_argument("--compilation-cache", default=None, metavar="DIR",
@@ -51,10 +71,11 @@ def predict_cmd(args: argparse.Namespace) -> int:
   for i, p in enumerate(prompts):
     if not p.strip():
       raise UserError(f"--prompt {i + 1} is empty or whitespace-only")
+  attention_impl = _attention_impl(args)
   image = load_image(args.image)
   if os.path.isfile(args.out_dir):
     raise UserError(f"--out-dir {args.out_dir} is a file")
-  predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision,
+  predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, attention_impl=attention_impl,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_length=args.max_text_length)
   predictor.set_image(image)
@@ -125,6 +146,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                       "count (every image is evaluated exactly once whatever the value)")
   p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                  help="compute precision (the reference evaluates in fp16 by default)")
+  _add_attention_arg(p)
   p.add_argument("--size-multiple", type=int, default=128,
                  help="original image sizes are padded up to a multiple of this (fewer compiled shapes)")
   p.add_argument("--num-devices", type=int, default=None, help="use only the first N devices (default: all)")
@@ -146,6 +168,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     raise UserError(f"--size-multiple must be >= 1, got {args.size_multiple}")
   if args.save_overlays < 0:
     raise UserError(f"--save-overlays must be >= 0, got {args.save_overlays}")
+  attention_impl = _attention_impl(args)
   devices = None
   if args.num_devices is not None:
     import jax
@@ -158,7 +181,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
                                  read_threads=args.read_threads, save_overlays=args.save_overlays,
                                  progress=not args.no_progress)
   results = evaluate.evaluate_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out_dir,
-                                         options=options, precision=args.precision, devices=devices)
+                                         options=options, precision=args.precision,
+                                         attention_impl=attention_impl, devices=devices)
   print(evaluate.format_table(results))
   print(f"results: {', '.join(r['json'] for r in results)}")
   return 0

@@ -257,11 +257,9 @@ def evf_predict_fn(config, precision: str = "fp32", attention_impl: Optional[str
   import jax.numpy as jnp
 
   from evf_jax.evf import EvfSam
-  from evf_jax.predictor import PRECISIONS
+  from evf_jax.predictor import compute_dtype
   from evf_jax.sam.transforms import normalize_and_pad
-  if precision not in PRECISIONS:
-    raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
-  dtype = PRECISIONS[precision]
+  dtype = compute_dtype(precision, attention_impl)
   model = EvfSam(config, attention_impl=attention_impl, dtype=dtype)
 
   def predict(params, batch):
@@ -478,7 +476,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   """
   from evf_jax import checkpoints
   from evf_jax.evf import cast_kernels
-  from evf_jax.predictor import PRECISIONS, load_checkpoint
+  from evf_jax.predictor import compute_dtype, load_checkpoint
+  dtype = compute_dtype(precision, attention_impl)
   splits = expand_splits(split_names)
   if not splits:
     raise UserError("no --split given")
@@ -488,8 +487,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   config, params, tokenizer = load_checkpoint(checkpoint, max_text_length=options.max_text_len)
   raw_config = checkpoints.read_config(checkpoint)
   provenance = checkpoints.read_provenance(checkpoint)
-  if precision in PRECISIONS:
-    params = cast_kernels(params, PRECISIONS[precision])
+  params = cast_kernels(params, dtype)
   evaluator = Evaluator(evf_predict_fn(config, precision, attention_impl), params, tokenizer,
                         sam_size=config.sam.img_size, beit_size=config.beit3.img_size,
                         low_res=config.sam.low_res_size, devices=devices, options=options)

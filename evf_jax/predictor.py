@@ -28,7 +28,21 @@ from evf_jax.evf import MODEL_TYPE, EvfConfig, EvfSam, abstract_params, cast_ker
 from evf_jax.sam import transforms as sam_transforms
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 TOKENIZER_DIR = "tokenizer"
+
+
+def compute_dtype(precision: str, attention_impl: Optional[str] = None) -> Any:
+  """The compute dtype of `precision` ("fp32", "bf16", "fp16"). UserError for an unknown precision or
+  attention implementation, and for cuDNN attention in fp32: its flash kernels take fp16/bf16 only, and
+  jax would fail deep inside the first call."""
+  if precision not in PRECISIONS:
+    raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise UserError(f"attention_impl {attention_impl!r}: expected None (XLA's choice), 'xla' or 'cudnn'")
+  if attention_impl == "cudnn" and precision == "fp32":
+    raise UserError("cuDNN attention needs precision 'bf16' or 'fp16' (its flash kernels have no float32 form)")
+  return PRECISIONS[precision]
 
 
 class PromptError(UserError, ValueError):
@@ -101,14 +115,13 @@ class Predictor:
 
   def __init__(self, config: EvfConfig, params: Any, tokenizer, *, precision: str = "fp32",
                attention_impl: Optional[str] = None, size_multiple: int = 64):
-    if precision not in PRECISIONS:
-      raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+    dtype = compute_dtype(precision, attention_impl)
     self.config = config
     self.tokenizer = tokenizer
     self.precision = precision
     self.size_multiple = size_multiple
-    self.model = EvfSam(config, attention_impl=attention_impl, dtype=PRECISIONS[precision])
-    self.params = jax.device_put(cast_kernels(params, PRECISIONS[precision]))
+    self.model = EvfSam(config, attention_impl=attention_impl, dtype=dtype)
+    self.params = jax.device_put(cast_kernels(params, dtype))
     self._image = None  # (embedding, beit image, original hw, postprocess matrices)
     model = self.model
 

@@ -203,6 +203,37 @@ def test_predict_long_prompt_is_truncated_with_a_warning(ckpt, image_file, tmp_p
   assert os.path.exists(tmp_path / "o" / "scene_0_mask.png")
 
 
+@pytest.mark.parametrize("flags,expect", [
+    (["--attention", "cudnn"], "cuDNN attention needs precision 'bf16' or 'fp16'"),
+    (["--attention", "cudnn", "--precision", "bf16"], "--attention cudnn needs an NVIDIA GPU; jax is running on cpu"),
+])
+def test_predict_attention_choice_is_checked_first(ckpt, image_file, tmp_path, capsys, flags, expect):
+  """cuDNN attention in fp32, or without a GPU, is a one-line error before anything is loaded or written
+  (jax would otherwise fail inside the first call's trace)."""
+  line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat",
+                              "--out-dir", str(tmp_path / "o")] + flags)
+  assert expect in line
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_predict_attention_xla(ckpt, image_file, tmp_path, capsys):
+  code = cli.main(["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat", "--attention", "xla",
+                   "--out-dir", str(tmp_path / "o")])
+  assert code == 0, capsys.readouterr().err
+  assert os.path.exists(tmp_path / "o" / "scene_0_mask.png")
+
+
+def test_predictor_checks_precision_and_attention(ckpt):
+  from evf_jax.errors import UserError
+  from evf_jax.predictor import load_checkpoint
+  config, params, tokenizer = load_checkpoint(ckpt)
+  for kw, expect in ((dict(precision="fp32", attention_impl="cudnn"), "needs precision 'bf16' or 'fp16'"),
+                     (dict(precision="fp64"), "precision 'fp64'"),
+                     (dict(precision="bf16", attention_impl="flash"), "attention_impl 'flash'")):
+    with pytest.raises(UserError, match=expect):
+      Predictor(config, params, tokenizer, **kw)
+
+
 @pytest.mark.parametrize("damage,expect", [
     ("no_config", "model_config.json is missing"),
     ("no_params", "weights (params/) are missing"),

@@ -309,4 +309,9 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   line = _error_line(capsys, ["eval", "--checkpoint", str(other), "--data", root, "--split", "refcoco|unc|val",
                               "--out-dir", str(tmp_path / "o"), "--no-progress"])
   assert "model_type 'sam'" in line
+  line = _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn"])
+  assert "cuDNN attention needs precision 'bf16' or 'fp16'" in line
+  line = _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn",
+                                     "--precision", "fp16"])
+  assert "needs an NVIDIA GPU" in line
   assert not os.path.exists(tmp_path / "o")
