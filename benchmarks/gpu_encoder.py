@@ -7,9 +7,11 @@
 2. The attention core of one global block (4096 tokens) and one windowed block (25 windows x 196 tokens
    per image), each way we can run it: cuDNN flash attention with the rel-pos terms folded into q and k
    (`fold_rel_pos`) and V kept at head dim 80 (`flash_attention_wide_qk`: what attention_impl="cudnn"
-   runs), the same with V zero-padded to q/k's width, with the rel-pos bias materialised as a (B, N, T, T)
-   tensor, XLA (`rel_pos_attention`), and plain cuDNN attention without any rel-pos terms (a floor).
-   Each is checked against float32 XLA on the same inputs.
+   runs), the same with V zero-padded to q/k's width, with the folded width padded to a multiple of 128
+   instead of 8, with the rel-pos bias materialised as a (B, N, T, T) tensor, XLA (`rel_pos_attention`), and
+   plain cuDNN attention without any rel-pos terms (a floor). Then the flash kernel alone on q/k already at
+   the folded width (what the fold's own passes cost is the difference). Each is checked against float32
+   on the same inputs.
 3. The whole encoder at `--batch`, cuDNN (kernels stored in float32 and in bf16) and XLA, and a profile of
    the cuDNN one: GPU time per kernel, grouped, from the profiler's trace.
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
@@ -46,16 +48,19 @@ def timeit(fn, *args):
 
 
 @section("ceilings")
-def ceilings(b, g, d, mlp):
+def ceilings(b, sam, copy_mib):
   import jax
   import jax.numpy as jnp
+  g, d = sam.embedding_size, sam.embed_dim
+  mlp = int(sam.mlp_ratio * d)
   key = jax.random.key(0)
-  x = jax.random.normal(key, (1 << 29,), jnp.bfloat16)  # 1 GiB
+  x = jax.random.normal(key, (copy_mib << 19,), jnp.bfloat16)
   t = timeit(jax.jit(lambda x: x * 2), x)
   RESULTS["copy_GBps"] = 2 * x.nbytes / t / 1e9
-  log(f"elementwise pass over 1 GiB bf16: {RESULTS['copy_GBps']:.0f} GB/s (read + write)")
+  log(f"elementwise pass over {copy_mib} MiB bf16: {RESULTS['copy_GBps']:.0f} GB/s (read + write)")
   del x
-  win_rows = b * 25 * 196
+  n_win, tw = gpu.windows_per_image(sam)
+  win_rows = b * n_win * tw  # the reference's qkv and proj run on the windows' padding too
   for name, m, k, n in (("qkv", win_rows, d, 3 * d), ("proj", win_rows, d, d), ("mlp1", b * g * g, d, mlp),
                         ("mlp2", b * g * g, mlp, d)):
     a = jax.random.normal(key, (m, k), jnp.bfloat16)
@@ -92,28 +97,56 @@ def attention_core(b, g, sam):
   def plain(q, k, v, rh, rw, hw):
     return layers.attention(q, k, v, implementation="cudnn")
 
-  ways = {"cudnn_fold": fold, "cudnn_fold_unpadded_v": fold_unpadded_v, "cudnn_bias": bias, "xla": xla,
-          "cudnn_no_rel_pos": plain}
+  def fold_to_128(q, k, v, rh, rw, hw):  # the folded width padded to a multiple of 128 instead of 8
+    q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw, multiple=128)
+    return ie.flash_attention_wide_qk(q_ext, k_ext, v, scale)
+
+  ways = {"cudnn_fold": fold, "cudnn_fold_unpadded_v": fold_unpadded_v, "cudnn_fold_to_128": fold_to_128,
+          "cudnn_bias": bias, "xla": xla, "cudnn_no_rel_pos": plain}
   rng = np.random.default_rng(0)
-  for kind, batch, side in (("global", b, g), ("windowed", b * 25, sam.window_size)):
+  n_win, _ = gpu.windows_per_image(sam)
+  for kind, batch, side in (("global", b, g), ("windowed", b * n_win, sam.window_size)):
     t = side * side
     q, k, v = (jnp.asarray(rng.normal(size=(batch, t, n, hd)), jnp.bfloat16) for _ in range(3))
     rh, rw = (jnp.asarray(0.3 * rng.normal(size=(2 * side - 1, hd)), jnp.float32) for _ in range(2))
     ref = jax.jit(lambda *a: xla(*a, (side, side)))(*(x.astype(jnp.float32) for x in (q, k, v)), rh, rw)
     useful = 4 * batch * n * t * t * hd
     for name, fn in ways.items():
-      try:
-        f = jax.jit(lambda *a, fn=fn: fn(*a, (side, side)))
-        out = f(q, k, v, rh, rw)
-        tm = timeit(f, q, k, v, rh, rw)
-      except Exception as e:
-        RESULTS[f"attn_{kind}_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        log(f"{kind} attention {name}: FAILED {RESULTS[f'attn_{kind}_{name}_error']}")
-        continue
-      rel = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
-      RESULTS[f"attn_{kind}_{name}"] = dict(ms=tm * 1e3, tflops=useful / tm / 1e12, rel_err_vs_fp32=rel)
-      log(f"{kind} attention ({batch}x{t} tokens) {name}: {tm * 1e3:.2f} ms, {useful / tm / 1e12:.0f} "
-          f"useful TFLOP/s, |out - fp32| / |fp32| = {rel:.2e}")
+      _time_attention(f"attn_{kind}_{name}", f"{kind} attention ({batch}x{t} tokens) {name}",
+                      jax.jit(lambda *a, fn=fn: fn(*a, (side, side))), (q, k, v, rh, rw), ref, useful)
+    # The flash kernel alone on inputs already at the folded width (q/k: D + h + w rounded up to 8, or 128;
+    # v: D): what is left of cuDNN_fold_unpadded_v once building q_ext/k_ext costs nothing.
+    for width in sorted({-(-(hd + 2 * side) // 8) * 8, -(-(hd + 2 * side) // 128) * 128}):
+      qw, kw = (jnp.asarray(rng.normal(size=(batch, t, n, width)) * (hd / width) ** 0.25, jnp.bfloat16)
+                for _ in range(2))
+      ref_w = _attention_f32(qw, kw, v, scale)
+      _time_attention(f"attn_{kind}_kernel_only_qk{width}", f"{kind} attention ({batch}x{t} tokens) kernel only, "
+                      f"q/k width {width}", jax.jit(lambda q, k, v: ie.flash_attention_wide_qk(q, k, v, scale)),
+                      (qw, kw, v), ref_w, useful)
+
+
+def _attention_f32(q, k, v, scale):
+  """softmax(scale q k^T) v in float32 for (B, T, N, *) inputs whose q/k and v widths may differ."""
+  import jax
+  import jax.numpy as jnp
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  p = jax.nn.softmax(jnp.einsum("btnd,bsnd->bnts", q, k) * scale, axis=-1)
+  return jnp.einsum("bnts,bsnd->btnd", p, v)
+
+
+def _time_attention(key, label, f, args, ref, useful):
+  """Times f(*args), checks it against the float32 `ref`, records RESULTS[key]; a failure is recorded too."""
+  import jax.numpy as jnp
+  try:
+    out = f(*args)
+    tm = timeit(f, *args)
+  except Exception as e:
+    RESULTS[f"{key}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    log(f"{label}: FAILED {RESULTS[f'{key}_error']}")
+    return
+  rel = float(jnp.linalg.norm((out.astype(jnp.float32) - ref).ravel()) / jnp.linalg.norm(ref.ravel()))
+  RESULTS[key] = dict(ms=tm * 1e3, tflops=useful / tm / 1e12, rel_err_vs_fp32=rel)
+  log(f"{label}: {tm * 1e3:.2f} ms, {useful / tm / 1e12:.0f} useful TFLOP/s, |out - fp32| / |fp32| = {rel:.2e}")
 
 
 def kernel_table(trace_dir, iterations):
@@ -232,8 +265,10 @@ def main():
   ap.add_argument("--size", default="evf-sam")
   ap.add_argument("--out", default=None, help="folder for gpu_encoder.json and the profiler trace")
   ap.add_argument("--sections", default="ceilings,attention,encoder,predictor")
+  ap.add_argument("--copy-mib", type=int, default=1024, help="size of the elementwise pass in the ceilings")
   args = ap.parse_args()
   if args.out:
+    os.makedirs(args.out, exist_ok=True)
     gpu.OUT_PATH = os.path.join(args.out, "gpu_encoder.json")
   import jax
   from evf_jax.evf import EvfConfig
@@ -245,7 +280,7 @@ def main():
   log(f"device {RESULTS['device']}, jax {jax.__version__}")
   sections = args.sections.split(",")
   if "ceilings" in sections:
-    ceilings(args.batch, sam.embedding_size, sam.embed_dim, int(sam.mlp_ratio * sam.embed_dim))
+    ceilings(args.batch, sam, args.copy_mib)
   if "attention" in sections:
     attention_core(args.batch, sam.embedding_size, sam)
   if "encoder" in sections or "predictor" in sections:

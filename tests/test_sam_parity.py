@@ -25,6 +25,7 @@ from convert.sam import convert_sam, sam_rules
 from evf_jax.sam import SAM_CONFIGS, Sam
 from evf_jax.sam import image_encoder as ie
 from evf_jax.sam.transforms import postprocess_masks, preprocess
+from tests import cudnn_stand_in
 from tests import torch_reference as tr
 from tests.sam_reference import build_torch_sam, nchw_to_nhwc, to_np
 
@@ -223,15 +224,7 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   import torch
   label = impl
   if impl and impl.startswith("cudnn"):
-    plain = ie.layers.attention
-    limit = 16 if impl == "cudnn-narrow" else 256
-
-    def kernel(q, k, v, *, implementation=None, **kw):
-      assert implementation == "cudnn"
-      if q.shape[-1] > limit:
-        raise NotImplementedError(f"head dim {q.shape[-1]} > {limit}")
-      return plain(q, k, v, implementation="xla", **kw)
-    monkeypatch.setattr(ie.layers, "attention", kernel)
+    cudnn_stand_in.install(monkeypatch, max_head_dim=16 if impl == "cudnn-narrow" else 256, half_only=False)
     impl = "cudnn"
   m = tr.segment_anything_modeling()
   blk = m.image_encoder.Block(dim=32, num_heads=heads, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),

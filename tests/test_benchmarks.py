@@ -1,0 +1,75 @@
+"""The GPU benchmark scripts, run at tiny size on CPU with XLA standing in for cuDNN.
+
+A GPU session has minutes of device time; a script that fails in a section, or compares results that were
+never produced, wastes them (one such comparison was lost on an H100 before this test existed). Timings
+here mean nothing: only that every section runs, writes its numbers, and that the numerical checks the
+scripts make hold.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from benchmarks import gpu, gpu_encoder
+from tests import cudnn_stand_in
+
+
+@pytest.fixture
+def bench(monkeypatch):
+  cudnn_stand_in.install(monkeypatch)
+  monkeypatch.setattr(gpu, "OUT_PATH", None)
+  monkeypatch.setattr(gpu, "RESULTS", {})
+  monkeypatch.setattr(gpu_encoder, "RESULTS", gpu.RESULTS)
+
+  def run(main, argv):
+    monkeypatch.setattr(sys, "argv", ["bench"] + argv)
+    main()
+  return run
+
+
+def _no_errors(results):
+  errors = {k: v for k, v in results.items() if k.endswith("_error")}
+  assert not errors, errors
+
+
+def test_gpu_py_every_section_runs(bench, tmp_path):
+  out = tmp_path / "gpu.json"
+  bench(gpu.main, ["--size", "tiny", "--batch-sizes", "1,2", "--out", str(out), "--gelu-forms", "tanh_approx"])
+  r = json.load(open(out))
+  _no_errors(r)
+  for key in ("encoder_cudnn_b1", "encoder_cudnn_b2", "encoder_xla_b2", "encoder_cudnn_b2_gelu_tanh_approx",
+              "ours_bf16", "ours_bf16_cudnn", "ours_fp32", "reference_fp32", "reference_bf16"):
+    assert key in r, key
+  assert r["encoder_cudnn_b2"]["flops"] == 2 * gpu.encoder_matmul_flops(gpu_encoder_config())
+  # The two attention paths agree (both bf16: rounding only), and ours matches the reference in fp32.
+  assert r["encoder_cudnn_vs_xla_rel_err"] < 2e-2
+  assert r["ours_fp32_vs_reference_fp32_gpu"] < 1e-3
+  for name in ("ours_bf16", "ours_bf16_cudnn"):
+    assert r[f"{name}_vs_fp32"]["mask_agreement"] > 0.98, r[f"{name}_vs_fp32"]
+
+
+def gpu_encoder_config():
+  from evf_jax.evf import EvfConfig
+  return EvfConfig.preset("tiny").sam
+
+
+def test_gpu_encoder_py_every_section_runs(bench, tmp_path):
+  bench(gpu_encoder.main, ["--size", "tiny", "--batch", "2", "--out", str(tmp_path / "new_dir"),
+                           "--copy-mib", "4"])
+  r = json.load(open(tmp_path / "new_dir" / "gpu_encoder.json"))
+  _no_errors(r)
+  assert r["copy_GBps"] > 0 and r["matmul_mlp2_tflops"] > 0
+  for kind in ("global", "windowed"):
+    for name in ("cudnn_fold", "cudnn_fold_unpadded_v", "cudnn_fold_to_128", "cudnn_bias", "xla"):
+      assert r[f"attn_{kind}_{name}"]["rel_err_vs_fp32"] < 2e-2, (kind, name)
+    # Without its rel-pos terms attention is another function: the check must see that.
+    assert r[f"attn_{kind}_cudnn_no_rel_pos"]["rel_err_vs_fp32"] > 0.1
+    kernel_only = [k for k in r if k.startswith(f"attn_{kind}_kernel_only_qk")]
+    assert len(kernel_only) == 2 and all(r[k]["rel_err_vs_fp32"] < 2e-2 for k in kernel_only), kernel_only
+  for key in ("encoder_cudnn_params_f32_b2", "encoder_cudnn_params_bf16_kernels_b2", "encoder_xla_params_f32_b2",
+              "predictor_bf16_cudnn_1", "predictor_bf16_cudnn_8"):
+    assert key in r, key
+  assert (tmp_path / "new_dir" / "encoder_cudnn.trace.json.gz").exists()
