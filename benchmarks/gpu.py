@@ -72,6 +72,22 @@ def sync_time(fn, repeats=5, warmup=2):
   return float(np.median(ts))
 
 
+def pipelined_time(fn, repeats=20, warmup=2):
+  """Seconds per call of `fn` issued `repeats` times back to back with one wait at the end: jax dispatches
+  asynchronously, so the host's per-call overhead (~0.1 ms) hides behind the device work. For sub-ms
+  kernels, where `sync_time` (a wait after every call) counts that overhead: cuBLAS matmuls of the
+  encoder's shapes timed 577-611 TFLOP/s one call at a time, while the encoder's profile put the same
+  kernels at ~780."""
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()  # the previous output is freed once its computation is done; one stream runs them in order
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
 def windows_per_image(sam) -> tuple[int, int]:
   """(windows per image, tokens per window) of SAM's windowed blocks: the grid is zero-padded up to a
   multiple of the window (64 -> 70 at 1024 px, 25 windows of 14 x 14)."""

@@ -44,7 +44,7 @@ log, section = gpu.log, gpu.section
 
 
 def timeit(fn, *args):
-  return gpu.sync_time(lambda: fn(*args), repeats=10)
+  return gpu.pipelined_time(lambda: fn(*args), repeats=20)
 
 
 @section("ceilings")
