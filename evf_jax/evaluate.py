@@ -29,7 +29,6 @@ mesh, params are replicated):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -139,12 +138,6 @@ def _pow2_at_least(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=1024)
-def _matrices(input_hw: tuple[int, int], orig_hw: tuple[int, int], low_res: int, img_size: int):
-  # Few distinct image sizes in practice (COCO), so caching makes this free after the first images.
-  return postprocess.mask_postprocess_matrices(input_hw, orig_hw, low_res=low_res, img_size=img_size)
-
-
 class _AddMatrices:
   """eval example -> the same plus its file-order index and unpadded postprocess matrices (in grain threads)."""
 
@@ -152,8 +145,9 @@ class _AddMatrices:
     self.low_res, self.img_size = low_res, img_size
 
   def __call__(self, index: int, ex: dict) -> dict:
-    a_y, a_x = _matrices(tuple(int(v) for v in ex["resize_hw"]), tuple(int(v) for v in ex["orig_hw"]),
-                         self.low_res, self.img_size)
+    a_y, a_x = postprocess.mask_postprocess_matrices(tuple(int(v) for v in ex["resize_hw"]),
+                                                     tuple(int(v) for v in ex["orig_hw"]),
+                                                     low_res=self.low_res, img_size=self.img_size)
     return dict(ex, index=index, a_y=a_y, a_x=a_x)
 
 

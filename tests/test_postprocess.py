@@ -37,3 +37,12 @@ def test_bilinear_matrix_rows_sum_to_one_and_padding_is_zero():
   a_y, a_x = postprocess.mask_postprocess_matrices((768, 1024), (480, 640), pad_to=(512, 640))
   assert a_y.shape == (512, 256) and a_x.shape == (640, 256)
   assert not a_y[480:].any()
+
+
+def test_matrices_are_cached_and_read_only():
+  """One computation per image size, shared by every caller (Predictor, evaluation), so nobody may write."""
+  first = postprocess.mask_postprocess_matrices((700, 1024), (350, 512), pad_to=(384, 512))
+  again = postprocess.mask_postprocess_matrices((700, 1024), (350, 512), pad_to=(384, 512))
+  assert first[0] is again[0] and first[1] is again[1]
+  with pytest.raises(ValueError):
+    first[0][0, 0] = 1.0
