@@ -7,7 +7,8 @@ Reports:
      chip's dense bf16 peak), for attention through cuDNN flash attention and through XLA, the two
      paths' embeddings against each other, and the encoder with other GELU code (--gelu-forms);
   2. end-to-end latency (decoded image -> masks at the original size) for 1 and 8 prompts, ours in fp32
-     and bf16; the reference (segment-anything + torchscale + EVF glue, as EVF-SAM's inference runs it:
+     and bf16, and for bf16 with cuDNN the time of each stage alone (host preparation, the SAM embedding,
+     BEiT-3 + decoder, the upsample, the copy to the host); the reference (segment-anything + torchscale + EVF glue, as EVF-SAM's inference runs it:
      everything per prompt) in fp32 and bf16 on the same GPU;
   3. the bf16 logit error against our fp32 logits.
 The weights are random (seeded) and converted in memory with our converter.
@@ -204,6 +205,44 @@ def bench_ours(config, params, tokenizer, image, runs):
     log(f"{key}: first call {first:.1f} s, 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
 
 
+@section("ours_stages")
+def bench_stages(config, params, tokenizer, image, precision="bf16", impl="cudnn"):
+  """Where one end-to-end call's time goes: the host's image preparation and each jitted program alone
+  (waited for), for 1 and 8 prompts. The end-to-end call overlaps the host work with the device's."""
+  import jax
+  from evf_jax import postprocess
+  from evf_jax.predictor import Predictor
+  from evf_jax.preprocess import beit_image
+  from evf_jax.sam import transforms as sam_transforms
+  p = Predictor(config, params, tokenizer, precision=precision, attention_impl=impl)
+  s = config.sam.img_size
+  p.set_image(image)
+  img = p._image
+
+  def host_prep():  # as set_image, with the postprocess matrices recomputed (a new image size)
+    framed, input_hw = sam_transforms.to_frame(image, s)
+    beit_image(image, config.beit3.img_size)
+    postprocess.mask_postprocess_matrices.cache_clear()
+    postprocess.mask_postprocess_matrices(input_hw, image.shape[:2], low_res=config.sam.low_res_size, img_size=s,
+                                          pad_to=tuple(-(-v // p.size_multiple) * p.size_multiple
+                                                       for v in image.shape[:2]))
+    return framed, input_hw
+  framed, input_hw = host_prep()
+  stages = {"host_prep": common.timed(host_prep, 5, warmup=1)[0]}
+  hw = np.asarray([input_hw], np.int32)
+  stages["embed"] = sync_time(lambda: p._embed(p.params, framed[None], hw))
+  for n in (1, 8):
+    ids, mask = tokenizer.encode_batch(common.PROMPTS[:n])
+    stages[f"decode_{n}"] = sync_time(lambda: p._decode(p.params, img["embedding"], img["beit"], ids, mask))
+    low, _ = p._decode(p.params, img["embedding"], img["beit"], ids, mask)
+    stages[f"upsample_{n}"] = sync_time(lambda: p._upsample(low, img["a_y"], img["a_x"]))
+    logits = jax.block_until_ready(p._upsample(low, img["a_y"], img["a_x"]))
+    stages[f"to_host_{n}"] = common.timed(lambda: np.asarray(logits), 5, warmup=1)[0]
+  key = f"ours_{precision}_{impl}_stages"
+  RESULTS[key] = {k: v * 1e3 for k, v in stages.items()}
+  log(f"{key} [ms]: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stages.items()))
+
+
 @section("compare")
 def compare_logits():
   """bf16 against our fp32 logits, and our fp32 against the reference's, from the runs that happened."""
@@ -308,6 +347,7 @@ def main():
   bench_encoder(config, params, [int(b) for b in args.batch_sizes.split(",")], peak, forms)
   # fp32 last: its compile is the slowest, and a run cut at its time limit should still have the reference.
   bench_ours(config, params, tokenizer, image, [("bf16", None), ("bf16", "cudnn")])
+  bench_stages(config, params, tokenizer, image)
   if not args.skip_reference:
     bench_reference(config, model, tokenizer, image)
   bench_ours(config, params, tokenizer, image, [("fp32", None)])

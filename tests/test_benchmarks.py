@@ -41,8 +41,11 @@ def test_gpu_py_every_section_runs(bench, tmp_path):
   r = json.load(open(out))
   _no_errors(r)
   for key in ("encoder_cudnn_b1", "encoder_cudnn_b2", "encoder_xla_b2", "encoder_cudnn_b2_gelu_tanh_approx",
-              "ours_bf16", "ours_bf16_cudnn", "ours_fp32", "reference_fp32", "reference_bf16"):
+              "ours_bf16", "ours_bf16_cudnn", "ours_fp32", "reference_fp32", "reference_bf16",
+              "ours_bf16_cudnn_stages"):
     assert key in r, key
+  assert set(r["ours_bf16_cudnn_stages"]) == {"host_prep", "embed", "decode_1", "decode_8", "upsample_1",
+                                              "upsample_8", "to_host_1", "to_host_8"}
   assert r["encoder_cudnn_b2"]["flops"] == 2 * gpu.encoder_matmul_flops(gpu_encoder_config())
   # The two attention paths agree (both bf16: rounding only), and ours matches the reference in fp32.
   assert r["encoder_cudnn_vs_xla_rel_err"] < 2e-2
