@@ -12,9 +12,12 @@
    plain cuDNN attention without any rel-pos terms (a floor). Then the flash kernel alone on q/k already at
    the folded width (what the fold's own passes cost is the difference). Each is checked against float32
    on the same inputs.
-3. The whole encoder at `--batch`, cuDNN (kernels stored in float32 and in bf16) and XLA, and a profile of
-   the cuDNN one: GPU time per kernel, grouped, from the profiler's trace.
+3. The whole encoder at `--batch`, cuDNN and XLA attention (kernels stored in bf16, as `Predictor` runs it),
+   and a profile of the cuDNN one: GPU time per kernel, grouped, from the profiler's trace.
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
+5. With --xla-flag-sets, section 3 (cuDNN, with its profile) again under each set of XLA flags, each in a
+   fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
+   elementwise work around the matmuls, which cuBLAS calls cannot.
 With --out, the log's numbers go to DIR/gpu_encoder.json and the raw trace to DIR.
 """
 
@@ -27,6 +30,7 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -191,32 +195,32 @@ def kernel_table(trace_dir, iterations):
 
 
 @section("encoder")
-def encoder(cfg, params, b, out_dir):
+def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
+  """The encoder in bf16 with its kernels stored in bf16 (as `Predictor` runs it), timed; the first
+  implementation that runs is profiled too."""
   import jax
   import jax.numpy as jnp
   from evf_jax.evf import EvfSam, cast_kernels
   sam = cfg.sam
   imgs = jax.random.normal(jax.random.key(1), (b, sam.img_size, sam.img_size, 3), jnp.bfloat16)
   flops = b * encoder_matmul_flops(sam)
-  bf16_params = cast_kernels(params, jnp.bfloat16)
+  params = cast_kernels(params, jnp.bfloat16)
   profiled = False
-  for impl in ("cudnn", "xla"):
+  for impl in impls:
     model = EvfSam(cfg, attention_impl=impl, dtype=jnp.bfloat16)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
     try:
-      for pname, pp in (("f32", params), ("bf16_kernels", bf16_params)) if impl == "cudnn" else (("f32", params),):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(pp, imgs))
-        first = time.perf_counter() - t0
-        t = timeit(fn, pp, imgs)
-        RESULTS[f"encoder_{impl}_params_{pname}_b{b}"] = dict(ms=t * 1e3, tflops=flops / t / 1e12,
-                                                              first_call_s=first)
-        log(f"encoder attention={impl} params {pname}, batch {b}: {t * 1e3:.1f} ms, {b / t:.1f} img/s, "
-            f"{flops / t / 1e12:.0f} TFLOP/s (hand-counted), first call {first:.0f} s")
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(params, imgs))
+      first = time.perf_counter() - t0
+      t = timeit(fn, params, imgs)
     except Exception as e:
       RESULTS[f"encoder_{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       log(f"encoder attention={impl}: FAILED {RESULTS[f'encoder_{impl}_error']}")
       continue
+    RESULTS[f"encoder_{impl}_b{b}"] = dict(ms=t * 1e3, tflops=flops / t / 1e12, first_call_s=first)
+    log(f"encoder attention={impl}, batch {b}: {t * 1e3:.1f} ms, {b / t:.1f} img/s, "
+        f"{flops / t / 1e12:.0f} TFLOP/s (hand-counted), first call {first:.0f} s")
     if not profiled:  # the first path that runs: cuDNN on NVIDIA GPUs
       profiled = True
       trace_dir = tempfile.mkdtemp()
@@ -228,6 +232,28 @@ def encoder(cfg, params, b, out_dir):
       path = kernel_table(trace_dir, iterations)
       if out_dir and os.path.getsize(path) < (15 << 20):
         shutil.copy(path, os.path.join(out_dir, f"encoder_{impl}.trace.json.gz"))
+
+
+@section("xla_flag_sets")
+def xla_flag_sets(args, flag_sets):
+  """The encoder section again in a fresh process per XLA_FLAGS string (XLA reads its flags once, at
+  start-up), cuDNN attention only; each child's numbers land under RESULTS["xla_flags"][flags]."""
+  RESULTS["xla_flags"] = {}
+  for i, flags in enumerate(flag_sets):
+    out = os.path.join(args.out or tempfile.mkdtemp(), f"xla_flags_{i}")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--batch", str(args.batch),
+           "--sections", "encoder", "--impls", "cudnn", "--out", out]
+    log(f"XLA_FLAGS={env['XLA_FLAGS']!r}: {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    child = os.path.join(out, "gpu_encoder.json")
+    if proc.returncode != 0 or not os.path.exists(child):
+      RESULTS["xla_flags"][flags] = {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"}
+      log(f"  FAILED: {RESULTS['xla_flags'][flags]['error']}")
+      continue
+    r = json.load(open(child))
+    RESULTS["xla_flags"][flags] = {k: v for k, v in r.items() if k.startswith(("encoder", "profile_groups"))}
 
 
 @section("predictor")
@@ -266,6 +292,10 @@ def main():
   ap.add_argument("--out", default=None, help="folder for gpu_encoder.json and the profiler trace")
   ap.add_argument("--sections", default="ceilings,attention,encoder,predictor")
   ap.add_argument("--copy-mib", type=int, default=1024, help="size of the elementwise pass in the ceilings")
+  ap.add_argument("--impls", default="cudnn,xla", help="attention implementations for the encoder section")
+  ap.add_argument("--xla-flag-sets", default="",
+                  help="';'-separated XLA_FLAGS strings, e.g. '--xla_gpu_triton_gemm_any=true': after the other "
+                       "sections, the encoder (cuDNN attention) runs again in a fresh process under each")
   args = ap.parse_args()
   if args.out:
     os.makedirs(args.out, exist_ok=True)
@@ -286,9 +316,12 @@ def main():
   if "encoder" in sections or "predictor" in sections:
     params = random_params(cfg)
     if "encoder" in sections:
-      encoder(cfg, params, args.batch, args.out)
+      encoder(cfg, params, args.batch, args.out, tuple(args.impls.split(",")))
     if "predictor" in sections:
       predictor(cfg, params)
+  flag_sets = [f.strip() for f in args.xla_flag_sets.split(";") if f.strip()]
+  if flag_sets:
+    xla_flag_sets(args, flag_sets)
 
 
 if __name__ == "__main__":
