@@ -47,8 +47,9 @@ def section(name):
   def deco(fn):
     def run(*a, **k):
       t0 = time.perf_counter()
+      value = None
       try:
-        fn(*a, **k)
+        value = fn(*a, **k)
       except Exception as e:  # keep going: one failing section must not lose the others
         RESULTS[name + "_error"] = f"{type(e).__name__}: {str(e)[:500]}"
         log(f"{name} FAILED: {RESULTS[name + '_error']}")
@@ -57,6 +58,7 @@ def section(name):
       if OUT_PATH:
         with open(OUT_PATH, "w") as f:
           json.dump({k: v for k, v in RESULTS.items() if not k.startswith("_")}, f, indent=2, default=float)
+      return value
     return run
   return deco
 
@@ -176,8 +178,10 @@ def bench_encoder(config, params, batch_sizes, peak, gelu_forms):
 
 @section("ours_e2e")
 def bench_ours(config, params, tokenizer, image, runs):
-  """End-to-end latency of `Predictor` for each (precision, attention_impl) in `runs`; keeps the logits."""
+  """End-to-end latency of `Predictor` for each (precision, attention_impl) in `runs`; keeps the logits.
+  Returns the predictors that ran, by (precision, attention_impl)."""
   from evf_jax.predictor import Predictor
+  predictors = {}
   for precision, impl in runs:
     p = Predictor(config, params, tokenizer, precision=precision, attention_impl=impl)
     key = f"ours_{precision}" + (f"_{impl}" if impl else "")
@@ -203,18 +207,20 @@ def bench_ours(config, params, tokenizer, image, runs):
       continue
     RESULTS[key] = dict(first_call=first, one_prompt=t1, eight_prompts=t8)
     log(f"{key}: first call {first:.1f} s, 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
+    predictors[(precision, impl)] = p
+  return predictors
 
 
 @section("ours_stages")
-def bench_stages(config, params, tokenizer, image, precision="bf16", impl="cudnn"):
-  """Where one end-to-end call's time goes: the host's image preparation and each jitted program alone
-  (waited for), for 1 and 8 prompts. The end-to-end call overlaps the host work with the device's."""
+def bench_stages(p, image):
+  """Where one end-to-end call of Predictor `p` (already compiled) goes: the host's image preparation and
+  each jitted program alone (waited for), for 1 and 8 prompts. The end-to-end call overlaps the host's
+  work with the device's."""
   import jax
   from evf_jax import postprocess
-  from evf_jax.predictor import Predictor
   from evf_jax.preprocess import beit_image
   from evf_jax.sam import transforms as sam_transforms
-  p = Predictor(config, params, tokenizer, precision=precision, attention_impl=impl)
+  config, tokenizer = p.config, p.tokenizer
   s = config.sam.img_size
   p.set_image(image)
   img = p._image
@@ -238,7 +244,7 @@ def bench_stages(config, params, tokenizer, image, precision="bf16", impl="cudnn
     stages[f"upsample_{n}"] = sync_time(lambda: p._upsample(low, img["a_y"], img["a_x"]))
     logits = jax.block_until_ready(p._upsample(low, img["a_y"], img["a_x"]))
     stages[f"to_host_{n}"] = common.timed(lambda: np.asarray(logits), 5, warmup=1)[0]
-  key = f"ours_{precision}_{impl}_stages"
+  key = f"ours_{p.precision}_{p.model.attention_impl or 'auto'}_stages"
   RESULTS[key] = {k: v * 1e3 for k, v in stages.items()}
   log(f"{key} [ms]: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stages.items()))
 
@@ -312,12 +318,17 @@ def main():
   ap.add_argument("--batch-sizes", default="1,4,8")
   ap.add_argument("--out", default=None)
   ap.add_argument("--skip-reference", action="store_true")
+  ap.add_argument("--e2e-attention", default="auto,cudnn",
+                  help="attention for our bf16 end-to-end rows: auto (XLA), cudnn, or both (XLA's costs ~2 min)")
   ap.add_argument("--gelu-forms", default="",
                   help=f"extra encoder runs at the largest batch with other GELU code: {sorted(GELU_FORMS)} or ''")
   args = ap.parse_args()
   global OUT_PATH
   OUT_PATH = args.out
   forms = [f for f in args.gelu_forms.split(",") if f]
+  e2e_impls = [None if a == "auto" else a for a in args.e2e_attention.split(",") if a]
+  if any(a not in (None, "xla", "cudnn") for a in e2e_impls):
+    ap.error("--e2e-attention: expected a comma-separated subset of auto, xla, cudnn")
   if any(f not in GELU_FORMS for f in forms):
     ap.error(f"--gelu-forms: expected names from {sorted(GELU_FORMS)}")
   import jax
@@ -346,8 +357,10 @@ def main():
   image = common.test_image()
   bench_encoder(config, params, [int(b) for b in args.batch_sizes.split(",")], peak, forms)
   # fp32 last: its compile is the slowest, and a run cut at its time limit should still have the reference.
-  bench_ours(config, params, tokenizer, image, [("bf16", None), ("bf16", "cudnn")])
-  bench_stages(config, params, tokenizer, image)
+  predictors = bench_ours(config, params, tokenizer, image, [("bf16", impl) for impl in e2e_impls]) or {}
+  if predictors:  # the cuDNN one when it ran
+    bench_stages(predictors.get(("bf16", "cudnn")) or next(iter(predictors.values())), image)
+  del predictors
   if not args.skip_reference:
     bench_reference(config, model, tokenizer, image)
   bench_ours(config, params, tokenizer, image, [("fp32", None)])

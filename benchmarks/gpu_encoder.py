@@ -275,14 +275,18 @@ def predictor(cfg, params):
     log(f"Predictor bf16 attention=cudnn: {n} prompt(s) {t * 1e3:.1f} ms (first call {first:.0f} s)")
 
 
-def random_params(cfg):
+def random_params(cfg, encoder_only=False):
   """Seeded random weights drawn with numpy (only speed is measured here): `init_params` compiles the
-  initialisers of the whole model, which took 3.5 minutes on the H100 machine."""
+  initialisers of the whole model, which took 3.5 minutes on the H100 machine. encoder_only: just SAM's
+  image encoder (all that `embed_image` reads), a third of the draw."""
   import jax
   from evf_jax.evf import abstract_params
+  shapes = abstract_params(cfg)
+  if encoder_only:
+    shapes = {"sam": {"image_encoder": shapes["sam"]["image_encoder"]}}
   rng = np.random.default_rng(0)
   return jax.tree.map(lambda s: jax.device_put((0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype)),
-                      abstract_params(cfg))
+                      shapes)
 
 
 def main():
@@ -314,7 +318,7 @@ def main():
   if "attention" in sections:
     attention_core(args.batch, sam.embedding_size, sam)
   if "encoder" in sections or "predictor" in sections:
-    params = random_params(cfg)
+    params = random_params(cfg, encoder_only="predictor" not in sections)
     if "encoder" in sections:
       encoder(cfg, params, args.batch, args.out, tuple(args.impls.split(",")))
     if "predictor" in sections:
