@@ -8,8 +8,8 @@ Reports:
      paths' embeddings against each other, and the encoder with other GELU code (--gelu-forms);
   2. end-to-end latency (decoded image -> masks at the original size) for 1 and 8 prompts, ours in fp32
      and bf16, and for bf16 with cuDNN the time of each stage alone (host preparation, the SAM embedding,
-     BEiT-3 + decoder, the upsample, the copy to the host); the reference (segment-anything + torchscale + EVF glue, as EVF-SAM's inference runs it:
-     everything per prompt) in fp32 and bf16 on the same GPU;
+     BEiT-3 + decoder, the upsample, the copy to the host); the reference (segment-anything + torchscale +
+     EVF glue, as EVF-SAM's inference runs it: everything per prompt) in fp32 and bf16 on the same GPU;
   3. the bf16 logit error against our fp32 logits.
 The weights are random (seeded) and converted in memory with our converter.
 Needs torch, segment-anything, torchscale and fairscale importable (see README, Performance).
@@ -80,7 +80,7 @@ def pipelined_time(fn, repeats=20, warmup=2):
   asynchronously, so the host's per-call overhead (~0.1 ms) hides behind the device work. For sub-ms
   kernels, where `sync_time` (a wait after every call) counts that overhead: cuBLAS matmuls of the
   encoder's shapes timed 577-611 TFLOP/s one call at a time, while the encoder's profile put the same
-  kernels at ~780."""
+  kernels at ~790."""
   import jax
   for _ in range(warmup):
     jax.block_until_ready(fn())
