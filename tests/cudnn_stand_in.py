@@ -14,12 +14,15 @@ import jax.numpy as jnp
 from evf_jax import layers
 
 
-def install(monkeypatch, max_head_dim: int = 256, half_only: bool = True) -> None:
-  """max_head_dim: 256 plays Hopper, 128 earlier GPUs. half_only=False lets float32 parity tests through."""
+def install(monkeypatch, max_head_dim: int = 256, half_only: bool = True) -> dict:
+  """max_head_dim: 256 plays Hopper, 128 earlier GPUs. half_only=False lets float32 parity tests through.
+  Returns a dict counting the cuDNN calls traced ("cudnn"), so a test can tell the path was taken."""
   xla = layers.attention
+  calls = {"cudnn": 0}
 
   def kernel(q, k, v, *, implementation=None, **kw):
     if implementation == "cudnn":
+      calls["cudnn"] += 1
       if half_only and q.dtype not in (jnp.bfloat16, jnp.float16):
         raise NotImplementedError(f"Q must be fp16/bf16, got {q.dtype}")
       if q.shape[-1] > max_head_dim or q.shape[-1] % 8:
@@ -28,3 +31,4 @@ def install(monkeypatch, max_head_dim: int = 256, half_only: bool = True) -> Non
     return xla(q, k, v, implementation=implementation, **kw)
 
   monkeypatch.setattr(layers, "attention", kernel)
+  return calls

@@ -19,7 +19,7 @@ from tests import cudnn_stand_in
 
 @pytest.fixture
 def bench(monkeypatch):
-  cudnn_stand_in.install(monkeypatch)
+  calls = cudnn_stand_in.install(monkeypatch)
   monkeypatch.setattr(gpu, "OUT_PATH", None)
   monkeypatch.setattr(gpu, "RESULTS", {})
   monkeypatch.setattr(gpu_encoder, "RESULTS", gpu.RESULTS)
@@ -27,6 +27,7 @@ def bench(monkeypatch):
   def run(main, argv):
     monkeypatch.setattr(sys, "argv", ["bench"] + argv)
     main()
+    assert calls["cudnn"] > 0  # the cuDNN rows really took the cuDNN path
   return run
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from data_pipelines import prepare, records
 from evf_jax import cli, evaluate, metrics
-from evf_jax.evf import EvfConfig, init_params
+from evf_jax.evf import EvfConfig, cast_kernels, init_params
 from tests import data_fixtures as df
 
 # ---------------------------------------------------------------- direct numpy implementation of the protocol
@@ -241,6 +241,26 @@ def test_evf_model_matches_predictor_and_batching(data):
     assert r["giou"] == pytest.approx(want["giou"], abs=1e-4)
     assert r["ciou"] == pytest.approx(want["ciou"], abs=1e-4)
   assert 0.0 < want["total_intersection"] < want["total_union"]  # neither all-empty nor perfect
+
+
+def test_evf_model_with_cudnn_attention(data, monkeypatch):
+  """The evaluation program with attention_impl="cudnn" (vmapped over images, sharded over 8 devices), its
+  kernel played by XLA after cuDNN's input checks: it must build and score as the XLA path does in bf16.
+  `run.py eval --attention cudnn` has not run on a GPU yet; this is what CPU can check of it."""
+  from tests import cudnn_stand_in
+  calls = cudnn_stand_in.install(monkeypatch)
+  root, tok = data
+  directory = os.path.join(root, "refcoco")
+  config = EvfConfig.preset("tiny")
+  params = cast_kernels(init_params(config, jax.random.key(3)), jnp.bfloat16)
+  runs = {impl: _evaluator(evaluate.evf_predict_fn(config, "bf16", impl), tok, 8, jax.devices(),
+                           params=params).run(directory, "val") for impl in (None, "cudnn")}
+  xla, cudnn = runs[None], runs["cudnn"]
+  assert calls["cudnn"] > 0
+  assert (cudnn["images"], cudnn["sentences"]) == (xla["images"], xla["sentences"]) == (6, xla["sentences"])
+  # Same math in another order: bf16 rounding may move a few pixels across 0.
+  assert abs(cudnn["total_union"] - xla["total_union"]) <= 0.01 * xla["total_union"]
+  assert cudnn["giou"] == pytest.approx(xla["giou"], abs=0.02)
 
 
 # ---------------------------------------------------------------- run.py eval

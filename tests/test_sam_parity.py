@@ -224,7 +224,8 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   import torch
   label = impl
   if impl and impl.startswith("cudnn"):
-    cudnn_stand_in.install(monkeypatch, max_head_dim=16 if impl == "cudnn-narrow" else 256, half_only=False)
+    calls = cudnn_stand_in.install(monkeypatch, max_head_dim=16 if impl == "cudnn-narrow" else 256,
+                                   half_only=False)
     impl = "cudnn"
   m = tr.segment_anything_modeling()
   blk = m.image_encoder.Block(dim=32, num_heads=heads, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
@@ -238,6 +239,8 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   with torch.no_grad():
     ref = to_np(blk(_t(x)))
   _close(ours.apply({"params": params}, jnp.asarray(x)), ref, 2e-5, f"block window={window} attention={label}")
+  if impl == "cudnn":
+    assert calls["cudnn"] > 0
 
 
 @pytest.mark.parametrize("maps_per_step,chunk_bytes", [(None, None), (1, 1), (3, 3 * 2 * 10 * 60 * 4), (8, 1 << 30)])
