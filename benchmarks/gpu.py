@@ -230,8 +230,7 @@ def bench_stages(p, image):
     beit_image(image, config.beit3.img_size)
     postprocess.mask_postprocess_matrices.cache_clear()
     postprocess.mask_postprocess_matrices(input_hw, image.shape[:2], low_res=config.sam.low_res_size, img_size=s,
-                                          pad_to=tuple(-(-v // p.size_multiple) * p.size_multiple
-                                                       for v in image.shape[:2]))
+                                          pad_to=p.padded_hw(image.shape[:2]))
     return framed, input_hw
   framed, input_hw = host_prep()
   stages = {"host_prep": common.timed(host_prep, 5, warmup=1)[0]}

@@ -24,7 +24,6 @@ from evf_jax import preprocess
 from evf_jax.tokenizer import PAD_ID, truncate_ids
 
 
-
 class Tokenizer(Protocol):
   """What the pipeline needs from a tokenizer: XLM-R ids with specials, `[0] + pieces + [2]`."""
 

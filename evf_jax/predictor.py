@@ -165,11 +165,14 @@ class Predictor:
     embedding = self._embed(self.params, framed[None], np.asarray([input_hw], np.int32))
     beit = beit_image(image, self.config.beit3.img_size)[None]
     orig_hw = tuple(image.shape[:2])
-    pad_hw = (_round_up(orig_hw[0], self.size_multiple), _round_up(orig_hw[1], self.size_multiple))
     a_y, a_x = postprocess.mask_postprocess_matrices(input_hw, orig_hw, low_res=self.config.sam.low_res_size,
-                                                     img_size=size, pad_to=pad_hw)
+                                                     img_size=size, pad_to=self.padded_hw(orig_hw))
     self._image = dict(embedding=embedding, beit=jnp.asarray(beit), orig_hw=orig_hw,
                        a_y=jnp.asarray(a_y), a_x=jnp.asarray(a_x))
+
+  def padded_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
+    """The (H, W) an original image size is padded up to for the postprocess (its shape bucket)."""
+    return (_round_up(hw[0], self.size_multiple), _round_up(hw[1], self.size_multiple))
 
   def precompile(self, image_hw: tuple[int, int] = (480, 640), num_prompts: int = 1,
                  text_length: int = 16) -> dict[str, dict[str, float]]:
@@ -179,7 +182,7 @@ class Predictor:
     import time
     s, b = self.config.sam.img_size, self.config.beit3.img_size
     n = _pow2_at_least(num_prompts)
-    pad_hw = (_round_up(image_hw[0], self.size_multiple), _round_up(image_hw[1], self.size_multiple))
+    pad_hw = self.padded_hw(image_hw)
     low = self.config.sam.low_res_size
     sds = jax.ShapeDtypeStruct
     emb = jax.eval_shape(self._embed, self.params, sds((1, s, s, 3), jnp.uint8), sds((1, 2), jnp.int32))

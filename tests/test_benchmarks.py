@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from benchmarks import gpu, gpu_encoder
+from evf_jax.evf import EvfConfig
 from tests import cudnn_stand_in
 
 
@@ -47,17 +48,12 @@ def test_gpu_py_every_section_runs(bench, tmp_path):
     assert key in r, key
   assert set(r["ours_bf16_cudnn_stages"]) == {"host_prep", "embed", "decode_1", "decode_8", "upsample_1",
                                               "upsample_8", "to_host_1", "to_host_8"}
-  assert r["encoder_cudnn_b2"]["flops"] == 2 * gpu.encoder_matmul_flops(gpu_encoder_config())
+  assert r["encoder_cudnn_b2"]["flops"] == 2 * gpu.encoder_matmul_flops(EvfConfig.preset("tiny").sam)
   # The two attention paths agree (both bf16: rounding only), and ours matches the reference in fp32.
   assert r["encoder_cudnn_vs_xla_rel_err"] < 2e-2
   assert r["ours_fp32_vs_reference_fp32_gpu"] < 1e-3
   for name in ("ours_bf16", "ours_bf16_cudnn"):
     assert r[f"{name}_vs_fp32"]["mask_agreement"] > 0.98, r[f"{name}_vs_fp32"]
-
-
-def gpu_encoder_config():
-  from evf_jax.evf import EvfConfig
-  return EvfConfig.preset("tiny").sam
 
 
 def test_gpu_encoder_py_every_section_runs(bench, tmp_path):

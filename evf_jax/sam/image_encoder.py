@@ -197,8 +197,9 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     window batch: 167 ms -> 103 ms); the scores as one product with both tables and a gather rather than
     per-row products: a ViT-B windowed block 331/334/326 ms -> 325/314/307 ms (three rounds, one process);
   - large grids (global attention, 4096 tokens), heads-major (B, N, T, D): the rel-pos terms are added
-    by broadcasting in a (g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g (image, head) maps x r grid
-    rows so each step's float32 logits stay under `max_chunk_bytes` (defaults: `default_chunking()`).
+    by broadcasting in a (g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g (image, head)
+    maps x r grid rows so each step's float32 logits stay under `max_chunk_bytes` (defaults:
+    `default_chunking()`).
   """
   b, t, n, d = q.shape
   h, w = hw
@@ -243,10 +244,11 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
 
 class Attention(nn.Module):
   """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative-position bias, within
-  non-overlapping windows of `window_size` when > 0 (else global)."""
+  non-overlapping windows of `window_size` when > 0 (else global). The rel-pos tables are sized for the
+  window, or for `input_size` when global."""
   dim: int
   num_heads: int
-  rel_pos_size: tuple[int, int]  # the (H, W) the rel-pos tables are sized for
+  input_size: tuple[int, int]  # the grid a global block's rel-pos tables are sized for
   window_size: int = 0
   attention_impl: Optional[str] = None
   dtype: Optional[Dtype] = None
@@ -276,8 +278,9 @@ class Attention(nn.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     table = lambda n, size: self.param(  # noqa: E731
         n, layers.logical(nn.initializers.zeros_init(), (None, None)), (2 * size - 1, hd), self.param_dtype)
-    rel_pos_h = table("rel_pos_h", self.rel_pos_size[0])
-    rel_pos_w = table("rel_pos_w", self.rel_pos_size[1])
+    table_hw = (ws, ws) if ws > 0 else tuple(self.input_size)
+    rel_pos_h = table("rel_pos_h", table_hw[0])
+    rel_pos_w = table("rel_pos_w", table_hw[1])
     if self.attention_impl == "cudnn":
       out = cudnn_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
     else:
@@ -322,8 +325,7 @@ class Block(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     shortcut = x
     x = layers.layer_norm(1e-6, name="norm1", **kw)(x)
-    ws = self.window_size
-    x = Attention(self.dim, self.num_heads, (ws, ws) if ws > 0 else tuple(self.input_size), window_size=ws,
+    x = Attention(self.dim, self.num_heads, self.input_size, window_size=self.window_size,
                   attention_impl=self.attention_impl, name="attn", **kw)(x)
     x = shortcut + x
     y = layers.layer_norm(1e-6, name="norm2", **kw)(x)
