@@ -98,8 +98,10 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: ja
   b, t, n, d = q.shape
   h, w = hw
   th, tw = rel_pos_table(h, h, rel_pos_h), rel_pos_table(w, w, rel_pos_w)
-  tables = jnp.concatenate([th, tw]).astype(q.dtype)  # (Lh + Lw, D)
-  scores = jnp.einsum("btnd,jd->btnj", q, tables, preferred_element_type=jnp.float32)
+  # The tables carry the factor that undoes the kernel's scale, so the product comes out final, in q's dtype:
+  # a float32 product and a scaling pass cost SAM-H 6 GB more traffic per batch of 8 (benchmarks/gpu_static.py).
+  tables = (jnp.concatenate([th, tw]).astype(jnp.float32) * (q_scale * d ** 0.5)).astype(q.dtype)  # (Lh + Lw, D)
+  scores = jnp.einsum("btnd,jd->btnj", q, tables, preferred_element_type=q.dtype)
   # Token s = (y, x) takes rows index_h[y, :] of the h table and Lh + index_w[x, :] of the w table.
   rows = np.concatenate([np.repeat(rel_pos_index(h, h), w, axis=0),
                          th.shape[0] + np.tile(rel_pos_index(w, w), (h, 1))], axis=1)  # (T, h + w)
@@ -107,7 +109,7 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: ja
   pad = -(d + h + w) % multiple
   zeros = jnp.zeros((b, t, n, pad), q.dtype)
   qs = q if q_scale == 1.0 else q * jnp.asarray(q_scale, q.dtype)
-  q_ext = jnp.concatenate([qs, (rel * (q_scale * d ** 0.5)).astype(q.dtype), zeros], -1)
+  q_ext = jnp.concatenate([qs, rel, zeros], -1)
   key_row = np.repeat(np.eye(h), w, axis=0)  # (T, h): one-hot row of key s
   key_col = np.tile(np.eye(w), (h, 1))       # (T, w): one-hot column of key s
   onehot = jnp.asarray(np.concatenate([key_row, key_col], -1)[None, :, None, :], k.dtype)
@@ -267,7 +269,7 @@ class Attention(nn.Module):
       # the real tokens only (4096 instead of 4900 at 1024 px) and the padding takes qkv(0), the bias.
       pad_h, pad_w = -h % ws, -w % ws
       if pad_h or pad_w:
-        fill = qkv_layer(jnp.zeros((1, 1, 1, c), x.dtype))
+        fill = nn.unbox(qkv_layer.variables["params"]["bias"]).astype(qkv.dtype)  # a read, not a product
         qkv = jnp.pad(qkv, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
         real = np.pad(np.ones((h, w, 1), bool), ((0, pad_h), (0, pad_w), (0, 0)))
         qkv = jnp.where(real, qkv, fill)
