@@ -1,0 +1,246 @@
+"""What the SAM image encoder compiles to on an H100, on a machine without a GPU.
+
+    bash scripts/setup_gpu_static_env.sh          # once: .venv-gpu-static with jax's CUDA plugin (~6 GB)
+    .venv-gpu-static/bin/python benchmarks/gpu_static.py [--batch 8] [--gelu erf|tanh] [--xla-flags '...']
+
+XLA's GPU compiler runs deviceless: jax's CUDA plugin compiles for a compile-only topology built from a
+target description of the chip (`TARGETS`), so the program is the one XLA would build for the GPU, up to
+autotuning. Each kernel of the compiled entry computation is listed with what it costs:
+  - GEMMs (cuBLAS calls): FLOPs from their shapes, time at --gemm-tflops;
+  - cuDNN flash attention: FLOPs 2 * B * N * T * S * (qk width + v width), time at --attention-tflops;
+  - everything else (XLA's fusions, copies, cuDNN convolutions): bytes read + written, time at --bandwidth.
+Each kernel takes the longer of its compute and its traffic; the estimate is the plain sum over kernels: no
+overlap, no launch gaps. It is for comparing variants of our code (bytes
+moved and kernels launched are exact for the program; times are only as good as the three rates), and it
+does not replace a measurement. What it cannot see:
+  - autotuning: with no device XLA keeps its default choices. Triton GEMM fusions are off by default here,
+    because on an H100 the autotuner gave every encoder GEMM to cuBLAS (run 2's profile);
+  - how much of an operand a fusion reads: whole operands are counted, so a fusion that slices q out of the
+    fused qkv output is charged for all of qkv (an upper bound on its bytes).
+Default rates, from run 2 on an H100 (README, Performance): 790 TFLOP/s, the encoder's big cuBLAS kernels
+in its profile; 435 TFLOP/s, its cuDNN flash kernels over windowed and global blocks together; 2.3 TB/s, a
+plain bf16 pass. With them, the code that run 3 timed at 113.4 ms (batch 8) is estimated at ~105 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# H100 SXM (and H200: the same chip with 4.8 TB/s HBM3e) as XLA's GPU target description.
+_TARGET = """
+gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth}
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: {memory}
+  cuda_compute_capability {{ major: 9 minor: 0 }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 10 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+TARGETS = {
+    "h100": _TARGET.format(bandwidth=3352320000000, memory=84929347584, name="NVIDIA H100 80GB HBM3"),
+    "h200": _TARGET.format(bandwidth=4800000000000, memory=150754820096, name="NVIDIA H200"),
+}
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+          "f64": 8, "s64": 8, "u64": 8}
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)")
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}  # no kernel of their own
+
+
+def array_bytes(shape: str, skip_scratch: bool = False) -> int:
+  """Bytes of the arrays in an HLO shape string (tuples summed). skip_scratch drops s8/u8 arrays: the
+  workspace that cuBLAS and cuDNN calls return next to their result."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    if skip_scratch and dtype in ("s8", "u8"):
+      continue
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _BYTES[dtype]
+  return total
+
+
+def _dims(shape: str) -> list[int]:
+  return [int(d) for d in filter(None, _ARRAY.search(shape).group(2).split(","))]
+
+
+def _first_array(shape: str) -> str:
+  return _ARRAY.search(shape).group(0)
+
+
+def kernels(hlo_text: str) -> list[dict]:
+  """One row per kernel of the entry computation: name, kind (gemm | attention | memory), bytes, flops."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  shapes: dict[str, str] = {}
+  rows = []
+  for line in entry.splitlines()[1:]:
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, op, rest = m.groups()
+    shapes[name] = shape
+    if op in _FREE:
+      continue
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    target = target.group(1) if target else ""
+    in_bytes = sum(array_bytes(shapes.get(o, ""), skip_scratch=True) for o in operands)
+    out_bytes = array_bytes(shape, skip_scratch=True)
+    flops, kind = 0.0, "memory"
+    if "cublas" in target:
+      kind = "gemm"
+      contracting = re.search(r'"lhs_contracting_dimensions":\["(\d+)"', line)
+      k = _dims(shapes[operands[0]])[int(contracting.group(1))]
+      out = 1
+      for d in _dims(_first_array(shape)):
+        out *= d
+      flops = 2.0 * out * k
+    elif "fmha" in target.lower():
+      kind = "attention"
+      q, v = (_dims(shapes[o]) for o in (operands[0], operands[2]))
+      kd = _dims(shapes[operands[1]])
+      b, t, n = q[0], q[-3], q[-2]  # jax's cuDNN call takes (B, T, N, D)
+      flops = 2.0 * b * n * t * kd[-3] * (q[-1] + v[-1])
+    elif op in ("while", "conditional", "call"):
+      kind = "opaque"  # its body's kernels are not listed; `summarise` says so
+    rows.append(dict(name=name, op=op, target=target, kind=kind, bytes=in_bytes + out_bytes, flops=flops))
+  return rows
+
+
+def summarise(rows: list[dict], gemm_tflops: float, attention_tflops: float, bandwidth_tbps: float) -> dict:
+  """Totals per kind and the estimated time (ms) of each, by the rates given."""
+  rate = {"gemm": gemm_tflops, "attention": attention_tflops}
+  out: dict = {}
+  for kind in ("gemm", "attention", "memory", "opaque"):
+    sel = [r for r in rows if r["kind"] == kind]
+    # Each kernel takes the longer of its compute and its traffic (the rel-pos score GEMMs, K = 80, are
+    # bound by their output).
+    ms = sum(max(r["flops"] / rate.get(kind, float("inf")), r["bytes"] / bandwidth_tbps) * 1e-9 for r in sel)
+    out[kind] = dict(kernels=len(sel), tflop=sum(r["flops"] for r in sel) / 1e12,
+                     gb=sum(r["bytes"] for r in sel) / 1e9, est_ms=ms)
+  out["total_est_ms"] = sum(v["est_ms"] for v in out.values())
+  groups = collections.defaultdict(lambda: [0, 0])
+  for r in rows:
+    if r["kind"] == "memory":
+      g = groups[re.sub(r"[._]?\d+$", "", r["name"])]
+      g[0] += 1
+      g[1] += r["bytes"]
+  out["memory_by_name"] = {k: dict(kernels=n, gb=b / 1e9)
+                           for k, (n, b) in sorted(groups.items(), key=lambda kv: -kv[1][1])}
+  return out
+
+
+def _compile_encoder(args):
+  """The encoder as `Predictor` runs it (bf16, kernels stored in bf16), compiled for the target."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental.topologies import get_topology_desc
+  # jax asks the local GPU for its compute capability before choosing cuDNN's head-dim limit; with no GPU
+  # attached, the target's (9.0) answers.
+  import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
+  from evf_jax import layers
+  from evf_jax.evf import EvfConfig, EvfSam, abstract_params
+
+  cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
+  cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
+  if args.gelu == "tanh":  # what XLA can fold into cuBLASLt's GELU epilogue
+    layers.gelu = lambda x: jax.nn.gelu(x, approximate=True)
+  device = get_topology_desc("static", "cuda", target_config=TARGETS[args.target], topology="1x1x1").devices[0]
+  on = jax.sharding.SingleDeviceSharding(device)
+  cfg = EvfConfig.preset(args.size)
+  model = EvfSam(cfg, attention_impl=args.attention, dtype=jnp.bfloat16)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.ShapeDtypeStruct(
+          x.shape, jnp.bfloat16 if getattr(path[-1], "key", None) == "kernel" else x.dtype, sharding=on),
+      abstract_params(cfg))
+  s = cfg.sam.img_size
+  images = jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.bfloat16, sharding=on)
+  fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
+  return fn.trace(params, images).lower().compile().as_text()
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--size", default="evf-sam", help="model preset (default evf-sam: SAM ViT-H)")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla"))
+  ap.add_argument("--gelu", default="erf", choices=("erf", "tanh"),
+                  help="erf: SAM's exact GELU (ours); tanh: the approximation cuBLASLt can apply in its epilogue")
+  ap.add_argument("--target", default="h100", choices=sorted(TARGETS))
+  ap.add_argument("--xla-flags", default="--xla_gpu_enable_triton_gemm=false",
+                  help="XLA_FLAGS for the compile (default turns Triton GEMMs off: see the module docstring)")
+  ap.add_argument("--gemm-tflops", type=float, default=790.0)
+  ap.add_argument("--attention-tflops", type=float, default=435.0)
+  ap.add_argument("--bandwidth", type=float, default=2.3, help="TB/s for memory-bound kernels")
+  ap.add_argument("--top", type=int, default=12, help="memory-bound kernel groups to list")
+  ap.add_argument("--hlo", help="write the compiled HLO text here")
+  ap.add_argument("--json", help="write the summary here")
+  args = ap.parse_args(argv)
+  for path in (args.hlo, args.json):
+    if path and os.path.exists(path):
+      ap.error(f"{path} exists; not overwriting it")
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401
+  except ImportError:
+    print("error: benchmarks/gpu_static.py needs jax's CUDA plugin and CUDA libraries: run "
+          "scripts/setup_gpu_static_env.sh and use .venv-gpu-static/bin/python", file=sys.stderr)
+    return 2
+  # Read when jax starts its backends, which nothing has done yet: the plugin must not look for a driver or
+  # a GPU, and XLA takes its flags once.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+  hlo = _compile_encoder(args)
+  if args.hlo:
+    with open(args.hlo, "w") as f:
+      f.write(hlo)
+  summary = summarise(kernels(hlo), args.gemm_tflops, args.attention_tflops, args.bandwidth)
+  summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("hlo", "json", "top")}
+  print(f"SAM encoder ({args.size}), batch {args.batch}, bf16, attention={args.attention}, GELU {args.gelu}, "
+        f"target {args.target}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+  for kind in ("gemm", "attention", "memory", "opaque"):
+    s = summary[kind]
+    if s["kernels"]:
+      print(f"  {kind:9s} {s['kernels']:4d} kernels  {s['tflop']:7.2f} TFLOP  {s['gb']:7.2f} GB  "
+            f"~{s['est_ms']:6.1f} ms")
+  if summary["opaque"]["kernels"]:
+    print("  (loops/calls in the entry computation: their bodies are not counted)")
+  print(f"  estimated total ~{summary['total_est_ms']:.1f} ms (rates: {args.gemm_tflops:.0f} / "
+        f"{args.attention_tflops:.0f} TFLOP/s, {args.bandwidth} TB/s)")
+  print("  memory-bound kernels by HLO name:")
+  for name, g in list(summary["memory_by_name"].items())[:args.top]:
+    print(f"    {g['gb']:7.2f} GB  {g['kernels']:4d}x {name}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(summary, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

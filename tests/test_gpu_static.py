@@ -1,0 +1,75 @@
+"""benchmarks/gpu_static.py: its cost table on a small GPU-style HLO module written out here, and its
+errors. The deviceless compile itself needs jax's CUDA plugin (scripts/setup_gpu_static_env.sh), which the
+test environment does not have on purpose."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import gpu_static
+
+# A cuBLAS GEMM with its workspace, a cuDNN flash attention on (B=2, T=8, N=4) with q/k 24 wide and v 16,
+# a loop fusion and a bitcast (no kernel). Shapes as XLA prints them after GPU compilation.
+HLO = """
+HloModule m
+
+%fused_convert (p: bf16[64,16]) -> f32[64,16] {
+  %p = bf16[64,16]{1,0} parameter(0)
+  ROOT %c = f32[64,16]{1,0} convert(%p)
+}
+
+ENTRY %main (x: bf16[64,32], w: bf16[32,16], q: bf16[2,8,4,24], k: bf16[2,8,4,24], v: bf16[2,8,4,16]) -> f32[64,16] {
+  %x = bf16[64,32]{1,0} parameter(0)
+  %w = bf16[32,16]{1,0} parameter(1)
+  %q = bf16[2,8,4,24]{3,2,1,0} parameter(2)
+  %k = bf16[2,8,4,24]{3,2,1,0} parameter(3)
+  %v = bf16[2,8,4,16]{3,2,1,0} parameter(4)
+  %cublas-lt-matmul.1 = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  %gte = bf16[64,16]{1,0} get-tuple-element(%cublas-lt-matmul.1), index=0
+  %dot_product_attention_fwd.2 = (bf16[2,4,8,16]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"
+  %flat = bf16[64,16]{1,0} bitcast(%gte)
+  ROOT %loop_convert_fusion.3 = f32[64,16]{1,0} fusion(%flat), kind=kLoop, calls=%fused_convert
+}
+"""
+
+
+def test_kernel_table():
+  rows = {r["name"]: r for r in gpu_static.kernels(HLO)}
+  assert set(rows) == {"cublas-lt-matmul.1", "dot_product_attention_fwd.2", "loop_convert_fusion.3"}
+  gemm, attn, conv = rows["cublas-lt-matmul.1"], rows["dot_product_attention_fwd.2"], rows["loop_convert_fusion.3"]
+  assert (gemm["kind"], gemm["flops"]) == ("gemm", 2.0 * 64 * 16 * 32)
+  assert gemm["bytes"] == 2 * (64 * 32 + 32 * 16 + 64 * 16)  # the s8 workspace is not traffic
+  assert (attn["kind"], attn["flops"]) == ("attention", 2.0 * 2 * 4 * 8 * 8 * (24 + 16))
+  assert attn["bytes"] == 2 * (2 * 8 * 4 * (24 + 24 + 16) + 2 * 4 * 8 * 16)
+  assert (conv["kind"], conv["bytes"]) == ("memory", 64 * 16 * (2 + 4))
+
+
+def test_summary_rates():
+  s = gpu_static.summarise(gpu_static.kernels(HLO), gemm_tflops=1.0, attention_tflops=2.0, bandwidth_tbps=0.5)
+  assert s["gemm"]["kernels"] == 1 and s["attention"]["kernels"] == 1 and s["memory"]["kernels"] == 1
+  assert s["gemm"]["est_ms"] == pytest.approx(2 * 64 * 16 * 32 / 1e12 * 1e3)
+  assert s["attention"]["est_ms"] == pytest.approx(2 * 2 * 4 * 8 * 8 * 40 / 2e12 * 1e3)
+  assert s["memory"]["est_ms"] == pytest.approx(64 * 16 * 6 / 0.5e12 * 1e3)
+  assert s["total_est_ms"] == pytest.approx(s["gemm"]["est_ms"] + s["attention"]["est_ms"] + s["memory"]["est_ms"])
+  assert list(s["memory_by_name"]) == ["loop_convert_fusion"]
+
+
+def test_without_the_cuda_plugin(capsys):
+  pytest.importorskip("jax")
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401
+    pytest.skip("this environment has jax's CUDA plugin")
+  except ImportError:
+    pass
+  assert gpu_static.main(["--batch", "1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "setup_gpu_static_env.sh" in err[0]
+
+
+def test_does_not_overwrite(tmp_path, capsys):
+  mine = tmp_path / "summary.json"
+  mine.write_text("keep")
+  with pytest.raises(SystemExit) as e:
+    gpu_static.main(["--json", str(mine)])
+  assert e.value.code == 2 and mine.read_text() == "keep"
+  assert "not overwriting" in capsys.readouterr().err
