@@ -17,7 +17,10 @@
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
 5. With --xla-flag-sets, section 3 (cuDNN, with its profile) again under each set of XLA flags, each in a
    fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
-   elementwise work around the matmuls, which cuBLAS calls cannot.
+   elementwise work around the matmuls, which cuBLAS calls cannot. An entry may hold `gelu=tanh_approx`
+   too: that child runs the encoder with the tanh GELU (--gelu), which XLA can hand to cuBLASLt as a
+   BIAS_GELU epilogue (`benchmarks/gpu_static.py` shows it doing so for all 32 MLPs); its profile says
+   whether it did on the GPU's jax, and what the epilogue costs.
 With --out, the log's numbers go to DIR/gpu_encoder.json and the raw trace to DIR.
 """
 
@@ -241,9 +244,11 @@ def xla_flag_sets(args, flag_sets):
   RESULTS["xla_flags"] = {}
   for i, flags in enumerate(flag_sets):
     out = os.path.join(args.out or tempfile.mkdtemp(), f"xla_flags_{i}")
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
+    xla = " ".join(t for t in flags.split() if not t.startswith("gelu="))
+    gelu = [t.split("=", 1)[1] for t in flags.split() if t.startswith("gelu=")]
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla}".strip())
     cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--batch", str(args.batch),
-           "--sections", "encoder", "--impls", "cudnn", "--out", out]
+           "--sections", "encoder", "--impls", "cudnn", "--out", out, "--gelu", (gelu or [args.gelu])[-1]]
     log(f"XLA_FLAGS={env['XLA_FLAGS']!r}: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout)
@@ -253,7 +258,7 @@ def xla_flag_sets(args, flag_sets):
       log(f"  FAILED: {RESULTS['xla_flags'][flags]['error']}")
       continue
     r = json.load(open(child))
-    RESULTS["xla_flags"][flags] = {k: v for k, v in r.items() if k.startswith(("encoder", "profile_groups"))}
+    RESULTS["xla_flags"][flags] = {k: v for k, v in r.items() if k.startswith(("encoder", "profile_groups", "gelu"))}
 
 
 @section("predictor")
@@ -299,8 +304,15 @@ def main():
   ap.add_argument("--impls", default="cudnn,xla", help="attention implementations for the encoder section")
   ap.add_argument("--xla-flag-sets", default="",
                   help="';'-separated XLA_FLAGS strings, e.g. '--xla_gpu_triton_gemm_any=true': after the other "
-                       "sections, the encoder (cuDNN attention) runs again in a fresh process under each")
+                       "sections, the encoder (cuDNN attention) runs again in a fresh process under each; an "
+                       "entry may add gelu=tanh_approx")
+  ap.add_argument("--gelu", default="exact", choices=("exact", "tanh_approx"),
+                  help="the GELU of the encoder sections: SAM's exact one, or the tanh approximation (NOT what "
+                       "SAM computes; timed to see what cuBLASLt's GELU epilogue would buy)")
   args = ap.parse_args()
+  if args.gelu != "exact":
+    from evf_jax import layers
+    layers.gelu = gpu.GELU_FORMS[args.gelu]
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     gpu.OUT_PATH = os.path.join(args.out, "gpu_encoder.json")
@@ -310,7 +322,7 @@ def main():
   sam = cfg.sam
   dev = jax.devices()[0]
   RESULTS.update(device=getattr(dev, "device_kind", str(dev)), jax=jax.__version__, batch=args.batch,
-                 date=time.strftime("%Y-%m-%d"))
+                 date=time.strftime("%Y-%m-%d"), gelu=args.gelu)
   log(f"device {RESULTS['device']}, jax {jax.__version__}")
   sections = args.sections.split(",")
   if "ceilings" in sections:

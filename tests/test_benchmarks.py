@@ -58,13 +58,16 @@ def test_gpu_py_every_section_runs(bench, tmp_path):
 
 def test_gpu_encoder_py_every_section_runs(bench, tmp_path):
   bench(gpu_encoder.main, ["--size", "tiny", "--batch", "2", "--out", str(tmp_path / "new_dir"),
-                           "--copy-mib", "4", "--xla-flag-sets", "--xla_cpu_enable_fast_math=false; --xla_no_such_flag"])
+                           "--copy-mib", "4", "--xla-flag-sets",
+                           "--xla_cpu_enable_fast_math=false; --xla_no_such_flag; gelu=tanh_approx"])
   r = json.load(open(tmp_path / "new_dir" / "gpu_encoder.json"))
   # The flag sets run in child processes, which have no cuDNN stand-in: on CPU only their plumbing is
   # checked (the child ran and reported; an unknown flag is a recorded failure, not a lost run).
   flags = r.pop("xla_flags")
-  assert set(flags) == {"--xla_cpu_enable_fast_math=false", "--xla_no_such_flag"}
+  assert set(flags) == {"--xla_cpu_enable_fast_math=false", "--xla_no_such_flag", "gelu=tanh_approx"}
   assert "cuDNN is not detected" in flags["--xla_cpu_enable_fast_math=false"]["encoder_cudnn_error"]
+  assert flags["--xla_cpu_enable_fast_math=false"]["gelu"] == "exact"
+  assert flags["gelu=tanh_approx"]["gelu"] == "tanh_approx" and "encoder_cudnn_error" in flags["gelu=tanh_approx"]
   assert "exit" in flags["--xla_no_such_flag"]["error"]
   _no_errors(r)
   assert r["copy_GBps"] > 0 and r["matmul_mlp2_tflops"] > 0
