@@ -94,8 +94,31 @@ def _first_array(shape: str) -> str:
   return _ARRAY.search(shape).group(0)
 
 
+def _dot_flops(computation: str) -> float:
+  """2 x output elements x contracted size of the `dot` in a fused computation's text (a Triton GEMM)."""
+  shapes = {}
+  for line in computation.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, op, rest = m.groups()
+    shapes[name] = shape
+    if op == "dot":
+      lhs = re.findall(r"%([\w.\-]+)", rest.split(")")[0])[0]
+      lhs_dims = _dims(shapes[lhs])
+      k = 1
+      for d in re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line).group(1).split(","):
+        k *= lhs_dims[int(d)]
+      out = 1
+      for d in _dims(shape):
+        out *= d
+      return 2.0 * out * k
+  return 0.0
+
+
 def kernels(hlo_text: str) -> list[dict]:
   """One row per kernel of the entry computation: name, kind (gemm | attention | memory), bytes, flops."""
+  computations = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^%([\w.\-]+) \(.*?^\}", hlo_text)}
   entry = hlo_text[hlo_text.index("\nENTRY"):]
   shapes: dict[str, str] = {}
   rows = []
@@ -121,6 +144,9 @@ def kernels(hlo_text: str) -> list[dict]:
       for d in _dims(_first_array(shape)):
         out *= d
       flops = 2.0 * out * k
+    elif op == "fusion" and re.search(r'"kind":"__triton(_nested)?_gemm', line):
+      kind = "gemm"  # a Triton GEMM (--xla_gpu_triton_gemm_any, or where cuBLAS does not apply)
+      flops = _dot_flops(computations.get(re.search(r"calls=%([\w.\-]+)", line).group(1), ""))
     elif "fmha" in target.lower():
       kind = "attention"
       q, v = (_dims(shapes[o]) for o in (operands[0], operands[2]))
@@ -194,7 +220,8 @@ def main(argv=None) -> int:
                   help="erf: SAM's exact GELU (ours); tanh: the approximation cuBLASLt can apply in its epilogue")
   ap.add_argument("--target", default="h100", choices=sorted(TARGETS))
   ap.add_argument("--xla-flags", default="--xla_gpu_enable_triton_gemm=false",
-                  help="XLA_FLAGS for the compile (default turns Triton GEMMs off: see the module docstring)")
+                  help="XLA_FLAGS for the compile, given as --xla-flags='--flag=value ...' (the default turns "
+                       "Triton GEMMs off: see the module docstring)")
   ap.add_argument("--gemm-tflops", type=float, default=790.0)
   ap.add_argument("--attention-tflops", type=float, default=435.0)
   ap.add_argument("--bandwidth", type=float, default=2.3, help="TB/s for memory-bound kernels")

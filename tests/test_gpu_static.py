@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks import gpu_static
 
-# A cuBLAS GEMM with its workspace, a cuDNN flash attention on (B=2, T=8, N=4) with q/k 24 wide and v 16,
+# A cuBLAS GEMM with its workspace, the same GEMM as a Triton fusion, a cuDNN flash attention on (B=2, T=8, N=4) with q/k 24 wide and v 16,
 # a loop fusion and a bitcast (no kernel). Shapes as XLA prints them after GPU compilation.
 HLO = """
 HloModule m
@@ -16,6 +16,12 @@ HloModule m
 %fused_convert (p: bf16[64,16]) -> f32[64,16] {
   %p = bf16[64,16]{1,0} parameter(0)
   ROOT %c = f32[64,16]{1,0} convert(%p)
+}
+
+%gemm_fusion_dot.7_computation (parameter_0: bf16[64,32], parameter_1: bf16[32,16]) -> bf16[64,16] {
+  %parameter_0 = bf16[64,32]{1,0} parameter(0)
+  %parameter_1 = bf16[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[64,16]{1,0} dot(%parameter_0, %parameter_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 
 ENTRY %main (x: bf16[64,32], w: bf16[32,16], q: bf16[2,8,4,24], k: bf16[2,8,4,24], v: bf16[2,8,4,16]) -> f32[64,16] {
@@ -26,6 +32,7 @@ ENTRY %main (x: bf16[64,32], w: bf16[32,16], q: bf16[2,8,4,24], k: bf16[2,8,4,24
   %v = bf16[2,8,4,16]{3,2,1,0} parameter(4)
   %cublas-lt-matmul.1 = (bf16[64,16]{1,0}, s8[4194304]{0}) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
   %gte = bf16[64,16]{1,0} get-tuple-element(%cublas-lt-matmul.1), index=0
+  %gemm_fusion_dot.7 = bf16[64,16]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_fusion_dot.7_computation, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
   %dot_product_attention_fwd.2 = (bf16[2,4,8,16]{3,1,2,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"
   %flat = bf16[64,16]{1,0} bitcast(%gte)
   ROOT %loop_convert_fusion.3 = f32[64,16]{1,0} fusion(%flat), kind=kLoop, calls=%fused_convert
@@ -35,10 +42,12 @@ ENTRY %main (x: bf16[64,32], w: bf16[32,16], q: bf16[2,8,4,24], k: bf16[2,8,4,24
 
 def test_kernel_table():
   rows = {r["name"]: r for r in gpu_static.kernels(HLO)}
-  assert set(rows) == {"cublas-lt-matmul.1", "dot_product_attention_fwd.2", "loop_convert_fusion.3"}
+  assert set(rows) == {"cublas-lt-matmul.1", "gemm_fusion_dot.7", "dot_product_attention_fwd.2", "loop_convert_fusion.3"}
   gemm, attn, conv = rows["cublas-lt-matmul.1"], rows["dot_product_attention_fwd.2"], rows["loop_convert_fusion.3"]
   assert (gemm["kind"], gemm["flops"]) == ("gemm", 2.0 * 64 * 16 * 32)
   assert gemm["bytes"] == 2 * (64 * 32 + 32 * 16 + 64 * 16)  # the s8 workspace is not traffic
+  triton = rows["gemm_fusion_dot.7"]
+  assert (triton["kind"], triton["flops"], triton["bytes"]) == ("gemm", gemm["flops"], gemm["bytes"])
   assert (attn["kind"], attn["flops"]) == ("attention", 2.0 * 2 * 4 * 8 * 8 * (24 + 16))
   assert attn["bytes"] == 2 * (2 * 8 * 4 * (24 + 24 + 16) + 2 * 4 * 8 * 16)
   assert (conv["kind"], conv["bytes"]) == ("memory", 64 * 16 * (2 + 4))
@@ -46,12 +55,15 @@ def test_kernel_table():
 
 def test_summary_rates():
   s = gpu_static.summarise(gpu_static.kernels(HLO), gemm_tflops=1.0, attention_tflops=2.0, bandwidth_tbps=0.5)
-  assert s["gemm"]["kernels"] == 1 and s["attention"]["kernels"] == 1 and s["memory"]["kernels"] == 1
-  assert s["gemm"]["est_ms"] == pytest.approx(2 * 64 * 16 * 32 / 1e12 * 1e3)
+  assert s["gemm"]["kernels"] == 2 and s["attention"]["kernels"] == 1 and s["memory"]["kernels"] == 1
+  assert s["gemm"]["est_ms"] == pytest.approx(2 * 2 * 64 * 16 * 32 / 1e12 * 1e3)
   assert s["attention"]["est_ms"] == pytest.approx(2 * 2 * 4 * 8 * 8 * 40 / 2e12 * 1e3)
   assert s["memory"]["est_ms"] == pytest.approx(64 * 16 * 6 / 0.5e12 * 1e3)
   assert s["total_est_ms"] == pytest.approx(s["gemm"]["est_ms"] + s["attention"]["est_ms"] + s["memory"]["est_ms"])
   assert list(s["memory_by_name"]) == ["loop_convert_fusion"]
+  # A kernel takes the longer of compute and traffic: on a starved memory system the GEMMs are traffic-bound.
+  slow = gpu_static.summarise(gpu_static.kernels(HLO), gemm_tflops=1.0, attention_tflops=2.0, bandwidth_tbps=1e-6)
+  assert slow["gemm"]["est_ms"] == pytest.approx(s["gemm"]["gb"] * 1e9 / 1e6 * 1e3)
 
 
 def test_without_the_cuda_plugin(capsys):
