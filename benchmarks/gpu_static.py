@@ -16,10 +16,12 @@ does not replace a measurement. What it cannot see:
   - autotuning: with no device XLA keeps its default choices. Triton GEMM fusions are off by default here,
     because on an H100 the autotuner gave every encoder GEMM to cuBLAS (run 2's profile);
   - how much of an operand a fusion reads: whole operands are counted, so a fusion that slices q out of the
-    fused qkv output is charged for all of qkv (an upper bound on its bytes).
+    fused qkv output is charged for all of qkv (an upper bound on its bytes);
+  - the XLA of the GPU machine: this compiles with the jax installed here, and XLA's fusion choices change
+    between versions (flax's bf16 GELU is one pass under jax 0.10.2, was two under 0.11.2 on the H100).
 Default rates, from run 2 on an H100 (README, Performance): 790 TFLOP/s, the encoder's big cuBLAS kernels
 in its profile; 435 TFLOP/s, its cuDNN flash kernels over windowed and global blocks together; 2.3 TB/s, a
-plain bf16 pass. With them, the code that run 3 timed at 113.4 ms (batch 8) is estimated at ~105 ms.
+plain bf16 pass. With them, the code that run 3 timed at 113.4 ms (batch 8) is estimated at 111.5 ms.
 """
 
 from __future__ import annotations
