@@ -11,9 +11,12 @@
    instead of 8, with the rel-pos bias materialised as a (B, N, T, T) tensor, XLA (`rel_pos_attention`), and
    plain cuDNN attention without any rel-pos terms (a floor). Then the flash kernel alone on q/k already at
    the folded width (what the fold's own passes cost is the difference). Each is checked against float32
-   on the same inputs.
+   on the same inputs. Then a global block from the fused qkv output, as the encoder meets it: the cuDNN
+   path (slices and fold included) against the experimental Pallas kernel (`pallas_global_attention`:
+   head dim 80, the rel-pos bias added in the kernel) in three tile configurations.
 3. The whole encoder at `--batch`, cuDNN and XLA attention (kernels stored in bf16, as `Predictor` runs it),
-   and a profile of the cuDNN one: GPU time per kernel, grouped, from the profiler's trace.
+   and a profile of the cuDNN one: GPU time per kernel, grouped, from the profiler's trace. `--impls` may
+   add `cudnn+pallas` (the Pallas kernel for the global blocks), which is profiled too.
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
 5. With --xla-flag-sets, section 3 (cuDNN, with its profile) again under each set of XLA flags, each in a
    fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
@@ -132,6 +135,47 @@ def attention_core(b, g, sam):
                       (qw, kw, v), ref_w, useful)
 
 
+PALLAS_CONFIGS = ((128, 4), (128, 8), (64, 4))  # (block_q, num_warps) of the experimental global kernel
+
+
+def global_from_qkv(b, sam):
+  """A global block's attention from the fused qkv output, as the encoder meets it: the cuDNN path (its
+  q/k/v slices and fold included) against the experimental Pallas kernel (`pallas_global_attention`) in a
+  few tile configurations. On CPU the kernel runs in Pallas's interpreter."""
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import pallas_global_attention as pga
+  from evf_jax.sam import image_encoder as ie
+  g, n, hd = sam.embedding_size, sam.num_heads, sam.embed_dim // sam.num_heads
+  t = g * g
+  rng = np.random.default_rng(1)
+  qkv = jnp.asarray(rng.normal(size=(b, t, 3 * n * hd)), jnp.bfloat16)
+  rh, rw = (jnp.asarray(0.3 * rng.normal(size=(2 * g - 1, hd)), jnp.float32) for _ in range(2))
+
+  def split(x):
+    x = x.reshape(b, t, 3, n, hd)
+    return x[:, :, 0], x[:, :, 1], x[:, :, 2]
+
+  ref = jax.jit(lambda x, rh, rw: ie.rel_pos_attention(*split(x), rh, rw, (g, g)))(qkv.astype(jnp.float32), rh, rw)
+  useful = 4 * b * n * t * t * hd
+  _time_attention("attn_global_from_qkv_cudnn", f"global attention from qkv ({b}x{t} tokens) cuDNN, folded",
+                  jax.jit(lambda x, rh, rw: ie.cudnn_rel_pos_attention(*split(x), rh, rw, (g, g))),
+                  (qkv, rh, rw), ref, useful)
+  interpret = jax.default_backend() != "gpu"
+  for block_q, warps in PALLAS_CONFIGS:
+    key = f"attn_global_from_qkv_pallas_q{block_q}_w{warps}"
+    fn = jax.jit(lambda x, rh, rw, block_q=block_q, warps=warps: pga.global_rel_pos_attention(
+        x, rh, rw, num_heads=n, hw=(g, g), block_q=block_q, num_warps=warps, interpret=interpret))
+    try:
+      jax.eval_shape(fn, qkv, rh, rw)
+    except NotImplementedError as e:  # e.g. the tiny test model's 6 x 6 grid
+      RESULTS[key + "_skipped"] = str(e)
+      log(f"{key}: skipped ({e})")
+      continue
+    _time_attention(key, f"global attention from qkv ({b}x{t} tokens) Pallas, block_q {block_q}, {warps} warps",
+                    fn, (qkv, rh, rw), ref, useful)
+
+
 def _attention_f32(q, k, v, scale):
   """softmax(scale q k^T) v in float32 for (B, T, N, *) inputs whose q/k and v widths may differ."""
   import jax
@@ -156,7 +200,7 @@ def _time_attention(key, label, f, args, ref, useful):
   log(f"{label}: {tm * 1e3:.2f} ms, {useful / tm / 1e12:.0f} useful TFLOP/s, |out - fp32| / |fp32| = {rel:.2e}")
 
 
-def kernel_table(trace_dir, iterations):
+def kernel_table(trace_dir, iterations, key="profile"):
   """GPU time per kernel from the profiler's trace.json.gz: top kernels and rough groups, per iteration."""
   path, = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
   events = json.load(gzip.open(path))["traceEvents"]
@@ -183,6 +227,7 @@ def kernel_table(trace_dir, iterations):
   for name, us in kernels.items():
     low = name.lower()
     group = ("attention (cuDNN)" if any(s in low for s in ("fmha", "flash", "sdpa")) else
+             "attention (Pallas)" if "rel_pos_attention" in low else
              "matmul and conv" if any(s in low for s in ("nvjet", "gemm", "xmma", "cutlass", "gmma")) else
              "other fusions/copies")
     groups[group] += us
@@ -192,49 +237,61 @@ def kernel_table(trace_dir, iterations):
   top = [dict(name=name[:120], hlo_op=ops[name], ms_per_iter=us / 1e3 / iterations) for name, us in kernels.most_common(40)]
   for row in top[:30]:
     log(f"    {row['ms_per_iter']:7.2f} ms  {row['name'][:90]}  [{row['hlo_op'][:40]}]")
-  RESULTS["profile_groups_ms"] = {k: v / 1e3 / iterations for k, v in groups.items()}
-  RESULTS["profile_top_kernels"] = top
+  RESULTS[f"{key}_groups_ms"] = {k: v / 1e3 / iterations for k, v in groups.items()}
+  RESULTS[f"{key}_top_kernels"] = top
   return path
 
 
 @section("encoder")
 def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
   """The encoder in bf16 with its kernels stored in bf16 (as `Predictor` runs it), timed; the first
-  implementation that runs is profiled too."""
+  implementation that runs is profiled, and "cudnn+pallas" too (cuDNN for the windows, the experimental
+  Pallas kernel of `pallas_global_attention` for the global blocks)."""
   import jax
   import jax.numpy as jnp
+  from benchmarks import pallas_global_attention as pga
   from evf_jax.evf import EvfSam, cast_kernels
+  from evf_jax.sam import image_encoder as ie
   sam = cfg.sam
   imgs = jax.random.normal(jax.random.key(1), (b, sam.img_size, sam.img_size, 3), jnp.bfloat16)
   flops = b * encoder_matmul_flops(sam)
   params = cast_kernels(params, jnp.bfloat16)
   profiled = False
+  cudnn_attention = ie.cudnn_rel_pos_attention
   for impl in impls:
-    model = EvfSam(cfg, attention_impl=impl, dtype=jnp.bfloat16)
-    fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
+    pallas = impl == "cudnn+pallas"
+    if pallas:  # the module looks the function up when it is traced, which the first call below does
+      ie.cudnn_rel_pos_attention = pga.with_global_blocks(cudnn_attention,
+                                                          interpret=jax.default_backend() != "gpu")
     try:
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(params, imgs))
-      first = time.perf_counter() - t0
-      t = timeit(fn, params, imgs)
-    except Exception as e:
-      RESULTS[f"encoder_{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-      log(f"encoder attention={impl}: FAILED {RESULTS[f'encoder_{impl}_error']}")
-      continue
-    RESULTS[f"encoder_{impl}_b{b}"] = dict(ms=t * 1e3, tflops=flops / t / 1e12, first_call_s=first)
-    log(f"encoder attention={impl}, batch {b}: {t * 1e3:.1f} ms, {b / t:.1f} img/s, "
-        f"{flops / t / 1e12:.0f} TFLOP/s (hand-counted), first call {first:.0f} s")
-    if not profiled:  # the first path that runs: cuDNN on NVIDIA GPUs
-      profiled = True
-      trace_dir = tempfile.mkdtemp()
-      iterations = 3
-      with jax.profiler.trace(trace_dir):
-        for _ in range(iterations):
-          jax.block_until_ready(fn(params, imgs))
-      log(f"profile of the encoder, attention={impl}:")
-      path = kernel_table(trace_dir, iterations)
-      if out_dir and os.path.getsize(path) < (15 << 20):
-        shutil.copy(path, os.path.join(out_dir, f"encoder_{impl}.trace.json.gz"))
+      model = EvfSam(cfg, attention_impl="cudnn" if pallas else impl, dtype=jnp.bfloat16)
+      fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
+      try:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, imgs))
+        first = time.perf_counter() - t0
+        t = timeit(fn, params, imgs)
+      except Exception as e:
+        RESULTS[f"encoder_{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        log(f"encoder attention={impl}: FAILED {RESULTS[f'encoder_{impl}_error']}")
+        continue
+      RESULTS[f"encoder_{impl}_b{b}"] = dict(ms=t * 1e3, tflops=flops / t / 1e12, first_call_s=first)
+      log(f"encoder attention={impl}, batch {b}: {t * 1e3:.1f} ms, {b / t:.1f} img/s, "
+          f"{flops / t / 1e12:.0f} TFLOP/s (hand-counted), first call {first:.0f} s")
+      if not profiled or pallas:  # the first path that runs (cuDNN on NVIDIA GPUs), and the experiment
+        key = "profile" if not profiled else f"profile_{impl}"
+        profiled = True
+        trace_dir = tempfile.mkdtemp()
+        iterations = 3
+        with jax.profiler.trace(trace_dir):
+          for _ in range(iterations):
+            jax.block_until_ready(fn(params, imgs))
+        log(f"profile of the encoder, attention={impl}:")
+        path = kernel_table(trace_dir, iterations, key)
+        if out_dir and os.path.getsize(path) < (15 << 20):
+          shutil.copy(path, os.path.join(out_dir, f"encoder_{impl}.trace.json.gz"))
+    finally:
+      ie.cudnn_rel_pos_attention = cudnn_attention
 
 
 @section("xla_flag_sets")
@@ -301,7 +358,8 @@ def main():
   ap.add_argument("--out", default=None, help="folder for gpu_encoder.json and the profiler trace")
   ap.add_argument("--sections", default="ceilings,attention,encoder,predictor")
   ap.add_argument("--copy-mib", type=int, default=1024, help="size of the elementwise pass in the ceilings")
-  ap.add_argument("--impls", default="cudnn,xla", help="attention implementations for the encoder section")
+  ap.add_argument("--impls", default="cudnn,xla",
+                  help="attention implementations for the encoder section: cudnn, xla, cudnn+pallas")
   ap.add_argument("--xla-flag-sets", default="",
                   help="';'-separated XLA_FLAGS strings, e.g. '--xla_gpu_triton_gemm_any=true': after the other "
                        "sections, the encoder (cuDNN attention) runs again in a fresh process under each; an "
@@ -329,6 +387,7 @@ def main():
     ceilings(args.batch, sam, args.copy_mib)
   if "attention" in sections:
     attention_core(args.batch, sam.embedding_size, sam)
+    global_from_qkv(args.batch, sam)
   if "encoder" in sections or "predictor" in sections:
     params = random_params(cfg, encoder_only="predictor" not in sections)
     if "encoder" in sections:

@@ -7,7 +7,9 @@ XLA's GPU compiler runs deviceless: jax's CUDA plugin compiles for a compile-onl
 target description of the chip (`TARGETS`), so the program is the one XLA would build for the GPU, up to
 autotuning. Each kernel of the compiled entry computation is listed with what it costs:
   - GEMMs (cuBLAS calls): FLOPs from their shapes, time at --gemm-tflops;
-  - cuDNN flash attention: FLOPs 2 * B * N * T * S * (qk width + v width), time at --attention-tflops;
+  - cuDNN flash attention: FLOPs 2 * B * N * T * S * (qk width + v width), time at --attention-tflops (so is
+    the experimental Pallas kernel of `pallas_global_attention.py`, --attention cudnn+pallas);
+  - other Triton custom calls: bytes only;
   - everything else (XLA's fusions, copies, cuDNN convolutions): bytes read + written, time at --bandwidth.
 Each kernel takes the longer of its compute and its traffic; the estimate is the plain sum over kernels: no
 overlap, no launch gaps. It is for comparing variants of our code (bytes
@@ -155,6 +157,12 @@ def kernels(hlo_text: str) -> list[dict]:
       kd = _dims(shapes[operands[1]])
       b, t, n = q[0], q[-3], q[-2]  # jax's cuDNN call takes (B, T, N, D)
       flops = 2.0 * b * n * t * kd[-3] * (q[-1] + v[-1])
+    elif "sam_global_rel_pos_attention" in line:  # benchmarks/pallas_global_attention.py: QK and PV at D
+      kind = "attention"
+      b, t, n, d = _dims(_first_array(shape))
+      flops = 2.0 * b * n * t * t * (d + d)
+    elif "triton" in target:
+      kind = "custom"  # another Pallas/Triton kernel: its FLOPs are unknown here, its time counts bytes only
     elif op in ("while", "conditional", "call"):
       kind = "opaque"  # its body's kernels are not listed; `summarise` says so
     rows.append(dict(name=name, op=op, target=target, kind=kind, bytes=in_bytes + out_bytes, flops=flops))
@@ -165,7 +173,7 @@ def summarise(rows: list[dict], gemm_tflops: float, attention_tflops: float, ban
   """Totals per kind and the estimated time (ms) of each, by the rates given."""
   rate = {"gemm": gemm_tflops, "attention": attention_tflops}
   out: dict = {}
-  for kind in ("gemm", "attention", "memory", "opaque"):
+  for kind in ("gemm", "attention", "memory", "custom", "opaque"):
     sel = [r for r in rows if r["kind"] == kind]
     # Each kernel takes the longer of its compute and its traffic (the rel-pos score GEMMs, K = 80, are
     # bound by their output).
@@ -199,10 +207,16 @@ def _compile_encoder(args):
   cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
   if args.gelu == "tanh":  # what XLA can fold into cuBLASLt's GELU epilogue
     layers.gelu = lambda x: jax.nn.gelu(x, approximate=True)
+  if args.attention == "cudnn+pallas":  # global blocks through the experimental kernel, as gpu_encoder.py runs it
+    from benchmarks import pallas_global_attention
+    from evf_jax.sam import image_encoder
+    image_encoder.cudnn_rel_pos_attention = pallas_global_attention.with_global_blocks(
+        image_encoder.cudnn_rel_pos_attention)
   device = get_topology_desc("static", "cuda", target_config=TARGETS[args.target], topology="1x1x1").devices[0]
   on = jax.sharding.SingleDeviceSharding(device)
   cfg = EvfConfig.preset(args.size)
-  model = EvfSam(cfg, attention_impl=args.attention, dtype=jnp.bfloat16)
+  model = EvfSam(cfg, attention_impl="cudnn" if args.attention == "cudnn+pallas" else args.attention,
+                 dtype=jnp.bfloat16)
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: jax.ShapeDtypeStruct(
           x.shape, jnp.bfloat16 if getattr(path[-1], "key", None) == "kernel" else x.dtype, sharding=on),
@@ -217,7 +231,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size", default="evf-sam", help="model preset (default evf-sam: SAM ViT-H)")
   ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla"))
+  ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla", "cudnn+pallas"),
+                  help="cudnn+pallas: global blocks through benchmarks/pallas_global_attention.py (its FLOPs at "
+                       "--attention-tflops, a rate the kernel has never been measured at)")
   ap.add_argument("--gelu", default="erf", choices=("erf", "tanh"),
                   help="erf: SAM's exact GELU (ours); tanh: the approximation cuBLASLt can apply in its epilogue")
   ap.add_argument("--target", default="h100", choices=sorted(TARGETS))
@@ -253,7 +269,7 @@ def main(argv=None) -> int:
   summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("hlo", "json", "top")}
   print(f"SAM encoder ({args.size}), batch {args.batch}, bf16, attention={args.attention}, GELU {args.gelu}, "
         f"target {args.target}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
-  for kind in ("gemm", "attention", "memory", "opaque"):
+  for kind in ("gemm", "attention", "memory", "custom", "opaque"):
     s = summary[kind]
     if s["kernels"]:
       print(f"  {kind:9s} {s['kernels']:4d} kernels  {s['tflop']:7.2f} TFLOP  {s['gb']:7.2f} GB  "

@@ -85,3 +85,23 @@ def test_does_not_overwrite(tmp_path, capsys):
     gpu_static.main(["--json", str(mine)])
   assert e.value.code == 2 and mine.read_text() == "keep"
   assert "not overwriting" in capsys.readouterr().err
+
+
+PALLAS_HLO = """
+ENTRY %main (qkv: bf16[2,8,3,4,16], s: bf16[2,8,4,64]) -> bf16[2,8,4,16] {
+  %qkv = bf16[2,8,3,4,16]{4,3,2,1,0} parameter(0)
+  %s = bf16[2,8,4,64]{3,2,1,0} parameter(1)
+  %pallas_call.1 = bf16[2,8,4,16]{3,2,1,0} custom-call(%s), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/some_other_kernel"}
+  ROOT %pallas_call.0 = bf16[2,8,4,16]{3,2,1,0} custom-call(%qkv, %qkv, %qkv, %s), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/sam_global_rel_pos_attention"}
+}
+"""
+
+
+def test_pallas_kernels():
+  """Our global-attention kernel is costed as attention (QK and PV at its head dim); another Triton call
+  only by its bytes."""
+  rows = {r["name"]: r for r in gpu_static.kernels(PALLAS_HLO)}
+  ours, other = rows["pallas_call.0"], rows["pallas_call.1"]
+  assert (ours["kind"], ours["flops"]) == ("attention", 2.0 * 2 * 4 * 8 * 8 * (16 + 16))
+  assert (other["kind"], other["flops"]) == ("custom", 0.0)
+  assert other["bytes"] == 2 * (2 * 8 * 4 * 64 + 2 * 8 * 4 * 16)
