@@ -11,12 +11,14 @@
    instead of 8, with the rel-pos bias materialised as a (B, N, T, T) tensor, XLA (`rel_pos_attention`), and
    plain cuDNN attention without any rel-pos terms (a floor). Then the flash kernel alone on q/k already at
    the folded width (what the fold's own passes cost is the difference). Each is checked against float32
-   on the same inputs. Then a global block from the fused qkv output, as the encoder meets it: the cuDNN
-   path (slices and fold included) against the experimental Pallas kernel (`pallas_global_attention`:
-   head dim 80, the rel-pos bias added in the kernel) in three tile configurations.
+   on the same inputs. Then each block kind from the fused qkv output to proj's input, as the encoder meets
+   it: the cuDNN path (slices, fold, window partition and merge included) against the experimental Pallas
+   kernels (`pallas_attention`: head dim 80, the rel-pos bias added in the kernel, windows gathered from
+   and scattered to the grid) in three tile configurations each.
 3. The whole encoder at `--batch`, cuDNN and XLA attention (kernels stored in bf16, as `Predictor` runs it),
    and a profile of the cuDNN one: GPU time per kernel, grouped, from the profiler's trace. `--impls` may
-   add `cudnn+pallas` (the Pallas kernel for the global blocks), which is profiled too.
+   add `cudnn+pallas` (the Pallas kernels for all blocks) and `cudnn+pallas_global` (global blocks only),
+   which are profiled too.
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
 5. With --xla-flag-sets, section 3 (cuDNN, with its profile) again under each set of XLA flags, each in a
    fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
@@ -135,45 +137,57 @@ def attention_core(b, g, sam):
                       (qw, kw, v), ref_w, useful)
 
 
-PALLAS_CONFIGS = ((128, 4), (128, 8), (64, 4))  # (block_q, num_warps) of the experimental global kernel
+# (block_q, num_warps) of the experimental Pallas kernels (benchmarks/pallas_attention.py), per block kind.
+PALLAS_CONFIGS = {"global": ((128, 4), (128, 8), (64, 4)), "windowed": ((64, 4), (64, 8), (32, 4))}
 
 
-def global_from_qkv(b, sam):
-  """A global block's attention from the fused qkv output, as the encoder meets it: the cuDNN path (its
-  q/k/v slices and fold included) against the experimental Pallas kernel (`pallas_global_attention`) in a
-  few tile configurations. On CPU the kernel runs in Pallas's interpreter."""
+@section("attention_from_qkv")
+def blocks_from_qkv(b, sam):
+  """Each block kind's attention from the fused qkv output to the input of proj, as the encoder meets it
+  (`image_encoder.block_attention`): the cuDNN path (slices, fold, and for windows the partition and merge
+  included) against the experimental Pallas kernels in a few tile configurations. On CPU the kernels run in
+  Pallas's interpreter."""
   import jax
   import jax.numpy as jnp
-  from benchmarks import pallas_global_attention as pga
+  from benchmarks import pallas_attention as pa
   from evf_jax.sam import image_encoder as ie
-  g, n, hd = sam.embedding_size, sam.num_heads, sam.embed_dim // sam.num_heads
-  t = g * g
+  g, n, hd, ws = sam.embedding_size, sam.num_heads, sam.embed_dim // sam.num_heads, sam.window_size
   rng = np.random.default_rng(1)
-  qkv = jnp.asarray(rng.normal(size=(b, t, 3 * n * hd)), jnp.bfloat16)
-  rh, rw = (jnp.asarray(0.3 * rng.normal(size=(2 * g - 1, hd)), jnp.float32) for _ in range(2))
-
-  def split(x):
-    x = x.reshape(b, t, 3, n, hd)
-    return x[:, :, 0], x[:, :, 1], x[:, :, 2]
-
-  ref = jax.jit(lambda x, rh, rw: ie.rel_pos_attention(*split(x), rh, rw, (g, g)))(qkv.astype(jnp.float32), rh, rw)
-  useful = 4 * b * n * t * t * hd
-  _time_attention("attn_global_from_qkv_cudnn", f"global attention from qkv ({b}x{t} tokens) cuDNN, folded",
-                  jax.jit(lambda x, rh, rw: ie.cudnn_rel_pos_attention(*split(x), rh, rw, (g, g))),
-                  (qkv, rh, rw), ref, useful)
+  qkv = jnp.asarray(rng.normal(size=(b, g, g, 3 * n * hd)), jnp.bfloat16)
+  qkv_bias = jnp.asarray(rng.normal(size=(3 * n * hd,)), jnp.float32)
   interpret = jax.default_backend() != "gpu"
-  for block_q, warps in PALLAS_CONFIGS:
-    key = f"attn_global_from_qkv_pallas_q{block_q}_w{warps}"
-    fn = jax.jit(lambda x, rh, rw, block_q=block_q, warps=warps: pga.global_rel_pos_attention(
-        x, rh, rw, num_heads=n, hw=(g, g), block_q=block_q, num_warps=warps, interpret=interpret))
-    try:
-      jax.eval_shape(fn, qkv, rh, rw)
-    except NotImplementedError as e:  # e.g. the tiny test model's 6 x 6 grid
-      RESULTS[key + "_skipped"] = str(e)
-      log(f"{key}: skipped ({e})")
-      continue
-    _time_attention(key, f"global attention from qkv ({b}x{t} tokens) Pallas, block_q {block_q}, {warps} warps",
-                    fn, (qkv, rh, rw), ref, useful)
+  for kind, window in (("global", 0), ("windowed", ws)):
+    side = window or g
+    rh, rw = (jnp.asarray(0.3 * rng.normal(size=(2 * side - 1, hd)), jnp.float32) for _ in range(2))
+
+    def run(impl, attention=ie.block_attention, window=window):  # one jitted function per variant
+      return jax.jit(lambda x, bias, rh, rw: attention(x, bias, rh, rw, num_heads=n, window_size=window,
+                                                        attention_impl=impl).reshape(b, g * g, n, hd))
+
+    args = (qkv, qkv_bias, rh, rw)
+    ref = run(None)(qkv.astype(jnp.float32), qkv_bias, rh, rw)
+    tokens = g * g if kind == "global" else gpu.windows_per_image(sam)[1]
+    useful = 4 * b * n * g * g * tokens * hd  # per query: its grid's or its (padded) window's keys
+    label = f"{kind} block from qkv (batch {b})"
+    _time_attention(f"attn_{kind}_from_qkv_cudnn", f"{label} cuDNN, folded", run("cudnn"), args, ref, useful)
+    for block_q, warps in PALLAS_CONFIGS[kind]:
+      key = f"attn_{kind}_from_qkv_pallas_q{block_q}_w{warps}"
+      tiles = {"global_block_q" if kind == "global" else "window_block_q": block_q, "num_warps": warps}
+      if kind == "global":
+        probe = lambda: pa.global_rel_pos_attention(  # noqa: E731
+            qkv.reshape(b, g * g, -1), rh, rw, num_heads=n, hw=(g, g), block_q=block_q, interpret=True)
+      else:
+        probe = lambda: pa.windowed_rel_pos_attention(  # noqa: E731
+            qkv, qkv_bias, rh, rw, num_heads=n, window=window, block_q=block_q, interpret=True)
+      try:
+        jax.eval_shape(probe)
+      except NotImplementedError as e:  # e.g. the tiny test model's 6 x 6 grid and head dim
+        RESULTS[key + "_skipped"] = str(e)
+        log(f"{key}: skipped ({e})")
+        continue
+      pallas = pa.with_pallas(ie.block_attention, kinds=(kind,), interpret=interpret, **tiles)
+      _time_attention(key, f"{label} Pallas, block_q {block_q}, {warps} warps", run("cudnn", pallas), args, ref,
+                      useful)
 
 
 def _attention_f32(q, k, v, scale):
@@ -245,11 +259,12 @@ def kernel_table(trace_dir, iterations, key="profile"):
 @section("encoder")
 def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
   """The encoder in bf16 with its kernels stored in bf16 (as `Predictor` runs it), timed; the first
-  implementation that runs is profiled, and "cudnn+pallas" too (cuDNN for the windows, the experimental
-  Pallas kernel of `pallas_global_attention` for the global blocks)."""
+  implementation that runs is profiled, and the Pallas experiments too ("cudnn+pallas": the experimental
+  Pallas kernels of `pallas_attention` for all blocks; "cudnn+pallas_global" for the global ones only)."""
   import jax
   import jax.numpy as jnp
-  from benchmarks import pallas_global_attention as pga
+  from benchmarks import pallas_attention as pa
+  from benchmarks.gpu_static import PALLAS_KINDS
   from evf_jax.evf import EvfSam, cast_kernels
   from evf_jax.sam import image_encoder as ie
   sam = cfg.sam
@@ -257,12 +272,12 @@ def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
   flops = b * encoder_matmul_flops(sam)
   params = cast_kernels(params, jnp.bfloat16)
   profiled = False
-  cudnn_attention = ie.cudnn_rel_pos_attention
+  block_attention = ie.block_attention
   for impl in impls:
-    pallas = impl == "cudnn+pallas"
+    pallas = impl in PALLAS_KINDS
     if pallas:  # the module looks the function up when it is traced, which the first call below does
-      ie.cudnn_rel_pos_attention = pga.with_global_blocks(cudnn_attention,
-                                                          interpret=jax.default_backend() != "gpu")
+      ie.block_attention = pa.with_pallas(block_attention, kinds=PALLAS_KINDS[impl],
+                                          interpret=jax.default_backend() != "gpu")
     try:
       model = EvfSam(cfg, attention_impl="cudnn" if pallas else impl, dtype=jnp.bfloat16)
       fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
@@ -291,7 +306,7 @@ def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
         if out_dir and os.path.getsize(path) < (15 << 20):
           shutil.copy(path, os.path.join(out_dir, f"encoder_{impl}.trace.json.gz"))
     finally:
-      ie.cudnn_rel_pos_attention = cudnn_attention
+      ie.block_attention = block_attention
 
 
 @section("xla_flag_sets")
@@ -359,7 +374,8 @@ def main():
   ap.add_argument("--sections", default="ceilings,attention,encoder,predictor")
   ap.add_argument("--copy-mib", type=int, default=1024, help="size of the elementwise pass in the ceilings")
   ap.add_argument("--impls", default="cudnn,xla",
-                  help="attention implementations for the encoder section: cudnn, xla, cudnn+pallas")
+                  help="attention implementations for the encoder section: cudnn, xla, cudnn+pallas, "
+                       "cudnn+pallas_global")
   ap.add_argument("--xla-flag-sets", default="",
                   help="';'-separated XLA_FLAGS strings, e.g. '--xla_gpu_triton_gemm_any=true': after the other "
                        "sections, the encoder (cuDNN attention) runs again in a fresh process under each; an "
@@ -387,7 +403,7 @@ def main():
     ceilings(args.batch, sam, args.copy_mib)
   if "attention" in sections:
     attention_core(args.batch, sam.embedding_size, sam)
-    global_from_qkv(args.batch, sam)
+    blocks_from_qkv(args.batch, sam)
   if "encoder" in sections or "predictor" in sections:
     params = random_params(cfg, encoder_only="predictor" not in sections)
     if "encoder" in sections:

@@ -7,8 +7,8 @@ XLA's GPU compiler runs deviceless: jax's CUDA plugin compiles for a compile-onl
 target description of the chip (`TARGETS`), so the program is the one XLA would build for the GPU, up to
 autotuning. Each kernel of the compiled entry computation is listed with what it costs:
   - GEMMs (cuBLAS calls): FLOPs from their shapes, time at --gemm-tflops;
-  - cuDNN flash attention: FLOPs 2 * B * N * T * S * (qk width + v width), time at --attention-tflops (so is
-    the experimental Pallas kernel of `pallas_global_attention.py`, --attention cudnn+pallas);
+  - cuDNN flash attention: FLOPs 2 * B * N * T * S * (qk width + v width), time at --attention-tflops (so
+    are the experimental Pallas kernels of `pallas_attention.py`, --attention cudnn+pallas);
   - other Triton custom calls: bytes only;
   - everything else (XLA's fusions, copies, cuDNN convolutions): bytes read + written, time at --bandwidth.
 Each kernel takes the longer of its compute and its traffic; the estimate is the plain sum over kernels: no
@@ -68,6 +68,9 @@ TARGETS = {
     "h100": _TARGET.format(bandwidth=3352320000000, memory=84929347584, name="NVIDIA H100 80GB HBM3"),
     "h200": _TARGET.format(bandwidth=4800000000000, memory=150754820096, name="NVIDIA H200"),
 }
+
+# --attention values that put benchmarks/pallas_attention.py's kernels in place (gpu_encoder.py's --impls too).
+PALLAS_KINDS = {"cudnn+pallas": ("global", "windowed"), "cudnn+pallas_global": ("global",)}
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
           "f64": 8, "s64": 8, "u64": 8}
@@ -157,10 +160,16 @@ def kernels(hlo_text: str) -> list[dict]:
       kd = _dims(shapes[operands[1]])
       b, t, n = q[0], q[-3], q[-2]  # jax's cuDNN call takes (B, T, N, D)
       flops = 2.0 * b * n * t * kd[-3] * (q[-1] + v[-1])
-    elif "sam_global_rel_pos_attention" in line:  # benchmarks/pallas_global_attention.py: QK and PV at D
+    elif "sam_global_rel_pos_attention" in line:  # benchmarks/pallas_attention.py: QK and PV at D
       kind = "attention"
       b, t, n, d = _dims(_first_array(shape))
       flops = 2.0 * b * n * t * t * (d + d)
+    elif "sam_windowed_rel_pos_attention_w" in line:  # the same per window, (B, H, W, N, D) out
+      kind = "attention"
+      ws = int(re.search(r"sam_windowed_rel_pos_attention_w(\d+)", line).group(1))
+      b, h, w, n, d = _dims(_first_array(shape))
+      windows = -(-h // ws) * -(-w // ws)
+      flops = 2.0 * b * windows * n * (ws * ws) ** 2 * (d + d)
     elif "triton" in target:
       kind = "custom"  # another Pallas/Triton kernel: its FLOPs are unknown here, its time counts bytes only
     elif op in ("while", "conditional", "call"):
@@ -207,15 +216,15 @@ def _compile_encoder(args):
   cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
   if args.gelu == "tanh":  # what XLA can fold into cuBLASLt's GELU epilogue
     layers.gelu = lambda x: jax.nn.gelu(x, approximate=True)
-  if args.attention == "cudnn+pallas":  # global blocks through the experimental kernel, as gpu_encoder.py runs it
-    from benchmarks import pallas_global_attention
+  if args.attention in PALLAS_KINDS:  # the experimental kernels in place, as gpu_encoder.py runs them
+    from benchmarks import pallas_attention
     from evf_jax.sam import image_encoder
-    image_encoder.cudnn_rel_pos_attention = pallas_global_attention.with_global_blocks(
-        image_encoder.cudnn_rel_pos_attention)
+    image_encoder.block_attention = pallas_attention.with_pallas(image_encoder.block_attention,
+                                                                 kinds=PALLAS_KINDS[args.attention])
   device = get_topology_desc("static", "cuda", target_config=TARGETS[args.target], topology="1x1x1").devices[0]
   on = jax.sharding.SingleDeviceSharding(device)
   cfg = EvfConfig.preset(args.size)
-  model = EvfSam(cfg, attention_impl="cudnn" if args.attention == "cudnn+pallas" else args.attention,
+  model = EvfSam(cfg, attention_impl="cudnn" if args.attention in PALLAS_KINDS else args.attention,
                  dtype=jnp.bfloat16)
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: jax.ShapeDtypeStruct(
@@ -231,9 +240,9 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--size", default="evf-sam", help="model preset (default evf-sam: SAM ViT-H)")
   ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla", "cudnn+pallas"),
-                  help="cudnn+pallas: global blocks through benchmarks/pallas_global_attention.py (its FLOPs at "
-                       "--attention-tflops, a rate the kernel has never been measured at)")
+  ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla", *PALLAS_KINDS),
+                  help="cudnn+pallas[_global]: all blocks [global blocks] through benchmarks/pallas_attention.py, "
+                       "cuDNN for the rest (the kernels' FLOPs at --attention-tflops, a rate never measured)")
   ap.add_argument("--gelu", default="erf", choices=("erf", "tanh"),
                   help="erf: SAM's exact GELU (ours); tanh: the approximation cuBLASLt can apply in its epilogue")
   ap.add_argument("--target", default="h100", choices=sorted(TARGETS))

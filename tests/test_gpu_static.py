@@ -92,16 +92,18 @@ ENTRY %main (qkv: bf16[2,8,3,4,16], s: bf16[2,8,4,64]) -> bf16[2,8,4,16] {
   %qkv = bf16[2,8,3,4,16]{4,3,2,1,0} parameter(0)
   %s = bf16[2,8,4,64]{3,2,1,0} parameter(1)
   %pallas_call.1 = bf16[2,8,4,16]{3,2,1,0} custom-call(%s), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/some_other_kernel"}
+  %pallas_call.2 = bf16[2,6,10,4,16]{4,3,2,1,0} custom-call(%s), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/sam_windowed_rel_pos_attention_w4"}
   ROOT %pallas_call.0 = bf16[2,8,4,16]{3,2,1,0} custom-call(%qkv, %qkv, %qkv, %s), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(f)/sam_global_rel_pos_attention"}
 }
 """
 
 
 def test_pallas_kernels():
-  """Our global-attention kernel is costed as attention (QK and PV at its head dim); another Triton call
-  only by its bytes."""
+  """Our attention kernels are costed as attention (QK and PV at their head dim; the windowed one per padded
+  window, 6 x 10 -> 2 x 3 windows of 4 x 4), another Triton call only by its bytes."""
   rows = {r["name"]: r for r in gpu_static.kernels(PALLAS_HLO)}
-  ours, other = rows["pallas_call.0"], rows["pallas_call.1"]
+  ours, other, windowed = rows["pallas_call.0"], rows["pallas_call.1"], rows["pallas_call.2"]
   assert (ours["kind"], ours["flops"]) == ("attention", 2.0 * 2 * 4 * 8 * 8 * (16 + 16))
+  assert (windowed["kind"], windowed["flops"]) == ("attention", 2.0 * 2 * 6 * 4 * 16 * 16 * (16 + 16))
   assert (other["kind"], other["flops"]) == ("custom", 0.0)
   assert other["bytes"] == 2 * (2 * 8 * 4 * 64 + 2 * 8 * 4 * 16)

@@ -244,6 +244,39 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
   return out.reshape(t, b, n, d).transpose(1, 0, 2, 3)
 
 
+def block_attention(qkv: jax.Array, qkv_bias: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, *,
+                    num_heads: int, window_size: int, attention_impl: Optional[str]) -> jax.Array:
+  """Everything between a block's qkv and proj Linear layers: (B, H, W, 3 * C) -> (B, H, W, C).
+
+  Windowed (window_size > 0): the grid is padded to whole windows, partitioned, attended per window and
+  merged back. The reference pads the block's input with zeros and runs qkv on the padding too; here qkv ran
+  on the real tokens only (4096 instead of 4900 at 1024 px) and the padding takes qkv(0), i.e. `qkv_bias`;
+  proj runs after the merge, on the real tokens only too (the reference drops the padding after it).
+  One function, so that `benchmarks/` can swap in kernels that take the whole grid at once.
+  """
+  _, h, w, c3 = qkv.shape
+  dim = c3 // 3
+  hd = dim // num_heads
+  ws = window_size
+  if ws > 0:
+    pad_h, pad_w = -h % ws, -w % ws
+    if pad_h or pad_w:
+      qkv = jnp.pad(qkv, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+      real = np.pad(np.ones((h, w, 1), bool), ((0, pad_h), (0, pad_w), (0, 0)))
+      qkv = jnp.where(real, qkv, qkv_bias.astype(qkv.dtype))
+    qkv, padded = window_partition(qkv, ws)
+  grid = (ws, ws) if ws > 0 else (h, w)
+  # torch splits the fused output as (3, heads, head_dim).
+  qkv = qkv.reshape(qkv.shape[0], grid[0] * grid[1], 3, num_heads, hd)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  if attention_impl == "cudnn":
+    out = cudnn_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
+  else:
+    out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
+  out = out.reshape(-1, *grid, dim)
+  return window_unpartition(out, ws, padded, (h, w)) if ws > 0 else out
+
+
 class Attention(nn.Module):
   """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative-position bias, within
   non-overlapping windows of `window_size` when > 0 (else global). The rel-pos tables are sized for the
@@ -258,38 +291,19 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
     hd = self.dim // self.num_heads
     qkv_layer = layers.dense(3 * self.dim, ("embed", "heads"), name="qkv", dtype=self.dtype,
                              param_dtype=self.param_dtype)
     qkv = qkv_layer(x)
-    ws = self.window_size
-    if ws > 0:
-      # The reference pads the block's input with zeros and runs qkv on the padding too; here qkv runs on
-      # the real tokens only (4096 instead of 4900 at 1024 px) and the padding takes qkv(0), the bias.
-      pad_h, pad_w = -h % ws, -w % ws
-      if pad_h or pad_w:
-        fill = nn.unbox(qkv_layer.variables["params"]["bias"]).astype(qkv.dtype)  # a read, not a product
-        qkv = jnp.pad(qkv, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        real = np.pad(np.ones((h, w, 1), bool), ((0, pad_h), (0, pad_w), (0, 0)))
-        qkv = jnp.where(real, qkv, fill)
-      qkv, padded = window_partition(qkv, ws)
-    grid = (ws, ws) if ws > 0 else (h, w)
-    # torch splits the fused output as (3, heads, head_dim).
-    qkv = qkv.reshape(qkv.shape[0], grid[0] * grid[1], 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     table = lambda n, size: self.param(  # noqa: E731
         n, layers.logical(nn.initializers.zeros_init(), (None, None)), (2 * size - 1, hd), self.param_dtype)
+    ws = self.window_size
     table_hw = (ws, ws) if ws > 0 else tuple(self.input_size)
     rel_pos_h = table("rel_pos_h", table_hw[0])
     rel_pos_w = table("rel_pos_w", table_hw[1])
-    if self.attention_impl == "cudnn":
-      out = cudnn_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
-    else:
-      out = rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid)
-    out = out.reshape(-1, *grid, self.dim)
-    if ws > 0:  # proj runs on the real tokens only; the reference drops the padding after it
-      out = window_unpartition(out, ws, padded, (h, w))
+    qkv_bias = nn.unbox(qkv_layer.variables["params"]["bias"])  # qkv(0): what the windows' padding holds
+    out = block_attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, num_heads=self.num_heads, window_size=ws,
+                          attention_impl=self.attention_impl)
     return layers.dense(self.dim, ("heads", "embed"), name="proj", dtype=self.dtype,
                         param_dtype=self.param_dtype)(out)
 

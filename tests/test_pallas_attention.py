@@ -1,6 +1,6 @@
-"""The experimental Pallas kernel for SAM's global attention (benchmarks/pallas_global_attention.py), run by
-Pallas's interpreter on CPU, against segment-anything's own attention with decomposed rel-pos. Its speed is
-a GPU question (benchmarks/gpu_encoder.py); these tests hold its arithmetic and its wiring into the encoder."""
+"""The experimental Pallas kernels for SAM's attention blocks (benchmarks/pallas_attention.py), run by Pallas's
+interpreter on CPU, against segment-anything's own attention with decomposed rel-pos. Their speed is a GPU
+question (benchmarks/gpu_encoder.py); these tests hold their arithmetic and their wiring into the encoder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import pallas_global_attention as pga
+from benchmarks import pallas_attention as pa
 from convert.rules import convert
 from convert.sam import sam_rules
 from evf_jax.sam import image_encoder as ie
@@ -19,12 +19,12 @@ from tests import torch_reference as tr
 
 
 def test_split_pow2():
-  assert pga.split_pow2(80) == [(0, 64), (64, 16)]  # SAM-H
-  assert pga.split_pow2(64) == [(0, 64)]            # SAM-B, SAM-L
-  assert pga.split_pow2(48) == [(0, 32), (32, 16)]
+  assert pa.split_pow2(80) == [(0, 64), (64, 16)]  # SAM-H
+  assert pa.split_pow2(64) == [(0, 64)]            # SAM-B, SAM-L
+  assert pa.split_pow2(48) == [(0, 32), (32, 16)]
   for d in (72, 8, 40):  # a piece under 16, which Triton's dot does not take
     with pytest.raises(NotImplementedError):
-      pga.split_pow2(d)
+      pa.split_pow2(d)
 
 
 def _torch_attention(qkv, rel_h, rel_w, n, hw):
@@ -49,7 +49,7 @@ def test_kernel_matches_segment_anything(h, w, heads, d, block_q):
   rng = np.random.default_rng(3)
   qkv = rng.normal(size=(2, h * w, 3 * heads * d)).astype(np.float32)
   rel_h, rel_w = (0.3 * rng.normal(size=(2 * s - 1, d)).astype(np.float32) for s in (h, w))
-  ours = pga.global_rel_pos_attention(jnp.asarray(qkv), jnp.asarray(rel_h), jnp.asarray(rel_w), num_heads=heads,
+  ours = pa.global_rel_pos_attention(jnp.asarray(qkv), jnp.asarray(rel_h), jnp.asarray(rel_w), num_heads=heads,
                                       hw=(h, w), block_q=block_q, interpret=True)
   ref = _torch_attention(qkv, rel_h, rel_w, heads, (h, w))
   err = float(np.abs(np.asarray(ours) - ref).max())
@@ -59,24 +59,31 @@ def test_kernel_matches_segment_anything(h, w, heads, d, block_q):
 def test_kernel_refuses_grids_it_does_not_tile():
   qkv = jnp.zeros((1, 36, 3 * 2 * 16))
   with pytest.raises(NotImplementedError):  # rows of 6 keys: not a power of two
-    pga.global_rel_pos_attention(qkv, jnp.zeros((11, 16)), jnp.zeros((11, 16)), num_heads=2, hw=(6, 6),
+    pa.global_rel_pos_attention(qkv, jnp.zeros((11, 16)), jnp.zeros((11, 16)), num_heads=2, hw=(6, 6),
                                  block_q=12, interpret=True)
 
 
-def test_encoder_global_block_through_the_kernel(monkeypatch):
-  """A global SAM block on a 16 x 16 grid, attention_impl="cudnn" with `with_global_blocks` in place, as
-  `gpu_encoder.py --impls cudnn+pallas` runs it: it matches segment-anything's Block, and no cuDNN call is
-  left (the stand-in counts them)."""
+@pytest.mark.parametrize("window,grid,kinds,block_q", [
+    (0, (16, 16), ("global",), 128),     # key rows of 16: the global kernel, query blocks of 8 rows
+    (4, (6, 10), ("windowed",), 16),     # windows padded on both sides (6 -> 8, 10 -> 12)
+    (3, (6, 10), ("windowed",), 16),     # 9-token windows in blocks of 16: lanes past the window
+    (4, (8, 8), ("windowed",), 64),      # a query block larger than the window
+])
+def test_blocks_through_the_kernels(window, grid, kinds, block_q, monkeypatch):
+  """segment-anything's Block against ours with attention_impl="cudnn" and `with_pallas` in place, as
+  `gpu_encoder.py --impls cudnn+pallas` runs the encoder; no cuDNN call is left (the stand-in counts them)."""
   import torch
   calls = cudnn_stand_in.install(monkeypatch, half_only=False)
-  monkeypatch.setattr(ie, "cudnn_rel_pos_attention", pga.with_global_blocks(ie.cudnn_rel_pos_attention,
-                                                                            interpret=True))
+  tile = "global_block_q" if window == 0 else "window_block_q"
+  monkeypatch.setattr(ie, "block_attention", pa.with_pallas(ie.block_attention, kinds=kinds, interpret=True,
+                                                            **{tile: block_q}))
   m = tr.segment_anything_modeling()
+  input_size = grid if window == 0 else (8, 8)
   blk = m.image_encoder.Block(dim=32, num_heads=2, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
-                              use_rel_pos=True, window_size=0, input_size=(16, 16))
+                              use_rel_pos=True, window_size=window, input_size=input_size)
   tr.randomize_(blk, seed=5)
-  ours = ie.Block(32, 2, 4.0, 0, (16, 16), attention_impl="cudnn")
-  x = np.random.default_rng(6).normal(size=(2, 16, 16, 32)).astype(np.float32)
+  ours = ie.Block(32, 2, 4.0, window, input_size, attention_impl="cudnn")
+  x = np.random.default_rng(6).normal(size=(2, *grid, 32)).astype(np.float32)
   target = {"image_encoder": {"blocks_0": nn.unbox(jax.eval_shape(ours.init, jax.random.key(0), x))["params"]}}
   sd = {f"image_encoder.blocks.0.{k}": v for k, v in tr.state_dict_numpy(blk).items()}
   params = convert(sd, sam_rules(), target).params["image_encoder"]["blocks_0"]
@@ -86,3 +93,13 @@ def test_encoder_global_block_through_the_kernel(monkeypatch):
   err = float(np.abs(np.asarray(out) - ref).max())
   assert err < 2e-5, err
   assert calls["cudnn"] == 0
+
+
+def test_windowed_kernel_refuses_what_it_does_not_tile():
+  qkv = jnp.zeros((1, 3, 3, 3 * 2 * 16))
+  with pytest.raises(NotImplementedError):  # a grid smaller than one window
+    pa.windowed_rel_pos_attention(qkv, jnp.zeros(96), jnp.zeros((7, 16)), jnp.zeros((7, 16)), num_heads=2,
+                                  window=4, interpret=True)
+  with pytest.raises(NotImplementedError):  # a block size that is no power of two
+    pa.windowed_rel_pos_attention(jnp.zeros((1, 8, 8, 96)), jnp.zeros(96), jnp.zeros((7, 16)),
+                                  jnp.zeros((7, 16)), num_heads=2, window=4, block_q=24, interpret=True)
