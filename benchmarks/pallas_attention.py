@@ -23,7 +23,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -132,7 +131,6 @@ def global_rel_pos_attention(qkv: jax.Array, rel_pos_h: jax.Array, rel_pos_w: ja
       interpret=interpret,
       name="sam_global_rel_pos_attention",
   )(qkv5, qkv5, qkv5, scores)
-
 
 
 def _window_kernel(q_ref, k_ref, v_ref, s_ref, b_ref, o_ref, *, scale, grid_hw, ws, pieces, block_q, block_k,
