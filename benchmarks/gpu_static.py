@@ -17,13 +17,16 @@ moved and kernels launched are exact for the program; times are only as good as 
 does not replace a measurement. What it cannot see:
   - autotuning: with no device XLA keeps its default choices. Triton GEMM fusions are off by default here,
     because on an H100 the autotuner gave every encoder GEMM to cuBLAS (run 2's profile);
-  - how much of an operand a fusion reads: whole operands are counted, so a fusion that slices q out of the
-    fused qkv output is charged for all of qkv (an upper bound on its bytes);
+  - exactly what a kernel reads: an XLA fusion is charged for the share of each operand its slices keep
+    (`read_fractions`: q sliced out of the fused qkv output is a third of it) and for whole operands
+    otherwise; custom calls (cuBLAS, cuDNN, Triton) for whole operands, so the Pallas kernels, which each
+    take the whole qkv plane three times, are charged an upper bound;
   - the XLA of the GPU machine: this compiles with the jax installed here, and XLA's fusion choices change
     between versions (flax's bf16 GELU is one pass under jax 0.10.2, was two under 0.11.2 on the H100).
 Default rates, from run 2 on an H100 (README, Performance): 790 TFLOP/s, the encoder's big cuBLAS kernels
 in its profile; 435 TFLOP/s, its cuDNN flash kernels over windowed and global blocks together; 2.3 TB/s, a
-plain bf16 pass. With them, the code that run 3 timed at 113.4 ms (batch 8) is estimated at 111.5 ms.
+plain bf16 pass. With them, the code that run 3 timed at 113.4 ms (batch 8) is estimated at 104.2 ms: launch
+gaps and the smaller GEMMs' lower rate are not in the model.
 """
 
 from __future__ import annotations
@@ -123,6 +126,38 @@ def _dot_flops(computation: str) -> float:
   return 0.0
 
 
+def _elements(shape: str) -> int:
+  n = 1
+  for d in _dims(shape):
+    n *= d
+  return n
+
+
+def read_fractions(computation: str) -> dict[int, float]:
+  """For a fused computation's text: parameter number -> the fraction of it the fusion reads. A `slice` reads
+  its output's share of its operand; other ops pass on what their users read (the most any user reads),
+  and the root is read whole. E.g. a fusion that slices q out of the fused qkv output reads a third of it."""
+  instrs, params = [], {}
+  for line in computation.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, op, rest = m.groups()
+    operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0]) if op != "parameter" else []
+    instrs.append((name, shape, op, operands, line.lstrip().startswith("ROOT")))
+    if op == "parameter":
+      params[name] = int(re.match(r"\s*(\d+)", rest).group(1))
+  read = {name: 1.0 for name, *_, root in instrs if root}
+  for name, shape, op, operands, _ in reversed(instrs):  # users come after their operands
+    frac = read.get(name, 0.0)
+    for o in operands:
+      share = frac
+      if op == "slice" and o == operands[0]:
+        share = frac * _elements(shape) / max(1, _elements(next(i[1] for i in instrs if i[0] == o)))
+      read[o] = max(read.get(o, 0.0), share)
+  return {number: min(1.0, read.get(name, 1.0)) for name, number in params.items()}
+
+
 def kernels(hlo_text: str) -> list[dict]:
   """One row per kernel of the entry computation: name, kind (gemm | attention | memory), bytes, flops."""
   computations = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^%([\w.\-]+) \(.*?^\}", hlo_text)}
@@ -140,7 +175,12 @@ def kernels(hlo_text: str) -> list[dict]:
     operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
     target = re.search(r'custom_call_target="([^"]+)"', line)
     target = target.group(1) if target else ""
-    in_bytes = sum(array_bytes(shapes.get(o, ""), skip_scratch=True) for o in operands)
+    fractions = {}
+    if op == "fusion" and "kind=kCustom" not in line:  # XLA's own fusions: what they really read
+      called = re.search(r"calls=%([\w.\-]+)", line)
+      fractions = read_fractions(computations.get(called.group(1), "")) if called else {}
+    in_bytes = sum(fractions.get(i, 1.0) * array_bytes(shapes.get(o, ""), skip_scratch=True)
+                   for i, o in enumerate(operands))
     out_bytes = array_bytes(shape, skip_scratch=True)
     flops, kind = 0.0, "memory"
     if "cublas" in target:

@@ -107,3 +107,29 @@ def test_pallas_kernels():
   assert (windowed["kind"], windowed["flops"]) == ("attention", 2.0 * 2 * 6 * 4 * 16 * 16 * (16 + 16))
   assert (other["kind"], other["flops"]) == ("custom", 0.0)
   assert other["bytes"] == 2 * (2 * 8 * 4 * 64 + 2 * 8 * 4 * 16)
+
+
+SLICE_HLO = """
+%fused_slice (p0: bf16[4,6], p1: bf16[4,2]) -> bf16[4,2] {
+  %p0 = bf16[4,6]{1,0} parameter(0)
+  %t = bf16[6,4]{1,0} transpose(%p0), dimensions={1,0}
+  %s = bf16[2,4]{1,0} slice(%t), slice={[2:4], [0:4]}
+  %u = bf16[4,2]{1,0} transpose(%s), dimensions={1,0}
+  %p1 = bf16[4,2]{1,0} parameter(1)
+  ROOT %a = bf16[4,2]{1,0} add(%u, %p1)
+}
+
+ENTRY %main (x: bf16[4,6], y: bf16[4,2]) -> bf16[4,2] {
+  %x = bf16[4,6]{1,0} parameter(0)
+  %y = bf16[4,2]{1,0} parameter(1)
+  ROOT %loop_slice_fusion = bf16[4,2]{1,0} fusion(%x, %y), kind=kLoop, calls=%fused_slice
+}
+"""
+
+
+def test_fusions_are_charged_for_what_they_slice():
+  """A third of x is sliced (behind a transpose) and y is read whole."""
+  computation = SLICE_HLO[SLICE_HLO.index("%fused_slice"):SLICE_HLO.index("ENTRY")]
+  assert gpu_static.read_fractions(computation) == pytest.approx({0: 1 / 3, 1: 1.0})
+  row, = gpu_static.kernels(SLICE_HLO)
+  assert row["bytes"] == pytest.approx(2 * (24 / 3 + 8 + 8))

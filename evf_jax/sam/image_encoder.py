@@ -99,7 +99,7 @@ def fold_rel_pos(q: jax.Array, k: jax.Array, rel_pos_h: jax.Array, rel_pos_w: ja
   h, w = hw
   th, tw = rel_pos_table(h, h, rel_pos_h), rel_pos_table(w, w, rel_pos_w)
   # The tables carry the factor that undoes the kernel's scale, so the product comes out final, in q's dtype:
-  # a float32 product and a scaling pass cost SAM-H 6 GB more traffic per batch of 8 (benchmarks/gpu_static.py).
+  # a float32 product and a scaling pass cost SAM-H ~6 GB more traffic per batch of 8 (benchmarks/gpu_static.py).
   tables = (jnp.concatenate([th, tw]).astype(jnp.float32) * (q_scale * d ** 0.5)).astype(q.dtype)  # (Lh + Lw, D)
   scores = jnp.einsum("btnd,jd->btnj", q, tables, preferred_element_type=q.dtype)
   # Token s = (y, x) takes rows index_h[y, :] of the h table and Lh + index_w[x, :] of the w table.
