@@ -20,8 +20,8 @@
    add `cudnn+pallas` (the Pallas kernels for all blocks) and `cudnn+pallas_global` (global blocks only),
    which are profiled too.
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
-5. With --xla-flag-sets, section 3 (cuDNN, with its profile) again under each set of XLA flags, each in a
-   fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
+5. With --xla-flag-sets, section 3 (--impls without XLA attention, with profiles) again under each set of
+   XLA flags, each in a fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
    elementwise work around the matmuls, which cuBLAS calls cannot. An entry may hold `gelu=tanh_approx`
    too: that child runs the encoder with the tanh GELU (--gelu), which XLA can hand to cuBLASLt as a
    BIAS_GELU epilogue (`benchmarks/gpu_static.py` shows it doing so for all 32 MLPs); its profile says
@@ -312,7 +312,8 @@ def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
 @section("xla_flag_sets")
 def xla_flag_sets(args, flag_sets):
   """The encoder section again in a fresh process per XLA_FLAGS string (XLA reads its flags once, at
-  start-up), cuDNN attention only; each child's numbers land under RESULTS["xla_flags"][flags]."""
+  start-up), for --impls without XLA attention (cuDNN, and the Pallas experiments when asked for); each
+  child's numbers land under RESULTS["xla_flags"][flags]."""
   RESULTS["xla_flags"] = {}
   for i, flags in enumerate(flag_sets):
     out = os.path.join(args.out or tempfile.mkdtemp(), f"xla_flags_{i}")
@@ -320,7 +321,8 @@ def xla_flag_sets(args, flag_sets):
     gelu = [t.split("=", 1)[1] for t in flags.split() if t.startswith("gelu=")]
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla}".strip())
     cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--batch", str(args.batch),
-           "--sections", "encoder", "--impls", "cudnn", "--out", out, "--gelu", (gelu or [args.gelu])[-1]]
+           "--sections", "encoder", "--impls", ",".join(i for i in args.impls.split(",") if i != "xla") or "cudnn",
+           "--out", out, "--gelu", (gelu or [args.gelu])[-1]]
     log(f"XLA_FLAGS={env['XLA_FLAGS']!r}: {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     sys.stdout.write(proc.stdout)
@@ -330,7 +332,8 @@ def xla_flag_sets(args, flag_sets):
       log(f"  FAILED: {RESULTS['xla_flags'][flags]['error']}")
       continue
     r = json.load(open(child))
-    RESULTS["xla_flags"][flags] = {k: v for k, v in r.items() if k.startswith(("encoder", "profile_groups", "gelu"))}
+    RESULTS["xla_flags"][flags] = {k: v for k, v in r.items() if k.startswith(("encoder", "profile", "gelu"))
+                                   and not k.endswith("top_kernels")}
 
 
 @section("predictor")
