@@ -12,9 +12,8 @@ autotuning. Each kernel of the compiled entry computation is listed with what it
   - other Triton custom calls: bytes only;
   - everything else (XLA's fusions, copies, cuDNN convolutions): bytes read + written, time at --bandwidth.
 Each kernel takes the longer of its compute and its traffic; the estimate is the plain sum over kernels: no
-overlap, no launch gaps. It is for comparing variants of our code (bytes
-moved and kernels launched are exact for the program; times are only as good as the three rates), and it
-does not replace a measurement. What it cannot see:
+overlap, no launch gaps. It is for comparing variants of our code (the kernels launched are the program's;
+times are only as good as the three rates), and it does not replace a measurement. What it cannot see:
   - autotuning: with no device XLA keeps its default choices. Triton GEMM fusions are off by default here,
     because on an H100 the autotuner gave every encoder GEMM to cuBLAS (run 2's profile);
   - exactly what a kernel reads: an XLA fusion is charged for the share of each operand its slices keep
