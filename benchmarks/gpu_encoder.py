@@ -21,11 +21,10 @@
    which are profiled too.
 4. `Predictor` end to end in bf16 with cuDNN attention (BEiT-3's padding mask included), 1 and 8 prompts.
 5. With --xla-flag-sets, section 3 (--impls without XLA attention, with profiles) again under each set of
-   XLA flags, each in a fresh process: e.g. '--xla_gpu_triton_gemm_any=true', Triton GEMMs that can fuse the GELU and other
-   elementwise work around the matmuls, which cuBLAS calls cannot. An entry may hold `gelu=tanh_approx`
-   too: that child runs the encoder with the tanh GELU (--gelu), which XLA can hand to cuBLASLt as a
-   BIAS_GELU epilogue (`benchmarks/gpu_static.py` shows it doing so for all 32 MLPs); its profile says
-   whether it did on the GPU's jax, and what the epilogue costs.
+   XLA flags, each in a fresh process (XLA reads its flags once). An entry may hold `gelu=tanh_approx` too:
+   that child runs the encoder with the tanh GELU (--gelu), which XLA can hand to cuBLASLt as a BIAS_GELU
+   epilogue (`benchmarks/gpu_static.py` shows it doing so for all 32 MLPs under jax 0.10.2); its profile
+   says whether it did on the GPU's jax, and what the epilogue costs.
 With --out, the log's numbers go to DIR/gpu_encoder.json and the raw trace to DIR.
 """
 
@@ -173,21 +172,16 @@ def blocks_from_qkv(b, sam):
     for block_q, warps in PALLAS_CONFIGS[kind]:
       key = f"attn_{kind}_from_qkv_pallas_q{block_q}_w{warps}"
       tiles = {"global_block_q" if kind == "global" else "window_block_q": block_q, "num_warps": warps}
-      if kind == "global":
-        probe = lambda: pa.global_rel_pos_attention(  # noqa: E731
-            qkv.reshape(b, g * g, -1), rh, rw, num_heads=n, hw=(g, g), block_q=block_q, interpret=True)
-      else:
-        probe = lambda: pa.windowed_rel_pos_attention(  # noqa: E731
-            qkv, qkv_bias, rh, rw, num_heads=n, window=window, block_q=block_q, interpret=True)
+      # strict: a block the kernels do not tile raises here instead of quietly timing the cuDNN fallback.
+      fn = run("cudnn", pa.with_pallas(ie.block_attention, kinds=(kind,), interpret=interpret, strict=True,
+                                       **tiles))
       try:
-        jax.eval_shape(probe)
-      except NotImplementedError as e:  # e.g. the tiny test model's 6 x 6 grid and head dim
+        jax.eval_shape(fn, *args)
+      except NotImplementedError as e:  # e.g. the tiny test model's 6 x 6 global grid
         RESULTS[key + "_skipped"] = str(e)
         log(f"{key}: skipped ({e})")
         continue
-      pallas = pa.with_pallas(ie.block_attention, kinds=(kind,), interpret=interpret, **tiles)
-      _time_attention(key, f"{label} Pallas, block_q {block_q}, {warps} warps", run("cudnn", pallas), args, ref,
-                      useful)
+      _time_attention(key, f"{label} Pallas, block_q {block_q}, {warps} warps", fn, args, ref, useful)
 
 
 def _attention_f32(q, k, v, scale):
@@ -380,9 +374,8 @@ def main():
                   help="attention implementations for the encoder section: cudnn, xla, cudnn+pallas, "
                        "cudnn+pallas_global")
   ap.add_argument("--xla-flag-sets", default="",
-                  help="';'-separated XLA_FLAGS strings, e.g. '--xla_gpu_triton_gemm_any=true': after the other "
-                       "sections, the encoder (cuDNN attention) runs again in a fresh process under each; an "
-                       "entry may add gelu=tanh_approx")
+                  help="';'-separated XLA_FLAGS strings: after the other sections, the encoder runs again "
+                       "(--impls without xla) in a fresh process under each; an entry may add gelu=tanh_approx")
   ap.add_argument("--gelu", default="exact", choices=("exact", "tanh_approx"),
                   help="the GELU of the encoder sections: SAM's exact one, or the tanh approximation (NOT what "
                        "SAM computes; timed to see what cuBLASLt's GELU epilogue would buy)")

@@ -71,7 +71,9 @@ TARGETS = {
     "h200": _TARGET.format(bandwidth=4800000000000, memory=150754820096, name="NVIDIA H200"),
 }
 
-# --attention values that put benchmarks/pallas_attention.py's kernels in place (gpu_encoder.py's --impls too).
+# --attention values that put benchmarks/pallas_attention.py's kernels in place (gpu_encoder.py's --impls
+# too): which block kinds go to them, cuDNN taking the rest. Here rather than there: this module must not
+# import jax before main() has set the environment the compile-only plugin needs.
 PALLAS_KINDS = {"cudnn+pallas": ("global", "windowed"), "cudnn+pallas_global": ("global",)}
 
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
@@ -103,6 +105,14 @@ def _first_array(shape: str) -> str:
   return _ARRAY.search(shape).group(0)
 
 
+def _elements(shape: str) -> int:
+  """Elements of the first array in an HLO shape string."""
+  n = 1
+  for d in _dims(shape):
+    n *= d
+  return n
+
+
 def _dot_flops(computation: str) -> float:
   """2 x output elements x contracted size of the `dot` in a fused computation's text (a Triton GEMM)."""
   shapes = {}
@@ -118,18 +128,8 @@ def _dot_flops(computation: str) -> float:
       k = 1
       for d in re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", line).group(1).split(","):
         k *= lhs_dims[int(d)]
-      out = 1
-      for d in _dims(shape):
-        out *= d
-      return 2.0 * out * k
+      return 2.0 * _elements(shape) * k
   return 0.0
-
-
-def _elements(shape: str) -> int:
-  n = 1
-  for d in _dims(shape):
-    n *= d
-  return n
 
 
 def read_fractions(computation: str) -> dict[int, float]:
@@ -186,10 +186,7 @@ def kernels(hlo_text: str) -> list[dict]:
       kind = "gemm"
       contracting = re.search(r'"lhs_contracting_dimensions":\["(\d+)"', line)
       k = _dims(shapes[operands[0]])[int(contracting.group(1))]
-      out = 1
-      for d in _dims(_first_array(shape)):
-        out *= d
-      flops = 2.0 * out * k
+      flops = 2.0 * _elements(shape) * k
     elif op == "fusion" and re.search(r'"kind":"__triton(_nested)?_gemm', line):
       kind = "gemm"  # a Triton GEMM (--xla_gpu_triton_gemm_any, or where cuBLAS does not apply)
       flops = _dot_flops(computations.get(re.search(r"calls=%([\w.\-]+)", line).group(1), ""))
@@ -249,7 +246,7 @@ def _compile_encoder(args):
   # attached, the target's (9.0) answers.
   import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
   from evf_jax import layers
-  from evf_jax.evf import EvfConfig, EvfSam, abstract_params
+  from evf_jax.evf import EvfConfig, EvfSam, abstract_params, cast_kernels
 
   cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
   cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
@@ -265,10 +262,8 @@ def _compile_encoder(args):
   cfg = EvfConfig.preset(args.size)
   model = EvfSam(cfg, attention_impl="cudnn" if args.attention in PALLAS_KINDS else args.attention,
                  dtype=jnp.bfloat16)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.ShapeDtypeStruct(
-          x.shape, jnp.bfloat16 if getattr(path[-1], "key", None) == "kernel" else x.dtype, sharding=on),
-      abstract_params(cfg))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
+                        jax.eval_shape(lambda p: cast_kernels(p, jnp.bfloat16), abstract_params(cfg)))
   s = cfg.sam.img_size
   images = jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.bfloat16, sharding=on)
   fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))

@@ -224,9 +224,11 @@ def windowed_rel_pos_attention(qkv: jax.Array, qkv_bias: jax.Array, rel_pos_h: j
   )(qkv6, qkv6, qkv6, scores, qkv_bias.astype(qkv.dtype).reshape(3, num_heads, d))
 
 
-def with_pallas(block_attention, kinds=("global", "windowed"), interpret: bool = False, **tiles):
+def with_pallas(block_attention, kinds=("global", "windowed"), interpret: bool = False, strict: bool = False,
+                **tiles):
   """A stand-in for `image_encoder.block_attention` that sends the blocks of `kinds` these kernels take to
-  them (`tiles`: global_block_q, window_block_q, num_warps) and everything else to `block_attention`."""
+  them (`tiles`: global_block_q, window_block_q, num_warps) and everything else to `block_attention`.
+  strict: a block of `kinds` that the kernels do not tile raises NotImplementedError instead."""
   def attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, *, num_heads, window_size, attention_impl):
     def fallback():
       return block_attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, num_heads=num_heads, window_size=window_size,
@@ -245,6 +247,8 @@ def with_pallas(block_attention, kinds=("global", "windowed"), interpret: bool =
                                          window=window_size, block_q=tiles.get("window_block_q", 64),
                                          num_warps=tiles.get("num_warps", 4), interpret=interpret)
     except NotImplementedError:  # a grid or head dim these kernels do not tile
+      if strict:
+        raise
       return fallback()
     return out.reshape(b, h, w, c // 3)
   return attention
