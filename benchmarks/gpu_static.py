@@ -2,6 +2,7 @@
 
     bash scripts/setup_gpu_static_env.sh          # once: .venv-gpu-static with jax's CUDA plugin (~6 GB)
     .venv-gpu-static/bin/python benchmarks/gpu_static.py [--batch 8] [--gelu erf|tanh] [--xla-flags '...']
+        [--attention cudnn+pallas [--tiles window_block_q=128,window_num_warps=8]] [--ptxas]
 
 XLA's GPU compiler runs deviceless: jax's CUDA plugin compiles for a compile-only topology built from a
 target description of the chip (`TARGETS`), so the program is the one XLA would build for the GPU, up to
@@ -18,10 +19,14 @@ times are only as good as the three rates), and it does not replace a measuremen
     because on an H100 the autotuner gave every encoder GEMM to cuBLAS (run 2's profile);
   - exactly what a kernel reads: an XLA fusion is charged for the share of each operand its slices keep
     (`read_fractions`: q sliced out of the fused qkv output is a third of it) and for whole operands
-    otherwise; custom calls (cuBLAS, cuDNN, Triton) for whole operands, so the Pallas kernels, which each
-    take the whole qkv plane three times, are charged an upper bound;
+    otherwise; custom calls (cuBLAS, cuDNN, Triton) for whole operands, except the Pallas kernels, which
+    take the fused qkv output three times and are charged a third of it each time (the plane they read;
+    re-reads of a head's keys by its query blocks are assumed to hit L2);
   - the XLA of the GPU machine: this compiles with the jax installed here, and XLA's fusion choices change
     between versions (flax's bf16 GELU is one pass under jax 0.10.2, was two under 0.11.2 on the H100).
+With --ptxas, the CUDA toolkit's ptxas (from the plugin's CUDA wheels) assembles every kernel's PTX for
+sm_90a and lists registers per thread and spills of our Pallas kernels and of any kernel that spills: the
+one check of the kernels' tiles (--tiles) there is without a GPU.
 Default rates, from run 2 on an H100 (README, Performance): 790 TFLOP/s, the encoder's big cuBLAS kernels
 in its profile; 435 TFLOP/s, its cuDNN flash kernels over windowed and global blocks together; 2.3 TB/s, a
 plain bf16 pass. With them, the code that run 3 timed at 113.4 ms (batch 8) is estimated at 104.2 ms: launch
@@ -178,6 +183,10 @@ def kernels(hlo_text: str) -> list[dict]:
     if op == "fusion" and "kind=kCustom" not in line:  # XLA's own fusions: what they really read
       called = re.search(r"calls=%([\w.\-]+)", line)
       fractions = read_fractions(computations.get(called.group(1), "")) if called else {}
+    elif re.search(r"sam_(global|windowed)_rel_pos_attention", line):
+      # pallas_attention.py's kernels take the fused qkv output three times and read one plane of it each
+      # time (their BlockSpecs), from HBM once if L2 holds a head's keys while its query blocks run
+      fractions = {0: 1 / 3, 1: 1 / 3, 2: 1 / 3}
     in_bytes = sum(fractions.get(i, 1.0) * array_bytes(shapes.get(o, ""), skip_scratch=True)
                    for i, o in enumerate(operands))
     out_bytes = array_bytes(shape, skip_scratch=True)
@@ -200,12 +209,14 @@ def kernels(hlo_text: str) -> list[dict]:
       kind = "attention"
       b, t, n, d = _dims(_first_array(shape))
       flops = 2.0 * b * n * t * t * (d + d)
-    elif "sam_windowed_rel_pos_attention_w" in line:  # the same per window, (B, H, W, N, D) out
+    elif "sam_windowed_rel_pos_attention_w" in line:  # per window, (B, H, W, N, D) out
       kind = "attention"
       ws = int(re.search(r"sam_windowed_rel_pos_attention_w(\d+)", line).group(1))
       b, h, w, n, d = _dims(_first_array(shape))
       windows = -(-h // ws) * -(-w // ws)
-      flops = 2.0 * b * windows * n * (ws * ws) ** 2 * (d + d)
+      # QK and PV at D, and the rel-pos selection product (K = 2 * next power of two of ws, as the
+      # kernel's `rel_pos_width`; counted like cuDNN's folded q/k width)
+      flops = 2.0 * b * windows * n * (ws * ws) ** 2 * (d + 2 * (1 << (max(ws, 8) - 1).bit_length()) + d)
     elif "triton" in target:
       kind = "custom"  # another Pallas/Triton kernel: its FLOPs are unknown here, its time counts bytes only
     elif op in ("while", "conditional", "call"):
@@ -237,6 +248,54 @@ def summarise(rows: list[dict], gemm_tflops: float, attention_tflops: float, ban
   return out
 
 
+_PTXAS_LINE = {
+    "entry": re.compile(r"(?:Compiling entry function|Function properties for) '?(\w+)'?"),
+    "spills": re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"),
+    "registers": re.compile(r"Used (\d+) registers"),
+    "advisory": re.compile(r"\((C\d+)\) (.*?)(?: in function '(\w+)')?$"),
+}
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+  """`ptxas -v`'s report, per kernel: registers per thread, stack and spill bytes, and its advisories (e.g.
+  C7519: waits it put before wgmma, which serialise the tensor cores), counted by code."""
+  out: dict[str, dict] = {}
+  current = None
+  for line in text.splitlines():
+    if m := _PTXAS_LINE["advisory"].search(line):
+      name = m.group(3) or current
+      if name:
+        advisories = out.setdefault(name, {}).setdefault("advisories", {})
+        advisories[m.group(1)] = advisories.get(m.group(1), 0) + 1
+    elif m := _PTXAS_LINE["entry"].search(line):
+      current = m.group(1)
+      out.setdefault(current, {})
+    elif current and (m := _PTXAS_LINE["spills"].search(line)):
+      out[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+    elif current and (m := _PTXAS_LINE["registers"].search(line)):
+      out[current]["registers"] = int(m.group(1))
+  return out
+
+
+def _ptxas_report(dump_dir: str) -> dict[str, dict]:
+  """Runs the CUDA toolkit's ptxas (from the plugin's CUDA wheels) on every PTX file XLA dumped."""
+  import glob
+  import subprocess
+  import tempfile
+  import nvidia.cuda_nvcc
+  ptxas = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
+  report: dict[str, dict] = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
+      with open(path) as f:
+        if ".entry" not in f.read():  # XLA also dumps an empty module
+          continue
+      proc = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
+                            capture_output=True, text=True, check=True)
+      report.update(parse_ptxas(proc.stderr))
+  return report
+
+
 def _compile_encoder(args):
   """The encoder as `Predictor` runs it (bf16, kernels stored in bf16), compiled for the target."""
   import jax
@@ -255,8 +314,13 @@ def _compile_encoder(args):
   if args.attention in PALLAS_KINDS:  # the experimental kernels in place, as gpu_encoder.py runs them
     from benchmarks import pallas_attention
     from evf_jax.sam import image_encoder
-    image_encoder.block_attention = pallas_attention.with_pallas(image_encoder.block_attention,
-                                                                 kinds=PALLAS_KINDS[args.attention])
+    try:
+      image_encoder.block_attention = pallas_attention.with_pallas(image_encoder.block_attention,
+                                                                   kinds=PALLAS_KINDS[args.attention],
+                                                                   strict=True, **args.tiles)
+    except TypeError as e:  # a --tiles key it does not know
+      print(f"error: --tiles: {e}", file=sys.stderr)
+      sys.exit(2)
   device = get_topology_desc("static", "cuda", target_config=TARGETS[args.target], topology="1x1x1").devices[0]
   on = jax.sharding.SingleDeviceSharding(device)
   cfg = EvfConfig.preset(args.size)
@@ -268,6 +332,14 @@ def _compile_encoder(args):
   images = jax.ShapeDtypeStruct((args.batch, s, s, 3), jnp.bfloat16, sharding=on)
   fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
   return fn.trace(params, images).lower().compile().as_text()
+
+
+def _tiles(text: str) -> dict[str, int]:
+  """--tiles a=1,b=2 -> {"a": 1, "b": 2}."""
+  try:
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(",") if item.strip())}
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected key=integer pairs separated by commas") from None
 
 
 def main(argv=None) -> int:
@@ -289,10 +361,19 @@ def main(argv=None) -> int:
   ap.add_argument("--top", type=int, default=12, help="memory-bound kernel groups to list")
   ap.add_argument("--hlo", help="write the compiled HLO text here")
   ap.add_argument("--json", help="write the summary here")
+  ap.add_argument("--tiles", type=_tiles, default={},
+                  help="the Pallas kernels' tiles, e.g. global_block_q=64,window_num_warps=8 (keys of "
+                       "pallas_attention.with_pallas; its defaults otherwise)")
+  ap.add_argument("--ptxas", action="store_true",
+                  help="also run ptxas -v on the program's PTX and list registers and spills of the Pallas "
+                       "kernels and of any kernel that spills (dumps it with --xla_dump_to to a temporary "
+                       "directory)")
   args = ap.parse_args(argv)
   for path in (args.hlo, args.json):
     if path and os.path.exists(path):
       ap.error(f"{path} exists; not overwriting it")
+  if args.tiles and args.attention not in PALLAS_KINDS:
+    ap.error(f"--tiles are for the Pallas kernels: give --attention one of {sorted(PALLAS_KINDS)}")
   try:
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:
@@ -304,14 +385,24 @@ def main(argv=None) -> int:
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-  hlo = _compile_encoder(args)
+  flags = os.environ["XLA_FLAGS"]
+  import tempfile
+  with tempfile.TemporaryDirectory() as dump_dir:
+    if args.ptxas:
+      os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump_dir}"
+    try:
+      hlo = _compile_encoder(args)
+    except NotImplementedError as e:  # --tiles the kernels do not tile the model's blocks with
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    ptxas = _ptxas_report(dump_dir) if args.ptxas else None
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(hlo)
   summary = summarise(kernels(hlo), args.gemm_tflops, args.attention_tflops, args.bandwidth)
   summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("hlo", "json", "top")}
   print(f"SAM encoder ({args.size}), batch {args.batch}, bf16, attention={args.attention}, GELU {args.gelu}, "
-        f"target {args.target}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+        f"target {args.target}, XLA_FLAGS={flags!r}")
   for kind in ("gemm", "attention", "memory", "custom", "opaque"):
     s = summary[kind]
     if s["kernels"]:
@@ -324,6 +415,15 @@ def main(argv=None) -> int:
   print("  memory-bound kernels by HLO name:")
   for name, g in list(summary["memory_by_name"].items())[:args.top]:
     print(f"    {g['gb']:7.2f} GB  {g['kernels']:4d}x {name}")
+  if ptxas is not None:
+    summary["ptxas"] = ptxas
+    pallas = set(re.findall(r"/(sam_\w+_rel_pos_attention\w*)/pallas_call", hlo))
+    shown = {k: v for k, v in ptxas.items() if k in pallas or v.get("spill_stores") or v.get("spill_loads")}
+    print(f"  ptxas -v (sm_90a), {len(ptxas)} kernels; our Pallas kernels and any that spill:")
+    for name, v in sorted(shown.items()):
+      advisories = ", ".join(f"{n}x {code}" for code, n in sorted(v.get("advisories", {}).items()))
+      print(f"    {name}: {v.get('registers')} registers, spills {v.get('spill_stores', 0)} B stored / "
+            f"{v.get('spill_loads', 0)} B loaded" + (f"; advisories {advisories}" if advisories else ""))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(summary, f, indent=2)

@@ -7,8 +7,10 @@ those folded widths (SAM-H: 208 for the global blocks, 112 for the windows); the
 copy before and a merge copy after. By `benchmarks/gpu_static.py` that is ~40 GB of the encoder's traffic
 at batch 8, and 6.27 TFLOP of attention where QK and PV at head dim 80 are 3.9. Here:
   - QK and PV run at the head dim, split into powers of two (80 = 64 + 16: Triton's tiles are powers of two);
-  - the rel-pos terms come from one product of q with both tables, (.., N, L) per token, from which the
-    kernels gather each (query, key) pair's two terms with indexed loads;
+  - the rel-pos terms come from one product of q with both tables, (.., N, L) per token. The global kernel
+    gathers each query's terms from it with indexed loads; the windowed kernel gathers each query's terms
+    against the window's key rows and columns once and selects each logit's pair by a product with the
+    keys' one-hot rows (K = 32 for 14 x 14 windows);
   - global blocks (`global_rel_pos_attention`): a key block is one grid row;
   - windowed blocks (`windowed_rel_pos_attention`): each program takes a block of one window's queries from
     the unpartitioned grid by gathered loads, its keys likewise (the padding beyond the grid holds qkv's bias,
@@ -41,6 +43,12 @@ def split_pow2(d: int, smallest: int = 16) -> list[tuple[int, int]]:
       pieces.append((start, size))
       start += size
   return pieces
+
+
+def rel_pos_width(window: int) -> int:
+  """The K of the windowed kernel's rel-pos product: a window's key rows and key columns, each side padded
+  to a power of two >= 8 (so K >= 16, Triton's least): 32 for SAM's 14 x 14 windows."""
+  return 2 * pl.next_power_of_2(max(window, 8))
 
 
 def rel_pos_scores(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, hw: tuple[int, int]) -> jax.Array:
@@ -100,17 +108,20 @@ def _global_kernel(q_ref, k_ref, v_ref, s_ref, o_ref, *, scale, grid_hw, pieces,
 @functools.partial(jax.jit, static_argnames=("num_heads", "hw", "block_q", "num_warps", "num_stages",
                                              "interpret"))
 def global_rel_pos_attention(qkv: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, *, num_heads: int,
-                             hw: tuple[int, int], block_q: int = 128, num_warps: int = 4, num_stages: int = 2,
+                             hw: tuple[int, int], block_q: int = 128, num_warps: int = 8, num_stages: int = 2,
                              interpret: bool = False) -> jax.Array:
   """SAM's global attention from the fused qkv output (B, h * w, 3 * N * D) -> (B, h * w, N, D).
 
   Key blocks are grid rows, so w must be a power of two >= 16 (64 at 1024 px); block_q must divide h * w.
+  Defaults: at SAM-H's sizes, 128 queries on 4 warps spill registers (255 used, by ptxas for sm_90a:
+  `gpu_static.py --ptxas`); on 8 warps they take 163 and spill nothing.
   """
   b, t, c = qkv.shape
   h, w = hw
   d = c // (3 * num_heads)
   if t != h * w or w & (w - 1) or w < 16 or t % block_q:
-    raise NotImplementedError(f"grid {hw} with block_q {block_q}: key rows must be a power of two >= 16 wide")
+    raise NotImplementedError(f"grid {hw} with block_q {block_q}: key rows must be a power of two >= 16 wide "
+                              f"and block_q must divide the {h * w} tokens")
   pieces = split_pow2(d)
   qkv5 = qkv.reshape(b, t, 3, num_heads, d)
   q = qkv5[:, :, 0]
@@ -140,6 +151,10 @@ def _window_kernel(q_ref, k_ref, v_ref, s_ref, b_ref, o_ref, *, scale, grid_hw, 
   the grid's padding holds. Window-local token l sits at (l // ws, l % ws); its logit for key m gains
   s[l, l_y - m_y + ws - 1] + s[l, (2 ws - 1) + l_x - m_x + ws - 1].
 
+  Those two terms are gathered once per query, against every key row and key column of the window (rel_q,
+  `rel_pos_width` columns), and each key block picks its pair by a product with its keys' one-hot rows: an
+  exact selection on the tensor cores instead of two gathered loads per logit in every key block.
+
   Query lanes past the window's last token, or on its padding (outside the grid), are made copies of a real
   token of the same window (position and rel-pos coordinates clamped alike): they compute that token's row
   exactly, so the unmasked scatter of the output writes each grid row with one value, however often."""
@@ -153,12 +168,14 @@ def _window_kernel(q_ref, k_ref, v_ref, s_ref, b_ref, o_ref, *, scale, grid_hw, 
   qgx = jnp.minimum(wx * ws + local % ws, w - 1)
   qy, qx = qgy - wy * ws, qgx - wx * ws
   qs = [q_ref[qgy, qgx, pl.ds(st, n)] for st, n in pieces]
-  sy = jnp.broadcast_to(qgy[:, None], (block_q, block_k))
-  sx = jnp.broadcast_to(qgx[:, None], (block_q, block_k))
-  outs = [jnp.zeros((block_q, n), f32) for _, n in pieces]
-  m = jnp.full((block_q,), -jnp.inf, f32)
-  l = jnp.zeros((block_q,), f32)
-  for kb in range(-(-ws * ws // block_k)):  # the window's keys, block_k at a time
+  half = rel_pos_width(ws) // 2  # columns [0, half): key rows 0..ws-1; [half, 2 half): key columns
+  j = jax.lax.broadcasted_iota(jnp.int32, (block_q, 2 * half), 1)
+  col = jnp.where(j < half, qy[:, None] - j + (ws - 1), (2 * ws - 1) + qx[:, None] - (j - half) + (ws - 1))
+  col = jnp.clip(col, 0, s_ref.shape[-1] - 1)  # the columns past ws meet zeros in the one-hot rows
+  rel_q = s_ref[jnp.broadcast_to(qgy[:, None], col.shape), jnp.broadcast_to(qgx[:, None], col.shape), col]
+
+  def body(kb, carry):  # the window's keys, block_k at a time
+    outs, m, l = carry
     key = kb * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     inside = key < ws * ws  # lanes past the window's last key are masked out of the softmax
     key = jnp.minimum(key, ws * ws - 1)
@@ -168,9 +185,9 @@ def _window_kernel(q_ref, k_ref, v_ref, s_ref, b_ref, o_ref, *, scale, grid_hw, 
     gy, gx = jnp.minimum(gy, h - 1), jnp.minimum(gx, w - 1)
     s = sum(_dot_t(qp, jnp.where(real, k_ref[gy, gx, pl.ds(st, n)], b_ref[1, pl.ds(st, n)][None, :]))
             for qp, (st, n) in zip(qs, pieces)) * scale
-    rel_h = s_ref[sy, sx, qy[:, None] - ky[None, :] + (ws - 1)]
-    rel_w = s_ref[sy, sx, (2 * ws - 1) + qx[:, None] - kx[None, :] + (ws - 1)]
-    s = jnp.where(inside[None, :], s + rel_h.astype(f32) + rel_w.astype(f32), -jnp.inf)
+    jk = jax.lax.broadcasted_iota(jnp.int32, (block_k, 2 * half), 1)
+    onehot = ((jk == ky[:, None]) | (jk == kx[:, None] + half)).astype(rel_q.dtype)
+    s = jnp.where(inside[None, :], s + _dot_t(rel_q, onehot), -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1))
     p = jnp.exp(s - m_new[:, None])
     corr = jnp.exp(m - m_new)
@@ -180,7 +197,12 @@ def _window_kernel(q_ref, k_ref, v_ref, s_ref, b_ref, o_ref, *, scale, grid_hw, 
                                                       b_ref[2, pl.ds(st, n)][None, :]),
                                         preferred_element_type=f32)
             for o, (st, n) in zip(outs, pieces)]
-    m = m_new
+    return outs, m_new, l
+
+  outs = [jnp.zeros((block_q, n), f32) for _, n in pieces]
+  m = jnp.full((block_q,), -jnp.inf, f32)
+  l = jnp.zeros((block_q,), f32)
+  outs, m, l = jax.lax.fori_loop(0, -(-ws * ws // block_k), body, (outs, m, l))
   for o, (st, n) in zip(outs, pieces):  # scattered back to the grid (all-array indices)
     shape = (block_q, n)
     cols = st + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
@@ -224,11 +246,22 @@ def windowed_rel_pos_attention(qkv: jax.Array, qkv_bias: jax.Array, rel_pos_h: j
   )(qkv6, qkv6, qkv6, scores, qkv_bias.astype(qkv.dtype).reshape(3, num_heads, d))
 
 
+def _tiles(tiles: dict, prefix: str) -> dict:
+  """The keyword arguments of one kernel from `with_pallas`'s tiles: global_block_q -> block_q, ..."""
+  return {k[len(prefix):]: v for k, v in tiles.items() if k.startswith(prefix)}
+
+
 def with_pallas(block_attention, kinds=("global", "windowed"), interpret: bool = False, strict: bool = False,
                 **tiles):
   """A stand-in for `image_encoder.block_attention` that sends the blocks of `kinds` these kernels take to
-  them (`tiles`: global_block_q, window_block_q, num_warps) and everything else to `block_attention`.
+  them (`tiles`: global_block_q, global_num_warps, window_block_q, window_num_warps; the kernels' defaults
+  otherwise) and everything else to `block_attention`.
   strict: a block of `kinds` that the kernels do not tile raises NotImplementedError instead."""
+  known = {f"global_{k}" for k in ("block_q", "num_warps", "num_stages")} | {
+      f"window_{k}" for k in ("block_q", "block_k", "num_warps", "num_stages")}
+  if set(tiles) - known:
+    raise TypeError(f"unknown tiles {sorted(set(tiles) - known)}; known: {sorted(known)}")
+
   def attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, *, num_heads, window_size, attention_impl):
     def fallback():
       return block_attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, num_heads=num_heads, window_size=window_size,
@@ -240,12 +273,10 @@ def with_pallas(block_attention, kinds=("global", "windowed"), interpret: bool =
     try:
       if kind == "global":
         out = global_rel_pos_attention(qkv.reshape(b, h * w, c), rel_pos_h, rel_pos_w, num_heads=num_heads,
-                                       hw=(h, w), block_q=tiles.get("global_block_q", 128),
-                                       num_warps=tiles.get("num_warps", 4), interpret=interpret)
+                                       hw=(h, w), interpret=interpret, **_tiles(tiles, "global_"))
       else:
         out = windowed_rel_pos_attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, num_heads=num_heads,
-                                         window=window_size, block_q=tiles.get("window_block_q", 64),
-                                         num_warps=tiles.get("num_warps", 4), interpret=interpret)
+                                         window=window_size, interpret=interpret, **_tiles(tiles, "window_"))
     except NotImplementedError:  # a grid or head dim these kernels do not tile
       if strict:
         raise

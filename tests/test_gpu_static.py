@@ -91,6 +91,17 @@ def test_does_not_overwrite(tmp_path, capsys):
   assert "not overwriting" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--tiles", "global_block_q"], "expected key=integer pairs"),
+    (["--tiles", "global_block_q=64"], "--tiles are for the Pallas kernels"),
+])
+def test_tiles_errors(argv, message, capsys):
+  """Caught before anything is compiled (or the CUDA plugin looked for)."""
+  with pytest.raises(SystemExit) as e:
+    gpu_static.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 PALLAS_HLO = """
 ENTRY %main (qkv: bf16[2,8,3,4,16], s: bf16[2,8,4,64]) -> bf16[2,8,4,16] {
   %qkv = bf16[2,8,3,4,16]{4,3,2,1,0} parameter(0)
@@ -104,11 +115,15 @@ ENTRY %main (qkv: bf16[2,8,3,4,16], s: bf16[2,8,4,64]) -> bf16[2,8,4,16] {
 
 def test_pallas_kernels():
   """Our attention kernels are costed as attention (QK and PV at their head dim; the windowed one per padded
-  window, 6 x 10 -> 2 x 3 windows of 4 x 4), another Triton call only by its bytes."""
+  window, 6 x 10 -> 2 x 3 windows of 4 x 4) and for the plane of qkv each of their qkv operands reads;
+  another Triton call by its whole operands' bytes only."""
   rows = {r["name"]: r for r in gpu_static.kernels(PALLAS_HLO)}
   ours, other, windowed = rows["pallas_call.0"], rows["pallas_call.1"], rows["pallas_call.2"]
   assert (ours["kind"], ours["flops"]) == ("attention", 2.0 * 2 * 4 * 8 * 8 * (16 + 16))
-  assert (windowed["kind"], windowed["flops"]) == ("attention", 2.0 * 2 * 6 * 4 * 16 * 16 * (16 + 16))
+  qkv, scores, out = (2 * 2 * 8 * n for n in (3 * 4 * 16, 4 * 64, 4 * 16))
+  assert ours["bytes"] == pytest.approx(3 * qkv / 3 + scores + out)  # one plane of qkv per operand
+  # QK and PV at 16, and the rel-pos selection product at K = 2 * 8 (4-wide windows' rows and columns)
+  assert (windowed["kind"], windowed["flops"]) == ("attention", 2.0 * 2 * 6 * 4 * 16 * 16 * (16 + 16 + 16))
   assert (other["kind"], other["flops"]) == ("custom", 0.0)
   assert other["bytes"] == 2 * (2 * 8 * 4 * 64 + 2 * 8 * 4 * 16)
 
@@ -139,6 +154,31 @@ def test_fusions_are_charged_for_what_they_slice():
   assert row["bytes"] == pytest.approx(2 * (24 / 3 + 8 + 8))
 
 
+# What ptxas -v printed for two of our kernels (sm_90a), one of them spilling, with an advisory.
+PTXAS = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'sam_global_rel_pos_attention' for 'sm_90a'
+ptxas info    : Function properties for sam_global_rel_pos_attention
+    40 bytes stack frame, 40 bytes spill stores, 40 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 40 bytes cumulative stack size
+ptxas info    : Compile time = 358.978 ms
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 1605 by compiler to allow use of registers in GMMA in function 'sam_windowed_rel_pos_attention_w14'
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 1765 by compiler to allow use of registers in GMMA in function 'sam_windowed_rel_pos_attention_w14'
+ptxas info    : Compiling entry function 'sam_windowed_rel_pos_attention_w14' for 'sm_90a'
+ptxas info    : Function properties for sam_windowed_rel_pos_attention_w14
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 238 registers, used 1 barriers
+"""
+
+
+def test_ptxas_report():
+  report = gpu_static.parse_ptxas(PTXAS)
+  assert report == {
+      "sam_global_rel_pos_attention": dict(stack=40, spill_stores=40, spill_loads=40, registers=255),
+      "sam_windowed_rel_pos_attention_w14": dict(stack=0, spill_stores=0, spill_loads=0, registers=238,
+                                                 advisories={"C7519": 2}),
+  }
+
+
 GPU_STATIC_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-gpu-static" / "bin" / "python"
 
 
@@ -148,12 +188,20 @@ GPU_STATIC_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-gpu-sta
 def test_deviceless_compile_for_an_h100(attention, tmp_path):
   """The encoder's GPU paths compiled for an H100 with XLA's real GPU compiler (no GPU needed): the only check
   here that the cuDNN calls and the Pallas kernels lower for the GPU, which the CPU tests play with stand-ins
-  and the interpreter. SAM-B at batch 1: 12 blocks, 4 of them global."""
+  and the interpreter; ptxas then assembles every kernel for sm_90a. SAM-B at batch 1: 12 blocks, 4 of them
+  global."""
   out = tmp_path / "summary.json"
   proc = subprocess.run([str(GPU_STATIC_PYTHON), "benchmarks/gpu_static.py", "--size", "base", "--batch", "1",
-                         "--attention", attention, "--json", str(out)],
+                         "--attention", attention, "--ptxas", "--json", str(out)],
                         cwd=GPU_STATIC_PYTHON.parents[2], capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads(out.read_text())
   assert summary["attention"]["kernels"] == 12  # one attention kernel per block, cuDNN or ours
   assert summary["gemm"]["tflop"] > 0.4 and summary["total_est_ms"] > 0
+  ours = {k: v for k, v in summary["ptxas"].items() if "rel_pos_attention" in k}
+  assert len(summary["ptxas"]) > 10 and all(v.get("registers") for v in summary["ptxas"].values())
+  if attention == "cudnn+pallas":  # both kernels assembled for sm_90a, at their default tiles without spills
+    assert set(ours) == {"sam_global_rel_pos_attention", "sam_windowed_rel_pos_attention_w14"}
+    assert all(v["spill_stores"] == 0 and v["spill_loads"] == 0 for v in ours.values()), ours
+  else:
+    assert not ours
