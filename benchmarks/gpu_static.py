@@ -37,10 +37,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -279,9 +282,6 @@ def parse_ptxas(text: str) -> dict[str, dict]:
 
 def _ptxas_report(dump_dir: str) -> dict[str, dict]:
   """Runs the CUDA toolkit's ptxas (from the plugin's CUDA wheels) on every PTX file XLA dumped."""
-  import glob
-  import subprocess
-  import tempfile
   import nvidia.cuda_nvcc
   ptxas = os.path.join(list(nvidia.cuda_nvcc.__path__)[0], "bin", "ptxas")
   report: dict[str, dict] = {}
@@ -386,7 +386,6 @@ def main(argv=None) -> int:
   os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   flags = os.environ["XLA_FLAGS"]
-  import tempfile
   with tempfile.TemporaryDirectory() as dump_dir:
     if args.ptxas:
       os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump_dir}"
