@@ -166,18 +166,27 @@ def read_fractions(computation: str) -> dict[int, float]:
 
 
 def kernels(hlo_text: str) -> list[dict]:
-  """One row per kernel of the entry computation: name, kind (gemm | attention | memory), bytes, flops."""
+  """One row per kernel of the entry computation: name, kind (gemm | attention | memory), bytes, flops.
+  A while loop with a known trip count contributes its body's kernels, their bytes and FLOPs times the
+  trips (`trips` says how many); other loops and calls are one `opaque` row."""
   computations = {m.group(1): m.group(0) for m in re.finditer(r"(?ms)^%([\w.\-]+) \(.*?^\}", hlo_text)}
-  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  return _kernels(hlo_text[hlo_text.index("\nENTRY"):], computations)
+
+
+def _kernels(computation: str, computations: dict[str, str], trips: int = 1) -> list[dict]:
   shapes: dict[str, str] = {}
   rows = []
-  for line in entry.splitlines()[1:]:
+  for line in computation.splitlines()[1:]:
     m = _INSTR.match(line)
     if not m:
       continue
     name, shape, op, rest = m.groups()
     shapes[name] = shape
     if op in _FREE:
+      continue
+    loop = re.search(r'body=%([\w.\-]+).*"known_trip_count":\{"n":"(\d+)"', line) if op == "while" else None
+    if loop and loop.group(1) in computations:
+      rows += _kernels(computations[loop.group(1)], computations, trips * int(loop.group(2)))
       continue
     operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
     target = re.search(r'custom_call_target="([^"]+)"', line)
@@ -223,8 +232,9 @@ def kernels(hlo_text: str) -> list[dict]:
     elif "triton" in target:
       kind = "custom"  # another Pallas/Triton kernel: its FLOPs are unknown here, its time counts bytes only
     elif op in ("while", "conditional", "call"):
-      kind = "opaque"  # its body's kernels are not listed; `summarise` says so
-    rows.append(dict(name=name, op=op, target=target, kind=kind, bytes=in_bytes + out_bytes, flops=flops))
+      kind = "opaque"  # a loop of unknown trip count, a branch, a call: its kernels are not listed
+    rows.append(dict(name=name, op=op, target=target, kind=kind, bytes=trips * (in_bytes + out_bytes),
+                     flops=trips * flops, trips=trips))
   return rows
 
 
@@ -308,6 +318,10 @@ def _compile_encoder(args):
   from evf_jax.evf import EvfConfig, EvfSam, abstract_params, cast_kernels
 
   cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
+  # The XLA attention path chunks its global blocks by the backend jax runs on (CPU here): take the
+  # accelerators' chunking, as on the GPU.
+  from evf_jax.sam import image_encoder as _ie
+  _ie.default_chunking = lambda: (None, 2 << 30)
   cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
   if args.gelu == "tanh":  # what XLA can fold into cuBLASLt's GELU epilogue
     layers.gelu = lambda x: jax.nn.gelu(x, approximate=True)
@@ -408,7 +422,7 @@ def main(argv=None) -> int:
       print(f"  {kind:9s} {s['kernels']:4d} kernels  {s['tflop']:7.2f} TFLOP  {s['gb']:7.2f} GB  "
             f"~{s['est_ms']:6.1f} ms")
   if summary["opaque"]["kernels"]:
-    print("  (loops/calls in the entry computation: their bodies are not counted)")
+    print("  (loops of unknown trip count, branches, calls: their kernels are not counted)")
   print(f"  estimated total ~{summary['total_est_ms']:.1f} ms (rates: {args.gemm_tflops:.0f} / "
         f"{args.attention_tflops:.0f} TFLOP/s, {args.bandwidth} TB/s)")
   print("  memory-bound kernels by HLO name:")

@@ -154,6 +154,43 @@ def test_fusions_are_charged_for_what_they_slice():
   assert row["bytes"] == pytest.approx(2 * (24 / 3 + 8 + 8))
 
 
+LOOP_HLO = """
+%fused_add (p: f32[4,8]) -> f32[4,8] {
+  %p = f32[4,8]{1,0} parameter(0)
+  ROOT %a = f32[4,8]{1,0} add(%p, %p)
+}
+
+%body (t: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %t = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[4,8]{1,0} get-tuple-element(%t), index=1
+  %loop_add_fusion = f32[4,8]{1,0} fusion(%x), kind=kLoop, calls=%fused_add
+  ROOT %r = (s32[], f32[4,8]{1,0}) tuple(%i, %loop_add_fusion)
+}
+
+%cond (t: (s32[], f32[4,8])) -> pred[] {
+  %t = (s32[], f32[4,8]{1,0}) parameter(0)
+  ROOT %p = pred[] constant(true)
+}
+
+ENTRY %main (x: f32[4,8]) -> (s32[], f32[4,8]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %c = s32[] constant(0)
+  %t = (s32[], f32[4,8]{1,0}) tuple(%c, %x)
+  %counted = (s32[], f32[4,8]{1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %uncounted = (s32[], f32[4,8]{1,0}) while(%counted), condition=%cond, body=%body
+}
+"""
+
+
+def test_loops_count_their_body_times_the_trips():
+  rows = gpu_static.kernels(LOOP_HLO)
+  counted, uncounted = rows
+  assert (counted["name"], counted["kind"], counted["trips"]) == ("loop_add_fusion", "memory", 5)
+  assert counted["bytes"] == 5 * (4 * 8 * 4) * 2
+  assert (uncounted["name"], uncounted["kind"]) == ("uncounted", "opaque")
+
+
 # What ptxas -v printed for two of our kernels (sm_90a), one of them spilling, with an advisory.
 PTXAS = """ptxas info    : 0 bytes gmem
 ptxas info    : Compiling entry function 'sam_global_rel_pos_attention' for 'sm_90a'
