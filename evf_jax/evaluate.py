@@ -243,6 +243,23 @@ class Batcher:
     return batch, slots
 
 
+def batch_spec(images: int, prompts: int, text_len: int, size: int, *, sam_size: int, beit_size: int,
+               low_res: int, sharding=None) -> dict:
+  """ShapeDtypeStructs of the batches `Batcher.assemble` builds: `images` images of `prompts` prompts of
+  `text_len` tokens, original sizes padded to `size`; for compiling the step ahead of time."""
+  import jax
+  layout = {
+      "sam_image": ((images, sam_size, sam_size, 3), np.uint8), "resize_hw": ((images, 2), np.int32),
+      "beit_image": ((images, beit_size, beit_size, 3), np.float32),
+      "input_ids": ((images, prompts, text_len), np.int32),
+      "attention_mask": ((images, prompts, text_len), np.bool_), "prompt_valid": ((images, prompts), np.bool_),
+      "masks": ((images, prompts, size, size), np.uint8),
+      "a_y": ((images, size, low_res), np.float32), "a_x": ((images, size, low_res), np.float32),
+      "orig_hw": ((images, 2), np.int32),
+  }
+  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, (shape, dtype) in layout.items()}
+
+
 # ---------------------------------------------------------------- device side
 
 def evf_predict_fn(config, precision: str = "fp32", attention_impl: Optional[str] = None) -> PredictFn:
@@ -306,6 +323,16 @@ def _step_fn(predict_fn: PredictFn, with_predictions: bool):
   return step
 
 
+def sharded_step(predict_fn: PredictFn, mesh, with_predictions: bool):
+  """The jitted evaluation step on `mesh`: params replicated, the batch and the results split over "data".
+  Pure data parallelism: it compiles without any communication between devices (tested)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  data = NamedSharding(mesh, P("data"))
+  return jax.jit(_step_fn(predict_fn, with_predictions), in_shardings=(NamedSharding(mesh, P()), data),
+                 out_shardings=data)
+
+
 @dataclasses.dataclass
 class EvalOptions:
   batch_size: int = 8        # images per step; rounded up to a multiple of the device count
@@ -344,10 +371,7 @@ class Evaluator:
     self.data_sharding = NamedSharding(self.mesh, P("data"))
     replicated = NamedSharding(self.mesh, P())
     self.params = jax.device_put(params, replicated)
-    self._steps = {
-        flag: jax.jit(_step_fn(predict_fn, flag), in_shardings=(replicated, self.data_sharding),
-                      out_shardings=self.data_sharding)
-        for flag in (False, True)}
+    self._steps = {flag: sharded_step(predict_fn, self.mesh, flag) for flag in (False, True)}
 
   def _examples(self, data_dir: str, split: str):
     import grain

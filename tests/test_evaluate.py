@@ -73,6 +73,31 @@ def test_split_names():
     assert expect in str(e.value), (bad, str(e.value))
 
 
+def test_sharded_step_communicates_nothing():
+  """The evaluation step over all 8 devices, compiled: pure data parallelism, no collective anywhere. The
+  model's SAM runs at 256 px (a 16 x 16 grid, head dim 16), so its global block takes the chunked
+  attention path (`image_encoder.rel_pos_attention`), whose `lax.map` once sliced the batch and made XLA
+  gather every image's q, k and v onto every device (then compute all images' attention on each)."""
+  import dataclasses
+  import re
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from evf_jax.evf import abstract_params
+  tiny = EvfConfig.preset("tiny")
+  cfg = dataclasses.replace(tiny, sam=dataclasses.replace(tiny.sam, img_size=256))
+  grid, head_dim = 256 // cfg.sam.patch_size, cfg.sam.embed_dim // cfg.sam.num_heads
+  assert 2 * grid > head_dim  # the chunked path, not the folded one
+  mesh = evaluate.make_mesh()
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        abstract_params(cfg))
+  batch = evaluate.batch_spec(jax.device_count(), 2, 16, 64, sam_size=256, beit_size=cfg.beit3.img_size,
+                              low_res=cfg.sam.low_res_size, sharding=data)
+  step = evaluate.sharded_step(evaluate.evf_predict_fn(cfg), mesh, with_predictions=True)
+  hlo = step.trace(params, batch).lower().compile().as_text()
+  found = re.findall(r"\b(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+  assert not found, sorted(set(found))
+
+
 # ---------------------------------------------------------------- a refer-format fixture with several images
 
 IMAGES = {1: (40, 56), 2: (64, 48), 3: (30, 70), 4: (50, 50), 5: (72, 36), 6: (45, 45), 7: (33, 60)}
@@ -204,6 +229,9 @@ def test_batcher_pads_and_masks():
   assert batch["masks"][0].sum() == 3 * 40 * 50 and batch["a_y"][1, 130:].sum() == 0
   assert batch["attention_mask"][2].sum(-1).tolist() == [2] * 4  # filler "<s></s>" rows
   assert [s.index if s else None for s in slots] == [0, 1, None, None]
+  spec = evaluate.batch_spec(4, 4, 16, 192, sam_size=8, beit_size=4, low_res=6)
+  assert {k: (v.shape, np.dtype(v.dtype)) for k, v in spec.items()} == {
+      k: (v.shape, v.dtype) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- the EVF-SAM model path

@@ -243,12 +243,13 @@ def test_block_non_square(window, heads, impl, monkeypatch):
     assert calls["cudnn"] > 0
 
 
-@pytest.mark.parametrize("maps_per_step,chunk_bytes", [(None, None), (1, 1), (3, 3 * 2 * 10 * 60 * 4), (8, 1 << 30)])
-def test_global_attention_chunking(maps_per_step, chunk_bytes):
-  """The chunked global path (`lax.map` over groups of (image, head) maps x grid rows) against
+@pytest.mark.parametrize("heads_per_step,chunk_bytes",
+                         [(None, None), (1, 1), (2, 2 * 2 * 2 * 10 * 60 * 4), (3, 1 << 20), (8, 1 << 30)])
+def test_global_attention_chunking(heads_per_step, chunk_bytes):
+  """The chunked global path (`lax.map` over groups of heads x grid rows, all images in each step) against
   segment-anything's own `add_decomposed_rel_pos` + softmax + matmul, for every way of cutting the work:
-  one map and one row per step, 3 maps (straddling two images) x 2 rows, everything at once, and the
-  platform default."""
+  one head and one row per step, 2 heads x 2 rows, 3 heads (not a divisor of 4: 2), everything at once,
+  and the platform default."""
   import torch
   m = tr.segment_anything_modeling()
   b, h, w, n, d = 2, 6, 10, 4, 8  # h + w > d: the chunked path
@@ -256,13 +257,13 @@ def test_global_attention_chunking(maps_per_step, chunk_bytes):
   q, k, v = (rng.normal(size=(b, h * w, n, d)).astype(np.float32) for _ in range(3))
   rel_h, rel_w = (rng.normal(size=(2 * s - 1, d)).astype(np.float32) for s in (h, w))
   ours = ie.rel_pos_attention(*(jnp.asarray(x) for x in (q, k, v, rel_h, rel_w)), (h, w),
-                              max_chunk_bytes=chunk_bytes, maps_per_step=maps_per_step)
+                              max_chunk_bytes=chunk_bytes, heads_per_step=heads_per_step)
   tq, tk, tv = (_t(x).permute(0, 2, 1, 3).reshape(b * n, h * w, d) for x in (q, k, v))
   with torch.no_grad():
     attn = (tq * d ** -0.5) @ tk.transpose(-2, -1)
     attn = m.image_encoder.add_decomposed_rel_pos(attn, tq, _t(rel_h), _t(rel_w), (h, w), (h, w))
     ref = (attn.softmax(dim=-1) @ tv).reshape(b, n, h * w, d).permute(0, 2, 1, 3)
-  _close(ours, to_np(ref), 1e-5, f"global attention maps_per_step={maps_per_step} bytes={chunk_bytes}")
+  _close(ours, to_np(ref), 1e-5, f"global attention heads_per_step={heads_per_step} bytes={chunk_bytes}")
 
 
 # ------------------------------------------------------------------------------------- ViT-B, 1024

@@ -171,15 +171,20 @@ def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def default_chunking() -> tuple[Optional[int], int]:
-  """(attention maps per step, bytes of float32 logits per step) for the global attention's `lax.map`;
-  a map is one (image, head) pair, None means all of them.
+  """(heads per step, bytes of float32 logits per step) for the global attention's `lax.map`; None means
+  all heads. Every step covers all images of the batch.
 
-  On CPU: one map and <= 8 MiB per step (measured on 2 cores, ViT-B global attention, same process):
-  - one map per step makes each product a plain (512 x 64) @ (64 x 4096) matmul rather than a batched
-    one, which XLA's CPU runtime runs slower: 0.63 s -> 0.43 s (with no page faults on either side);
+  On CPU: one head and <= 8 MiB per step (measured on 2 cores, ViT-B global attention, same process):
+  - one head per step makes each product, for one image, a plain (512 x 64) @ (64 x 4096) matmul rather than
+    a batched one, which XLA's CPU runtime runs slower: 0.63 s -> 0.43 s (with no page faults on either side);
   - steps below glibc's largest mmap threshold (32 MiB) reuse heap memory, while larger buffers are
     mmap-ed and page-faulted afresh on every call (~1.2 us per 4 KiB page here), which cost 0.3-0.7 s.
-  On accelerators the steps only need to fit memory; all maps at once and few steps keep the chip busy.
+  A step holds every image of the batch (see `rel_pos_attention`): for one image, as the predictor runs, the
+  same products as when a step was one (image, head) map (0.51-0.62 s before, 0.51-0.60 s after, three
+  alternating runs); for two on one CPU device the products are batched again and the global block is ~25%
+  slower (0.93-1.13 s -> 1.2-1.5 s, 8 or 16 MiB steps alike): the price of keeping the batch whole, which a
+  sharded mesh needs.
+  On accelerators the steps only need to fit memory; all heads at once and few steps keep the chip busy.
   """
   if jax.default_backend() == "cpu":
     return 1, 8 << 20
@@ -188,7 +193,7 @@ def default_chunking() -> tuple[Optional[int], int]:
 
 def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array,
                       hw: tuple[int, int], max_chunk_bytes: Optional[int] = None,
-                      maps_per_step: Optional[int] = None) -> jax.Array:
+                      heads_per_step: Optional[int] = None) -> jax.Array:
   """softmax(scale * q k^T + rel_h + rel_w) v on a (h, w) grid, without a materialised (T, T) bias.
 
   q, k, v: (B, h * w, N, D). Two ways, chosen by grid size (timed on 2 CPU cores against passing the
@@ -199,9 +204,12 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     window batch: 167 ms -> 103 ms); the scores as one product with both tables and a gather rather than
     per-row products: a ViT-B windowed block 331/334/326 ms -> 325/314/307 ms (three rounds, one process);
   - large grids (global attention, 4096 tokens), heads-major (B, N, T, D): the rel-pos terms are added
-    by broadcasting in a (g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g (image, head)
-    maps x r grid rows so each step's float32 logits stay under `max_chunk_bytes` (defaults:
-    `default_chunking()`).
+    by broadcasting in a (B, g, r, w, h, w) view of the logits, and a `lax.map` walks steps of g heads x r
+    grid rows so each step's float32 logits stay under `max_chunk_bytes` (defaults: `default_chunking()`).
+    The batch is a dimension of every step, never sliced or folded into the mapped axis: with the batch
+    sharded over a mesh (evaluation, training), each device then runs the steps of its own images, where
+    slicing it made XLA gather every image's q, k and v onto every device. The step size counts the whole
+    batch, so a device's share of a step is smaller than `max_chunk_bytes` on a mesh.
   """
   b, t, n, d = q.shape
   h, w = hw
@@ -215,33 +223,32 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
   rw = get_rel_pos(w, w, rel_pos_w).astype(q.dtype)   # (w, w, D)
   qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, N, T, D)
   scale = jnp.asarray(d ** -0.5, q.dtype)
-  default_maps, default_bytes = default_chunking()
-  maps = b * n
-  g = min(maps, maps_per_step or default_maps or maps)
-  while maps % g:
+  default_heads, default_bytes = default_chunking()
+  g = min(n, heads_per_step or default_heads or n)
+  while n % g:
     g -= 1
-  rows = max(1, min(h, (max_chunk_bytes or default_bytes) // (g * w * t * 4)))
+  rows = max(1, min(h, (max_chunk_bytes or default_bytes) // (b * g * w * t * 4)))
   while h % rows:
     rows -= 1
   steps = h // rows
-  kt, vt = (x.reshape(maps, t, d) for x in (kt, vt))
 
-  def step(args):  # maps i * g .. (i + 1) * g of the (image, head) pairs, grid rows j * rows .. (j + 1) * rows
-    qc, i, j = args  # qc: (g, rows, w, D), unscaled
+  def step(args):  # heads i * g .. (i + 1) * g, grid rows j * rows .. (j + 1) * rows, every image
+    qc, i, j = args  # qc: (B, g, rows, w, D), unscaled
     rhc = jax.lax.dynamic_slice_in_dim(rh, j * rows, rows)  # (rows, h, D)
-    kc, vc = (jax.lax.dynamic_slice_in_dim(x, i * g, g) for x in (kt, vt))  # (g, T, D)
-    rel_h = jnp.einsum("nyxd,ykd->nyxk", qc, rhc, preferred_element_type=f32)
-    rel_w = jnp.einsum("nyxd,xkd->nyxk", qc, rw, preferred_element_type=f32)
-    logits = jnp.einsum("ntd,nsd->nts", qc.reshape(g, rows * w, d) * scale, kc, preferred_element_type=f32)
-    logits = logits.reshape(g, rows, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-    return _attend(logits.reshape(1, g, rows * w, t), vc[None])[0]  # (rows * w, g, D)
+    kc, vc = (jax.lax.dynamic_slice_in_dim(x, i * g, g, axis=1) for x in (kt, vt))  # (B, g, T, D)
+    rel_h = jnp.einsum("bnyxd,ykd->bnyxk", qc, rhc, preferred_element_type=f32)
+    rel_w = jnp.einsum("bnyxd,xkd->bnyxk", qc, rw, preferred_element_type=f32)
+    logits = jnp.einsum("bntd,bnsd->bnts", qc.reshape(b, g, rows * w, d) * scale, kc,
+                        preferred_element_type=f32)
+    logits = logits.reshape(b, g, rows, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+    return _attend(logits.reshape(b, g, rows * w, t), vc)  # (B, rows * w, g, D)
 
-  # Steps run map group-major, then row chunk: each group's outputs come out in token order.
-  qc = qt.reshape(maps // g, g, steps, rows, w, d).transpose(0, 2, 1, 3, 4, 5).reshape(-1, g, rows, w, d)
-  idx = (jnp.asarray(x.reshape(-1)) for x in np.indices((maps // g, steps)))
-  out = jax.lax.map(step, (qc, *idx))  # (maps/g * steps, rows * w, g, D)
-  out = out.reshape(maps // g, t, g, d).transpose(1, 0, 2, 3)  # (T, B * N, D)
-  return out.reshape(t, b, n, d).transpose(1, 0, 2, 3)
+  # Steps run head group-major, then row chunk.
+  qc = qt.reshape(b, n // g, g, steps, rows, w, d).transpose(1, 3, 0, 2, 4, 5, 6).reshape(-1, b, g, rows, w, d)
+  idx = (jnp.asarray(x.reshape(-1)) for x in np.indices((n // g, steps)))
+  out = jax.lax.map(step, (qc, *idx))  # (n/g * steps, B, rows * w, g, D)
+  out = out.reshape(n // g, steps, b, rows * w, g, d).transpose(2, 1, 3, 0, 4, 5)  # (B, steps, rows*w, n/g, g, D)
+  return out.reshape(b, t, n, d)
 
 
 def block_attention(qkv: jax.Array, qkv_bias: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, *,
