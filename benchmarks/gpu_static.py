@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -306,23 +307,45 @@ def _ptxas_report(dump_dir: str) -> dict[str, dict]:
   return report
 
 
+def use_compile_only_cuda(xla_flags: str, tool: str = "benchmarks/gpu_static.py") -> str | None:
+  """Sets this process up to compile for a GPU it does not have; call it before anything starts jax's
+  backends (they read the environment once). Returns an error line where jax's CUDA plugin is missing."""
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401
+  except ImportError:
+    return (f"{tool} needs jax's CUDA plugin and CUDA libraries: run "
+            "scripts/setup_gpu_static_env.sh and use .venv-gpu-static/bin/python")
+  # The plugin must not look for a driver or a GPU; XLA takes its flags once.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()
+  return None
+
+
+def cuda_devices(target: str, topology: str = "1x1x1") -> list:
+  """Compile-only devices of `topology` (e.g. 1x1x4: four GPUs) of the chip TARGETS[target]; what jax
+  and our code would ask the attached GPU is answered as that chip would."""
+  import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
+  from jax.experimental.topologies import get_topology_desc
+
+  from evf_jax.sam import image_encoder
+  # jax asks the local GPU for its compute capability before choosing cuDNN's head-dim limit.
+  cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
+  cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
+  # The XLA attention path chunks its global blocks by the backend jax runs on (the CPU here).
+  image_encoder.default_chunking = functools.partial(image_encoder.default_chunking, "gpu")
+  return get_topology_desc("static", "cuda", target_config=TARGETS[target], topology=topology).devices
+
+
 def _compile_encoder(args):
   """The encoder as `Predictor` runs it (bf16, kernels stored in bf16), compiled for the target."""
   import jax
   import jax.numpy as jnp
-  from jax.experimental.topologies import get_topology_desc
-  # jax asks the local GPU for its compute capability before choosing cuDNN's head-dim limit; with no GPU
-  # attached, the target's (9.0) answers.
-  import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
+
   from evf_jax import layers
   from evf_jax.evf import EvfConfig, EvfSam, abstract_params, cast_kernels
 
-  cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
-  # The XLA attention path chunks its global blocks by the backend jax runs on (CPU here): take the
-  # accelerators' chunking, as on the GPU.
-  from evf_jax.sam import image_encoder as _ie
-  _ie.default_chunking = lambda: (None, 2 << 30)
-  cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
+  device = cuda_devices(args.target)[0]
   if args.gelu == "tanh":  # what XLA can fold into cuBLASLt's GELU epilogue
     layers.gelu = lambda x: jax.nn.gelu(x, approximate=True)
   if args.attention in PALLAS_KINDS:  # the experimental kernels in place, as gpu_encoder.py runs them
@@ -335,7 +358,6 @@ def _compile_encoder(args):
     except TypeError as e:  # a --tiles key it does not know
       print(f"error: --tiles: {e}", file=sys.stderr)
       sys.exit(2)
-  device = get_topology_desc("static", "cuda", target_config=TARGETS[args.target], topology="1x1x1").devices[0]
   on = jax.sharding.SingleDeviceSharding(device)
   cfg = EvfConfig.preset(args.size)
   model = EvfSam(cfg, attention_impl="cudnn" if args.attention in PALLAS_KINDS else args.attention,
@@ -388,17 +410,10 @@ def main(argv=None) -> int:
       ap.error(f"{path} exists; not overwriting it")
   if args.tiles and args.attention not in PALLAS_KINDS:
     ap.error(f"--tiles are for the Pallas kernels: give --attention one of {sorted(PALLAS_KINDS)}")
-  try:
-    import jax_plugins.xla_cuda12  # noqa: F401
-  except ImportError:
-    print("error: benchmarks/gpu_static.py needs jax's CUDA plugin and CUDA libraries: run "
-          "scripts/setup_gpu_static_env.sh and use .venv-gpu-static/bin/python", file=sys.stderr)
+  error = use_compile_only_cuda(args.xla_flags)
+  if error:
+    print(f"error: {error}", file=sys.stderr)
     return 2
-  # Read when jax starts its backends, which nothing has done yet: the plugin must not look for a driver or
-  # a GPU, and XLA takes its flags once.
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
   flags = os.environ["XLA_FLAGS"]
   with tempfile.TemporaryDirectory() as dump_dir:
     if args.ptxas:

@@ -133,7 +133,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: Optional[jax.Ar
   Softmax runs in float32 whatever the input dtype.
   """
   if implementation == "cudnn" and mask is not None:
-    # cuDNN takes the mask as a bias with full query and key lengths (a (B, 1, 1, S) key mask is refused).
-    mask = jnp.broadcast_to(mask, (mask.shape[0], mask.shape[1], q.shape[1], k.shape[1]))
+    # cuDNN takes the mask as a bias with full query and key lengths (a (B, 1, 1, S) key mask is refused),
+    # and all heads: jax's batching rule for the cuDNN call (the evaluator vmaps BEiT-3 over images)
+    # reshapes the bias to (B, N, T, S) and fails on a broadcast head axis.
+    mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                       implementation=implementation)

@@ -170,9 +170,9 @@ def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:
   return out.astype(v.dtype).transpose(0, 2, 1, 3)
 
 
-def default_chunking() -> tuple[Optional[int], int]:
-  """(heads per step, bytes of float32 logits per step) for the global attention's `lax.map`; None means
-  all heads. Every step covers all images of the batch.
+def default_chunking(platform: Optional[str] = None) -> tuple[Optional[int], int]:
+  """(heads per step, bytes of float32 logits per step) for the global attention's `lax.map` on `platform`
+  (default: the backend jax runs on); None means all heads. Every step covers all images of the batch.
 
   On CPU: one head and <= 8 MiB per step (measured on 2 cores, ViT-B global attention, same process):
   - one head per step makes each product, for one image, a plain (512 x 64) @ (64 x 4096) matmul rather than
@@ -186,7 +186,7 @@ def default_chunking() -> tuple[Optional[int], int]:
   sharded mesh needs.
   On accelerators the steps only need to fit memory; all heads at once and few steps keep the chip busy.
   """
-  if jax.default_backend() == "cpu":
+  if (platform or jax.default_backend()) == "cpu":
     return 1, 8 << 20
   return None, 2 << 30
 

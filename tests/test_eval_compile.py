@@ -1,0 +1,87 @@
+"""benchmarks/eval_compile.py: its collective count and errors here. Compiling for a TPU slice or for GPUs
+needs libtpu (scripts/setup_tpu_static_env.sh) or jax's CUDA plugin (scripts/setup_gpu_static_env.sh), which
+the test environment does not have on purpose: those tests are in the slow tier and skip where the
+environment is missing."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from benchmarks import eval_compile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_collectives_counted_once_per_operation():
+  hlo = """
+  %ag = f32[8,4]{1,0} all-gather(%x), dimensions={0}
+  %ars = f32[4]{0} all-reduce-start(%y), to_apply=%add
+  %ard = f32[4]{0} all-reduce-done(%ars)
+  %cp = f32[4]{0} collective-permute(%z), source_target_pairs={{0,1}}
+  %fusion.all-gather-like = f32[4]{0} fusion(%w), kind=kLoop, calls=%f
+  """
+  assert eval_compile.collectives(hlo) == {"all-gather": 1, "all-reduce": 1, "collective-permute": 1}
+  assert eval_compile.collectives("%a = f32[4]{0} add(%x, %y)") == {}
+
+
+def test_without_libtpu(capsys):
+  assert eval_compile.main(["--size", "tiny"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "setup_tpu_static_env.sh" in err[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attention", "cudnn"], "--attention cudnn is for --platform gpu"),
+    (["--platform", "gpu", "--attention", "cudnn", "--precision", "fp32"], "needs --precision bf16"),
+])
+def test_bad_flags(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    eval_compile.main(argv)
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_does_not_overwrite(tmp_path, capsys):
+  mine = tmp_path / "summary.json"
+  mine.write_text("keep")
+  with pytest.raises(SystemExit) as e:
+    eval_compile.main(["--json", str(mine)])
+  assert e.value.code == 2 and mine.read_text() == "keep"
+
+
+def _compile(python: pathlib.Path, tmp_path, *argv) -> dict:
+  out = tmp_path / "summary.json"
+  proc = subprocess.run([str(python), "benchmarks/eval_compile.py", *argv, "--json", str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(out.read_text())
+
+
+TPU_PYTHON = ROOT / ".venv-tpu-static" / "bin" / "python"
+GPU_PYTHON = ROOT / ".venv-gpu-static" / "bin" / "python"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_tpu_static_env.sh (~1.5 GB)")
+def test_evaluation_step_for_a_tpu_slice_communicates_nothing(tmp_path):
+  """SAM-B + BEiT-3-base, bf16, over the 4 chips of a v5e 2x2 slice: it lowers for TPU, and the data-parallel
+  step holds no cross-chip operation (the global blocks' chunked attention once gathered every image's
+  q, k and v onto every chip)."""
+  summary = _compile(TPU_PYTHON, tmp_path, "--size", "base", "--topology", "v5e:2x2")
+  assert summary["devices"] == 4 and "TPU" in summary["device_kind"]
+  assert summary["collectives"] == {}
+  assert summary["per_device_gb"]["argument"] > 0.3  # SAM-B + BEiT-3-base weights in bf16, and the batch
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPU_PYTHON.exists(), reason="needs scripts/setup_gpu_static_env.sh (~6 GB)")
+def test_evaluation_step_with_cudnn_for_four_gpus(tmp_path):
+  """`run.py eval --attention cudnn`'s step for 4 H100s: jax's batching rule for its cuDNN call (the
+  evaluator vmaps BEiT-3 over images) failed on the key-padding mask broadcast over heads, which the CPU
+  tests' stand-in for cuDNN does not reach; and no cross-GPU operation."""
+  summary = _compile(GPU_PYTHON, tmp_path, "--platform", "gpu", "--size", "tiny", "--attention", "cudnn")
+  assert summary["devices"] == 4 and "H100" in summary["device_kind"]
+  assert summary["collectives"] == {}
