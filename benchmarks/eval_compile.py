@@ -1,8 +1,8 @@
 """The evaluation step compiled for a TPU slice or a set of GPUs, on a machine without them.
 
-    bash scripts/setup_tpu_static_env.sh      # once: .venv-tpu-static, the requirements plus libtpu (~1.5 GB)
+    bash scripts/setup_static_env.sh tpu      # once: .venv-tpu-static, the requirements plus libtpu (~1.5 GB)
     .venv-tpu-static/bin/python benchmarks/eval_compile.py [--size evf-sam] [--topology v5e:2x2] [--precision bf16]
-    bash scripts/setup_gpu_static_env.sh      # once: .venv-gpu-static, jax's CUDA plugin (~6 GB)
+    bash scripts/setup_static_env.sh gpu      # once: .venv-gpu-static, jax's CUDA plugin (~6 GB)
     .venv-gpu-static/bin/python benchmarks/eval_compile.py --platform gpu [--topology 1x1x4] [--attention cudnn]
 
 libtpu, and jax's CUDA plugin, compile for a topology without its chips (the way large jobs are compiled ahead
@@ -40,7 +40,7 @@ def _use_compile_only_tpu() -> str | None:
   try:
     import libtpu  # noqa: F401
   except ImportError:
-    return ("benchmarks/eval_compile.py --platform tpu needs libtpu: run scripts/setup_tpu_static_env.sh and use "
+    return ("benchmarks/eval_compile.py --platform tpu needs libtpu: run scripts/setup_static_env.sh tpu and use "
             ".venv-tpu-static/bin/python")
   os.environ["JAX_PLATFORMS"] = "cpu"  # jax runs on the CPU; libtpu only compiles
   # libtpu describes the local host from these at start-up and warns at length when they are missing; with

@@ -1,6 +1,6 @@
 """What the SAM image encoder compiles to on an H100, on a machine without a GPU.
 
-    bash scripts/setup_gpu_static_env.sh          # once: .venv-gpu-static with jax's CUDA plugin (~6 GB)
+    bash scripts/setup_static_env.sh gpu          # once: .venv-gpu-static with jax's CUDA plugin (~6 GB)
     .venv-gpu-static/bin/python benchmarks/gpu_static.py [--batch 8] [--gelu erf|tanh] [--xla-flags '...']
         [--attention cudnn+pallas [--tiles window_block_q=128,window_num_warps=8]] [--ptxas]
 
@@ -314,7 +314,7 @@ def use_compile_only_cuda(xla_flags: str, tool: str = "benchmarks/gpu_static.py"
     import jax_plugins.xla_cuda12  # noqa: F401
   except ImportError:
     return (f"{tool} needs jax's CUDA plugin and CUDA libraries: run "
-            "scripts/setup_gpu_static_env.sh and use .venv-gpu-static/bin/python")
+            "scripts/setup_static_env.sh gpu and use .venv-gpu-static/bin/python")
   # The plugin must not look for a driver or a GPU; XLA takes its flags once.
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"

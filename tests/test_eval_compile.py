@@ -1,5 +1,5 @@
 """benchmarks/eval_compile.py: its collective count and errors here. Compiling for a TPU slice or for GPUs
-needs libtpu (scripts/setup_tpu_static_env.sh) or jax's CUDA plugin (scripts/setup_gpu_static_env.sh), which
+needs libtpu (scripts/setup_static_env.sh tpu) or jax's CUDA plugin (scripts/setup_static_env.sh gpu), which
 the test environment does not have on purpose: those tests are in the slow tier and skip where the
 environment is missing."""
 
@@ -31,7 +31,7 @@ def test_collectives_counted_once_per_operation():
 def test_without_libtpu(capsys):
   assert eval_compile.main(["--size", "tiny"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "setup_tpu_static_env.sh" in err[0]
+  assert len(err) == 1 and "setup_static_env.sh tpu" in err[0]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -65,7 +65,7 @@ GPU_PYTHON = ROOT / ".venv-gpu-static" / "bin" / "python"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_tpu_static_env.sh (~1.5 GB)")
+@pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh tpu (~1.5 GB)")
 def test_evaluation_step_for_a_tpu_slice_communicates_nothing(tmp_path):
   """SAM-B + BEiT-3-base, bf16, over the 4 chips of a v5e 2x2 slice: it lowers for TPU, and the data-parallel
   step holds no cross-chip operation (the global blocks' chunked attention once gathered every image's
@@ -77,7 +77,7 @@ def test_evaluation_step_for_a_tpu_slice_communicates_nothing(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GPU_PYTHON.exists(), reason="needs scripts/setup_gpu_static_env.sh (~6 GB)")
+@pytest.mark.skipif(not GPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh gpu (~6 GB)")
 def test_evaluation_step_with_cudnn_for_four_gpus(tmp_path):
   """`run.py eval --attention cudnn`'s step for 4 H100s: jax's batching rule for its cuDNN call (the
   evaluator vmaps BEiT-3 over images) failed on the key-padding mask broadcast over heads, which the CPU

@@ -1,5 +1,5 @@
 """benchmarks/gpu_static.py: its cost table on small GPU-style HLO modules written out here, and its errors.
-The deviceless compile itself needs jax's CUDA plugin (scripts/setup_gpu_static_env.sh, ~6 GB), which the
+The deviceless compile itself needs jax's CUDA plugin (scripts/setup_static_env.sh gpu, ~6 GB), which the
 test environment does not have on purpose; the slow-tier test that runs it skips where it is missing."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_without_the_cuda_plugin(capsys):
     pass
   assert gpu_static.main(["--batch", "1"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "setup_gpu_static_env.sh" in err[0]
+  assert len(err) == 1 and "setup_static_env.sh gpu" in err[0]
 
 
 def test_does_not_overwrite(tmp_path, capsys):
@@ -220,7 +220,7 @@ GPU_STATIC_PYTHON = pathlib.Path(__file__).resolve().parents[1] / ".venv-gpu-sta
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not GPU_STATIC_PYTHON.exists(), reason="needs scripts/setup_gpu_static_env.sh (~6 GB)")
+@pytest.mark.skipif(not GPU_STATIC_PYTHON.exists(), reason="needs scripts/setup_static_env.sh gpu (~6 GB)")
 @pytest.mark.parametrize("attention", ["cudnn", "cudnn+pallas"])
 def test_deviceless_compile_for_an_h100(attention, tmp_path):
   """The encoder's GPU paths compiled for an H100 with XLA's real GPU compiler (no GPU needed): the only check
