@@ -100,15 +100,14 @@ def main(argv=None) -> int:
   mesh = evaluate.make_mesh(devices)
   cfg = EvfConfig.preset(args.size)
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  attention = None if args.attention == "xla" else args.attention
   # Kernels stored in the compute dtype, as `evaluate_checkpoint` does.
-  params = jax.eval_shape(lambda p: cast_kernels(p, compute_dtype(args.precision, attention)),
+  params = jax.eval_shape(lambda p: cast_kernels(p, compute_dtype(args.precision, args.attention)),
                           abstract_params(cfg))
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), params)
   batch = evaluate.batch_spec(args.images_per_device * len(devices), args.prompts, args.text_len,
                               args.mask_size, sam_size=cfg.sam.img_size, beit_size=cfg.beit3.img_size,
                               low_res=cfg.sam.low_res_size, sharding=data)
-  step = evaluate.sharded_step(evaluate.evf_predict_fn(cfg, args.precision, attention), mesh,
+  step = evaluate.sharded_step(evaluate.evf_predict_fn(cfg, args.precision, args.attention), mesh,
                                with_predictions=False)
   start = time.perf_counter()
   compiled = step.trace(params, batch).lower().compile()

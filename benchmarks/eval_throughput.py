@@ -72,14 +72,13 @@ def main() -> None:
 
   config, params, tokenizer = load_checkpoint(ckpt)
   evaluator = evaluate.Evaluator(
-      evaluate.evf_predict_fn(config, args.precision, None if args.attention == "xla" else args.attention),
-      params, tokenizer, sam_size=config.sam.img_size,
-      beit_size=config.beit3.img_size, low_res=config.sam.low_res_size,
+      evaluate.evf_predict_fn(config, args.precision, args.attention), params, tokenizer,
+      sam_size=config.sam.img_size, beit_size=config.beit3.img_size, low_res=config.sam.low_res_size,
       options=evaluate.EvalOptions(batch_size=args.batch_size, progress=False))
   runs = [evaluator.run(os.path.join(root, "refcoco"), "val", name="refcoco|unc|val") for _ in range(2)]
   assert runs[0]["total_union"] == runs[1]["total_union"]  # same compiled steps, same data: same numbers
-  result = {"size": args.size, "precision": args.precision, "attention": args.attention, "device_kind": runs[1]["device_kind"],
-            "devices": runs[1]["devices"], "batch_size": runs[1]["batch_size"], "images": runs[1]["images"],
+  result = {"size": args.size, "precision": args.precision, "attention": args.attention,
+            "device_kind": runs[1]["device_kind"], "devices": runs[1]["devices"], "batch_size": runs[1]["batch_size"], "images": runs[1]["images"],
             "sentences": runs[1]["sentences"], "first_pass_s": runs[0]["wall_time_s"],
             "steady_s": runs[1]["wall_time_s"], "sentences_per_s": runs[1]["sentences_per_s"],
             "images_per_s": runs[1]["images"] / runs[1]["wall_time_s"], "jax": jax.__version__}

@@ -333,7 +333,7 @@ def cuda_devices(target: str, topology: str = "1x1x1") -> list:
   cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
   cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
   # The XLA attention path chunks its global blocks by the backend jax runs on (the CPU here).
-  image_encoder.default_chunking = functools.partial(image_encoder.default_chunking, "gpu")
+  image_encoder.default_chunking = functools.partial(image_encoder.default_chunking, platform="gpu")
   return get_topology_desc("static", "cuda", target_config=TARGETS[target], topology=topology).devices
 
 
