@@ -3,7 +3,7 @@
 
 import sys
 
-from evf_jax import cli
+from evf_jax.cli import main
 
 if __name__ == "__main__":
-  sys.exit(cli.main())
+  sys.exit(main())

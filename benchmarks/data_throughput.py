@@ -14,14 +14,12 @@ import argparse
 import json
 import os
 import pickle
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 
 def write_refcoco_like(src: str, n: int, seed: int = 0) -> None:
@@ -77,7 +75,7 @@ def main() -> None:
 
   from data_pipelines import pipeline, prepare
   from data_pipelines.transforms import SampleConfig
-  from tests.data_fixtures import SpTokenizer, train_tokenizer
+  from evf_testing.data_fixtures import SpTokenizer, train_tokenizer
 
   tmp = tempfile.mkdtemp(prefix="evf_bench_")
   tok = SpTokenizer(args.tokenizer_model) if args.tokenizer_model else train_tokenizer(tmp)

@@ -17,42 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import deviceless  # imports no jax: main() sets the environment first
 
-from benchmarks import gpu_static  # noqa: E402  (imports no jax)
-
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 DEFAULT_TOPOLOGY = {"tpu": "v5e:2x2", "gpu": "1x1x4"}
-
-
-def collectives(hlo_text: str) -> dict[str, int]:
-  """How many of each cross-device operation a compiled program holds (async pairs count once)."""
-  found = re.findall(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo_text)
-  return {op: found.count(op) for op in COLLECTIVES if op in found}
-
-
-def _use_compile_only_tpu() -> str | None:
-  """As gpu_static.use_compile_only_cuda, for libtpu."""
-  try:
-    import libtpu  # noqa: F401
-  except ImportError:
-    return ("benchmarks/eval_compile.py --platform tpu needs libtpu: run scripts/setup_static_env.sh tpu and use "
-            ".venv-tpu-static/bin/python")
-  os.environ["JAX_PLATFORMS"] = "cpu"  # jax runs on the CPU; libtpu only compiles
-  # libtpu describes the local host from these at start-up and warns at length when they are missing; with
-  # no chips here they change nothing else (the target is --topology).
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-  return None
-
-
-def _tpu_devices(topology: str) -> list:
-  from jax.experimental.topologies import get_topology_desc
-  return get_topology_desc(platform="tpu", topology_name=topology).devices
 
 
 def main(argv=None) -> int:
@@ -60,7 +30,7 @@ def main(argv=None) -> int:
   ap.add_argument("--platform", default="tpu", choices=sorted(DEFAULT_TOPOLOGY))
   ap.add_argument("--topology", help="tpu: a topology libtpu knows, e.g. v5e:2x2 (default), v5p:2x2x1, v6e:2x2; "
                                      "gpu: hosts x 1 x GPUs per host, e.g. 1x1x4 (default)")
-  ap.add_argument("--target", default="h100", choices=sorted(gpu_static.TARGETS), help="gpu: the chip")
+  ap.add_argument("--target", default="h100", choices=sorted(deviceless.TARGETS), help="gpu: the chip")
   ap.add_argument("--attention", default="xla", choices=("xla", "cudnn"), help="gpu: SAM's and BEiT-3's "
                   "attention (as `run.py eval --attention`; on TPU it is XLA's)")
   ap.add_argument("--size", default="evf-sam", help="model preset (default evf-sam: SAM ViT-H + BEiT-3-L)")
@@ -79,9 +49,9 @@ def main(argv=None) -> int:
     ap.error("--attention cudnn needs --precision bf16")
   topology = args.topology or DEFAULT_TOPOLOGY[args.platform]
   if args.platform == "tpu":
-    error = _use_compile_only_tpu()
-  else:  # Triton GEMMs off, as in gpu_static: with no device to autotune on, some have no valid tiling
-    error = gpu_static.use_compile_only_cuda("--xla_gpu_enable_triton_gemm=false", "benchmarks/eval_compile.py")
+    error = deviceless.use_compile_only_tpu("benchmarks.eval_compile")
+  else:  # Triton GEMMs off, as in experimental/gpu_static.py: with no device to autotune on, some have no valid tiling
+    error = deviceless.use_compile_only_cuda("--xla_gpu_enable_triton_gemm=false", "benchmarks.eval_compile")
   if error:
     print(f"error: {error}", file=sys.stderr)
     return 2
@@ -93,7 +63,8 @@ def main(argv=None) -> int:
   from evf_jax.predictor import compute_dtype
 
   try:
-    devices = _tpu_devices(topology) if args.platform == "tpu" else gpu_static.cuda_devices(args.target, topology)
+    devices = (deviceless.tpu_devices(topology) if args.platform == "tpu"
+               else deviceless.cuda_devices(args.target, topology))
   except Exception as e:  # the compiler plugin's message for a topology it does not know
     print(f"error: {args.platform} topology {topology!r}: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
@@ -118,7 +89,7 @@ def main(argv=None) -> int:
       "devices": len(devices), "device_kind": devices[0].device_kind, "compile_s": round(seconds, 1),
       "per_device_gb": {name: getattr(memory, f"{name}_size_in_bytes") / 1e9
                         for name in ("argument", "output", "temp", "generated_code")},
-      "collectives": collectives(compiled.as_text()),
+      "collectives": deviceless.collectives(compiled.as_text()),
   }
   gb = summary["per_device_gb"]
   print(f"EVF-SAM ({args.size}, {args.precision}, attention {args.attention}) evaluation step for "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import sys
 import tempfile
 import time
 
@@ -45,10 +44,9 @@ def main() -> None:
   elif args.device == "gpu":
     os.environ["JAX_PLATFORMS"] = "cuda"
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
 
-  from benchmarks import common
+  from evf_testing import benchmarking as common
   from benchmarks.data_throughput import write_refcoco_like
   from data_pipelines import prepare
   from evf_jax import evaluate

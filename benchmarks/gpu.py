@@ -20,20 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # leave room for the torch reference
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks import common  # noqa: E402
+from evf_jax import flops as model_flops
+from evf_testing import benchmarking as common
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 tensor-core peak (SXM)
 RESULTS: dict = {}
 OUT_PATH = None  # --out: rewritten after every section, so a run stopped at its time limit keeps its numbers
 TORCH_DEVICE = "cuda"  # "cpu" when there is no GPU (only to try the script at tiny size)
@@ -91,30 +89,6 @@ def pipelined_time(fn, repeats=20, warmup=2):
   return (time.perf_counter() - t0) / repeats
 
 
-def windows_per_image(sam) -> tuple[int, int]:
-  """(windows per image, tokens per window) of SAM's windowed blocks: the grid is zero-padded up to a
-  multiple of the window (64 -> 70 at 1024 px, 25 windows of 14 x 14)."""
-  g, w = sam.embedding_size, sam.window_size
-  return (-(-g // w)) ** 2, w * w
-
-
-def encoder_matmul_flops(sam) -> float:
-  """Multiply-add FLOPs (x2) of SAM's ViT image encoder on one image, counted by hand (XLA's count does
-  not see inside fused attention kernels). Linear layers count real tokens only: the windows' padding
-  (4900 vs 4096 tokens at 1024 px) runs qkv and proj in the reference but not here, so it is not credited
-  as useful work; windowed attention counts the padded windows, which take part in it."""
-  g = sam.embedding_size
-  t, d = g * g, sam.embed_dim
-  n_win, tw = windows_per_image(sam)
-  flops = 2 * t * (3 * sam.patch_size ** 2) * d
-  for i in range(sam.depth):
-    flops += 2 * t * d * 3 * d + 2 * t * d * d + 2 * 2 * t * d * int(sam.mlp_ratio * d)
-    flops += (2 * 2 * t * t * d) if i in sam.global_attn_indexes else (2 * 2 * n_win * tw * tw * d)
-  c = sam.prompt_embed_dim
-  flops += 2 * t * d * c + 2 * t * c * c * 9
-  return float(flops)
-
-
 def gelu_erf_bf16(x):
   """SAM's exact GELU as flax writes it (in x's dtype), which XLA's GPU compiler ran as two passes."""
   import jax
@@ -145,7 +119,7 @@ def bench_encoder(config, params, batch_sizes, peak, gelu_forms):
   exact_gelu = layers.gelu
   for impl, b, form in runs:
     layers.gelu = GELU_FORMS[form] if form else exact_gelu
-    model = EvfSam(config, attention_impl=impl, dtype=jnp.bfloat16)
+    model = EvfSam(config, attention=impl, dtype=jnp.bfloat16)
     fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(b, s, s, 3)), jnp.bfloat16)
     key = f"encoder_{impl}_b{b}" + (f"_gelu_{form}" if form else "")
@@ -153,7 +127,7 @@ def bench_encoder(config, params, batch_sizes, peak, gelu_forms):
       compiled = fn.lower(params, x).compile()
       cost = compiled.cost_analysis() or {}
       xla_flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
-      flops = b * encoder_matmul_flops(config.sam)
+      flops = b * model_flops.sam_encoder(config.sam)
       t = sync_time(lambda: compiled(params, x))
       if b == batch_sizes[-1] and not form:
         outputs[impl] = np.asarray(compiled(params, x), np.float32)
@@ -178,13 +152,13 @@ def bench_encoder(config, params, batch_sizes, peak, gelu_forms):
 
 @section("ours_e2e")
 def bench_ours(config, params, tokenizer, image, runs):
-  """End-to-end latency of `Predictor` for each (precision, attention_impl) in `runs`; keeps the logits.
-  Returns the predictors that ran, by (precision, attention_impl)."""
+  """End-to-end latency of `Predictor` for each (precision, attention) in `runs`; keeps the logits.
+  Returns the predictors that ran, by (precision, attention)."""
   from evf_jax.predictor import Predictor
   predictors = {}
   for precision, impl in runs:
-    p = Predictor(config, params, tokenizer, precision=precision, attention_impl=impl)
-    key = f"ours_{precision}" + (f"_{impl}" if impl else "")
+    p = Predictor(config, params, tokenizer, precision=precision, attention=impl)
+    key = f"ours_{precision}" + ("" if impl == "xla" else f"_{impl}")
 
     def one():
       p.set_image(image)
@@ -218,7 +192,7 @@ def bench_stages(p, image):
   work with the device's."""
   import jax
   from evf_jax import postprocess
-  from evf_jax.preprocess import beit_image
+  from evf_jax.beit3.preprocess import beit_image
   from evf_jax.sam import transforms as sam_transforms
   config, tokenizer = p.config, p.tokenizer
   s = config.sam.img_size
@@ -243,7 +217,7 @@ def bench_stages(p, image):
     stages[f"upsample_{n}"] = sync_time(lambda: p._upsample(low, img["a_y"], img["a_x"]))
     logits = jax.block_until_ready(p._upsample(low, img["a_y"], img["a_x"]))
     stages[f"to_host_{n}"] = common.timed(lambda: np.asarray(logits), 5, warmup=1)[0]
-  key = f"ours_{p.precision}_{p.model.attention_impl or 'auto'}_stages"
+  key = f"ours_{p.precision}_{p.model.attention}_stages"
   RESULTS[key] = {k: v * 1e3 for k, v in stages.items()}
   log(f"{key} [ms]: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stages.items()))
 
@@ -271,7 +245,7 @@ def compare_logits():
 @section("reference")
 def bench_reference(config, model, tokenizer, image):
   import torch
-  from tests import evf_reference as ref
+  from evf_testing import evf_reference as ref
   ids = [[tokenizer.encode(p)] for p in common.PROMPTS]
   m = model.to(TORCH_DEVICE)
   for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -317,17 +291,17 @@ def main():
   ap.add_argument("--batch-sizes", default="1,4,8")
   ap.add_argument("--out", default=None)
   ap.add_argument("--skip-reference", action="store_true")
-  ap.add_argument("--e2e-attention", default="auto,cudnn",
-                  help="attention for our bf16 end-to-end rows: auto (XLA), cudnn, or both (XLA's costs ~2 min)")
+  ap.add_argument("--e2e-attention", default="xla,cudnn",
+                  help="attention for our bf16 end-to-end rows: xla, cudnn, or both (XLA's costs ~2 min)")
   ap.add_argument("--gelu-forms", default="",
                   help=f"extra encoder runs at the largest batch with other GELU code: {sorted(GELU_FORMS)} or ''")
   args = ap.parse_args()
   global OUT_PATH
   OUT_PATH = args.out
   forms = [f for f in args.gelu_forms.split(",") if f]
-  e2e_impls = [None if a == "auto" else a for a in args.e2e_attention.split(",") if a]
-  if any(a not in (None, "xla", "cudnn") for a in e2e_impls):
-    ap.error("--e2e-attention: expected a comma-separated subset of auto, xla, cudnn")
+  e2e_impls = [a for a in args.e2e_attention.split(",") if a]
+  if any(a not in ("xla", "cudnn") for a in e2e_impls):
+    ap.error("--e2e-attention: expected a comma-separated subset of xla, cudnn")
   if any(f not in GELU_FORMS for f in forms):
     ap.error(f"--gelu-forms: expected names from {sorted(GELU_FORMS)}")
   import jax
@@ -335,14 +309,14 @@ def main():
   from convert.evf import convert_evf
   from evf_jax.evf import EvfConfig
   from evf_jax.tokenizer import TextTokenizer
-  from tests import evf_reference as ref
-  from tests import torch_reference as tr
+  from evf_testing import evf_reference as ref
+  from evf_testing import torch_reference as tr
 
   global TORCH_DEVICE
   TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", str(dev))
-  peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), float("nan"))
+  peak = (model_flops.peak_flops(kind) or float("nan")) / 1e12  # TFLOP/s
   RESULTS.update(device=kind, jax=jax.__version__, torch=torch.__version__, size=args.size,
                  date=time.strftime("%Y-%m-%d"))
   log(f"device {kind}, jax {jax.__version__}, torch {torch.__version__}")
@@ -362,7 +336,7 @@ def main():
   del predictors
   if not args.skip_reference:
     bench_reference(config, model, tokenizer, image)
-  bench_ours(config, params, tokenizer, image, [("fp32", None)])
+  bench_ours(config, params, tokenizer, image, [("fp32", "xla")])
   compare_logits()
   text = json.dumps({k: v for k, v in RESULTS.items() if not k.startswith("_")}, indent=2, default=float)
   print(text)

@@ -27,8 +27,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import common  # noqa: E402
+from evf_testing import benchmarking as common
 
 
 # glibc malloc tunables (read at process start) that keep freed memory for reuse instead of returning it
@@ -46,7 +45,7 @@ def faults_of(fn) -> int:
 def run_reference(args) -> dict:
   import torch
   torch.set_num_threads(args.threads)
-  from tests import evf_reference as ref
+  from evf_testing import evf_reference as ref
   from evf_jax.tokenizer import TextTokenizer
   config, model, ckpt = common.build_models(args.size, args.workdir)
   tok = TextTokenizer(os.path.join(ckpt, "tokenizer"))

@@ -23,6 +23,7 @@ import numpy as np
 
 from convert.rules import ConversionError, ConversionResult, Rule, convert, strip_prefix
 from evf_jax.beit3.config import Beit3Config
+from evf_jax.beit3.model import abstract_params
 
 _L = r"encoder\.layers\.(\d+)\."
 _T = r"encoder/layers_\1/"
@@ -76,7 +77,6 @@ def convert_beit3(state_dict: Mapping[str, np.ndarray], config: Beit3Config,
   Raises:
     ConversionError listing every problem at once.
   """
-  from evf_jax.beit3.model import abstract_params
   if prefix is None:
     prefix = detect_prefix(state_dict)
   sub = strip_prefix(state_dict, prefix) if prefix else dict(state_dict)

@@ -14,14 +14,21 @@ import re
 import shutil
 from typing import Any, Mapping, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 from convert import beit3 as beit3_conv
 from convert import sam as sam_conv
 from convert.io import CheckpointReadError, load_hf_directory
-from convert.rules import RULES_VERSION, ConversionError, ConversionResult, Rule, convert
+from convert.rules import (
+  RULES_VERSION,
+  ConversionError,
+  ConversionResult,
+  Rule,
+  convert,
+)
 from evf_jax import __version__
-from evf_jax.checkpoints import CONFIG_FILE, read_json, save_model
+from evf_jax.checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_json, save_model
 from evf_jax.errors import UserError
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
 
@@ -29,7 +36,6 @@ SAM_PREFIX = "visual_model."
 BEIT3_PREFIX = "mm_extractor.beit3."
 TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
-TOKENIZER_DIR = "tokenizer"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -110,8 +116,8 @@ def resolve_source(src: str) -> str:
   if not re.fullmatch(r"[\w.-]+/[\w.-]+", src):
     raise UserError(f"--src {src}: no such directory, and not a Hugging Face hub id like 'YxZhang/evf-sam'")
   try:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(repo_id=src, allow_patterns=["config.json", *WEIGHT_FILES,
+    import huggingface_hub  # lazy: only a hub id needs it (and the network)
+    return huggingface_hub.snapshot_download(repo_id=src, allow_patterns=["config.json", *WEIGHT_FILES,
                                                            "model-*.safetensors", "pytorch_model-*.bin",
                                                            *TOKENIZER_FILES])
   except Exception as e:  # offline, unknown repo, auth: all user-side problems
@@ -131,16 +137,20 @@ def _check_out_dir(out: str, overwrite: bool) -> None:
                       "even with --overwrite (choose an empty or new directory)")
 
 
-def convert_directory(src: str, out: str, dtype: str = "float32", overwrite: bool = False,
+# --precision of `run.py convert` -> the parameter dtype stored in model_config.json ("param_dtype").
+STORED_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bool = False,
                       log=print) -> dict[str, Any]:
   """The whole `run.py convert`: read, check, convert, and write `out` atomically.
 
   The new checkpoint is written next to `out` and moved into place only when complete, so a failed
   conversion never leaves a half-written or destroyed directory behind.
   """
-  import jax.numpy as jnp
-  if dtype not in ("float32", "bfloat16"):
-    raise UserError(f"--dtype {dtype}: expected float32 or bfloat16")
+  if precision not in STORED_DTYPES:
+    raise UserError(f"--precision {precision}: expected one of {', '.join(STORED_DTYPES)}")
+  dtype = STORED_DTYPES[precision]
   out = os.path.abspath(out)
   _check_out_dir(out, overwrite)
   src_dir = resolve_source(src)

@@ -7,13 +7,16 @@
 
 from __future__ import annotations
 
-from evf_jax.errors import UserError
-
 import json
 import os
 from typing import Any, Iterable, Mapping
 
+import jax
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+
+from evf_jax.errors import UserError
 
 
 class CheckpointReadError(UserError, ValueError):
@@ -21,8 +24,6 @@ class CheckpointReadError(UserError, ValueError):
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  import jax
-  from safetensors import safe_open
   out = {}
   # framework="flax" reads bfloat16 too (numpy's reader does not); keep the arrays on the host.
   with jax.default_device(jax.devices("cpu")[0]):
@@ -33,17 +34,16 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-  import torch
+  import torch  # lazy: torch is needed for .pth/.bin files only, never for inference
   t = t.detach().cpu()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   try:
-    import torch
+    import torch  # lazy: torch is needed for .pth/.bin files only, never for inference
   except ImportError as e:
     raise CheckpointReadError(
         f"{path}: reading .pth/.bin files needs torch (pip install torch==2.13.0); "

@@ -12,14 +12,14 @@ a target the model lacks, a target no source fills, a shape mismatch) and raises
 
 from __future__ import annotations
 
-from evf_jax.errors import UserError
-
 import dataclasses
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from flax import traverse_util
+
+from evf_jax.errors import UserError
 
 RULES_VERSION = 1
 

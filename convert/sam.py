@@ -13,7 +13,7 @@ import numpy as np
 
 from convert.rules import ConversionError, ConversionResult, Rule, convert, strip_prefix
 from evf_jax.sam.config import SAM_CONFIGS, SamConfig
-
+from evf_jax.sam.sam import abstract_params
 
 
 def _ln(src: str, dst: str) -> list[Rule]:
@@ -72,8 +72,7 @@ SAM_IGNORE: tuple[str, ...] = ()
 
 
 def _target(config: SamConfig) -> dict[str, Any]:
-  from evf_jax.sam.sam import Sam, abstract_params
-  return abstract_params(Sam(config))
+  return abstract_params(config)
 
 
 def convert_sam_result(state_dict: Mapping[str, np.ndarray], config: SamConfig, prefix: str = "",

@@ -7,7 +7,7 @@
     iteration:        to_iter_dataset(ReadOptions) [-> mp_prefetch(worker_count)]; get_state/set_state resume
     on device:        make_global_batch -> jax.make_array_from_process_local_data
 
-Mixture semantics (DATA_SPEC §2): the original draws the source of every sample i.i.d. from
+Mixture semantics (docs/data.md#6-training-mixture): the original draws the source of every sample i.i.d. from
 weights / sum(weights), and for `refer_seg` draws one of its refer datasets uniformly. Here a group has a
 weight and a list of dataset dirs; the group is drawn with its weight and the dir uniformly inside it, which
 is the same distribution as one categorical over dirs with weight_g / len(dirs_g). The draw for global
@@ -41,10 +41,13 @@ import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from data_pipelines import records, transforms
 from data_pipelines.transforms import SampleConfig, Tokenizer
+from evf_jax import postprocess
 
 BATCH_KEYS = ("sam_image", "beit_image", "input_ids", "attention_mask", "prompt_valid", "masks",
               "valid_region", "resize_hw", "orig_hw", "source_id")
@@ -145,7 +148,6 @@ class TrainTransform:
 
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax
     return jax.process_index(), jax.process_count()
   return process_index, process_count
 
@@ -188,7 +190,6 @@ def train_iterator(dataset: grain.MapDataset, *, worker_count: int = 0, read_thr
   """
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
   if worker_count > 0:
-    from absl import flags
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; run.py does not use absl.app
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
@@ -202,28 +203,38 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict:
   `sharding` is a jax.sharding.Sharding for the leading (batch) axis, e.g.
   NamedSharding(mesh, PartitionSpec(("data",))); it is applied to every key (trailing axes replicated).
   """
-  import jax
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------- evaluation
 
 class EvalTransform:
-  def __init__(self, tokenizer: Tokenizer, cfg: SampleConfig):
-    self.tokenizer, self.cfg = tokenizer, cfg
+  """(index in the process's slice, record bytes) -> one eval example (`transforms.eval_example`) plus its
+  file-order `index` and the unpadded postprocess matrices `a_y`, `a_x` (computed here, in grain's threads)."""
 
-  def __call__(self, data: bytes) -> dict:
-    return transforms.eval_example(records.deserialize(data), self.tokenizer, self.cfg)
+  def __init__(self, tokenizer: Tokenizer, cfg: SampleConfig, low_res: int, process_index: int,
+               process_count: int):
+    self.tokenizer, self.cfg, self.low_res = tokenizer, cfg, low_res
+    self.process_index, self.process_count = process_index, process_count
+
+  def __call__(self, local_index: int, data: bytes) -> dict:
+    ex = transforms.eval_example(records.deserialize(data), self.tokenizer, self.cfg)
+    a_y, a_x = postprocess.mask_postprocess_matrices(tuple(int(v) for v in ex["resize_hw"]),
+                                                     tuple(int(v) for v in ex["orig_hw"]),
+                                                     low_res=self.low_res, img_size=self.cfg.sam_size)
+    return dict(ex, index=self.process_index + local_index * self.process_count, a_y=a_y, a_x=a_x)
 
 
-def eval_dataset(data_dir: str, split: str, tokenizer: Tokenizer, *, sample: SampleConfig = SampleConfig(),
-                 process_index: Optional[int] = None, process_count: Optional[int] = None) -> grain.MapDataset:
-  """One element per image of the split with every sentence (ragged, see transforms.eval_example).
+def eval_dataset(data_dir: str, split: str, tokenizer: Tokenizer, *, low_res: int,
+                 sample: SampleConfig = SampleConfig(), process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> grain.MapDataset:
+  """One element per image of the split with every sentence (ragged, see `EvalTransform`); `low_res` is the
+  side of the model's low-resolution mask logits (`SamConfig.low_res_size`).
 
   Process p gets images p, p + P, ...: disjoint, and together every image exactly once (no padding
   duplicates, unlike the original DistributedSampler), in file order.
   """
   p_index, p_count = _process(process_index, process_count)
   src = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, split))
-  return grain.MapDataset.source(src).slice(slice(p_index, None, p_count)).map(EvalTransform(tokenizer, sample))
-
+  local = grain.MapDataset.source(src).slice(slice(p_index, None, p_count))
+  return local.map_with_index(EvalTransform(tokenizer, sample, low_res, p_index, p_count))

@@ -8,15 +8,15 @@ missing, corrupt, or disagree with their annotations are skipped and counted (me
 from __future__ import annotations
 
 import collections
-import io
 import os
 import shutil
 from typing import Iterable, Iterator, Optional
 
-from PIL import Image
+from tqdm import tqdm
 
-from data_pipelines import readers, records
+from data_pipelines import readers, records, synthetic
 from evf_jax.errors import UserError
+from evf_jax.images import ImageReadError, decode_image
 
 DATASETS = sorted(readers.READERS) + ["synthetic"]
 
@@ -27,10 +27,8 @@ def _check_out(out: str) -> None:
 
 
 def _image_size(data: bytes) -> tuple[int, int]:
-  """Fully decodes the image (truncated files only fail on load) and returns (h, w)."""
-  with Image.open(io.BytesIO(data)) as im:
-    im.load()
-    return im.height, im.width
+  """(h, w) of the image as every later stage decodes it (`evf_jax.images.decode_image`: EXIF applied)."""
+  return decode_image(data).shape[:2]
 
 
 def _records_from_tasks(tasks: list[readers.ImageTask], skipped: collections.Counter) -> Iterator[tuple[str, records.Record]]:
@@ -43,8 +41,11 @@ def _records_from_tasks(tasks: list[readers.ImageTask], skipped: collections.Cou
       continue
     try:
       h, w = _image_size(data)
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    except ImageReadError:
       skipped["corrupt_image"] += 1
+      continue
+    if task.expected_hw is not None and (h, w) != task.expected_hw:
+      skipped["image_size_mismatch"] += 1  # e.g. an EXIF rotation the annotations were not made on
       continue
     try:
       entries, masks = task.build(h, w)
@@ -63,7 +64,6 @@ def write_dataset(out: str, dataset: str, items: Iterable[tuple[str, records.Rec
                   records_per_shard: int = 2000, extra_meta: Optional[dict] = None,
                   skipped: Optional[collections.Counter] = None, progress: bool = True) -> dict:
   """Writes (split, record) pairs as shards + meta.json into `out` (atomically via `out.partial`)."""
-  from tqdm import tqdm
   _check_out(out)
   tmp = out.rstrip("/") + ".partial"
   shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted run
@@ -93,7 +93,6 @@ def prepare(dataset: str, out: str, src: Optional[str] = None, *, num_train: int
   """Converts one dataset; returns the summary that is also stored in OUT/meta.json."""
   _check_out(out)
   if dataset == "synthetic":
-    from data_pipelines import synthetic
     if src:
       raise UserError("--src is not used with --dataset synthetic (it is generated, see --num-train/--seed)")
     return write_dataset(out, dataset, synthetic.generate(seed, num_train, num_eval), num_train + num_eval,

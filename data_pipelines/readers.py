@@ -1,11 +1,11 @@
-"""Readers of the raw downloads (DATA_SPEC §1): each turns a dataset's own layout into `ImageTask`s.
+"""Readers of the raw downloads (docs/data.md#2-raw-datasets): each turns a dataset's own layout into `ImageTask`s.
 
 An `ImageTask` is one image of one split: where its file is, plus `build(h, w)`, which returns the image's
 prompt entries and masks (compressed RLE). `prepare.py` reads/validates the image, calls `build` with the
 decoded size, and writes a record (records.py). Readers check their required files up front and raise a
 UserError listing every missing one.
 
-`--src` is the dataset's root in the original EVF-SAM layout (DATA_SPEC §1):
+`--src` is the dataset's root in the original EVF-SAM layout (docs/data.md#2-raw-datasets):
   refclef, refcoco, refcoco+, refcocog, grefcoco   dataset/refer_seg      (refs pickle, instances.json, images/)
   ade20k                                           dataset/ade20k         (images/, annotations/)
   obj365                                           dataset/Object365      (raw/Objects365_v1/2019-08-02/...)
@@ -21,7 +21,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -47,6 +47,12 @@ class ImageTask:
   image_id: str
   path: str
   build: Build
+  expected_hw: Optional[tuple[int, int]] = None  # the annotations' image size, where the layout states one
+
+
+def _stated_hw(im: dict) -> Optional[tuple[int, int]]:
+  """(height, width) of a COCO-style image entry, when it has both."""
+  return (int(im["height"]), int(im["width"])) if "height" in im and "width" in im else None
 
 
 def _require(paths: Iterable[str], dataset: str, src: str) -> None:
@@ -132,7 +138,7 @@ def read_refer(dataset: str, src: str) -> list[ImageTask]:
   images = {im["id"]: im for im in inst["images"]}
   anns = {a["id"]: a for a in inst["annotations"]}
 
-  # (split, image_id) -> refs; train keeps sentences verbatim, eval ones are strip().lower()-ed (DATA_SPEC §4.2).
+  # (split, image_id) -> refs; train keeps sentences verbatim, eval ones are strip().lower()-ed (docs/data.md#5-evaluation-protocol).
   by_image: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
   for ref in refs:
     names = ["train"] if ref["split"] == "train" else _eval_split_names(ref["split"])
@@ -145,7 +151,7 @@ def read_refer(dataset: str, src: str) -> list[ImageTask]:
     if im is None:
       continue
     tasks.append(ImageTask(split, str(image_id), os.path.join(image_root, im["file_name"]),
-                           _refer_builder(image_refs, anns, train=(split == "train"))))
+                           _refer_builder(image_refs, anns, train=(split == "train")), _stated_hw(im)))
   return tasks
 
 
@@ -198,7 +204,7 @@ ADE20K_CLASSES = (
     'glass', 'clock', 'flag',
 )
 
-HUMANPARSING_CLASSES = (  # ATR ids 0..17, left/right swapped to the viewer's side (DATA_SPEC §1.6)
+HUMANPARSING_CLASSES = (  # ATR ids 0..17, left/right swapped to the viewer's side (docs/data.md#24-humanparsing)
     "background", "hat", "hair", "sunglasses", "upper clothes", "skirt", "pants", "dress", "belt",
     "right shoe", "left shoe", "face", "right leg", "left leg", "right arm", "left arm", "bag", "scarf")
 
@@ -230,7 +236,7 @@ def _label_builder(label_path: str, class_ids: Callable[[np.ndarray], list[tuple
 
 
 def _ade_classes(label: np.ndarray):
-  # Label shift: raw 0 ("other") and anything > 150 become ignore; raw k -> class k-1 (DATA_SPEC §1.4).
+  # Label shift: raw 0 ("other") and anything > 150 become ignore; raw k -> class k-1 (docs/data.md#23-ade20k).
   # Ignore pixels are simply negatives in every mask, which (label == k) already gives.
   return [(int(v), int(v) - 1, "[semantic] " + ADE20K_CLASSES[int(v) - 1])
           for v in np.unique(label) if 1 <= v <= len(ADE20K_CLASSES)]
@@ -278,7 +284,7 @@ def _coco_tasks(coco: dict, split: str, image_root: str, builder: Callable[[list
   for im in sorted(coco.get("images", []), key=lambda im: im["id"]):
     if by_image.get(im["id"]):
       tasks.append(ImageTask(split, str(im["id"]), os.path.join(image_root, im["file_name"]),
-                             builder(by_image[im["id"]], cats)))
+                             builder(by_image[im["id"]], cats), _stated_hw(im)))
   return tasks
 
 
@@ -305,7 +311,7 @@ def read_obj365(src: str) -> list[ImageTask]:
 
 
 def _part_builder(prompt: Callable[[str], str]) -> Callable[[list[dict], dict], Build]:
-  """Parts made semantic: instances of one category name merged into one mask (DATA_SPEC §1.7/§1.8)."""
+  """Parts made semantic: instances of one category name merged into one mask (docs/data.md#25-partimagenet-and-pascal-part)."""
   def make(image_anns: list[dict], cats: dict) -> Build:
     def build(h: int, w: int):
       parts_by_name: dict[str, list[dict]] = collections.defaultdict(list)

@@ -14,7 +14,7 @@ A record is one msgpack map (msgpack comes with flax) with these keys, format ve
                      "ann_ids"} for RefCOCO, {"class_id"} for semantic sets.
 
 Train records hold every (prompt, mask) candidate of the image; the pipeline draws up to K of them per sample.
-Eval records hold every sentence of every ref of that split on the image (DATA_SPEC §4.2), text already
+Eval records hold every sentence of every ref of that split on the image (docs/data.md#5-evaluation-protocol), text already
 `strip().lower()`-ed. Masks are stored once, already clipped to {0,1} (unions of polygons / instances).
 
 A prepared dataset directory looks like
@@ -30,8 +30,10 @@ import json
 import os
 from typing import Any, Sequence
 
+import grain
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from pycocotools import mask as mask_utils
 
 FORMAT_VERSION = 1
@@ -127,7 +129,6 @@ class ShardWriter:
     self._writer = None
 
   def write(self, data: bytes) -> None:
-    from array_record.python.array_record_module import ArrayRecordWriter
     if self._writer is None or self.count % self.records_per_shard == 0:
       self._close_current()
       path = os.path.join(self.out_dir, f".{self.split}-{len(self._paths):05d}.partial")
@@ -155,6 +156,5 @@ class ShardWriter:
 
 def read_records(data_dir: str, split: str) -> Sequence[Record]:
   """All records of a split, decoded (for tests and small tools; the pipeline reads lazily through grain)."""
-  import grain
   src = grain.sources.ArrayRecordDataSource(shard_paths(data_dir, split))
   return [deserialize(src[i]) for i in range(len(src))]

@@ -10,7 +10,7 @@ only where they are unambiguous, so a model has to read both the text and the im
   "the blue square on the left" / "right"  extreme of a group (colour+shape, shape or colour) along x,
   "the green shape at the top" / "bottom"  ... or along y, only if the gap to the runner-up is clear
   "the largest triangle" / "the smallest yellow shape"   extreme area, only if clearly larger/smaller
-  "[semantic] circles"                     all circles (union), the semantic-level prompt of DATA_SPEC §1.4
+  "[semantic] circles"                     all circles (union), the semantic-level prompt (docs/data.md#11-prompt-forms)
 
 Masks are rasterised analytically at pixel centres and the image is painted from the same masks, so
 they are exact. Images are stored as PNG (lossless) in the common record format (data_pipelines/records.py).

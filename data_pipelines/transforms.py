@@ -1,4 +1,4 @@
-"""Per-sample transform: record -> fixed-shape numpy arrays (DATA_SPEC §1.1, §3, §8.1).
+"""Per-sample transform: record -> fixed-shape numpy arrays (docs/data.md#1-sample-contract, #3, #4).
 
 Loss targets: GT masks are brought into the SAM frame the same way as the image (resize, then bottom/right pad)
 at `mask_size` (default = the SAM input size, 1024), and `valid_region` marks the un-padded part. A trainer
@@ -12,15 +12,14 @@ original size.
 from __future__ import annotations
 
 import dataclasses
-import io
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
 
 from data_pipelines import records
+from evf_jax.beit3 import preprocess
+from evf_jax.images import decode_image
 from evf_jax.sam.transforms import frame_hw, to_frame
-from evf_jax import preprocess
 from evf_jax.tokenizer import PAD_ID, truncate_ids
 
 
@@ -42,12 +41,6 @@ class SampleConfig:
   @property
   def target_size(self) -> int:
     return self.mask_size or self.sam_size
-
-
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image -> RGB uint8 (H, W, 3). (The original reads with OpenCV; JPEG decoders may differ by ±1.)"""
-  with Image.open(io.BytesIO(data)) as im:
-    return np.asarray(im.convert("RGB"))
 
 
 def mask_to_frame(mask: np.ndarray, size: int, mode: str) -> np.ndarray:

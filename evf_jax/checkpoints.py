@@ -3,23 +3,29 @@
 Layout of a directory written by `save_model`:
   params/            orbax StandardCheckpointer output (the Flax parameter tree)
   model_config.json  {"model_type": ..., plus the model's config fields}
-  provenance.json    where the weights came from (source files and hashes, converter version)
+  provenance.json    where the weights came from (source files and hashes, converter version, training run)
+  tokenizer/         the sentencepiece model and the reference's tokenizer files
 """
 
 from __future__ import annotations
-
-from evf_jax.errors import UserError
 
 import json
 import os
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+
+from evf_jax.errors import UserError
+from evf_jax.evf import MODEL_TYPE, EvfConfig, abstract_params
+from evf_jax.tokenizer import TextTokenizer
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
 PROVENANCE_FILE = "provenance.json"
+TOKENIZER_DIR = "tokenizer"  # the sentencepiece model and the reference's tokenizer files
 
 
 class ModelDirError(UserError, ValueError):
@@ -28,17 +34,20 @@ class ModelDirError(UserError, ValueError):
 
 def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, Any],
                provenance: Optional[Mapping[str, Any]] = None) -> None:
-  import orbax.checkpoint as ocp
+  """Writes a checkpoint directory. `params` may be host arrays or (possibly sharded) jax arrays; with several
+  processes, every process calls this and process 0 writes the JSON files."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(directory, PARAMS_DIR), jax.tree.map(np.asarray, params))
+  ckptr.save(os.path.join(directory, PARAMS_DIR),
+             jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params))
   ckptr.wait_until_finished()
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(dict(config), f, indent=2, sort_keys=True)
-  if provenance is not None:
-    with open(os.path.join(directory, PROVENANCE_FILE), "w") as f:
-      json.dump(dict(provenance), f, indent=2, sort_keys=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+      json.dump(dict(config), f, indent=2, sort_keys=True)
+    if provenance is not None:
+      with open(os.path.join(directory, PROVENANCE_FILE), "w") as f:
+        json.dump(dict(provenance), f, indent=2, sort_keys=True)
 
 
 def read_json(path: str, error: type[Exception] = ModelDirError) -> Any:
@@ -63,20 +72,45 @@ def read_config(directory: str, expect_model_type: Optional[str] = None) -> dict
   return config
 
 
-def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
-  """Restores the params tree; with `abstract_params` (ShapeDtypeStructs, possibly sharded) it is
-  restored with exactly those shapes, dtypes and shardings."""
-  import orbax.checkpoint as ocp
+def load_params(directory: str, target: Optional[Any] = None) -> Any:
+  """Restores the params tree; with `target` (ShapeDtypeStructs, possibly sharded) it is restored with
+  exactly those shapes, dtypes and shardings."""
   path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
   if not os.path.isdir(path):
     raise ModelDirError(f"{directory}: the weights ({PARAMS_DIR}/) are missing")
   ckptr = ocp.StandardCheckpointer()
-  if abstract_params is None:
+  if target is None:
     return ckptr.restore(path)
-  return ckptr.restore(path, abstract_params)
+  return ckptr.restore(path, target)
 
 
 def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   """The checkpoint's provenance.json (where the weights came from), or None if it has none."""
   path = os.path.join(directory, PROVENANCE_FILE)
   return read_json(path) if os.path.isfile(path) else None
+
+
+def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple[EvfConfig, Any, TextTokenizer]:
+  """An EVF-SAM checkpoint directory (`run.py convert`, or a training run's export) -> (EvfConfig, params on
+  the host, TextTokenizer).
+
+  Every problem with the directory (missing, another model type, bad config, unreadable weights) is a
+  `ModelDirError` with a one-line message.
+  """
+  raw = read_config(directory, expect_model_type=MODEL_TYPE)
+  try:
+    config = EvfConfig.from_dict(raw)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid EVF-SAM config ({e})") from None
+  tok_dir = os.path.join(directory, TOKENIZER_DIR)
+  tokenizer = TextTokenizer(tok_dir) if max_text_len is None else TextTokenizer(tok_dir, max_text_len)
+  param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
+  target = abstract_params(config, param_dtype=param_dtype)
+  try:
+    params = load_params(directory, target)
+  except ModelDirError:
+    raise
+  except Exception as e:  # orbax: missing or mismatching arrays
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    raise ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
+  return config, params, tokenizer

@@ -1,155 +1,55 @@
-"""Referring-segmentation evaluation (gIoU / cIoU) of EVF-SAM on prepared datasets, jitted and sharded.
+"""Referring-segmentation evaluation (gIoU / cIoU), jitted and sharded, from one CPU to many hosts.
 
-The protocol is EVF-SAM's eval.py (DATA_SPEC §4.2, metrics in `evf_jax.metrics`): every sentence of every
-ref of the split is one prompt (already `strip().lower()`-ed in the prepared records), prediction =
-logits > 0 after SAM's postprocess to the ORIGINAL image size, compared with the GT mask there. Every image
-is evaluated exactly once (the original's DistributedSampler repeats images to fill the last batch; we pad
-with masked-out slots instead).
+The protocol is EVF-SAM's eval.py (docs/data.md#5-evaluation-protocol, metrics in `evf_jax.metrics`): every
+sentence of every ref of the split is one prompt (already `strip().lower()`-ed in the prepared records),
+prediction = logits > 0 after SAM's postprocess to the ORIGINAL image size, compared with the GT mask there.
+Every image is evaluated exactly once (the original's DistributedSampler repeats images to fill the last
+batch; we pad with masked-out slots instead).
 
-Split names and data directories:
-  "DATASET|SPLITBY|SPLIT", as eval.py names them: refcoco|unc|val, refcoco|unc|testA, refcoco|unc|testB,
-  refcoco+|unc|{val,testA,testB}, refcocog|umd|{val,test} (the eight standard splits), plus
-  refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, and "synthetic|val".
-  SPLIT is the split inside DATA/DATASET, a directory written by
-  `run.py prepare --dataset DATASET --out DATA/DATASET` (DATA may also be one prepared directory itself).
+The evaluator takes examples, not files: `data_pipelines.pipeline.eval_dataset` reads a prepared split into
+them (one per image, with its postprocess matrices), and `params` are passed per call, so a training run
+evaluates its live parameters with the same code (`run.py eval` and the trainer's periodic evaluation).
 
-One step, for B images (B a multiple of the device count; the batch axis is sharded over a 1-D "data"
-mesh, params are replicated):
+One step, for B images (B a multiple of the device count; the batch axis is split over the mesh's batch axes,
+params keep their sharding or are replicated):
   host    B images with all their sentences, padded to K prompt slots (power-of-two bucket of the most
           sentences in the batch), GT masks and postprocess matrices padded to S x S (S = the largest side
           in the batch rounded up to `size_multiple`); padding slots have prompt_valid = False and padding
           pixels lie outside orig_hw. A look-ahead window of images is sorted by (K, S) so batches are
-          homogeneous and few shapes compile.
+          homogeneous and few shapes compile. With several processes, each assembles its share of the
+          global batch and all agree on (K, S, L) per step.
   device  SAM image embedding once per image; BEiT-3 + decoder for its K prompts; postprocess as
           A_y @ low_res @ A_x^T; (I, U) per prompt slot, int32 (B, K).
   host    one transfer of (I, U) per step (fetched one step late, so the device runs ahead), summed
-          exactly (metrics.IoUAccumulator).
+          exactly (metrics.IoUAccumulator), then summed over processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-from evf_jax import metrics, postprocess
-from evf_jax.errors import UserError
-
-STANDARD_SPLITS = ("refcoco|unc|val", "refcoco|unc|testA", "refcoco|unc|testB",
-                   "refcoco+|unc|val", "refcoco+|unc|testA", "refcoco+|unc|testB",
-                   "refcocog|umd|val", "refcocog|umd|test")
-# splitBy of each refer dataset: the one partition `run.py prepare` reads (data_pipelines.readers).
-REFER_SPLIT_BY = {"refclef": "unc", "refcoco": "unc", "refcoco+": "unc", "refcocog": "umd", "grefcoco": "unc"}
-SYNTHETIC = "synthetic"
-
-# Logical-axis rules for evaluation: the batch axis over the mesh's "data" axis, everything else
-# replicated (params are small enough to replicate for inference).
-AXIS_RULES = (("batch", "data"),)
+from evf_jax import buckets, metrics
+from evf_jax.evf import EvfConfig, EvfSam
+from evf_jax.runtime import compute_dtype
+from evf_jax.sam.transforms import normalize_and_pad
+from evf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 # A prediction function: (params, batch) -> logits (B, K, S, S) at the original resolution (padded).
 PredictFn = Callable[[Any, dict], Any]
 
 
-# ---------------------------------------------------------------- split names and data directories
-
-@dataclasses.dataclass(frozen=True)
-class EvalSplit:
-  name: str     # as the user wrote it, e.g. "refcoco|unc|val"
-  dataset: str  # the prepared directory's dataset, e.g. "refcoco"
-  split: str    # the split inside it, e.g. "val"
-
-  @property
-  def tag(self) -> str:
-    """File-name form: refcoco_unc_val, refcoco+_unc_testA, synthetic_val."""
-    return self.name.replace("|", "_")
-
-
-def parse_split(name: str) -> EvalSplit:
-  parts = name.split("|")
-  dataset = parts[0]
-  if dataset == SYNTHETIC:
-    if len(parts) != 2:
-      raise UserError(f"split {name!r}: the synthetic set is named 'synthetic|SPLIT', e.g. 'synthetic|val'")
-    split = parts[1]
-  elif dataset in REFER_SPLIT_BY:
-    if len(parts) != 3:
-      raise UserError(f"split {name!r}: expected DATASET|SPLITBY|SPLIT, e.g. 'refcoco|unc|val'")
-    if parts[1] != REFER_SPLIT_BY[dataset]:
-      raise UserError(f"split {name!r}: {dataset} is prepared from its {REFER_SPLIT_BY[dataset]!r} "
-                      f"partition only (use '{dataset}|{REFER_SPLIT_BY[dataset]}|{parts[2]}')")
-    split = parts[2]
-  else:
-    known = ", ".join(sorted(REFER_SPLIT_BY) + [SYNTHETIC])
-    raise UserError(f"split {name!r}: unknown dataset {dataset!r} (known: {known})")
-  if not split:
-    raise UserError(f"split {name!r}: empty split name")
-  if split == "train":
-    raise UserError(f"split {name!r}: train records keep raw sentences and are not an evaluation split")
-  return EvalSplit(name, dataset, split)
-
-
-def expand_splits(names: Sequence[str]) -> list[EvalSplit]:
-  """Parses --split values in order, "standard" standing for the eight standard splits; no duplicates."""
-  out: list[EvalSplit] = []
-  for n in names:
-    for m in (STANDARD_SPLITS if n == "standard" else (n,)):
-      s = parse_split(m)
-      if s not in out:
-        out.append(s)
-  return out
-
-
-def resolve_data_dir(data: str, split: EvalSplit) -> tuple[str, dict]:
-  """The prepared directory holding `split` -> (its path, its meta.json). UserError if absent."""
-  from data_pipelines import records
-  if not os.path.isdir(data):
-    raise UserError(f"--data {data}: no such directory")
-  if os.path.isfile(os.path.join(data, records.META_FILE)):
-    directory = data  # --data is one prepared dataset
-  else:
-    directory = os.path.join(data, split.dataset)
-    if not os.path.isfile(os.path.join(directory, records.META_FILE)):
-      raise UserError(f"{split.name}: no prepared dataset at {directory} (write it with `run.py prepare "
-                      f"--dataset {split.dataset} --out {directory}`)")
-  try:
-    meta = records.read_meta(directory)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{directory}: {e}") from None
-  if meta.get("dataset") != split.dataset:
-    raise UserError(f"{split.name}: {directory} holds dataset {meta.get('dataset')!r}, not {split.dataset!r}")
-  splits = meta.get("splits", {})
-  if split.split not in splits:
-    raise UserError(f"{split.name}: {directory} has no split {split.split!r} "
-                    f"(it has: {', '.join(sorted(splits)) or 'none'})")
-  return directory, meta
-
-
 # ---------------------------------------------------------------- host side: examples -> padded batches
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-class _AddMatrices:
-  """eval example -> the same plus its file-order index and unpadded postprocess matrices (in grain threads)."""
-
-  def __init__(self, low_res: int, img_size: int):
-    self.low_res, self.img_size = low_res, img_size
-
-  def __call__(self, index: int, ex: dict) -> dict:
-    a_y, a_x = postprocess.mask_postprocess_matrices(tuple(int(v) for v in ex["resize_hw"]),
-                                                     tuple(int(v) for v in ex["orig_hw"]),
-                                                     low_res=self.low_res, img_size=self.img_size)
-    return dict(ex, index=index, a_y=a_y, a_x=a_x)
-
 
 def _last_token(mask: np.ndarray) -> int:
   """1 + the last column holding a real token (not the count: an id may equal <pad> mid-sentence)."""
@@ -165,53 +65,71 @@ class Slot:
   texts: tuple[str, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+  """The padded shape of one batch: prompt slots per image, original-size side, tokens per prompt."""
+  prompts: int
+  size: int
+  text_len: int
+
+
 class Batcher:
   """Ragged eval examples -> fixed-shape numpy batches (see the module docstring) and their slots.
 
-  batch_images: images per batch (already a multiple of the device count); lookahead: how many batches'
-  worth of images are sorted together by shape bucket (metrics are order-independent).
+  batch_images: images per batch (this process's share); lookahead: how many batches' worth of images are
+  sorted together by shape bucket (metrics are order-independent).
   """
 
-  def __init__(self, batch_images: int, *, size_multiple: int = 128, lookahead: int = 16,
-               text_buckets: Sequence[int] = (16, 32, 64, 128, 256, 512, 1024), min_prompts: int = 2,
-               pad_id: int = 1, bos_id: int = 0, eos_id: int = 2):
+  def __init__(self, batch_images: int, *, size_multiple: int = buckets.SIZE_MULTIPLE, lookahead: int = 16,
+               text_buckets: Sequence[int] = buckets.TEXT_BUCKETS, min_prompts: int = 2):
     self.batch_images, self.size_multiple, self.lookahead = batch_images, size_multiple, lookahead
     self.text_buckets, self.min_prompts = tuple(sorted(text_buckets)), min_prompts
-    self.pad_id, self.bos_id, self.eos_id = pad_id, bos_id, eos_id
 
   def _k(self, ex) -> int:
-    return _pow2_at_least(max(self.min_prompts, len(ex["texts"])))
+    return buckets.pow2_at_least(max(self.min_prompts, len(ex["texts"])))
 
   def _s(self, ex) -> int:
-    return _round_up(int(max(ex["orig_hw"])), self.size_multiple)
+    return buckets.round_up(int(max(ex["orig_hw"])), self.size_multiple)
 
-  def batches(self, examples: Iterable[dict]) -> Iterator[tuple[dict, list[Optional[Slot]]]]:
+  def groups(self, examples: Iterable[dict]) -> Iterator[list[dict]]:
+    """The examples in groups of at most `batch_images`, sorted by shape within each look-ahead window."""
     window = self.batch_images * self.lookahead
     buf: list[dict] = []
     for ex in examples:
       buf.append(ex)
       if len(buf) == window:
-        yield from self._flush(buf)
+        yield from self._sorted_groups(buf)
         buf = []
-    yield from self._flush(buf)
+    yield from self._sorted_groups(buf)
 
-  def _flush(self, buf: list[dict]):
+  def _sorted_groups(self, buf: list[dict]) -> Iterator[list[dict]]:
     buf = sorted(buf, key=lambda e: (self._k(e), self._s(e), e["index"]))
     for i in range(0, len(buf), self.batch_images):
-      yield self.assemble(buf[i:i + self.batch_images])
+      yield buf[i:i + self.batch_images]
 
-  def assemble(self, exs: list[dict]) -> tuple[dict, list[Optional[Slot]]]:
-    b = self.batch_images
-    k = max(self._k(e) for e in exs)
-    s = max(self._s(e) for e in exs)
+  def shape_of(self, exs: Sequence[dict]) -> BatchShape:
     longest = max(_last_token(e["attention_mask"]) for e in exs)
-    length = next((t for t in self.text_buckets if t >= longest), longest)
-    sam_size = exs[0]["sam_image"].shape[0]
-    beit_shape = exs[0]["beit_image"].shape
-    low = exs[0]["a_y"].shape[1]
+    return BatchShape(prompts=max(self._k(e) for e in exs), size=max(self._s(e) for e in exs),
+                      text_len=next((t for t in self.text_buckets if t >= longest), longest))
+
+  def batches(self, examples: Iterable[dict]) -> Iterator[tuple[dict, list[Optional[Slot]]]]:
+    for group in self.groups(examples):
+      yield self.assemble(group)
+
+  def assemble(self, exs: Sequence[dict], shape: Optional[BatchShape] = None,
+               like: Optional[dict] = None) -> tuple[dict, list[Optional[Slot]]]:
+    """One batch of `exs` padded to `shape` (default: theirs). With no examples (a process whose share ran
+    out while others still have images), `like` gives the per-image array shapes."""
+    b = self.batch_images
+    shape = shape or self.shape_of(exs)
+    k, s, length = shape.prompts, shape.size, shape.text_len
+    first = exs[0] if exs else like
+    sam_size = first["sam_image"].shape[0]
+    beit_shape = first["beit_image"].shape
+    low = first["a_y"].shape[1]
     # Filler prompts "<s></s>" keep every text row non-empty; their results are masked out.
-    ids = np.full((b, k, length), self.pad_id, np.int32)
-    ids[:, :, 0], ids[:, :, 1] = self.bos_id, self.eos_id
+    ids = np.full((b, k, length), PAD_ID, np.int32)
+    ids[:, :, 0], ids[:, :, 1] = BOS_ID, EOS_ID
     mask = np.zeros((b, k, length), bool)
     mask[:, :, :2] = True
     batch = {
@@ -247,7 +165,6 @@ def batch_spec(images: int, prompts: int, text_len: int, size: int, *, sam_size:
                low_res: int, sharding=None) -> dict:
   """ShapeDtypeStructs of the batches `Batcher.assemble` builds: `images` images of `prompts` prompts of
   `text_len` tokens, original sizes padded to `size`; for compiling the step ahead of time."""
-  import jax
   layout = {
       "sam_image": ((images, sam_size, sam_size, 3), np.uint8), "resize_hw": ((images, 2), np.int32),
       "beit_image": ((images, beit_size, beit_size, 3), np.float32),
@@ -262,16 +179,10 @@ def batch_spec(images: int, prompts: int, text_len: int, size: int, *, sam_size:
 
 # ---------------------------------------------------------------- device side
 
-def evf_predict_fn(config, precision: str = "fp32", attention_impl: Optional[str] = None) -> PredictFn:
+def evf_predict_fn(config: EvfConfig, precision: str = "fp32", attention: str = "xla") -> PredictFn:
   """EVF-SAM as a PredictFn: SAM embedding once per image, BEiT-3 + decoder per prompt, postprocess."""
-  import jax
-  import jax.numpy as jnp
-
-  from evf_jax.evf import EvfSam
-  from evf_jax.predictor import compute_dtype
-  from evf_jax.sam.transforms import normalize_and_pad
-  dtype = compute_dtype(precision, attention_impl)
-  model = EvfSam(config, attention_impl=attention_impl, dtype=dtype)
+  dtype = compute_dtype(precision, attention)
+  model = EvfSam(config, attention=attention, dtype=dtype)
 
   def predict(params, batch):
     v = {"params": params}
@@ -294,20 +205,16 @@ def evf_predict_fn(config, precision: str = "fp32", attention_impl: Optional[str
 
 def oracle_predict_fn(params, batch):
   """Predicts the ground truth exactly (tests the metric path without a model): scores 1.0 / 1.0."""
-  import jax.numpy as jnp
   return jnp.where(batch["masks"] > 0, 1.0, -1.0)
 
 
-def make_mesh(devices: Optional[Sequence] = None):
-  """A 1-D ("data",) mesh over `devices` (default: all)."""
-  import jax
+def make_mesh(devices: Optional[Sequence] = None) -> jax.sharding.Mesh:
+  """A 1-D ("data",) mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
   return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
 def _step_fn(predict_fn: PredictFn, with_predictions: bool):
-  import jax.numpy as jnp
-
   def step(params, batch):
     logits = predict_fn(params, batch)
     s = logits.shape[-1]
@@ -323,223 +230,154 @@ def _step_fn(predict_fn: PredictFn, with_predictions: bool):
   return step
 
 
-def sharded_step(predict_fn: PredictFn, mesh, with_predictions: bool):
-  """The jitted evaluation step on `mesh`: params replicated, the batch and the results split over "data".
-  Pure data parallelism: it compiles without any communication between devices (tested)."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  data = NamedSharding(mesh, P("data"))
-  return jax.jit(_step_fn(predict_fn, with_predictions), in_shardings=(NamedSharding(mesh, P()), data),
-                 out_shardings=data)
+def sharded_step(predict_fn: PredictFn, mesh: jax.sharding.Mesh, with_predictions: bool,
+                 batch_axes: Optional[Sequence[str]] = None):
+  """The jitted evaluation step on `mesh`: the batch and the results split over `batch_axes` (default: every
+  mesh axis), params as the caller placed them (replicated, or sharded as in training). With replicated
+  params it is pure data parallelism and compiles without any communication between devices (tested)."""
+  data = NamedSharding(mesh, P(tuple(batch_axes or mesh.axis_names)))
+  return jax.jit(_step_fn(predict_fn, with_predictions), out_shardings=data)
 
 
 @dataclasses.dataclass
 class EvalOptions:
   batch_size: int = 8        # images per step; rounded up to a multiple of the device count
-  size_multiple: int = 128   # original sizes are padded up to a multiple of this (compiled shapes)
+  size_multiple: int = buckets.SIZE_MULTIPLE  # original sizes are padded up to a multiple of this
   lookahead: int = 16        # batches' worth of images sorted together by shape
-  read_threads: int = 4      # grain threads decoding images / masks
+  read_threads: int = 4      # grain threads decoding images / masks (used by the callers' datasets)
   max_text_len: int = 1022   # prompts longer than this (tokens) are cut, keeping </s>; 1022 cuts none
-  save_overlays: int = 0     # overlays for the first N images (file order) of each split
   progress: bool = True
 
 
+class PredictionSink(Protocol):
+  """Receives the binary predictions of chosen images (e.g. to write overlays)."""
+
+  def wants(self, slot: Slot) -> bool: ...
+
+  def write(self, slot: Slot, preds: np.ndarray, ious: np.ndarray) -> None: ...
+
+
 class Evaluator:
-  """Runs the protocol for any PredictFn on a mesh; `run(...)` evaluates one split.
+  """Runs the protocol for any PredictFn on a mesh; `run(params, examples)` evaluates one split.
 
   Args:
     predict_fn: (params, batch) -> logits (B, K, S, S) at the original resolution; `evf_predict_fn(config)`
       for EVF-SAM, `oracle_predict_fn` to test the metric path.
-    params: replicated onto the mesh.
-    tokenizer: anything with `encode(text) -> ids` (`[0] + pieces + [2]`).
-    sam_size, beit_size, low_res: the model's SAM input, BEiT-3 input and low-res mask sizes.
-    devices: default all of `jax.devices()`.
+    mesh: the devices (default: a 1-D mesh over all devices, or `devices`); batch_axes: the mesh axes the
+      batch is split over (default: all).
   """
 
-  def __init__(self, predict_fn: PredictFn, params: Any, tokenizer, *, sam_size: int, beit_size: int,
-               low_res: int, devices: Optional[Sequence] = None, options: EvalOptions = EvalOptions()):
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    if jax.process_count() > 1:
-      raise UserError("multi-process evaluation is not supported yet; run on one host")
-    self.mesh = make_mesh(devices)
+  def __init__(self, predict_fn: PredictFn, *, mesh: Optional[jax.sharding.Mesh] = None,
+               batch_axes: Optional[Sequence[str]] = None, devices: Optional[Sequence] = None,
+               options: EvalOptions = EvalOptions()):
+    self.mesh = mesh if mesh is not None else make_mesh(devices)
     self.num_devices = self.mesh.devices.size
     self.options = options
-    self.batch_images = _round_up(max(1, options.batch_size), self.num_devices)
-    self.tokenizer = tokenizer
-    self.sam_size, self.beit_size, self.low_res = sam_size, beit_size, low_res
-    self.data_sharding = NamedSharding(self.mesh, P("data"))
-    replicated = NamedSharding(self.mesh, P())
-    self.params = jax.device_put(params, replicated)
-    self._steps = {flag: sharded_step(predict_fn, self.mesh, flag) for flag in (False, True)}
+    self.batch_images = buckets.round_up(max(1, options.batch_size), self.num_devices)
+    self.processes = jax.process_count()
+    self.data_sharding = NamedSharding(self.mesh, P(tuple(batch_axes or self.mesh.axis_names)))
+    self.replicated = NamedSharding(self.mesh, P())
+    self._steps = {flag: sharded_step(predict_fn, self.mesh, flag, batch_axes) for flag in (False, True)}
 
-  def _examples(self, data_dir: str, split: str):
-    import grain
+  def _place(self, x):
+    """Params already on this mesh keep their sharding; anything else is replicated onto it."""
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
+      return x
+    return jax.device_put(x, self.replicated)
 
-    from data_pipelines import pipeline
-    from data_pipelines.transforms import SampleConfig
-    sample = SampleConfig(max_text_len=self.options.max_text_len, sam_size=self.sam_size,
-                          beit_size=self.beit_size)
-    ds = pipeline.eval_dataset(data_dir, split, self.tokenizer, sample=sample, process_index=0, process_count=1)
-    ds = ds.map_with_index(_AddMatrices(self.low_res, self.sam_size))
-    threads = max(1, self.options.read_threads)
-    read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2 * self.batch_images))
-    return len(ds), ds.to_iter_dataset(read)
+  def _plan(self, groups: Iterator[list[dict]], batcher: Batcher) -> Iterator[tuple[list[dict], BatchShape]]:
+    """(this process's images, padded shape) per step. With several processes, every process takes the same
+    number of steps (an exhausted one contributes empty batches) and the largest shape any asks for."""
+    if self.processes == 1:
+      for group in groups:
+        yield group, batcher.shape_of(group)
+      return
+    while True:
+      group = next(groups, [])
+      mine = batcher.shape_of(group) if group else BatchShape(0, 0, 0)
+      row = np.asarray([mine.prompts, mine.size, mine.text_len, len(group)], np.int64)
+      every = np.asarray(multihost_utils.process_allgather(row)).reshape(self.processes, 4)
+      if not every[:, 3].any():
+        return
+      yield group, BatchShape(*(int(v) for v in every[:, :3].max(axis=0)))
 
-  def run(self, data_dir: str, split: str, *, name: Optional[str] = None,
-          overlay_dir: Optional[str] = None) -> dict:
-    """Evaluates split `split` of the prepared directory `data_dir`; returns the metrics and run facts."""
-    import flax.linen as nn
-    import jax
-    from tqdm import tqdm
-    name = name or split
+  def run(self, params: Any, examples: Iterable[dict], *, total: int, name: str = "eval",
+          sink: Optional[PredictionSink] = None, like: Optional[dict] = None) -> dict:
+    """Evaluates this process's `examples` (`total` of them; every process calls `run` together) with
+    `params`; returns the metrics over all processes and run facts. `like`: one example of the split, for a
+    process whose share is empty."""
     t0 = time.perf_counter()
-    total, examples = self._examples(data_dir, split)
-    batcher = Batcher(self.batch_images, size_multiple=self.options.size_multiple,
-                      lookahead=self.options.lookahead, pad_id=getattr(self.tokenizer, "pad_id", 1))
+    params = jax.tree.map(self._place, params)
+    local_images = self.batch_images // self.processes
+    batcher = Batcher(local_images, size_multiple=self.options.size_multiple, lookahead=self.options.lookahead)
     acc = metrics.IoUAccumulator()
-    overlays = _OverlayWriter(data_dir, split, overlay_dir, self.options.save_overlays)
-    bar = tqdm(total=total, desc=name, unit="img", disable=not self.options.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=name, unit="img", dynamic_ncols=True,
+               disable=not self.options.progress or jax.process_index() != 0)
     images = steps = 0
     pending = None
 
     def consume(out, slots):
       nonlocal images
-      out = jax.device_get(out)  # one small transfer per step: (I, U) of every slot
+      out = {k: np.asarray(multihost_utils.global_array_to_host_local_array(v, self.mesh, self.data_sharding.spec))
+             if self.processes > 1 else np.asarray(v) for k, v in out.items()}  # (I, U): one small transfer
       for i, slot in enumerate(slots):
         if slot is None:
           continue
         n = len(slot.texts)
         ious = acc.add(out["inter"][i, :n], out["union"][i, :n])
-        if "pred" in out and overlays.wants(slot):
-          overlays.write(slot, out["pred"][i, :n], ious)
+        if "pred" in out and sink is not None and sink.wants(slot):
+          sink.write(slot, out["pred"][i, :n], ious)
         images += 1
       bar.update(sum(s is not None for s in slots))
       if acc.sentences:
         bar.set_postfix(gIoU=f"{100 * acc.giou:.2f}", cIoU=f"{100 * acc.ciou:.2f}", refresh=False)
 
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(AXIS_RULES):
-      for host_batch, slots in batcher.batches(examples):
-        with_preds = any(s is not None and overlays.wants(s) for s in slots)
-        batch = {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in host_batch.items()}
-        out = self._steps[with_preds](self.params, batch)  # dispatched asynchronously
-        steps += 1
-        if pending is not None:
-          consume(*pending)  # the previous step's results, while this one runs
-        pending = (out, slots)
+    examples = iter(examples)
+    first = next(examples, None)
+    like = like if like is not None else first
+    if first is not None:
+      examples = _chain_first(first, examples)
+    for group, shape in self._plan(batcher.groups(examples), batcher):
+      if like is None:
+        raise ValueError(f"{name}: this process has no examples; pass `like` (one example of the split)")
+      host_batch, slots = batcher.assemble(group, shape, like=like)
+      local_preds = sink is not None and any(s is not None and sink.wants(s) for s in slots)
+      with_preds = (bool(multihost_utils.process_allgather(np.asarray(local_preds)).any())
+                    if self.processes > 1 else local_preds)
+      batch = {k: jax.make_array_from_process_local_data(self.data_sharding, v) for k, v in host_batch.items()}
+      out = self._steps[with_preds](params, batch)  # dispatched asynchronously
+      steps += 1
       if pending is not None:
-        consume(*pending)
+        consume(*pending)  # the previous step's results, while this one runs
+      pending = (out, slots)
+    if pending is not None:
+      consume(*pending)
     bar.close()
-    wall = time.perf_counter() - t0
     if images != total:  # cannot happen unless the data source changed under us
-      raise RuntimeError(f"{name}: evaluated {images} images, the split has {total}")
-    result = acc.result()
-    result.update(images=images, steps=steps, wall_time_s=wall,
-                  sentences_per_s=acc.sentences / wall if wall > 0 else None,
-                  devices=self.num_devices, device_kind=self.mesh.devices.flat[0].device_kind,
-                  platform=self.mesh.devices.flat[0].platform, batch_size=self.batch_images,
-                  size_multiple=self.options.size_multiple)
-    if overlays.directory and overlays.index:
-      overlays.finish()
-      result["overlays"] = overlays.directory
+      raise RuntimeError(f"{name}: evaluated {images} images, expected {total}")
+    result = _combine_processes(acc, images) if self.processes > 1 else dict(acc.result(), images=images)
+    wall = time.perf_counter() - t0
+    device = self.mesh.devices.flat[0]
+    result.update(steps=steps, wall_time_s=wall,
+                  sentences_per_s=result["sentences"] / wall if wall > 0 else None,
+                  devices=self.num_devices, processes=self.processes, device_kind=device.device_kind,
+                  platform=device.platform, batch_size=self.batch_images, size_multiple=self.options.size_multiple)
     return result
 
 
-class _OverlayWriter:
-  """PNG overlays (prediction | ground truth, the reference's colour blend) for the first N images."""
-
-  def __init__(self, data_dir: str, split: str, directory: Optional[str], count: int):
-    self.data_dir, self.split, self.count = data_dir, split, count
-    self.directory = directory if count > 0 else None
-    self.index: list[dict] = []
-    self._source = None
-
-  def wants(self, slot: Slot) -> bool:
-    return self.directory is not None and slot.index < self.count
-
-  def write(self, slot: Slot, preds: np.ndarray, ious: np.ndarray) -> None:
-    import grain
-    from PIL import Image
-
-    from data_pipelines import records, transforms
-    from evf_jax.images import overlay
-    if self._source is None:
-      self._source = grain.sources.ArrayRecordDataSource(records.shard_paths(self.data_dir, self.split))
-      os.makedirs(self.directory, exist_ok=True)
-    rec = records.deserialize(self._source[slot.index])  # re-read: the batch holds no original pixels
-    image = transforms.decode_image(rec.image)
-    h, w = image.shape[:2]
-    for j, text in enumerate(slot.texts):
-      gt = rec.mask(rec.entries[j].mask_index).astype(bool)
-      pred = np.asarray(preds[j][:h, :w], bool)
-      file = f"{slot.index:05d}_{slot.image_id}_{j}.png".replace("/", "_")
-      Image.fromarray(np.concatenate([overlay(image, pred), overlay(image, gt)], axis=1)).save(
-          os.path.join(self.directory, file))
-      self.index.append({"file": file, "image_id": slot.image_id, "sentence": text, "iou": float(ious[j])})
-
-  def finish(self) -> None:
-    with open(os.path.join(self.directory, "index.json"), "w") as f:
-      json.dump(sorted(self.index, key=lambda d: d["file"]), f, indent=1)
+def _chain_first(first, rest):
+  yield first
+  yield from rest
 
 
-# ---------------------------------------------------------------- a checkpoint on several splits
-
-def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], *, out_dir: Optional[str],
-                        options: EvalOptions = EvalOptions(), precision: str = "fp32",
-                        attention_impl: Optional[str] = None,
-                        devices: Optional[Sequence] = None) -> list[dict]:
-  """`run.py eval`: every split of `split_names` with one checkpoint; writes OUT_DIR/<split tag>.json.
-
-  Splits and data directories are all checked before the (slow) checkpoint load.
-  """
-  from evf_jax import checkpoints
-  from evf_jax.evf import cast_kernels
-  from evf_jax.predictor import compute_dtype, load_checkpoint
-  dtype = compute_dtype(precision, attention_impl)
-  splits = expand_splits(split_names)
-  if not splits:
-    raise UserError("no --split given")
-  located = [(s,) + resolve_data_dir(data, s) for s in splits]
-  if out_dir and os.path.isfile(out_dir):
-    raise UserError(f"--out-dir {out_dir} is a file")
-  config, params, tokenizer = load_checkpoint(checkpoint, max_text_length=options.max_text_len)
-  raw_config = checkpoints.read_config(checkpoint)
-  provenance = checkpoints.read_provenance(checkpoint)
-  params = cast_kernels(params, dtype)
-  evaluator = Evaluator(evf_predict_fn(config, precision, attention_impl), params, tokenizer,
-                        sam_size=config.sam.img_size, beit_size=config.beit3.img_size,
-                        low_res=config.sam.low_res_size, devices=devices, options=options)
-  results = []
-  for split, directory, meta in located:
-    overlay_dir = os.path.join(out_dir, "overlays", split.tag) if out_dir and options.save_overlays else None
-    r = evaluator.run(directory, split.split, name=split.name, overlay_dir=overlay_dir)
-    r = {"split": split.name, "dataset": split.dataset, "data_split": split.split,
-         "data_dir": os.path.abspath(directory), **r, "precision": precision,
-         "protocol": "EVF-SAM eval.py: every sentence a prompt, logits > 0 at the original resolution; "
-                     "cIoU = sum I / sum U, gIoU = mean I/U per sentence (empty union = 1)",
-         "checkpoint": {"path": os.path.abspath(checkpoint),
-                        "sam_scale": raw_config.get("sam_scale"),
-                        "mm_extractor_scale": raw_config.get("mm_extractor_scale"),
-                        "param_dtype": raw_config.get("param_dtype", "float32"),
-                        "provenance": provenance},
-         "dataset_meta": {k: meta.get(k) for k in ("dataset", "skipped", "src", "seed") if k in meta}}
-    if out_dir:
-      os.makedirs(out_dir, exist_ok=True)
-      path = os.path.join(out_dir, f"{split.tag}.json")
-      with open(path, "w") as f:
-        json.dump(r, f, indent=2, sort_keys=True)
-      r["json"] = path
-    results.append(r)
-  return results
-
-
-def format_table(results: Sequence[dict]) -> str:
-  """The printed summary: one row per split, IoUs in percent."""
-  rows = [("split", "images", "sentences", "gIoU", "cIoU", "time", "sent/s")]
-  for r in results:
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    rows.append((r["split"], str(r["images"]), str(r["sentences"]), pct(r["giou"]), pct(r["ciou"]),
-                 f"{r['wall_time_s']:.1f}s", f"{r['sentences_per_s'] or 0:.2f}"))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                   for row in rows)
+def _combine_processes(acc: metrics.IoUAccumulator, images: int) -> dict:
+  """Every process's totals, summed: integers exactly, the sum of sentence IoUs per process then over
+  processes in process order (deterministic)."""
+  mine = np.asarray([acc.sentences, acc.total_inter, acc.total_union, acc.empty_union, images], np.int64)
+  counts = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 5)
+  iou_sums = np.asarray(multihost_utils.process_allgather(np.asarray(acc.iou_sum, np.float64))).reshape(-1)
+  sentences, inter, union, empty, total_images = (int(v) for v in counts.sum(axis=0))
+  return {"giou": math.fsum(iou_sums) / sentences if sentences else None,
+          "ciou": inter / (union + metrics.EPS) if sentences else None,
+          "sentences": sentences, "total_intersection": inter, "total_union": union,
+          "empty_union_sentences": empty, "images": total_images}

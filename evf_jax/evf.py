@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from evf_jax import layers
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.beit3.model import Beit3
+from evf_jax.sam import sam as sam_lib
 from evf_jax.sam.config import SamConfig
-from evf_jax.sam.sam import Sam
 
 Dtype = Any
 
@@ -56,7 +56,7 @@ class EvfConfig:
   def from_scales(cls, sam_scale: str, mm_extractor_scale: str) -> "EvfConfig":
     if sam_scale not in SAM_SCALES:
       raise ValueError(f"unknown sam_scale {sam_scale!r}; expected one of {sorted(SAM_SCALES)}")
-    return cls(sam=SamConfig.named(SAM_SCALES[sam_scale]), beit3=Beit3Config.preset(mm_extractor_scale),
+    return cls(sam=SamConfig.preset(SAM_SCALES[sam_scale]), beit3=Beit3Config.preset(mm_extractor_scale),
                sam_scale=sam_scale, mm_extractor_scale=mm_extractor_scale)
 
   @classmethod
@@ -105,15 +105,15 @@ class EvfSam(nn.Module):
   - `__call__`: all three (used by `init` and training).
   """
   config: EvfConfig
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   remat: bool = False
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
               remat=self.remat)
-    self.sam = Sam(self.config.sam, **kw)
+    self.sam = sam_lib.Sam(self.config.sam, **kw)
     self.beit3 = Beit3(self.config.beit3, **kw)
     self.projector = Projector(self.config.hidden_size, self.config.out_dim, dtype=self.dtype,
                                param_dtype=self.param_dtype)
@@ -160,25 +160,24 @@ def _init_fn(config: EvfConfig, param_dtype: Dtype):
   The EvfSam init runs `text_prompts` only (BEiT-3 + projector): tracing SAM twice cost ~1/3 of
   `abstract_params`, which every checkpoint load runs.
   """
-  from evf_jax.sam import sam as sam_lib
   model = EvfSam(config, param_dtype=param_dtype)
 
   def init(rng):
     r1, r2 = jax.random.split(rng)
     params = dict(model.init(r1, *dummy_inputs(config)[1:], method=EvfSam.text_prompts)["params"])
-    params["sam"] = Sam(config.sam, param_dtype=param_dtype).init(
+    params["sam"] = sam_lib.Sam(config.sam, param_dtype=param_dtype).init(
         r2, **sam_lib.dummy_inputs(config.sam))["params"]
     return params
   return init
 
 
-def abstract_params(config: EvfConfig, param_dtype: Dtype = jnp.float32, boxed: bool = False) -> Any:
+def abstract_params(config: EvfConfig, *, param_dtype: Dtype = jnp.float32, boxed: bool = False) -> Any:
   """The parameter tree as ShapeDtypeStructs (no memory). `boxed` keeps the logical-axis metadata."""
   tree = jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
   return tree if boxed else nn.unbox(tree)
 
 
-def init_params(config: EvfConfig, rng: jax.Array, param_dtype: Dtype = jnp.float32) -> Any:
+def init_params(config: EvfConfig, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> Any:
   """Randomly initialised (unboxed) params, e.g. for training from scratch or tests."""
   return nn.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
 

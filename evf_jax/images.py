@@ -1,15 +1,20 @@
-"""Reading user images into RGB uint8 (H, W, 3) the way the reference sees them.
+"""The one image decoder: files and encoded bytes -> RGB uint8 (H, W, 3), the way the reference sees them.
 
-The reference reads images with OpenCV's default colour mode, so we follow its conventions:
-EXIF orientation applied, alpha dropped (not composited), palette and grayscale expanded to RGB,
-16-bit samples scaled to 8 bits. Every way a file can be unusable is a `UserError` naming the file.
+`predict` (`load_image`), `prepare`, the training pipeline and evaluation (`decode_image` on the stored bytes)
+all decode through `_decode`, so a file gives the same pixels on every path. The reference reads images with
+OpenCV's default colour mode, so we follow its conventions: EXIF orientation applied, alpha dropped (not
+composited), palette, grayscale and CMYK converted to RGB, 16-bit samples scaled to 8 bits. Every way a file can
+be unusable is an `ImageReadError` (a `UserError`) naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from typing import BinaryIO
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from evf_jax.errors import UserError
 
@@ -22,7 +27,6 @@ class ImageReadError(UserError, ValueError):
 
 def to_rgb_uint8(img) -> np.ndarray:
   """A PIL image of any mode -> RGB uint8 (H, W, 3)."""
-  from PIL import Image
   mode = img.mode
   if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
     a = np.asarray(img).astype(np.float64)
@@ -41,29 +45,38 @@ def to_rgb_uint8(img) -> np.ndarray:
   return np.asarray(img, dtype=np.uint8).copy()
 
 
+def _decode(source: BinaryIO, what: str) -> np.ndarray:
+  """Decodes an open image file (any mode) into RGB uint8 (H, W, 3), EXIF orientation applied."""
+  try:
+    with Image.open(source) as img:
+      img.load()  # decode now, so a truncated file fails here and not later
+      if img.width == 0 or img.height == 0:
+        raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {what}")
+      return to_rgb_uint8(ImageOps.exif_transpose(img))
+  except UnidentifiedImageError:
+    raise ImageReadError(f"not an image (supported: {SUPPORTED}): {what}") from None
+  except ImageReadError:
+    raise
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated or corrupt data
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ImageReadError(f"cannot decode image {what}: {first}") from None
+
+
+def decode_image(data: bytes, what: str = "image bytes") -> np.ndarray:
+  """Encoded image bytes (as stored in prepared records) -> RGB uint8 (H, W, 3); `what` names it in errors."""
+  return _decode(io.BytesIO(data), what)
+
+
 def load_image(path: str) -> np.ndarray:
   """Reads an image file into RGB uint8 (H, W, 3), EXIF orientation applied."""
-  from PIL import Image, ImageOps, UnidentifiedImageError
   if not os.path.exists(path):
     raise ImageReadError(f"image not found: {path}")
   if os.path.isdir(path):
     raise ImageReadError(f"expected an image file, got a directory: {path}")
   if os.path.getsize(path) == 0:
     raise ImageReadError(f"image file is empty (0 bytes): {path}")
-  try:
-    with Image.open(path) as img:
-      img.load()  # decode now, so a truncated file fails here and not later
-      if img.width == 0 or img.height == 0:
-        raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {path}")
-      img = ImageOps.exif_transpose(img)
-      rgb = to_rgb_uint8(img)
-  except UnidentifiedImageError:
-    raise ImageReadError(f"not an image (supported: {SUPPORTED}): {path}") from None
-  except ImageReadError:
-    raise
-  except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-    raise ImageReadError(f"cannot decode image {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-  return rgb
+  with open(path, "rb") as f:
+    return _decode(f, path)
 
 
 def check_rgb_array(image: np.ndarray) -> np.ndarray:
@@ -88,7 +101,6 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def save_prediction(base: str, image: np.ndarray, mask: np.ndarray, logits=None) -> None:
   """Writes `<base>_mask.png` (0/255), `<base>_vis.png` (overlay) and, given logits, `<base>_logits.npy`."""
-  from PIL import Image
   Image.fromarray(mask.astype(np.uint8) * 255).save(base + "_mask.png")
   Image.fromarray(overlay(image, mask)).save(base + "_vis.png")
   if logits is not None:

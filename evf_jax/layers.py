@@ -2,6 +2,7 @@
 
 Every parameter is created through these helpers so that it carries logical axis names; the
 mapping of logical names to mesh axes lives in config (see `evf_jax.sharding`), never in model code.
+Activations are constrained at block boundaries with `batch_constraint` (their first axis is "batch").
 Parity defaults differ from flax's: torch's GELU is exact and its LayerNorm epsilon is 1e-5, so both
 are always passed explicitly.
 
@@ -20,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -139,3 +140,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, bias: Optional[jax.Ar
     mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                       implementation=implementation)
+
+
+def batch_constraint(x: jax.Array) -> jax.Array:
+  """Pins the first axis of an activation to the logical "batch" axis and the rest to replicated, so that under
+  a mesh with FSDP the weights are gathered to the data (not the data to the weights). A no-op without an
+  active mesh and rules (`evf_jax.sharding.activate`)."""
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))

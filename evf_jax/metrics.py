@@ -1,4 +1,4 @@
-"""Referring-segmentation metrics, exactly as EVF-SAM's eval.py computes them (DATA_SPEC §4.2).
+"""Referring-segmentation metrics, exactly as EVF-SAM's eval.py computes them (docs/data.md#5-evaluation-protocol).
 
 Per sentence j: prediction = logits > 0 at the original image resolution, I_j = |pred & gt|,
 U_j = |pred | gt|. Over a split:
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 EPS = 1e-10  # the reference's epsilon, for both metrics
@@ -24,7 +25,6 @@ def intersection_union(logits, gt, region=None):
 
   region: optional bool (..., H, W) (broadcastable) of pixels that exist; padding outside it is ignored.
   """
-  import jax.numpy as jnp
   pred = logits > 0
   g = gt > 0
   if region is not None:
@@ -66,8 +66,13 @@ class IoUAccumulator:
     return ious
 
   @property
+  def iou_sum(self) -> float:
+    """The exactly rounded sum of the sentence IoUs."""
+    return math.fsum(self._ious)
+
+  @property
   def giou(self) -> Optional[float]:
-    return math.fsum(self._ious) / self.sentences if self.sentences else None
+    return self.iou_sum / self.sentences if self.sentences else None
 
   @property
   def ciou(self) -> Optional[float]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -64,6 +65,5 @@ def apply_matrices(low_res_logits, a_y, a_x):
 
   Works on numpy and jax arrays (jnp.einsum under jit).
   """
-  import jax.numpy as jnp
   return jnp.einsum("hk,...kl,wl->...hw", a_y, low_res_logits, a_x,
                     precision="highest")

@@ -14,35 +14,20 @@ original image size to a multiple of `size_multiple` for the postprocess.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
+import time
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evf_jax import checkpoints, images, postprocess
+from evf_jax import buckets, images, postprocess
+from evf_jax.beit3.preprocess import beit_image
+from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
-from evf_jax.evf import MODEL_TYPE, EvfConfig, EvfSam, abstract_params, cast_kernels
+from evf_jax.evf import EvfConfig, EvfSam, cast_kernels
+from evf_jax.runtime import compute_dtype, enable_compilation_cache
 from evf_jax.sam import transforms as sam_transforms
-
-PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-ATTENTION_IMPLS = (None, "xla", "cudnn")
-TOKENIZER_DIR = "tokenizer"
-
-
-def compute_dtype(precision: str, attention_impl: Optional[str] = None) -> Any:
-  """The compute dtype of `precision` ("fp32", "bf16", "fp16"). UserError for an unknown precision or
-  attention implementation, and for cuDNN attention in fp32: its flash kernels take fp16/bf16 only, and
-  jax would fail deep inside the first call."""
-  if precision not in PRECISIONS:
-    raise UserError(f"precision {precision!r}: expected one of {sorted(PRECISIONS)}")
-  if attention_impl not in ATTENTION_IMPLS:
-    raise UserError(f"attention_impl {attention_impl!r}: expected None (XLA's choice), 'xla' or 'cudnn'")
-  if attention_impl == "cudnn" and precision == "fp32":
-    raise UserError("cuDNN attention needs precision 'bf16' or 'fp16' (its flash kernels have no float32 form)")
-  return PRECISIONS[precision]
 
 
 class PromptError(UserError, ValueError):
@@ -56,50 +41,6 @@ class Prediction:
   scores: np.ndarray   # (N,) predicted IoU
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-def enable_compilation_cache(path: str) -> None:
-  """Persist compiled programs across processes (jax's persistent compilation cache)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def load_checkpoint(directory: str, max_text_length: Optional[int] = None) -> tuple[EvfConfig, Any, Any]:
-  """A directory written by `run.py convert` -> (EvfConfig, params on the host, TextTokenizer).
-
-  Every problem with the directory (missing, another model type, bad config, unreadable weights) is a
-  `checkpoints.ModelDirError` with a one-line message.
-  """
-  from evf_jax.tokenizer import TextTokenizer
-  raw = checkpoints.read_config(directory, expect_model_type=MODEL_TYPE)
-  try:
-    config = EvfConfig.from_dict(raw)
-  except (KeyError, TypeError, ValueError) as e:
-    raise checkpoints.ModelDirError(f"{directory}: {checkpoints.CONFIG_FILE} is not a valid EVF-SAM "
-                                    f"config ({e})") from None
-  tok_dir = os.path.join(directory, TOKENIZER_DIR)
-  tokenizer = TextTokenizer(tok_dir) if max_text_length is None else TextTokenizer(tok_dir, max_text_length)
-  param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
-  target = abstract_params(config, param_dtype=param_dtype)
-  try:
-    params = checkpoints.load_params(directory, target)
-  except checkpoints.ModelDirError:
-    raise
-  except Exception as e:  # orbax: missing or mismatching arrays
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-    raise checkpoints.ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
-  return config, params, tokenizer
-
-
 class Predictor:
   """EVF-SAM inference on one image at a time, any number of prompts per call.
 
@@ -109,18 +50,18 @@ class Predictor:
     tokenizer: an `evf_jax.tokenizer.TextTokenizer`.
     precision: "fp32", "bf16" or "fp16" compute dtype (parameters keep their stored dtype; LayerNorm
       statistics and softmax run in float32 always).
-    attention_impl: None (XLA's choice), "xla", or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16).
+    attention: "xla" or "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16); see `evf_jax.runtime`.
     size_multiple: original image sizes are padded up to a multiple of this for the postprocess.
   """
 
   def __init__(self, config: EvfConfig, params: Any, tokenizer, *, precision: str = "fp32",
-               attention_impl: Optional[str] = None, size_multiple: int = 64):
-    dtype = compute_dtype(precision, attention_impl)
+               attention: str = "xla", size_multiple: int = buckets.SIZE_MULTIPLE):
+    dtype = compute_dtype(precision, attention)
     self.config = config
     self.tokenizer = tokenizer
     self.precision = precision
     self.size_multiple = size_multiple
-    self.model = EvfSam(config, attention_impl=attention_impl, dtype=dtype)
+    self.model = EvfSam(config, attention=attention, dtype=dtype)
     self.params = jax.device_put(cast_kernels(params, dtype))
     self._image = None  # (embedding, beit image, original hw, postprocess matrices)
     model = self.model
@@ -146,19 +87,18 @@ class Predictor:
 
   # Construction.
   @classmethod
-  def from_checkpoint(cls, directory: str, *, precision: str = "fp32", attention_impl: Optional[str] = None,
-                      compilation_cache_dir: Optional[str] = None, max_text_length: Optional[int] = None,
+  def from_checkpoint(cls, directory: str, *, precision: str = "fp32", attention: str = "xla",
+                      compilation_cache_dir: Optional[str] = None, max_text_len: Optional[int] = None,
                       **kwargs) -> "Predictor":
     """Loads a directory written by `run.py convert`."""
     if compilation_cache_dir:
       enable_compilation_cache(compilation_cache_dir)
-    config, params, tokenizer = load_checkpoint(directory, max_text_length=max_text_length)
-    return cls(config, params, tokenizer, precision=precision, attention_impl=attention_impl, **kwargs)
+    config, params, tokenizer = load_checkpoint(directory, max_text_len=max_text_len)
+    return cls(config, params, tokenizer, precision=precision, attention=attention, **kwargs)
 
   # Image.
   def set_image(self, image: np.ndarray) -> None:
     """Computes and caches SAM's image embedding and BEiT-3's input for an RGB uint8 (H, W, 3) image."""
-    from evf_jax.preprocess import beit_image
     image = images.check_rgb_array(image)
     size = self.config.sam.img_size
     framed, input_hw = sam_transforms.to_frame(image, size)
@@ -172,16 +112,15 @@ class Predictor:
 
   def padded_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
     """The (H, W) an original image size is padded up to for the postprocess (its shape bucket)."""
-    return (_round_up(hw[0], self.size_multiple), _round_up(hw[1], self.size_multiple))
+    return (buckets.round_up(hw[0], self.size_multiple), buckets.round_up(hw[1], self.size_multiple))
 
   def precompile(self, image_hw: tuple[int, int] = (480, 640), num_prompts: int = 1,
                  text_length: int = 16) -> dict[str, dict[str, float]]:
     """Traces, lowers and compiles the three programs for one shape bucket without running them, and
     returns the seconds each stage took. With the persistent compilation cache on, a later process
     finds these programs there."""
-    import time
     s, b = self.config.sam.img_size, self.config.beit3.img_size
-    n = _pow2_at_least(num_prompts)
+    n = buckets.pow2_at_least(num_prompts)
     pad_hw = self.padded_hw(image_hw)
     low = self.config.sam.low_res_size
     sds = jax.ShapeDtypeStruct
@@ -233,7 +172,7 @@ class Predictor:
       raise PromptError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be "
                         "the same non-empty (N, L)")
     n = input_ids.shape[0]
-    n_pad = _pow2_at_least(n)
+    n_pad = buckets.pow2_at_least(n)
     if n_pad != n:  # filler prompts "<s></s>", dropped below
       filler = np.full((n_pad - n, input_ids.shape[1]), self.tokenizer.pad_id, np.int32)
       filler[:, 0], filler[:, 1] = 0, 2

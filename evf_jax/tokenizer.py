@@ -21,7 +21,9 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
+from evf_jax import buckets as shape_buckets
 from evf_jax.errors import UserError
 
 SPM_FILE = "sentencepiece.bpe.model"
@@ -34,13 +36,12 @@ FAIRSEQ_OFFSET = 1
 
 # BEiT-3's text positions: max_source_positions 1024 minus the fairseq offset 2.
 MAX_TEXT_LEN = 1022
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 
 
-def truncate_ids(ids: Sequence[int], max_length: int) -> list[int]:
-  """`ids` cut to `max_length`, keeping the final id (`</s>`: BEiT-3 saw it at the end of every prompt)."""
+def truncate_ids(ids: Sequence[int], max_text_len: int) -> list[int]:
+  """`ids` cut to `max_text_len`, keeping the final id (`</s>`: BEiT-3 saw it at the end of every prompt)."""
   ids = list(ids)
-  return ids if len(ids) <= max_length else ids[:max_length - 1] + ids[-1:]
+  return ids if len(ids) <= max_text_len else ids[:max_text_len - 1] + ids[-1:]
 
 
 class TokenizerError(UserError, ValueError):
@@ -52,13 +53,12 @@ class TextTokenizer:
 
   Args:
     path: a directory containing `sentencepiece.bpe.model`, or the path of a `.model` file.
-    max_length: the longest encoded prompt (special tokens included) `encode_batch` produces by
+    max_text_len: the longest encoded prompt (special tokens included) `encode_batch` produces by
       default; longer prompts are truncated with a warning. The default is BEiT-3's limit (1022),
       so nothing the reference could run is cut.
   """
 
-  def __init__(self, path: str, max_length: int = MAX_TEXT_LEN):
-    import sentencepiece as spm
+  def __init__(self, path: str, max_text_len: int = MAX_TEXT_LEN):
     model_file = os.path.join(path, SPM_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(model_file):
       raise TokenizerError(f"{path}: no sentencepiece model (expected a .model file or a directory "
@@ -71,10 +71,10 @@ class TextTokenizer:
     if self.sp.unk_id() != 0:
       raise TokenizerError(f"{model_file}: sentencepiece <unk> has id {self.sp.unk_id()}; the XLM-R id "
                            "mapping needs it at 0 (with <s>=1, </s>=2)")
-    if max_length < 2:
-      raise ValueError(f"max_length must be >= 2 (<s> and </s>), got {max_length}")
+    if max_text_len < 2:
+      raise ValueError(f"max_text_len must be >= 2 (<s> and </s>), got {max_text_len}")
     self.model_file = model_file
-    self.max_length = max_length
+    self.max_text_len = max_text_len
 
   # Ids.
   @property
@@ -98,26 +98,26 @@ class TextTokenizer:
     ids = self.sp.EncodeAsIds(text)
     return [BOS_ID] + [i + FAIRSEQ_OFFSET if i else UNK_ID for i in ids] + [EOS_ID]
 
-  def encode_batch(self, texts: Sequence[str], max_length: Optional[int] = None,
-                   buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+  def encode_batch(self, texts: Sequence[str], max_text_len: Optional[int] = None,
+                   buckets: Optional[Sequence[int]] = shape_buckets.TEXT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
     """Encodes and right-pads prompts to one static length.
 
-    The length is the smallest of `buckets` that fits the longest prompt, capped at `max_length`
-    (default: the tokenizer's); `buckets=None` always pads to `max_length`. A prompt longer than the
-    cap keeps its first `max_length - 1` ids and its final `</s>`, and a warning names it.
+    The length is the smallest of `buckets` that fits the longest prompt, capped at `max_text_len`
+    (default: the tokenizer's); `buckets=None` always pads to `max_text_len`. A prompt longer than the
+    cap keeps its first `max_text_len - 1` ids and its final `</s>`, and a warning names it.
 
     Returns:
       input_ids: int32 (N, L), padded with `<pad>` (1).
       attention_mask: bool (N, L), True at real tokens (EVF-SAM's `input_ids != 1`; the model's
         `text_padding_mask` is its negation).
     """
-    cap = self.max_length if max_length is None else int(max_length)
+    cap = self.max_text_len if max_text_len is None else int(max_text_len)
     if cap < 2:
-      raise ValueError(f"max_length must be >= 2 (<s> and </s>), got {cap}")
+      raise ValueError(f"max_text_len must be >= 2 (<s> and </s>), got {cap}")
     encoded = [self.encode(t) for t in texts]
     for i, ids in enumerate(encoded):
       if len(ids) > cap:
-        warnings.warn(f"prompt {i} has {len(ids)} tokens, more than max_length={cap}; truncated to "
+        warnings.warn(f"prompt {i} has {len(ids)} tokens, more than max_text_len={cap}; truncated to "
                       f"{cap} (keeping the final </s>): {texts[i][:60]!r}", stacklevel=2)
         encoded[i] = truncate_ids(ids, cap)
     longest = max((len(ids) for ids in encoded), default=0)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs runtime + test requirements into it.
+# Creates .venv (if missing), installs runtime + test requirements into it, and this checkout in editable mode.
 # Re-running is cheap: a stamp of the requirement files skips pip when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.evf_jax_requirements.sha256
-want=$(cat requirements.txt requirements-dev.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+want=$( (cat requirements.txt requirements-dev.txt pyproject.toml scripts/setup_env.sh; pwd) | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -16,4 +16,7 @@ fi
 .venv/bin/python -m pip install -q -r requirements-dev.txt
 # torchscale pins timm (-> torchvision -> a CUDA torch); BEiT-3 at EVF-SAM's settings needs neither.
 .venv/bin/python -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
+# This checkout, editable: `import evf_jax` (and convert, data_pipelines, evf_testing) from anywhere.
+.venv/bin/python -m pip install -q "setuptools>=70.1"
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,8 @@ from convert import io as ckpt_io
 from convert import rules as R
 from convert.beit3 import convert_beit3, detect_prefix, infer_beit3_size
 from evf_jax.beit3 import Beit3, Beit3Config, abstract_params, dummy_inputs
-from tests import torch_reference as tr
-from tests.test_beit3_parity import make_inputs, run_torch, torch_beit3
+from evf_testing import torch_reference as tr
+from evf_testing.beit3_reference import make_inputs, run_torch, torch_beit3
 
 TINY = Beit3Config.tiny()
 

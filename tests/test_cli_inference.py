@@ -15,9 +15,9 @@ from PIL import Image
 from evf_jax import cli
 from evf_jax.evf import EvfConfig
 from evf_jax.predictor import Predictor
-from tests import evf_reference as ref
-from tests.test_evf_e2e import _image
-from tests.spm_model import train as train_spm
+from evf_testing import evf_reference as ref
+from evf_testing.images import smooth_image
+from evf_testing.spm_model import train as train_spm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def ckpt(hf_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
   p = str(tmp_path_factory.mktemp("img") / "scene.jpg")
-  Image.fromarray(_image(70, 100, 5)).save(p, quality=95)
+  Image.fromarray(smooth_image(70, 100, 5)).save(p, quality=95)
   return p
 
 
@@ -80,7 +80,7 @@ def test_convert_overwrite_replaces_a_checkpoint(hf_dir, tmp_path):
   out = str(tmp_path / "c")
   assert cli.main(["convert", "--src", hf_dir, "--out", out]) == 0
   stamp = os.path.getmtime(os.path.join(out, "provenance.json"))
-  assert cli.main(["convert", "--src", hf_dir, "--out", out, "--overwrite", "--dtype", "bfloat16"]) == 0
+  assert cli.main(["convert", "--src", hf_dir, "--out", out, "--overwrite", "--precision", "bf16"]) == 0
   assert json.load(open(os.path.join(out, "model_config.json")))["param_dtype"] == "bfloat16"
   assert os.path.getmtime(os.path.join(out, "provenance.json")) >= stamp
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p or ".old-" in p]
@@ -170,7 +170,7 @@ def _bad_files(tmp_path):
   empty = tmp_path / "empty.jpg"
   empty.write_bytes(b"")
   full = tmp_path / "full.jpg"
-  Image.fromarray(_image(64, 64)).save(full)
+  Image.fromarray(smooth_image(64, 64)).save(full)
   truncated = tmp_path / "truncated.jpg"
   truncated.write_bytes(full.read_bytes()[:400])
   return {"missing": (str(tmp_path / "nope.jpg"), "image not found"),
@@ -198,14 +198,14 @@ def test_predict_long_prompt_is_truncated_with_a_warning(ckpt, image_file, tmp_p
   long_prompt = " ".join(["the man on the left"] * 40)
   with pytest.warns(UserWarning, match="truncated"):
     code = cli.main(["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", long_prompt,
-                     "--max-text-length", "16", "--out-dir", str(tmp_path / "o")])
+                     "--max-text-len", "16", "--out-dir", str(tmp_path / "o")])
   assert code == 0
   assert os.path.exists(tmp_path / "o" / "scene_0_mask.png")
 
 
 @pytest.mark.parametrize("flags,expect", [
-    (["--attention", "cudnn"], "cuDNN attention needs precision 'bf16' or 'fp16'"),
-    (["--attention", "cudnn", "--precision", "bf16"], "--attention cudnn needs an NVIDIA GPU; jax is running on cpu"),
+    (["--attention", "cudnn"], "cuDNN attention needs precision bf16 or fp16"),
+    (["--attention", "cudnn", "--precision", "bf16"], "attention cudnn needs an NVIDIA GPU; jax is running on cpu"),
 ])
 def test_predict_attention_choice_is_checked_first(ckpt, image_file, tmp_path, capsys, flags, expect):
   """cuDNN attention in fp32, or without a GPU, is a one-line error before anything is loaded or written
@@ -225,11 +225,11 @@ def test_predict_attention_xla(ckpt, image_file, tmp_path, capsys):
 
 def test_predictor_checks_precision_and_attention(ckpt):
   from evf_jax.errors import UserError
-  from evf_jax.predictor import load_checkpoint
+  from evf_jax.checkpoints import load_checkpoint
   config, params, tokenizer = load_checkpoint(ckpt)
-  for kw, expect in ((dict(precision="fp32", attention_impl="cudnn"), "needs precision 'bf16' or 'fp16'"),
+  for kw, expect in ((dict(precision="fp32", attention="cudnn"), "needs precision bf16 or fp16"),
                      (dict(precision="fp64"), "precision 'fp64'"),
-                     (dict(precision="bf16", attention_impl="flash"), "attention_impl 'flash'")):
+                     (dict(precision="bf16", attention="flash"), "attention 'flash'")):
     with pytest.raises(UserError, match=expect):
       Predictor(config, params, tokenizer, **kw)
 

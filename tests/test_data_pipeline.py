@@ -7,7 +7,7 @@ import pytest
 
 from data_pipelines import pipeline, prepare, records, transforms
 from data_pipelines.transforms import SampleConfig
-from tests import data_fixtures as F
+from evf_testing import data_fixtures as F
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 SMALL = SampleConfig(sam_size=128, max_text_len=16)
@@ -152,13 +152,13 @@ def test_global_arrays_on_8_devices(data):
 
 def test_eval_dataset_keeps_every_sentence_at_original_size(data):
   tok, _, ref = data
-  (ex,) = list(pipeline.eval_dataset(ref, "testA", tok, sample=SMALL, process_index=0, process_count=1))
+  (ex,) = list(pipeline.eval_dataset(ref, "testA", tok, low_res=32, sample=SMALL, process_index=0, process_count=1))
   (rec,) = records.read_records(ref, "testA")
   assert ex["texts"] == ["big box", "square thing"] and ex["masks"].shape == (2, rec.h, rec.w)
   np.testing.assert_array_equal(ex["masks"][0], rec.mask(rec.entries[0].mask_index))
   assert ex["input_ids"].shape == (2, 16) and ex["sam_image"].shape == (128, 128, 3)
   _, syn, _ = data
-  ids = [[e["image_id"] for e in pipeline.eval_dataset(syn, "val", tok, sample=SMALL, process_index=p,
+  ids = [[e["image_id"] for e in pipeline.eval_dataset(syn, "val", tok, low_res=32, sample=SMALL, process_index=p,
                                                        process_count=3)] for p in range(3)]
   flat = sum(ids, [])
   assert sorted(flat) == sorted(f"val-{i}" for i in range(4)) and len(set(flat)) == 4

@@ -10,7 +10,7 @@ import pytest
 
 from data_pipelines import records
 from evf_jax import cli
-from tests import data_fixtures as F
+from evf_testing import data_fixtures as F
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

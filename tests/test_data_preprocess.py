@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_pipelines import transforms
-from evf_jax import preprocess
+from evf_jax.beit3 import preprocess
 from evf_jax.sam import transforms as sam_transforms
 
 

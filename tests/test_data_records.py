@@ -69,7 +69,7 @@ def test_synthetic_is_deterministic_and_exact():
   for i in range(20):
     rec = synthetic.make_example(0, "train", i)
     sizes.add((rec.h, rec.w))
-    from data_pipelines.transforms import decode_image
+    from evf_jax.images import decode_image
     img = decode_image(rec.image)
     background = img[0, 0]
     # Every mask is exactly a set of coloured pixels, and single-object masks have one colour.

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from benchmarks import eval_compile
+from benchmarks import deviceless, eval_compile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ def test_collectives_counted_once_per_operation():
   %cp = f32[4]{0} collective-permute(%z), source_target_pairs={{0,1}}
   %fusion.all-gather-like = f32[4]{0} fusion(%w), kind=kLoop, calls=%f
   """
-  assert eval_compile.collectives(hlo) == {"all-gather": 1, "all-reduce": 1, "collective-permute": 1}
-  assert eval_compile.collectives("%a = f32[4]{0} add(%x, %y)") == {}
+  assert deviceless.collectives(hlo) == {"all-gather": 1, "all-reduce": 1, "collective-permute": 1}
+  assert deviceless.collectives("%a = f32[4]{0} add(%x, %y)") == {}
 
 
 def test_without_libtpu(capsys):
@@ -54,7 +54,7 @@ def test_does_not_overwrite(tmp_path, capsys):
 
 def _compile(python: pathlib.Path, tmp_path, *argv) -> dict:
   out = tmp_path / "summary.json"
-  proc = subprocess.run([str(python), "benchmarks/eval_compile.py", *argv, "--json", str(out)], cwd=ROOT,
+  proc = subprocess.run([str(python), "-m", "benchmarks.eval_compile", *argv, "--json", str(out)], cwd=ROOT,
                         capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return json.loads(out.read_text())

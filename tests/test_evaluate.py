@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data_pipelines import prepare, records
+from data_pipelines import eval_splits, pipeline, prepare, records
+from data_pipelines.transforms import SampleConfig
 from evf_jax import cli, evaluate, metrics
+from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, cast_kernels, init_params
-from tests import data_fixtures as df
+from evf_testing import data_fixtures as df
 
 # ---------------------------------------------------------------- direct numpy implementation of the protocol
 
@@ -61,15 +63,16 @@ def test_metric_region_ignores_padding():
 
 
 def test_split_names():
-  s = evaluate.parse_split("refcoco+|unc|testA")
+  s = eval_splits.parse_split("refcoco+|unc|testA")
   assert (s.dataset, s.split, s.tag) == ("refcoco+", "testA", "refcoco+_unc_testA")
-  assert evaluate.parse_split("synthetic|val").split == "val"
-  assert [x.name for x in evaluate.expand_splits(["standard", "refcoco|unc|val"])] == list(evaluate.STANDARD_SPLITS)
+  assert eval_splits.parse_split("synthetic|val").split == "val"
+  assert ([x.name for x in eval_splits.expand_splits(["standard", "refcoco|unc|val"])]
+          == list(eval_splits.STANDARD_SPLITS))
   for bad, expect in [("coco|unc|val", "unknown dataset"), ("refcocog|unc|val", "'umd' partition"),
                       ("refcoco|val", "DATASET|SPLITBY|SPLIT"), ("refcoco|unc|train", "not an evaluation"),
                       ("synthetic|x|val", "synthetic|SPLIT")]:
-    with pytest.raises(evaluate.UserError) as e:
-      evaluate.parse_split(bad)
+    with pytest.raises(UserError) as e:
+      eval_splits.parse_split(bad)
     assert expect in str(e.value), (bad, str(e.value))
 
 
@@ -138,7 +141,7 @@ def data(tmp_path_factory):
   _write_refer_val(str(d / "raw"))
   prepare.prepare("refcoco", str(d / "root" / "refcoco"), str(d / "raw"), progress=False)
   from evf_jax.tokenizer import TextTokenizer
-  from tests.test_tokenizer import _train as train_spm
+  from evf_testing.spm_model import train as train_spm
   tok = TextTokenizer(train_spm(str(d / "spm"), "bpe"))  # a tiny spm; XLM-R ids as the checkpoints' tokenizer
   return str(d / "root"), tok
 
@@ -163,10 +166,23 @@ def _perturbed_numpy(gt: np.ndarray, j: int) -> np.ndarray:
   return pred & (j != 2)
 
 
+class _Run:
+  """An Evaluator on `devices` and a way to run it on a prepared split, as `run.py eval` reads it."""
+
+  def __init__(self, fn, tok, batch_size, devices, params=None, config=EvfConfig.preset("tiny"), **kw):
+    self.evaluator = evaluate.Evaluator(fn, devices=devices, options=evaluate.EvalOptions(
+        batch_size=batch_size, progress=False, **kw))
+    self.tok, self.params, self.config = tok, params if params is not None else {}, config
+
+  def run(self, directory, split):
+    sample = SampleConfig(max_text_len=1022, sam_size=self.config.sam.img_size,
+                          beit_size=self.config.beit3.img_size)
+    ds = pipeline.eval_dataset(directory, split, self.tok, low_res=self.config.sam.low_res_size, sample=sample)
+    return self.evaluator.run(self.params, iter(ds), total=len(ds))
+
+
 def _evaluator(fn, tok, batch_size, devices, params=None, config=EvfConfig.preset("tiny"), **kw):
-  return evaluate.Evaluator(fn, params if params is not None else {}, tok, sam_size=config.sam.img_size,
-                            beit_size=config.beit3.img_size, low_res=config.sam.low_res_size, devices=devices,
-                            options=evaluate.EvalOptions(batch_size=batch_size, progress=False, read_threads=2, **kw))
+  return _Run(fn, tok, batch_size, devices, params, config, **kw)
 
 
 KEYS = ("giou", "ciou", "images", "sentences", "total_intersection", "total_union", "empty_union_sentences")
@@ -244,8 +260,8 @@ def test_evf_model_matches_predictor_and_batching(data):
   (seen once in 4.5M union pixels on the synthetic set); on this fixture they agree exactly today, and a
   few pixels of slack keep the test about the pipeline, not XLA's rounding. The metric path itself is
   exact for any batching (test above)."""
+  from evf_jax.images import decode_image
   from evf_jax.predictor import Predictor
-  from data_pipelines.transforms import decode_image
   root, tok = data
   directory = os.path.join(root, "refcoco")
   config = EvfConfig.preset("tiny")
@@ -272,18 +288,18 @@ def test_evf_model_matches_predictor_and_batching(data):
 
 
 def test_evf_model_with_cudnn_attention(data, monkeypatch):
-  """The evaluation program with attention_impl="cudnn" (vmapped over images, sharded over 8 devices), its
+  """The evaluation program with attention="cudnn" (vmapped over images, sharded over 8 devices), its
   kernel played by XLA after cuDNN's input checks: it must build and score as the XLA path does in bf16.
   `run.py eval --attention cudnn` has not run on a GPU yet; this is what CPU can check of it."""
-  from tests import cudnn_stand_in
+  from evf_testing import cudnn_stand_in
   calls = cudnn_stand_in.install(monkeypatch)
   root, tok = data
   directory = os.path.join(root, "refcoco")
   config = EvfConfig.preset("tiny")
   params = cast_kernels(init_params(config, jax.random.key(3)), jnp.bfloat16)
   runs = {impl: _evaluator(evaluate.evf_predict_fn(config, "bf16", impl), tok, 8, jax.devices(),
-                           params=params).run(directory, "val") for impl in (None, "cudnn")}
-  xla, cudnn = runs[None], runs["cudnn"]
+                           params=params).run(directory, "val") for impl in ("xla", "cudnn")}
+  xla, cudnn = runs["xla"], runs["cudnn"]
   assert calls["cudnn"] > 0
   assert (cudnn["images"], cudnn["sentences"]) == (xla["images"], xla["sentences"]) == (6, xla["sentences"])
   # Same math in another order: bf16 rounding may move a few pixels across 0.
@@ -296,8 +312,8 @@ def test_evf_model_with_cudnn_attention(data, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-  from tests import evf_reference as ref
-  from tests.test_tokenizer import _train as train_spm
+  from evf_testing import evf_reference as ref
+  from evf_testing.spm_model import train as train_spm
   d = tmp_path_factory.mktemp("evalckpt")
   spm = train_spm(str(d / "spm"), "bpe")
   config = EvfConfig.preset("tiny")
@@ -358,7 +374,7 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
                               "--out-dir", str(tmp_path / "o"), "--no-progress"])
   assert "model_type 'sam'" in line
   line = _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn"])
-  assert "cuDNN attention needs precision 'bf16' or 'fp16'" in line
+  assert "cuDNN attention needs precision bf16 or fp16" in line
   line = _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn",
                                      "--precision", "fp16"])
   assert "needs an NVIDIA GPU" in line

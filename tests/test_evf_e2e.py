@@ -16,8 +16,9 @@ from evf_jax import cli
 from evf_jax.evf import EvfConfig
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import TextTokenizer
-from tests import evf_reference as ref
-from tests.spm_model import train as train_spm
+from evf_testing import evf_reference as ref
+from evf_testing.images import smooth_image
+from evf_testing.spm_model import train as train_spm
 
 PROMPTS = ["zebra top left", "[semantic] sky", "the second man from the right holding a red umbrella", "cat"]
 
@@ -25,15 +26,6 @@ PROMPTS = ["zebra top left", "[semantic] sky", "the second man from the right ho
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory):
   return train_spm(str(tmp_path_factory.mktemp("spm")), "bpe")
-
-
-def _image(h, w, seed=0):
-  rng = np.random.default_rng(seed)
-  # smooth-ish content so resizes are not pure noise
-  yy, xx = np.mgrid[0:h, 0:w]
-  base = np.stack([np.sin(xx / 7.0 + c) * np.cos(yy / 11.0 - c) for c in range(3)], -1)
-  img = (base * 100 + 128 + rng.normal(0, 20, (h, w, 3))).clip(0, 255)
-  return img.astype(np.uint8)
 
 
 def _convert(tmp_path, config, spm_dir, seed=0):
@@ -65,7 +57,7 @@ def _reference_one_by_one(model, config, image, tokenizer):
 @pytest.mark.parametrize("hw", [(60, 90), (91, 47)])
 def test_tiny_end_to_end_parity(tiny, spm_dir, hw):
   config, model, out = tiny
-  image = _image(*hw)
+  image = smooth_image(*hw)
   tokenizer = TextTokenizer(spm_dir)
   want, want_scores = _reference_one_by_one(model, config, image, tokenizer)
   p = Predictor.from_checkpoint(out)
@@ -94,12 +86,12 @@ def test_no_recompile_within_a_bucket(tiny):
   def sizes():
     return {name: fn._cache_size() for name, fn in programs.items()}
 
-  p.set_image(_image(100, 120, seed=3))
+  p.set_image(smooth_image(100, 120, seed=3))
   p.predict(["zebra", "sky on the left", "cat"])  # 3 prompts -> bucket of 4
   first = sizes()
   assert all(v >= 1 for v in first.values()), first
   for hw, prompts in [((70, 100), ["a", "b", "c", "d"]), ((128, 128), ["the tall man", "x", "dog"])]:
-    p.set_image(_image(*hw, seed=4))
+    p.set_image(smooth_image(*hw, seed=4))
     p.predict(prompts)
   assert sizes() == first, (first, sizes())
   p.predict(["one prompt"])  # a new prompt bucket: decode and upsample compile once more, embed does not
@@ -112,9 +104,9 @@ def test_no_recompile_within_a_bucket(tiny):
 def test_reference_batch_equals_one_by_one(tiny, spm_dir):
   """The padded-batch reference itself matches per-prompt runs (so our batched call is a fair check)."""
   config, model, _ = tiny
-  image = _image(50, 70, 1)
+  image = smooth_image(50, 70, 1)
   tokenizer = TextTokenizer(spm_dir)
-  ids, _ = tokenizer.encode_batch(PROMPTS, buckets=None, max_length=32)
+  ids, _ = tokenizer.encode_batch(PROMPTS, buckets=None, max_text_len=32)
   batched, _, _ = ref.reference_predict(model, config, image, ids)
   single, _ = _reference_one_by_one(model, config, image, tokenizer)
   np.testing.assert_allclose(batched, single, atol=1e-4 * max(1.0, float(np.abs(single).max())))
@@ -123,7 +115,7 @@ def test_reference_batch_equals_one_by_one(tiny, spm_dir):
 def _check_size(tmp_path, spm_dir, preset, hw, prompts, atol_rel):
   config = EvfConfig.preset(preset)
   model, out = _convert(tmp_path, config, spm_dir, seed=1)
-  image = _image(*hw, seed=2)
+  image = smooth_image(*hw, seed=2)
   tokenizer = TextTokenizer(spm_dir)
   logits, scores, emb = [], [], None
   for p in prompts:
@@ -163,7 +155,7 @@ def test_bf16_kernels_cast_once_bit_identical(tiny, monkeypatch):
   import jax.numpy as jnp
   from evf_jax import predictor as pred_mod
   _, _, out = tiny
-  image = _image(90, 130, seed=5)
+  image = smooth_image(90, 130, seed=5)
   p = Predictor.from_checkpoint(out, precision="bf16")
   kernels = [x.dtype for path, x in jax.tree_util.tree_leaves_with_path(p.params) if path[-1].key == "kernel"]
   assert kernels and all(d == jnp.bfloat16 for d in kernels)

@@ -1,5 +1,8 @@
 """User images become RGB uint8 as the reference (OpenCV's default colour read) sees them."""
 
+import os
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,3 +59,47 @@ def test_array_checks(rgb):
   for bad in (rgb[..., 0], rgb.astype(np.float32), rgb[:0]):
     with pytest.raises(ImageReadError):
       check_rgb_array(bad)
+
+
+def test_one_decoder_for_predict_and_prepared_data(tmp_path):
+  """The same files through `run.py predict`'s path (load_image on the file) and through `prepare` -> the
+  record's bytes -> the pipeline's example: the same pixels, for CMYK JPEG, EXIF-rotated JPEG, 16-bit PNG and
+  palette PNG with transparency (the annotations state each image's size as displayed)."""
+  from data_pipelines import prepare, records, transforms
+  from evf_jax.images import decode_image
+  from evf_jax.sam.transforms import to_frame
+  from evf_testing import data_fixtures as F
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "refcoco", corrupt=False)
+  image_dir = os.path.join(src, "images/mscoco/images/train2014")
+  path = {i: os.path.join(image_dir, f"COCO_train2014_{i:012d}.jpg") for i in F.REFER_IMAGES}
+  rng = np.random.default_rng(3)
+  h, w = F.REFER_IMAGES[1]
+  Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert("CMYK").save(path[1], "JPEG")
+  h, w = F.REFER_IMAGES[2]
+  rotated = Image.fromarray(rng.integers(0, 256, (w, h, 3), dtype=np.uint8))  # stored sideways ...
+  exif = rotated.getexif()
+  exif[0x0112] = 6  # ... displayed rotated by 90 degrees: h x w
+  rotated.save(path[2], "JPEG", exif=exif)
+  h, w = F.REFER_IMAGES[3]
+  Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(path[3], "PNG")
+  h, w = F.REFER_IMAGES[4]
+  pal = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).quantize(8)
+  pal.info["transparency"] = 0
+  pal.save(path[4], "PNG", transparency=0)
+
+  out = str(tmp_path / "out")
+  summary = prepare.prepare("refcoco", out, src, progress=False)
+  assert summary["skipped"] == {}
+  cfg = transforms.SampleConfig(sam_size=64, beit_size=32)
+  seen = set()
+  for split in summary["splits"]:
+    for rec in records.read_records(out, split):
+      image_id = int(rec.image_id)
+      from_file = load_image(path[image_id])
+      assert from_file.shape[:2] == F.REFER_IMAGES[image_id] == (rec.h, rec.w)
+      np.testing.assert_array_equal(decode_image(rec.image), from_file)
+      example = transforms.eval_example(rec, types.SimpleNamespace(encode=lambda text: [0, 2]), cfg)
+      np.testing.assert_array_equal(example["sam_image"], to_frame(from_file, 64)[0])
+      seen.add(image_id)
+  assert seen == set(F.REFER_IMAGES)

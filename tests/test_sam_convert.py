@@ -17,8 +17,8 @@ from convert.io import load_state_dict
 from convert.rules import TRANSFORMS, ConversionError, revert
 from convert.sam import convert_sam, convert_sam_result, infer_sam_size, sam_rules
 from evf_jax.sam import SAM_CONFIGS, Sam, SamConfig, abstract_params
-from tests import torch_reference as tr
-from tests.sam_reference import build_torch_sam, nchw_to_nhwc, to_np
+from evf_testing import torch_reference as tr
+from evf_testing.sam_reference import build_torch_sam, nchw_to_nhwc, to_np
 
 TINY = SAM_CONFIGS["tiny"]
 
@@ -42,12 +42,12 @@ def test_config_json_round_trip(name):
   c = SAM_CONFIGS[name]
   back = SamConfig.from_dict(json.loads(json.dumps(c.to_dict())))
   assert back == c and hash(back) == hash(c)
-  assert SamConfig.named(name) is c
+  assert SamConfig.preset(name) is c
 
 
 def test_config_errors():
   with pytest.raises(ValueError, match="unknown SAM size"):
-    SamConfig.named("vit_x")
+    SamConfig.preset("vit_x")
   with pytest.raises(ValueError, match="unknown SamConfig fields"):
     SamConfig.from_dict({"embed": 3})
   with pytest.raises(ValueError, match="outside depth"):
@@ -69,7 +69,7 @@ def test_rules_cover_every_tensor_of_each_size(name):
   after its transform, and every parameter is filled. Shape-level, so ViT-H costs no memory."""
   cfg = SAM_CONFIGS[name]
   shapes = _torch_shapes(cfg)
-  target = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params(Sam(cfg)), sep="/").items()}
+  target = {k: v.shape for k, v in traverse_util.flatten_dict(abstract_params(cfg), sep="/").items()}
   compiled = [(re.compile(r.pattern), r) for r in sam_rules()]
   filled = {}
   for key, shape in shapes.items():

@@ -40,7 +40,7 @@ def test_every_param_has_logical_names(name):
 
 @pytest.fixture(scope="module")
 def tiny_params():
-  return init_params(Sam(TINY), jax.random.key(1))
+  return init_params(TINY, jax.random.key(1))
 
 
 def _inputs(b=2):

@@ -24,10 +24,11 @@ from convert.rules import convert
 from convert.sam import convert_sam, sam_rules
 from evf_jax.sam import SAM_CONFIGS, Sam
 from evf_jax.sam import image_encoder as ie
+from evf_jax.sam import rel_pos_attention
 from evf_jax.sam.transforms import postprocess_masks, preprocess
-from tests import cudnn_stand_in
-from tests import torch_reference as tr
-from tests.sam_reference import build_torch_sam, nchw_to_nhwc, to_np
+from evf_testing import cudnn_stand_in
+from evf_testing import torch_reference as tr
+from evf_testing.sam_reference import build_torch_sam, nchw_to_nhwc, to_np
 
 TINY = SAM_CONFIGS["tiny"]
 
@@ -211,7 +212,7 @@ def test_get_rel_pos(q, k, length):
   _close(ie.get_rel_pos(q, k, jnp.asarray(table)), ref, 5e-6, "rel pos")
 
 
-@pytest.mark.parametrize("window,heads,impl", [(4, 2, None), (0, 2, None), (0, 4, None), (3, 2, "cudnn"),
+@pytest.mark.parametrize("window,heads,impl", [(4, 2, "xla"), (0, 2, "xla"), (0, 4, "xla"), (3, 2, "cudnn"),
                                                (0, 4, "cudnn"), (0, 4, "cudnn-narrow")])
 def test_block_non_square(window, heads, impl, monkeypatch):
   """A block on a 6x10 grid: windows pad both sides differently (catches an H/W swap); the global block's
@@ -223,7 +224,7 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   GPUs refuse SAM-H's 208): the block must fall back to the materialised bias."""
   import torch
   label = impl
-  if impl and impl.startswith("cudnn"):
+  if impl.startswith("cudnn"):
     calls = cudnn_stand_in.install(monkeypatch, max_head_dim=16 if impl == "cudnn-narrow" else 256,
                                    half_only=False)
     impl = "cudnn"
@@ -231,7 +232,7 @@ def test_block_non_square(window, heads, impl, monkeypatch):
   blk = m.image_encoder.Block(dim=32, num_heads=heads, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
                               use_rel_pos=True, window_size=window, input_size=(8, 8))
   tr.randomize_(blk, seed=11)
-  ours = ie.Block(32, heads, 4.0, window, (8, 8), attention_impl=impl)
+  ours = ie.Block(32, heads, 4.0, window, (8, 8), attention=impl)
   x = np.random.default_rng(12).normal(size=(2, 6, 10, 32)).astype(np.float32)
   target = {"image_encoder": {"blocks_0": nn.unbox(jax.eval_shape(ours.init, jax.random.key(0), x))["params"]}}
   sd = {f"image_encoder.blocks.0.{k}": v for k, v in tr.state_dict_numpy(blk).items()}
@@ -256,7 +257,7 @@ def test_global_attention_chunking(heads_per_step, chunk_bytes):
   rng = np.random.default_rng(21)
   q, k, v = (rng.normal(size=(b, h * w, n, d)).astype(np.float32) for _ in range(3))
   rel_h, rel_w = (rng.normal(size=(2 * s - 1, d)).astype(np.float32) for s in (h, w))
-  ours = ie.rel_pos_attention(*(jnp.asarray(x) for x in (q, k, v, rel_h, rel_w)), (h, w),
+  ours = rel_pos_attention.rel_pos_attention(*(jnp.asarray(x) for x in (q, k, v, rel_h, rel_w)), (h, w),
                               max_chunk_bytes=chunk_bytes, heads_per_step=heads_per_step)
   tq, tk, tv = (_t(x).permute(0, 2, 1, 3).reshape(b * n, h * w, d) for x in (q, k, v))
   with torch.no_grad():

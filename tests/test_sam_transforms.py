@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from evf_jax.sam import transforms as T
-from tests import torch_reference as tr
+from evf_testing import torch_reference as tr
 
 
 @pytest.fixture

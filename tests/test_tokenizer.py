@@ -21,7 +21,7 @@ import pytest
 
 from evf_jax import tokenizer as T
 
-from tests.spm_model import UNICODE, WORDS, train as _train  # noqa: F401
+from evf_testing.spm_model import UNICODE, WORDS, train as _train  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +121,13 @@ def test_encode_batch_buckets_and_padding(bpe_dir):
   np.testing.assert_array_equal(mask, ids != 1)  # EVF-SAM's attention_masks = input_ids != 1
   long = " ".join(["umbrella"] * 12)
   assert tok.encode_batch(["dog", long])[0].shape[1] == (16 if len(tok.encode(long)) <= 16 else 32)
-  assert tok.encode_batch(["dog"] * 2, buckets=None, max_length=24)[0].shape == (2, 24)
+  assert tok.encode_batch(["dog"] * 2, buckets=None, max_text_len=24)[0].shape == (2, 24)
   assert tok.encode_batch(["dog"], buckets=(8, 40))[0].shape == (1, 8)
   assert tok.encode_batch([])[0].shape == (0, 16)
 
 
 def test_truncation_keeps_eos_and_warns(bpe_dir):
-  tok = T.TextTokenizer(bpe_dir, max_length=10)
+  tok = T.TextTokenizer(bpe_dir, max_text_len=10)
   long = "the man on the left sitting with a red umbrella holding a blue dog"
   full = tok.encode(long)
   assert len(full) > 10
@@ -138,7 +138,7 @@ def test_truncation_keeps_eos_and_warns(bpe_dir):
   assert mask[1].all()
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    tok.encode_batch(["dog", long], max_length=64)  # a per-call cap overrides the tokenizer's
+    tok.encode_batch(["dog", long], max_text_len=64)  # a per-call cap overrides the tokenizer's
 
 
 def test_matches_transformers_on_unigram(unigram_dir):

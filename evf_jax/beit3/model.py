@@ -121,7 +121,7 @@ class SelfAttention(nn.Module):
   """torchscale MultiheadAttention (self-attention, subln, multiway; no rel-pos, no xpos)."""
   config: Beit3Config
   split: int
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -137,7 +137,7 @@ class SelfAttention(nn.Module):
     q = q * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
     heads = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)
     o = layers.attention(heads(q), heads(k), heads(v), mask=key_mask, scale=1.0,
-                         implementation=self.attention_impl)
+                         implementation=self.attention)
     o = o.reshape(b, t, d)
     o = MultiwayLayerNorm(cfg.layernorm_eps, axis_name="heads", name="inner_attn_ln", **kw)(o)
     return MultiwayDense(d, ("heads", "embed"), name="out_proj", **kw)(o)
@@ -147,7 +147,7 @@ class EncoderLayer(nn.Module):
   """Pre-LN block: x + attn(LN(x)); x + ffn(LN(x)). Residual alpha is 1 (no deepnorm)."""
   config: Beit3Config
   split: int
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -156,7 +156,7 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     kw = dict(split=self.split, dtype=self.dtype, param_dtype=self.param_dtype)
     h = MultiwayLayerNorm(cfg.layernorm_eps, name="self_attn_layer_norm", **kw)(x)
-    h = SelfAttention(cfg, attention_impl=self.attention_impl, name="self_attn", **kw)(h, key_mask)
+    h = SelfAttention(cfg, attention=self.attention, name="self_attn", **kw)(h, key_mask)
     x = x + h
     h = MultiwayLayerNorm(cfg.layernorm_eps, name="final_layer_norm", **kw)(x)
     h = MultiwayFeedForward(cfg.embed_dim, cfg.ffn_dim, cfg.layernorm_eps, name="ffn", **kw)(h)
@@ -233,7 +233,7 @@ class Encoder(nn.Module):
   """torchscale Encoder: multiway positions, padding zeroing, layers, final multiway LayerNorm."""
   config: Beit3Config
   split: int
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   remat: bool = False
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
@@ -253,8 +253,8 @@ class Encoder(nn.Module):
 
     layer_cls = nn.remat(EncoderLayer) if self.remat else EncoderLayer
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, split=self.split, attention_impl=self.attention_impl, name=f"layers_{i}",
-                    **kw)(x, key_mask)
+      x = layer_cls(cfg, split=self.split, attention=self.attention, name=f"layers_{i}",
+                    **kw)(layers.batch_constraint(x), key_mask)
     return MultiwayLayerNorm(cfg.layernorm_eps, split=self.split, name="layer_norm", **kw)(x)
 
 
@@ -263,12 +263,12 @@ class Beit3(nn.Module):
 
   Attributes:
     config: the architecture.
-    attention_impl: `implementation` for `jax.nn.dot_product_attention` (None, "xla", "cudnn").
+    attention: `implementation` for `jax.nn.dot_product_attention` (None, "xla", "cudnn").
     remat: rematerialise each encoder layer in the backward pass (saves memory when training).
     dtype: compute dtype (None: follow the inputs/params); param_dtype: parameter dtype.
   """
   config: Beit3Config
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   remat: bool = False
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
@@ -315,7 +315,7 @@ class Beit3(nn.Module):
         raise ValueError(f"image batch {xv.shape[0]} != text batch {xt.shape[0]}")
       x, split = jnp.concatenate([xv, xt.astype(xv.dtype)], axis=1), xv.shape[1]
       padding = jnp.concatenate([jnp.zeros(xv.shape[:2], bool), text_padding_mask], axis=1)
-    return Encoder(cfg, split=split, attention_impl=self.attention_impl, remat=self.remat,
+    return Encoder(cfg, split=split, attention=self.attention, remat=self.remat,
                    name="encoder", **kw)(x, padding)
 
 
@@ -325,8 +325,17 @@ def dummy_inputs(config: Beit3Config, batch: int = 1, text_len: int = 4):
           jnp.zeros((batch, text_len), jnp.int32))
 
 
-def abstract_params(config: Beit3Config, param_dtype: Dtype = jnp.float32) -> dict:
-  """The unboxed parameter tree as ShapeDtypeStructs (no memory allocated)."""
+def _init_fn(config: Beit3Config, param_dtype: Dtype):
   model = Beit3(config, param_dtype=param_dtype)
-  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config)))
-  return nn.unbox(tree)["params"]
+  return lambda rng: model.init(rng, *dummy_inputs(config))["params"]
+
+
+def abstract_params(config: Beit3Config, *, param_dtype: Dtype = jnp.float32, boxed: bool = False) -> dict:
+  """The parameter tree as ShapeDtypeStructs (no memory). `boxed` keeps the logical-axis metadata."""
+  tree = jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
+  return tree if boxed else nn.unbox(tree)
+
+
+def init_params(config: Beit3Config, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> dict:
+  """Randomly initialised (unboxed) params."""
+  return nn.unbox(jax.jit(_init_fn(config, param_dtype))(rng))

@@ -75,7 +75,7 @@ class SamConfig:
     return config_dicts.from_dict(cls, d)
 
   @classmethod
-  def named(cls, name: str) -> "SamConfig":
+  def preset(cls, name: str) -> "SamConfig":
     try:
       return SAM_CONFIGS[name]
     except KeyError:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from evf_jax import layers
 from evf_jax.sam.transformer import TwoWayTransformer
@@ -49,7 +49,7 @@ class MaskDecoder(nn.Module):
   transformer_num_heads: int = 8
   transformer_mlp_dim: int = 2048
   attention_downsample_rate: int = 2
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -89,7 +89,7 @@ class MaskDecoder(nn.Module):
 
     hs, src = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
                                 self.transformer_mlp_dim, self.attention_downsample_rate,
-                                attention_impl=self.attention_impl, name="transformer", **kw)(
+                                attention=self.attention, name="transformer", **kw)(
                                     src, image_pe.astype(dt), tokens)
     iou_out = hs[:, 0]
     mask_out = hs[:, 1:1 + n_masks]

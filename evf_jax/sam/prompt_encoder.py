@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 from evf_jax import layers

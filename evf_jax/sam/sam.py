@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from evf_jax.sam.config import SamConfig
 from evf_jax.sam.image_encoder import ImageEncoderViT
@@ -19,7 +19,7 @@ Dtype = Any
 
 class Sam(nn.Module):
   config: SamConfig
-  attention_impl: Optional[str] = None  # None (best available) | "xla" | "cudnn"
+  attention: str = "xla"  # None (best available) | "xla" | "cudnn"
   remat: bool = False
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
@@ -31,7 +31,7 @@ class Sam(nn.Module):
         img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.prompt_embed_dim,
         window_size=cfg.window_size, global_attn_indexes=tuple(cfg.global_attn_indexes),
-        attention_impl=self.attention_impl, remat=self.remat, **kw)
+        attention=self.attention, remat=self.remat, **kw)
     e = cfg.embedding_size
     self.prompt_encoder = PromptEncoder(
         embed_dim=cfg.prompt_embed_dim, image_embedding_size=(e, e),
@@ -42,7 +42,7 @@ class Sam(nn.Module):
         transformer_depth=cfg.decoder_depth, transformer_num_heads=cfg.decoder_num_heads,
         transformer_mlp_dim=cfg.decoder_mlp_dim, attention_downsample_rate=cfg.attention_downsample_rate,
         # The decoder's attentions are tiny (a few tokens against 4096): XLA's, also when the encoders use cuDNN.
-        attention_impl=None if self.attention_impl == "cudnn" else self.attention_impl, **kw)
+        attention="xla" if self.attention == "cudnn" else self.attention, **kw)
 
   def embed_image(self, images: jax.Array) -> jax.Array:
     """(B, S, S, 3) normalised, padded images (see `transforms.preprocess`) -> (B, S/16, S/16, C)."""
@@ -90,12 +90,17 @@ def dummy_inputs(config: SamConfig, batch: int = 1) -> dict[str, Any]:
               masks=jnp.zeros((batch, 1, lr, lr), jnp.float32))
 
 
-def abstract_params(model: Sam) -> dict[str, Any]:
-  """The parameter tree as ShapeDtypeStructs (unboxed), without computing anything."""
-  def init():
-    return model.init(jax.random.key(0), **dummy_inputs(model.config))
-  return nn.unbox(jax.eval_shape(init))["params"]
+def _init_fn(config: SamConfig, param_dtype: Dtype):
+  model = Sam(config, param_dtype=param_dtype)
+  return lambda rng: model.init(rng, **dummy_inputs(config))["params"]
 
 
-def init_params(model: Sam, rng: jax.Array) -> dict[str, Any]:
-  return nn.unbox(jax.jit(lambda r: model.init(r, **dummy_inputs(model.config)))(rng))["params"]
+def abstract_params(config: SamConfig, *, param_dtype: Dtype = jnp.float32, boxed: bool = False) -> dict[str, Any]:
+  """The parameter tree as ShapeDtypeStructs (no memory). `boxed` keeps the logical-axis metadata."""
+  tree = jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
+  return tree if boxed else nn.unbox(tree)
+
+
+def init_params(config: SamConfig, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> dict[str, Any]:
+  """Randomly initialised (unboxed) params."""
+  return nn.unbox(jax.jit(_init_fn(config, param_dtype))(rng))

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from evf_jax import layers
-from evf_jax.sam.image_encoder import MLPBlock
+from evf_jax.sam.common import MLPBlock
 
 Dtype = Any
 LN_EPS = 1e-5
@@ -24,7 +24,7 @@ class Attention(nn.Module):
   dim: int
   num_heads: int
   downsample_rate: int = 1
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -38,7 +38,7 @@ class Attention(nn.Module):
     q = split(layers.dense(inner, ("embed", "heads"), name="q_proj", **kw)(q))
     k = split(layers.dense(inner, ("embed", "heads"), name="k_proj", **kw)(k))
     v = split(layers.dense(inner, ("embed", "heads"), name="v_proj", **kw)(v))
-    out = layers.attention(q, k, v, implementation=self.attention_impl)
+    out = layers.attention(q, k, v, implementation=self.attention)
     out = out.reshape(*out.shape[:2], inner)
     return layers.dense(self.dim, ("heads", "embed"), name="out_proj", **kw)(out)
 
@@ -50,7 +50,7 @@ class TwoWayAttentionBlock(nn.Module):
   mlp_dim: int = 2048
   downsample_rate: int = 2
   skip_first_layer_pe: bool = False
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -58,7 +58,7 @@ class TwoWayAttentionBlock(nn.Module):
   def __call__(self, queries, keys, query_pe, key_pe):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = lambda name, rate: Attention(self.dim, self.num_heads, rate,  # noqa: E731
-                                        attention_impl=self.attention_impl, name=name, **kw)
+                                        attention=self.attention, name=name, **kw)
     norm = lambda name: layers.layer_norm(LN_EPS, name=name, **kw)  # noqa: E731
     if self.skip_first_layer_pe:
       # The first layer replaces the queries (no residual), exactly as the reference.
@@ -84,7 +84,7 @@ class TwoWayTransformer(nn.Module):
   num_heads: int = 8
   mlp_dim: int = 2048
   downsample_rate: int = 2
-  attention_impl: Optional[str] = None
+  attention: str = "xla"
   dtype: Optional[Dtype] = None
   param_dtype: Dtype = jnp.float32
 
@@ -93,7 +93,7 @@ class TwoWayTransformer(nn.Module):
                point_embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
     """image_embedding, image_pe: (B, h, w, C); point_embedding: (B, N, C).
     Returns the processed tokens (B, N, C) and image tokens (B, h*w, C)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
     b, h, w, c = image_embedding.shape
     keys = image_embedding.reshape(b, h * w, c)
     key_pe = image_pe.reshape(image_pe.shape[0], h * w, c)

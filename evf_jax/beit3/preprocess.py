@@ -1,4 +1,4 @@
-"""Image preprocessing that must match the PyTorch reference bit-for-bit-ish (DATA_SPEC §3.3).
+"""Image preprocessing that must match the PyTorch reference bit-for-bit-ish (docs/data.md#32-beit-3-input).
 
 BEiT-3 input: RGB uint8 -> float in [0, 1] -> 224x224 bicubic exactly like
 `torch.nn.functional.interpolate(mode="bicubic", align_corners=False, antialias=False)` -> (x - 0.5) / 0.5.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 
 BEIT_SIZE = 224
@@ -84,7 +85,6 @@ def beit_image(image_u8: np.ndarray, size: int = BEIT_SIZE) -> np.ndarray:
 
 def beit_image_jnp(image_u8, size: int = BEIT_SIZE):
   """The same as `beit_image` on device, for one (H, W, 3) image with a static shape."""
-  import jax.numpy as jnp
   h_in, w_in = image_u8.shape[:2]
   mh = jnp.asarray(bicubic_matrix(h_in, size))
   mw = jnp.asarray(bicubic_matrix(w_in, size))

@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from evf_jax.evf import EvfConfig
-from tests import torch_reference as tr
-from tests.beit3_reference import torch_beit3
-from tests.sam_reference import build_torch_sam
+from evf_testing import torch_reference as tr
+from evf_testing.beit3_reference import torch_beit3
+from evf_testing.sam_reference import build_torch_sam
 
 
 def build_torch_evf(config: EvfConfig, seed: int = 0):

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_static.py: its cost table on small GPU-style HLO modules written out here, and its errors.
+"""benchmarks/experimental/gpu_static.py: its cost table on small GPU-style HLO modules written out here, and its errors.
 The deviceless compile itself needs jax's CUDA plugin (scripts/setup_static_env.sh gpu, ~6 GB), which the
 test environment does not have on purpose; the slow-tier test that runs it skips where it is missing."""
 
@@ -10,7 +10,9 @@ import subprocess
 
 import pytest
 
-from benchmarks import gpu_static
+from benchmarks.experimental import gpu_static
+
+pytestmark = pytest.mark.experimental
 
 # A cuBLAS GEMM with its workspace, the same GEMM as a Triton fusion, a cuDNN flash attention on (B=2, T=8, N=4) with q/k 24 wide and v 16,
 # a loop fusion and a bitcast (no kernel). Shapes as XLA prints them after GPU compilation.
@@ -228,7 +230,7 @@ def test_deviceless_compile_for_an_h100(attention, tmp_path):
   and the interpreter; ptxas then assembles every kernel for sm_90a. SAM-B at batch 1: 12 blocks, 4 of them
   global."""
   out = tmp_path / "summary.json"
-  proc = subprocess.run([str(GPU_STATIC_PYTHON), "benchmarks/gpu_static.py", "--size", "base", "--batch", "1",
+  proc = subprocess.run([str(GPU_STATIC_PYTHON), "-m", "benchmarks.experimental.gpu_static", "--size", "base", "--batch", "1",
                          "--attention", attention, "--ptxas", "--json", str(out)],
                         cwd=GPU_STATIC_PYTHON.parents[2], capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-2000:]

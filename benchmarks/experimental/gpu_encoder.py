@@ -6,7 +6,7 @@
    second) and bf16 matmuls of the encoder's four Linear shapes.
 2. The attention core of one global block (4096 tokens) and one windowed block (25 windows x 196 tokens
    per image), each way we can run it: cuDNN flash attention with the rel-pos terms folded into q and k
-   (`fold_rel_pos`) and V kept at head dim 80 (`flash_attention_wide_qk`: what attention_impl="cudnn"
+   (`fold_rel_pos`) and V kept at head dim 80 (`flash_attention_wide_qk`: what attention="cudnn"
    runs), the same with V zero-padded to q/k's width, with the folded width padded to a multiple of 128
    instead of 8, with the rel-pos bias materialised as a (B, N, T, T) tensor, XLA (`rel_pos_attention`), and
    plain cuDNN attention without any rel-pos terms (a floor). Then the flash kernel alone on q/k already at
@@ -43,12 +43,12 @@ import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks import common, gpu  # noqa: E402
-from benchmarks.gpu import encoder_matmul_flops  # noqa: E402
+from benchmarks import gpu
+from evf_testing import benchmarking as common
+from evf_jax import flops as model_flops
 
 RESULTS = gpu.RESULTS  # one results dict, logger and section runner with gpu.py
 log, section = gpu.log, gpu.section
@@ -70,7 +70,7 @@ def ceilings(b, sam, copy_mib):
   RESULTS["copy_GBps"] = 2 * x.nbytes / t / 1e9
   log(f"elementwise pass over {copy_mib} MiB bf16: {RESULTS['copy_GBps']:.0f} GB/s (read + write)")
   del x
-  n_win, tw = gpu.windows_per_image(sam)
+  n_win, tw = model_flops.windows_per_image(sam)
   win_rows = b * n_win * tw  # the reference's qkv and proj run on the windows' padding too
   for name, m, k, n in (("qkv", win_rows, d, 3 * d), ("proj", win_rows, d, d), ("mlp1", b * g * g, d, mlp),
                         ("mlp2", b * g * g, mlp, d)):
@@ -86,36 +86,36 @@ def attention_core(b, g, sam):
   import jax
   import jax.numpy as jnp
   from evf_jax import layers
-  from evf_jax.sam import image_encoder as ie
+  from evf_jax.sam import rel_pos_attention as rpa
   n, hd = sam.num_heads, sam.embed_dim // sam.num_heads
   scale = hd ** -0.5
 
   def fold(q, k, v, rh, rw, hw):  # V zero-padded to q/k's width, through the public API
-    q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw)
-    return ie.flash_attention_padded_v(q_ext, k_ext, v, scale)
+    q_ext, k_ext = rpa.fold_rel_pos(q, k, rh, rw, hw)
+    return rpa.flash_attention_padded_v(q_ext, k_ext, v, scale)
 
-  def fold_unpadded_v(q, k, v, rh, rw, hw):  # what attention_impl="cudnn" runs
-    q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw)
-    return ie.flash_attention_wide_qk(q_ext, k_ext, v, scale)
+  def fold_unpadded_v(q, k, v, rh, rw, hw):  # what attention="cudnn" runs
+    q_ext, k_ext = rpa.fold_rel_pos(q, k, rh, rw, hw)
+    return rpa.flash_attention_wide_qk(q_ext, k_ext, v, scale)
 
   def bias(q, k, v, rh, rw, hw):
-    bias = ie.decomposed_rel_pos_bias(q, rh, rw, hw, hw).astype(q.dtype)
+    bias = rpa.decomposed_rel_pos_bias(q, rh, rw, hw, hw).astype(q.dtype)
     return layers.attention(q, k, v, bias=bias, implementation="cudnn")
 
   def xla(q, k, v, rh, rw, hw):
-    return ie.rel_pos_attention(q, k, v, rh, rw, hw)
+    return rpa.rel_pos_attention(q, k, v, rh, rw, hw)
 
   def plain(q, k, v, rh, rw, hw):
     return layers.attention(q, k, v, implementation="cudnn")
 
   def fold_to_128(q, k, v, rh, rw, hw):  # the folded width padded to a multiple of 128 instead of 8
-    q_ext, k_ext = ie.fold_rel_pos(q, k, rh, rw, hw, multiple=128)
-    return ie.flash_attention_wide_qk(q_ext, k_ext, v, scale)
+    q_ext, k_ext = rpa.fold_rel_pos(q, k, rh, rw, hw, multiple=128)
+    return rpa.flash_attention_wide_qk(q_ext, k_ext, v, scale)
 
   ways = {"cudnn_fold": fold, "cudnn_fold_unpadded_v": fold_unpadded_v, "cudnn_fold_to_128": fold_to_128,
           "cudnn_bias": bias, "xla": xla, "cudnn_no_rel_pos": plain}
   rng = np.random.default_rng(0)
-  n_win, _ = gpu.windows_per_image(sam)
+  n_win, _ = model_flops.windows_per_image(sam)
   for kind, batch, side in (("global", b, g), ("windowed", b * n_win, sam.window_size)):
     t = side * side
     q, k, v = (jnp.asarray(rng.normal(size=(batch, t, n, hd)), jnp.bfloat16) for _ in range(3))
@@ -132,7 +132,7 @@ def attention_core(b, g, sam):
                 for _ in range(2))
       ref_w = _attention_f32(qw, kw, v, scale)
       _time_attention(f"attn_{kind}_kernel_only_qk{width}", f"{kind} attention ({batch}x{t} tokens) kernel only, "
-                      f"q/k width {width}", jax.jit(lambda q, k, v: ie.flash_attention_wide_qk(q, k, v, scale)),
+                      f"q/k width {width}", jax.jit(lambda q, k, v: rpa.flash_attention_wide_qk(q, k, v, scale)),
                       (qw, kw, v), ref_w, useful)
 
 
@@ -150,7 +150,7 @@ def blocks_from_qkv(b, sam):
   Pallas's interpreter."""
   import jax
   import jax.numpy as jnp
-  from benchmarks import pallas_attention as pa
+  from benchmarks.experimental import pallas_attention as pa
   from evf_jax.sam import image_encoder as ie
   g, n, hd, ws = sam.embedding_size, sam.num_heads, sam.embed_dim // sam.num_heads, sam.window_size
   rng = np.random.default_rng(1)
@@ -163,11 +163,11 @@ def blocks_from_qkv(b, sam):
 
     def run(impl, attention=ie.block_attention, window=window):  # one jitted function per variant
       return jax.jit(lambda x, bias, rh, rw: attention(x, bias, rh, rw, num_heads=n, window_size=window,
-                                                        attention_impl=impl).reshape(b, g * g, n, hd))
+                                                        attention=impl).reshape(b, g * g, n, hd))
 
     args = (qkv, qkv_bias, rh, rw)
     ref = run(None)(qkv.astype(jnp.float32), qkv_bias, rh, rw)
-    tokens = g * g if kind == "global" else gpu.windows_per_image(sam)[1]
+    tokens = g * g if kind == "global" else model_flops.windows_per_image(sam)[1]
     useful = 4 * b * n * g * g * tokens * hd  # per query: its grid's or its (padded) window's keys
     label = f"{kind} block from qkv (batch {b})"
     _time_attention(f"attn_{kind}_from_qkv_cudnn", f"{label} cuDNN, folded", run("cudnn"), args, ref, useful)
@@ -260,13 +260,13 @@ def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
   Pallas kernels of `pallas_attention` for all blocks; "cudnn+pallas_global" for the global ones only)."""
   import jax
   import jax.numpy as jnp
-  from benchmarks import pallas_attention as pa
-  from benchmarks.gpu_static import PALLAS_KINDS
+  from benchmarks.experimental import pallas_attention as pa
+  from benchmarks.experimental.gpu_static import PALLAS_KINDS
   from evf_jax.evf import EvfSam, cast_kernels
   from evf_jax.sam import image_encoder as ie
   sam = cfg.sam
   imgs = jax.random.normal(jax.random.key(1), (b, sam.img_size, sam.img_size, 3), jnp.bfloat16)
-  flops = b * encoder_matmul_flops(sam)
+  flops = b * model_flops.sam_encoder(sam)
   params = cast_kernels(params, jnp.bfloat16)
   profiled = False
   block_attention = ie.block_attention
@@ -276,7 +276,7 @@ def encoder(cfg, params, b, out_dir, impls=("cudnn", "xla")):
       ie.block_attention = pa.with_pallas(block_attention, kinds=PALLAS_KINDS[impl],
                                           interpret=jax.default_backend() != "gpu")
     try:
-      model = EvfSam(cfg, attention_impl="cudnn" if pallas else impl, dtype=jnp.bfloat16)
+      model = EvfSam(cfg, attention="cudnn" if pallas else impl, dtype=jnp.bfloat16)
       fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=EvfSam.embed_image))
       try:
         t0 = time.perf_counter()
@@ -339,7 +339,7 @@ def predictor(cfg, params):
   from evf_jax.tokenizer import TextTokenizer
   tok = TextTokenizer(common.train_spm(tempfile.mkdtemp()))
   image = common.test_image()
-  pred = Predictor(cfg, params, tok, precision="bf16", attention_impl="cudnn")
+  pred = Predictor(cfg, params, tok, precision="bf16", attention="cudnn")
   for n in (1, 8):
     def run():
       pred.set_image(image)

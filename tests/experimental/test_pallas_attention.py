@@ -1,6 +1,6 @@
-"""The experimental Pallas kernels for SAM's attention blocks (benchmarks/pallas_attention.py), run by Pallas's
+"""The experimental Pallas kernels for SAM's attention blocks (benchmarks/experimental/pallas_attention.py), run by Pallas's
 interpreter on CPU, against segment-anything's own attention with decomposed rel-pos. Their speed is a GPU
-question (benchmarks/gpu_encoder.py); these tests hold their arithmetic and their wiring into the encoder."""
+question (benchmarks/experimental/gpu_encoder.py); these tests hold their arithmetic and their wiring into the encoder."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import pallas_attention as pa
+from benchmarks.experimental import pallas_attention as pa
 from convert.rules import convert
 from convert.sam import sam_rules
 from evf_jax.sam import image_encoder as ie
-from tests import cudnn_stand_in
-from tests import torch_reference as tr
+from evf_testing import cudnn_stand_in
+from evf_testing import torch_reference as tr
+
+pytestmark = pytest.mark.experimental
 
 
 def test_split_pow2():
@@ -70,7 +72,7 @@ def test_kernel_refuses_grids_it_does_not_tile():
     (4, (8, 8), ("windowed",), 64),      # a query block larger than the window
 ])
 def test_blocks_through_the_kernels(window, grid, kinds, block_q, monkeypatch):
-  """segment-anything's Block against ours with attention_impl="cudnn" and `with_pallas` in place, as
+  """segment-anything's Block against ours with attention="cudnn" and `with_pallas` in place, as
   `gpu_encoder.py --impls cudnn+pallas` runs the encoder; no cuDNN call is left (the stand-in counts them)."""
   import torch
   calls = cudnn_stand_in.install(monkeypatch, half_only=False)
@@ -82,7 +84,7 @@ def test_blocks_through_the_kernels(window, grid, kinds, block_q, monkeypatch):
   blk = m.image_encoder.Block(dim=32, num_heads=2, norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
                               use_rel_pos=True, window_size=window, input_size=input_size)
   tr.randomize_(blk, seed=5)
-  ours = ie.Block(32, 2, 4.0, window, input_size, attention_impl="cudnn")
+  ours = ie.Block(32, 2, 4.0, window, input_size, attention="cudnn")
   x = np.random.default_rng(6).normal(size=(2, *grid, 32)).astype(np.float32)
   target = {"image_encoder": {"blocks_0": nn.unbox(jax.eval_shape(ours.init, jax.random.key(0), x))["params"]}}
   sd = {f"image_encoder.blocks.0.{k}": v for k, v in tr.state_dict_numpy(blk).items()}

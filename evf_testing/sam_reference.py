@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from evf_jax.sam.config import SamConfig
-from tests import torch_reference as tr
+from evf_testing import torch_reference as tr
 
 
 def build_torch_sam(cfg: SamConfig, seed: Optional[int] = 0):

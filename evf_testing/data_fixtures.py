@@ -68,7 +68,7 @@ def rle_of(mask: np.ndarray, str_counts: bool = True) -> dict:
 
 
 def reference_mask(segmentation, h: int, w: int) -> np.ndarray:
-  """The original loader's path: decode every polygon / RLE, sum over channels, then clip (DATA_SPEC §1.2)."""
+  """The original loader's path: decode every polygon / RLE, sum over channels, then clip (docs/data.md#21-refcoco-family)."""
   if not segmentation:
     return np.zeros((h, w), np.uint8)
   if isinstance(segmentation[0], dict):

@@ -1,7 +1,7 @@
 """Shared set-up for the benchmarks: one random-weight PyTorch EVF-SAM, saved as a Hugging Face-style
 directory and converted with OUR converter, so both sides compute with the same weights.
 
-Run benchmarks from the repository root (`python benchmarks/<name>.py`); they need the dev
+Benchmarks run from the repository root as modules (`python -m benchmarks.<name>`); they need the dev
 requirements (torch, segment-anything, torchscale), like the tests.
 """
 
@@ -11,14 +11,9 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 PROMPTS = ["zebra top left", "[semantic] sky", "the man on the right holding a red umbrella", "cat",
            "the second car from the left", "a small dog lying on the grass", "[semantic] road", "woman in white"]
@@ -33,14 +28,14 @@ def test_image(h: int = 480, w: int = 640, seed: int = 0) -> np.ndarray:
 
 def train_spm(directory: str) -> str:
   """A small sentencepiece BPE model (the real one ships with the checkpoints)."""
-  from tests.spm_model import train
+  from evf_testing.spm_model import train
   return train(directory, "bpe")
 
 
 def build_models(size: str, workdir: str, seed: int = 0, dtype: str = "float32"):
   """-> (EvfConfig, torch reference module, converted checkpoint dir). Cached in `workdir`."""
   from evf_jax.evf import EvfConfig
-  from tests import evf_reference as ref
+  from evf_testing import evf_reference as ref
   config = EvfConfig.preset(size)
   model = ref.build_torch_evf(config, seed)
   ckpt = os.path.join(workdir, f"evf_{size}_{dtype}")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from evf_jax.sam import image_encoder as ie
+from evf_jax.sam import rel_pos_attention as rpa
 
 
 def split_pow2(d: int, smallest: int = 16) -> list[tuple[int, int]]:
@@ -56,7 +56,7 @@ def rel_pos_scores(q: jax.Array, rel_pos_h: jax.Array, rel_pos_w: jax.Array, hw:
   (h, w) attention grid (L = 2h - 1 + 2w - 1 rounded up to a power of two): the kernels gather each (query,
   key) pair's rel-pos logits from these."""
   h, w = hw
-  th, tw = ie.rel_pos_table(h, h, rel_pos_h), ie.rel_pos_table(w, w, rel_pos_w)
+  th, tw = rpa.rel_pos_table(h, h, rel_pos_h), rpa.rel_pos_table(w, w, rel_pos_w)
   tables = jnp.concatenate([th, tw]).astype(q.dtype)
   tables = jnp.pad(tables, ((0, pl.next_power_of_2(tables.shape[0]) - tables.shape[0]), (0, 0)))
   return jnp.einsum("...nd,jd->...nj", q, tables, preferred_element_type=q.dtype)
@@ -262,10 +262,10 @@ def with_pallas(block_attention, kinds=("global", "windowed"), interpret: bool =
   if set(tiles) - known:
     raise TypeError(f"unknown tiles {sorted(set(tiles) - known)}; known: {sorted(known)}")
 
-  def attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, *, num_heads, window_size, attention_impl):
+  def attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, *, num_heads, window_size, attention):
     def fallback():
       return block_attention(qkv, qkv_bias, rel_pos_h, rel_pos_w, num_heads=num_heads, window_size=window_size,
-                             attention_impl=attention_impl)
+                             attention=attention)
     b, h, w, c = qkv.shape
     kind = "windowed" if window_size > 0 else "global"
     if kind not in kinds:

@@ -10,19 +10,29 @@ The masks of a random model are meaningless: the job shows that the stages run e
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
+
+import jax
+import sentencepiece as spm
+
+from data_pipelines import prepare, records
+from evf_jax import checkpoints, evaluate
+from evf_jax.cli import run_eval
+from evf_jax.evf import EvfConfig, init_params
+from evf_jax.images import decode_image, save_prediction
+from evf_jax.predictor import Predictor
+
+HELP = ("the embedded default job: synthetic data, a random-weight tiny model, predict and evaluate "
+        "(no downloads; training is not built yet)")
 
 DEMO_CHECKPOINT = "checkpoint_random_tiny"
 
 
 def write_random_checkpoint(out: str, texts: list[str], preset: str = "tiny", seed: int = 0) -> str:
   """A converted-checkpoint directory with randomly initialised params and a tokenizer for `texts`."""
-  import jax
-  import sentencepiece as spm
 
-  from evf_jax import checkpoints
-  from evf_jax.evf import EvfConfig, init_params
   config = EvfConfig.preset(preset)
   params = init_params(config, jax.random.key(seed))
   staging = out + ".partial"
@@ -43,11 +53,6 @@ def write_random_checkpoint(out: str, texts: list[str], preset: str = "tiny", se
 
 
 def run_demo(workdir: str, num_train: int = 64, num_eval: int = 8, seed: int = 0, log=print) -> dict:
-  from data_pipelines import prepare, records
-  from data_pipelines.transforms import decode_image
-  from evf_jax import evaluate
-  from evf_jax.images import save_prediction
-  from evf_jax.predictor import Predictor
   os.makedirs(workdir, exist_ok=True)
   data = os.path.join(workdir, "data", "synthetic")
   if not os.path.isfile(os.path.join(data, "meta.json")):
@@ -79,9 +84,21 @@ def run_demo(workdir: str, num_train: int = 64, num_eval: int = 8, seed: int = 0
     log(f"      [{i}] {prompt!r}: mask area {int(mask.sum())} px, score {float(result.scores[i]):.3f}")
 
   log("[4/4] evaluating synthetic|val")
-  results = evaluate.evaluate_checkpoint(ckpt, os.path.dirname(data), ["synthetic|val"],
+  results = run_eval.evaluate_checkpoint(ckpt, os.path.dirname(data), ["synthetic|val"],
                                          out_dir=os.path.join(workdir, "eval"),
                                          options=evaluate.EvalOptions(batch_size=4, progress=False))
-  log(evaluate.format_table(results))
+  log(run_eval.format_table(results))
   log(f"done: outputs under {workdir} (random weights: the masks and scores are not meaningful)")
   return {"checkpoint": ckpt, "data": data, "eval": results}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--workdir", default="workdir/demo", help="where the data, checkpoint and outputs go")
+  p.add_argument("--num-train", type=int, default=64, help="synthetic training images to generate")
+  p.add_argument("--num-eval", type=int, default=8, help="synthetic validation images to generate")
+  p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+  run_demo(args.workdir, num_train=args.num_train, num_eval=args.num_eval, seed=args.seed)
+  return 0

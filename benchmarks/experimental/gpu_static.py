@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import json
 import os
@@ -46,39 +45,7 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# H100 SXM (and H200: the same chip with 4.8 TB/s HBM3e) as XLA's GPU target description.
-_TARGET = """
-gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_block_optin: 232448
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {bandwidth}
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: {memory}
-  cuda_compute_capability {{ major: 9 minor: 0 }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 10 }}
-runtime_version {{ major: 12 minor: 8 }}
-device_description_str: "{name}"
-"""
-TARGETS = {
-    "h100": _TARGET.format(bandwidth=3352320000000, memory=84929347584, name="NVIDIA H100 80GB HBM3"),
-    "h200": _TARGET.format(bandwidth=4800000000000, memory=150754820096, name="NVIDIA H200"),
-}
+from benchmarks import deviceless  # imports no jax: main() sets the environment first
 
 # --attention values that put benchmarks/pallas_attention.py's kernels in place (gpu_encoder.py's --impls
 # too): which block kinds go to them, cuDNN taking the rest. Here rather than there: this module must not
@@ -307,36 +274,6 @@ def _ptxas_report(dump_dir: str) -> dict[str, dict]:
   return report
 
 
-def use_compile_only_cuda(xla_flags: str, tool: str = "benchmarks/gpu_static.py") -> str | None:
-  """Sets this process up to compile for a GPU it does not have; call it before anything starts jax's
-  backends (they read the environment once). Returns an error line where jax's CUDA plugin is missing."""
-  try:
-    import jax_plugins.xla_cuda12  # noqa: F401
-  except ImportError:
-    return (f"{tool} needs jax's CUDA plugin and CUDA libraries: run "
-            "scripts/setup_static_env.sh gpu and use .venv-gpu-static/bin/python")
-  # The plugin must not look for a driver or a GPU; XLA takes its flags once.
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip()
-  return None
-
-
-def cuda_devices(target: str, topology: str = "1x1x1") -> list:
-  """Compile-only devices of `topology` (e.g. 1x1x4: four GPUs) of the chip TARGETS[target]; what jax
-  and our code would ask the attached GPU is answered as that chip would."""
-  import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
-  from jax.experimental.topologies import get_topology_desc
-
-  from evf_jax.sam import image_encoder
-  # jax asks the local GPU for its compute capability before choosing cuDNN's head-dim limit.
-  cudnn_attention.check_compute_capability = lambda c: tuple(map(int, c.split("."))) <= (9, 0)
-  cudnn_attention.is_cuda_compute_capability_equal = lambda c: tuple(map(int, c.split("."))) == (9, 0)
-  # The XLA attention path chunks its global blocks by the backend jax runs on (the CPU here).
-  image_encoder.default_chunking = functools.partial(image_encoder.default_chunking, platform="gpu")
-  return get_topology_desc("static", "cuda", target_config=TARGETS[target], topology=topology).devices
-
-
 def _compile_encoder(args):
   """The encoder as `Predictor` runs it (bf16, kernels stored in bf16), compiled for the target."""
   import jax
@@ -345,11 +282,11 @@ def _compile_encoder(args):
   from evf_jax import layers
   from evf_jax.evf import EvfConfig, EvfSam, abstract_params, cast_kernels
 
-  device = cuda_devices(args.target)[0]
+  device = deviceless.cuda_devices(args.target)[0]
   if args.gelu == "tanh":  # what XLA can fold into cuBLASLt's GELU epilogue
     layers.gelu = lambda x: jax.nn.gelu(x, approximate=True)
   if args.attention in PALLAS_KINDS:  # the experimental kernels in place, as gpu_encoder.py runs them
-    from benchmarks import pallas_attention
+    from benchmarks.experimental import pallas_attention
     from evf_jax.sam import image_encoder
     try:
       image_encoder.block_attention = pallas_attention.with_pallas(image_encoder.block_attention,
@@ -360,7 +297,7 @@ def _compile_encoder(args):
       sys.exit(2)
   on = jax.sharding.SingleDeviceSharding(device)
   cfg = EvfConfig.preset(args.size)
-  model = EvfSam(cfg, attention_impl="cudnn" if args.attention in PALLAS_KINDS else args.attention,
+  model = EvfSam(cfg, attention="cudnn" if args.attention in PALLAS_KINDS else args.attention,
                  dtype=jnp.bfloat16)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on),
                         jax.eval_shape(lambda p: cast_kernels(p, jnp.bfloat16), abstract_params(cfg)))
@@ -387,7 +324,7 @@ def main(argv=None) -> int:
                        "cuDNN for the rest (the kernels' FLOPs at --attention-tflops, a rate never measured)")
   ap.add_argument("--gelu", default="erf", choices=("erf", "tanh"),
                   help="erf: SAM's exact GELU (ours); tanh: the approximation cuBLASLt can apply in its epilogue")
-  ap.add_argument("--target", default="h100", choices=sorted(TARGETS))
+  ap.add_argument("--target", default="h100", choices=sorted(deviceless.TARGETS))
   ap.add_argument("--xla-flags", default="--xla_gpu_enable_triton_gemm=false",
                   help="XLA_FLAGS for the compile, given as --xla-flags='--flag=value ...' (the default turns "
                        "Triton GEMMs off: see the module docstring)")
@@ -410,7 +347,7 @@ def main(argv=None) -> int:
       ap.error(f"{path} exists; not overwriting it")
   if args.tiles and args.attention not in PALLAS_KINDS:
     ap.error(f"--tiles are for the Pallas kernels: give --attention one of {sorted(PALLAS_KINDS)}")
-  error = use_compile_only_cuda(args.xla_flags)
+  error = deviceless.use_compile_only_cuda(args.xla_flags, "benchmarks.experimental.gpu_static")
   if error:
     print(f"error: {error}", file=sys.stderr)
     return 2

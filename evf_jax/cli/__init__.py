@@ -1,0 +1,59 @@
+"""The application behind `run.py`: one module per sub-command, listed in `COMMANDS`.
+
+The library (the rest of `evf_jax`) never imports this package; this package may import anything (the library,
+`convert`, `data_pipelines`). User mistakes (`UserError`) print one line, `error: ...`, and exit with status 2;
+bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from evf_jax.cli import demo, run_convert, run_eval, run_predict, run_prepare
+from evf_jax.errors import UserError
+
+# name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
+COMMANDS = {
+    "convert": run_convert,
+    "predict": run_predict,
+    "prepare": run_prepare,
+    "eval": run_eval,
+    "demo": demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="run.py", description="evf-jax: EVF-SAM in JAX/Flax.")
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  for name, module in COMMANDS.items():
+    module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+  return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+  return f"warning: {message}\n"
+
+
+def report_user_error(e: UserError) -> int:
+  """Prints a UserError as `error: <first line>` (conversion errors list every problem below it); returns 2."""
+  lines = str(e).strip().splitlines()
+  print(f"error: {lines[0] if lines else e.__class__.__name__}", file=sys.stderr)
+  if len(lines) > 1:
+    print("\n".join(lines[1:]), file=sys.stderr)
+  return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  warnings.formatwarning = _one_line_warning
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    args = build_parser().parse_args(argv)
+    return int(COMMANDS[args.command].run(args) or 0)
+  except UserError as e:
+    return report_user_error(e)
+  except KeyboardInterrupt:
+    print("error: interrupted", file=sys.stderr)
+    return 130

@@ -1,0 +1,30 @@
+"""Flags shared by several sub-commands, spelled as in `evf_jax.runtime`."""
+
+from __future__ import annotations
+
+import argparse
+
+from evf_jax.runtime import (
+  ATTENTIONS,
+  PRECISIONS,
+  check_attention_platform,
+  compute_dtype,
+)
+
+
+def add_compute_args(p: argparse.ArgumentParser, precision_help: str = "compute precision") -> None:
+  p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help=precision_help)
+  p.add_argument("--attention", default="xla", choices=list(ATTENTIONS),
+                 help="attention kernels: xla, or cudnn (flash attention on NVIDIA GPUs; needs --precision bf16 "
+                      "or fp16)")
+
+
+def check_compute_args(args: argparse.Namespace) -> None:
+  """--precision / --attention checked together and against the platform, before anything is loaded."""
+  compute_dtype(args.precision, args.attention)
+  check_attention_platform(args.attention)
+
+
+def add_compilation_cache_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                 help="persistent compilation cache directory (makes later runs start faster)")

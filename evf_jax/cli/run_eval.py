@@ -1,0 +1,202 @@
+"""`run.py eval`: gIoU / cIoU of a checkpoint on prepared splits; a JSON per split and a table.
+
+The protocol and the sharded step are `evf_jax.evaluate`; this module finds the data, reads it into examples,
+writes the results (with the checkpoint's provenance) and optional overlays. `evaluate_split` is also the
+training run's periodic evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+
+from data_pipelines import eval_splits, pipeline, records
+from data_pipelines.eval_splits import EvalSplit
+from data_pipelines.transforms import SampleConfig
+from evf_jax import checkpoints, evaluate
+from evf_jax.cli import common
+from evf_jax.errors import UserError
+from evf_jax.evf import EvfConfig, cast_kernels
+from evf_jax.images import decode_image, overlay
+from evf_jax.runtime import compute_dtype, enable_compilation_cache
+
+HELP = "referring-segmentation evaluation (gIoU / cIoU) of a checkpoint on prepared splits"
+
+PROTOCOL = ("EVF-SAM eval.py: every sentence a prompt, logits > 0 at the original resolution; "
+            "cIoU = sum I / sum U, gIoU = mean I/U per sentence (empty union = 1)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.formatter_class = argparse.RawDescriptionHelpFormatter
+  p.epilog = (
+      "Splits are named as in EVF-SAM's eval.py, DATASET|SPLITBY|SPLIT (quote them in a shell):\n"
+      "  the eight standard ones (--split standard selects all): " + ", ".join(eval_splits.STANDARD_SPLITS) + "\n"
+      "  also: refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, synthetic|val\n"
+      "Data: --data ROOT holds one prepared directory per dataset, named like the dataset:\n"
+      "  python run.py prepare --dataset refcoco --src dataset/refer_seg --out ROOT/refcoco\n"
+      "  python run.py prepare --dataset synthetic --out ROOT/synthetic\n"
+      "so 'refcoco|unc|val' reads split 'val' of ROOT/refcoco. --data may also be one prepared directory.\n"
+      "Output: OUT_DIR/<DATASET_SPLITBY_SPLIT>.json per split (gIoU/cIoU as fractions, counts, timing,\n"
+      "devices, batch size, checkpoint provenance) and a table on stdout (IoUs in percent).")
+  p.add_argument("--checkpoint", required=True,
+                 help="an evf-jax checkpoint directory (from `run.py convert`, or a training run's export/)")
+  p.add_argument("--data", required=True, help="root of prepared datasets (see below)")
+  p.add_argument("--split", action="append", required=True, metavar="SPLIT",
+                 help="a split such as 'refcoco|unc|val', or 'standard'; repeat for several")
+  p.add_argument("--out-dir", default="eval_results", help="where the JSON results go (default: eval_results)")
+  p.add_argument("--batch-size", type=int, default=8,
+                 help="images per step, all their sentences included; rounded up to a multiple of the device "
+                      "count (every image is evaluated exactly once whatever the value)")
+  common.add_compute_args(p, "compute precision (the reference evaluates in fp16 by default)")
+  p.add_argument("--size-multiple", type=int, default=evaluate.EvalOptions.size_multiple,
+                 help="original image sizes are padded up to a multiple of this (fewer compiled shapes)")
+  p.add_argument("--num-devices", type=int, default=None, help="use only the first N devices (default: all)")
+  p.add_argument("--save-overlays", type=int, default=0, metavar="N",
+                 help="write prediction | ground-truth overlays for the first N images of each split")
+  p.add_argument("--read-threads", type=int, default=4, help="host threads decoding images and masks")
+  common.add_compilation_cache_arg(p)
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+  for flag, value, low in (("--batch-size", args.batch_size, 1), ("--size-multiple", args.size_multiple, 1),
+                           ("--save-overlays", args.save_overlays, 0)):
+    if value < low:
+      raise UserError(f"{flag} must be >= {low}, got {value}")
+  common.check_compute_args(args)
+  devices = None
+  if args.num_devices is not None:
+    if not 1 <= args.num_devices <= jax.device_count():
+      raise UserError(f"--num-devices {args.num_devices}: there are {jax.device_count()} devices")
+    devices = jax.devices()[:args.num_devices]
+  if args.compilation_cache:
+    enable_compilation_cache(args.compilation_cache)
+  options = evaluate.EvalOptions(batch_size=args.batch_size, size_multiple=args.size_multiple,
+                                 read_threads=args.read_threads, progress=not args.no_progress)
+  results = evaluate_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out_dir, options=options,
+                                precision=args.precision, attention=args.attention, devices=devices,
+                                save_overlays=args.save_overlays)
+  print(format_table(results))
+  print(f"results: {', '.join(r['json'] for r in results if 'json' in r)}")
+  return 0
+
+
+def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit, str, dict]]:
+  """[(split, its prepared directory, that directory's meta.json)]; UserError for any problem, before loading."""
+  splits = eval_splits.expand_splits(split_names)
+  if not splits:
+    raise UserError("no --split given")
+  return [(s,) + eval_splits.resolve_data_dir(data, s) for s in splits]
+
+
+def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config: EvfConfig, directory: str,
+                   split: str, *, name: str, overlay_dir: Optional[str] = None, save_overlays: int = 0) -> dict:
+  """One prepared split with `params`: this process's share of its images, the result over all processes."""
+  sample = SampleConfig(max_text_len=evaluator.options.max_text_len, sam_size=config.sam.img_size,
+                        beit_size=config.beit3.img_size)
+  ds = pipeline.eval_dataset(directory, split, tokenizer, low_res=config.sam.low_res_size, sample=sample)
+  threads = max(1, evaluator.options.read_threads)
+  read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2 * evaluator.batch_images))
+  like = None
+  if len(ds) == 0:  # this process has no image of a tiny split; the shapes come from the split's first one
+    like = pipeline.eval_dataset(directory, split, tokenizer, low_res=config.sam.low_res_size, sample=sample,
+                                 process_index=0, process_count=1)[0]
+  sink = OverlayWriter(directory, split, overlay_dir, save_overlays) if overlay_dir and save_overlays else None
+  result = evaluator.run(params, ds.to_iter_dataset(read), total=len(ds), name=name, sink=sink, like=like)
+  if sink is not None and sink.index:
+    sink.finish()
+    result["overlays"] = sink.directory
+  return result
+
+
+class OverlayWriter:
+  """PNG overlays (prediction | ground truth, the reference's colour blend) for the first N images."""
+
+  def __init__(self, data_dir: str, split: str, directory: str, count: int):
+    self.data_dir, self.split, self.directory, self.count = data_dir, split, directory, count
+    self.index: list[dict] = []
+    self._source = None
+
+  def wants(self, slot: evaluate.Slot) -> bool:
+    return slot.index < self.count
+
+  def write(self, slot: evaluate.Slot, preds: np.ndarray, ious: np.ndarray) -> None:
+    if self._source is None:
+      self._source = grain.sources.ArrayRecordDataSource(records.shard_paths(self.data_dir, self.split))
+      os.makedirs(self.directory, exist_ok=True)
+    rec = records.deserialize(self._source[slot.index])  # re-read: the batch holds no original pixels
+    image = decode_image(rec.image)
+    h, w = image.shape[:2]
+    for j, text in enumerate(slot.texts):
+      gt = rec.mask(rec.entries[j].mask_index).astype(bool)
+      pred = np.asarray(preds[j][:h, :w], bool)
+      file = f"{slot.index:05d}_{slot.image_id}_{j}.png".replace("/", "_")
+      Image.fromarray(np.concatenate([overlay(image, pred), overlay(image, gt)], axis=1)).save(
+          os.path.join(self.directory, file))
+      self.index.append({"file": file, "image_id": slot.image_id, "sentence": text, "iou": float(ious[j])})
+
+  def finish(self) -> None:
+    with open(os.path.join(self.directory, f"index-{jax.process_index()}.json"
+                           if jax.process_count() > 1 else "index.json"), "w") as f:
+      json.dump(sorted(self.index, key=lambda d: d["file"]), f, indent=1)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], *, out_dir: Optional[str],
+                        options: evaluate.EvalOptions = evaluate.EvalOptions(), precision: str = "fp32",
+                        attention: str = "xla", devices: Optional[Sequence] = None,
+                        save_overlays: int = 0) -> list[dict]:
+  """Every split of `split_names` with one checkpoint; writes OUT_DIR/<split tag>.json.
+
+  Splits and data directories are all checked before the (slow) checkpoint load.
+  """
+  dtype = compute_dtype(precision, attention)
+  located = locate_splits(data, split_names)
+  if out_dir and os.path.isfile(out_dir):
+    raise UserError(f"--out-dir {out_dir} is a file")
+  config, params, tokenizer = checkpoints.load_checkpoint(checkpoint, max_text_len=options.max_text_len)
+  raw_config = checkpoints.read_config(checkpoint)
+  provenance = checkpoints.read_provenance(checkpoint)
+  evaluator = evaluate.Evaluator(evaluate.evf_predict_fn(config, precision, attention), devices=devices,
+                                 options=options)
+  params = cast_kernels(params, dtype)
+  results = []
+  for split, directory, meta in located:
+    overlay_dir = os.path.join(out_dir, "overlays", split.tag) if out_dir and save_overlays else None
+    r = evaluate_split(evaluator, params, tokenizer, config, directory, split.split, name=split.name,
+                       overlay_dir=overlay_dir, save_overlays=save_overlays)
+    r = {"split": split.name, "dataset": split.dataset, "data_split": split.split,
+         "data_dir": os.path.abspath(directory), **r, "precision": precision, "attention": attention,
+         "protocol": PROTOCOL,
+         "checkpoint": {"path": os.path.abspath(checkpoint),
+                        "sam_scale": raw_config.get("sam_scale"),
+                        "mm_extractor_scale": raw_config.get("mm_extractor_scale"),
+                        "param_dtype": raw_config.get("param_dtype", "float32"),
+                        "provenance": provenance},
+         "dataset_meta": {k: meta.get(k) for k in ("dataset", "skipped", "src", "seed") if k in meta}}
+    if out_dir and jax.process_index() == 0:
+      os.makedirs(out_dir, exist_ok=True)
+      path = os.path.join(out_dir, f"{split.tag}.json")
+      with open(path, "w") as f:
+        json.dump(r, f, indent=2, sort_keys=True)
+      r["json"] = path
+    results.append(r)
+  return results
+
+
+def format_table(results: Sequence[dict]) -> str:
+  """The printed summary: one row per split, IoUs in percent."""
+  rows = [("split", "images", "sentences", "gIoU", "cIoU", "time", "sent/s")]
+  for r in results:
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    rows.append((r["split"], str(r["images"]), str(r["sentences"]), pct(r["giou"]), pct(r["ciou"]),
+                 f"{r['wall_time_s']:.1f}s", f"{r['sentences_per_s'] or 0:.2f}"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                   for row in rows)

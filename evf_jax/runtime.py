@@ -1,0 +1,47 @@
+"""Run-time choices shared by inference, evaluation and training, spelled the same everywhere (CLI flags,
+Python arguments, config fields):
+
+  precision  "fp32" | "bf16" | "fp16": the compute dtype (parameters keep their stored dtype; LayerNorm
+             statistics and softmax always run in float32);
+  attention  "xla" | "cudnn": the attention kernels ("cudnn" is flash attention on NVIDIA GPUs, bf16/fp16).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from evf_jax.errors import UserError
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+ATTENTIONS = ("xla", "cudnn")
+
+
+def compute_dtype(precision: str, attention: str = "xla") -> Any:
+  """The compute dtype of `precision`. UserError for an unknown precision or attention, and for cuDNN
+  attention in fp32: its flash kernels take fp16/bf16 only, and jax would fail deep inside the first call."""
+  if precision not in PRECISIONS:
+    raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+  if attention not in ATTENTIONS:
+    raise UserError(f"attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
+  if attention == "cudnn" and precision == "fp32":
+    raise UserError("cuDNN attention needs precision bf16 or fp16 (its flash kernels have no float32 form)")
+  return PRECISIONS[precision]
+
+
+def check_attention_platform(attention: str) -> None:
+  """UserError when cuDNN attention is asked for where jax has no GPU (before any checkpoint is read)."""
+  if attention == "cudnn" and jax.default_backend() != "gpu":
+    raise UserError(f"attention cudnn needs an NVIDIA GPU; jax is running on {jax.default_backend()}")
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Persist compiled programs across processes (jax's persistent compilation cache)."""
+  path = os.path.abspath(os.path.expanduser(path))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,102 @@
+"""The layering rule (docs/architecture.md), checked on the source: who may import whom, and imports at the top.
+
+  library      evf_jax/ without evf_jax/cli/: imports none of convert, data_pipelines, benchmarks, tests,
+               evf_testing, evf_jax.cli
+  converters   convert/: the library only (no data_pipelines, benchmarks, tests, evf_testing, evf_jax.cli)
+  data         data_pipelines/: the library only (no convert, benchmarks, tests, evf_testing, evf_jax.cli)
+  application  evf_jax/cli/: anything but benchmarks, tests and evf_testing
+
+Inside functions, an import needs a stated reason: a `# lazy: ...` comment on its line (e.g. torch, which
+inference never loads).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIRST_PARTY = ("evf_jax", "convert", "data_pipelines", "benchmarks", "tests", "evf_testing", "configs")
+RULES = {  # layer -> first-party modules it must not import (prefix match on dotted names)
+    "library": ("convert", "data_pipelines", "benchmarks", "tests", "evf_testing", "configs", "evf_jax.cli"),
+    "converters": ("data_pipelines", "benchmarks", "tests", "evf_testing", "configs", "evf_jax.cli"),
+    "data": ("convert", "benchmarks", "tests", "evf_testing", "configs", "evf_jax.cli"),
+    "application": ("benchmarks", "tests", "evf_testing"),
+}
+
+
+def layer_of(rel: pathlib.PurePosixPath) -> str | None:
+  parts = rel.parts
+  if parts[0] == "evf_jax":
+    return "application" if len(parts) > 1 and parts[1] == "cli" else "library"
+  return {"convert": "converters", "data_pipelines": "data"}.get(parts[0])
+
+
+def imports(path: pathlib.Path) -> list[tuple[int, str, bool, str]]:
+  """(line, imported module, inside a function, the source line) for every import of a file."""
+  source = path.read_text()
+  lines = source.splitlines()
+  found = []
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+      if isinstance(child, ast.Import):
+        found.extend((child.lineno, a.name, in_function, lines[child.lineno - 1]) for a in child.names)
+      elif isinstance(child, ast.ImportFrom) and child.module and child.level == 0:
+        names = [f"{child.module}.{a.name}" for a in child.names]
+        found.extend((child.lineno, n, in_function, lines[child.lineno - 1]) for n in names)
+      visit(child, nested)
+
+  visit(ast.parse(source), False)
+  return found
+
+
+def violations(root: pathlib.Path) -> list[str]:
+  bad = []
+  for path in sorted(root.rglob("*.py")):
+    rel = pathlib.PurePosixPath(path.relative_to(root).as_posix())
+    if rel.parts[0] not in ("evf_jax", "convert", "data_pipelines"):
+      continue
+    layer = layer_of(rel)
+    for line, name, in_function, text in imports(path):
+      forbidden = [f for f in RULES[layer] if name == f or name.startswith(f + ".")]
+      if forbidden:
+        bad.append(f"{rel}:{line}: the {layer} imports {name}")
+      if in_function and "# lazy:" not in text:
+        bad.append(f"{rel}:{line}: import inside a function without a `# lazy: <reason>` comment: {text.strip()}")
+  return bad
+
+
+def test_the_tree_follows_the_layering_rule():
+  assert violations(ROOT) == []
+
+
+@pytest.mark.parametrize("where,code,expect", [
+    ("evf_jax/predictor.py", "from data_pipelines import records\n", "the library imports data_pipelines.records"),
+    ("evf_jax/sam/sam.py", "import evf_jax.cli\n", "the library imports evf_jax.cli"),
+    ("convert/evf.py", "from evf_testing import images\n", "the converters imports evf_testing.images"),
+    ("data_pipelines/pipeline.py", "def f():\n  import convert.io\n", "the data imports convert.io"),
+    ("evf_jax/metrics.py", "def f():\n  import numpy\n", "import inside a function without"),
+])
+def test_a_violation_is_caught(tmp_path, where, code, expect):
+  """The checker itself: a copy of the tree with one offending import added fails with a message naming it."""
+  for top in ("evf_jax", "convert", "data_pipelines"):
+    for path in (ROOT / top).rglob("*.py"):
+      dst = tmp_path / path.relative_to(ROOT)
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      dst.write_text(path.read_text())
+  target = tmp_path / where
+  target.write_text(target.read_text() + "\n\n" + code)
+  found = violations(tmp_path)
+  assert any(expect in v and where in v for v in found), found
+
+
+def test_the_package_exports_its_api():
+  import evf_jax
+  for name in ("Predictor", "load_image", "decode_image", "load_checkpoint", "EvfConfig", "UserError"):
+    assert hasattr(evf_jax, name), name
+  assert os.path.isfile(ROOT / "pyproject.toml")
