@@ -309,7 +309,9 @@ class Evaluator:
     t0 = time.perf_counter()
     params = jax.tree.map(self._place, params)
     local_images = self.batch_images // self.processes
-    batcher = Batcher(local_images, size_multiple=self.options.size_multiple, lookahead=self.options.lookahead)
+    cap = self.options.max_text_len  # the model's text positions end there: no bucket beyond it
+    batcher = Batcher(local_images, size_multiple=self.options.size_multiple, lookahead=self.options.lookahead,
+                      text_buckets=tuple(t for t in buckets.TEXT_BUCKETS if t < cap) + (cap,))
     acc = metrics.IoUAccumulator()
     bar = tqdm(total=total, desc=name, unit="img", dynamic_ncols=True,
                disable=not self.options.progress or jax.process_index() != 0)

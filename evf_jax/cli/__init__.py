@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from evf_jax.cli import demo, run_convert, run_eval, run_predict, run_prepare
+from evf_jax.cli import demo, run_convert, run_eval, run_predict, run_prepare, run_train
 from evf_jax.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
@@ -21,6 +21,7 @@ COMMANDS = {
     "predict": run_predict,
     "prepare": run_prepare,
     "eval": run_eval,
+    "train": run_train,
     "demo": demo,
 }
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="run.py", description="evf-jax: EVF-SAM in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, module in COMMANDS.items():
-    module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP))
+    module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP, add_help=name != "train"))
   return parser
 
 
@@ -50,6 +51,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   warnings.formatwarning = _one_line_warning
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
+    if argv[:1] == ["train"]:  # absl flags (ml_collections config_flags), not argparse
+      return run_train.main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(COMMANDS[args.command].run(args) or 0)
   except UserError as e:

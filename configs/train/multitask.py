@@ -1,0 +1,36 @@
+"""The multi-task mixture of `evf-sam-multitask`: referring expressions (RefCOCO/+/g), semantic segmentation
+(ADE20K), machine-annotated instances (Objects365), parts (PartImageNet, Pascal-Part) and human parsing.
+
+    python run.py prepare --dataset ade20k --src dataset/ade20k --out data/ade20k    # ... every dataset below
+    python run.py train --config configs/train/multitask.py:size=huge --workdir W \\
+        --config.init.sam_checkpoint=sam_vit_h_4b8939.pth \\
+        --config.init.beit3_checkpoint=beit3_large_patch16_224.pth --config.tokenizer=beit3.spm
+
+The mixture weights of the released model were not published. The only weights in the original code are
+obj365 : refer_seg = 1 : 3; the others here are our choice (each semantic or part source as likely as Objects365),
+so `--config.data.mixture` is the first thing to tune. Inside a group the datasets are drawn uniformly.
+Semantic-level prompts carry the "[semantic] " prefix (written by `run.py prepare`).
+"""
+
+from evf_jax.train import config as train_config
+
+
+def get_config(arg=None):
+  arg = train_config.parse_arg(arg, size="huge")
+  if arg.size not in ("huge", "base"):
+    raise ValueError(f"size={arg.size}: expected huge or base")
+  c = train_config.base_config()
+  c.model = train_config.model_fields("evf-sam-multitask" if arg.size == "huge" else "base")
+  c.data.mixture = {
+      "refer_seg": (3.0, ("refcoco", "refcoco+", "refcocog")),
+      "obj365": (1.0, ("obj365",)),
+      "ade20k": (1.0, ("ade20k",)),
+      "partimagenet": (1.0, ("partimagenet",)),
+      "pascal_part": (1.0, ("pascal_part",)),
+      "humanparsing": (1.0, ("humanparsing",)),
+  }
+  c.evals = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val")
+  c.batch_size = 160
+  c.total_steps = 10000
+  c.remat = arg.size == "huge"
+  return c

@@ -1,0 +1,31 @@
+"""Referring segmentation (RES) on RefCOCO, RefCOCO+ and RefCOCOg, as the released `evf-sam` checkpoint was
+trained, from the public SAM and BEiT-3 checkpoints.
+
+    python run.py prepare --dataset refcoco --src dataset/refer_seg --out data/refcoco     # and refcoco+, refcocog
+    python run.py train --config configs/train/refcoco.py:size=huge --workdir W \\
+        --config.init.sam_checkpoint=sam_vit_h_4b8939.pth \\
+        --config.init.beit3_checkpoint=beit3_large_patch16_224.pth --config.tokenizer=beit3.spm
+
+size: huge (SAM ViT-H + BEiT-3-large, the released model) or base (SAM ViT-B + BEiT-3-base).
+refclef: also train on RefCLEF (whether the released model saw it is unknown).
+EVF-SAM's recipe was not published: the optimizer, schedule, batch and loss weights are LISA's, whose training
+script EVF-SAM's authors say they adapted (docs/data.md#7-training-recipe). The refer datasets are drawn
+uniformly, as the original's `refer_seg` group.
+"""
+
+from evf_jax.train import config as train_config
+
+
+def get_config(arg=None):
+  arg = train_config.parse_arg(arg, size="huge", refclef=False)
+  if arg.size not in ("huge", "base"):
+    raise ValueError(f"size={arg.size}: expected huge or base")
+  c = train_config.base_config()
+  c.model = train_config.model_fields("evf-sam" if arg.size == "huge" else "base")
+  c.data.mixture = {"refer_seg": (1.0, ("refcoco", "refcoco+", "refcocog") + (("refclef",) if arg.refclef else ()))}
+  c.evals = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val")
+  # LISA: 2 images per GPU x 10 accumulation steps x 8 GPUs = 160 images per optimizer step, 5000 steps.
+  c.batch_size = 160
+  c.total_steps = 5000
+  c.remat = arg.size == "huge"
+  return c

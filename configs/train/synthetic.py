@@ -1,0 +1,46 @@
+"""A small EVF-SAM trained from scratch on the embedded synthetic referring dataset (no download); the default
+job's training run (`bash scripts/run_default.sh`).
+
+    python run.py train --config configs/train/synthetic.py --workdir workdir/synthetic
+    python run.py train --config configs/train/synthetic.py --workdir W --config.total_steps=200
+
+The data (generated into <workdir>/data when missing) and a sentencepiece tokenizer trained on its prompts
+need nothing outside the repository. Everything is trained: no pretrained weights exist to freeze.
+"""
+
+from evf_jax.train import config as train_config
+
+
+def get_config(arg=None):
+  arg = train_config.parse_arg(arg, steps=1500)
+  c = train_config.base_config()
+  c.total_steps = arg.steps
+  c.batch_size = 16
+  c.checkpoint_every = 250
+  c.eval_every = 500
+  c.log_every = 25
+  c.keep_checkpoints = 2
+  c.precision = "fp32"  # a CPU runs bf16 matmuls no faster
+  c.model = train_config.model_fields(
+      "tiny",
+      sam={"img_size": 128, "patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "window_size": 4,
+           "global_attn_indexes": (1,), "prompt_embed_dim": 64, "mask_in_chans": 8, "decoder_num_heads": 2,
+           "decoder_mlp_dim": 256, "iou_head_hidden_dim": 64},
+      beit3={"embed_dim": 64, "num_layers": 2, "num_heads": 2, "ffn_dim": 256, "img_size": 64, "patch_size": 16,
+             "vocab_size": 160, "max_source_positions": 32})
+  c.init.from_scratch = True
+  c.train_tokenizer_vocab = 128  # every word of the synthetic prompts becomes one piece
+  c.trainable = (".*",)
+  c.optimizer.lr = 1e-3
+  c.optimizer.b2 = 0.99
+  c.optimizer.warmup_steps = 100
+  c.optimizer.schedule = "cosine"
+  c.data.root = ""  # <workdir>/data
+  c.data.mixture = {"synthetic": (1.0, ("synthetic",))}
+  c.data.num_prompts = 4
+  c.data.max_text_len = 16
+  c.data.read_threads = 2
+  c.data.synthetic = {"num_train": 2000, "num_eval": 200, "seed": 0}
+  c.evals = ("synthetic|val",)
+  c.eval.batch_size = 16
+  return c

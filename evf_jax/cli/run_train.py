@@ -1,0 +1,283 @@
+"""`run.py train`: train EVF-SAM from a config, on whatever devices there are.
+
+    python run.py train --config configs/train/synthetic.py --workdir W [--config.total_steps=200]
+    python run.py train --config configs/train/refcoco.py:size=huge --workdir W --config.init.sam_checkpoint=...
+
+Flags are absl's (`--config`, `--config.<field>`, `--workdir`) because ml_collections' config_flags are;
+several processes (one per host) join with `--coordinator_address HOST:PORT --num_processes N --process_id I`,
+or with no flags where jax detects the cluster itself (TPU pod slices, Slurm). Running the same command again
+resumes from the workdir. Everything a user can get wrong is checked before anything compiles.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+import sentencepiece as spm
+from absl import flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from convert.pretrained import init_from_pretrained
+from data_pipelines import pipeline, prepare, records
+from data_pipelines.transforms import SampleConfig
+from evf_jax import checkpoints, evaluate, sharding
+from evf_jax.cli import run_eval
+from evf_jax.errors import UserError
+from evf_jax.evf import EvfConfig, init_params
+from evf_jax.runtime import check_attention_platform, compute_dtype
+from evf_jax.tokenizer import SPM_FILE, TextTokenizer
+from evf_jax.train import checkpointing
+from evf_jax.train import config as train_config
+from evf_jax.train.trainer import Trainer
+
+HELP = "train EVF-SAM from a config (configs/train/*.py) into a workdir; resumes when run again"
+TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: a sentencepiece model trained on the training prompts
+DATA_DIR = "data"             # <workdir>/data: generated synthetic data when data.root is ""
+
+# Environment variables of launchers whose clusters `jax.distributed.initialize()` detects without arguments.
+_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def _flags(argv: Sequence[str]) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "a training config: configs/train/NAME.py[:args]",
+                                  flag_values=fv, lock_config=True, sys_argv=list(argv))
+  flags.DEFINE_string("workdir", None, "where checkpoints, logs and the exported model go", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index (multi-process runs)", flag_values=fv)
+  flags.DEFINE_string("coordinator_bind_address", None, "where process 0 listens (default: every interface; "
+                      "127.0.0.1:PORT keeps a run on one machine to itself)", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_timeout", 100, "seconds before a silent process is declared dead (multi-process)",
+                       flag_values=fv)
+  return fv
+
+
+def add_arguments(p) -> None:  # `run.py --help` lists the command; its flags are absl's (`run.py train --help`)
+  p.add_argument("flags", nargs="*", help="--config configs/train/NAME.py --workdir DIR [--config.FIELD=VALUE ...]")
+
+
+def parse(argv: Sequence[str]) -> flags.FlagValues:
+  """absl parsing with every mistake as a one-line UserError."""
+  argv = ["run.py train", *argv]
+  fv = _flags(argv)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(__doc__.strip() + "\n\nflags:\n" + fv.main_module_help())
+    raise SystemExit(0)
+  try:
+    fv(argv)
+    cfg = fv.config
+    if cfg is None:
+      raise UserError("--config is required: e.g. --config configs/train/synthetic.py")
+    cfg.get("seed")  # a config file that failed to load raises here
+  except UserError:
+    raise
+  except (flags.Error, OSError, ValueError) as e:
+    cause = e.__cause__ or e.__context__
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if cause is not None and str(cause).strip():
+      message = f"{message} {str(cause).strip().splitlines()[0]}"
+    raise UserError(message) from None
+  except (AttributeError, KeyError) as e:
+    raise UserError(f"the config has no field {e}; see configs/train/*.py and evf_jax/train/config.py") from None
+  if not fv.workdir:
+    raise UserError("--workdir is required")
+  return fv
+
+
+def _initialise_distributed(fv: flags.FlagValues) -> bool:
+  """Joins the other processes before anything touches jax's backends; True when multi-process."""
+  given = [fv.coordinator_address, fv.num_processes, fv.process_id]
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      raise UserError("--coordinator_address, --num_processes and --process_id go together")
+    if not 0 <= fv.process_id < fv.num_processes:
+      raise UserError(f"--process_id {fv.process_id} is not in [0, {fv.num_processes})")
+    jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                               process_id=fv.process_id, coordinator_bind_address=fv.coordinator_bind_address,
+                               heartbeat_timeout_seconds=fv.heartbeat_timeout)
+    return True
+  if any(v in os.environ for v in _CLUSTER_ENV) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def _check_config(cfg) -> EvfConfig:
+  compute_dtype(cfg.precision, cfg.attention)
+  check_attention_platform(cfg.attention)
+  for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "grad_accum",
+              "keep_checkpoints"):
+    if int(cfg[key]) < 1:
+      raise UserError(f"config.{key} must be >= 1, got {cfg[key]}")
+  if not cfg.data.mixture:
+    raise UserError("config.data.mixture is empty")
+  return train_config.model_config(cfg.model)
+
+
+def _data_dirs(cfg, workdir: str) -> tuple[str, dict[str, tuple[float, list[str]]]]:
+  """(data root, the mixture with directories); generates a missing synthetic dataset when configured."""
+  root = cfg.data.root or os.path.join(workdir, DATA_DIR)
+  mixture = {}
+  for group, (weight, names) in cfg.data.mixture.items():
+    dirs = []
+    for name in ([names] if isinstance(names, str) else names):
+      directory = os.path.join(root, name)
+      if not os.path.isfile(os.path.join(directory, records.META_FILE)):
+        if name == "synthetic" and cfg.data.synthetic.num_train > 0:
+          if jax.process_index() == 0:
+            print(f"generating the synthetic dataset in {directory}")
+            syn = cfg.data.synthetic
+            prepare.prepare("synthetic", directory, num_train=syn.num_train, num_eval=syn.num_eval, seed=syn.seed,
+                            progress=False)
+          multihost_utils.sync_global_devices("evf_jax: synthetic data")
+        else:
+          raise UserError(f"data.mixture.{group}: no prepared dataset at {directory} (write it with `run.py "
+                          f"prepare --dataset {name} --out {directory}`, or set --config.data.root)")
+      if "train" not in records.read_meta(directory).get("splits", {}):
+        raise UserError(f"{directory} has no train split")
+      dirs.append(directory)
+    mixture[group] = (float(weight), dirs)
+  return root, mixture
+
+
+def _tokenizer(cfg, workdir: str, mixture) -> TextTokenizer:
+  if cfg.tokenizer:
+    return TextTokenizer(cfg.tokenizer)
+  if cfg.init.evf_checkpoint:
+    return TextTokenizer(os.path.join(cfg.init.evf_checkpoint, checkpoints.TOKENIZER_DIR))
+  if cfg.train_tokenizer_vocab > 0:
+    directory = os.path.join(workdir, TOKENIZER_DIR)
+    if not os.path.isfile(os.path.join(directory, SPM_FILE)) and jax.process_index() == 0:
+      texts = [e.text for _, dirs in mixture.values() for d in dirs for r in records.read_records(d, "train")
+               for e in r.entries]
+      train_tokenizer(texts, directory, cfg.train_tokenizer_vocab)
+    multihost_utils.sync_global_devices("evf_jax: tokenizer")
+    return TextTokenizer(directory)
+  raise UserError("no tokenizer: set --config.tokenizer (a sentencepiece model, e.g. BEiT-3's beit3.spm), "
+                  "init.evf_checkpoint, or train_tokenizer_vocab")
+
+
+def train_tokenizer(texts: Sequence[str], directory: str, vocab_size: int) -> str:
+  """A sentencepiece BPE model of the prompts, with XLM-R's id layout (<unk>=0, <s>=1, </s>=2; the fairseq
+  offset is added by `TextTokenizer`), written atomically as directory/sentencepiece.bpe.model."""
+  os.makedirs(directory, exist_ok=True)
+  corpus = os.path.join(directory, "corpus.txt")
+  with open(corpus, "w", encoding="utf-8") as f:
+    f.write("\n".join(sorted(set(texts))))
+  prefix = os.path.join(directory, "partial")
+  spm.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, vocab_size=vocab_size, model_type="bpe",
+                                 hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  os.replace(prefix + ".model", os.path.join(directory, SPM_FILE))
+  os.remove(prefix + ".vocab")
+  os.remove(corpus)
+  return directory
+
+
+def _init_fn(cfg, model_config: EvfConfig):
+  """The function that makes the starting parameters (called only when there is nothing to resume), and a
+  description for the export's provenance. Paths are checked now, before anything compiles."""
+  init = cfg.init
+  rng = jax.random.key(cfg.seed)
+  if init.evf_checkpoint:
+    loaded = checkpoints.read_config(init.evf_checkpoint, expect_model_type="evf")
+    want = model_config.to_dict()
+    for key in ("sam", "beit3"):
+      if loaded.get(key) != want[key]:
+        diff = sorted(k for k in want[key] if loaded.get(key, {}).get(k) != want[key][k])
+        raise UserError(f"init.evf_checkpoint {init.evf_checkpoint} is another model: its {key} differs in "
+                        f"{', '.join(diff)} from config.model")
+
+    def from_evf():
+      return jax.tree.map(np.asarray, checkpoints.load_checkpoint(init.evf_checkpoint)[1])
+    return from_evf, {"init": "evf_checkpoint", "path": os.path.abspath(init.evf_checkpoint)}
+  if init.sam_checkpoint or init.beit3_checkpoint:
+    for key in ("sam_checkpoint", "beit3_checkpoint"):
+      if init[key] and not os.path.isfile(init[key]):
+        raise UserError(f"init.{key}: no such file: {init[key]}")
+    # Read and size-checked now (a wrong model fails in seconds, before any compile); kept on the host.
+    params, report = init_from_pretrained(model_config, sam_path=init.sam_checkpoint or None,
+                                          beit3_path=init.beit3_checkpoint or None, rng=rng)
+    if jax.process_index() == 0:
+      print(report.summary())
+    return (lambda: params), {"init": "pretrained", **report.to_dict()}
+  if init.from_scratch:
+    return (lambda: init_params(model_config, rng)), {"init": "random", "seed": cfg.seed}
+  raise UserError("no initialisation: set init.evf_checkpoint, or init.sam_checkpoint and init.beit3_checkpoint, "
+                  "or init.from_scratch=True")
+
+
+def _eval_fn(cfg, model_config: EvfConfig, tokenizer, mesh, rules, data_root: str):
+  if not cfg.evals:
+    return None
+  located = run_eval.locate_splits(cfg.eval.root or data_root, list(cfg.evals))
+  options = evaluate.EvalOptions(batch_size=cfg.eval.batch_size, progress=cfg.progress,
+                                 max_text_len=min(1022, model_config.beit3.max_text_len))
+  evaluator = evaluate.Evaluator(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh=mesh,
+                                 batch_axes=sharding.batch_axes(mesh, rules), options=options)
+
+  def fn(params, step):
+    return {split.name: run_eval.evaluate_split(evaluator, params, tokenizer, model_config, directory, split.split,
+                                                name=f"eval {split.name}")
+            for split, directory, _ in located}
+  return fn
+
+
+def run(args) -> int:
+  return main(args.flags)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  fv = parse(sys.argv[2:] if argv is None else argv)
+  distributed = _initialise_distributed(fv)
+  try:
+    summary = train(fv.config, fv.workdir)
+  finally:
+    if distributed:
+      jax.distributed.shutdown()
+  # Preemption (SIGTERM) is a clean stop: the state is saved and the scheduler may restart the job. Ctrl-C is not.
+  code = 130 if summary.stopped_early and "SIGINT" in summary.stopped_early else 0
+  if distributed:  # a finished process may hang in interpreter teardown after jax's distributed runtime
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
+
+
+def train(cfg, workdir: str):
+  """Everything `run.py train` does after parsing; returns the trainer's Summary."""
+  workdir = os.path.abspath(workdir)
+  if os.path.isfile(workdir):
+    raise UserError(f"--workdir {workdir} is a file")
+  model_config = _check_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.rules_for(mesh, cfg.sharding_rules)
+  data_root, mixture = _data_dirs(cfg, workdir)
+  tokenizer = _tokenizer(cfg, workdir, mixture)
+  if tokenizer.vocab_size > model_config.beit3.vocab_size:
+    raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.beit3.vocab_size "
+                    f"{model_config.beit3.vocab_size}")
+  if checkpointing.has_checkpoint(workdir):  # resuming: the parameters come from the checkpoint
+    init, init_description = (lambda: None), {}
+  else:
+    init, init_description = _init_fn(cfg, model_config)
+  eval_fn = _eval_fn(cfg, model_config, tokenizer, mesh, rules, data_root)
+  sample = SampleConfig(num_prompts=cfg.data.num_prompts, max_text_len=cfg.data.max_text_len,
+                        sam_size=model_config.sam.img_size, mask_size=cfg.data.mask_size or None,
+                        beit_size=model_config.beit3.img_size)
+  dataset = pipeline.train_dataset(mixture, tokenizer, global_batch_size=cfg.batch_size, seed=cfg.seed,
+                                   sample=sample)
+  iterator = pipeline.train_iterator(dataset, worker_count=cfg.data.workers, read_threads=cfg.data.read_threads,
+                                     prefetch=cfg.data.prefetch)
+  trainer = Trainer(cfg, workdir=workdir, model_config=model_config, mesh=mesh, data_iterator=iterator,
+                    init_params=init, eval_fn=eval_fn, tokenizer_model=tokenizer.model_file,
+                    provenance={"config": cfg.to_dict(), "initialisation": init_description})
+  summary = trainer.run()
+  if jax.process_index() == 0 and summary.stopped_early is None:
+    print(f"done: step {summary.step}; model in {summary.export}")
+  return summary

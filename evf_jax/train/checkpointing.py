@@ -1,0 +1,174 @@
+"""Training checkpoints: the train state and the data iterator's position in one orbax step, written
+asynchronously, kept as the last K plus the best by evaluation gIoU; resumption from a workdir; the final export.
+
+Layout of a workdir:
+  config.json          the run's configuration, written once; a resume must match it (`check_resume`)
+  checkpoints/<step>/  orbax: "state" (params, frozen params, optimizer state, step) and "data" (grain's
+                       iterator state, one JSON per process). A save is written to a temporary folder and
+                       renamed when complete, so a process killed at any moment leaves the last complete step
+                       readable; leftovers of an interrupted save are removed at the next start.
+  export/              the trained model as an evf-jax checkpoint directory (what `Predictor`, `run.py predict`
+                       and `run.py eval` load)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Any, Mapping, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from evf_jax import checkpoints
+from evf_jax.errors import UserError
+from evf_jax.tokenizer import SPM_FILE
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+BEST_METRIC = "giou"
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a complete checkpoint (finished saves are folders named by their step)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.CheckpointManager:
+  """The run's CheckpointManager: async saves; keeps the latest `keep` steps and the best by eval gIoU."""
+  policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
+  if keep_best:
+    policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+                                                  keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+                               item_names=("state", "data"), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         metrics: Optional[Mapping[str, float]] = None, force: bool = False) -> bool:
+  """Starts an async save of `state` and the iterator's position at `step` (the device-to-host copy is done
+  when this returns, so the state may be donated to the next step)."""
+  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 data=grain.checkpoint.CheckpointSave(data_iterator)),
+                   metrics=dict(metrics) if metrics else None, force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+  """The state of `step` with the shapes, dtypes and shardings of `abstract_state` (so a run may resume on
+  another mesh or process count), and the iterator moved to the saved position."""
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  data_iterator.set_state(_data_state(os.path.join(str(mngr.directory), str(step), "data")))
+  return restored["state"]
+
+
+def _data_state(directory: str) -> Any:
+  """This process's saved iterator state. Written by another number of processes, the saved states must all be
+  equal (our pipelines' state is the global batch index, the same on every process) and that one is used."""
+  mine = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  if os.path.isfile(mine):
+    return _read_state(mine)
+  saved = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+  if not saved:
+    raise UserError(f"{directory}: the checkpoint holds no data-iterator state")
+  states = [_read_state(p) for p in saved]
+  if any(s != states[0] for s in states):
+    raise UserError(f"{directory}: saved by {len(saved)} processes with different data positions; resume with "
+                    f"that many processes")
+  return states[0]
+
+
+def _read_state(path: str) -> Any:
+  with open(path) as f:
+    text = f.read()
+  try:
+    return json.loads(text)
+  except ValueError:
+    return text.encode()
+
+
+# ---------------------------------------------------------------- the run's configuration
+
+# Settings a resumed run may change: how long and how often, where evaluation reads, how data is read, how the
+# devices are laid out (checkpoints restore onto any mesh). Everything else must match the saved config.
+RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "evals",
+                     "eval", "progress", "peak_tflops", "mesh", "init", "data.workers", "data.read_threads",
+                     "data.prefetch", "data.root", "data.synthetic", "export")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(d, Mapping):
+    out = {}
+    for k, v in d.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: d}
+
+
+def _normalise(value: Any) -> Any:
+  return json.loads(json.dumps(value))  # tuples -> lists, as stored
+
+
+def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str) -> list[str]:
+  """UserError naming the first setting that differs between the workdir's config and this run's; returns the
+  changed settings that are allowed (for the log)."""
+  a, b = _flat(_normalise(saved)), _flat(_normalise(current))
+  allowed = []
+  for key in sorted(set(a) | set(b)):
+    if a.get(key, "<missing>") == b.get(key, "<missing>"):
+      continue
+    if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
+      allowed.append(key)
+      continue
+    raise UserError(f"{workdir} was trained with {key}={a.get(key, '<missing>')!r}, this run has "
+                    f"{b.get(key, '<missing>')!r}; use another --workdir, or the same config to resume")
+  return allowed
+
+
+def read_run_config(workdir: str) -> Optional[dict]:
+  path = os.path.join(workdir, CONFIG_FILE)
+  return checkpoints.read_json(path, UserError) if os.path.isfile(path) else None
+
+
+def write_run_config(workdir: str, config: Mapping[str, Any]) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(_normalise(config), f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+# ---------------------------------------------------------------- export
+
+def export(workdir: str, params: Any, model_config: Mapping[str, Any], provenance: Mapping[str, Any],
+           tokenizer_model: Optional[str]) -> str:
+  """Writes `<workdir>/export/`, an evf-jax checkpoint directory, atomically (a finished export replaces the
+  previous one only once complete). Every process calls this (the parameters may be sharded)."""
+  out = os.path.abspath(os.path.join(workdir, EXPORT_DIR))
+  staging = out + ".partial"
+  if jax.process_index() == 0:
+    shutil.rmtree(staging, ignore_errors=True)
+  multihost_utils.sync_global_devices("evf_jax export: staging cleared")
+  checkpoints.save_model(staging, params, model_config, provenance)
+  if jax.process_index() == 0:
+    if tokenizer_model:
+      tok = os.path.join(staging, checkpoints.TOKENIZER_DIR)
+      os.makedirs(tok, exist_ok=True)
+      shutil.copy2(tokenizer_model, os.path.join(tok, SPM_FILE))
+    old = out + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(out):
+      os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+  multihost_utils.sync_global_devices("evf_jax export: done")
+  return out

@@ -1,0 +1,121 @@
+"""The training configuration: every field with its default (`base_config`), and helpers for config files.
+
+A config file (configs/train/NAME.py) defines `get_config(arg)`, starts from `base_config()` and overrides
+fields; `run.py train --config configs/train/NAME.py:key=value,... --config.field=value` reads it through
+ml_collections' config_flags with the config locked (an unknown field is an error). Sequences are tuples, so
+the command line can override them: `--config.mesh="(('data', 2), ('fsdp', 4), ('tensor', 1))"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import ml_collections
+
+from evf_jax import sharding
+from evf_jax.beit3.config import Beit3Config
+from evf_jax.errors import UserError
+from evf_jax.evf import EvfConfig
+from evf_jax.sam.config import SamConfig
+
+# EVF-SAM (SAM-1) trains all of BEiT-3, the projector, SAM's mask decoder and, of the prompt encoder, only
+# `no_mask_embed`; SAM's image encoder stays frozen (docs/data.md#7-training-recipe).
+EVF_SAM_TRAINABLE = ("beit3/.*", "projector/.*", "sam/mask_decoder/.*", "sam/prompt_encoder/no_mask_embed")
+
+
+def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
+  """"size=base,refclef" -> {size: "base", refclef: True} over `defaults` (values keep the defaults' types)."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if key not in defaults:
+      raise UserError(f"config argument {key!r}: expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise UserError(f"config argument {key!r} needs a value ({key}=...)")
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(default)(value)
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Run length and cadence (in optimizer steps).
+  c.seed = 0
+  c.total_steps = 5000          # LISA: 10 epochs x 500 steps
+  c.batch_size = 160            # images per step over all devices, each with up to data.num_prompts prompts
+  c.grad_accum = 1              # microbatches per step (batch_size / grad_accum images at a time)
+  c.checkpoint_every = 500
+  c.eval_every = 500
+  c.log_every = 50
+  c.keep_checkpoints = 3        # the latest N, plus the best by eval gIoU
+  c.progress = True
+  # Compute.
+  c.precision = "bf16"          # compute dtype; parameters and optimizer state are float32
+  c.attention = "xla"           # or "cudnn" on NVIDIA GPUs (bf16/fp16)
+  c.remat = False               # recompute activations of SAM / BEiT-3 blocks in the backward pass
+  c.peak_tflops = 0.0           # per device, for MFU; 0: from the device kind (evf_jax/flops.py)
+  # Model: every field of SAM and BEiT-3 (`model_fields`), so any of them can be overridden.
+  c.model = model_fields("evf-sam")
+  # Where the parameters start: a converted EVF-SAM checkpoint (fine-tuning), or the public SAM
+  # (sam_vit_{b,l,h}_*.pth) and BEiT-3 (beit3_{base,large}_patch16_224.pth) files, or random (from_scratch).
+  c.init = ml_collections.ConfigDict({"evf_checkpoint": "", "sam_checkpoint": "", "beit3_checkpoint": "",
+                                      "from_scratch": False})
+  c.tokenizer = ""              # a sentencepiece model (file or directory); "": the init checkpoint's
+  c.train_tokenizer_vocab = 0   # > 0: train a sentencepiece model of this many pieces on the training prompts
+  c.trainable = EVF_SAM_TRAINABLE  # regexes over parameter paths; the rest is frozen
+  # LISA's recipe where EVF-SAM's is unknown (docs/data.md#7-training-recipe).
+  c.optimizer = ml_collections.ConfigDict({
+      "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 100,
+      "schedule": "linear", "end_factor": 0.0, "clip_norm": 1.0})
+  c.loss = ml_collections.ConfigDict({"bce_weight": 2.0, "dice_weight": 0.5})
+  # Data: prepared directories (run.py prepare) under data.root, mixed by group weight (docs/data.md#6).
+  c.data = ml_collections.ConfigDict({
+      "root": "data",
+      "mixture": {"refer_seg": (1.0, ("refcoco", "refcoco+", "refcocog"))},
+      "num_prompts": 3,          # K prompts per image (fewer when an image has fewer)
+      "max_text_len": 64,        # tokens per prompt, <s> and </s> included (BEiT-3's fine-tuning default)
+      "mask_size": 0,            # loss resolution in the SAM frame; 0: SAM's input size
+      "workers": 0,              # grain worker processes (0: threads in this process)
+      "read_threads": 4,
+      "prefetch": 8,
+      "synthetic": {"num_train": 0, "num_eval": 0, "seed": 0},  # > 0: generate a missing synthetic dataset
+  })
+  c.evals = ("refcoco|unc|val",)  # splits evaluated every eval_every steps; the first one picks the best
+  c.eval = ml_collections.ConfigDict({"root": "", "batch_size": 8})  # root "": data.root
+  # Devices: mesh axes (-1: the rest) and logical-axis rules (evf_jax/sharding.py).
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  c.sharding_rules = sharding.DEFAULT_RULES
+  return c
+
+
+def model_fields(preset: str, **overrides: dict) -> ml_collections.ConfigDict:
+  """The config's `model` section for an EvfConfig preset ("evf-sam", "base", "tiny", ...): the size labels and
+  every SAM / BEiT-3 field, with `sam={...}` / `beit3={...}` overriding some of them."""
+  try:
+    base = EvfConfig.preset(preset)
+  except ValueError as e:
+    raise UserError(f"model preset: {e}") from None
+  out = {"sam_scale": base.sam_scale, "mm_extractor_scale": base.mm_extractor_scale}
+  for part in ("sam", "beit3"):
+    fields = dataclasses.asdict(getattr(base, part))
+    unknown = sorted(set(overrides.get(part, {})) - set(fields))
+    if unknown:
+      raise UserError(f"model.{part}: unknown field(s) {unknown}")
+    fields.update(overrides.get(part, {}))
+    out[part] = fields
+  return ml_collections.ConfigDict(out)
+
+
+def model_config(model: ml_collections.ConfigDict) -> EvfConfig:
+  """The EvfConfig the config's `model` section describes (UserError for an invalid one)."""
+  try:
+    return EvfConfig(sam=SamConfig(**model.sam.to_dict()), beit3=Beit3Config(**model.beit3.to_dict()),
+                     sam_scale=model.sam_scale, mm_extractor_scale=model.mm_extractor_scale)
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config.model: {e}") from None

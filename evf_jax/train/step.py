@@ -1,0 +1,118 @@
+"""The training step: EVF-SAM's forward pass on a batch of images with up to K prompts each, the loss over the
+valid prompts, gradients of the trained parameters only, and one optimizer update.
+
+Batch (global arrays, leading axis split over the mesh's batch axes; from `data_pipelines.pipeline`):
+  sam_image (B, S, S, 3) uint8, resize_hw (B, 2), beit_image (B, b, b, 3) f32, input_ids / attention_mask
+  (B, K, L), prompt_valid (B, K), masks (B, K, M, M) uint8 in the SAM frame at the loss resolution M,
+  valid_region (B, M, M).
+
+Forward: SAM's image embedding once per image (without gradients when the encoder is frozen); BEiT-3 on each
+(image, prompt) pair, its CLS through the projector; SAM's decoder per prompt on its image's embedding
+(single-mask output, as EVF-SAM); the 4x-upsampled low-res logits resized bilinearly to M (SAM's
+postprocess without the crop, which `valid_region` replaces).
+
+State: a dict {"step", "params" (trained), "frozen", "opt_state"}; the optimizer sees the trained parameters
+only. Gradient accumulation runs `grad_accum` microbatches inside the step (`lax.scan`), each spread over all
+devices, so one host step is one optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from evf_jax import layers, postprocess
+from evf_jax.evf import EvfConfig, EvfSam
+from evf_jax.sam.transforms import normalize_and_pad
+from evf_jax.train import losses, partition
+
+BATCH_KEYS = ("sam_image", "resize_hw", "beit_image", "input_ids", "attention_mask", "prompt_valid", "masks",
+              "valid_region")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  dtype: Any = jnp.float32         # compute dtype; parameters and optimizer state stay float32
+  grad_accum: int = 1              # microbatches per optimizer step
+  loss_weights: losses.LossWeights = losses.LossWeights()
+  encoder_frozen: bool = True      # SAM's image encoder has no trained parameter: run it without gradients
+
+
+def upsample_matrix(low: int, size: int) -> np.ndarray:
+  """(size, low) float32: bilinear, half-pixel centres, no antialias (SAM's first postprocess resize)."""
+  return postprocess.bilinear_matrix(low, size).astype(np.float32)
+
+
+def forward(model: EvfSam, config: EvfConfig, params: Any, batch: dict, options: StepOptions) -> jax.Array:
+  """Mask logits (B, K, M, M) in float32 at the loss resolution M of `batch["masks"]`."""
+  v = {"params": params}
+  b, k, length = batch["input_ids"].shape
+  m = batch["masks"].shape[-1]
+  x = normalize_and_pad(batch["sam_image"], batch["resize_hw"], config.sam.img_size, config.sam.pixel_mean,
+                        config.sam.pixel_std).astype(options.dtype)
+  embeddings = model.apply(v, x, method=EvfSam.embed_image)  # (B, h, w, C), once per image
+  if options.encoder_frozen:
+    embeddings = jax.lax.stop_gradient(embeddings)
+  beit = jnp.repeat(batch["beit_image"].astype(options.dtype), k, axis=0)  # one row per (image, prompt)
+  prompts = model.apply(v, layers.batch_constraint(beit), batch["input_ids"].reshape(b * k, length),
+                        batch["attention_mask"].reshape(b * k, length), method=EvfSam.text_prompts)
+  per_prompt = layers.batch_constraint(jnp.repeat(embeddings, k, axis=0))
+  low, _ = model.apply(v, per_prompt, prompts, method=EvfSam.decode)  # (B*K, 1, l, l)
+  a = jnp.asarray(upsample_matrix(low.shape[-1], m))
+  logits = jnp.einsum("hk,nkl,wl->nhw", a, low[:, 0].astype(jnp.float32), a, precision="highest")
+  return logits.reshape(b, k, m, m)
+
+
+def loss_fn(model: EvfSam, config: EvfConfig, options: StepOptions) -> Callable:
+  """(trained, frozen, batch) -> (loss, metrics)."""
+
+  def fn(trained, frozen, batch):
+    logits = forward(model, config, partition.merge(trained, frozen), batch, options)
+    b, k, m, _ = logits.shape
+    region = jnp.repeat(batch["valid_region"], k, axis=0)
+    return losses.mask_loss(logits.reshape(b * k, m, m), batch["masks"].reshape(b * k, m, m), region,
+                            batch["prompt_valid"].reshape(b * k), options.loss_weights)
+  return fn
+
+
+def _microbatches(batch: dict, n: int) -> dict:
+  """(B, ...) -> (n, B / n, ...) with microbatch i = rows i, i + n, i + 2n, ...: every device holds B / n / D
+  rows of each microbatch when the batch is split over D devices in contiguous blocks."""
+  def one(x):
+    return jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
+  return jax.tree.map(one, batch)
+
+
+def make_train_step(model: EvfSam, config: EvfConfig, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, options: StepOptions) -> Callable:
+  """(state, batch) -> (state, metrics); pure, for `jax.jit` with donated state."""
+  grad_fn = jax.value_and_grad(loss_fn(model, config, options), has_aux=True)
+
+  def step(state, batch):
+    params, frozen = state["params"], state["frozen"]
+    batch = {k: batch[k] for k in BATCH_KEYS}
+    if options.grad_accum == 1:
+      (_, metrics), grads = grad_fn(params, frozen, batch)
+    else:
+      def body(carry, micro):
+        g_sum, m_sum = carry
+        micro = jax.tree.map(layers.batch_constraint, micro)
+        (_, m), g = grad_fn(params, frozen, micro)
+        return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+      zeros = (jax.tree.map(jnp.zeros_like, params),
+               {k: jnp.zeros((), jnp.float32) for k in ("loss", "bce", "dice", "masks")})
+      (grads, metrics), _ = jax.lax.scan(body, zeros, _microbatches(batch, options.grad_accum))
+      grads = jax.tree.map(lambda g: g / options.grad_accum, grads)
+      metrics = {k: v / options.grad_accum for k, v in metrics.items()}
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
+                   param_norm=optax.tree.norm(new_params), update_norm=optax.tree.norm(updates))
+    return {"step": state["step"] + 1, "params": new_params, "frozen": frozen, "opt_state": opt_state}, metrics
+
+  return step

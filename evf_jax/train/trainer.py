@@ -1,0 +1,339 @@
+"""The training loop: sharded state, the jitted step, checkpoints, resumption, preemption, logging, periodic
+evaluation and the final export. One process per host; the same code on one CPU, a GPU, GPU clusters and TPU
+pod slices (only the config's mesh changes).
+
+The caller (`run.py train`, `evf_jax/cli/run_train.py`) builds what is outside the library: the data iterator
+(grain, with get_state/set_state), the function that initialises parameters when there is nothing to resume,
+and the evaluation function; the configuration is an ml_collections ConfigDict (configs/train/*.py document
+every field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from evf_jax import __version__, flops, sharding
+from evf_jax.errors import UserError
+from evf_jax.evf import EvfConfig, EvfSam, abstract_params
+from evf_jax.runtime import compute_dtype
+from evf_jax.train import checkpointing, losses, optimizer, partition
+from evf_jax.train.step import BATCH_KEYS, StepOptions, make_train_step
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+InitFn = Callable[[], Any]                                  # -> the full parameter tree (host arrays)
+EvalFn = Callable[[Any, int], dict[str, dict[str, Any]]]    # (params, step) -> {split: result}
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or infinite; nothing was saved from that state."""
+
+
+@dataclasses.dataclass
+class Summary:
+  step: int
+  resumed_from: Optional[int]
+  stopped_early: Optional[str]
+  last_metrics: dict[str, float]
+  evals: dict[int, dict[str, dict[str, Any]]]
+  export: Optional[str]
+
+
+def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                 rules) -> tuple[dict, dict, list[str]]:
+  """(abstract state, state shardings, parameter dimensions replicated because the mesh does not divide them).
+
+  The state is {"step", "params" (trained), "frozen", "opt_state"}; parameters are sharded by the logical-axis
+  rules, the optimizer's moments like their parameters, everything else replicated."""
+  replicated = NamedSharding(mesh, P())
+  boxed = abstract_params(model_config, boxed=True)
+  param_sh, report = sharding.param_shardings(boxed, mesh, rules)
+  shapes = abstract_params(model_config)
+  unknown = partition.check_patterns(partition.paths(shapes), list(trainable))
+  if unknown:
+    raise UserError(f"trainable: pattern(s) {', '.join(unknown)} match no parameter")
+  trained_shapes, frozen_shapes = partition.split(shapes, list(trainable))
+  trained_sh, frozen_sh = partition.split(param_sh, list(trainable))
+  opt_shapes = jax.eval_shape(tx.init, trained_shapes)
+  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_shapes, trained_sh,
+                                            transform_non_params=lambda _: replicated)
+  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": trained_shapes, "frozen": frozen_shapes,
+            "opt_state": opt_shapes}
+  shards = {"step": replicated, "params": trained_sh, "frozen": frozen_sh, "opt_state": opt_sh}
+  return shapes, shards, report
+
+
+def fresh_state(params: Any, trainable, tx: optax.GradientTransformation, shards: dict) -> dict:
+  """The state at step 0 from a full host parameter tree, placed as `shards` says (from every process)."""
+  trained, frozen = partition.split(params, list(trainable))
+  trained = sharding.put_global(trained, shards["params"])
+  frozen = sharding.put_global(frozen, shards["frozen"])
+  opt_state = jax.jit(tx.init, out_shardings=shards["opt_state"])(trained)
+  step = jax.device_put(jnp.zeros((), jnp.int32), shards["step"])
+  return {"step": step, "params": trained, "frozen": frozen, "opt_state": opt_state}
+
+
+def _memory_line(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+    return (f" (per device: {(m.argument_size_in_bytes + m.output_size_in_bytes) / 2**30:.2f} GiB arguments and "
+            f"outputs, {m.temp_size_in_bytes / 2**30:.2f} GiB temporaries)")
+  except Exception:  # not every backend reports it
+    return ""
+
+
+def _host(tree: Any) -> Any:
+  """Replicated device values -> host numpy (this process's copy; works with several processes)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+class Trainer:
+  def __init__(self, cfg, *, workdir: str, model_config: EvfConfig, mesh: jax.sharding.Mesh,
+               data_iterator: Iterator[dict], init_params: InitFn, eval_fn: Optional[EvalFn] = None,
+               tokenizer_model: Optional[str] = None, provenance: Optional[dict] = None, log=print):
+    self.cfg = cfg
+    self.workdir = os.path.abspath(workdir)
+    self.model_config = model_config
+    self.mesh = mesh
+    self.rules = sharding.rules_for(mesh, [tuple(r) for r in cfg.sharding_rules])
+    self.data_iterator = data_iterator
+    self.init_params = init_params
+    self.eval_fn = eval_fn
+    self.tokenizer_model = tokenizer_model
+    self.provenance = dict(provenance or {})
+    self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
+    self._stop_signal: Optional[str] = None
+    self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
+    self.replicated = NamedSharding(mesh, P())
+    self._check_batch()
+
+  # ---------------------------------------------------------------- set-up
+
+  def _check_batch(self) -> None:
+    cfg = self.cfg
+    data_ways = math.prod(self.mesh.shape[a] for a in sharding.batch_axes(self.mesh, self.rules))
+    per_step = cfg.batch_size // max(1, cfg.grad_accum)
+    if cfg.batch_size % max(1, cfg.grad_accum) or per_step % data_ways:
+      raise UserError(f"batch_size {cfg.batch_size} with grad_accum {cfg.grad_accum} gives microbatches of "
+                      f"{cfg.batch_size / max(1, cfg.grad_accum):g} images, which the {data_ways} batch shards "
+                      f"of mesh {dict(self.mesh.shape)} do not divide")
+    if cfg.batch_size % jax.process_count():
+      raise UserError(f"batch_size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
+
+  def _install_signal_handlers(self) -> None:
+    if jax.process_count() > 1:
+      return  # jax's preemption notifier owns SIGTERM; `reached_preemption` tells every process the same step
+
+    def handler(signum, frame):
+      if self._stop_signal is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+      self._stop_signal = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+  # ---------------------------------------------------------------- the loop
+
+  def run(self) -> Summary:
+    cfg = self.cfg
+    os.makedirs(self.workdir, exist_ok=True)
+    saved = checkpointing.read_run_config(self.workdir)
+    run_config = cfg.to_dict()
+    if saved is not None:
+      changed = checkpointing.check_resume(saved, run_config, self.workdir)
+      if changed:
+        self.log(f"resuming with changed settings: {', '.join(changed)}")
+    dtype = compute_dtype(cfg.precision, cfg.attention)
+    self.schedule = optimizer.learning_rate(cfg.optimizer.lr, total_steps=cfg.total_steps,
+                                            warmup_steps=cfg.optimizer.warmup_steps,
+                                            schedule=cfg.optimizer.schedule, end_factor=cfg.optimizer.end_factor)
+    self.tx = optimizer.adamw(self.schedule, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2, eps=cfg.optimizer.eps,
+                              weight_decay=cfg.optimizer.weight_decay, clip_norm=cfg.optimizer.clip_norm)
+    shapes, shards, report = state_layout(self.model_config, cfg.trainable, self.tx, self.mesh, self.rules)
+    if report:
+      self.log(f"sharding: {len(report)} parameter dimension(s) replicated because the mesh does not divide "
+               f"them, e.g. {report[0]}")
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
+
+    mngr = checkpointing.manager(self.workdir, cfg.keep_checkpoints, keep_best=self.eval_fn is not None)
+    latest = mngr.latest_step()
+    if latest is not None:
+      self.log(f"resuming from {self.workdir}/{checkpointing.CHECKPOINT_DIR}/{latest}")
+      state = checkpointing.restore(mngr, latest, abstract, self.data_iterator)
+    else:
+      checkpointing.write_run_config(self.workdir, run_config)
+      state = fresh_state(self.init_params(), cfg.trainable, self.tx, shards)
+    start = int(_host(state["step"]))
+    n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+    n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["frozen"]))
+    encoder_frozen = partition.encoder_frozen(shapes["params"])
+    self.log(f"parameters: {n_trained:,} trained, {n_frozen:,} frozen"
+             f"{' (SAM image encoder frozen: forward only)' if encoder_frozen else ''}; mesh {dict(self.mesh.shape)}"
+             f" on {jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
+
+    options = StepOptions(dtype=dtype, grad_accum=cfg.grad_accum, encoder_frozen=encoder_frozen,
+                          loss_weights=losses.LossWeights(cfg.loss.bce_weight, cfg.loss.dice_weight))
+    model = EvfSam(self.model_config, attention=cfg.attention, remat=cfg.remat, dtype=dtype)
+    step_fn = make_train_step(model, self.model_config, self.tx, self.schedule, options)
+    with sharding.activate(self.mesh, self.rules):
+      train_step = jax.jit(step_fn, in_shardings=(shards, self.batch_sharding), out_shardings=(shards, self.replicated),
+                           donate_argnums=0)
+
+    writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR)) if jax.process_index() == 0 else None
+    self._install_signal_handlers()
+    summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
+    try:
+      self._loop(state, train_step, mngr, start, writer, summary, encoder_frozen)
+    finally:
+      mngr.wait_until_finished()  # never leave an async save half-written at exit
+      if writer is not None:
+        writer.close()
+    return summary
+
+  def _loop(self, state, train_step, mngr, start, writer, summary, encoder_frozen):
+    cfg = self.cfg
+    total = int(cfg.total_steps)
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               disable=not cfg.get("progress", True) or jax.process_index() != 0)
+    peak = float(cfg.peak_tflops) * 1e12 if cfg.get("peak_tflops") else flops.peak_flops(jax.devices()[0].device_kind)
+    window: list[dict] = []
+    t_last, wait = time.perf_counter(), 0.0
+    pending = None  # (step, metrics on device): fetched one step late, so the device runs ahead
+    last_saved = start if summary.resumed_from is not None else None
+    step = start
+    step_flops = None
+    with sharding.activate(self.mesh, self.rules):
+      while step < total:
+        t0 = time.perf_counter()
+        host_batch = {k: v for k, v in next(self.data_iterator).items() if k in BATCH_KEYS}
+        wait += time.perf_counter() - t0
+        batch = sharding.global_batch(host_batch, self.batch_sharding)
+        if step_flops is None:  # the first step: compile ahead, say how long it took and what a device holds
+          b, k, length = host_batch["input_ids"].shape
+          step_flops = flops.train_step(self.model_config, images=cfg.batch_size, prompts_per_image=k,
+                                        text_len=length, encoder_frozen=encoder_frozen)
+          t_compile = time.perf_counter()
+          train_step = train_step.lower(state, batch).compile()
+          self.log(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s"
+                   f"{_memory_line(train_step)}; {step_flops / 1e9:.2f} GFLOP per step")
+          t_last = time.perf_counter()
+        state, metrics = train_step(state, batch)
+        step += 1
+        if pending is not None:
+          window.append(self._check(*pending))
+        pending = (step, metrics)
+
+        is_eval = self.eval_fn is not None and (step % cfg.eval_every == 0 or step == total)
+        is_save = step % cfg.checkpoint_every == 0 or step == total or is_eval
+        stop = self._stop_requested(mngr, step)
+        if is_save or stop or step % cfg.log_every == 0:
+          window.append(self._check(*pending))  # the state about to be saved came from finite numbers
+          pending = None
+          now = time.perf_counter()
+          self._report(window, step, now - t_last, wait, step_flops, peak, bar, writer)
+          summary.last_metrics = dict(window[-1])
+          window, t_last, wait = [], time.perf_counter(), 0.0
+        elif bar.n < step:
+          bar.update(step - bar.n)
+        eval_metrics = None
+        if is_eval:
+          results = self.eval_fn(partition.merge(state["params"], state["frozen"]), step)
+          summary.evals[step] = results
+          self._report_eval(results, step, writer)
+          first = next(iter(results.values()))
+          eval_metrics = {checkpointing.BEST_METRIC: float(first["giou"]), "ciou": float(first["ciou"])}
+          t_last = time.perf_counter()  # evaluation time is not training time
+        if is_save or stop:
+          checkpointing.save(mngr, step, state, self.data_iterator, eval_metrics, force=True)
+          last_saved = step
+        if stop:
+          summary.stopped_early = stop
+          self.log(f"\n{stop}: saved step {step}; run the same command again to resume")
+          break
+    bar.close()
+    summary.step = step
+    if last_saved != step and not summary.stopped_early:
+      checkpointing.save(mngr, step, state, self.data_iterator, force=True)
+    mngr.wait_until_finished()
+    if not summary.stopped_early and step >= total:
+      summary.export = self._export(state, step)
+      self.log(f"exported the trained model to {summary.export}")
+
+  def _stop_requested(self, mngr, step: int) -> Optional[str]:
+    if jax.process_count() > 1:
+      return "preempted (SIGTERM)" if mngr.reached_preemption(step) else None
+    if self._stop_signal:
+      return f"stopped by {self._stop_signal}"
+    return None
+
+  def _check(self, step: int, metrics) -> dict:
+    values = {k: float(v) for k, v in _host(metrics).items()}
+    if not math.isfinite(values["loss"]):
+      raise TrainingDiverged(f"the loss is {values['loss']} at step {step}; stopped without saving that state "
+                             f"(the last checkpoint in {self.workdir} is intact): lower optimizer.lr or raise "
+                             f"optimizer.warmup_steps")
+    values["step"] = step
+    return values
+
+  # ---------------------------------------------------------------- logging
+
+  def _report(self, window, step, seconds, wait, step_flops, peak, bar, writer):
+    cfg = self.cfg
+    n = len(window)
+    mean = {k: float(np.mean([w[k] for w in window])) for k in window[-1] if k != "step"}
+    steps_per_s = n / seconds if seconds > 0 else float("nan")
+    mean["images_per_s"] = steps_per_s * cfg.batch_size
+    mean["step_s"] = 1.0 / steps_per_s if steps_per_s else float("nan")
+    mean["data_wait_fraction"] = wait / seconds if seconds > 0 else 0.0
+    if peak:
+      mean["mfu"] = step_flops * steps_per_s / (jax.device_count() * peak)
+    if bar.n < step:
+      bar.update(step - bar.n)
+    post = {"loss": f"{mean['loss']:.4f}", "bce": f"{mean['bce']:.4f}", "dice": f"{mean['dice']:.4f}",
+            "lr": f"{mean['lr']:.2e}", "gnorm": f"{mean['grad_norm']:.3f}", "img/s": f"{mean['images_per_s']:.1f}"}
+    if "mfu" in mean:
+      post["mfu"] = f"{100 * mean['mfu']:.1f}%"
+    bar.set_postfix(post, refresh=True)
+    if jax.process_index() == 0:
+      for k, v in mean.items():
+        writer.add_scalar(f"train/{k}", v, step)
+      with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), **{f"train/{k}": v for k, v in mean.items()}}) + "\n")
+
+  def _report_eval(self, results, step, writer):
+    line = ", ".join(f"{name} gIoU {100 * r['giou']:.2f} cIoU {100 * r['ciou']:.2f}" for name, r in results.items())
+    self.log(f"\nstep {step}: {line}")
+    if jax.process_index() == 0:
+      row = {"step": step, "time": time.time()}
+      for name, r in results.items():
+        for key in ("giou", "ciou"):
+          writer.add_scalar(f"eval/{name}/{key}", r[key], step)
+          row[f"eval/{name}/{key}"] = r[key]
+      with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+  # ---------------------------------------------------------------- export
+
+  def _export(self, state, step: int) -> str:
+    params = partition.merge(state["params"], state["frozen"])
+    model_config = dict(self.model_config.to_dict(), param_dtype="float32")
+    provenance = dict(self.provenance, source="evf-jax training", workdir=self.workdir, step=step,
+                      evf_jax=__version__,
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return checkpointing.export(self.workdir, params, model_config, provenance, self.tokenizer_model)

@@ -1,0 +1,141 @@
+"""Small training set-ups for tests: a tiny EVF-SAM, a random batch in the pipeline's layout, a micro config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from evf_jax.evf import EvfConfig
+from evf_jax.sam.transforms import normalize_and_pad
+from evf_jax.train import config as train_config
+from evf_testing import torch_reference as tr
+
+# What EVF-SAM trains, as prefixes of the reference's state-dict keys (evf_jax.train.config.EVF_SAM_TRAINABLE).
+TORCH_TRAINABLE = ("mm_extractor.", "text_hidden_fcs.", "visual_model.mask_decoder.",
+                   "visual_model.prompt_encoder.no_mask_embed")
+
+
+def tiny_config(vocab_size: int = 320) -> EvfConfig:
+  """The tiny preset with a small text vocabulary and position table (the test tokenizer has ~300 ids)."""
+  cfg = EvfConfig.preset("tiny")
+  return dataclasses.replace(cfg, beit3=dataclasses.replace(cfg.beit3, vocab_size=vocab_size,
+                                                            max_source_positions=32))
+
+
+def random_batch(config: EvfConfig, images: int = 2, prompts: int = 3, text_len: int = 8, mask_size: int = 0,
+                 seed: int = 0, invalid: int = 1) -> dict[str, np.ndarray]:
+  """A batch as `data_pipelines.pipeline` builds it: varied resized sizes, right-padded prompts of different
+  lengths, blob-like masks, and the last `invalid` prompt slots of the last image left empty (padding)."""
+  rng = np.random.default_rng(seed)
+  s, b = config.sam.img_size, config.beit3.img_size
+  m = mask_size or s
+  short = rng.integers(s // 2, s + 1, images)  # landscape and portrait images alternate
+  resize = np.asarray([(s, short[i]) if i % 2 else (short[i], s) for i in range(images)], np.int32)
+  sam = rng.integers(0, 256, (images, s, s, 3), dtype=np.uint8)
+  region = np.zeros((images, m, m), bool)
+  masks = np.zeros((images, prompts, m, m), np.uint8)
+  yy, xx = np.mgrid[0:m, 0:m]
+  for i in range(images):
+    h, w = (int(round(v * m / s)) for v in resize[i])
+    sam[i, resize[i, 0]:] = 0
+    sam[i, :, resize[i, 1]:] = 0
+    region[i, :h, :w] = True
+    for j in range(prompts):
+      cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(m / 8, m / 3)
+      masks[i, j] = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) & region[i]
+  ids = np.full((images, prompts, text_len), 1, np.int32)
+  for i in range(images):
+    for j in range(prompts):
+      n = int(rng.integers(3, text_len + 1))
+      ids[i, j, :n] = np.concatenate([[0], rng.integers(4, 300, n - 2), [2]])
+  valid = np.ones((images, prompts), bool)
+  if invalid:
+    valid[-1, -invalid:] = False
+    ids[-1, -invalid:] = 1
+    masks[-1, -invalid:] = 0
+  return {"sam_image": sam, "resize_hw": resize, "beit_image": rng.normal(size=(images, b, b, 3)).astype(np.float32),
+          "input_ids": ids, "attention_mask": ids != 1, "prompt_valid": valid, "masks": masks, "valid_region": region}
+
+
+def micro_train_config(steps: int = 6) -> ml_collections.ConfigDict:
+  """configs/train/synthetic.py at test size: the tiny model on a few synthetic images, evaluated at the end."""
+  c = train_config.base_config()
+  c.total_steps = steps
+  c.batch_size = 8
+  c.checkpoint_every = 3
+  c.eval_every = 1000
+  c.log_every = 1
+  c.keep_checkpoints = 10
+  c.progress = False
+  c.precision = "fp32"
+  c.model = train_config.model_fields("tiny", beit3={"vocab_size": 160, "max_source_positions": 32})
+  c.init.from_scratch = True
+  c.train_tokenizer_vocab = 128
+  c.trainable = (".*",)
+  c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 1
+  c.data.root = ""
+  c.data.mixture = {"synthetic": (1.0, ("synthetic",))}
+  c.data.num_prompts = 2
+  c.data.max_text_len = 16
+  c.data.mask_size = 48
+  c.data.read_threads = 1
+  c.data.synthetic = {"num_train": 24, "num_eval": 3, "seed": 0}
+  c.evals = ("synthetic|val",)
+  c.eval.batch_size = 8
+  return c
+
+
+def torch_training_loss(model, config, batch, trainable=TORCH_TRAINABLE):
+  """EVF-SAM's training forward (model/evf_sam.py `model_forward`) on the PyPI modules: SAM's image encoder
+  without gradients, BEiT-3 on every (image, prompt) pair, the projector, EVF-SAM's prompt (sparse = the
+  projected feature, dense = `no_mask_embed`), the single-mask decoder, bilinear upsampling to the loss
+  resolution; our loss (its formula at that resolution, over `valid_region`) over the valid prompts."""
+  torch = tr.import_torch()
+  F = torch.nn.functional
+  sam = model.visual_model
+  for name, p in model.named_parameters():
+    p.requires_grad_(any(name.startswith(k) for k in trainable))
+  x = np.array(normalize_and_pad(batch["sam_image"], batch["resize_hw"], config.sam.img_size,
+                                   config.sam.pixel_mean, config.sam.pixel_std))
+  with torch.no_grad():
+    emb = sam.image_encoder(torch.from_numpy(x).permute(0, 3, 1, 2))
+  b, k, length = batch["input_ids"].shape
+  m = batch["masks"].shape[-1]
+  bces, dices = [], []
+  for i in range(b):
+    sel = np.flatnonzero(batch["prompt_valid"][i])
+    ids = torch.from_numpy(batch["input_ids"][i, sel].astype(np.int64))
+    beit = torch.from_numpy(batch["beit_image"][i]).permute(2, 0, 1)[None].expand(len(sel), -1, -1, -1)
+    out = model.mm_extractor.beit3(visual_tokens=beit, textual_tokens=ids, text_padding_position=ids == 1)
+    feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+    pe = sam.prompt_encoder
+    e = pe.image_embedding_size
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(sel), -1, e[0], e[1])
+    low, _ = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(),
+                              sparse_prompt_embeddings=feat, dense_prompt_embeddings=dense, multimask_output=False)
+    logits = F.interpolate(low, (m, m), mode="bilinear", align_corners=False)[:, 0]
+    region = torch.from_numpy(batch["valid_region"][i])
+    target = torch.from_numpy(batch["masks"][i, sel].astype(np.float32))
+    for j in range(len(sel)):
+      xj, tj = logits[j][region], target[j][region]
+      bces.append(F.binary_cross_entropy_with_logits(xj, tj))
+      pj = xj.sigmoid()
+      dices.append(1 - (2 * (pj / 1000 * tj).sum() + 1e-6) / ((pj / 1000).sum() + (tj / 1000).sum() + 1e-6))
+  n = len(bces) + 1e-8
+  loss = 2.0 * torch.stack(bces).sum() / n + 0.5 * torch.stack(dices).sum() / n
+  return loss
+
+
+def torch_loss_and_grads(model, config, batch):
+  """(loss, {state-dict key: gradient}) of `torch_training_loss`; zeros for frozen parameters and buffers."""
+  for p in model.parameters():
+    p.grad = None
+  loss = torch_training_loss(model, config, batch)
+  loss.backward()
+  params = dict(model.named_parameters())
+  grads = {name: (params[name].grad.numpy() if name in params and params[name].grad is not None
+                  else np.zeros(tuple(t.shape), np.float32)) for name, t in model.state_dict().items()}
+  return float(loss.detach()), grads

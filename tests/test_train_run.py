@@ -1,0 +1,266 @@
+"""`run.py train` as a user runs it, on the micro synthetic config (evf_testing.training): it trains, evaluates,
+exports a model that `Predictor` loads, resumes exactly (after a clean stop, SIGKILL mid-run, SIGKILL mid-save,
+SIGTERM), refuses a workdir of another config, and reports bad input in one line before compiling anything."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jax
+from evf_jax import cli
+from evf_jax.checkpoints import load_checkpoint
+from evf_jax.images import decode_image
+from evf_jax.predictor import Predictor
+from evf_jax.train import checkpointing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = '''from evf_testing.training import micro_train_config
+
+
+def get_config(arg=None):
+  c = micro_train_config()
+  c.optimizer.schedule = "constant"  # the learning rate at a step does not depend on total_steps
+  return c
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_fast(fast_compile):
+  yield
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("cfg") / "micro.py"
+  path.write_text(CONFIG)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, config_file):
+  """The synthetic data and tokenizer, made once and shared (each run reads them from --config.data.root)."""
+  root = tmp_path_factory.mktemp("data")
+  from data_pipelines import prepare
+  prepare.prepare("synthetic", str(root / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  return str(root)
+
+
+def _args(config_file, data_root, workdir, *extra):
+  return ["train", "--config", config_file, "--workdir", str(workdir), f"--config.data.root={data_root}", *extra]
+
+
+def _params(workdir, step):
+  """The saved trained parameters of `step`, as host arrays (whatever mesh saved them)."""
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step),
+                                                             "state"))
+  return jax.tree.map(np.asarray, restored["params"])
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def straight(config_file, data_root, tmp_path_factory):
+  """An uninterrupted 6-step run in this process: the reference for every resumed run."""
+  workdir = tmp_path_factory.mktemp("straight")
+  assert cli.main(_args(config_file, data_root, workdir)) == 0
+  return str(workdir)
+
+
+def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root, capsys):
+  w = straight
+  assert sorted(int(s) for s in os.listdir(os.path.join(w, "checkpoints")) if s.isdigit()) == [3, 6]
+  losses = _losses(w)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for v in losses.values())
+  evals = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl")) if "eval/synthetic|val/giou" in line]
+  assert len(evals) == 1 and 0.0 <= evals[0]["eval/synthetic|val/giou"] <= 1.0
+  assert glob.glob(os.path.join(w, "tensorboard", "events.out.tfevents.*"))
+  config, params, tokenizer = load_checkpoint(os.path.join(w, "export"))
+  trained = _params(w, 6)
+  for key in ("beit3", "projector"):  # the export holds the trained parameters
+    _same(jax.tree.map(np.asarray, params[key]), trained[key])
+  provenance = json.load(open(os.path.join(w, "export", "provenance.json")))
+  assert provenance["step"] == 6 and provenance["initialisation"]["init"] == "random"
+  from data_pipelines import records
+  image = decode_image(records.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
+  exported = Predictor.from_checkpoint(os.path.join(w, "export"))
+  exported.set_image(image)
+  in_memory = Predictor(config, jax.tree.map(np.asarray, params), tokenizer)
+  in_memory.set_image(image)
+  a, b = exported.predict(["the red circle", "[semantic] squares"]), in_memory.predict(["the red circle",
+                                                                                       "[semantic] squares"])
+  np.testing.assert_array_equal(a.logits, b.logits)
+  assert cli.main(["predict", "--checkpoint", os.path.join(w, "export"), "--image", _png(image, w), "--prompt",
+                   "the circle", "--out-dir", os.path.join(w, "pred")]) == 0
+  assert os.path.isfile(os.path.join(w, "pred", "img_0_mask.png"))
+
+
+def _png(image, directory):
+  from PIL import Image
+  path = os.path.join(directory, "img.png")
+  Image.fromarray(image).save(path)
+  return path
+
+
+def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, data_root, tmp_path, capsys):
+  """3 steps, then the same command with total_steps 6: parameters and per-step losses (hence the batches)
+  bit-identical to the straight run."""
+  w = tmp_path / "resumed"
+  assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3")) == 0
+  assert cli.main(_args(config_file, data_root, w)) == 0
+  out = capsys.readouterr()
+  assert "resuming from" in out.out and "total_steps" in out.out
+  _same(_params(str(w), 6), _params(straight, 6))
+  assert _losses(str(w)) == _losses(straight)
+
+
+def test_a_workdir_of_another_config_refuses_to_resume(straight, config_file, data_root, tmp_path, capsys):
+  w = tmp_path / "other"
+  assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3")) == 0
+  capsys.readouterr()
+  code = cli.main(_args(config_file, data_root, w, "--config.optimizer.lr=0.01"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "optimizer.lr=0.001" in err[0] and "0.01" in err[0], err
+
+
+# ---------------------------------------------------------------- interruptions, in a child process
+
+# The child: `run.py train` with each batch slowed down (so a signal lands mid-run) and, when asked, every
+# checkpoint's final rename delayed (so a SIGKILL lands mid-save, after the data is written, before commit).
+CHILD = r'''
+import asyncio, sys, time
+from data_pipelines import pipeline
+from orbax.checkpoint._src.path import atomicity
+
+_iterator = pipeline.train_iterator
+def slow_iterator(*a, **k):
+  it = _iterator(*a, **k)
+  class Slow:
+    def __next__(self):
+      time.sleep(0.4)
+      return next(it)
+    def __getattr__(self, name):
+      return getattr(it, name)
+  return Slow()
+pipeline.train_iterator = slow_iterator
+if "--slow-commit" in sys.argv:
+  sys.argv.remove("--slow-commit")
+  _finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  async def finalize(self):
+    if not str(self._final_path).endswith("/3"):  # the first checkpoint commits; the next ones hang
+      await asyncio.sleep(60)
+    return await _finalize(self)
+  atomicity.AtomicRenameTemporaryPath.finalize = finalize
+from evf_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _child(config_file, data_root, workdir, *extra):
+  return subprocess.Popen([sys.executable, "-c", CHILD, *_args(config_file, data_root, workdir, *extra)], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, proc, timeout=300):
+  start = time.time()
+  while not predicate():
+    if proc.poll() is not None:
+      raise AssertionError(f"the child exited ({proc.returncode}) early:\n{proc.stdout.read()[-3000:]}")
+    if time.time() - start > timeout:
+      proc.kill()
+      raise AssertionError("timed out")
+    time.sleep(0.05)
+
+
+def _steps(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _finish(config_file, data_root, workdir):
+  """The same command, in this process, to the end."""
+  assert cli.main(_args(config_file, data_root, workdir)) == 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_and_mid_save_lose_only_unfinished_work(straight, config_file, data_root, tmp_path):
+  """SIGKILL right after the first checkpoint committed (mid-run), and SIGKILL while the second checkpoint's data
+  is on disk but not committed (mid-save): each time the next run resumes from the last complete checkpoint and
+  ends bit-identical to the uninterrupted run."""
+  for name, extra in (("mid_run", ()), ("mid_save", ("--slow-commit",))):
+    w = str(tmp_path / name)
+    proc = _child(config_file, data_root, w, *extra)
+    if name == "mid_run":
+      _wait_for(lambda: _steps(w) == [3], proc)
+    else:
+      _wait_for(lambda: glob.glob(os.path.join(w, "checkpoints", "6.orbax-checkpoint-tmp*")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _steps(w) == [3], (name, os.listdir(os.path.join(w, "checkpoints")))
+    _finish(config_file, data_root, w)
+    _same(_params(w, 6), _params(straight, 6))
+    assert not glob.glob(os.path.join(w, "checkpoints", "*tmp*"))  # the half-written save was cleaned up
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_path):
+  w = str(tmp_path / "term")
+  proc = _child(config_file, data_root, w, "--config.checkpoint_every=100")
+  _wait_for(lambda: os.path.isfile(os.path.join(w, "metrics.jsonl")), proc)  # training steps are running
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-2000:]
+  saved = _steps(w)
+  assert len(saved) == 1 and 1 <= saved[0] < 6 and f"stopped by SIGTERM: saved step {saved[0]}" in out, out[-2000:]
+  _finish(config_file, data_root, w)
+  _same(_params(w, 6), _params(straight, 6))
+
+
+# ---------------------------------------------------------------- bad input: one line, before any compile
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (("--config.data.root=/nonexistent", "--config.data.synthetic.num_train=0"),
+     "no prepared dataset at /nonexistent/synthetic"),
+    (("--config.no_such_field=1",), "no_such_field"),
+    (("--config.mesh=(('data', 3),)",), "mesh [('data', 3)] has 3 devices, but there are 8"),
+    (("--config.batch_size=12",), "batch_size 12"),
+    (("--config.init.from_scratch=False", "--config.init.sam_checkpoint=/nope.pth"), "init.sam_checkpoint: no such file"),
+    (("--config.trainable=('beit3/nothing',)",), "match no parameter"),
+    (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),
+])
+def test_bad_input_is_one_line_before_compiling(config_file, data_root, tmp_path, capsys, extra, expect):
+  args = _args(config_file, data_root, tmp_path / "w")
+  args = [a for a in args if not (a.startswith("--config.data.root") and any(e.startswith("--config.data.root")
+                                                                            for e in extra))]
+  t0 = time.time()
+  code = cli.main(args + list(extra))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+  assert time.time() - t0 < 30  # nothing was compiled
+
+
+def test_a_wrong_init_checkpoint_is_refused(straight, config_file, data_root, tmp_path, capsys):
+  """Fine-tuning from an EVF-SAM checkpoint of another model: one line naming the difference."""
+  code = cli.main(_args(config_file, data_root, tmp_path / "w", "--config.init.from_scratch=False",
+                        f"--config.init.evf_checkpoint={os.path.join(straight, 'export')}",
+                        "--config.model.sam.embed_dim=64"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "is another model" in err[0] and "embed_dim" in err[0], err

@@ -1,0 +1,237 @@
+"""Training is proven like inference: the loss against a numpy transcription of EVF-SAM's formula, the gradients
+of every trained parameter against PyTorch autograd on the reference model (PyPI segment-anything + torchscale,
+converted with our converter), and the step itself: it lowers the loss, leaves frozen parameters untouched and
+gives them no optimizer state, accumulates gradients, and computes the same on 8 devices with FSDP as on one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import optax
+from flax import traverse_util
+
+from convert.evf import convert_evf
+from evf_jax import sharding
+from evf_jax.evf import EvfSam, abstract_params, init_params
+from evf_jax.train import config as train_config
+from evf_jax.train import losses, optimizer, partition
+from evf_jax.train.step import StepOptions, loss_fn, make_train_step
+from evf_jax.train.trainer import fresh_state, state_layout
+from evf_testing import evf_reference as ref
+from evf_testing import torch_reference as tr
+from evf_testing.training import random_batch, tiny_config, torch_loss_and_grads
+
+TRAINABLE = train_config.EVF_SAM_TRAINABLE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_fast(fast_compile):
+  yield
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def numpy_loss(logits, targets, region, valid, w_bce=2.0, w_dice=0.5):
+  """EVF-SAM's sigmoid BCE (pixel mean) + Dice (s = 1000, eps = 1e-6), plain means over the valid masks,
+  written from the formula with the pixels outside `region` removed."""
+  bces, dices = [], []
+  for x, t, r, v in zip(logits.astype(np.float64), targets.astype(np.float64), region, valid):
+    if not v:
+      continue
+    x, t = x[r], t[r]
+    bces.append(np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))))
+    p = 1 / (1 + np.exp(-x))
+    dices.append(1 - (2 * np.sum(p / 1000 * t) + 1e-6) / (np.sum(p / 1000) + np.sum(t / 1000) + 1e-6))
+  n = len(bces) + 1e-8
+  return w_bce * sum(bces) / n + w_dice * sum(dices) / n, sum(bces) / n, sum(dices) / n
+
+
+def test_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  n, m = 7, 24
+  logits = rng.normal(0, 4, (n, m, m)).astype(np.float32)
+  targets = (rng.random((n, m, m)) < 0.3).astype(np.uint8)
+  targets[2] = 0  # an empty target (a no-object prompt)
+  region = np.zeros((n, m, m), bool)
+  for i in range(n):
+    region[i, :rng.integers(8, m + 1), :rng.integers(8, m + 1)] = True
+  valid = np.array([1, 1, 1, 0, 1, 0, 1], bool)
+  logits[~valid] = 1e4  # padding prompts with absurd logits must not matter
+  total, metrics = jax.jit(losses.mask_loss)(logits, targets, region, valid)
+  want, bce, dice = numpy_loss(logits, targets, region, valid)
+  np.testing.assert_allclose(float(total), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["bce"]), bce, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["dice"]), dice, rtol=1e-5)
+  assert float(metrics["masks"]) == 5
+  total2, _ = losses.mask_loss(logits, targets, region, valid, losses.LossWeights(bce=1.0, dice=0.0))
+  np.testing.assert_allclose(float(total2), bce, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- gradients against PyTorch
+
+
+@pytest.fixture(scope="module")
+def reference():
+  config = tiny_config()
+  model = ref.build_torch_evf(config, seed=7)
+  params = convert_evf(tr.state_dict_numpy(model), config).params
+  return config, model, params
+
+
+def test_gradients_match_pytorch(reference):
+  """One batch (two images of different shapes, prompts of different lengths, one padding prompt): the loss and
+  the gradient of every trained parameter equal PyTorch autograd's, in float32. Gradients are mapped to our
+  layout by the converter itself (a gradient has its parameter's layout)."""
+  config, model, params = reference
+  batch = random_batch(config, images=2, prompts=3, text_len=8, mask_size=48, seed=1, invalid=1)
+  trained, frozen = partition.split(params, TRAINABLE)
+  options = StepOptions(encoder_frozen=True)
+  (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn(EvfSam(config), config, options), has_aux=True))(
+      trained, frozen, batch)
+  ref_loss, ref_grads = torch_loss_and_grads(model, config, batch)
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+  ref_tree, _ = partition.split(convert_evf(ref_grads, config).params, TRAINABLE)
+  ours = traverse_util.flatten_dict(grads, sep="/")
+  want = traverse_util.flatten_dict(ref_tree, sep="/")
+  assert set(ours) == set(want) and len(ours) > 50
+  assert any(k.startswith("beit3/") for k in ours) and "sam/prompt_encoder/no_mask_embed" in ours
+  assert not any(k.startswith("sam/image_encoder") for k in ours)
+  overall = max(float(np.abs(v).max()) for v in want.values())
+  assert overall > 0
+  worst = {}
+  for key in sorted(ours):
+    g, r = np.asarray(ours[key]), np.asarray(want[key])
+    scale = float(np.abs(r).max())
+    # float32 sums in another order: ~1e-5 of each gradient's own scale. Gradients that are zero in exact
+    # arithmetic (a key bias under softmax) are float noise on both sides: judged against the overall scale.
+    tol = 2e-4 * scale + 1e-6 * overall
+    worst[key] = float(np.abs(g - r).max()) / max(scale, 1e-6 * overall)
+    np.testing.assert_allclose(g, r, rtol=0, atol=tol, err_msg=key)
+  print(f"\nloss {float(loss):.6f} vs {ref_loss:.6f}; worst relative gradient error {max(worst.values()):.2e} "
+        f"({max(worst, key=worst.get)})")
+
+
+# ---------------------------------------------------------------- the step
+
+
+def _setup(config, trainable, mesh, grad_accum=1, lr=3e-3, warmup=0, sgd=False, eps=1e-8):
+  schedule = optimizer.learning_rate(lr, total_steps=100, warmup_steps=warmup, schedule="constant")
+  tx = optax.sgd(schedule) if sgd else optimizer.adamw(schedule, weight_decay=0.01, eps=eps)
+  rules = sharding.rules_for(mesh, sharding.DEFAULT_RULES)
+  shapes, shards, report = state_layout(config, trainable, tx, mesh, rules)
+  options = StepOptions(grad_accum=grad_accum, encoder_frozen=partition.encoder_frozen(shapes["params"]))
+  fn = make_train_step(EvfSam(config), config, tx, schedule, options)
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  with sharding.activate(mesh, rules):
+    step = jax.jit(fn, in_shardings=(shards, batch_sh), out_shardings=(shards, None), donate_argnums=0)
+  return tx, shards, rules, report, step, batch_sh
+
+
+def _run(step, state, batch, batch_sh, mesh, rules, n):
+  """n steps on one batch -> (state, [metrics of each step])."""
+  trace = []
+  with sharding.activate(mesh, rules):
+    for _ in range(n):
+      state, metrics = step(state, sharding.global_batch(batch, batch_sh))
+      trace.append({k: float(v) for k, v in metrics.items()})
+  return state, trace
+
+
+@pytest.fixture(scope="module")
+def start():
+  config = tiny_config()
+  return config, jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+
+
+def test_steps_lower_the_loss_and_leave_frozen_parameters_alone(start):
+  config, params = start
+  mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  tx, shards, rules, _, step, batch_sh = _setup(config, TRAINABLE, mesh)
+  state = fresh_state(params, TRAINABLE, tx, shards)
+  frozen_before = jax.tree.map(np.asarray, state["frozen"])
+  assert "image_encoder" in frozen_before["sam"] and "image_encoder" not in state["params"].get("sam", {})
+  moments = traverse_util.flatten_dict(state["opt_state"][1][0].mu, sep="/")  # adamw's first moment
+  assert set(moments) == set(traverse_util.flatten_dict(state["params"], sep="/"))
+  batch = random_batch(config, images=2, prompts=3, mask_size=48, seed=2)
+  state, trace = _run(step, state, batch, batch_sh, mesh, rules, 8)
+  losses_ = [m["loss"] for m in trace]
+  assert losses_[-1] < 0.8 * losses_[0], losses_
+  assert int(state["step"]) == 8
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_gradient_accumulation_equals_the_mean_of_microbatch_gradients(start):
+  """Two microbatches in one step: the gradient is the mean of the two microbatches' (its norm, reported by the
+  step, to float rounding), and with plain SGD (an update linear in the gradient) the parameters move by
+  -lr times that mean."""
+  config, params = start
+  mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  tx, shards, rules, _, step2, batch_sh = _setup(config, TRAINABLE, mesh, grad_accum=2, sgd=True)
+  batch = random_batch(config, images=4, prompts=2, mask_size=48, seed=3, invalid=0)
+  state, trace = _run(step2, fresh_state(params, TRAINABLE, tx, shards), batch, batch_sh, mesh, rules, 1)
+  trained, frozen = partition.split(params, TRAINABLE)
+  grad = jax.jit(jax.grad(lambda t, f, b: loss_fn(EvfSam(config), config, StepOptions())(t, f, b)[0]))
+  micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]  # rows i, i + 2: the step's split
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, *[grad(trained, frozen, m) for m in micro])
+  np.testing.assert_allclose(trace[0]["grad_norm"], float(optax.tree.norm(mean)), rtol=1e-5)
+  updates, _ = tx.update(mean, tx.init(trained), trained)
+  want = jax.tree.map(lambda p, u: p + u, trained, updates)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(mean))  # zero-gradient leaves: float noise
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(state["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-5 * 3e-3 * scale)
+
+
+def test_fsdp_on_8_devices_equals_one_device(start):
+  """One AdamW step with everything trained on a (data 2, fsdp 4) mesh against one device: the same loss and
+  gradient norm (float32 sums in another order: 1e-6, 1e-5), the same parameters, and parameters / optimizer
+  moments sharded as the rules say. AdamW's first update is lr * g / (|g| + eps): with the default eps a
+  gradient entry that is ~0 in exact arithmetic (float noise ~1e-10) moves its parameter by anything in
+  [-lr, lr], so this comparison uses eps = 1e-3, where the update is smooth in g."""
+  config, params = start
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  batch = random_batch(config, images=8, prompts=2, mask_size=48, seed=4)
+  results = {}
+  for name, spec, devices in (("one", [("data", 1)], jax.devices()[:1]),
+                              ("fsdp", [("data", 2), ("fsdp", 4), ("tensor", 1)], jax.devices())):
+    mesh = sharding.make_mesh(spec, devices)
+    tx, shards, rules, report, step, batch_sh = _setup(config, (".*",), mesh, eps=1e-3)
+    state, trace = _run(step, fresh_state(params, (".*",), tx, shards), batch, batch_sh, mesh, rules, 1)
+    results[name] = (state, trace, shards, report)
+  one, fsdp = results["one"], results["fsdp"]
+  np.testing.assert_allclose(fsdp[1][0]["loss"], one[1][0]["loss"], rtol=1e-6)
+  np.testing.assert_allclose(fsdp[1][0]["grad_norm"], one[1][0]["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one[0]["params"]), jax.tree.leaves(fsdp[0]["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  specs = sharding.describe(fsdp[2]["params"])
+  assert specs["beit3/encoder/layers_0/ffn/A/fc1/kernel"] == str(jax.sharding.PartitionSpec("fsdp", "tensor"))
+  assert specs["sam/image_encoder/blocks_0/attn/qkv/kernel"] == str(jax.sharding.PartitionSpec("fsdp", "tensor"))
+  assert specs["beit3/encoder/layers_0/ffn/A/fc1/bias"] == str(jax.sharding.PartitionSpec("tensor"))
+  # The test vocabulary (320) divides over fsdp=4: the text embedding is sharded; SAM's rel-pos tables are
+  # not named and stay replicated; nothing needed a fallback at these sizes except what the report lists.
+  assert specs["beit3/text_embed/embedding"] == str(jax.sharding.PartitionSpec("tensor", "fsdp"))
+  mu = sharding.describe(jax.tree.map(lambda x: x.sharding, fsdp[0]["opt_state"][1][0].mu))
+  assert mu["beit3/encoder/layers_0/ffn/A/fc1/kernel"] == specs["beit3/encoder/layers_0/ffn/A/fc1/kernel"]
+  actual = fsdp[0]["params"]["beit3"]["encoder"]["layers_0"]["ffn"]["A"]["fc1"]["kernel"].sharding.spec
+  assert actual == jax.sharding.PartitionSpec("fsdp", "tensor")
+  for line in fsdp[3]:
+    assert "over fsdp=4" in line
+
+
+def test_indivisible_dimensions_fall_back_to_replication():
+  """BEiT-3's real vocabulary (64010 rows, odd after /2) over tensor=4: replicated along that dimension, reported."""
+  config = tiny_config(vocab_size=64010)
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = sharding.make_mesh([("data", 2), ("tensor", 4)], jax.devices()[:8])
+  shardings, report = sharding.param_shardings(abstract_params(config, boxed=True), mesh,
+                                               sharding.rules_for(mesh, sharding.DEFAULT_RULES))
+  spec = sharding.describe(shardings)["beit3/text_embed/embedding"]
+  assert spec == str(jax.sharding.PartitionSpec(None, None))
+  assert any("beit3/text_embed/embedding: dim 0 (64010) over tensor=4" in line for line in report), report
+  assert sharding.describe(shardings)["beit3/encoder/layers_0/ffn/A/fc1/kernel"] == str(
+      jax.sharding.PartitionSpec(None, "tensor"))
