@@ -246,6 +246,7 @@ class EvalOptions:
   lookahead: int = 16        # batches' worth of images sorted together by shape
   read_threads: int = 4      # grain threads decoding images / masks (used by the callers' datasets)
   max_text_len: int = 1022   # prompts longer than this (tokens) are cut, keeping </s>; 1022 cuts none
+  min_prompts: int = 2       # prompt slots per image are a power of two >= this (fewer compiled shapes)
   progress: bool = True
 
 
@@ -311,7 +312,8 @@ class Evaluator:
     local_images = self.batch_images // self.processes
     cap = self.options.max_text_len  # the model's text positions end there: no bucket beyond it
     batcher = Batcher(local_images, size_multiple=self.options.size_multiple, lookahead=self.options.lookahead,
-                      text_buckets=tuple(t for t in buckets.TEXT_BUCKETS if t < cap) + (cap,))
+                      text_buckets=tuple(t for t in buckets.TEXT_BUCKETS if t < cap) + (cap,),
+                      min_prompts=self.options.min_prompts)
     acc = metrics.IoUAccumulator()
     bar = tqdm(total=total, desc=name, unit="img", dynamic_ncols=True,
                disable=not self.options.progress or jax.process_index() != 0)

@@ -42,5 +42,7 @@ def get_config(arg=None):
   c.data.read_threads = 2
   c.data.synthetic = {"num_train": 2000, "num_eval": 200, "seed": 0}
   c.evals = ("synthetic|val",)
-  c.eval.batch_size = 16
+  c.eval.batch_size = 8
+  c.eval.size_multiple = 320  # the generated images are at most 320 px: one size bucket
+  c.eval.min_prompts = 32     # 8 to 46 prompts per image: two prompt buckets, so two compiles
   return c

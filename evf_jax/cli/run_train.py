@@ -212,12 +212,18 @@ def _init_fn(cfg, model_config: EvfConfig):
                   "or init.from_scratch=True")
 
 
+def eval_options(cfg, model_config: EvfConfig) -> evaluate.EvalOptions:
+  """The evaluator's settings from the config's `eval` section."""
+  return evaluate.EvalOptions(batch_size=cfg.eval.batch_size, size_multiple=cfg.eval.size_multiple,
+                              min_prompts=cfg.eval.min_prompts, progress=cfg.progress,
+                              max_text_len=min(1022, model_config.beit3.max_text_len))
+
+
 def _eval_fn(cfg, model_config: EvfConfig, tokenizer, mesh, rules, data_root: str):
   if not cfg.evals:
     return None
   located = run_eval.locate_splits(cfg.eval.root or data_root, list(cfg.evals))
-  options = evaluate.EvalOptions(batch_size=cfg.eval.batch_size, progress=cfg.progress,
-                                 max_text_len=min(1022, model_config.beit3.max_text_len))
+  options = eval_options(cfg, model_config)
   evaluator = evaluate.Evaluator(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh=mesh,
                                  batch_axes=sharding.batch_axes(mesh, rules), options=options)
 

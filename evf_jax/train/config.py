@@ -87,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
       "synthetic": {"num_train": 0, "num_eval": 0, "seed": 0},  # > 0: generate a missing synthetic dataset
   })
   c.evals = ("refcoco|unc|val",)  # splits evaluated every eval_every steps; the first one picks the best
-  c.eval = ml_collections.ConfigDict({"root": "", "batch_size": 8})  # root "": data.root
+  # root "": data.root; size_multiple / min_prompts: the evaluator's shape buckets (evf_jax/evaluate.py)
+  c.eval = ml_collections.ConfigDict({"root": "", "batch_size": 8, "size_multiple": 128, "min_prompts": 2})
   # Devices: mesh axes (-1: the rest) and logical-axis rules (evf_jax/sharding.py).
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.sharding_rules = sharding.DEFAULT_RULES

@@ -136,17 +136,17 @@ class Trainer:
     if cfg.batch_size % jax.process_count():
       raise UserError(f"batch_size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
 
-  def _install_signal_handlers(self) -> None:
+  def _install_signal_handlers(self) -> dict:
+    """SIGTERM and Ctrl-C stop the loop at the next step, which is saved; returns the handlers they replace."""
     if jax.process_count() > 1:
-      return  # jax's preemption notifier owns SIGTERM; `reached_preemption` tells every process the same step
+      return {}  # jax's preemption notifier owns SIGTERM; `reached_preemption` tells every process the same step
 
     def handler(signum, frame):
       if self._stop_signal is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop now
       self._stop_signal = signal.Signals(signum).name
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
   # ---------------------------------------------------------------- the loop
 
@@ -196,12 +196,14 @@ class Trainer:
                            donate_argnums=0)
 
     writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR)) if jax.process_index() == 0 else None
-    self._install_signal_handlers()
+    previous_handlers = self._install_signal_handlers()
     summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
     try:
       self._loop(state, train_step, mngr, start, writer, summary, encoder_frozen)
     finally:
       mngr.wait_until_finished()  # never leave an async save half-written at exit
+      for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
       if writer is not None:
         writer.close()
     return summary
