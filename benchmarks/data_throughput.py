@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Input-pipeline throughput (samples/s) on the synthetic set and on a RefCOCO-format fixture.
 
-  .venv/bin/python benchmarks/data_throughput.py --workers 0 2 --batch-size 8 --batches 10
+  .venv/bin/python -m benchmarks.data_throughput --workers 0 2 --batch-size 8 --batches 10
 
 Builds both datasets in a temp dir (the RefCOCO-format one: 640x480 JPEGs, 3 refs x 2 sentences per image,
 polygon masks, converted by the real `prepare`), then times `train_iterator` after one warm-up batch.

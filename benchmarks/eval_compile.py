@@ -1,9 +1,9 @@
 """The evaluation step compiled for a TPU slice or a set of GPUs, on a machine without them.
 
     bash scripts/setup_static_env.sh tpu      # once: .venv-tpu-static, the requirements plus libtpu (~1.5 GB)
-    .venv-tpu-static/bin/python benchmarks/eval_compile.py [--size evf-sam] [--topology v5e:2x2] [--precision bf16]
+    .venv-tpu-static/bin/python -m benchmarks.eval_compile [--size evf-sam] [--topology v5e:2x2] [--precision bf16]
     bash scripts/setup_static_env.sh gpu      # once: .venv-gpu-static, jax's CUDA plugin (~6 GB)
-    .venv-gpu-static/bin/python benchmarks/eval_compile.py --platform gpu [--topology 1x1x4] [--attention cudnn]
+    .venv-gpu-static/bin/python -m benchmarks.eval_compile --platform gpu [--topology 1x1x4] [--attention cudnn]
 
 libtpu, and jax's CUDA plugin, compile for a topology without its chips (the way large jobs are compiled ahead
 of time), so this builds `evaluate.sharded_step`, the step `run.py eval` runs, over a mesh of the topology's

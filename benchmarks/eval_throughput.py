@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`run.py eval` throughput (sentences/s) on a RefCOCO-like split, random weights converted with our converter.
 
-    python benchmarks/eval_throughput.py --device cpu --size base --images 4 --batch-size 2   # this CPU
-    python benchmarks/eval_throughput.py --device gpu --size evf-sam --images 64 --batch-size 8 --precision bf16
+    python -m benchmarks.eval_throughput --device cpu --size base --images 4 --batch-size 2   # this CPU
+    python -m benchmarks.eval_throughput --device gpu --size evf-sam --images 64 --batch-size 8 --precision bf16
 
 The GPU line is the one-command GPU variant (same script; `--device gpu` just requires a GPU backend).
 The data: 640x480 / 427x640 JPEGs with 3 refs x 2 sentences each (RefCOCO has ~7 sentences per image),

@@ -1,6 +1,6 @@
 """GPU benchmark (one command, a few minutes on an H100/H200): evf-jax vs the PyTorch reference, same GPU.
 
-    python benchmarks/gpu.py [--size evf-sam] [--out results.json]
+    python -m benchmarks.gpu [--size evf-sam] [--out results.json]
 
 Reports:
   1. SAM image-encoder throughput in bf16 (images/s, achieved TFLOP/s by hand-counted FLOPs, % of the

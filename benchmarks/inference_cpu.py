@@ -1,6 +1,6 @@
 """Inference speed and memory: evf-jax vs the PyTorch reference, same weights, same machine, one run.
 
-    python benchmarks/inference_cpu.py [--size base] [--repeats 3] [--threads 2]
+    python -m benchmarks.inference_cpu [--size base] [--repeats 3] [--threads 2]
 
 Measures (medians; each side runs in its own process so peak memory is its own):
   a. one image + one prompt, end to end (decoded RGB array -> mask at the original size);

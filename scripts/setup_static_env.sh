@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the environment in which benchmarks/gpu_static.py and benchmarks/eval_compile.py compile for chips
+# Creates the environment in which benchmarks/{eval,train}_compile.py and benchmarks/experimental/gpu_static.py compile for chips
 # this machine does not have: the runtime requirements plus, at the jax version they resolve to,
 #   gpu: jax's CUDA 12 plugin and the CUDA libraries it loads (~6 GB)  -> .venv-gpu-static
 #   tpu: libtpu (jax[tpu] pins the matching one; ~1.5 GB)              -> .venv-tpu-static
@@ -20,4 +20,4 @@ fi
 "$venv/bin/python" -m pip install -q -r requirements.txt
 jax_version=$("$venv/bin/python" -c "import jax; print(jax.__version__)")
 "$venv/bin/python" -m pip install -q "${extra}==${jax_version}"
-echo "ready: $venv/bin/python benchmarks/eval_compile.py --help"
+echo "ready: $venv/bin/python -m benchmarks.eval_compile --help  (or benchmarks.train_compile)"

@@ -1,6 +1,6 @@
 """Where the SAM-H image encoder's time goes on a GPU (bf16). One command, ~3 minutes on an H100.
 
-    python benchmarks/gpu_encoder.py [--batch 8] [--out DIR]
+    python -m benchmarks.experimental.gpu_encoder [--batch 8] [--out DIR]
 
 1. The chip's two ceilings as this problem sees them: a device-to-device pass (bytes read + written per
    second) and bf16 matmuls of the encoder's four Linear shapes.
@@ -23,7 +23,7 @@
 5. With --xla-flag-sets, section 3 (--impls without XLA attention, with profiles) again under each set of
    XLA flags, each in a fresh process (XLA reads its flags once). An entry may hold `gelu=tanh_approx` too:
    that child runs the encoder with the tanh GELU (--gelu), which XLA can hand to cuBLASLt as a BIAS_GELU
-   epilogue (`benchmarks/gpu_static.py` shows it doing so for all 32 MLPs under jax 0.10.2); its profile
+   epilogue (`benchmarks/experimental/gpu_static.py` shows it doing so for all 32 MLPs under jax 0.10.2); its profile
    says whether it did on the GPU's jax, and what the epilogue costs.
 With --out, the log's numbers go to DIR/gpu_encoder.json and the raw trace to DIR.
 """

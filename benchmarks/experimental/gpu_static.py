@@ -1,7 +1,7 @@
 """What the SAM image encoder compiles to on an H100, on a machine without a GPU.
 
     bash scripts/setup_static_env.sh gpu          # once: .venv-gpu-static with jax's CUDA plugin (~6 GB)
-    .venv-gpu-static/bin/python benchmarks/gpu_static.py [--batch 8] [--gelu erf|tanh] [--xla-flags '...']
+    .venv-gpu-static/bin/python -m benchmarks.experimental.gpu_static [--batch 8] [--gelu erf|tanh] [--xla-flags '...']
         [--attention cudnn+pallas [--tiles window_block_q=128,window_num_warps=8]] [--ptxas]
 
 XLA's GPU compiler runs deviceless: jax's CUDA plugin compiles for a compile-only topology built from a

@@ -4,7 +4,7 @@ straight from the fused qkv output and add the decomposed rel-pos bias themselve
 Why: the cuDNN path (`image_encoder.cudnn_rel_pos_attention`) copies q and v out of qkv, builds q_ext (q and
 its rel-pos scores) and k_ext (k and one-hot row/column indicators) in memory, and runs the flash kernel on
 those folded widths (SAM-H: 208 for the global blocks, 112 for the windows); the windows add a pad/partition
-copy before and a merge copy after. By `benchmarks/gpu_static.py` that is ~40 GB of the encoder's traffic
+copy before and a merge copy after. By `benchmarks/experimental/gpu_static.py` that is ~40 GB of the encoder's traffic
 at batch 8, and 6.27 TFLOP of attention where QK and PV at head dim 80 are 3.9. Here:
   - QK and PV run at the head dim, split into powers of two (80 = 64 + 16: Triton's tiles are powers of two);
   - the rel-pos terms come from one product of q with both tables, (.., N, L) per token. The global kernel

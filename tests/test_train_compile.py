@@ -1,0 +1,219 @@
+"""benchmarks/train_compile.py: its reading of compiled HLO (collectives, their bytes, loop trip counts) and its
+errors here. Compiling for a TPU slice or for GPUs needs libtpu (scripts/setup_static_env.sh tpu) or jax's CUDA
+plugin (scripts/setup_static_env.sh gpu), which the test environment does not have on purpose: those tests are
+in the slow tier and skip where the environment is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import deviceless, train_compile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A compiled program as XLA prints it: an all-gather in a loop of 10 (FSDP weights gathered per microbatch), an
+# async all-reduce over TPU-style mesh groups, an async collective-permute (its start's tuple holds the operand
+# and context, not only the result) and a reduce-scatter wrapped in async-start (as on GPUs).
+HLO = """HloModule jit_step, is_scheduled=true, num_partitions=8
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %x, f32[] %y)
+}
+
+%body (p: (s32[], bf16[4,256])) -> (s32[], bf16[4,256]) {
+  %p = (s32[], bf16[4,256]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element((s32[], bf16[4,256]{1,0}) %p), index=0
+  %w = bf16[4,256]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %ag = bf16[32,256]{1,0:T(8,128)(2,1)} all-gather(bf16[4,256]{1,0} %w), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  ROOT %t = (s32[], bf16[4,256]{1,0}) tuple(%i, %w)
+}
+
+%cond (p: (s32[], bf16[4,256])) -> pred[] {
+  %p = (s32[], bf16[4,256]{1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+%rs.wrapped (a: f32[64]) -> f32[8] {
+  %a = f32[64]{0} parameter(0)
+  ROOT %rs = f32[8]{0} reduce-scatter(f32[64]{0} %a), channel_id=3, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, to_apply=%add
+}
+
+ENTRY %main.9 (w: bf16[4,256], g: f32[64]) -> f32[8] {
+  %w = bf16[4,256]{1,0} parameter(0)
+  %g = f32[64]{0} parameter(1)
+  %init = (s32[], bf16[4,256]{1,0}) tuple(%w, %w)
+  %loop = (s32[], bf16[4,256]{1,0}) while((s32[], bf16[4,256]{1,0}) %init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"10"}}
+  %g2 = f32[1024]{0} broadcast(%g), dimensions={}
+  %ars = f32[1024]{0} all-reduce-start(f32[1024]{0} %g2), channel_id=2, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, to_apply=%add
+  %ard = f32[1024]{0} all-reduce-done(f32[1024]{0} %ars)
+  %cps = (f32[16]{0}, f32[16]{0}, u32[], u32[]) collective-permute-start(f32[16]{0} %x), channel_id=4, source_target_pairs={{0,1},{1,0}}
+  %cpd = f32[16]{0} collective-permute-done((f32[16]{0}, f32[16]{0}, u32[], u32[]) %cps)
+  %rss = ((f32[64]{0}), f32[8]{0}) async-start(f32[64]{0} %g), calls=%rs.wrapped
+  ROOT %rsd = f32[8]{0} async-done(((f32[64]{0}), f32[8]{0}) %rss)
+}
+"""
+
+
+def test_shape_bytes():
+  assert train_compile.shape_bytes("bf16[8,128]{1,0:T(8,128)(2,1)}") == 2048
+  assert train_compile.shape_bytes("(f32[16]{0}, s8[4,4]{1,0}, pred[3], u32[])") == 64 + 16 + 3 + 4
+  assert train_compile.shape_bytes("f8e4m3fn[10]") == 10 and train_compile.shape_bytes("s4[8]") == 4
+  assert train_compile.shape_bytes("f32[]") == 4
+
+
+def test_collective_traffic_counts_loops_async_pairs_and_groups():
+  traffic = train_compile.collective_traffic(HLO, devices=8)
+  assert {op: t["ops"] for op, t in traffic.items()} == deviceless.collectives(HLO)
+  assert traffic["all-gather"] == {"ops": 1, "per_step": 10, "result_bytes": 10 * 32 * 256 * 2,
+                                   "link_bytes": 10 * 32 * 256 * 2 * 7 // 8}
+  assert traffic["all-reduce"] == {"ops": 1, "per_step": 1, "result_bytes": 4096, "link_bytes": 2 * 4096 * 3 // 4}
+  assert traffic["collective-permute"] == {"ops": 1, "per_step": 1, "result_bytes": 64, "link_bytes": 64}
+  assert traffic["reduce-scatter"] == {"ops": 1, "per_step": 1, "result_bytes": 32, "link_bytes": 32 * 7}
+  assert "unknown_trip_counts" not in traffic
+
+
+def test_largest_collectives_name_their_source():
+  hlo = HLO.replace("dimensions={0}\n  ROOT %t", 'dimensions={0}, metadata={op_name="jit(step)/beit3/fc1/dot_general"}\n  ROOT %t')
+  top = train_compile.largest_collectives(hlo, devices=8, n=2)
+  assert [(r["op"], r["shape"], r["per_step"]) for r in top] == [("all-gather", "bf16[32,256]", 10),
+                                                                 ("all-reduce", "f32[1024]", 1)]
+  assert top[0]["source"] == "jit(step)/beit3/fc1/dot_general" and top[0]["group"] == 8
+
+
+def test_loop_without_trip_count_counts_once_and_says_so():
+  hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"10"}}', "")
+  traffic = train_compile.collective_traffic(hlo, devices=8)
+  assert traffic["all-gather"]["per_step"] == 1 and traffic["unknown_trip_counts"] == ["body"]
+
+
+def test_trip_count_from_the_loop_condition():
+  """TPU programs give no known_trip_count: lax.scan's and lax.map's loops run while `counter < N`."""
+  hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"10"}}', "").replace(
+      "  ROOT %lt = pred[] constant(true)",
+      "  %n = s32[]{:T(128)} constant(6)\n  %c = s32[] get-tuple-element(%p), index=0\n"
+      "  ROOT %lt = pred[]{:T(512)} compare(%c, %n), direction=LT")
+  traffic = train_compile.collective_traffic(hlo, devices=8)
+  assert traffic["all-gather"]["per_step"] == 6 and "unknown_trip_counts" not in traffic
+
+
+def test_no_collectives():
+  assert train_compile.collective_traffic("ENTRY %m (a: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} parameter(0)\n}",
+                                          devices=4) == {}
+
+
+def test_group_sizes():
+  size = train_compile._group_size
+  assert size("x = f32[8] all-gather(f32[1] %a), replica_groups=[4,2]<=[8], dimensions={0}", 8) == 2
+  assert size("x = f32[8] all-gather(f32[1] %a), replica_groups={{0,2},{1,3}}, dimensions={0}", 4) == 2
+  assert size("x = f32[] all-reduce(%a), replica_groups=mesh['axis_0'=4,'axis_1'=8] {'axis_0','axis_1'}", 0) == 32
+  assert size("x = f32[] all-reduce(%a), replica_groups={}, to_apply=%add", 16) == 16
+
+
+def test_parse_mesh():
+  assert train_compile.parse_mesh("data=-1, fsdp=8,tensor=1") == (("data", -1), ("fsdp", 8), ("tensor", 1))
+  for bad in ("data", "data=x", "=4", ""):
+    with pytest.raises(ValueError):
+      train_compile.parse_mesh(bad)
+
+
+def test_imports_no_jax():
+  """main() must set the compile-only environment before jax starts: the module itself imports no jax."""
+  code = "import sys, benchmarks.train_compile; print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("platform,needs", [("tpu", "setup_static_env.sh tpu"), ("gpu", "setup_static_env.sh gpu")])
+def test_without_the_compiler_plugin(platform, needs, capsys):
+  pytest.importorskip("jax")
+  try:  # the test environment has neither, on purpose
+    import libtpu  # noqa: F401
+    pytest.skip("libtpu is installed here")
+  except ImportError:
+    pass
+  try:
+    import jax_plugins.xla_cuda12  # noqa: F401
+    pytest.skip("jax's CUDA plugin is installed here")
+  except ImportError:
+    pass
+  assert train_compile.main(["--platform", platform, "--model-preset", "tiny"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and needs in err[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attention", "cudnn"], "--attention cudnn is for --platform gpu"),
+    (["--target", "h100"], "--target is for --platform gpu"),
+    (["--platform", "gpu", "--attention", "cudnn", "--precision", "fp32"], "needs --precision bf16"),
+    (["--mesh", "data8"], "expected NAME=SIZE"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--config", "configs/train/nope.py"], "no such file"),
+    (["--platform", "cpu"], "invalid choice"),
+])
+def test_bad_flags(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    train_compile.main(argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_does_not_overwrite(tmp_path, capsys):
+  for flag in ("--json", "--dump-hlo"):
+    mine = tmp_path / "summary.json"
+    mine.write_text("keep")
+    with pytest.raises(SystemExit) as e:
+      train_compile.main([flag, str(mine)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and mine.read_text() == "keep" and len(err) == 1 and "not overwriting" in err[0]
+
+
+def _compile(python: pathlib.Path, tmp_path, *argv) -> dict:
+  out = tmp_path / "summary.json"
+  # Without the test session's jax settings (fast-compile mode, a persistent cache, 8 simulated CPU devices).
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  proc = subprocess.run([str(python), "-m", "benchmarks.train_compile", *argv, "--json", str(out)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=1200, env=env)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(out.read_text())
+
+
+TPU_PYTHON = ROOT / ".venv-tpu-static" / "bin" / "python"
+GPU_PYTHON = ROOT / ".venv-gpu-static" / "bin" / "python"
+
+
+def _check(summary: dict, devices: int, kind: str) -> None:
+  assert summary["devices"] == devices and kind in summary["device_kind"]
+  mem = summary["memory_per_device_bytes"]
+  assert mem["argument"] >= sum(summary["state_per_device_bytes"].values()) > 0
+  assert summary["fits"] is True and 0 < mem["total"] < summary["hbm_bytes"]
+  # Gradients are summed over the data-parallel devices; FSDP gathers the weights and scatters the gradients.
+  traffic = summary["collectives"]
+  assert traffic["all-reduce"]["per_step"] >= 1 and traffic["all-reduce"]["result_bytes"] > 0
+  assert "all-gather" in traffic and traffic["all-gather"]["link_bytes"] > 0
+  assert summary["model_flops_per_step"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh tpu (~1.5 GB)")
+def test_train_step_for_a_tpu_slice(tmp_path):
+  """The tiny model's training step, data x FSDP over the 4 chips of a v5e 2x2 slice, as `Trainer.run` jits it."""
+  summary = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--model-preset", "tiny", "--batch-size", "8",
+                     "--mesh", "data=2,fsdp=2,tensor=1")
+  _check(summary, 4, "TPU v5 lite")
+  assert summary["settings"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh gpu (~6 GB)")
+def test_train_step_for_four_gpus(tmp_path):
+  summary = _compile(GPU_PYTHON, tmp_path, "--platform", "gpu", "--topology", "1x1x4", "--model-preset", "tiny",
+                     "--batch-size", "8", "--mesh", "data=2,fsdp=2,tensor=1")
+  _check(summary, 4, "H100")
