@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 
 from evf_jax.evf import EvfConfig
 from evf_jax.sam.transforms import normalize_and_pad
@@ -139,3 +142,14 @@ def torch_loss_and_grads(model, config, batch):
   grads = {name: (params[name].grad.numpy() if name in params and params[name].grad is not None
                   else np.zeros(tuple(t.shape), np.float32)) for name, t in model.state_dict().items()}
   return float(loss.detach()), grads
+
+
+def saved_params(workdir: str, step: int) -> dict:
+  """The trained parameters a run saved at `step`, as host arrays, whatever mesh or processes saved them (the
+  saved shardings name the writer's devices, so they are restored onto this process's first device)."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                        checkpointer.metadata(path).item_metadata)
+  return jax.tree.map(np.asarray, checkpointer.restore(path, target)["params"])

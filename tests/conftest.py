@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 def fast_compile():
   """XLA with most optimizations off, for this module and the processes it starts: compiling a training step
   for 8 CPU devices takes ~40 s instead of ~110 s (tiny models run as fast either way; large ones slower)."""
-  before, env = jax.config.jax_disable_most_optimizations, os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
+  before, env = jax.config.read("jax_disable_most_optimizations"), os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
   jax.config.update("jax_disable_most_optimizations", True)
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
   yield

@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import jax
 from evf_jax import cli
+from evf_testing.training import saved_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = '''from evf_testing.training import micro_train_config
@@ -23,6 +23,10 @@ CONFIG = '''from evf_testing.training import micro_train_config
 def get_config(arg=None):
   c = micro_train_config()
   c.optimizer.schedule = "constant"
+  # Some gradients are zero up to rounding (e.g. a bias feeding a LayerNorm); Adam with eps 1e-8 turns that
+  # rounding noise into +-lr steps whose sign depends on the summation order. A larger eps keeps such
+  # parameters still, so the comparison below tests the training, not the noise.
+  c.optimizer.eps = 1e-3
   return c
 '''
 
@@ -49,11 +53,6 @@ def _train(args, devices, extra=()):
                           env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _params(workdir, step):
-  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
-  return jax.tree.map(np.asarray, restored["params"])
-
-
 @pytest.mark.slow
 def test_two_processes_train_as_one(tmp_path):
   config = tmp_path / "micro.py"
@@ -74,8 +73,9 @@ def test_two_processes_train_as_one(tmp_path):
   assert "on 8 cpu device(s), 2 process(es)" in outs[0]
   # Same data (every process feeds its rows of the same global batches), same steps: float32 sums in another
   # order across processes (gloo all-reduces), so equal to rounding.
-  for a, b in zip(jax.tree.leaves(_params(str(tmp_path / "one"), 6)), jax.tree.leaves(_params(str(tmp_path / "two"), 6))):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  one, two = (saved_params(str(tmp_path / name), 6) for name in ("one", "two"))
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   two_eval = [line for line in outs[0].splitlines() if "gIoU" in line and line.startswith("step 6")]
   one_eval = [line for line in out.splitlines() if "gIoU" in line and line.startswith("step 6")]
   assert two_eval and two_eval == one_eval  # the multi-process evaluator agrees with the single-process one

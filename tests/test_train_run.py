@@ -13,7 +13,6 @@ import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import jax
@@ -21,7 +20,7 @@ from evf_jax import cli
 from evf_jax.checkpoints import load_checkpoint
 from evf_jax.images import decode_image
 from evf_jax.predictor import Predictor
-from evf_jax.train import checkpointing
+from evf_testing.training import saved_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = '''from evf_testing.training import micro_train_config
@@ -59,13 +58,6 @@ def _args(config_file, data_root, workdir, *extra):
   return ["train", "--config", config_file, "--workdir", str(workdir), f"--config.data.root={data_root}", *extra]
 
 
-def _params(workdir, step):
-  """The saved trained parameters of `step`, as host arrays (whatever mesh saved them)."""
-  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, str(step),
-                                                             "state"))
-  return jax.tree.map(np.asarray, restored["params"])
-
-
 def _losses(workdir):
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -93,7 +85,7 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   assert len(evals) == 1 and 0.0 <= evals[0]["eval/synthetic|val/giou"] <= 1.0
   assert glob.glob(os.path.join(w, "tensorboard", "events.out.tfevents.*"))
   config, params, tokenizer = load_checkpoint(os.path.join(w, "export"))
-  trained = _params(w, 6)
+  trained = saved_params(w, 6)
   for key in ("beit3", "projector"):  # the export holds the trained parameters
     _same(jax.tree.map(np.asarray, params[key]), trained[key])
   provenance = json.load(open(os.path.join(w, "export", "provenance.json")))
@@ -127,7 +119,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, dat
   assert cli.main(_args(config_file, data_root, w)) == 0
   out = capsys.readouterr()
   assert "resuming from" in out.out and "total_steps" in out.out
-  _same(_params(str(w), 6), _params(straight, 6))
+  _same(saved_params(str(w), 6), saved_params(straight, 6))
   assert _losses(str(w)) == _losses(straight)
 
 
@@ -150,15 +142,11 @@ from data_pipelines import pipeline
 from orbax.checkpoint._src.path import atomicity
 
 _iterator = pipeline.train_iterator
-def slow_iterator(*a, **k):
-  it = _iterator(*a, **k)
-  class Slow:
-    def __next__(self):
-      time.sleep(0.4)
-      return next(it)
-    def __getattr__(self, name):
-      return getattr(it, name)
-  return Slow()
+def _slow(batch):
+  time.sleep(0.8)  # two reader threads: ~0.4 s a batch, so a signal lands between steps, not after the run
+  return batch
+def slow_iterator(dataset, **k):
+  return _iterator(dataset.map(_slow), **k)  # still grain's iterator: its state is checkpointed as usual
 pipeline.train_iterator = slow_iterator
 if "--slow-commit" in sys.argv:
   sys.argv.remove("--slow-commit")
@@ -215,7 +203,7 @@ def test_sigkill_mid_run_and_mid_save_lose_only_unfinished_work(straight, config
     proc.wait()
     assert _steps(w) == [3], (name, os.listdir(os.path.join(w, "checkpoints")))
     _finish(config_file, data_root, w)
-    _same(_params(w, 6), _params(straight, 6))
+    _same(saved_params(w, 6), saved_params(straight, 6))
     assert not glob.glob(os.path.join(w, "checkpoints", "*tmp*"))  # the half-written save was cleaned up
 
 
@@ -230,7 +218,7 @@ def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_p
   saved = _steps(w)
   assert len(saved) == 1 and 1 <= saved[0] < 6 and f"stopped by SIGTERM: saved step {saved[0]}" in out, out[-2000:]
   _finish(config_file, data_root, w)
-  _same(_params(w, 6), _params(straight, 6))
+  _same(saved_params(w, 6), saved_params(straight, 6))
 
 
 # ---------------------------------------------------------------- bad input: one line, before any compile
