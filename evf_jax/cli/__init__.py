@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from evf_jax.cli import demo, run_convert, run_eval, run_predict, run_prepare, run_train
+from evf_jax.cli import run_convert, run_eval, run_predict, run_prepare, run_synthetic, run_train
 from evf_jax.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
@@ -22,7 +22,7 @@ COMMANDS = {
     "prepare": run_prepare,
     "eval": run_eval,
     "train": run_train,
-    "demo": demo,
+    "synthetic": run_synthetic,
 }
 
 
