@@ -477,7 +477,7 @@ def main() -> None:
   ap.add_argument("--mask-size", type=int, default=1024, help="loss resolution (0: SAM's input size)")
   ap.add_argument("--steps", type=int, default=3, help="timed steps per run")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps per run (ours: after compiling)")
-  ap.add_argument("--rounds", type=int, default=2, help="ours / PyTorch runs, alternating")
+  ap.add_argument("--rounds", type=int, default=None, help="ours / PyTorch runs, alternating (default 2; --quick: 1)")
   ap.add_argument("--parts", action="store_true", help="also time each part of the step alone, both sides")
   ap.add_argument("--part-repeats", type=int, default=3)
   ap.add_argument("--threads", type=int, default=2)
@@ -493,7 +493,8 @@ def main() -> None:
   args = ap.parse_args()
   if args.quick:
     args.size, args.images, args.prompts, args.text_len, args.mask_size = "tiny", 2, 2, 8, 64
-    args.steps, args.warmup, args.rounds, args.part_repeats = 2, 1, 1, 1
+    args.steps, args.warmup, args.part_repeats = 2, 1, 1
+  args.rounds = args.rounds or (1 if args.quick else 2)
   roles = {"ours": run_ours, "torch": run_torch, "ours-parts": run_ours_parts,
            "torch-parts": run_torch_parts}
   if args.role != "parent":
