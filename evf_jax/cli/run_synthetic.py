@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
   os.makedirs(out, exist_ok=True)
   for i, (prompt, mask) in enumerate(zip(prompts, result.masks)):
     save_prediction(os.path.join(out, f"val0_{i}"), image, mask)
-    print(f"  [{i}] {prompt!r}: mask area {int(mask.sum())} px, predicted IoU {float(result.scores[i]):.3f}")
+    # No IoU score: EVF-SAM's loss does not train the IoU head, so from scratch its output means nothing.
+    print(f"  [{i}] {prompt!r}: mask area {int(mask.sum())} px")
 
   print("[5/5] drawing")
   picture = draw(workdir, data_dir, predictor, rows)
