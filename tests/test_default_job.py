@@ -1,6 +1,8 @@
-"""The default job (`run.py synthetic`, what `scripts/run_default.sh` runs), reduced: it trains from scratch on the
-generated set, and the trained model reads the text: its held-out cIoU is well above both text-blind baselines
-(the same model with an empty prompt; every object). It also predicts, draws its picture and resumes."""
+"""The default job (`run.py synthetic`, what `scripts/run_default.sh` runs), reduced: 40 held-out images, 800
+steps (slow tier, ~8 minutes; at 300 steps the model was only level with the every-object baseline). It trains
+from scratch on the generated set, and the trained model reads the text: its held-out cIoU is well above both
+text-blind baselines (the same model with an empty prompt; every object). It also predicts, draws its picture
+and resumes."""
 
 from __future__ import annotations
 
@@ -22,23 +24,18 @@ _spec.loader.exec_module(_module)
 
 def get_config(arg=None):
   c = _module.get_config()
-  c.data.synthetic.num_train = 400
   c.data.synthetic.num_eval = 40
   return c
 '''
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_fast(fast_compile):
-  yield
-
-
+@pytest.mark.slow
 def test_the_default_job_learns_to_read(tmp_path, capsys):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = tmp_path / "reduced.py"
   config.write_text(CONFIG.format(repo=repo))
   work = tmp_path / "job"
-  assert cli.main(["synthetic", "--workdir", str(work), "--config", str(config), "--steps", "300",
+  assert cli.main(["synthetic", "--workdir", str(work), "--config", str(config), "--steps", "800",
                    "--no-progress"]) == 0
   out = capsys.readouterr().out
   results = json.load(open(work / "results.json"))
@@ -50,7 +47,7 @@ def test_the_default_job_learns_to_read(tmp_path, capsys):
   assert len(list((work / "predict").glob("*_mask.png"))) == 4
   assert "EVF-SAM (trained here)" in out
   # Run again: nothing to train; the export evaluated afresh gives the training run's numbers.
-  assert cli.main(["synthetic", "--workdir", str(work), "--config", str(config), "--steps", "300",
+  assert cli.main(["synthetic", "--workdir", str(work), "--config", str(config), "--steps", "800",
                    "--no-progress"]) == 0
   again = json.load(open(work / "results.json"))
   for name, r in results.items():
