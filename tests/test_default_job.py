@@ -1,5 +1,5 @@
 """The default job (`run.py synthetic`, what `scripts/run_default.sh` runs), reduced: 40 held-out images, 800
-steps (slow tier, ~8 minutes; at 300 steps the model was only level with the every-object baseline). It trains
+steps (slow tier, ~10 minutes; at 300 steps the model was only level with the every-object baseline). It trains
 from scratch on the generated set, and the trained model reads the text: its held-out cIoU is well above both
 text-blind baselines (the same model with an empty prompt; every object). It also predicts, draws its picture
 and resumes."""
