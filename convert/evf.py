@@ -99,7 +99,7 @@ def check_sizes(state_dict: Mapping[str, Any], config: EvfConfig) -> None:
     raise ConversionError(problems, "EVF-SAM checkpoint")
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -178,7 +178,7 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
                         if f in WEIGHT_FILES or re.fullmatch(r"(model|pytorch_model)-.*\.(safetensors|bin)", f))
   provenance = {
       "source": src, "source_dir": os.path.abspath(src_dir),
-      "source_files": {f: _sha256(os.path.join(src_dir, f)) for f in weight_files + ["config.json"]},
+      "source_files": {f: sha256_file(os.path.join(src_dir, f)) for f in weight_files + ["config.json"]},
       "converter": {"evf_jax": __version__, "rules_version": RULES_VERSION},
       "dtype": dtype, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "num_tensors": len(result.mapping),

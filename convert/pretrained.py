@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -72,6 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert import beit3 as beit3_conv
+from convert.evf import sha256_file
 from convert import sam as sam_conv
 from convert.io import load_state_dict
 from convert.rules import ConversionError, flatten
@@ -130,14 +130,6 @@ class InitReport:
         n = sum(1 for p in self.random_init if p.startswith(name + "/"))
         lines.append(f"{name}: random init ({n} tensors)")
     return "\n".join(lines)
-
-
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- sizes
@@ -214,12 +206,8 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
 def _convert_sam(state_dict, config: EvfConfig, path: str, param_dtype):
   prefix = detect_sam_prefix(state_dict, path)
   size = check_sam_size(state_dict, config, prefix, path)
-  try:
-    result = sam_conv.convert_sam_result(state_dict, config.sam, prefix=prefix, dtype=param_dtype)
-  except ConversionError as e:
-    raise ConversionError(e.problems, what=f"SAM checkpoint {path}"
-                          + (f" (under {prefix!r})" if prefix else "")) from None
-  skipped = tuple(sorted(k for k in state_dict if not k.startswith(prefix))) if prefix else ()
+  convert = functools.partial(sam_conv.convert_sam_result, config=config.sam)
+  result, skipped = _convert_under(convert, state_dict, prefix, param_dtype, f"SAM checkpoint {path}")
   return result, prefix, size, skipped
 
 
@@ -229,13 +217,20 @@ def _convert_beit3(state_dict, config: EvfConfig, path: str, param_dtype):
   except ConversionError as e:
     raise ConversionError(e.problems, what=f"BEiT-3 checkpoint {path}") from None
   size = check_beit3_size(state_dict, config, prefix, path)
-  try:
-    result = beit3_conv.convert_beit3(state_dict, config.beit3, prefix=prefix, dtype=param_dtype)
-  except ConversionError as e:
-    raise ConversionError(e.problems, what=f"BEiT-3 checkpoint {path}"
-                          + (f" (under {prefix!r})" if prefix else "")) from None
-  skipped = tuple(sorted(k for k in state_dict if not k.startswith(prefix))) if prefix else ()
+  convert = functools.partial(beit3_conv.convert_beit3, config=config.beit3)
+  result, skipped = _convert_under(convert, state_dict, prefix, param_dtype, f"BEiT-3 checkpoint {path}")
   return result, prefix, size, skipped
+
+
+def _convert_under(convert, state_dict, prefix: str, param_dtype, what: str):
+  """convert(state_dict, prefix=, dtype=) -> (result, the keys outside the prefix); a conversion
+  error names the checkpoint and the prefix."""
+  try:
+    result = convert(state_dict, prefix=prefix, dtype=param_dtype)
+  except ConversionError as e:
+    raise ConversionError(e.problems, what=what + (f" (under {prefix!r})" if prefix else "")) from None
+  skipped = tuple(sorted(k for k in state_dict if not k.startswith(prefix))) if prefix else ()
+  return result, skipped
 
 
 @functools.lru_cache(maxsize=8)
