@@ -46,6 +46,7 @@ def test_tiny_parity(tiny):
   check_all_modes(tiny, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_base_parity():
   # 12 layers in f32 at "highest" matmul precision: the measured max error is ~5e-6;
   # 1e-4 leaves room for BLAS differences.

@@ -37,6 +37,7 @@ def _no_errors(results):
   assert not errors, errors
 
 
+@pytest.mark.slow
 def test_gpu_py_every_section_runs(bench, tmp_path):
   out = tmp_path / "gpu.json"
   bench(gpu.main, ["--size", "tiny", "--batch-sizes", "1,2", "--out", str(out), "--gelu-forms", "tanh_approx"])

@@ -287,6 +287,7 @@ def test_evf_model_matches_predictor_and_batching(data):
   assert 0.0 < want["total_intersection"] < want["total_union"]  # neither all-empty nor perfect
 
 
+@pytest.mark.slow
 def test_evf_model_with_cudnn_attention(data, monkeypatch):
   """The evaluation program with attention="cudnn" (vmapped over images, sharded over 8 devices), its
   kernel played by XLA after cuDNN's input checks: it must build and score as the XLA path does in bf16.

@@ -136,6 +136,7 @@ def _check_size(tmp_path, spm_dir, preset, hw, prompts, atol_rel):
   return err, scale
 
 
+@pytest.mark.slow
 def test_base_end_to_end_parity(tmp_path, spm_dir):
   """SAM ViT-B + BEiT-3-base, 1024 input, a 480x640 image, three prompts in one call."""
   _check_size(tmp_path, spm_dir, "base", (480, 640), PROMPTS[:3], atol_rel=1e-4)
@@ -147,6 +148,7 @@ def test_full_size_end_to_end_parity(tmp_path, spm_dir):
   _check_size(tmp_path, spm_dir, "evf-sam", (427, 640), PROMPTS[:2], atol_rel=2e-4)
 
 
+@pytest.mark.slow
 def test_bf16_kernels_cast_once_bit_identical(tiny, monkeypatch):
   """A bf16 Predictor stores Dense/Conv kernels in bf16 once (half the weight memory, no per-call casts),
   with bit-identical logits to keeping every weight in float32 and casting on use. Casting any other

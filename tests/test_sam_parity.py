@@ -291,12 +291,14 @@ def vit_b(tmp_path_factory):
                                original_size=original_size)
 
 
+@pytest.mark.slow
 def test_vit_b_preprocess_and_image_encoder(vit_b):
   assert vit_b.input_size == (768, 1024) and vit_b.original_size == (480, 640)
   _close(vit_b.x, vit_b.x_ref, 1e-5, "preprocessed input")
   _close(vit_b.emb, nchw_to_nhwc(vit_b.emb_ref), 1e-4, "ViT-B image embedding")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("multimask", [True, False])
 def test_vit_b_decoder_and_postprocess(vit_b, multimask):
   """Full-size decoder on the reference's own embedding (isolating the decoder), then full-resolution
@@ -317,6 +319,7 @@ def test_vit_b_decoder_and_postprocess(vit_b, multimask):
   _close(full, full_ref, 1e-4, "ViT-B full-resolution logits")
 
 
+@pytest.mark.slow
 def test_vit_b_end_to_end(vit_b):
   """Our embedding into our decoder vs the reference's chain: encoder error carried through."""
   p, b, _ = _prompts(VIT_B, 1, seed=15)

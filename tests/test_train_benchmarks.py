@@ -50,6 +50,7 @@ def _check_cpu_result(r, rounds=1, steps=2):
   assert r["first_round_max_rel_loss_diff"] < 1e-4, (ours, torch)
 
 
+@pytest.mark.slow
 def test_train_cpu_quick(monkeypatch, tmp_path, capsys):
   out = tmp_path / "train_cpu.json"
   _run(monkeypatch, train_cpu.main, ["--quick", "--workdir", str(tmp_path), "--out", str(out)])
@@ -100,6 +101,7 @@ def _check_gpu_size(r, images=2, prompts=3, text_len=64):
   assert steps["losses_finite"]
 
 
+@pytest.mark.slow
 def test_train_gpu_tiny_on_cpu(gpu_bench, tmp_path):
   """As the GPU session runs it (each size in a child process writing into --out), at tiny size on CPU."""
   out = tmp_path / "train_gpu.json"

@@ -111,6 +111,7 @@ def _png(image, directory):
   return path
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, data_root, tmp_path, capsys):
   """3 steps, then the same command with total_steps 6: parameters and per-step losses (hence the batches)
   bit-identical to the straight run."""
@@ -123,6 +124,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, dat
   assert _losses(str(w)) == _losses(straight)
 
 
+@pytest.mark.slow
 def test_a_workdir_of_another_config_refuses_to_resume(straight, config_file, data_root, tmp_path, capsys):
   w = tmp_path / "other"
   assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3")) == 0

@@ -164,6 +164,7 @@ def test_steps_lower_the_loss_and_leave_frozen_parameters_alone(start):
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_the_mean_of_microbatch_gradients(start):
   """Two microbatches in one step: the gradient is the mean of the two microbatches' (its norm, reported by the
   step, to float rounding), and with plain SGD (an update linear in the gradient) the parameters move by
@@ -185,6 +186,7 @@ def test_gradient_accumulation_equals_the_mean_of_microbatch_gradients(start):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-5 * 3e-3 * scale)
 
 
+@pytest.mark.slow
 def test_fsdp_on_8_devices_equals_one_device(start):
   """One AdamW step with everything trained on a (data 2, fsdp 4) mesh against one device: the same loss and
   gradient norm (float32 sums in another order: 1e-6, 1e-5), the same parameters, and parameters / optimizer
