@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from evf_jax import __version__, flops, sharding
@@ -195,6 +194,7 @@ class Trainer:
       train_step = jax.jit(step_fn, in_shardings=(shards, self.batch_sharding), out_shardings=(shards, self.replicated),
                            donate_argnums=0)
 
+    from tensorboardX import SummaryWriter  # lazy: it imports torch where installed (~3 s per run.py start)
     writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR)) if jax.process_index() == 0 else None
     previous_handlers = self._install_signal_handlers()
     summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
