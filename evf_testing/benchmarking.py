@@ -40,11 +40,12 @@ def build_models(size: str, workdir: str, seed: int = 0, dtype: str = "float32")
   model = ref.build_torch_evf(config, seed)
   ckpt = os.path.join(workdir, f"evf_{size}_{dtype}")
   if not os.path.isfile(os.path.join(ckpt, "model_config.json")):
-    from convert.evf import convert_directory
+    from convert.evf import STORED_DTYPES, convert_directory
     spm = train_spm(os.path.join(workdir, "spm"))
     hf = ref.write_hf_directory(model, config, os.path.join(spm, "sentencepiece.bpe.model"),
                                 os.path.join(workdir, f"hf_{size}"))
-    convert_directory(hf, ckpt, dtype=dtype, overwrite=True, log=lambda *_: None)
+    precision = {v: k for k, v in STORED_DTYPES.items()}[dtype]  # "float32" -> "fp32"
+    convert_directory(hf, ckpt, precision=precision, overwrite=True, log=lambda *_: None)
   return config, model, ckpt
 
 

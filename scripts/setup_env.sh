@@ -4,6 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The web demo's browser test (tests/test_serve.py) drives Debian's chromium; it skips where that is missing.
+# Checked on every run (before the stamp below), so a machine with a current .venv still gets the browser.
+if [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "setup_env.sh: installing chromium (apt) for the web demo's browser test"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "setup_env.sh: installing chromium failed; the web demo's browser test will skip"
+  else
+    echo "setup_env.sh: no /usr/bin/chromium (install Debian's chromium as root); the web demo's browser test will skip"
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

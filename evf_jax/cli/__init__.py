@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from evf_jax.cli import run_convert, run_eval, run_predict, run_prepare, run_synthetic, run_train
+from evf_jax.cli import run_convert, run_eval, run_predict, run_prepare, run_serve, run_synthetic, run_train
 from evf_jax.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
@@ -23,6 +23,7 @@ COMMANDS = {
     "eval": run_eval,
     "train": run_train,
     "synthetic": run_synthetic,
+    "serve": run_serve,
 }
 
 

@@ -38,10 +38,11 @@ HELP = ("the default job: train a small EVF-SAM on generated data, evaluate it a
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "train", "synthetic.py")
 SPLIT = "synthetic|val"
+DEFAULT_WORKDIR = "workdir/synthetic"  # relative to where it runs; scripts/run_default.sh runs at the repo root
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--workdir", default="workdir/synthetic", help="where data, checkpoints and results go")
+  p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where data, checkpoints and results go")
   p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's); more steps, "
                  "better masks (docs/training.md has the curve)")
   p.add_argument("--config", default=CONFIG, help="the training config file (default: configs/train/synthetic.py)")

@@ -1,0 +1,252 @@
+"""`run.py serve`, the web demo: the page in a real browser (Debian's chromium driven by playwright), its messages
+for bad input, and the command's errors. The model is a tiny random-weight checkpoint: the masks mean nothing,
+but they must be the Predictor's masks, one per prompt, at the image's size."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evf_jax import cli
+from evf_jax.cli import run_serve
+from evf_jax.images import load_image, overlay
+from evf_jax.predictor import Predictor
+from evf_testing.benchmarking import build_models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = "/usr/bin/chromium"
+EXAMPLE = os.path.join(run_serve.EXAMPLES_DIR, run_serve.EXAMPLES[0][0])
+TWO = "the blue square\nthe square on the left"
+OTHER_TWO = "the green square\nthe blue triangle"  # as many prompts as TWO: the same compiled program
+
+pytestmark = [pytest.mark.usefixtures("fast_compile"),
+              pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]  # pandas deprecations in gradio
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  return build_models("tiny", str(tmp_path_factory.mktemp("serve")))[2]
+
+
+@pytest.fixture(scope="module")
+def app(ckpt, tmp_path_factory):
+  """One App per module; each test reads `app.segmenter.encodes` relative to its start."""
+  with pytest.MonkeyPatch.context() as mp:  # gradio's upload and output cache, away from /tmp/gradio
+    mp.setenv("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
+    yield run_serve.App(run_serve.Segmenter(Predictor.from_checkpoint(ckpt)), "a test model")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _png_header(w: int, h: int) -> bytes:
+  """A PNG that declares w x h pixels and holds one row: its size is readable, its pixels are not."""
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+  ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * w)))
+          + chunk(b"IEND", b""))
+
+
+# The page in a browser.
+
+def test_page_in_chromium(app, tmp_path):
+  if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is absent (scripts/setup_env.sh installs Debian's chromium when run as root)")
+  sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
+  image = load_image(EXAMPLE)
+  warm_up = tmp_path / "flipped.png"  # the same size and prompt count: compiles what the page will run
+  Image.fromarray(image[:, ::-1]).save(warm_up)
+  warm = threading.Thread(target=app.segment_page, args=(str(warm_up), TWO, False))
+  warm.start()  # ... while gradio and chromium start
+  demo = app.build()
+  port = _free_port()
+  demo.launch(prevent_thread_lock=True, quiet=True, **run_serve.launch_kwargs("127.0.0.1", port))
+  try:
+    with sync_api.sync_playwright() as p:
+      browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                  args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+      page = browser.new_page(viewport={"width": 1280, "height": 1000})
+      page.set_default_timeout(120_000)
+      page.goto(f"http://127.0.0.1:{port}/")
+
+      def status_has(text):
+        page.wait_for_function("t => (document.querySelector('#status')?.innerText || '').includes(t)", arg=text)
+
+      page.click("#segment")  # no image yet: a message, and the server goes on serving
+      status_has("no image")
+      warm.join()
+      encodes = app.segmenter.encodes
+      page.set_input_files("#input-image input[type=file]", EXAMPLE)
+      page.wait_for_selector("#input-image img")
+      page.fill("#prompts textarea", TWO)
+      page.click("#segment")
+      status_has("encoded in")
+      overlays = "Array.from(document.querySelectorAll('#overlays img'))"
+      page.wait_for_function(f"{overlays}.length == 2 && {overlays}.every(i => i.complete && i.naturalWidth > 0)")
+      sizes = page.evaluate(f"{overlays}.map(i => [i.naturalWidth, i.naturalHeight])")
+      assert sizes == [[image.shape[1], image.shape[0]]] * 2
+      assert app.segmenter.encodes == encodes + 1  # the uploaded image is not the warm-up image: encoded
+      # The first overlay as served is exactly the Predictor's mask drawn on the image.
+      src = page.evaluate(f"{overlays}[0].src")
+      served = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+      want = app.segmenter.predictor.predict(TWO.splitlines()).masks[0]
+      np.testing.assert_array_equal(served, overlay(image, want))
+      assert "the square on the left" in page.inner_text("#scores")
+
+      page.fill("#prompts textarea", OTHER_TWO)  # same image, other prompts: no new encoding
+      page.check("#semantic input")
+      page.click("#segment")
+      page.wait_for_function("t => document.querySelector('#overlays').innerText.includes(t)",
+                             arg="[semantic] the green square")
+      page.wait_for_function(f"{overlays}.length == 2 && {overlays}.every(i => i.complete && i.naturalWidth > 0)")
+      assert "embedding reused" in page.inner_text("#status")
+      assert app.segmenter.encodes == encodes + 1
+      assert "[semantic] the blue triangle" in page.inner_text("#scores")
+      download = page.request.get(page.get_attribute("#masks a", "href")).body()  # the link, as a click gets it
+      with zipfile.ZipFile(io.BytesIO(download)) as z:
+        names = sorted(z.namelist())
+      assert names == ["prompts.txt", "synthetic_val_1_0_mask.png", "synthetic_val_1_1_mask.png"]
+      shot = tmp_path / "serve.png"
+      page.screenshot(path=str(shot), full_page=True)
+      browser.close()
+  finally:
+    demo.close()
+  assert Image.open(shot).size[0] == 1280
+
+
+# The Segment button's handler: results and messages.
+
+def test_segment_outputs_masks_zip_and_scores(app, tmp_path):
+  encodes = app.segmenter.encodes
+  gallery, zip_path, table, _ = app.segment_page({"path": EXAMPLE, "orig_name": "my photo.png"}, TWO, False)
+  image = load_image(EXAMPLE)
+  want = app.segmenter.predictor.predict(TWO.splitlines())
+  assert [caption.split(" (IoU")[0] for _, caption in gallery] == ["0: the blue square", "1: the square on the left"]
+  for (picture, _), mask in zip(gallery, want.masks):
+    np.testing.assert_array_equal(picture, overlay(image, mask))
+  with zipfile.ZipFile(zip_path) as z:
+    assert sorted(z.namelist()) == ["my_photo_0_mask.png", "my_photo_1_mask.png", "prompts.txt"]
+    for i, mask in enumerate(want.masks):
+      png = np.asarray(Image.open(io.BytesIO(z.read(f"my_photo_{i}_mask.png"))))
+      np.testing.assert_array_equal(png, mask.astype(np.uint8) * 255)
+    assert z.read("prompts.txt").decode().splitlines()[1].endswith("\tthe square on the left")
+  assert f"{float(want.scores[1]):.3f}" in table.splitlines()[3]
+  assert app.segmenter.encodes <= encodes + 1  # 0 when the browser test left this image's embedding
+  encodes = app.segmenter.encodes
+  gallery, _, _, again = app.segment_page(EXAMPLE, OTHER_TWO, False)
+  assert "embedding reused" in again and app.segmenter.encodes == encodes
+  assert gallery[1][1].startswith("1: the blue triangle")
+  other = tmp_path / "other.png"
+  Image.fromarray(image[::-1]).save(other)  # another image is encoded
+  _, _, _, status = app.segment_page(str(other), TWO, False)
+  assert "encoded in" in status and app.segmenter.encodes == encodes + 1
+
+
+def test_semantic_checkbox_prefixes_each_prompt():
+  assert run_serve.parse_prompts(" circles \n\n[semantic] squares\n", True) == ["[semantic] circles",
+                                                                              "[semantic] squares"]
+  assert run_serve.parse_prompts("circles\r\nsquares", False) == ["circles", "squares"]
+
+
+def _bad_inputs(tmp_path):
+  text = tmp_path / "notes.png"
+  text.write_text("this is not an image")
+  truncated = tmp_path / "cut.png"
+  with open(EXAMPLE, "rb") as f:
+    truncated.write_bytes(f.read()[:300])
+  big = tmp_path / "big.png"
+  big.write_bytes(_png_header(5000, 4000))
+  bomb = tmp_path / "bomb.png"
+  bomb.write_bytes(_png_header(30000, 30000))
+  return {
+      "no_image": (None, TWO, "no image"),
+      "empty_prompt": (EXAMPLE, " \n\t\n", "no prompt"),
+      "too_many_prompts": (EXAMPLE, "\n".join(["cat"] * 17), "at most 16"),
+      "not_an_image": ({"path": str(text), "orig_name": "holiday.png"}, TWO, "not an image"),
+      "truncated": ({"path": str(truncated), "orig_name": "holiday.png"}, TWO, "cannot decode image"),
+      "huge": ({"path": str(big), "orig_name": "holiday.png"}, TWO, "5000x4000 (20.0 megapixels)"),
+      "bomb": ({"path": str(bomb), "orig_name": "holiday.png"}, TWO, "too large to open"),
+  }
+
+
+@pytest.mark.parametrize("kind", ["no_image", "empty_prompt", "too_many_prompts", "not_an_image", "truncated",
+                                  "huge", "bomb"])
+def test_bad_input_is_a_message_on_the_page(app, tmp_path, kind):
+  image, prompts, expect = _bad_inputs(tmp_path)[kind]
+  gallery, zip_path, table, status = app.segment_page(image, prompts, False)
+  assert status.startswith("**Error:**") and expect in status, status
+  assert gallery == [] and zip_path is None and table == ""
+  if isinstance(image, dict):  # the file as the user named it, not gradio's copy
+    assert "holiday" in status and str(tmp_path) not in status
+
+
+def test_a_bug_is_a_message_and_the_next_request_works(app, monkeypatch, capsys):
+  def broken(image, prompts):
+    raise RuntimeError("boom")
+
+  with monkeypatch.context() as m:
+    m.setattr(app.segmenter, "segment", broken)
+    gallery, _, _, status = app.segment_page(EXAMPLE, TWO, False)
+  assert status.startswith("**Internal error** (RuntimeError: boom)") and gallery == []
+  assert "Traceback" in capsys.readouterr().err
+  gallery, _, _, status = app.segment_page(EXAMPLE, TWO, False)
+  assert len(gallery) == 2 and "prompts in" in status
+
+
+# The command.
+
+def test_only_the_serve_command_imports_gradio_and_only_when_serving():
+  from tests.test_architecture import ROOT, imports
+  found = [(str(path.relative_to(ROOT)), inside_function)
+           for top in ("evf_jax", "convert", "data_pipelines") for path in sorted((ROOT / top).rglob("*.py"))
+           for _, module, inside_function, _ in imports(path) if module.split(".")[0] == "gradio"]
+  assert found == [("evf_jax/cli/run_serve.py", True)]
+
+
+def test_serve_without_a_model_says_what_to_run(tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(REPO, "run.py"), "serve"], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=300, check=False)
+  assert r.returncode == 2
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: no --checkpoint given"), r.stderr
+  assert "scripts/run_default.sh" in lines[0] and str(tmp_path / "workdir" / "synthetic" / "export") in lines[0]
+
+
+def test_serve_finds_the_default_jobs_model(tmp_path, monkeypatch):
+  export = tmp_path / "workdir" / "synthetic" / "export"
+  export.mkdir(parents=True)
+  (export / "model_config.json").write_text("{}")
+  monkeypatch.chdir(tmp_path)
+  assert os.path.abspath(run_serve.resolve_checkpoint(None)) == str(export)
+  assert run_serve.resolve_checkpoint("elsewhere") == "elsewhere"
+
+
+def test_serve_errors_are_one_line(ckpt, tmp_path, capsys):
+  assert cli.main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0]
+  assert cli.main(["serve", "--checkpoint", ckpt, "--port", "70000"]) == 2
+  assert "--port 70000" in capsys.readouterr().err
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert cli.main(["serve", "--checkpoint", ckpt, "--port", str(port)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}"), err
