@@ -1,0 +1,136 @@
+"""Building the PyPI sam2 1.1.0 (PyTorch) reference from one of our `Sam2Config`s, as `sam2.build_sam.build_sam2`
+builds the released sizes (hydra config + the postprocessing overrides), with seeded random weights.
+
+A released preset is built from its own yaml (`configs/sam2/sam2_hiera_*.yaml`, SAM 2.0) unchanged; other
+configs (`toy`) start from Hiera-T's yaml with the trunk, neck and image size overridden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Any
+
+import numpy as np
+
+from evf_jax.sam2.config import Sam2Config
+from evf_testing import torch_reference as tr
+
+YAMLS = {"hiera_t": "t", "hiera_s": "s", "hiera_b+": "b+", "hiera_l": "l"}
+
+
+@contextlib.contextmanager
+def xla_optimizations():
+  """XLA's optimizations on inside (tests/conftest.py's `fast_compile` turns them off for modules of toy models):
+  a full-size model runs many times slower without them."""
+  import jax
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+def sam2_package():
+  """Imports `sam2` (skipping the test when it is not installed); its import initialises hydra's config store."""
+  import pytest
+  tr.import_torch()
+  return pytest.importorskip("sam2")
+
+
+def _yaml_and_overrides(cfg: Sam2Config) -> tuple[str, list[str]]:
+  if cfg.name in YAMLS:
+    return f"configs/sam2/sam2_hiera_{YAMLS[cfg.name]}.yaml", []
+  lst = lambda v: "[" + ",".join(str(x) for x in v) + "]"
+  trunk, neck = "++model.image_encoder.trunk", "++model.image_encoder.neck"
+  return "configs/sam2/sam2_hiera_t.yaml", [
+      f"++model.image_size={cfg.image_size}",
+      f"{trunk}.embed_dim={cfg.embed_dim}", f"{trunk}.num_heads={cfg.num_heads}",
+      f"{trunk}.stages={lst(cfg.stages)}", f"{trunk}.global_att_blocks={lst(cfg.global_att_blocks)}",
+      f"{trunk}.window_spec={lst(cfg.window_spec)}",
+      f"{trunk}.window_pos_embed_bkg_spatial_size={lst(cfg.window_pos_embed_bkg_spatial_size)}",
+      f"{neck}.d_model={cfg.d_model}", f"{neck}.backbone_channel_list={lst(cfg.channel_list)}",
+      # The yaml sizes the neck's sine encoding on its own (256); ours is d_model wide, as in every released size.
+      f"{neck}.position_encoding.num_pos_feats={cfg.d_model}",
+  ]
+
+
+def compose_config(cfg: Sam2Config) -> Any:
+  """The resolved hydra config `build_sam2` would instantiate for `cfg` (postprocessing overrides included)."""
+  sam2_package()
+  from hydra import compose
+  from omegaconf import OmegaConf
+  yaml, overrides = _yaml_and_overrides(cfg)
+  overrides += [
+      "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+      "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+      "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+  ]
+  composed = compose(config_name=yaml, overrides=overrides)
+  OmegaConf.resolve(composed)
+  return composed
+
+
+def build_torch_sam2(cfg: Sam2Config, seed: int | None = 0, device: str = "cpu"):
+  """The torch `SAM2Base` for `cfg` in eval mode; weights re-drawn with `seed` (None: left as built, e.g. on
+  device="meta" to read the state dict's names and shapes without memory)."""
+  import torch
+  from hydra.utils import instantiate
+  composed = compose_config(cfg)
+  with torch.device(device):
+    model = instantiate(composed.model, _recursive_=True)
+  model.eval()
+  if seed is not None:
+    tr.randomize_(model, seed)
+  return model
+
+
+def build_torch_evf_sam2(config, seed: int = 0):
+  """An nn.Module whose state dict has EVF-SAM2's key layout (`visual_model.*` = SAM2Base, BEiT-3, projector),
+  with seeded random weights; `config` is an `evf_jax.evf_sam2.EvfSam2Config`. EVF-SAM's reference with its
+  SAM swapped: built around the toy SAM-1 (a throwaway), whose `visual_model` is then replaced."""
+  from evf_jax.sam.config import SAM_CONFIGS
+  from evf_testing.evf_reference import build_torch_evf
+  shell = types.SimpleNamespace(sam=SAM_CONFIGS["tiny"], beit3=config.beit3, hidden_size=config.hidden_size,
+                                out_dim=config.out_dim)
+  model = build_torch_evf(shell, seed)
+  model.visual_model = build_torch_sam2(config.sam2, seed)
+  return model.eval()
+
+
+def sam2_input(image, image_size: int, mean, std):
+  """(1, 3, S, S) float tensor as EVF-SAM2's inference (`sam_preprocess(model_type="sam2")`): torch's bilinear
+  resize of the *uint8* image to S x S (its fixed-point kernel, rounded to uint8), then normalised."""
+  import torch
+  x = torch.from_numpy(image).permute(2, 0, 1).contiguous()[None]
+  x = torch.nn.functional.interpolate(x, (image_size, image_size), mode="bilinear", align_corners=False)
+  return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw):
+  """EVF-SAM2's image inference on prepared inputs: SAM-2 features (no_mem_embed added), BEiT-3 on
+  (image, ids) without a padding mask, the projected CLS as the only sparse prompt, multimask decoding, the
+  best of 3 by predicted IoU, bilinear to `original_hw`. Returns (logits (N, H, W), best low-res (N, 1, h, w),
+  iou (N, 3)) as numpy."""
+  import torch
+  sam = model.visual_model
+  with torch.no_grad():
+    _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_x))
+    feats[-1] = feats[-1] + sam.no_mem_embed
+    maps = [f.permute(1, 2, 0).reshape(f.shape[1], -1, *s) for f, s in zip(feats, sizes)]
+    ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+    n = ids.shape[0]
+    out = model.mm_extractor.beit3(visual_tokens=beit_x.expand(n, -1, -1, -1), textual_tokens=ids,
+                                   text_padding_position=torch.zeros_like(ids))
+    feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+    pe = sam.sam_prompt_encoder
+    h, w = pe.image_embedding_size
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
+    low, iou, _, _ = sam.sam_mask_decoder(image_embeddings=maps[-1], image_pe=pe.get_dense_pe(),
+                                          sparse_prompt_embeddings=feat, dense_prompt_embeddings=dense,
+                                          multimask_output=True, repeat_image=True, high_res_features=maps[:-1])
+    order = torch.argsort(iou, dim=-1, descending=True)
+    best = torch.take_along_dim(low, order[..., None, None], dim=1)[:, :1]
+    full = torch.nn.functional.interpolate(best.float(), original_hw, mode="bilinear", align_corners=False)
+  return full[:, 0].numpy(), best.numpy(), iou.numpy()
