@@ -1,8 +1,11 @@
-"""EVF-SAM checkpoints (Hugging Face layout) -> an evf-jax model directory.
+"""EVF-SAM and EVF-SAM2 checkpoints (Hugging Face layout) -> an evf-jax model directory.
 
 Source keys: `visual_model.*` (SAM), `mm_extractor.beit3.*` (BEiT-3), `text_hidden_fcs.0.{0,2}.*`
 (the projector). The SAM and BEiT-3 tables are reused under those prefixes, so there is one rule per
-tensor kind in the whole project.
+tensor kind in the whole project. Both families' config.json say `model_type: "evf"`, and `sam_scale: "large"`
+names SAM ViT-L in one and SAM-2 Hiera-L in the other, so `convert_directory` tells them apart by the weights'
+keys (`convert.evf_sam2.is_evf_sam2`: a Hiera trunk under `visual_model.`) and EVF-SAM2's tensors go through
+`convert.evf_sam2`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from convert import beit3 as beit3_conv
 from convert import sam as sam_conv
+from convert import sam2 as sam2_conv
 from convert.io import CheckpointReadError, load_hf_directory
 from convert.rules import (
   RULES_VERSION,
@@ -31,6 +35,8 @@ from evf_jax import __version__
 from evf_jax.checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_json, save_model
 from evf_jax.errors import UserError
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
+from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
+from evf_jax.families import ModelConfig, family_of
 
 SAM_PREFIX = "visual_model."
 BEIT3_PREFIX = "mm_extractor.beit3."
@@ -63,18 +69,28 @@ def convert_evf(state_dict: Mapping[str, np.ndarray], config: EvfConfig,
                       f"mm_extractor_scale={config.mm_extractor_scale})")
 
 
-def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> EvfConfig:
-  """EvfConfig from the reference's config.json (`model_type`, `sam_scale`, `mm_extractor_scale`, ...)."""
+def check_model_type(hf_config: Mapping[str, Any], where: str = "config.json") -> None:
+  """The released config.json of either family says model_type "evf"."""
   if hf_config.get("model_type") != MODEL_TYPE:
-    raise UserError(f"{where}: model_type is {hf_config.get('model_type')!r}, not an EVF-SAM "
-                    f"checkpoint (expected {MODEL_TYPE!r}; EVF-SAM2 / EfficientSAM variants are not supported)")
-  sam_scale = hf_config.get("sam_scale", "huge")
+    raise UserError(f"{where}: model_type is {hf_config.get('model_type')!r}, not an EVF-SAM / EVF-SAM2 "
+                    f"checkpoint (expected {MODEL_TYPE!r}; EfficientSAM variants are not supported)")
+
+
+def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json", sam2: bool = False) -> ModelConfig:
+  """EvfConfig (or with `sam2`, EvfSam2Config) from the reference's config.json (`model_type`, `sam_scale`,
+  `mm_extractor_scale`, ...). Which family it is comes from the weights (`convert.evf_sam2.is_evf_sam2`)."""
+  check_model_type(hf_config, where)
+  family, config_class, scales = ("EVF-SAM2", EvfSam2Config, SAM2_SCALES) if sam2 else (
+      "EVF-SAM", EvfConfig, SAM_SCALES)
+  # EVF-SAM's original accepts only "huge", EVF-SAM2's "large" and "tiny"; check_sizes checks the default.
+  sam_scale = hf_config.get("sam_scale", "large" if sam2 else "huge")
   beit_scale = hf_config.get("mm_extractor_scale")
-  if sam_scale not in SAM_SCALES:
-    raise UserError(f"{where}: sam_scale {sam_scale!r} is not one of {sorted(SAM_SCALES)}")
+  if sam_scale not in scales:
+    raise UserError(f"{where}: sam_scale {sam_scale!r} is not one of {family}'s {sorted(scales)} (the weights "
+                    f"are {family}'s)")
   if beit_scale not in BEIT3_SCALES:
     raise UserError(f"{where}: mm_extractor_scale {beit_scale!r} is not one of {list(BEIT3_SCALES)}")
-  config = EvfConfig.from_scales(sam_scale, beit_scale)
+  config = config_class.from_scales(sam_scale, beit_scale)
   for key, want in (("hidden_size", config.hidden_size), ("out_dim", config.out_dim)):
     if key in hf_config and int(hf_config[key]) != want:
       raise UserError(f"{where}: {key}={hf_config[key]} does not fit sam_scale={sam_scale} / "
@@ -82,13 +98,16 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json") -> 
   return config
 
 
-def check_sizes(state_dict: Mapping[str, Any], config: EvfConfig) -> None:
+def check_sizes(state_dict: Mapping[str, Any], config: ModelConfig) -> None:
   """The named sizes must be the sizes of the tensors (a clearer message than shape mismatches)."""
   problems = []
-  if config.sam_scale != "tiny":
-    got = sam_conv.infer_sam_size(state_dict, prefix=SAM_PREFIX)
-    if got != config.sam.name:
-      problems.append(f"config says sam_scale={config.sam_scale} ({config.sam.name}) but the SAM "
+  sam2 = isinstance(config, EvfSam2Config)
+  sam = config.sam2 if sam2 else config.sam
+  if sam.name not in ("tiny", "toy"):  # our test-only sizes
+    infer = sam2_conv.infer_sam2_size if sam2 else sam_conv.infer_sam_size
+    got = infer(state_dict, prefix=SAM_PREFIX)
+    if got != sam.name:
+      problems.append(f"config says sam_scale={config.sam_scale} ({sam.name}) but the SAM "
                       f"weights are {got}")
   if config.mm_extractor_scale != "tiny":
     got = beit3_conv.infer_beit3_size(state_dict, prefix=BEIT3_PREFIX)
@@ -96,7 +115,7 @@ def check_sizes(state_dict: Mapping[str, Any], config: EvfConfig) -> None:
       problems.append(f"config says mm_extractor_scale={config.mm_extractor_scale} but the BEiT-3 "
                       f"weights are {got}")
   if problems:
-    raise ConversionError(problems, "EVF-SAM checkpoint")
+    raise ConversionError(problems, f"{family_of(config).name} checkpoint")
 
 
 def sha256_file(path: str) -> str:
@@ -158,7 +177,7 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
   if not os.path.isfile(cfg_path):
     raise UserError(f"{src_dir}: config.json is missing (not a Hugging Face-style EVF-SAM directory)")
   hf_config = read_json(cfg_path, UserError)
-  config = config_from_hf(hf_config, cfg_path)
+  check_model_type(hf_config, cfg_path)
   tok = os.path.join(src_dir, TOKENIZER_FILES[0])
   if not os.path.isfile(tok):
     raise UserError(f"{src_dir}: the tokenizer ({TOKENIZER_FILES[0]}) is missing")
@@ -168,16 +187,21 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
     state_dict = load_hf_directory(src_dir)
   except CheckpointReadError:
     raise
+  from convert import evf_sam2  # lazy: convert.evf_sam2 builds on this module (a top-level import is circular)
+  sam2 = evf_sam2.is_evf_sam2(state_dict)
+  config = config_from_hf(hf_config, cfg_path, sam2=sam2)
   check_sizes(state_dict, config)
-  log(f"converting {len(state_dict)} tensors (sam_scale={config.sam_scale}, "
+  family = family_of(config).name
+  log(f"converting {len(state_dict)} tensors ({family}: sam_scale={config.sam_scale}, "
       f"mm_extractor_scale={config.mm_extractor_scale}, dtype={dtype})")
-  result = convert_evf(state_dict, config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+  convert_fn = evf_sam2.convert_evf_sam2 if sam2 else convert_evf
+  result = convert_fn(state_dict, config, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
   del state_dict
 
   weight_files = sorted(f for f in os.listdir(src_dir)
                         if f in WEIGHT_FILES or re.fullmatch(r"(model|pytorch_model)-.*\.(safetensors|bin)", f))
   provenance = {
-      "source": src, "source_dir": os.path.abspath(src_dir),
+      "source": src, "family": family, "source_dir": os.path.abspath(src_dir),
       "source_files": {f: sha256_file(os.path.join(src_dir, f)) for f in weight_files + ["config.json"]},
       "converter": {"evf_jax": __version__, "rules_version": RULES_VERSION},
       "dtype": dtype, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

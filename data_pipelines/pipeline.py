@@ -47,7 +47,7 @@ from absl import flags
 
 from data_pipelines import records, transforms
 from data_pipelines.transforms import SampleConfig, Tokenizer
-from evf_jax import postprocess
+from evf_jax import families
 
 BATCH_KEYS = ("sam_image", "beit_image", "input_ids", "attention_mask", "prompt_valid", "masks",
               "valid_region", "resize_hw", "orig_hw", "source_id")
@@ -219,9 +219,9 @@ class EvalTransform:
 
   def __call__(self, local_index: int, data: bytes) -> dict:
     ex = transforms.eval_example(records.deserialize(data), self.tokenizer, self.cfg)
-    a_y, a_x = postprocess.mask_postprocess_matrices(tuple(int(v) for v in ex["resize_hw"]),
-                                                     tuple(int(v) for v in ex["orig_hw"]),
-                                                     low_res=self.low_res, img_size=self.cfg.sam_size)
+    a_y, a_x = families.mask_matrices(tuple(int(v) for v in ex["resize_hw"]), tuple(int(v) for v in ex["orig_hw"]),
+                                      square=self.cfg.sam_mode == "square", low_res=self.low_res,
+                                      img_size=self.cfg.sam_size)
     return dict(ex, index=self.process_index + local_index * self.process_count, a_y=a_y, a_x=a_x)
 
 

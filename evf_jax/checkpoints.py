@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from evf_jax.errors import UserError
-from evf_jax.evf import MODEL_TYPE, EvfConfig, abstract_params
+from evf_jax.families import BY_MODEL_TYPE, ModelConfig
 from evf_jax.tokenizer import TextTokenizer
 
 PARAMS_DIR = "params"
@@ -59,16 +59,19 @@ def read_json(path: str, error: type[Exception] = ModelDirError) -> Any:
     raise error(f"{path}: not valid JSON ({e})") from None
 
 
-def read_config(directory: str, expect_model_type: Optional[str] = None) -> dict[str, Any]:
+def read_config(directory: str, expect_model_type: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
+  """model_config.json; `expect_model_type`: the model_type (or one of the model_types) it must hold."""
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isdir(directory):
     raise ModelDirError(f"{directory}: no such checkpoint directory")
   if not os.path.isfile(path):
     raise ModelDirError(f"{directory}: not a converted evf-jax checkpoint ({CONFIG_FILE} is missing)")
   config = read_json(path)
-  if expect_model_type is not None and config.get("model_type") != expect_model_type:
-    raise ModelDirError(f"{directory}: holds model_type {config.get('model_type')!r}, "
-                        f"expected {expect_model_type!r}")
+  if expect_model_type is not None:
+    allowed = [expect_model_type] if isinstance(expect_model_type, str) else list(expect_model_type)
+    if config.get("model_type") not in allowed:
+      raise ModelDirError(f"{directory}: holds model_type {config.get('model_type')!r}, expected "
+                          + " or ".join(repr(t) for t in allowed))
   return config
 
 
@@ -90,22 +93,23 @@ def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   return read_json(path) if os.path.isfile(path) else None
 
 
-def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple[EvfConfig, Any, TextTokenizer]:
-  """An EVF-SAM checkpoint directory (`run.py convert`, or a training run's export) -> (EvfConfig, params on
-  the host, TextTokenizer).
+def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple[ModelConfig, Any, TextTokenizer]:
+  """An EVF-SAM or EVF-SAM2 checkpoint directory (`run.py convert`, or a training run's export) -> (its config,
+  an `EvfConfig` or `EvfSam2Config` after the stored model_type; params on the host; TextTokenizer).
 
   Every problem with the directory (missing, another model type, bad config, unreadable weights) is a
   `ModelDirError` with a one-line message.
   """
-  raw = read_config(directory, expect_model_type=MODEL_TYPE)
+  raw = read_config(directory, expect_model_type=tuple(BY_MODEL_TYPE))
+  family = BY_MODEL_TYPE[raw["model_type"]]
   try:
-    config = EvfConfig.from_dict(raw)
+    config = family.config_class.from_dict(raw)
   except (KeyError, TypeError, ValueError) as e:
-    raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid EVF-SAM config ({e})") from None
+    raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid {family.name} config ({e})") from None
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
   tokenizer = TextTokenizer(tok_dir) if max_text_len is None else TextTokenizer(tok_dir, max_text_len)
   param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
-  target = abstract_params(config, param_dtype=param_dtype)
+  target = family.abstract_params(config, param_dtype=param_dtype)
   try:
     params = load_params(directory, target)
   except ModelDirError:

@@ -39,10 +39,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from evf_jax import buckets, metrics
-from evf_jax.evf import EvfConfig, EvfSam
+from evf_jax import buckets, families, metrics
 from evf_jax.runtime import compute_dtype
-from evf_jax.sam.transforms import normalize_and_pad
 from evf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 # A prediction function: (params, batch) -> logits (B, K, S, S) at the original resolution (padded).
@@ -179,20 +177,23 @@ def batch_spec(images: int, prompts: int, text_len: int, size: int, *, sam_size:
 
 # ---------------------------------------------------------------- device side
 
-def evf_predict_fn(config: EvfConfig, precision: str = "fp32", attention: str = "xla") -> PredictFn:
-  """EVF-SAM as a PredictFn: SAM embedding once per image, BEiT-3 + decoder per prompt, postprocess."""
+def evf_predict_fn(config: families.ModelConfig, precision: str = "fp32", attention: str = "xla") -> PredictFn:
+  """EVF-SAM (or EVF-SAM2) as a PredictFn: SAM embedding once per image, BEiT-3 + decoder per prompt,
+  postprocess (the batch's matrices; `data_pipelines.pipeline.EvalTransform` builds them for the family)."""
   dtype = compute_dtype(precision, attention)
-  model = EvfSam(config, attention=attention, dtype=dtype)
+  model = families.family_of(config).model_class(config, attention=attention, dtype=dtype)
+  image_input = families.image_input(config)
 
   def predict(params, batch):
     v = {"params": params}
-    x = normalize_and_pad(batch["sam_image"], batch["resize_hw"], config.sam.img_size, config.sam.pixel_mean,
-                          config.sam.pixel_std).astype(dtype)
-    embeddings = model.apply(v, x, method=EvfSam.embed_image)  # (B, h, w, C): once per image
+    x = image_input.normalize(batch["sam_image"], batch["resize_hw"]).astype(dtype)
+    # (B, h, w, C), or EVF-SAM2's (embedding, high-res features): once per image. Methods by name: the family's
+    # model class overrides them.
+    embeddings = model.apply(v, x, method="embed_image")
 
     def one_image(embedding, beit, ids, mask):  # all K prompts of one image
-      prompts = model.apply(v, beit[None].astype(dtype), ids, mask, method=EvfSam.text_prompts)
-      low, _ = model.apply(v, embedding[None], prompts, method=EvfSam.decode)
+      prompts = model.apply(v, beit[None].astype(dtype), ids, mask, method="text_prompts")
+      low, _ = model.apply(v, jax.tree.map(lambda e: e[None], embedding), prompts, method="decode")
       return low[:, 0]
 
     low = jax.vmap(one_image)(embeddings, batch["beit_image"], batch["input_ids"], batch["attention_mask"])

@@ -129,11 +129,16 @@ class EvfSam2(EvfSam):
     return self.decode(self.embed_image(sam_images), prompts)
 
 
-def postprocess_matrices(original_hw: tuple[int, int], low_res: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def postprocess_matrices(original_hw: tuple[int, int], low_res: int = 256,
+                         pad_to: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(A_y (H, low), A_x (W, low)) float32 with `postprocess.apply_matrices(logits, A_y, A_x)` equal to the
   original's `F.interpolate(low_res_logits, (H, W), mode="bilinear", align_corners=False)` (no crop: SAM-2's
-  input is the whole image squashed to a square)."""
-  return tuple(postprocess.bilinear_matrix(low_res, n).astype(np.float32) for n in original_hw)
+  input is the whole image squashed to a square). pad_to: optional (H_pad, W_pad) >= (H, W); the extra rows are
+  zero, as in `postprocess.mask_postprocess_matrices`."""
+  mats = [postprocess.bilinear_matrix(low_res, n).astype(np.float32) for n in original_hw]
+  if pad_to is not None:
+    mats = [np.pad(m, ((0, p - m.shape[0]), (0, 0))) for m, p in zip(mats, pad_to)]
+  return mats[0], mats[1]
 
 
 def dummy_inputs(config: EvfSam2Config, batch: int = 1, text_len: int = 4) -> tuple[jax.Array, ...]:

@@ -1,4 +1,4 @@
-"""Text-prompted segmentation with the image embedding computed once.
+"""Text-prompted segmentation with the image embedding computed once, for EVF-SAM and EVF-SAM2 checkpoints.
 
     p = Predictor.from_checkpoint(DIR)
     p.set_image(rgb_uint8_hwc)                 # SAM embedding + BEiT-3 input, cached on device
@@ -9,6 +9,9 @@ All prompts of one `predict` call go through one jitted computation (BEiT-3, pro
 and mask decoder batched over prompts). Shapes are bucketed so repeated calls do not recompile:
 the number of prompts rounds up to a power of two, the text length to a tokenizer bucket, and the
 original image size to a multiple of `size_multiple` for the postprocess.
+
+The two families differ only in the model class and the SAM-side image input (`evf_jax.families`): EVF-SAM2's
+cached image features are (embedding, high-res features), and its `decode` keeps the best of masks 1-3.
 """
 
 from __future__ import annotations
@@ -21,13 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evf_jax import buckets, images, postprocess
+from evf_jax import buckets, families, images, postprocess
 from evf_jax.beit3.preprocess import beit_image
 from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
-from evf_jax.evf import EvfConfig, EvfSam, cast_kernels
+from evf_jax.evf import cast_kernels
 from evf_jax.runtime import compute_dtype, enable_compilation_cache
-from evf_jax.sam import transforms as sam_transforms
 
 
 class PromptError(UserError, ValueError):
@@ -42,10 +44,10 @@ class Prediction:
 
 
 class Predictor:
-  """EVF-SAM inference on one image at a time, any number of prompts per call.
+  """EVF-SAM / EVF-SAM2 inference on one image at a time, any number of prompts per call.
 
   Args:
-    config: the model architecture.
+    config: the model architecture, an `EvfConfig` or an `EvfSam2Config` (it picks the family).
     params: the converted parameter tree (numpy or jax arrays).
     tokenizer: an `evf_jax.tokenizer.TextTokenizer`.
     precision: "fp32", "bf16" or "fp16" compute dtype (parameters keep their stored dtype; LayerNorm
@@ -54,29 +56,31 @@ class Predictor:
     size_multiple: original image sizes are padded up to a multiple of this for the postprocess.
   """
 
-  def __init__(self, config: EvfConfig, params: Any, tokenizer, *, precision: str = "fp32",
+  def __init__(self, config: families.ModelConfig, params: Any, tokenizer, *, precision: str = "fp32",
                attention: str = "xla", size_multiple: int = buckets.SIZE_MULTIPLE):
     dtype = compute_dtype(precision, attention)
     self.config = config
+    self.family = families.family_of(config)
+    self.image_input = image_input = families.image_input(config)
     self.tokenizer = tokenizer
     self.precision = precision
     self.size_multiple = size_multiple
-    self.model = EvfSam(config, attention=attention, dtype=dtype)
+    self.model = self.family.model_class(config, attention=attention, dtype=dtype)
     self.params = jax.device_put(cast_kernels(params, dtype))
     self._image = None  # (embedding, beit image, original hw, postprocess matrices)
     model = self.model
 
+    # Methods by name: the family's model class overrides `embed_image` and `decode`.
     @jax.jit
     def embed(params, resized_u8, input_hw):
-      x = sam_transforms.normalize_and_pad(resized_u8, input_hw, config.sam.img_size,
-                                           config.sam.pixel_mean, config.sam.pixel_std)
-      return model.apply({"params": params}, x.astype(model.dtype), method=EvfSam.embed_image)
+      x = image_input.normalize(resized_u8, input_hw)
+      return model.apply({"params": params}, x.astype(model.dtype), method="embed_image")
 
     @jax.jit
     def decode(params, embedding, beit_image, input_ids, attention_mask):
       prompts = model.apply({"params": params}, beit_image.astype(model.dtype), input_ids,
-                            attention_mask, method=EvfSam.text_prompts)
-      low, iou = model.apply({"params": params}, embedding, prompts, method=EvfSam.decode)
+                            attention_mask, method="text_prompts")
+      low, iou = model.apply({"params": params}, embedding, prompts, method="decode")
       return low[:, 0].astype(jnp.float32), iou[:, 0].astype(jnp.float32)
 
     @jax.jit
@@ -98,15 +102,14 @@ class Predictor:
 
   # Image.
   def set_image(self, image: np.ndarray) -> None:
-    """Computes and caches SAM's image embedding and BEiT-3's input for an RGB uint8 (H, W, 3) image."""
+    """Computes and caches SAM's image embedding (SAM-2's features) and BEiT-3's input for an RGB uint8
+    (H, W, 3) image."""
     image = images.check_rgb_array(image)
-    size = self.config.sam.img_size
-    framed, input_hw = sam_transforms.to_frame(image, size)
+    framed, input_hw = self.image_input.frame(image)
     embedding = self._embed(self.params, framed[None], np.asarray([input_hw], np.int32))
     beit = beit_image(image, self.config.beit3.img_size)[None]
     orig_hw = tuple(image.shape[:2])
-    a_y, a_x = postprocess.mask_postprocess_matrices(input_hw, orig_hw, low_res=self.config.sam.low_res_size,
-                                                     img_size=size, pad_to=self.padded_hw(orig_hw))
+    a_y, a_x = self.image_input.mask_matrices(input_hw, orig_hw, self.padded_hw(orig_hw))
     self._image = dict(embedding=embedding, beit=jnp.asarray(beit), orig_hw=orig_hw,
                        a_y=jnp.asarray(a_y), a_x=jnp.asarray(a_x))
 
@@ -119,10 +122,10 @@ class Predictor:
     """Traces, lowers and compiles the three programs for one shape bucket without running them, and
     returns the seconds each stage took. With the persistent compilation cache on, a later process
     finds these programs there."""
-    s, b = self.config.sam.img_size, self.config.beit3.img_size
+    s, b = self.image_input.size, self.config.beit3.img_size
     n = buckets.pow2_at_least(num_prompts)
     pad_hw = self.padded_hw(image_hw)
-    low = self.config.sam.low_res_size
+    low = self.image_input.low_res
     sds = jax.ShapeDtypeStruct
     emb = jax.eval_shape(self._embed, self.params, sds((1, s, s, 3), jnp.uint8), sds((1, 2), jnp.int32))
     programs = {
@@ -142,7 +145,8 @@ class Predictor:
     return times
 
   @property
-  def image_embedding(self) -> jax.Array:
+  def image_embedding(self) -> Any:
+    """The cached image embedding: an array, or EVF-SAM2's (embedding, high-res features)."""
     self._require_image()
     return self._image["embedding"]
 

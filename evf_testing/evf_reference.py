@@ -92,15 +92,18 @@ def reference_predict(model, config: EvfConfig, image: np.ndarray, input_ids: np
   return masks[:, 0].numpy(), iou[:, 0].numpy(), image_embeddings
 
 
-def write_hf_directory(model, config: EvfConfig, spm_model_file: str, directory: str) -> str:
-  """An HF-style EVF-SAM directory: config.json, model.safetensors, tokenizer files."""
+def write_hf_directory(model, config, spm_model_file: str, directory: str) -> str:
+  """An HF-style EVF-SAM or EVF-SAM2 directory (`config` an `EvfConfig` or `EvfSam2Config`, `model` its torch
+  reference): config.json, model.safetensors, tokenizer files. config.json says model_type "evf" for both
+  families, as the released ones do; only `architectures` (which the converter does not read) differs."""
   import shutil
   os.makedirs(directory, exist_ok=True)
   tr.save_safetensors(tr.state_dict_numpy(model), os.path.join(directory, "model.safetensors"))
+  architecture = "EvfSam2Model" if hasattr(config, "sam2") else "EvfSamModel"
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump({"model_type": "evf", "sam_scale": config.sam_scale,
                "mm_extractor_scale": config.mm_extractor_scale, "hidden_size": config.hidden_size,
-               "out_dim": config.out_dim, "architectures": ["EvfSamModel"]}, f)
+               "out_dim": config.out_dim, "architectures": [architecture]}, f)
   shutil.copy(spm_model_file, os.path.join(directory, "sentencepiece.bpe.model"))
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 1e30}, f)

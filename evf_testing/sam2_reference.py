@@ -108,11 +108,23 @@ def sam2_input(image, image_size: int, mean, std):
   return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
-def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw):
+def sam2_eval_input(image, image_size: int, mean, std):
+  """(1, 3, S, S) float tensor as EVF-SAM2's eval.py (`utils/dataset.py` `Resize`): torchvision's
+  `resize(to_pil_image(image), (S, S))`, which is PIL's bilinear resize (antialiased when shrinking), then
+  normalised; no padding."""
+  import torch
+  from PIL import Image
+  resized = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+  x = torch.from_numpy(resized.copy()).permute(2, 0, 1).float()[None]
+  return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_mask=None):
   """EVF-SAM2's image inference on prepared inputs: SAM-2 features (no_mem_embed added), BEiT-3 on
-  (image, ids) without a padding mask, the projected CLS as the only sparse prompt, multimask decoding, the
-  best of 3 by predicted IoU, bilinear to `original_hw`. Returns (logits (N, H, W), best low-res (N, 1, h, w),
-  iou (N, 3)) as numpy."""
+  (image, ids) without a padding mask (`inference()`; with `attention_mask` (N, L), True at real tokens, BEiT-3
+  masks the rest as `forward()` does in eval.py), the projected CLS as the only sparse prompt, multimask
+  decoding, the best of 3 by predicted IoU, bilinear to `original_hw`. Returns (logits (N, H, W), best low-res
+  (N, 1, h, w), iou (N, 3)) as numpy."""
   import torch
   sam = model.visual_model
   with torch.no_grad():
@@ -121,8 +133,9 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw):
     maps = [f.permute(1, 2, 0).reshape(f.shape[1], -1, *s) for f, s in zip(feats, sizes)]
     ids = torch.from_numpy(np.asarray(input_ids, np.int64))
     n = ids.shape[0]
+    padding = torch.zeros_like(ids) if attention_mask is None else ~torch.from_numpy(np.asarray(attention_mask, bool))
     out = model.mm_extractor.beit3(visual_tokens=beit_x.expand(n, -1, -1, -1), textual_tokens=ids,
-                                   text_padding_position=torch.zeros_like(ids))
+                                   text_padding_position=padding)
     feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
     pe = sam.sam_prompt_encoder
     h, w = pe.image_embedding_size

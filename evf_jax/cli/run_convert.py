@@ -1,4 +1,5 @@
-"""`run.py convert`: a PyTorch EVF-SAM checkpoint (Hugging Face layout) -> an evf-jax checkpoint directory."""
+"""`run.py convert`: a PyTorch EVF-SAM or EVF-SAM2 checkpoint (Hugging Face layout) -> an evf-jax checkpoint
+directory. The family is read from the weights' keys (`convert.evf.convert_directory`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import argparse
 
 from convert.evf import STORED_DTYPES, convert_directory
 
-HELP = "convert a PyTorch EVF-SAM checkpoint into an evf-jax checkpoint directory"
+HELP = "convert a PyTorch EVF-SAM or EVF-SAM2 checkpoint into an evf-jax checkpoint directory"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--src", required=True,
-                 help="a Hugging Face-style EVF-SAM directory (config.json + model.safetensors / sharded "
-                      "safetensors / pytorch_model.bin + tokenizer files), or a hub id like YxZhang/evf-sam")
+                 help="a Hugging Face-style EVF-SAM / EVF-SAM2 directory (config.json + model.safetensors / "
+                      "sharded safetensors / pytorch_model.bin + tokenizer files), or a hub id like YxZhang/evf-sam")
   p.add_argument("--out", required=True, help="the evf-jax checkpoint directory to write")
   p.add_argument("--precision", default="fp32", choices=list(STORED_DTYPES),
                  help="precision the weights are stored in")

@@ -20,10 +20,10 @@ from PIL import Image
 from data_pipelines import eval_splits, pipeline, records
 from data_pipelines.eval_splits import EvalSplit
 from data_pipelines.transforms import SampleConfig
-from evf_jax import checkpoints, evaluate
+from evf_jax import checkpoints, evaluate, families
 from evf_jax.cli import common
 from evf_jax.errors import UserError
-from evf_jax.evf import EvfConfig, cast_kernels
+from evf_jax.evf import cast_kernels
 from evf_jax.images import decode_image, overlay
 from evf_jax.runtime import compute_dtype, enable_compilation_cache
 
@@ -96,17 +96,21 @@ def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit
   return [(s,) + eval_splits.resolve_data_dir(data, s) for s in splits]
 
 
-def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config: EvfConfig, directory: str,
-                   split: str, *, name: str, overlay_dir: Optional[str] = None, save_overlays: int = 0) -> dict:
-  """One prepared split with `params`: this process's share of its images, the result over all processes."""
-  sample = SampleConfig(max_text_len=evaluator.options.max_text_len, sam_size=config.sam.img_size,
-                        beit_size=config.beit3.img_size)
-  ds = pipeline.eval_dataset(directory, split, tokenizer, low_res=config.sam.low_res_size, sample=sample)
+def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config: families.ModelConfig,
+                   directory: str, split: str, *, name: str, overlay_dir: Optional[str] = None,
+                   save_overlays: int = 0) -> dict:
+  """One prepared split with `params`: this process's share of its images, the result over all processes.
+  EVF-SAM2 frames the images as the original's eval.py does: PIL bilinear to a square, no padding."""
+  image_input = families.image_input(config)
+  sample = SampleConfig(max_text_len=evaluator.options.max_text_len, sam_size=image_input.size,
+                        beit_size=config.beit3.img_size, sam_mode="square" if image_input.square else "longest_side")
+  low_res = image_input.low_res
+  ds = pipeline.eval_dataset(directory, split, tokenizer, low_res=low_res, sample=sample)
   threads = max(1, evaluator.options.read_threads)
   read = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(threads, 2 * evaluator.batch_images))
   like = None
   if len(ds) == 0:  # this process has no image of a tiny split; the shapes come from the split's first one
-    like = pipeline.eval_dataset(directory, split, tokenizer, low_res=config.sam.low_res_size, sample=sample,
+    like = pipeline.eval_dataset(directory, split, tokenizer, low_res=low_res, sample=sample,
                                  process_index=0, process_count=1)[0]
   sink = OverlayWriter(directory, split, overlay_dir, save_overlays) if overlay_dir and save_overlays else None
   result = evaluator.run(params, ds.to_iter_dataset(read), total=len(ds), name=name, sink=sink, like=like)
