@@ -54,8 +54,8 @@ def _torch_threads():
 
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (pytest.ini): one worker per core, at most 4. Most of the tier's time is XLA compiling, mostly on
-  one thread: on 2 cores two workers ran the tier in 10 min where one took ~25 (2026-11-28). More workers would
-  each hold a copy of jax and torch."""
+  one thread: on 2 cores two workers ran the tier in 10 min; one worker took 28 min for less of it on a busier
+  machine (2026-11-28). More workers would each hold a copy of jax and torch."""
   return max(1, min(4, os.cpu_count() or 1))
 
 
