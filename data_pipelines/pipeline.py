@@ -1,6 +1,7 @@
 """Grain input pipeline: a weighted, seeded, resumable mixture of prepared datasets -> static-shape batches.
 
-    per dataset dir:  ArrayRecord shards -> MapDataset.source -> shuffle(seed) -> repeat()      (infinite)
+    per dataset:      tfds.data_source (or an old prepared dir, data_pipelines.sources) -> MapDataset.source
+                      -> shuffle(seed) -> repeat()                                            (infinite)
     mixture:          select_from_datasets with an i.i.d. categorical choice per global index (counter RNG)
     per sample:       random_map(draw <= K prompts, decode masks, SAM/BEiT inputs, tokenise, pad)
     per process:      slice(process_index::process_count) -> batch(global_batch / process_count)
@@ -9,7 +10,8 @@
 
 Mixture semantics (docs/data.md#6-training-mixture): the original draws the source of every sample i.i.d. from
 weights / sum(weights), and for `refer_seg` draws one of its refer datasets uniformly. Here a group has a
-weight and a list of dataset dirs; the group is drawn with its weight and the dir uniformly inside it, which
+weight and a list of datasets ("dirs": TFDS dataset folders, `sources.TfdsDataset`s, or old prepared
+directories, see data_pipelines/sources.py); the group is drawn with its weight and the dir uniformly inside it, which
 is the same distribution as one categorical over dirs with weight_g / len(dirs_g). The draw for global
 sample i is a pure function of (seed, i), so any sample can be recomputed and a resumed iterator continues
 with exactly the next batch. The i-th sample drawn from dir d reads element i of d's shuffled, repeated
@@ -45,7 +47,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from data_pipelines import records, transforms
+from data_pipelines import sources, transforms
 from data_pipelines.transforms import SampleConfig, Tokenizer
 from evf_jax import families
 
@@ -78,7 +80,7 @@ def _derive_seed(seed: int, *salt: int) -> int:
 class Group:
   """One mixture component: drawn with `weight`; inside it, one of `dirs` uniformly (like refer_seg)."""
   weight: float
-  dirs: tuple[str, ...]
+  dirs: tuple[sources.Location, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +94,8 @@ class Mixture:
     for name, g in spec.items():
       if not isinstance(g, Group):
         weight, dirs = g
-        g = Group(float(weight), tuple([dirs] if isinstance(dirs, str) else dirs))
+        single = isinstance(dirs, (str, sources.TfdsDataset, sources.LegacyDataset))
+        g = Group(float(weight), tuple([dirs] if single else dirs))
       if g.weight < 0 or not g.dirs:
         raise ValueError(f"mixture group {name!r}: needs weight >= 0 and at least one dir")
       groups[name] = g
@@ -100,7 +103,7 @@ class Mixture:
       raise ValueError("mixture weights sum to 0")
     return cls(groups)
 
-  def dirs(self) -> list[str]:
+  def dirs(self) -> list[sources.Location]:
     return [d for g in self.groups.values() for d in g.dirs]
 
   def dir_probabilities(self) -> list[float]:
@@ -124,24 +127,23 @@ class IIDSelection(grain.transforms.DatasetSelectionMap):
 
 
 class _Tag:
-  """record bytes -> (source_id, bytes). A class, not a lambda, so the pipeline pickles for mp workers."""
+  """Record -> (source_id, Record). A class, not a lambda, so the pipeline pickles for mp workers."""
 
   def __init__(self, source_id: int):
     self.source_id = source_id
 
-  def __call__(self, data: bytes):
-    return self.source_id, data
+  def __call__(self, rec):
+    return self.source_id, rec
 
 
 class TrainTransform:
-  """(source_id, record bytes), rng -> one training example (see the module docstring for the keys)."""
+  """(source_id, Record), rng -> one training example (see the module docstring for the keys)."""
 
   def __init__(self, tokenizer: Tokenizer, cfg: SampleConfig):
     self.tokenizer, self.cfg = tokenizer, cfg
 
   def __call__(self, item, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    source_id, data = item
-    rec = records.deserialize(data)
+    source_id, rec = item
     chosen = transforms.choose_entries(len(rec.entries), self.cfg.num_prompts, rng)
     return transforms.train_example(rec, chosen, self.tokenizer, self.cfg, source_id)
 
@@ -157,6 +159,7 @@ def train_dataset(mixture: Mixture | Mapping[str, Any], tokenizer: Tokenizer, *,
                   process_index: Optional[int] = None, process_count: Optional[int] = None) -> grain.MapDataset:
   """The infinite training stream as a MapDataset of process-local batches (dicts of numpy arrays).
 
+  `split` is a TFDS split, slicing included ("train[:1%]"), read from every dataset of the mixture.
   Element j of the result is this process's part of global batch j: samples
   j * global_batch_size + process_index + n * process_count for n < global_batch_size / process_count,
   so processes get disjoint samples and together the same global batch for any process count.
@@ -168,7 +171,7 @@ def train_dataset(mixture: Mixture | Mapping[str, Any], tokenizer: Tokenizer, *,
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {p_count} processes")
   components = []
   for i, d in enumerate(mixture.dirs()):
-    src = grain.sources.ArrayRecordDataSource(records.shard_paths(d, split))
+    src = sources.open_split(d, split)
     if len(src) == 0:
       raise ValueError(f"{d}: split {split!r} is empty")
     components.append(grain.MapDataset.source(src).shuffle(seed=_derive_seed(seed, 1, i)).repeat()
@@ -209,7 +212,7 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict:
 # ---------------------------------------------------------------- evaluation
 
 class EvalTransform:
-  """(index in the process's slice, record bytes) -> one eval example (`transforms.eval_example`) plus its
+  """(index in the process's slice, Record) -> one eval example (`transforms.eval_example`) plus its
   file-order `index` and the unpadded postprocess matrices `a_y`, `a_x` (computed here, in grain's threads)."""
 
   def __init__(self, tokenizer: Tokenizer, cfg: SampleConfig, low_res: int, process_index: int,
@@ -217,24 +220,25 @@ class EvalTransform:
     self.tokenizer, self.cfg, self.low_res = tokenizer, cfg, low_res
     self.process_index, self.process_count = process_index, process_count
 
-  def __call__(self, local_index: int, data: bytes) -> dict:
-    ex = transforms.eval_example(records.deserialize(data), self.tokenizer, self.cfg)
+  def __call__(self, local_index: int, rec) -> dict:
+    ex = transforms.eval_example(rec, self.tokenizer, self.cfg)
     a_y, a_x = families.mask_matrices(tuple(int(v) for v in ex["resize_hw"]), tuple(int(v) for v in ex["orig_hw"]),
                                       square=self.cfg.sam_mode == "square", low_res=self.low_res,
                                       img_size=self.cfg.sam_size)
     return dict(ex, index=self.process_index + local_index * self.process_count, a_y=a_y, a_x=a_x)
 
 
-def eval_dataset(data_dir: str, split: str, tokenizer: Tokenizer, *, low_res: int,
+def eval_dataset(data_dir: sources.Location, split: str, tokenizer: Tokenizer, *, low_res: int,
                  sample: SampleConfig = SampleConfig(), process_index: Optional[int] = None,
                  process_count: Optional[int] = None) -> grain.MapDataset:
-  """One element per image of the split with every sentence (ragged, see `EvalTransform`); `low_res` is the
+  """One element per image of the split (`data_dir`: any location of data_pipelines.sources; `split` may be
+  sliced, "val[:10%]") with every sentence (ragged, see `EvalTransform`); `low_res` is the
   side of the model's low-resolution mask logits (`SamConfig.low_res_size`).
 
   Process p gets images p, p + P, ...: disjoint, and together every image exactly once (no padding
   duplicates, unlike the original DistributedSampler), in file order.
   """
   p_index, p_count = _process(process_index, process_count)
-  src = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, split))
+  src = sources.open_split(data_dir, split)
   local = grain.MapDataset.source(src).slice(slice(p_index, None, p_count))
   return local.map_with_index(EvalTransform(tokenizer, sample, low_res, p_index, p_count))

@@ -1,8 +1,12 @@
-"""`run.py prepare`: raw download (or the synthetic generator) -> ArrayRecord shards in the records.py format.
+"""`run.py prepare`: raw download (or the synthetic generator) -> a TFDS dataset in ArrayRecord format.
 
-Writes into `OUT.partial` and renames it to OUT only when everything succeeded, so an interrupted run never
-leaves something that looks like a finished dataset. Refuses an existing non-empty OUT. Images that are
-missing, corrupt, or disagree with their annotations are skipped and counted (meta.json "skipped"), never fatal.
+`build` runs the dataset's TFDS builder (data_pipelines/tfds_builders) with the raw download as its manual
+dir, into DATA_DIR/NAME/VERSION. TFDS writes into a temporary folder and renames it when everything
+succeeded, so an interrupted run never leaves something that looks like a finished dataset. An existing
+DATA_DIR/NAME/VERSION is refused. Images that are missing, corrupt, or disagree with their annotations are
+skipped and counted (the dataset's metadata.json "skipped"), never fatal.
+
+`prepare` writes the old records.py format into one directory; it is deprecated and kept for one release.
 """
 
 from __future__ import annotations
@@ -10,15 +14,63 @@ from __future__ import annotations
 import collections
 import os
 import shutil
-from typing import Iterable, Iterator, Optional
+import tempfile
+import warnings
+from collections.abc import Iterable
 
+import tensorflow_datasets as tfds
 from tqdm import tqdm
 
-from data_pipelines import readers, records, synthetic
+from data_pipelines import readers, records, sources, synthetic, tfds_builders
 from evf_jax.errors import UserError
-from evf_jax.images import ImageReadError, decode_image
 
 DATASETS = sorted(readers.READERS) + ["synthetic"]
+
+
+def _remove_empty_parents(path: str, stop: str) -> None:
+  stop = os.path.abspath(stop)
+  path = os.path.dirname(os.path.abspath(path))
+  while path.startswith(stop + os.sep) and os.path.isdir(path) and not os.listdir(path):
+    os.rmdir(path)
+    path = os.path.dirname(path)
+
+
+def build(dataset: str, data_dir: str, src: str | None = None, *, num_train: int = 2000, num_eval: int = 200,
+          seed: int = 0, progress: bool = True) -> dict:
+  """Builds one dataset as TFDS ArrayRecord into `data_dir`; returns a summary (also in the dataset's
+  metadata.json): {"dataset", "path", "splits": {split: {"images", "prompts", "shards"}}, "skipped"}.
+  `src` is the raw download (docs/data.md#2-raw-datasets) or a directory in the old prepared format."""
+  cls = tfds_builders.builder_class(dataset)
+  if cls is None:
+    raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+  if dataset == "synthetic":
+    if src:
+      raise UserError("--src is not used with --dataset synthetic (it is generated, see --num-train/--seed)")
+    builder = cls(data_dir=data_dir, file_format="array_record", num_train=num_train, num_eval=num_eval, seed=seed)
+  else:
+    if not src:
+      raise UserError(f"--src is required for --dataset {dataset}")
+    if not os.path.isdir(src):
+      raise UserError(f"--src {src} is not a directory")
+    builder = cls(data_dir=data_dir, file_format="array_record")
+  path = str(builder.data_dir)
+  if os.path.exists(path):
+    raise UserError(f"{path} already exists; choose another --data_dir or remove it")
+  tfds.display_progress_bar(progress)
+  with tempfile.TemporaryDirectory() as downloads:  # nothing is downloaded; keeps data_dir free of downloads/
+    try:
+      builder.download_and_prepare(download_dir=downloads, download_config=tfds.download.DownloadConfig(
+          manual_dir=os.path.abspath(src) if src else None))
+    except ValueError as e:  # the readers' "nothing found" and a converted dataset of another name
+      raise UserError(str(e)) from None
+    except AssertionError as e:  # TFDS refuses an empty split, e.g. one whose every image was skipped
+      raise UserError(f"{dataset}: {e}") from None
+    finally:
+      _remove_empty_parents(path, stop=data_dir)  # TFDS removes its temporary folder, not NAME/ around it
+  meta = builder.info.metadata
+  splits = {name: {"images": int(info.num_examples), "prompts": int(meta["prompts"].get(name, 0)),
+                   "shards": len(info.shard_lengths)} for name, info in sorted(builder.info.splits.items())}
+  return {"dataset": dataset, "path": path, "splits": splits, "skipped": dict(meta.get("skipped", {}))}
 
 
 def _check_out(out: str) -> None:
@@ -26,43 +78,12 @@ def _check_out(out: str) -> None:
     raise UserError(f"{out} already exists and is not empty; choose another --out or remove it")
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-  """(h, w) of the image as every later stage decodes it (`evf_jax.images.decode_image`: EXIF applied)."""
-  return decode_image(data).shape[:2]
+records_from_tasks = readers.task_records  # the old name
 
 
-def _records_from_tasks(tasks: list[readers.ImageTask], skipped: collections.Counter) -> Iterator[tuple[str, records.Record]]:
-  for task in tasks:
-    try:
-      with open(task.path, "rb") as f:
-        data = f.read()
-    except OSError:
-      skipped["missing_image"] += 1
-      continue
-    try:
-      h, w = _image_size(data)
-    except ImageReadError:
-      skipped["corrupt_image"] += 1
-      continue
-    if task.expected_hw is not None and (h, w) != task.expected_hw:
-      skipped["image_size_mismatch"] += 1  # e.g. an EXIF rotation the annotations were not made on
-      continue
-    try:
-      entries, masks = task.build(h, w)
-    except readers.SkipImage as e:
-      skipped[e.reason] += 1
-      continue
-    if not entries:
-      skipped["no_prompts"] += 1
-      continue
-    # source is filled in by write_dataset
-    yield task.split, records.Record(source="", image_id=task.image_id, image=data, h=h, w=w,
-                                     masks=masks, entries=entries)
-
-
-def write_dataset(out: str, dataset: str, items: Iterable[tuple[str, records.Record]], total: Optional[int],
-                  records_per_shard: int = 2000, extra_meta: Optional[dict] = None,
-                  skipped: Optional[collections.Counter] = None, progress: bool = True) -> dict:
+def write_dataset(out: str, dataset: str, items: Iterable[tuple[str, records.Record]], total: int | None,
+                  records_per_shard: int = 2000, extra_meta: dict | None = None,
+                  skipped: collections.Counter | None = None, progress: bool = True) -> dict:
   """Writes (split, record) pairs as shards + meta.json into `out` (atomically via `out.partial`)."""
   _check_out(out)
   tmp = out.rstrip("/") + ".partial"
@@ -88,9 +109,12 @@ def write_dataset(out: str, dataset: str, items: Iterable[tuple[str, records.Rec
   return {"dataset": dataset, "splits": splits, "skipped": dict(skipped)}
 
 
-def prepare(dataset: str, out: str, src: Optional[str] = None, *, num_train: int = 2000, num_eval: int = 200,
+def prepare(dataset: str, out: str, src: str | None = None, *, num_train: int = 2000, num_eval: int = 200,
             seed: int = 0, records_per_shard: int = 2000, progress: bool = True) -> dict:
-  """Converts one dataset; returns the summary that is also stored in OUT/meta.json."""
+  """Deprecated (one release): converts one dataset into the old records.py format in OUT; returns the summary
+  that is also stored in OUT/meta.json. `build` writes the TFDS dataset that replaces it."""
+  warnings.warn("this writes the old prepared format, read for one more release; build a TFDS dataset instead "
+                "(`run.py prepare --data_dir`, prepare.build)", sources.OldFormatWarning, stacklevel=2)
   _check_out(out)
   if dataset == "synthetic":
     if src:
@@ -107,6 +131,6 @@ def prepare(dataset: str, out: str, src: Optional[str] = None, *, num_train: int
   if not tasks:
     raise UserError(f"{dataset}: found no images to convert under {src}")
   skipped: collections.Counter = collections.Counter()
-  summary = write_dataset(out, dataset, _records_from_tasks(tasks, skipped), len(tasks), records_per_shard,
+  summary = write_dataset(out, dataset, records_from_tasks(tasks, skipped), len(tasks), records_per_shard,
                           {"src": os.path.abspath(src)}, skipped, progress)
   return summary

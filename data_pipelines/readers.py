@@ -1,7 +1,7 @@
 """Readers of the raw downloads (docs/data.md#2-raw-datasets): each turns a dataset's own layout into `ImageTask`s.
 
 An `ImageTask` is one image of one split: where its file is, plus `build(h, w)`, which returns the image's
-prompt entries and masks (compressed RLE). `prepare.py` reads/validates the image, calls `build` with the
+prompt entries and masks (compressed RLE). `task_records` reads/validates the image, calls `build` with the
 decoded size, and writes a record (records.py). Readers check their required files up front and raise a
 UserError listing every missing one.
 
@@ -21,7 +21,7 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 
 from data_pipelines import records, safe_pickle
 from evf_jax.errors import UserError
+from evf_jax.images import ImageReadError, decode_image
 
 Build = Callable[[int, int], tuple[list[records.Entry], list[bytes]]]
 
@@ -357,6 +358,43 @@ def read_pascal_part(src: str) -> list[ImageTask]:
       tasks += _coco_tasks(_load_json(path), split, image_root,
                            _part_builder(lambda n: "[semantic] " + n.replace(":", " ")))
   return tasks
+
+
+# ---------------------------------------------------------------- tasks -> records
+
+def _image_size(data: bytes) -> tuple[int, int]:
+  """(h, w) of the image as every later stage decodes it (`evf_jax.images.decode_image`: EXIF applied)."""
+  return decode_image(data).shape[:2]
+
+
+def task_records(tasks: list[ImageTask], skipped: collections.Counter) -> Iterator[tuple[str, records.Record]]:
+  """(split, Record) of each usable task; what cannot be used is skipped and counted in `skipped`."""
+  for task in tasks:
+    try:
+      with open(task.path, "rb") as f:
+        data = f.read()
+    except OSError:
+      skipped["missing_image"] += 1
+      continue
+    try:
+      h, w = _image_size(data)
+    except ImageReadError:
+      skipped["corrupt_image"] += 1
+      continue
+    if task.expected_hw is not None and (h, w) != task.expected_hw:
+      skipped["image_size_mismatch"] += 1  # e.g. an EXIF rotation the annotations were not made on
+      continue
+    try:
+      entries, masks = task.build(h, w)
+    except SkipImage as e:
+      skipped[e.reason] += 1
+      continue
+    if not entries:
+      skipped["no_prompts"] += 1
+      continue
+    # source is filled in by write_dataset
+    yield task.split, records.Record(source="", image_id=task.image_id, image=data, h=h, w=w,
+                                     masks=masks, entries=entries)
 
 
 READERS: dict[str, Callable[[str], list[ImageTask]]] = {

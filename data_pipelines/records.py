@@ -55,11 +55,15 @@ class Record:
   image: bytes
   h: int
   w: int
-  masks: list  # of RLE counts (bytes)
+  masks: list  # of RLE counts (bytes), or arrays when mask_format == "array"
   entries: list  # of Entry
+  mask_format: str = "rle"  # "array": (h, w[, c]) arrays, nonzero = 1 (TFDS ref_coco's; never serialised)
 
   def mask(self, index: int) -> np.ndarray:
     """Decodes mask `index` to an (h, w) uint8 array of 0/1."""
+    if self.mask_format == "array":
+      m = np.asarray(self.masks[index])
+      return (m if m.ndim == 2 else m[..., 0] if m.shape[-1] == 1 else m.max(axis=-1)).astype(bool).astype(np.uint8)
     return decode_rle(self.masks[index], self.h, self.w)
 
 
@@ -74,6 +78,8 @@ def decode_rle(counts: bytes, h: int, w: int) -> np.ndarray:
 
 
 def serialize(rec: Record) -> bytes:
+  if rec.mask_format != "rle":
+    raise ValueError(f"the records.py format stores RLE masks, not {rec.mask_format!r}")
   return msgpack.packb({
       "v": FORMAT_VERSION, "source": rec.source, "image_id": str(rec.image_id), "image": rec.image,
       "h": int(rec.h), "w": int(rec.w), "masks": list(rec.masks),
@@ -155,6 +161,10 @@ class ShardWriter:
 
 
 def read_records(data_dir: str, split: str) -> Sequence[Record]:
-  """All records of a split, decoded (for tests and small tools; the pipeline reads lazily through grain)."""
+  """All records of a split, decoded (for tests and small tools; the pipeline reads lazily through grain).
+  `data_dir` may also be a TFDS dataset folder (data_pipelines.sources)."""
+  from data_pipelines import sources  # lazy: sources imports this module (it reads this format too)
+  if not os.path.isfile(os.path.join(data_dir, META_FILE)):
+    return sources.read_records(data_dir, split)
   src = grain.sources.ArrayRecordDataSource(shard_paths(data_dir, split))
   return [deserialize(src[i]) for i in range(len(src))]

@@ -17,12 +17,11 @@ SMALL = SampleConfig(sam_size=128, max_text_len=16)
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
   tok = F.train_tokenizer(str(root))
-  syn = str(root / "syn")
-  prepare.prepare("synthetic", syn, num_train=12, num_eval=4, seed=0, progress=False)
+  data_dir = str(root / "tfds")  # TFDS datasets, read with tfds.data_source
+  prepare.build("synthetic", data_dir, num_train=12, num_eval=4, seed=0, progress=False)
   F.write_refer(str(root / "raw"), "refcoco")
-  ref = str(root / "refcoco")
-  prepare.prepare("refcoco", ref, str(root / "raw"), progress=False)
-  return tok, syn, ref
+  prepare.build("refcoco", data_dir, str(root / "raw"), progress=False)
+  return tok, str(root / "tfds" / "synthetic"), str(root / "tfds" / "refcoco")
 
 
 def _take(it, n):

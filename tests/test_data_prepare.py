@@ -1,4 +1,7 @@
-"""`run.py prepare` on tiny fixtures in every raw format: masks, prompt rules, splits, bad inputs."""
+"""`run.py prepare` on tiny fixtures in every raw format: masks, prompt rules, splits, bad inputs.
+
+Each builds the dataset's TFDS builder (data_pipelines/tfds_builders) and reads it back: the round trip of
+every builder on its fixture."""
 
 import os
 import pickle
@@ -8,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipelines import records
+from data_pipelines import records, sources
 from evf_jax import cli
 from evf_testing import data_fixtures as F
 
@@ -17,10 +20,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _prepare(tmp_path, dataset, writer, *writer_args):
-  src, out = str(tmp_path / "raw"), str(tmp_path / "out")
+  src, data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
   writer(src, *writer_args)
-  assert cli.main(["prepare", "--dataset", dataset, "--src", src, "--out", out, "--no-progress"]) == 0
-  return out, records.read_meta(out)
+  assert cli.main(["prepare", "--dataset", dataset, "--src", src, "--data_dir", data_dir, "--no-progress"]) == 0
+  out = os.path.join(data_dir, dataset.replace("+", "plus"))  # DATA_DIR/NAME: the newest version in it
+  return out, sources.describe(out)
 
 
 def _by_text(recs):
@@ -112,12 +116,12 @@ def test_parts_merged_per_category(tmp_path, dataset, writer, texts):
 def test_missing_files_listed_in_one_line(tmp_path, capsys):
   src = tmp_path / "raw"
   (src / "refcoco").mkdir(parents=True)
-  assert cli.main(["prepare", "--dataset", "refcoco", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
+  assert cli.main(["prepare", "--dataset", "refcoco", "--src", str(src), "--data_dir", str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: refcoco: missing")
   for name in ("refs(unc).p", "instances.json", "images/mscoco/images/train2014"):
     assert name in err[0]
-  assert not (tmp_path / "o").exists()
+  assert not (tmp_path / "o" / "refcoco").exists()
 
 
 def test_malicious_pickle_is_refused(tmp_path, capsys):
@@ -130,33 +134,67 @@ def test_malicious_pickle_is_refused(tmp_path, capsys):
 
   with open(os.path.join(src, "refcoco", "refs(unc).p"), "wb") as f:
     pickle.dump([Evil()], f, protocol=2)
-  assert cli.main(["prepare", "--dataset", "refcoco", "--src", src, "--out", str(tmp_path / "o")]) == 2
+  assert cli.main(["prepare", "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o")]) == 2
   assert "refusing to load global" in capsys.readouterr().err
   assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_subprocess_exit_codes_and_no_overwrite(tmp_path):
-  out = str(tmp_path / "syn")
+  data_dir = str(tmp_path / "tfds")
   run = lambda *a: subprocess.run([sys.executable, "run.py", "prepare", *a], cwd=ROOT, capture_output=True,
                                   text=True, timeout=120)
-  ok = run("--dataset", "synthetic", "--out", out, "--num-train", "6", "--num-eval", "2", "--seed", "3")
+  ok = run("--dataset", "synthetic", "--data_dir", data_dir, "--num-train", "6", "--num-eval", "2", "--seed", "3")
   assert ok.returncode == 0, ok.stderr
-  assert "train: 6 images" in ok.stdout and "prepare synthetic" in ok.stderr  # tqdm bar on stderr
-  again = run("--dataset", "synthetic", "--out", out)
+  assert "train: 6 images" in ok.stdout
+  assert "tensorflow" not in ok.stderr.lower()  # TFDS built ArrayRecord without TensorFlow
+  again = run("--dataset", "synthetic", "--data_dir", data_dir)
   assert again.returncode == 2
-  assert again.stderr.strip().splitlines() == [f"error: {out} already exists and is not empty; "
-                                               "choose another --out or remove it"]
-  missing = run("--dataset", "ade20k", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2"))
+  path = os.path.join(data_dir, "synthetic", "1.0.0")
+  assert again.stderr.strip().splitlines() == [f"error: {path} already exists; choose another --data_dir or remove it"]
+  missing = run("--dataset", "ade20k", "--src", str(tmp_path / "nope"), "--data_dir", str(tmp_path / "o2"))
   assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
 
 
 def test_synthetic_prepare_matches_generator(tmp_path):
   from data_pipelines import synthetic
-  out = str(tmp_path / "syn")
-  assert cli.main(["prepare", "--dataset", "synthetic", "--out", out, "--num-train", "5", "--num-eval", "3",
-                   "--seed", "9", "--records-per-shard", "2", "--no-progress"]) == 0
-  meta = records.read_meta(out)
-  assert meta["splits"]["train"] == {"images": 5, "prompts": meta["splits"]["train"]["prompts"], "shards": 3}
-  recs = records.read_records(out, "train")
-  assert [records.serialize(r) for r in recs] == [records.serialize(synthetic.make_example(9, "train", i))
-                                                  for i in range(5)]
+  data_dir = str(tmp_path / "tfds")
+  assert cli.main(["prepare", "--dataset", "synthetic", "--data_dir", data_dir, "--num-train", "5", "--num-eval",
+                   "3", "--seed", "9", "--no-progress"]) == 0
+  meta = sources.describe(os.path.join(data_dir, "synthetic"))
+  assert meta["seed"] == 9 and meta["splits"]["train"]["images"] == 5 and meta["splits"]["val"]["images"] == 3
+  want = [synthetic.make_example(9, "train", i) for i in range(5)]
+  assert meta["splits"]["train"]["prompts"] == sum(len(r.entries) for r in want)
+  recs = records.read_records(os.path.join(data_dir, "synthetic"), "train")
+  assert [records.serialize(r) for r in recs] == [records.serialize(r) for r in want]
+  # tfds.data_source with split slicing, in file order
+  sliced = sources.read_records(sources.TfdsDataset("synthetic", data_dir), "train[2:4]")
+  assert [r.image_id for r in sliced] == ["train-2", "train-3"]
+
+
+def test_old_format_still_written_read_with_a_warning_and_converted(tmp_path):
+  old = str(tmp_path / "old")
+  with pytest.warns(DeprecationWarning, match="old prepared format"):
+    assert cli.main(["prepare", "--dataset", "synthetic", "--out", old, "--num-train", "3", "--num-eval", "1",
+                     "--seed", "2", "--no-progress"]) == 0
+  with pytest.warns(DeprecationWarning, match="run.py prepare"):
+    legacy = [records.serialize(r) for r in sources.read_records(old, "train")]
+  data_dir = str(tmp_path / "tfds")
+  # One command converts it: the old directory is the builder's manual dir.
+  assert cli.main(["prepare", "--dataset", "synthetic", "--src", old, "--data_dir", data_dir]) == 2  # generated set
+  assert cli.main(["prepare", "--dataset", "refcoco", "--src", old, "--data_dir", data_dir, "--no-progress"]) == 2
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "refcoco")
+  with pytest.warns(DeprecationWarning):
+    assert cli.main(["prepare", "--dataset", "refcoco", "--src", src, "--out", str(tmp_path / "oldref"),
+                     "--no-progress"]) == 0
+  assert cli.main(["prepare", "--dataset", "refcoco", "--src", str(tmp_path / "oldref"), "--data_dir", data_dir,
+                   "--no-progress"]) == 0
+  for split in ("train", "val", "testA"):
+    assert ([records.serialize(r) for r in records.read_records(str(tmp_path / "oldref"), split)]
+            == [records.serialize(r) for r in sources.read_records(os.path.join(data_dir, "refcoco"), split)])
+  assert legacy == [records.serialize(synthetic_example) for synthetic_example in _synthetic(2, 3)]
+
+
+def _synthetic(seed, n):
+  from data_pipelines import synthetic
+  return [synthetic.make_example(seed, "train", i) for i in range(n)]

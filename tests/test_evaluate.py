@@ -139,7 +139,7 @@ def _write_refer_val(src: str) -> None:
 def data(tmp_path_factory):
   d = tmp_path_factory.mktemp("evaldata")
   _write_refer_val(str(d / "raw"))
-  prepare.prepare("refcoco", str(d / "root" / "refcoco"), str(d / "raw"), progress=False)
+  prepare.build("refcoco", str(d / "root"), str(d / "raw"), progress=False)  # TFDS: root/refcoco/1.0.0
   from evf_jax.tokenizer import TextTokenizer
   from evf_testing.spm_model import train as train_spm
   tok = TextTokenizer(train_spm(str(d / "spm"), "bpe"))  # a tiny spm; XLM-R ids as the checkpoints' tokenizer
@@ -328,7 +328,7 @@ def ckpt(tmp_path_factory):
 def test_cli_eval_writes_json_table_and_overlays(ckpt, data, tmp_path, capsys):
   root, _ = data
   if not os.path.isdir(os.path.join(root, "synthetic")):
-    prepare.prepare("synthetic", os.path.join(root, "synthetic"), num_train=1, num_eval=1, seed=0, progress=False)
+    prepare.build("synthetic", root, num_train=1, num_eval=1, seed=0, progress=False)
   out = tmp_path / "res"
   code = cli.main(["eval", "--checkpoint", ckpt, "--data", root, "--split", "refcoco|unc|val",
                    "--split", "synthetic|val", "--out-dir", str(out), "--batch-size", "2",

@@ -1,7 +1,7 @@
 """The multi-task mixture of `evf-sam-multitask`: referring expressions (RefCOCO/+/g), semantic segmentation
 (ADE20K), machine-annotated instances (Objects365), parts (PartImageNet, Pascal-Part) and human parsing.
 
-    python run.py prepare --dataset ade20k --src dataset/ade20k --out data/ade20k    # ... every dataset below
+    python run.py prepare --dataset ade20k --src dataset/ade20k --data_dir data     # ... every dataset below
     python run.py train --config configs/train/multitask.py:size=huge --workdir W \\
         --config.init.sam_checkpoint=sam_vit_h_4b8939.pth \\
         --config.init.beit3_checkpoint=beit3_large_patch16_224.pth --config.tokenizer=beit3.spm

@@ -1,7 +1,7 @@
 """Referring segmentation (RES) on RefCOCO, RefCOCO+ and RefCOCOg, as the released `evf-sam` checkpoint was
 trained, from the public SAM and BEiT-3 checkpoints.
 
-    python run.py prepare --dataset refcoco --src dataset/refer_seg --out data/refcoco     # and refcoco+, refcocog
+    python run.py prepare --dataset refcoco --src dataset/refer_seg --data_dir data      # and refcoco+, refcocog
     python run.py train --config configs/train/refcoco.py:size=huge --workdir W \\
         --config.init.sam_checkpoint=sam_vit_h_4b8939.pth \\
         --config.init.beit3_checkpoint=beit3_large_patch16_224.pth --config.tokenizer=beit3.spm

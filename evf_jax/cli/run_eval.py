@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from data_pipelines import eval_splits, pipeline, records
+from data_pipelines import eval_splits, pipeline, sources
 from data_pipelines.eval_splits import EvalSplit
 from data_pipelines.transforms import SampleConfig
 from evf_jax import checkpoints, evaluate, families
@@ -39,10 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
       "Splits are named as in EVF-SAM's eval.py, DATASET|SPLITBY|SPLIT (quote them in a shell):\n"
       "  the eight standard ones (--split standard selects all): " + ", ".join(eval_splits.STANDARD_SPLITS) + "\n"
       "  also: refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, synthetic|val\n"
-      "Data: --data ROOT holds one prepared directory per dataset, named like the dataset:\n"
-      "  python run.py prepare --dataset refcoco --src dataset/refer_seg --out ROOT/refcoco\n"
-      "  python run.py prepare --dataset synthetic --out ROOT/synthetic\n"
-      "so 'refcoco|unc|val' reads split 'val' of ROOT/refcoco. --data may also be one prepared directory.\n"
+      "  a TFDS slice reads part of a split: 'refcoco|unc|val[:10%]'\n"
+      "Data: --data ROOT is a TFDS data_dir holding one dataset per name (docs/data.md#2-raw-datasets):\n"
+      "  python run.py prepare --dataset refcoco --src dataset/refer_seg --data_dir ROOT\n"
+      "  python run.py prepare --dataset synthetic --data_dir ROOT\n"
+      "so 'refcoco|unc|val' reads split 'val' of ROOT/refcoco ('refcoco+' is ROOT/refcocoplus). TFDS's own\n"
+      "ref_coco in ROOT is read too (ROOT/ref_coco/refcoco_unc, ...). --data may also be one dataset's folder.\n"
       "Output: OUT_DIR/<DATASET_SPLITBY_SPLIT>.json per split (gIoU/cIoU as fractions, counts, timing,\n"
       "devices, batch size, checkpoint provenance) and a table on stdout (IoUs in percent).")
   p.add_argument("--checkpoint", required=True,
@@ -88,18 +90,19 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit, str, dict]]:
-  """[(split, its prepared directory, that directory's meta.json)]; UserError for any problem, before loading."""
+def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit, sources.Location, dict]]:
+  """[(split as its source names it, the dataset's location, its description)]; UserError for any problem,
+  before loading."""
   splits = eval_splits.expand_splits(split_names)
   if not splits:
     raise UserError("no --split given")
-  return [(s,) + eval_splits.resolve_data_dir(data, s) for s in splits]
+  return [eval_splits.resolve_data_dir(data, s) for s in splits]
 
 
 def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config: families.ModelConfig,
-                   directory: str, split: str, *, name: str, overlay_dir: Optional[str] = None,
+                   directory: sources.Location, split: str, *, name: str, overlay_dir: Optional[str] = None,
                    save_overlays: int = 0) -> dict:
-  """One prepared split with `params`: this process's share of its images, the result over all processes.
+  """One split (`directory`: a location of data_pipelines.sources) with `params`: this process's share of its images, the result over all processes.
   EVF-SAM2 frames the images as the original's eval.py does: PIL bilinear to a square, no padding."""
   image_input = families.image_input(config)
   sample = SampleConfig(max_text_len=evaluator.options.max_text_len, sam_size=image_input.size,
@@ -123,7 +126,7 @@ def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config
 class OverlayWriter:
   """PNG overlays (prediction | ground truth, the reference's colour blend) for the first N images."""
 
-  def __init__(self, data_dir: str, split: str, directory: str, count: int):
+  def __init__(self, data_dir: sources.Location, split: str, directory: str, count: int):
     self.data_dir, self.split, self.directory, self.count = data_dir, split, directory, count
     self.index: list[dict] = []
     self._source = None
@@ -133,9 +136,9 @@ class OverlayWriter:
 
   def write(self, slot: evaluate.Slot, preds: np.ndarray, ious: np.ndarray) -> None:
     if self._source is None:
-      self._source = grain.sources.ArrayRecordDataSource(records.shard_paths(self.data_dir, self.split))
+      self._source = sources.open_split(self.data_dir, self.split)
       os.makedirs(self.directory, exist_ok=True)
-    rec = records.deserialize(self._source[slot.index])  # re-read: the batch holds no original pixels
+    rec = self._source[slot.index]  # re-read: the batch holds no original pixels
     image = decode_image(rec.image)
     h, w = image.shape[:2]
     for j, text in enumerate(slot.texts):
@@ -176,7 +179,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
     r = evaluate_split(evaluator, params, tokenizer, config, directory, split.split, name=split.name,
                        overlay_dir=overlay_dir, save_overlays=save_overlays)
     r = {"split": split.name, "dataset": split.dataset, "data_split": split.split,
-         "data_dir": os.path.abspath(directory), **r, "precision": precision, "attention": attention,
+         "data_dir": meta.get("tfds", {}).get("path") or os.path.abspath(directory.directory), **r, "precision": precision, "attention": attention,
          "protocol": PROTOCOL,
          "checkpoint": {"path": os.path.abspath(checkpoint),
                         "sam_scale": raw_config.get("sam_scale"),

@@ -1,20 +1,24 @@
-"""`run.py prepare`: a raw dataset download (or the generated synthetic set) -> ArrayRecord shards."""
+"""`run.py prepare`: a raw dataset download (or the generated synthetic set) -> a TFDS dataset (ArrayRecord)."""
 
 from __future__ import annotations
 
 import argparse
 
 from data_pipelines import prepare
+from evf_jax.errors import UserError
 
-HELP = "convert a raw dataset download (or the synthetic set) into ArrayRecord shards"
+HELP = "build a dataset from its raw download (or the synthetic set) as TFDS ArrayRecord under --data_dir"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", required=True, choices=prepare.DATASETS, metavar="NAME",
                  help="one of: " + ", ".join(prepare.DATASETS))
-  p.add_argument("--src", default=None, help="root of the raw download in the EVF-SAM layout (not for synthetic)")
-  p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-  p.add_argument("--records-per-shard", type=int, default=2000, help="images per ArrayRecord shard")
+  p.add_argument("--src", default=None, help="root of the raw download in the EVF-SAM layout (the builder's "
+                 "manual dir), or a directory in the old prepared format to convert; not for synthetic")
+  p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
+                 help="TFDS data_dir: the dataset goes to DATA_DIR/NAME/VERSION (refused if that exists)")
+  p.add_argument("--out", default=None, help="deprecated: write the old prepared format into this directory")
+  p.add_argument("--records-per-shard", type=int, default=2000, help="--out only: images per ArrayRecord shard")
   p.add_argument("--num-train", type=int, default=2000, help="synthetic only: train images")
   p.add_argument("--num-eval", type=int, default=200, help="synthetic only: eval ('val') images")
   p.add_argument("--seed", type=int, default=0, help="synthetic only: generator seed")
@@ -22,10 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  summary = prepare.prepare(args.dataset, args.out, args.src, num_train=args.num_train, num_eval=args.num_eval,
-                            seed=args.seed, records_per_shard=args.records_per_shard,
-                            progress=not args.no_progress)
+  if bool(args.data_dir) == bool(args.out):
+    raise UserError("give --data_dir (a TFDS data_dir), or the deprecated --out (the old format)")
+  if args.out:
+    summary = prepare.prepare(args.dataset, args.out, args.src, num_train=args.num_train, num_eval=args.num_eval,
+                              seed=args.seed, records_per_shard=args.records_per_shard,
+                              progress=not args.no_progress)
+    where = args.out
+  else:
+    summary = prepare.build(args.dataset, args.data_dir, args.src, num_train=args.num_train,
+                            num_eval=args.num_eval, seed=args.seed, progress=not args.no_progress)
+    where = summary["path"]
   splits = ", ".join(f"{k}: {v['images']} images / {v['prompts']} prompts" for k, v in summary["splits"].items())
   skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"
-  print(f"wrote {args.out} ({splits}); skipped: {skipped}")
+  print(f"wrote {where} ({splits}); skipped: {skipped}")
   return 0

@@ -23,7 +23,8 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from convert.pretrained import init_from_pretrained
-from data_pipelines import pipeline, prepare, records
+from data_pipelines import pipeline, prepare, sources
+from data_pipelines.tfds_builders import builder_name
 from data_pipelines.transforms import SampleConfig
 from evf_jax import checkpoints, evaluate, sharding
 from evf_jax.cli import run_eval
@@ -120,27 +121,44 @@ def _check_config(cfg) -> EvfConfig:
   return train_config.model_config(cfg.model)
 
 
+def _locate(root: str, name: str) -> str | None:
+  """ROOT/NAME (a TFDS dataset folder, e.g. "synthetic" or "ref_coco/refcoco_unc", or an old prepared
+  directory), else ROOT/<TFDS name> ("refcoco+" -> refcocoplus); None when neither holds a dataset."""
+  for path in dict.fromkeys([os.path.join(root, name), os.path.join(root, builder_name(name))]):
+    try:
+      sources.locate(path)
+      return path
+    except FileNotFoundError:
+      continue
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  return None
+
+
 def _data_dirs(cfg, workdir: str) -> tuple[str, dict[str, tuple[float, list[str]]]]:
-  """(data root, the mixture with directories); generates a missing synthetic dataset when configured."""
+  """(data root, the mixture with dataset locations); generates a missing synthetic dataset when configured."""
   root = cfg.data.root or os.path.join(workdir, DATA_DIR)
+  split = cfg.data.get("split", "train")
   mixture = {}
   for group, (weight, names) in cfg.data.mixture.items():
     dirs = []
     for name in ([names] if isinstance(names, str) else names):
-      directory = os.path.join(root, name)
-      if not os.path.isfile(os.path.join(directory, records.META_FILE)):
+      directory = _locate(root, name)
+      if directory is None:
         if name == "synthetic" and cfg.data.synthetic.num_train > 0:
+          directory = os.path.join(root, "synthetic")
           if jax.process_index() == 0:
             print(f"generating the synthetic dataset in {directory}")
             syn = cfg.data.synthetic
-            prepare.prepare("synthetic", directory, num_train=syn.num_train, num_eval=syn.num_eval, seed=syn.seed,
-                            progress=False)
+            prepare.build("synthetic", root, num_train=syn.num_train, num_eval=syn.num_eval, seed=syn.seed,
+                          progress=False)
           multihost_utils.sync_global_devices("evf_jax: synthetic data")
         else:
-          raise UserError(f"data.mixture.{group}: no prepared dataset at {directory} (write it with `run.py "
-                          f"prepare --dataset {name} --out {directory}`, or set --config.data.root)")
-      if "train" not in records.read_meta(directory).get("splits", {}):
-        raise UserError(f"{directory} has no train split")
+          raise UserError(f"data.mixture.{group}: no prepared dataset at {os.path.join(root, builder_name(name))} "
+                          f"(build it with `run.py prepare --dataset {name} --data_dir {root}`, or set "
+                          "--config.data.root)")
+      if split.split("[", 1)[0] not in sources.describe(directory).get("splits", {}):
+        raise UserError(f"{directory} has no {split.split('[', 1)[0]} split")
       dirs.append(directory)
     mixture[group] = (float(weight), dirs)
   return root, mixture
@@ -154,7 +172,8 @@ def _tokenizer(cfg, workdir: str, mixture) -> TextTokenizer:
   if cfg.train_tokenizer_vocab > 0:
     directory = os.path.join(workdir, TOKENIZER_DIR)
     if not os.path.isfile(os.path.join(directory, SPM_FILE)) and jax.process_index() == 0:
-      texts = [e.text for _, dirs in mixture.values() for d in dirs for r in records.read_records(d, "train")
+      split = cfg.data.get("split", "train")
+      texts = [e.text for _, dirs in mixture.values() for d in dirs for r in sources.read_records(d, split)
                for e in r.entries]
       train_tokenizer(texts, directory, cfg.train_tokenizer_vocab)
     multihost_utils.sync_global_devices("evf_jax: tokenizer")
@@ -228,9 +247,9 @@ def _eval_fn(cfg, model_config: EvfConfig, tokenizer, mesh, rules, data_root: st
                                  batch_axes=sharding.batch_axes(mesh, rules), options=options)
 
   def fn(params, step):
-    return {split.name: run_eval.evaluate_split(evaluator, params, tokenizer, model_config, directory, split.split,
+    return {split.name: run_eval.evaluate_split(evaluator, params, tokenizer, model_config, location, split.split,
                                                 name=f"eval {split.name}")
-            for split, directory, _ in located}
+            for split, location, _ in located}
   return fn
 
 
@@ -277,7 +296,7 @@ def train(cfg, workdir: str):
                         sam_size=model_config.sam.img_size, mask_size=cfg.data.mask_size or None,
                         beit_size=model_config.beit3.img_size)
   dataset = pipeline.train_dataset(mixture, tokenizer, global_batch_size=cfg.batch_size, seed=cfg.seed,
-                                   sample=sample)
+                                   sample=sample, split=cfg.data.get("split", "train"))
   iterator = pipeline.train_iterator(dataset, worker_count=cfg.data.workers, read_threads=cfg.data.read_threads,
                                      prefetch=cfg.data.prefetch)
   trainer = Trainer(cfg, workdir=workdir, model_config=model_config, mesh=mesh, data_iterator=iterator,

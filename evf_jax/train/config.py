@@ -74,10 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
       "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 100,
       "schedule": "linear", "end_factor": 0.0, "clip_norm": 1.0})
   c.loss = ml_collections.ConfigDict({"bce_weight": 2.0, "dice_weight": 0.5})
-  # Data: prepared directories (run.py prepare) under data.root, mixed by group weight (docs/data.md#6).
+  # Data: TFDS datasets (run.py prepare) in the data_dir data.root, mixed by group weight (docs/data.md#6).
   c.data = ml_collections.ConfigDict({
       "root": "data",
       "mixture": {"refer_seg": (1.0, ("refcoco", "refcoco+", "refcocog"))},
+      "split": "train",          # read from every dataset; a TFDS slice works too: "train[:10%]"
       "num_prompts": 3,          # K prompts per image (fewer when an image has fewer)
       "max_text_len": 64,        # tokens per prompt, <s> and </s> included (BEiT-3's fine-tuning default)
       "mask_size": 0,            # loss resolution in the SAM frame; 0: SAM's input size

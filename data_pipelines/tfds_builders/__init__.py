@@ -1,0 +1,16 @@
+"""TFDS builders of every dataset `run.py prepare` knows (docs/data.md#2-raw-datasets).
+
+Importing this package registers them with TFDS (`tfds.builder("refcoco")`, `tfds.data_source(...)`).
+"""
+
+from data_pipelines.tfds_builders.evf import (  # noqa: F401
+    BUILDERS,
+    FEATURES,
+    VERSION,
+    EvfBuilder,
+    Synthetic,
+    builder_class,
+    builder_name,
+    example_to_record,
+    record_to_example,
+)
