@@ -75,6 +75,7 @@ from convert.evf import sha256_file
 from convert import sam as sam_conv
 from convert.io import load_state_dict
 from convert.rules import ConversionError, flatten
+from evf_jax import runtime
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.evf import EvfConfig, init_params
 from evf_jax.sam.config import SAM_CONFIGS, SamConfig
@@ -236,7 +237,7 @@ def _convert_under(convert, state_dict, prefix: str, param_dtype, what: str):
 @functools.lru_cache(maxsize=8)
 def _subtree_init(config: EvfConfig, names: tuple[str, ...], param_dtype):
   # Outputs only `names`: XLA removes every other initialiser (and the forward pass `init` traces).
-  return jax.jit(lambda r: {k: init_params(config, r, param_dtype=param_dtype)[k] for k in names})
+  return runtime.jit_init(lambda r: {k: init_params(config, r, param_dtype=param_dtype)[k] for k in names})
 
 
 def random_subtrees(config: EvfConfig, rng, subtrees: Sequence[str],

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from evf_jax import layers
+from evf_jax import layers, runtime
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.beit3.model import Beit3
 from evf_jax.sam import sam as sam_lib
@@ -179,7 +179,7 @@ def abstract_params(config: EvfConfig, *, param_dtype: Dtype = jnp.float32, boxe
 
 def init_params(config: EvfConfig, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> Any:
   """Randomly initialised (unboxed) params, e.g. for training from scratch or tests."""
-  return nn.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
+  return nn.unbox(runtime.jit_init(_init_fn(config, param_dtype))(rng))
 
 
 def cast_kernels(params: Any, dtype: Dtype) -> Any:

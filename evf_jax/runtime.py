@@ -9,7 +9,7 @@ Python arguments, config fields):
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,22 @@ def check_attention_platform(attention: str) -> None:
   """UserError when cuDNN attention is asked for where jax has no GPU (before any checkpoint is read)."""
   if attention == "cudnn" and jax.default_backend() != "gpu":
     raise UserError(f"attention cudnn needs an NVIDIA GPU; jax is running on {jax.default_backend()}")
+
+
+def jit_init(fn: Callable) -> Callable:
+  """`jax.jit` for a function that runs once, such as a parameter initialiser (its forward pass and one random
+  draw per parameter): on CPU, XLA's backend optimisations are switched off for it, which cuts the compile time of
+  the tiny training model's initialiser ~3x (84 s -> 30 s on a loaded 2-core machine). Its results differ from an
+  optimised compile by float rounding (<= 5e-7 on that model), and run time does not matter for a single call."""
+  if jax.default_backend() != "cpu":
+    return jax.jit(fn)
+  once = jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+  def call(*args):
+    # Inside another jit (compiler options are only allowed at the top level) it is traced into the caller.
+    traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args))
+    return fn(*args) if traced else once(*args)
+  return call
 
 
 def enable_compilation_cache(path: str) -> None:

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from evf_jax import layers
+from evf_jax import layers, runtime
 from evf_jax.beit3.config import Beit3Config
 
 Dtype = Any
@@ -338,4 +338,4 @@ def abstract_params(config: Beit3Config, *, param_dtype: Dtype = jnp.float32, bo
 
 def init_params(config: Beit3Config, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> dict:
   """Randomly initialised (unboxed) params."""
-  return nn.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
+  return nn.unbox(runtime.jit_init(_init_fn(config, param_dtype))(rng))

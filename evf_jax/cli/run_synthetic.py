@@ -117,9 +117,11 @@ def empty_prompt_baseline(checkpoint: str, data_dir: str, options: evaluate.Eval
   model_fn = evaluate.evf_predict_fn(config, precision)
 
   def empty(params, batch):
-    ids = jnp.full_like(batch["input_ids"], PAD_ID).at[..., 0].set(BOS_ID).at[..., 1].set(EOS_ID)
-    mask = jnp.zeros_like(batch["attention_mask"]).at[..., :2].set(True)
-    return model_fn(params, dict(batch, input_ids=ids, attention_mask=mask))
+    # The answer does not depend on the prompt: computed once per image and given to each of its prompts.
+    ids = jnp.full_like(batch["input_ids"][:, :1], PAD_ID).at[..., 0].set(BOS_ID).at[..., 1].set(EOS_ID)
+    mask = jnp.zeros_like(batch["attention_mask"][:, :1]).at[..., :2].set(True)
+    logits = model_fn(params, dict(batch, input_ids=ids, attention_mask=mask))  # (B, 1, H, W)
+    return jnp.broadcast_to(logits, (logits.shape[0], batch["input_ids"].shape[1]) + logits.shape[2:])
 
   evaluator = evaluate.Evaluator(empty, options=options)
   return run_eval.evaluate_split(evaluator, params, tokenizer, config, data_dir, "val", name="empty prompt")

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from evf_jax import runtime
 from evf_jax.sam.config import SamConfig
 from evf_jax.sam.image_encoder import ImageEncoderViT
 from evf_jax.sam.mask_decoder import MaskDecoder
@@ -103,4 +104,4 @@ def abstract_params(config: SamConfig, *, param_dtype: Dtype = jnp.float32, boxe
 
 def init_params(config: SamConfig, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> dict[str, Any]:
   """Randomly initialised (unboxed) params."""
-  return nn.unbox(jax.jit(_init_fn(config, param_dtype))(rng))
+  return nn.unbox(runtime.jit_init(_init_fn(config, param_dtype))(rng))
