@@ -1,9 +1,8 @@
 """EVF-SAM2 state dicts -> params of `evf_jax.evf_sam2.EvfSam2`.
 
 The keys are EVF-SAM's (`convert.evf`) with SAM-2 under `visual_model.`: BEiT-3 (`mm_extractor.beit3.*`) and
-the projector (`text_hidden_fcs.0.{0,2}.*`) use EVF-SAM's rules, SAM-2 uses `convert.sam2`'s table, and the
-video tensors of SAM-2 (`convert.sam2.VIDEO_ONLY`, including EVF's `memory_encoder.fuser.layers.N.weight`, the
-renamed `gamma`) are skipped. Whether a checkpoint is EVF-SAM or EVF-SAM2 shows in its keys:
+the projector (`text_hidden_fcs.0.{0,2}.*`) use EVF-SAM's rules, SAM-2 uses `convert.sam2`'s table (image path
+and video memory; EVF's `memory_encoder.fuser.layers.N.weight` is the renamed `gamma`). Whether a checkpoint is EVF-SAM or EVF-SAM2 shows in its keys:
 `visual_model.image_encoder.trunk.*` (SAM-2) vs `visual_model.image_encoder.blocks.*` (SAM-1).
 """
 
@@ -36,10 +35,9 @@ def evf_sam2_rules() -> list[Rule]:
 
 def convert_evf_sam2(state_dict: Mapping[str, np.ndarray], config: EvfSam2Config,
                      dtype: Any = None) -> ConversionResult:
-  """Every tensor of an EVF-SAM2 state dict onto `EvfSam2(config)`'s params, the video ones skipped; strict, one
-  error for all problems."""
-  ignore = [re.escape(SAM_PREFIX) + p for p in sam2_conv.VIDEO_ONLY]
-  ignore += [re.escape(BEIT3_PREFIX) + p for p in beit3_conv.IGNORE]
+  """Every tensor of an EVF-SAM2 state dict onto `EvfSam2(config)`'s params; strict, one error for all
+  problems."""
+  ignore = [re.escape(BEIT3_PREFIX) + p for p in beit3_conv.IGNORE]
   return convert(state_dict, evf_sam2_rules(), abstract_params(config), ignore=ignore, dtype=dtype,
                  what=f"EVF-SAM2 checkpoint (sam_scale={config.sam_scale}, "
                       f"mm_extractor_scale={config.mm_extractor_scale})")

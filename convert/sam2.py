@@ -1,13 +1,17 @@
 """PyTorch SAM-2 state dicts (Meta's `sam2_hiera_*.pt` `model` dict, or EVF-SAM2's `visual_model.*`) -> Flax
-params of `evf_jax.sam2.Sam2` (the image path).
+params of `evf_jax.sam2.Sam2` (image path and video memory).
 
 Flax names mirror the torch attribute paths (`blocks.3` -> `blocks_3`), with three renames: the prompt
 encoder and the SAM-1 parts of the mask decoder use SAM-1's table (`convert.sam`, re-rooted under
 `sam_prompt_encoder` / `sam_mask_decoder`); SAM-2's two-layer MLPs (`mlp.layers.0/1`, in Hiera blocks and
 in the two-way transformer) are SAM-1's `MLPBlock` (`mlp/lin1`, `mlp/lin2`), the same Linear-act-Linear; the
 neck's `convs.K.conv` is `neck/convs_K`. The Hiera background position embedding stays in torch's (1, C, h, w)
-layout. Tensors of the video memory (memory attention and encoder, object pointers, temporal encodings) are
-skipped by name (`VIDEO_ONLY`) until the video model is ported.
+layout. The memory encoder's layer scale is `gamma` in Meta's checkpoints and `weight` in EVF-SAM2's (EVF renamed
+the attribute, because Hugging Face's loader rewrites any key containing "gamma"); both names are read, and a
+checkpoint holding both fails as a target filled twice.
+
+Only SAM 2.0 is supported (what EVF-SAM2 builds on): the tensors SAM 2.1 adds (`no_obj_embed_spatial`,
+`obj_ptr_tpos_proj.*`) are unexpected keys, so a 2.1 checkpoint is refused rather than run with the 2.0 flow.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from convert.sam import _layer, _ln, sam_rules
 from evf_jax.sam2.config import SAM2_CONFIGS, Sam2Config
 from evf_jax.sam2.sam2_base import abstract_params
 
-# SAM2Base tensors only the video predictor uses (2.0 and 2.1 names).
+# SAM2Base tensors only the video predictor uses (2.0 names): converted, but an image-only consumer may want
+# to know them.
 VIDEO_ONLY: tuple[str, ...] = (
     r"memory_attention\..*", r"memory_encoder\..*", r"maskmem_tpos_enc", r"no_mem_pos_enc", r"no_obj_ptr",
-    r"obj_ptr_proj\..*", r"mask_downsample\..*", r"no_obj_embed_spatial", r"obj_ptr_tpos_proj\..*",
+    r"obj_ptr_proj\..*", r"mask_downsample\..*",
 )
 
 
@@ -68,6 +73,32 @@ def sam2_rules() -> list[Rule]:
               "linear"),  # or an MLP (pred_obj_scores_mlp)
       *_layer(rf"{md}\.(conv_s[01])", r"sam_mask_decoder/\1", "conv2d"),
       Rule(r"no_mem_embed", "no_mem_embed"),
+      *video_rules(),
+  ]
+
+
+def video_rules() -> list[Rule]:
+  """Memory attention, memory encoder, object pointers and temporal encodings."""
+  ma, me = r"memory_attention", r"memory_encoder"
+  lay = rf"{ma}\.layers\.(\d+)"
+  ds = rf"{me}\.mask_downsampler\.encoder"
+  fl = rf"{me}\.fuser\.layers\.(\d+)"
+  return [
+      *_layer(rf"{lay}\.(self_attn|cross_attn_image)\.(q_proj|k_proj|v_proj|out_proj)",
+              r"memory_attention/layers_\1/\2/\3", "linear"),
+      *_layer(rf"{lay}\.(linear[12])", r"memory_attention/layers_\1/\2", "linear"),
+      *_ln(rf"{lay}\.(norm[123])", r"memory_attention/layers_\1/\2"),
+      *_ln(rf"{ma}\.norm", "memory_attention/norm"),
+      *_layer(rf"{ds}\.(0|3|6|9|12)", r"memory_encoder/mask_downsampler/encoder_\1", "conv2d"),
+      *_ln(rf"{ds}\.(1|4|7|10)", r"memory_encoder/mask_downsampler/encoder_\1"),
+      *_layer(rf"{me}\.(pix_feat_proj|out_proj)", r"memory_encoder/\1", "conv2d"),
+      *_layer(rf"{fl}\.dwconv", r"memory_encoder/fuser/layers_\1/dwconv", "conv2d"),
+      *_ln(rf"{fl}\.norm", r"memory_encoder/fuser/layers_\1/norm"),
+      *_layer(rf"{fl}\.(pwconv[12])", r"memory_encoder/fuser/layers_\1/\2", "linear"),
+      Rule(rf"{fl}\.(?:gamma|weight)", r"memory_encoder/fuser/layers_\1/gamma"),
+      Rule(r"(maskmem_tpos_enc|no_mem_pos_enc|no_obj_ptr)", r"\1"),
+      *_layer(r"obj_ptr_proj\.layers\.(\d+)", r"obj_ptr_proj/layers_\1", "linear"),
+      *_layer(r"mask_downsample", "mask_downsample", "conv2d"),
   ]
 
 
@@ -78,14 +109,14 @@ def convert_sam2_result(state_dict: Mapping[str, np.ndarray], config: Sam2Config
   sd = strip_prefix(state_dict, prefix) if prefix else dict(state_dict)
   if prefix and not sd:
     raise ConversionError([f"no keys start with the prefix {prefix!r}"], what=what)
-  return convert(sd, sam2_rules(), abstract_params(config), ignore=VIDEO_ONLY, dtype=dtype, what=what)
+  return convert(sd, sam2_rules(), abstract_params(config), dtype=dtype, what=what)
 
 
 def convert_sam2(state_dict: Mapping[str, np.ndarray], config: Sam2Config, prefix: str = "",
                  dtype: Any = None) -> dict[str, Any]:
   """The params of `Sam2(config)` from a flat torch SAM-2 state dict ({key: numpy array}, e.g. from
   `convert.io.load_state_dict`, which unwraps Meta's "model" dict). Keys outside `prefix` (EVF-SAM2:
-  "visual_model.") are skipped, and video tensors (`VIDEO_ONLY`) are dropped; floating tensors are cast to
+  "visual_model.") are skipped; floating tensors are cast to
   `dtype` (default: the params' float32). Raises one `ConversionError` listing every unmatched key, unfilled
   parameter and shape mismatch."""
   return convert_sam2_result(state_dict, config, prefix, dtype).params

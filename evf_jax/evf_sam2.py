@@ -1,4 +1,4 @@
-"""EVF-SAM2 (image): EVF-SAM's early-fusion prompt on SAM-2. BEiT-3 fuses the image and the text; its vision
+"""EVF-SAM2 (the image model; videos: `evf_jax.video`): EVF-SAM's early-fusion prompt on SAM-2. BEiT-3 fuses the image and the text; its vision
 [CLS] output, projected to SAM-2's width, is the one sparse prompt of SAM-2's mask decoder (no padding point;
 dense = `no_mask_embed`). The decoder runs with multimask output and the best of masks 1-3 by predicted IoU is
 kept; the object-score logit is not used. The low-res logits are resized straight to the original image size.

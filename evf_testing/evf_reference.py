@@ -98,7 +98,11 @@ def write_hf_directory(model, config, spm_model_file: str, directory: str) -> st
   families, as the released ones do; only `architectures` (which the converter does not read) differs."""
   import shutil
   os.makedirs(directory, exist_ok=True)
-  tr.save_safetensors(tr.state_dict_numpy(model), os.path.join(directory, "model.safetensors"))
+  sd = tr.state_dict_numpy(model)
+  if hasattr(config, "sam2"):  # EVF-SAM2 saves the memory encoder's layer scale `gamma` as `weight`
+    sd = {k[:-len("gamma")] + "weight" if k.startswith("visual_model.memory_encoder.fuser.") and k.endswith(".gamma")
+          else k: v for k, v in sd.items()}
+  tr.save_safetensors(sd, os.path.join(directory, "model.safetensors"))
   architecture = "EvfSam2Model" if hasattr(config, "sam2") else "EvfSamModel"
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump({"model_type": "evf", "sam_scale": config.sam_scale,

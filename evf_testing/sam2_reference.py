@@ -53,15 +53,33 @@ def _yaml_and_overrides(cfg: Sam2Config) -> tuple[str, list[str]]:
       f"{neck}.d_model={cfg.d_model}", f"{neck}.backbone_channel_list={lst(cfg.channel_list)}",
       # The yaml sizes the neck's sine encoding on its own (256); ours is d_model wide, as in every released size.
       f"{neck}.position_encoding.num_pos_feats={cfg.d_model}",
+      *_memory_overrides(cfg),
   ]
 
 
-def compose_config(cfg: Sam2Config) -> Any:
+def _memory_overrides(cfg: Sam2Config) -> list[str]:
+  """The video memory of a non-released config: the yaml fixes its widths at 256 / 64, ours follow d_model and
+  mem_dim."""
+  ma, me, d = "++model.memory_attention", "++model.memory_encoder", cfg.d_model
+  out = [f"{ma}.d_model={d}", f"{ma}.num_layers={cfg.memory_attention_layers}", f"{ma}.layer.d_model={d}",
+         f"{ma}.layer.dim_feedforward={cfg.memory_attention_mlp_dim}",
+         f"{ma}.layer.cross_attention.kv_in_dim={cfg.mem_dim}",
+         f"{me}.out_dim={cfg.mem_dim}", f"{me}.in_dim={d}", f"{me}.position_encoding.num_pos_feats={cfg.mem_dim}",
+         f"{me}.mask_downsampler.embed_dim={d}", f"{me}.fuser.layer.dim={d}", f"{me}.fuser.num_layers={cfg.fuser_layers}",
+         f"++model.num_maskmem={cfg.num_maskmem}", f"++model.max_obj_ptrs_in_encoder={cfg.max_obj_ptrs_in_encoder}"]
+  for a in ("self_attention", "cross_attention"):
+    out += [f"{ma}.layer.{a}.embedding_dim={d}", f"{ma}.layer.{a}.num_heads={cfg.memory_attention_heads}",
+            f"{ma}.layer.{a}.rope_theta={cfg.rope_theta}"]
+  return out
+
+
+def compose_config(cfg: Sam2Config, extra_overrides: tuple[str, ...] = ()) -> Any:
   """The resolved hydra config `build_sam2` would instantiate for `cfg` (postprocessing overrides included)."""
   sam2_package()
   from hydra import compose
   from omegaconf import OmegaConf
   yaml, overrides = _yaml_and_overrides(cfg)
+  overrides += list(extra_overrides)
   overrides += [
       "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
       "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
@@ -72,12 +90,13 @@ def compose_config(cfg: Sam2Config) -> Any:
   return composed
 
 
-def build_torch_sam2(cfg: Sam2Config, seed: int | None = 0, device: str = "cpu"):
+def build_torch_sam2(cfg: Sam2Config, seed: int | None = 0, device: str = "cpu",
+                     extra_overrides: tuple[str, ...] = ()):
   """The torch `SAM2Base` for `cfg` in eval mode; weights re-drawn with `seed` (None: left as built, e.g. on
   device="meta" to read the state dict's names and shapes without memory)."""
   import torch
   from hydra.utils import instantiate
-  composed = compose_config(cfg)
+  composed = compose_config(cfg, extra_overrides)
   with torch.device(device):
     model = instantiate(composed.model, _recursive_=True)
   model.eval()
@@ -147,3 +166,81 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_m
     best = torch.take_along_dim(low, order[..., None, None], dim=1)[:, :1]
     full = torch.nn.functional.interpolate(best.float(), original_hw, mode="bilinear", align_corners=False)
   return full[:, 0].numpy(), best.numpy(), iou.numpy()
+
+
+def build_torch_video_predictor(cfg: Sam2Config, seed: int = 0, fill_hole_area: int = 8):
+  """sam2's (device-agnostic) legacy `SAM2VideoPredictor` with EVF-SAM2's video overrides
+  (`binarize_mask_from_pts_for_mem_enc`, `fill_hole_area`), seeded random weights. Its state dict is a
+  SAM2Base's."""
+  return build_torch_sam2(cfg, seed, extra_overrides=(
+      "++model._target_=sam2.sam2_video_predictor_legacy.SAM2VideoPredictor",
+      "++model.binarize_mask_from_pts_for_mem_enc=true", f"++model.fill_hole_area={fill_hole_area}"))
+
+
+def connected_components_bruteforce(mask):
+  """What sam2's CUDA `get_connected_components` returns, by breadth-first search on the CPU: for a (N, 1, H, W)
+  mask, 8-connected labels (1, 2, ... per map; 0 on background) and each foreground pixel's component area."""
+  import torch
+  m = mask.to(torch.bool).cpu().numpy()
+  labels = np.zeros(m.shape, np.int32)
+  counts = np.zeros(m.shape, np.int32)
+  _, _, h, w = m.shape
+  for n in range(m.shape[0]):
+    fg, lab, cnt = m[n, 0], labels[n, 0], counts[n, 0]
+    nxt = 0
+    for y0 in range(h):
+      for x0 in range(w):
+        if not fg[y0, x0] or lab[y0, x0]:
+          continue
+        nxt += 1
+        lab[y0, x0] = nxt
+        comp, stack = [], [(y0, x0)]
+        while stack:
+          y, x = stack.pop()
+          comp.append((y, x))
+          for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+              yy, xx = y + dy, x + dx
+              if 0 <= yy < h and 0 <= xx < w and fg[yy, xx] and not lab[yy, xx]:
+                lab[yy, xx] = nxt
+                stack.append((yy, xx))
+        for y, x in comp:
+          cnt[y, x] = len(comp)
+  return torch.from_numpy(labels), torch.from_numpy(counts)
+
+
+def reference_video(predictor, frames_dir: str, prompt_embedding,
+                    components=connected_components_bruteforce) -> tuple[list[np.ndarray], list[float]]:
+  """EVF-SAM2's video flow on sam2's legacy video predictor: the frames of `frames_dir` (`<int>.jpg`) loaded by
+  its own loader, one object prompted on frame 0 by `prompt_embedding` (1, C) alone (EVF's `add_new_text`: the
+  prompt encoder returns the text token as the only sparse prompt and `no_mask_embed` as the dense one; here a
+  placeholder point goes through `add_new_points_or_box` and the prompt encoder is patched for that one call),
+  then `propagate_in_video`. Hole filling runs with `components` (default `connected_components_bruteforce`) in
+  place of the CUDA kernel. Returns the video-resolution logits (H, W) per frame and the object-score logits."""
+  import torch
+  from sam2.utils import misc
+  pe = predictor.sam_prompt_encoder
+  text = torch.from_numpy(np.asarray(prompt_embedding, np.float32)).reshape(1, 1, -1)
+  h, w = pe.image_embedding_size
+
+  def text_prompt(points=None, boxes=None, masks=None):
+    return text, pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+
+  cc, misc.get_connected_components = misc.get_connected_components, components
+  try:
+    with torch.inference_mode():
+      state = predictor.init_state(frames_dir)
+      pe.forward = text_prompt
+      try:
+        predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=[[0.0, 0.0]], labels=[1])
+      finally:
+        del pe.forward
+      logits, scores = [], []
+      for t, _, video_res in predictor.propagate_in_video(state):
+        assert t == len(logits)
+        logits.append(video_res[0, 0].float().numpy())
+        out = state["output_dict"]["cond_frame_outputs" if t == 0 else "non_cond_frame_outputs"][t]
+        scores.append(float(out["object_score_logits"][0, 0]))
+  finally:
+    misc.get_connected_components = cc
+  return logits, scores

@@ -74,10 +74,13 @@ def toy(tmp_path_factory):
 def test_conversion_is_strict_and_keys_tell_the_family(toy):
   _, sd, _ = toy
   assert is_evf_sam2(sd) and not is_evf_sam2({"visual_model.image_encoder.blocks.0.attn.qkv.weight": 0})
-  # Video tensors, EVF's renamed fuser `gamma` among them, are skipped; anything else unknown is an error.
+  # Video tensors convert too, EVF's renamed fuser `gamma` (`weight`) under either name; anything else unknown
+  # is an error.
   assert "visual_model.memory_encoder.fuser.layers.0.gamma" in sd
   renamed = {k.replace("fuser.layers.0.gamma", "fuser.layers.0.weight"): v for k, v in sd.items()}
-  convert_evf_sam2(renamed, TOY)
+  params = convert_evf_sam2(renamed, TOY).params
+  np.testing.assert_array_equal(params["sam"]["memory_encoder"]["fuser"]["layers_0"]["gamma"],
+                                sd["visual_model.memory_encoder.fuser.layers.0.gamma"])
   with pytest.raises(ConversionError, match="unexpected source key 'visual_model.extra'"):
     convert_evf_sam2({**sd, "visual_model.extra": np.zeros(1, np.float32)}, TOY)
 

@@ -1,12 +1,11 @@
 """SAM-2 config presets against the original's yaml configs, and the SAM-2 conversion table: coverage of every
-tensor of the released sizes, the skipped video tensors, strict errors, the EVF-SAM2 `visual_model.` prefix and
-an exact round trip."""
+tensor of the released sizes (video memory included), strict errors (SAM 2.1's extra tensors refused), the
+EVF-SAM2 `visual_model.` prefix and renamed `gamma`, and an exact round trip."""
 
 from __future__ import annotations
 
 import inspect
 import json
-import re
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from flax import traverse_util
 
 from convert.rules import ConversionError, revert
 from convert.sam2 import (
-  VIDEO_ONLY,
   convert_sam2,
   convert_sam2_result,
   infer_sam2_size,
@@ -52,6 +50,34 @@ def test_presets_match_the_yaml(name):
   for field, value in model.sam_mask_decoder_extra_args.items():
     assert getattr(cfg, field) == value, field
   assert cfg.embedding_size == model.image_size // 16 == 64
+  _assert_memory_fields(cfg, model)
+
+
+def _assert_memory_fields(cfg, model):
+  ma, me = model.memory_attention, model.memory_encoder
+  assert (cfg.d_model, cfg.memory_attention_layers, cfg.memory_attention_mlp_dim) == (
+      ma.d_model, ma.num_layers, ma.layer.dim_feedforward)
+  for att in (ma.layer.self_attention, ma.layer.cross_attention):
+    assert (att.embedding_dim, att.num_heads, att.rope_theta) == (cfg.d_model, cfg.memory_attention_heads,
+                                                                  cfg.rope_theta)
+  assert ma.layer.cross_attention.kv_in_dim == me.out_dim == me.position_encoding.num_pos_feats == cfg.mem_dim
+  assert me.fuser.layer.dim == cfg.d_model and me.fuser.num_layers == cfg.fuser_layers
+  assert (ma.layer.activation, ma.pos_enc_at_input, ma.layer.pos_enc_at_attn, ma.layer.pos_enc_at_cross_attn_keys,
+          ma.layer.pos_enc_at_cross_attn_queries) == ("relu", True, False, True, False)
+  for field in ("num_maskmem", "sigmoid_scale_for_mem_enc", "sigmoid_bias_for_mem_enc"):
+    assert getattr(cfg, field) == model[field], field
+  # The SAM 2.0 flow our tracker implements (what EVF-SAM2's bundled configs say).
+  assert (model.use_obj_ptrs_in_encoder, model.add_tpos_enc_to_obj_ptrs, model.fixed_no_obj_ptr,
+          model.multimask_output_for_tracking, model.use_mlp_for_obj_ptr_proj, model.directly_add_no_mem_embed,
+          model.only_obj_ptrs_in_the_past_for_eval) == (True, False, True, True, True, True, True)
+  assert model.get("max_obj_ptrs_in_encoder", 16) == cfg.max_obj_ptrs_in_encoder
+  assert model.get("no_obj_embed_spatial", False) is False
+
+
+def test_toy_memory_overrides_reach_the_reference():
+  cfg = SAM2_CONFIGS["toy"]
+  model = compose_config(cfg).model
+  _assert_memory_fields(cfg, model)
 
 
 @pytest.mark.parametrize("name", sorted(SAM2_CONFIGS))
@@ -97,18 +123,15 @@ def _torch_shapes(cfg) -> dict[str, tuple[int, ...]]:
                                                        for n in ("hiera_s", "hiera_b+", "hiera_l")]])
 def test_rules_cover_every_tensor_of_each_size(name):
   """The reference SAM2Base's state dict (zeros: only names and shapes matter) converts: the strict engine
-  raises on any unmatched key, double match, shape mismatch or unfilled parameter. What it skips is exactly
-  the video predictor's modules."""
+  raises on any unmatched key, double match, shape mismatch or unfilled parameter. Nothing is skipped: the
+  video memory converts too."""
   cfg = SAM2_CONFIGS[name]
   shapes = _torch_shapes(cfg)
   res = convert_sam2_result({k: np.broadcast_to(np.float16(0), s) for k, s in shapes.items()}, cfg, dtype=np.float16)
   assert len(res.mapping) == len(traverse_util.flatten_dict(abstract_params(cfg)))
-  skipped = set(shapes) - {src for src, _ in res.mapping.values()}
-  assert {k.split(".")[0] for k in skipped} == {"memory_attention", "memory_encoder", "maskmem_tpos_enc",
-                                                 "no_mem_pos_enc", "no_obj_ptr", "obj_ptr_proj", "mask_downsample"}
-  assert all(any(re.fullmatch(p, k) for p in VIDEO_ONLY) for k in skipped)
-  if name == "hiera_l":  # the counts of the released Hiera-L (2.0) checkpoint
-    assert (len(shapes), len(res.mapping), len(skipped)) == (900, 743, 157)
+  assert {src for src, _ in res.mapping.values()} == set(shapes)
+  if name == "hiera_l":  # the count of the released Hiera-L (2.0) checkpoint
+    assert len(shapes) == 900
 
 
 def test_infer_sam2_size():
@@ -130,15 +153,10 @@ def toy_sd():
   return tr.state_dict_numpy(build_torch_sam2(TOY, seed=2))
 
 
-def _image_keys(sd):
-  video = [re.compile(p) for p in VIDEO_ONLY]
-  return {k for k in sd if not any(rx.fullmatch(k) for rx in video)}
-
-
 def test_round_trip_is_exact(toy_sd):
   res = convert_sam2_result(toy_sd, TOY)
   back = revert(res.params, res.mapping)
-  assert set(back) == _image_keys(toy_sd)
+  assert set(back) == set(toy_sd)
   for k, v in back.items():
     np.testing.assert_array_equal(v, toy_sd[k], err_msg=k)
   assert res.mapping["image_encoder/trunk/blocks_0/mlp/lin2/kernel"] == (
@@ -146,14 +164,18 @@ def test_round_trip_is_exact(toy_sd):
   assert res.mapping["image_encoder/neck/convs_0/kernel"] == ("image_encoder.neck.convs.0.conv.weight", "conv2d")
   assert res.mapping["sam_mask_decoder/output_upscaling_3/kernel"] == (
       "sam_mask_decoder.output_upscaling.3.weight", "conv_transpose2d")
+  assert res.mapping["memory_encoder/fuser/layers_1/gamma"] == ("memory_encoder.fuser.layers.1.gamma", "identity")
+  assert res.mapping["memory_encoder/fuser/layers_0/dwconv/kernel"][1] == "conv2d"
+  assert res.mapping["memory_attention/layers_1/cross_attn_image/k_proj/kernel"] == (
+      "memory_attention.layers.1.cross_attn_image.k_proj.weight", "linear")
 
 
 def test_evf_prefix_and_other_keys(toy_sd):
   """EVF-SAM2 keeps SAM-2 under `visual_model.` beside BEiT-3 (`mm_extractor.*`) and renames the fuser's `gamma`
-  to `weight` (a video tensor: skipped either way)."""
-  sd = {"visual_model." + k: v for k, v in toy_sd.items()}
+  to `weight`: read under either name, refused under both."""
+  sd = {"visual_model." + k.replace(".gamma", ".weight"): v for k, v in toy_sd.items()}
+  assert "visual_model.memory_encoder.fuser.layers.0.weight" in sd
   sd["mm_extractor.beit3.some.weight"] = np.zeros(3, np.float32)
-  sd["visual_model.memory_encoder.fuser.layers.0.weight"] = np.zeros(32, np.float32)
   params = convert_sam2(sd, TOY, prefix="visual_model.")
   direct = convert_sam2(toy_sd, TOY)
   flat_a, flat_b = traverse_util.flatten_dict(params), traverse_util.flatten_dict(direct)
@@ -162,6 +184,18 @@ def test_evf_prefix_and_other_keys(toy_sd):
     np.testing.assert_array_equal(flat_a[k], flat_b[k])
   with pytest.raises(ConversionError, match="no keys start with the prefix"):
     convert_sam2(toy_sd, TOY, prefix="visual_model.")
+  both = {**toy_sd, "memory_encoder.fuser.layers.0.weight": toy_sd["memory_encoder.fuser.layers.0.gamma"]}
+  with pytest.raises(ConversionError, match="filled twice"):
+    convert_sam2(both, TOY)
+
+
+def test_sam21_tensors_are_refused(toy_sd):
+  """SAM 2.1's extra tensors mean a different video flow (object-pointer temporal encodings, a no-object spatial
+  embedding): an error, not a silent 2.0 run."""
+  sd = {**toy_sd, "no_obj_embed_spatial": np.zeros((1, 16), np.float32),
+        "obj_ptr_tpos_proj.weight": np.zeros((16, 32), np.float32)}
+  with pytest.raises(ConversionError, match="unexpected source key 'no_obj_embed_spatial'"):
+    convert_sam2(sd, TOY)
 
 
 def test_every_problem_is_reported_at_once(toy_sd):

@@ -1,4 +1,5 @@
-"""`run.py predict`: masks for text prompts on one image, written as PNGs (and optionally logits)."""
+"""`run.py predict`: masks for text prompts on one image, or for one text prompt through a video (EVF-SAM2),
+written as PNGs (and optionally logits)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,29 @@ from evf_jax.cli import common
 from evf_jax.errors import UserError
 from evf_jax.images import load_image, save_prediction
 from evf_jax.predictor import Predictor
+from evf_jax.video import VideoPredictor, read_frames
 
-HELP = "segment an image by text prompts with an evf-jax checkpoint"
+HELP = "segment an image by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True,
                  help="an evf-jax checkpoint directory (from `run.py convert`, or a training run's export/)")
-  p.add_argument("--image", required=True, help="the image (JPEG, PNG, WebP, BMP, ...)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--image", help="the image (JPEG, PNG, WebP, BMP, ...)")
+  src.add_argument("--video", help="EVF-SAM2 only: a directory of frames (e.g. ffmpeg's 00000.jpg, 00001.jpg, ...) "
+                                   "or a video file (needs PyAV: pip install av); the prompt is read on the first "
+                                   "frame and the object tracked through the others")
   p.add_argument("--prompt", action="append", required=True,
-                 help="a referring text; repeat for several (e.g. --prompt 'zebra top left' --prompt '[semantic] sky')")
-  p.add_argument("--out-dir", required=True, help="where to write <stem>_<i>_mask.png and <stem>_<i>_vis.png")
-  p.add_argument("--save-logits", action="store_true", help="also write <stem>_<i>_logits.npy (float32, H x W)")
+                 help="a referring text; repeat for several (e.g. --prompt 'zebra top left' --prompt '[semantic] sky'); "
+                      "one with --video")
+  p.add_argument("--out-dir", required=True,
+                 help="where to write <stem>_<i>_mask.png and <stem>_<i>_vis.png (video: <frame-stem>_mask.png and "
+                      "<frame-stem>_vis.png per frame)")
+  p.add_argument("--save-logits", action="store_true",
+                 help="also write <stem>_<i>_logits.npy (video: <frame-stem>_logits.npy), float32, H x W")
+  p.add_argument("--chunk", type=int, default=4,
+                 help="video: frames whose image features are computed in one batch (default 4)")
   common.add_compute_args(p)
   p.add_argument("--max-text-len", type=int, default=None,
                  help="longest prompt in tokens (special tokens included); longer ones are truncated with a warning")
@@ -33,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if not p.strip():
       raise UserError(f"--prompt {i + 1} is empty or whitespace-only")
   common.check_compute_args(args)
-  image = load_image(args.image)
   if os.path.isfile(args.out_dir):
     raise UserError(f"--out-dir {args.out_dir} is a file")
+  if args.video is not None:
+    return run_video(args, prompts)
+  image = load_image(args.image)
   predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_len=args.max_text_len)
@@ -50,4 +64,33 @@ def run(args: argparse.Namespace) -> int:
     shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
     print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
           f"score {float(result.scores[i]):.4f}")
+  return 0
+
+
+def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
+  if len(prompts) != 1:
+    raise UserError(f"--video takes one --prompt (the object to track), got {len(prompts)}")
+  if args.chunk < 2:
+    raise UserError(f"--chunk must be at least 2, got {args.chunk}")
+  stems, frames = read_frames(args.video)
+  predictor = VideoPredictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
+                                             compilation_cache_dir=args.compilation_cache,
+                                             max_text_len=args.max_text_len, chunk=args.chunk)
+  os.makedirs(args.out_dir, exist_ok=True)
+  shown: list = []
+
+  def keep(frames):  # the frames again, for the overlays
+    for f in frames:
+      shown.append(f)
+      yield f
+
+  seen = 0
+  for out in predictor.iter_predict(keep(frames), prompts[0]):
+    frame = shown.pop(0)
+    save_prediction(os.path.join(args.out_dir, stems[out.index]), frame, out.mask,
+                    out.logits if args.save_logits else None)
+    seen += out.object_score > 0
+    print(f"[{stems[out.index]}] mask area {int(out.mask.sum())} px ({100.0 * out.mask.mean():.2f}%), "
+          f"object score {out.object_score:.4f}")
+  print(f"{len(stems)} frames, object seen on {seen}")
   return 0

@@ -1,7 +1,7 @@
 """Size presets of SAM-2: the four released Hiera sizes of SAM 2.0 (Meta calls Hiera-T "tiny") and a `toy` one
 for tests.
 
-The image path only: trunk, neck and the SAM heads. The fields are named after the original's yaml configs
+Trunk, neck, SAM heads and the video memory (memory attention, memory encoder, object pointers). The fields are named after the original's yaml configs
 (`configs/sam2/sam2_hiera_*.yaml`) and constructor arguments; a converted checkpoint stores the config as
 JSON, so it is plain data (`to_dict` / `from_dict`).
 """
@@ -67,6 +67,19 @@ class Sam2Config:
   dynamic_multimask_via_stability: bool = True
   dynamic_multimask_stability_delta: float = 0.05
   dynamic_multimask_stability_thresh: float = 0.98
+  # Video memory (SAM2Base's constructor and the yaml's memory_attention / memory_encoder). The memory encoder
+  # and memory attention run at d_model; stored memories are mem_dim wide, so an object pointer (d_model wide)
+  # enters the memory as d_model / mem_dim tokens.
+  mem_dim: int = 64
+  num_maskmem: int = 7  # the conditioning frame + up to 6 previous frames
+  memory_attention_layers: int = 4
+  memory_attention_heads: int = 1
+  memory_attention_mlp_dim: int = 2048
+  rope_theta: float = 10000.0
+  fuser_layers: int = 2
+  max_obj_ptrs_in_encoder: int = 16
+  sigmoid_scale_for_mem_enc: float = 20.0
+  sigmoid_bias_for_mem_enc: float = -10.0
   # Input normalisation, in 0..255 pixel units (RGB): ImageNet's, as EVF-SAM2's image path applies it.
   pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
   pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -89,6 +102,14 @@ class Sam2Config:
     if sizes[0] % self.window_spec[0]:
       raise ValueError(f"the patch grid {sizes[0]} is not a multiple of window_spec[0] {self.window_spec[0]} "
                        "(the windowed position embedding is tiled over it)")
+    if self.d_model % self.mem_dim or self.d_model % self.memory_attention_heads:
+      raise ValueError(f"d_model {self.d_model} must be a multiple of mem_dim {self.mem_dim} and of "
+                       f"memory_attention_heads {self.memory_attention_heads}")
+    if self.embedding_size * 16 != self.image_size:
+      raise ValueError(f"the image embedding ({self.embedding_size}) must be 1/16 of image_size {self.image_size}: "
+                       "the memory encoder downsamples masks by 16")
+    if self.num_maskmem < 1 or self.max_obj_ptrs_in_encoder < 1:
+      raise ValueError("num_maskmem and max_obj_ptrs_in_encoder must be >= 1")
     bad = [i for i in self.global_att_blocks if not 0 <= i < self.depth]
     if bad:
       raise ValueError(f"global_att_blocks {bad} are outside depth {self.depth}")
@@ -169,5 +190,6 @@ SAM2_CONFIGS: dict[str, Sam2Config] = {
     # 3-windows pad 4 -> 6; block 5 is global. The SAM heads keep their fixed widths but run at d_model 32.
     "toy": Sam2Config(name="toy", image_size=128, embed_dim=16, num_heads=1, stages=(1, 2, 3, 2),
                       global_att_blocks=(5,), window_spec=(8, 4, 6, 3), window_pos_embed_bkg_spatial_size=(5, 3),
-                      d_model=32),
+                      d_model=32, mem_dim=16, num_maskmem=3, memory_attention_layers=2, memory_attention_mlp_dim=64,
+                      max_obj_ptrs_in_encoder=4),
 }

@@ -4,7 +4,8 @@
   (used by the video memory attention), computed with numpy once per grid size.
 - `PositionEmbeddingRandom`: the prompt encoder's random-Fourier encoding, the same as SAM-1's
   (`evf_jax.sam.prompt_encoder`), re-exported here.
-- RoPE (`compute_axial_cis`, `apply_rotary_enc`) belongs to the video memory attention and is not ported yet.
+- RoPE (`compute_axial_cis`, `apply_rotary_enc`) belongs to the video memory attention:
+  `evf_jax.sam2.memory_attention.axial_rope` / `rotate`.
 """
 
 from __future__ import annotations

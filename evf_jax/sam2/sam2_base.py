@@ -1,8 +1,9 @@
-"""The SAM-2 image model: Hiera image encoder + SAM prompt encoder + SAM-2 mask decoder, with the image features
-reusable across prompts (`embed_image` once, `decode` many times). Mirrors the image path of
-`sam2/modeling/sam2_base.py` (`forward_image`, `_prepare_backbone_features`) and of `SAM2ImagePredictor`
-(`no_mem_embed` added to the image embedding). The video memory modules are not ported yet; their checkpoint
-tensors are skipped by the converter (`convert.sam2.VIDEO_ONLY`)."""
+"""SAM-2: Hiera image encoder + SAM prompt encoder + SAM-2 mask decoder, with the image features reusable across
+prompts (`embed_image` once, `decode` many times), and the video memory: memory attention, memory encoder,
+object pointers and temporal encodings. Mirrors `sam2/modeling/sam2_base.py`: the image path (`forward_image`,
+`_prepare_backbone_features`, `no_mem_embed` added to the image embedding as `SAM2ImagePredictor` does) and one
+tracking step on a non-conditioning frame (`track_frame`: `_prepare_memory_conditioned_features`,
+`_forward_sam_heads`, `_encode_new_memory`) over a fixed-shape memory buffer (see `evf_jax.sam2.tracking`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from evf_jax import layers
+from evf_jax import layers, postprocess, runtime
+from evf_jax.sam import mask_decoder as sam1_decoder
 from evf_jax.sam2.config import Sam2Config
 from evf_jax.sam2.image_encoder import ImageEncoder
 from evf_jax.sam2.mask_decoder import MaskDecoder
+from evf_jax.sam2.memory_attention import MemoryAttention
+from evf_jax.sam2.memory_encoder import MemoryEncoder
+from evf_jax.sam2.position_encoding import sine_position_encoding
 from evf_jax.sam2.prompt_encoder import PromptEncoder
 
 Dtype = Any
+
+# The mask logit of "no object" (the original's NO_OBJ_SCORE): where the object-score logit is <= 0, every
+# low-res mask logit of the frame becomes this.
+NO_OBJ_SCORE = -1024.0
 
 
 class Sam2(nn.Module):
@@ -49,9 +59,21 @@ class Sam2(nn.Module):
         dynamic_multimask_stability_thresh=cfg.dynamic_multimask_stability_thresh,
         # The decoder's attentions are tiny (a few tokens against h*w): XLA's, also when the encoder uses cuDNN.
         attention="xla" if self.attention == "cudnn" else self.attention, **kw)
-    self.no_mem_embed = self.param("no_mem_embed", layers.logical(nn.initializers.truncated_normal(0.02),
-                                                                  (None, None, "embed")),
-                                   (1, 1, cfg.d_model), self.param_dtype)
+    tn = lambda names: layers.logical(nn.initializers.truncated_normal(0.02), names)
+    self.no_mem_embed = self.param("no_mem_embed", tn((None, None, "embed")), (1, 1, cfg.d_model), self.param_dtype)
+    # Video memory.
+    self.memory_attention = MemoryAttention(cfg.d_model, cfg.memory_attention_layers, cfg.memory_attention_mlp_dim,
+                                            cfg.memory_attention_heads, cfg.mem_dim, cfg.rope_theta, **kw)
+    self.memory_encoder = MemoryEncoder(cfg.d_model, cfg.mem_dim, cfg.fuser_layers, **kw)
+    self.maskmem_tpos_enc = self.param("maskmem_tpos_enc", tn((None, None, None, None)),
+                                       (cfg.num_maskmem, 1, 1, cfg.mem_dim), self.param_dtype)
+    # Unused with `directly_add_no_mem_embed` (the released configs) but part of every checkpoint.
+    self.no_mem_pos_enc = self.param("no_mem_pos_enc", tn((None, None, "embed")), (1, 1, cfg.d_model),
+                                     self.param_dtype)
+    self.no_obj_ptr = self.param("no_obj_ptr", tn((None, "embed")), (1, cfg.d_model), self.param_dtype)
+    self.obj_ptr_proj = sam1_decoder.MLP(cfg.d_model, cfg.d_model, 3, name="obj_ptr_proj", **kw)
+    # Only for mask prompts on a frame (`_use_mask_as_output`), which EVF-SAM2 never gives.
+    self.mask_downsample = layers.conv(1, (4, 4), strides=(4, 4), out_axis=None, name="mask_downsample", **kw)
 
   def forward_image(self, images: jax.Array) -> dict[str, Any]:
     """`SAM2Base.forward_image`: the image encoder's outputs (see `ImageEncoder`), with the two finest levels of
@@ -63,16 +85,26 @@ class Sam2(nn.Module):
       out = {**out, "backbone_fpn": fpn}
     return out
 
-  def embed_image(self, images: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    """(B, S, S, 3) normalised images -> the image embedding (B, h, w, C) (with `no_mem_embed` added, as for a
-    frame without memory) and the high-res features ((B, 4h, 4w, C/8), (B, 2h, 2w, C/4)), or () without them."""
+  def image_features(self, images: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """(B, S, S, 3) normalised images -> the lowest level kept (B, h, w, C), as the memory encoder and the
+    memory attention take it, and the high-res features ((B, 4h, 4w, C/8), (B, 2h, 2w, C/4)), or () without
+    them."""
     fpn = self.forward_image(images)["backbone_fpn"]
     levels = 3 if self.config.use_high_res_features_in_sam else 1
     fpn = fpn[-levels:]
-    embed = fpn[-1]
+    return fpn[-1], tuple(fpn[:-1])
+
+  def add_no_mem_embed(self, embed: jax.Array) -> jax.Array:
+    """The embedding of a frame without memory (an image, or a video's conditioning frame)."""
     if self.config.directly_add_no_mem_embed:
       embed = embed + self.no_mem_embed.astype(embed.dtype)[None]
-    return embed, tuple(fpn[:-1])
+    return embed
+
+  def embed_image(self, images: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """(B, S, S, 3) normalised images -> the image embedding (B, h, w, C) (with `no_mem_embed` added, as for a
+    frame without memory) and the high-res features ((B, 4h, 4w, C/8), (B, 2h, 2w, C/4)), or () without them."""
+    embed, high_res = self.image_features(images)
+    return self.add_no_mem_embed(embed), high_res
 
   def encode_prompts(self, points=None, boxes=None, masks=None, extra_sparse=None):
     """-> sparse (B, N, C), dense (B, h, w, C); see `evf_jax.sam.prompt_encoder.PromptEncoder.__call__` (point
@@ -93,10 +125,113 @@ class Sam2(nn.Module):
     return self.sam_mask_decoder(image_embed, self.sam_prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output, high_res_feats or None)
 
+  # ------------------------------------------------------------------------------------------- video
+
+  def sam_heads(self, pix_feat: jax.Array, high_res_feats: tuple[jax.Array, ...] = (),
+                extra_sparse: jax.Array | None = None) -> dict[str, jax.Array]:
+    """`_forward_sam_heads` with multimask output, as the video predictor runs it on every frame of an
+    EVF-SAM2 video: the prompt is `extra_sparse` (B, n, C) (EVF's text on the conditioning frame, no point), or,
+    without it, SAM-2's "no prompt": one padding point (label -1) plus the pad, i.e. two `not_a_point_embed`
+    tokens. Then object-score gating (all logits NO_OBJ_SCORE where the score logit is <= 0), the best of the 3
+    masks by predicted IoU, and the object pointer of that mask's token (`no_obj_ptr` where there is no object).
+
+    Returns low_res (B, 1, 4h, 4w) gated best logits, iou (B, 3), obj_ptr (B, C), object_score (B, 1)."""
+    b = pix_feat.shape[0]
+    points = None
+    if extra_sparse is None:
+      points = (jnp.zeros((b, 1, 2), jnp.float32), -jnp.ones((b, 1), jnp.int32))
+    masks, iou, tokens, obj = self.decode(pix_feat, high_res_feats, points=points, extra_sparse=extra_sparse,
+                                          multimask_output=True)
+    masks, obj = masks.astype(jnp.float32), obj.astype(jnp.float32)
+    if self.config.pred_obj_scores:
+      appearing = obj > 0
+      masks = jnp.where(appearing[:, :, None, None], masks, NO_OBJ_SCORE)
+    best = jnp.argmax(iou, axis=-1)
+    low_res = jnp.take_along_axis(masks, best[:, None, None, None], axis=1)
+    token = jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0] if tokens.shape[1] > 1 else tokens[:, 0]
+    ptr = self.obj_ptr_proj(token).astype(jnp.float32)
+    if self.config.pred_obj_scores:  # fixed_no_obj_ptr in the released configs
+      lam = appearing.astype(jnp.float32)
+      ptr = lam * ptr + (1 - lam) * self.no_obj_ptr.astype(jnp.float32)
+    return {"low_res": low_res, "iou": iou, "obj_ptr": ptr, "object_score": obj}
+
+  def upsample_to_image(self, low_res: jax.Array) -> jax.Array:
+    """(B, 1, 4h, 4w) logits -> (B, 1, S, S), torch's bilinear resize (align_corners=False)."""
+    s = self.config.image_size
+    a = postprocess.bilinear_matrix(low_res.shape[-1], s).astype(np.float32)
+    return postprocess.apply_matrices(low_res.astype(jnp.float32), a, a)
+
+  def encode_memory(self, pix_feat: jax.Array, high_res_logits: jax.Array, binarize: bool) -> jax.Array:
+    """`_encode_new_memory`: pix_feat (B, h, w, C) (the frame's embedding without `no_mem_embed`) and mask logits
+    at image size (B, 1, S, S) -> the memory (B, h * w, mem_dim), rounded to bfloat16 as the video predictor
+    stores it. `binarize`: the mask is (logits > 0) (a prompted frame), else sigmoid(logits); either way then
+    scaled and shifted (x 20 - 10)."""
+    cfg = self.config
+    m = (high_res_logits > 0).astype(jnp.float32) if binarize else jax.nn.sigmoid(high_res_logits)
+    m = m * cfg.sigmoid_scale_for_mem_enc + cfg.sigmoid_bias_for_mem_enc
+    mem, _ = self.memory_encoder(pix_feat, jnp.moveaxis(m, 1, -1))
+    b, h, w, c = mem.shape
+    return mem.reshape(b, h * w, c).astype(jnp.bfloat16).astype(jnp.float32)
+
+  def memory_pos(self) -> jax.Array:
+    """(num_maskmem, h * w, mem_dim): the memory encoder's sine encoding plus each temporal encoding. Row
+    num_maskmem - 1 is the conditioning frame's, row k the frame k + 1 frames back."""
+    cfg = self.config
+    e = cfg.embedding_size
+    pos = jnp.asarray(sine_position_encoding(e, e, cfg.mem_dim)).reshape(1, e * e, cfg.mem_dim)
+    return pos + self.maskmem_tpos_enc.astype(jnp.float32).reshape(cfg.num_maskmem, 1, cfg.mem_dim)
+
+  def condition_on_memory(self, embed: jax.Array, cond_mem: jax.Array, mems: jax.Array, mem_valid: jax.Array,
+                          ptrs: jax.Array, ptr_valid: jax.Array) -> jax.Array:
+    """`_prepare_memory_conditioned_features` for a frame after the conditioning one, on a fixed-shape memory.
+
+    embed (B, h, w, C): the frame's embedding (no `no_mem_embed`). cond_mem (B, h*w, mem_dim): the conditioning
+    frame's memory. mems (B, num_maskmem - 1, h*w, mem_dim): slot k holds the frame k + 1 frames back, valid
+    where mem_valid (B, num_maskmem - 1). ptrs (B, P, C) object pointers (the conditioning frame's and earlier
+    frames'), valid where ptr_valid (B, P); each becomes C / mem_dim tokens without position encoding or RoPE.
+    Returns the memory-conditioned embedding (B, h, w, C)."""
+    cfg = self.config
+    b, h, w, c = embed.shape
+    hw, md, n = h * w, cfg.mem_dim, cfg.num_maskmem
+    pos = self.memory_pos()
+    spatial = jnp.concatenate([cond_mem[:, None], mems], axis=1)                        # (B, n, hw, md)
+    spatial_pos = jnp.concatenate([pos[n - 1:], pos[:n - 1]], axis=0)                    # (n, hw, md)
+    spatial_ok = jnp.concatenate([jnp.ones((b, 1), bool), mem_valid], axis=1)           # (B, n)
+    split = c // md
+    ptr_tokens = ptrs.astype(jnp.float32).reshape(b, ptrs.shape[1] * split, md)
+    memory = jnp.concatenate([spatial.reshape(b, n * hw, md), ptr_tokens], axis=1)
+    memory_pos = jnp.concatenate([jnp.broadcast_to(spatial_pos.reshape(1, n * hw, md), (b, n * hw, md)),
+                                  jnp.zeros_like(ptr_tokens)], axis=1)
+    key_mask = jnp.concatenate([jnp.repeat(spatial_ok, hw, axis=1), jnp.repeat(ptr_valid, split, axis=1)], axis=1)
+    dt = self.dtype or jnp.float32
+    curr_pos = jnp.asarray(sine_position_encoding(h, w, c)).reshape(1, hw, c)
+    out = self.memory_attention(embed.reshape(b, hw, c).astype(dt), curr_pos.astype(dt), memory.astype(dt),
+                                memory_pos.astype(dt), num_obj_ptr_tokens=ptr_tokens.shape[1], key_mask=key_mask)
+    return out.reshape(b, h, w, c)
+
+  def track_frame(self, embed, high_res_feats, cond_mem, mems, mem_valid, ptrs, ptr_valid) -> dict[str, jax.Array]:
+    """One frame after the conditioning frame (`track_step` with no prompt): memory attention
+    (`condition_on_memory`), the SAM heads without a prompt (`sam_heads`), and the frame's own memory from its
+    gated, not hole-filled, logits resized to image size (sigmoid, not binarized). Returns `sam_heads`'s dict
+    plus "memory" (B, h*w, mem_dim)."""
+    pix = self.condition_on_memory(embed, cond_mem, mems, mem_valid, ptrs, ptr_valid)
+    out = self.sam_heads(pix, high_res_feats)
+    out["memory"] = self.encode_memory(embed, self.upsample_to_image(out["low_res"]), binarize=False)
+    return out
+
   def __call__(self, images: jax.Array, points=None, boxes=None, masks=None, extra_sparse=None,
                multimask_output: bool = False):
-    """Image encoder then decoder (also what `init` traces, so every parameter is created)."""
-    embed, high_res = self.embed_image(images)
+    """Image encoder then decoder (also what `init` traces, so every parameter is created: on init, the video
+    modules run once on the features too)."""
+    raw, high_res = self.image_features(images)
+    embed = self.add_no_mem_embed(raw)
+    if self.is_initializing():
+      cfg, b = self.config, raw.shape[0]
+      hw = cfg.embedding_size ** 2
+      self.track_frame(raw, high_res, jnp.zeros((b, hw, cfg.mem_dim)),
+                       jnp.zeros((b, cfg.num_maskmem - 1, hw, cfg.mem_dim)), jnp.ones((b, cfg.num_maskmem - 1), bool),
+                       jnp.zeros((b, 1, cfg.d_model)), jnp.ones((b, 1), bool))
+      self.mask_downsample(jnp.zeros((b, cfg.image_size, cfg.image_size, 1), raw.dtype))
     return self.decode(embed, high_res, points, boxes, masks, extra_sparse, multimask_output)
 
 
@@ -119,4 +254,4 @@ def abstract_params(config: Sam2Config, *, param_dtype: Dtype = jnp.float32, box
 def init_params(config: Sam2Config, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> dict[str, Any]:
   """Randomly initialised (unboxed) params, e.g. for tests."""
   model, inputs = Sam2(config, param_dtype=param_dtype), dummy_inputs(config)
-  return nn.unbox(jax.jit(lambda r: model.init(r, **inputs)["params"])(rng))
+  return nn.unbox(runtime.jit_init(lambda r: model.init(r, **inputs)["params"])(rng))

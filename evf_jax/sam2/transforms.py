@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from PIL import Image
 
 from evf_jax.sam2.config import Sam2Config
 
@@ -68,3 +69,17 @@ def preprocess(image: np.ndarray, config: Sam2Config) -> np.ndarray:
   s = config.image_size
   x = resize_uint8_bilinear(image, (s, s)).astype(np.float32)
   return (x - np.asarray(config.pixel_mean, np.float32)) / np.asarray(config.pixel_std, np.float32)
+
+
+# ImageNet statistics in 0..1 units, as the video predictor's frame loader normalises.
+VIDEO_MEAN = (0.485, 0.456, 0.406)
+VIDEO_STD = (0.229, 0.224, 0.225)
+
+
+def video_frame(image: np.ndarray, size: int) -> np.ndarray:
+  """RGB uint8 (H, W, 3) -> (size, size, 3) float32 model input as SAM-2's video frame loader makes it (not the
+  image path's): PIL's resize to size x size with its default filter for RGB images (bicubic, antialiased,
+  fixed-point, rounded to uint8), divided by 255 in float64, cast to float32, then (x - mean) / std in float32."""
+  resized = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BICUBIC))
+  x = (resized / 255.0).astype(np.float32)
+  return (x - np.asarray(VIDEO_MEAN, np.float32)) / np.asarray(VIDEO_STD, np.float32)

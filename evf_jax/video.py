@@ -1,0 +1,155 @@
+"""EVF-SAM2 on videos: the text prompt on frame 0, then SAM-2's memory carries the object through the other
+frames (`evf_jax.sam2.tracking`).
+
+As EVF-SAM2's video inference: BEiT-3 fuses frame 0 with the text (one prompt, no padding mask), the projected
+[CLS] is frame 0's only sparse prompt; frames are squashed to the model size with PIL's bicubic resize and
+normalised as SAM-2's frame loader does (`evf_jax.sam2.transforms.video_frame`, not the image path's torch
+uint8 bilinear); every frame's hole-filled low-res logits are resized straight to the original size (bilinear,
+align_corners=False) and thresholded at 0. Frames must all have the size of frame 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from evf_jax import images, postprocess
+from evf_jax.beit3.preprocess import beit_image
+from evf_jax.checkpoints import load_checkpoint
+from evf_jax.errors import UserError
+from evf_jax.evf import cast_kernels
+from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config, postprocess_matrices
+from evf_jax.runtime import compute_dtype, enable_compilation_cache
+from evf_jax.sam2 import tracking
+from evf_jax.sam2.transforms import video_frame
+
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclasses.dataclass
+class VideoFrame:
+  index: int
+  logits: np.ndarray        # (H, W) float32 at the original size
+  mask: np.ndarray          # (H, W) bool, logits > 0
+  object_score: float       # the object-score logit (<= 0: "no object", the logits are then all -1024)
+
+
+class VideoPredictor:
+  """`VideoPredictor.from_checkpoint(dir).predict(frames, prompt)`: frames are RGB uint8 (H, W, 3) arrays of one
+  size; `iter_predict` yields `VideoFrame`s one chunk at a time (frames are read lazily).
+
+  chunk: frames whose image features are encoded in one batch (and tracked in one `lax.scan` call).
+  fill_hole_area: background holes of at most this many low-res pixels are filled (EVF-SAM2's video setting: 8).
+  """
+
+  def __init__(self, config: EvfSam2Config, params: Any, tokenizer, *, precision: str = "fp32",
+               attention: str = "xla", chunk: int = 4, fill_hole_area: int = 8):
+    if not isinstance(config, EvfSam2Config):
+      raise UserError("video needs an EVF-SAM2 checkpoint (SAM-2 has the video memory); this one is EVF-SAM")
+    dtype = compute_dtype(precision, attention)
+    self.config, self.tokenizer = config, tokenizer
+    self.model = EvfSam2(config, attention=attention, dtype=dtype)
+    self.params = jax.device_put(cast_kernels(params, dtype))
+    self.tracker = tracking.VideoTracker(config.sam2, self.params["sam"], dtype=dtype, attention=attention,
+                                         chunk=chunk, fill_hole_area=fill_hole_area)
+    model = self.model
+
+    @jax.jit
+    def text_prompt(params, beit, input_ids, attention_mask):
+      return model.apply({"params": params}, beit.astype(model.dtype), input_ids, attention_mask,
+                         method="text_prompts").astype(jnp.float32)
+
+    @jax.jit
+    def upsample(low, a_y, a_x):
+      return postprocess.apply_matrices(low, a_y, a_x)
+
+    self._text_prompt, self._upsample = text_prompt, upsample
+
+  @classmethod
+  def from_checkpoint(cls, directory: str, *, precision: str = "fp32", attention: str = "xla",
+                      compilation_cache_dir: str | None = None, max_text_len: int | None = None,
+                      **kwargs) -> VideoPredictor:
+    if compilation_cache_dir:
+      enable_compilation_cache(compilation_cache_dir)
+    config, params, tokenizer = load_checkpoint(directory, max_text_len=max_text_len)
+    if not isinstance(config, EvfSam2Config):
+      raise UserError(f"{directory} is an EVF-SAM (SAM-1) checkpoint: video needs EVF-SAM2")
+    return cls(config, params, tokenizer, precision=precision, attention=attention, **kwargs)
+
+  def prompt_embedding(self, frame0: np.ndarray, prompt: str) -> jax.Array:
+    """(1, C): BEiT-3 on frame 0 and the text, projected (the one sparse prompt of frame 0)."""
+    if not prompt.strip():
+      raise UserError("the prompt is empty or whitespace-only")
+    ids, mask = self.tokenizer.encode_batch([prompt])
+    beit = beit_image(frame0, self.config.beit3.img_size)[None]
+    return self._text_prompt(self.params, jnp.asarray(beit), jnp.asarray(ids), jnp.asarray(mask))
+
+  def iter_predict(self, frames: Iterable[np.ndarray], prompt: str) -> Iterator[VideoFrame]:
+    it = iter(frames)
+    try:
+      frame0 = images.check_rgb_array(next(it))
+    except StopIteration:
+      raise UserError("the video has no frames") from None
+    hw = frame0.shape[:2]
+    s = self.config.sam2.image_size
+    prompts = self.prompt_embedding(frame0, prompt)
+    a_y, a_x = (jnp.asarray(a) for a in postprocess_matrices(hw, self.config.sam2.low_res_size))
+
+    def model_frames():
+      yield video_frame(frame0, s)
+      for i, f in enumerate(it, start=1):
+        f = images.check_rgb_array(f)
+        if f.shape[:2] != hw:
+          raise UserError(f"frame {i} is {f.shape[1]}x{f.shape[0]}, frame 0 is {hw[1]}x{hw[0]}: a video's frames "
+                          "must all have one size")
+        yield video_frame(f, s)
+
+    for i, (low, score) in enumerate(self.tracker.run(model_frames(), prompts)):
+      logits = np.asarray(self._upsample(jnp.asarray(low[0]), a_y, a_x), np.float32)
+      yield VideoFrame(i, logits, logits > 0, float(score[0]))
+
+  def predict(self, frames: Iterable[np.ndarray], prompt: str) -> list[VideoFrame]:
+    return list(self.iter_predict(frames, prompt))
+
+
+def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
+  """A video as (frame stems, iterator of RGB uint8 frames; a directory's are read lazily, a file's are decoded
+  up front).
+
+  A directory: its image files (FRAME_EXTENSIONS, any case), ordered by the integer value of their names when all
+  are integers (ffmpeg's `%05d.jpg`, what SAM-2's loader expects), else by name. A file: decoded with PyAV
+  (optional: `pip install av`), stems `00000`, `00001`, ... Problems are `UserError`s.
+  """
+  if not os.path.exists(path):
+    raise UserError(f"video not found: {path}")
+  if os.path.isdir(path):
+    names = [n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS
+             and os.path.isfile(os.path.join(path, n))]
+    if not names:
+      raise UserError(f"no frames ({', '.join(FRAME_EXTENSIONS)}) in the directory {path}")
+    stems = [os.path.splitext(n)[0] for n in names]
+    if len(set(stems)) != len(stems):
+      raise UserError(f"two frames in {path} share a name with different extensions")
+    numeric = all(s.isdigit() for s in stems)
+    names.sort(key=(lambda n: int(os.path.splitext(n)[0])) if numeric else None)
+    return [os.path.splitext(n)[0] for n in names], (images.load_image(os.path.join(path, n)) for n in names)
+  try:
+    import av  # lazy: optional (PyAV), only video files need it
+  except ImportError:
+    raise UserError(f"reading a video file needs PyAV (pip install av); or give a directory of frames: {path}") \
+        from None
+  try:
+    with av.open(path) as container:
+      frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+  except Exception as e:  # noqa: BLE001 (PyAV's many errors: not a video, no video stream, corrupt data)
+    raise UserError(f"cannot decode the video {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") \
+        from None
+  if not frames:
+    raise UserError(f"the video has no frames: {path}")
+  return [f"{i:05d}" for i in range(len(frames))], iter(frames)
