@@ -137,15 +137,27 @@ class _Tag:
 
 
 class TrainTransform:
-  """(source_id, Record), rng -> one training example (see the module docstring for the keys)."""
+  """(source_id, Record), rng -> one training example (see the module docstring for the keys).
 
-  def __init__(self, tokenizer: Tokenizer, cfg: SampleConfig):
+  cache_images: keep each image's prompt-independent inputs (`transforms.image_inputs`: frames, masks at the loss
+  resolution) in this process's memory, keyed by (source, image id), so later epochs skip decoding and resizing.
+  The batches are the same; the memory grows with the dataset (~120 KB per image at the synthetic config's
+  sizes, megabytes at SAM's 1024 frame): for small datasets only."""
+
+  def __init__(self, tokenizer: Tokenizer, cfg: SampleConfig, cache_images: bool = False):
     self.tokenizer, self.cfg = tokenizer, cfg
+    self._images: Optional[dict] = {} if cache_images else None
 
   def __call__(self, item, rng: np.random.Generator) -> dict[str, np.ndarray]:
     source_id, rec = item
     chosen = transforms.choose_entries(len(rec.entries), self.cfg.num_prompts, rng)
-    return transforms.train_example(rec, chosen, self.tokenizer, self.cfg, source_id)
+    image = None
+    if self._images is not None:
+      key = (source_id, rec.image_id)
+      image = self._images.get(key)
+      if image is None:  # reader threads may both compute it once: same values, last one kept
+        image = self._images[key] = transforms.image_inputs(rec, self.cfg)
+    return transforms.train_example(rec, chosen, self.tokenizer, self.cfg, source_id, image=image)
 
 
 def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
@@ -156,10 +168,12 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
 
 def train_dataset(mixture: Mixture | Mapping[str, Any], tokenizer: Tokenizer, *, global_batch_size: int,
                   seed: int, sample: SampleConfig = SampleConfig(), split: str = "train",
-                  process_index: Optional[int] = None, process_count: Optional[int] = None) -> grain.MapDataset:
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  cache_images: bool = False) -> grain.MapDataset:
   """The infinite training stream as a MapDataset of process-local batches (dicts of numpy arrays).
 
   `split` is a TFDS split, slicing included ("train[:1%]"), read from every dataset of the mixture.
+  `cache_images`: see `TrainTransform`.
   Element j of the result is this process's part of global batch j: samples
   j * global_batch_size + process_index + n * process_count for n < global_batch_size / process_count,
   so processes get disjoint samples and together the same global batch for any process count.
@@ -179,7 +193,7 @@ def train_dataset(mixture: Mixture | Mapping[str, Any], tokenizer: Tokenizer, *,
   mixed = grain.MapDataset.select_from_datasets(
       components, IIDSelection(mixture.dir_probabilities(), _derive_seed(seed, 2)))
   # The per-sample RNG depends on the global index, so a sample is the same whatever the process count.
-  samples = mixed.random_map(TrainTransform(tokenizer, sample), seed=_derive_seed(seed, 3))
+  samples = mixed.random_map(TrainTransform(tokenizer, sample, cache_images), seed=_derive_seed(seed, 3))
   local = samples.slice(slice(p_index, None, p_count))
   return local.batch(global_batch_size // p_count, drop_remainder=True)
 

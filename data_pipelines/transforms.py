@@ -12,7 +12,7 @@ original size.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -69,19 +69,32 @@ def choose_entries(num_entries: int, k: int, rng: np.random.Generator) -> list[i
   return sorted(rng.choice(num_entries, size=k, replace=False).tolist())
 
 
-def train_example(rec: records.Record, chosen: Sequence[int], tokenizer: Tokenizer, cfg: SampleConfig,
-                  source_id: int = 0) -> dict[str, np.ndarray]:
-  """One training sample with static shapes (see pipeline.BATCH_SPEC for the keys)."""
+def image_inputs(rec: records.Record, cfg: SampleConfig) -> dict[str, Any]:
+  """What a training sample takes from its image alone (no prompt): the SAM frame, BEiT-3's input, the valid
+  region and sizes, and `masks`, a dict filled on demand with the record's masks at the loss resolution."""
   image = decode_image(rec.image)
   h, w = image.shape[:2]
   if (h, w) != (rec.h, rec.w):
     raise ValueError(f"{rec.source}/{rec.image_id}: image is {h}x{w}, record says {rec.h}x{rec.w}")
   sam, resize_hw = to_frame(image, cfg.sam_size, cfg.sam_mode)
+  s = cfg.target_size
+  t_h, t_w = frame_hw(h, w, s, cfg.sam_mode)
+  region = np.zeros((s, s), bool)
+  region[:t_h, :t_w] = True
+  return {"sam_image": sam, "beit_image": preprocess.beit_image(image, cfg.beit_size), "valid_region": region,
+          "resize_hw": np.asarray(resize_hw, np.int32), "orig_hw": np.asarray((h, w), np.int32), "masks": {}}
+
+
+def train_example(rec: records.Record, chosen: Sequence[int], tokenizer: Tokenizer, cfg: SampleConfig,
+                  source_id: int = 0, image: Optional[dict[str, Any]] = None) -> dict[str, np.ndarray]:
+  """One training sample with static shapes (see pipeline.BATCH_SPEC for the keys). `image`: the record's
+  `image_inputs`, when the caller keeps them (it gains the masks this sample decodes)."""
+  image = image_inputs(rec, cfg) if image is None else image
   k, length, s = cfg.num_prompts, cfg.max_text_len, cfg.target_size
   input_ids = np.full((k, length), PAD_ID, np.int32)
   masks = np.zeros((k, s, s), np.uint8)
   valid = np.zeros((k,), bool)
-  decoded: dict[int, np.ndarray] = {}
+  decoded = image["masks"]
   for slot, e_idx in enumerate(chosen[:k]):
     entry = rec.entries[e_idx]
     input_ids[slot] = encode_text(tokenizer, entry.text, length)
@@ -89,19 +102,16 @@ def train_example(rec: records.Record, chosen: Sequence[int], tokenizer: Tokeniz
       decoded[entry.mask_index] = mask_to_frame(rec.mask(entry.mask_index), s, cfg.sam_mode)
     masks[slot] = decoded[entry.mask_index]
     valid[slot] = True
-  t_h, t_w = frame_hw(h, w, s, cfg.sam_mode)
-  region = np.zeros((s, s), bool)
-  region[:t_h, :t_w] = True
   return {
-      "sam_image": sam,
-      "beit_image": preprocess.beit_image(image, cfg.beit_size),
+      "sam_image": image["sam_image"],
+      "beit_image": image["beit_image"],
       "input_ids": input_ids,
       "attention_mask": input_ids != PAD_ID,
       "prompt_valid": valid,
       "masks": masks,
-      "valid_region": region,
-      "resize_hw": np.asarray(resize_hw, np.int32),
-      "orig_hw": np.asarray((h, w), np.int32),
+      "valid_region": image["valid_region"],
+      "resize_hw": image["resize_hw"],
+      "orig_hw": image["orig_hw"],
       "source_id": np.asarray(source_id, np.int32),
   }
 

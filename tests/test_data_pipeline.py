@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from data_pipelines import pipeline, prepare, records, transforms
+from data_pipelines import pipeline, prepare, records, sources, transforms
 from data_pipelines.transforms import SampleConfig
 from evf_testing import data_fixtures as F
 
@@ -192,3 +192,19 @@ def test_sam2_square_mode(data):
                              process_index=0, process_count=1)[0]
   assert (b["resize_hw"] == 64).all() and b["valid_region"].all() and b["masks"].shape == (2, 3, 32, 32)
   assert b["masks"][b["prompt_valid"]].reshape(-1, 32 * 32).any(1).all()  # stretched masks stay non-empty
+
+
+def test_cached_images_give_the_same_batches(data):
+  """cache_images keeps each image's frames and masks: later epochs must give exactly the batches without it."""
+  tok, syn, ref = data
+  cfg = SampleConfig(sam_size=64, max_text_len=8, num_prompts=4, mask_size=32, beit_size=32)
+  make = lambda cache: pipeline.train_iterator(pipeline.train_dataset(  # noqa: E731
+      {"syn": (1, [syn]), "ref": (1, [ref])}, tok, global_batch_size=4, seed=3, sample=cfg, process_index=0,
+      process_count=1, cache_images=cache), read_threads=2)
+  plain, cached = _take(make(False), 12), _take(make(True), 12)  # 48 samples of 12 + 2 images: several epochs
+  _assert_batches_equal(plain, cached)
+  # ... and the cache is used: the second sample of an image reuses its frame object.
+  transform = pipeline.TrainTransform(tok, cfg, cache_images=True)
+  rec = next(iter(sources.read_records(syn, "train")))
+  rng = np.random.default_rng(0)
+  assert transform((0, rec), rng)["sam_image"] is transform((0, rec), rng)["sam_image"]

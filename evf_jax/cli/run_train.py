@@ -296,7 +296,8 @@ def train(cfg, workdir: str):
                         sam_size=model_config.sam.img_size, mask_size=cfg.data.mask_size or None,
                         beit_size=model_config.beit3.img_size)
   dataset = pipeline.train_dataset(mixture, tokenizer, global_batch_size=cfg.batch_size, seed=cfg.seed,
-                                   sample=sample, split=cfg.data.get("split", "train"))
+                                   sample=sample, split=cfg.data.get("split", "train"),
+                                   cache_images=cfg.data.cache_images)
   iterator = pipeline.train_iterator(dataset, worker_count=cfg.data.workers, read_threads=cfg.data.read_threads,
                                      prefetch=cfg.data.prefetch)
   trainer = Trainer(cfg, workdir=workdir, model_config=model_config, mesh=mesh, data_iterator=iterator,

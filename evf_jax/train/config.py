@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
       "mask_size": 0,            # loss resolution in the SAM frame; 0: SAM's input size
       "workers": 0,              # grain worker processes (0: threads in this process)
       "read_threads": 4,
+      "cache_images": False,     # keep each image's decoded, resized inputs in memory (small datasets only)
       "prefetch": 8,
       "synthetic": {"num_train": 0, "num_eval": 0, "seed": 0},  # > 0: generate a missing synthetic dataset
   })
