@@ -19,6 +19,7 @@ from evf_jax import cli, evaluate, metrics
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, cast_kernels, init_params
 from evf_testing import data_fixtures as df
+from evf_testing.cli_errors import error_line
 
 # ---------------------------------------------------------------- direct numpy implementation of the protocol
 
@@ -350,33 +351,25 @@ def test_cli_eval_writes_json_table_and_overlays(ckpt, data, tmp_path, capsys):
   assert all(os.path.isfile(out / "overlays" / "refcoco_unc_val" / e["file"]) for e in index)
 
 
-def _error_line(capsys, argv) -> str:
-  code = cli.main(argv)
-  err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2, err
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  return err[0]
-
-
 def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   root, _ = data
   base = ["eval", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "o"), "--no-progress"]
-  assert "no such directory" in _error_line(capsys, base + ["--data", str(tmp_path / "nope"),
+  assert "no such directory" in error_line(capsys, base + ["--data", str(tmp_path / "nope"),
                                                             "--split", "refcoco|unc|val"])
-  assert "unknown dataset 'coco'" in _error_line(capsys, base + ["--data", root, "--split", "coco|unc|val"])
-  assert "has no split 'testB'" in _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|testB"])
-  assert "no prepared dataset" in _error_line(capsys, base + ["--data", root, "--split", "refcocog|umd|val"])
-  line = _error_line(capsys, base + ["--data", os.path.join(root, "refcoco"), "--split", "refcoco+|unc|val"])
+  assert "unknown dataset 'coco'" in error_line(capsys, base + ["--data", root, "--split", "coco|unc|val"])
+  assert "has no split 'testB'" in error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|testB"])
+  assert "no prepared dataset" in error_line(capsys, base + ["--data", root, "--split", "refcocog|umd|val"])
+  line = error_line(capsys, base + ["--data", os.path.join(root, "refcoco"), "--split", "refcoco+|unc|val"])
   assert "holds dataset 'refcoco'" in line
   other = tmp_path / "sam_ckpt"
   other.mkdir()
   (other / "model_config.json").write_text(json.dumps({"model_type": "sam"}))
-  line = _error_line(capsys, ["eval", "--checkpoint", str(other), "--data", root, "--split", "refcoco|unc|val",
+  line = error_line(capsys, ["eval", "--checkpoint", str(other), "--data", root, "--split", "refcoco|unc|val",
                               "--out-dir", str(tmp_path / "o"), "--no-progress"])
   assert "model_type 'sam'" in line
-  line = _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn"])
+  line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn"])
   assert "cuDNN attention needs precision bf16 or fp16" in line
-  line = _error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn",
+  line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn",
                                      "--precision", "fp16"])
   assert "needs an NVIDIA GPU" in line
   assert not os.path.exists(tmp_path / "o")

@@ -20,6 +20,7 @@ from evf_jax.evf_sam2 import EvfSam2Config
 from evf_jax.tokenizer import TextTokenizer
 from evf_jax.video import VideoPredictor, read_frames
 from evf_testing import evf_reference as ref
+from evf_testing.cli_errors import error_line
 from evf_testing.images import smooth_image
 from evf_testing.sam2_reference import (
   build_torch_evf_sam2,
@@ -83,14 +84,6 @@ def _reference(torch_model, spm_dir, frames_dir):
   return reference_video(predictor.eval(), frames_dir, feat)
 
 
-def _error_line(capsys, argv) -> str:
-  code = cli.main(argv)
-  err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2, err
-  assert len(err) == 1 and err[0].startswith("error: "), err
-  return err[0]
-
-
 def test_predict_video_cli_equals_the_original(ckpt, torch_model, spm_dir, frames_dir, tmp_path, capsys):
   out = tmp_path / "out"
   assert cli.main(["predict", "--checkpoint", ckpt, "--video", frames_dir, "--prompt", PROMPT,
@@ -118,16 +111,16 @@ def test_predict_video_cli_equals_the_original(ckpt, torch_model, spm_dir, frame
 
 def test_predict_video_errors(ckpt, frames_dir, tmp_path, capsys):
   base = ["predict", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "o")]
-  assert "one --prompt" in _error_line(capsys, base + ["--video", frames_dir, "--prompt", "a", "--prompt", "b"])
+  assert "one --prompt" in error_line(capsys, base + ["--video", frames_dir, "--prompt", "a", "--prompt", "b"])
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert "no frames" in _error_line(capsys, base + ["--video", str(empty), "--prompt", "a"])
-  assert "video not found" in _error_line(capsys, base + ["--video", str(tmp_path / "nope"), "--prompt", "a"])
+  assert "no frames" in error_line(capsys, base + ["--video", str(empty), "--prompt", "a"])
+  assert "video not found" in error_line(capsys, base + ["--video", str(tmp_path / "nope"), "--prompt", "a"])
   fake = tmp_path / "clip.mp4"
   fake.write_bytes(b"not a video")
-  line = _error_line(capsys, base + ["--video", str(fake), "--prompt", "a"])
+  line = error_line(capsys, base + ["--video", str(fake), "--prompt", "a"])
   assert "PyAV" in line or "cannot decode" in line
-  assert "--chunk" in _error_line(capsys, base + ["--video", frames_dir, "--prompt", "a", "--chunk", "1"])
+  assert "--chunk" in error_line(capsys, base + ["--video", frames_dir, "--prompt", "a", "--chunk", "1"])
   with pytest.raises(SystemExit):  # argparse: --image and --video together
     cli.main(base + ["--video", frames_dir, "--image", "x.png", "--prompt", "a"])
   capsys.readouterr()
@@ -162,6 +155,6 @@ def test_sam1_checkpoint_with_video_is_one_line(tmp_path, spm_dir, capsys, frame
   out = str(tmp_path / "evf_tiny")
   assert cli.main(["convert", "--src", hf, "--out", out]) == 0
   capsys.readouterr()
-  line = _error_line(capsys, ["predict", "--checkpoint", out, "--video", frames_dir, "--prompt", "a",
+  line = error_line(capsys, ["predict", "--checkpoint", out, "--video", frames_dir, "--prompt", "a",
                               "--out-dir", str(tmp_path / "o")])
   assert "EVF-SAM (SAM-1)" in line and "EVF-SAM2" in line
