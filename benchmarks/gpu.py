@@ -11,8 +11,16 @@ Reports:
      BEiT-3 + decoder, the upsample, the copy to the host); the reference (segment-anything + torchscale +
      EVF glue, as EVF-SAM's inference runs it: everything per prompt) in fp32 and bf16 on the same GPU;
   3. the bf16 logit error against our fp32 logits.
+With `--family evf-sam2` (or `both`), EVF-SAM2 (`--sam2-size`: Hiera-L + BEiT-3-L, or toy) instead (or as well):
+  4. the image end to end as in 2 (ours bf16 per --e2e-attention and fp32 through `Predictor`; the reference,
+     sam2 + torchscale + EVF-SAM2's glue, per prompt in fp32 and bf16 autocast) and the logit errors as in 3;
+  5. video frames/s from a JPEG folder to logits at the original size (--video-frames of --video-hw): our
+     `tracking.VideoTracker` in bf16 (the last --e2e-attention) and fp32, sam2's legacy video predictor with
+     EVF-SAM2's overrides and the same SAM-2 weights in fp32 and bf16 autocast; bf16 vs fp32 and ours vs the
+     reference logit errors.
 The weights are random (seeded) and converted in memory with our converter.
-Needs torch, segment-anything, torchscale and fairscale importable (see README, Performance).
+Needs torch, segment-anything, torchscale and fairscale importable (see README, Performance); EVF-SAM2's rows
+also sam2 (1.1.0) with hydra-core, omegaconf and iopath.
 """
 
 from __future__ import annotations
@@ -150,15 +158,14 @@ def bench_encoder(config, params, batch_sizes, peak, gelu_forms):
         f"{RESULTS['encoder_cudnn_vs_xla_rel_err']:.2e}")
 
 
-@section("ours_e2e")
-def bench_ours(config, params, tokenizer, image, runs):
+def _bench_predictors(config, params, tokenizer, image, runs, prefix=""):
   """End-to-end latency of `Predictor` for each (precision, attention) in `runs`; keeps the logits.
-  Returns the predictors that ran, by (precision, attention)."""
+  Returns the predictors that ran, by (precision, attention). prefix: of the result keys ("sam2_": EVF-SAM2)."""
   from evf_jax.predictor import Predictor
   predictors = {}
   for precision, impl in runs:
     p = Predictor(config, params, tokenizer, precision=precision, attention=impl)
-    key = f"ours_{precision}" + ("" if impl == "xla" else f"_{impl}")
+    key = f"{prefix}ours_{precision}" + ("" if impl == "xla" else f"_{impl}")
 
     def one():
       p.set_image(image)
@@ -183,6 +190,10 @@ def bench_ours(config, params, tokenizer, image, runs):
     log(f"{key}: first call {first:.1f} s, 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
     predictors[(precision, impl)] = p
   return predictors
+
+
+bench_ours = section("ours_e2e")(_bench_predictors)
+bench_sam2_ours = section("sam2_ours_e2e")(_bench_predictors)
 
 
 @section("ours_stages")
@@ -222,13 +233,13 @@ def bench_stages(p, image):
   log(f"{key} [ms]: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in stages.items()))
 
 
-@section("compare")
-def compare_logits():
-  """bf16 against our fp32 logits, and our fp32 against the reference's, from the runs that happened."""
-  fp32 = RESULTS.get("_logits_ours_fp32")
+def _compare_logits(prefix=""):
+  """bf16 against our fp32 logits, and our fp32 against the reference's, from the runs that happened.
+  prefix: of the result keys ("sam2_": EVF-SAM2 images, "sam2_video_": the tracker's frames)."""
+  fp32 = RESULTS.get(f"_logits_{prefix}ours_fp32")
   if fp32 is None:
     return
-  for key in [k for k in RESULTS if k.startswith("_logits_ours_bf16")]:
+  for key in [k for k in RESULTS if k.startswith(f"_logits_{prefix}ours_bf16")]:
     v = RESULTS[key]
     name = key[len("_logits_"):]
     err = float(np.abs(v - fp32).max())
@@ -236,10 +247,14 @@ def compare_logits():
     RESULTS[name + "_vs_fp32"] = dict(max_abs_logit_err=err, mask_agreement=agree, logit_scale=float(np.abs(fp32).max()))
     log(f"{name} vs fp32: max |logit err| {err:.4f} (logit scale {float(np.abs(fp32).max()):.2f}), "
         f"mask agreement {100 * agree:.4f}%")
-  ref = RESULTS.get("_logits_reference_fp32")
+  ref = RESULTS.get(f"_logits_{prefix}reference_fp32")
   if ref is not None:
-    RESULTS["ours_fp32_vs_reference_fp32_gpu"] = err = float(np.abs(ref - fp32).max())
-    log(f"ours fp32 vs reference fp32 ({TORCH_DEVICE}): max |logit err| {err:.5f}")
+    RESULTS[f"{prefix}ours_fp32_vs_reference_fp32_gpu"] = err = float(np.abs(ref - fp32).max())
+    log(f"{prefix}ours fp32 vs reference fp32 ({TORCH_DEVICE}): max |logit err| {err:.5f}")
+
+
+compare_logits = section("compare")(_compare_logits)
+compare_sam2_logits = section("sam2_compare")(_compare_logits)
 
 
 @section("reference")
@@ -285,6 +300,117 @@ def _ref_predict_cuda(ref, model, config, image, ids, dtype):  # dtype: under au
   return masks[0, 0].float().cpu().numpy()
 
 
+@section("sam2_reference")
+def bench_sam2_reference(config, model, tokenizer, image):
+  """EVF-SAM2's PyTorch reference as its inference() runs it: per prompt, the uint8 squash to 1024, SAM-2's
+  image encoder, BEiT-3, the decoder (multimask, best by IoU), bilinear to the original size."""
+  import torch
+  from evf_testing.evf_reference import beit_input
+  from evf_testing.sam2_reference import reference_evf_sam2, sam2_input
+  s = config.sam2
+  ids = [np.asarray([tokenizer.encode(p)]) for p in common.PROMPTS]
+  m = model.to(TORCH_DEVICE)
+  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    def run(n):
+      outs = []
+      with torch.no_grad(), torch.autocast(TORCH_DEVICE, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        for i in range(n):
+          sam_x = sam2_input(image, s.image_size, s.pixel_mean, s.pixel_std).to(TORCH_DEVICE)
+          beit_x = beit_input(image, config.beit3.img_size).to(TORCH_DEVICE)
+          outs.append(reference_evf_sam2(m, sam_x, beit_x, ids[i], image.shape[:2])[0][0])
+      if TORCH_DEVICE == "cuda":
+        torch.cuda.synchronize()
+      return outs
+    run(1)
+    t1, _ = common.timed(lambda: run(1), 3, warmup=1)
+    t8, _ = common.timed(lambda: run(8), 3)
+    RESULTS[f"sam2_reference_{name}"] = dict(one_prompt=t1, eight_prompts=t8)
+    log(f"sam2 reference {name}: 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
+    if name == "fp32":
+      RESULTS["_logits_sam2_reference_fp32"] = np.stack(run(8))
+
+
+@section("sam2_video")
+def bench_sam2_video(config, params, torch_sam, runs, frames, hw, chunk, skip_reference):
+  """SAM-2 video tracking (EVF-SAM2's flow after the text prompt: frame 0 prompted by one sparse embedding, then
+  memory attention / heads / memory encoder per frame, hole filling), from a JPEG folder to logits at the original
+  size: ours (`tracking.VideoTracker`) for each (precision, attention) in `runs`, and sam2's legacy video
+  predictor with EVF-SAM2's overrides and the same SAM-2 weights (fp32, and bf16 under autocast). Frames/s of a
+  whole video after a first (compiling / warm-up) run; the reference's hole filling uses scipy in place of its
+  CUDA kernel, as ours does."""
+  import torch
+  from benchmarks import video_cpu
+  from evf_jax.evf import cast_kernels
+  from evf_jax.runtime import compute_dtype
+  from evf_jax.sam2 import tracking
+  from evf_testing.sam2_reference import build_torch_video_predictor, connected_components_scipy, write_video_frames
+  cfg = config.sam2
+  prompt = np.random.default_rng(0).normal(size=(1, cfg.d_model)).astype(np.float32)
+  d = tempfile.mkdtemp(prefix="sam2_video_")
+  paths = write_video_frames(d, frames, *hw)
+  RESULTS["sam2_video_setup"] = dict(frames=frames, hw=list(hw), chunk=chunk)
+  for precision, impl in runs:
+    key = f"sam2_video_ours_{precision}" + ("" if impl == "xla" else f"_{impl}")
+    try:
+      dtype = compute_dtype(precision, impl)
+      tracker = tracking.VideoTracker(cfg, cast_kernels(params["sam"], dtype), dtype=dtype, attention=impl,
+                                      chunk=chunk)
+      t0 = time.perf_counter()
+      video_cpu.run_ours(tracker, paths, prompt, hw)
+      first = time.perf_counter() - t0
+      t, _ = common.timed(lambda: video_cpu.run_ours(tracker, paths, prompt, hw), 2)
+      RESULTS["_logits_" + key] = np.stack(video_cpu.run_ours(tracker, paths, prompt, hw))
+    except Exception as e:
+      RESULTS[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      log(f"{key} failed: {RESULTS[key + '_error']}")
+      continue
+    RESULTS[key] = dict(first_run=first, seconds_per_frame=t / frames, frames_per_s=frames / t)
+    log(f"{key}: first run {first:.1f} s, {t / frames * 1e3:.1f} ms/frame, {frames / t:.2f} frames/s")
+  if skip_reference:
+    return
+  vp = build_torch_video_predictor(cfg, seed=None)
+  vp.load_state_dict(torch_sam.state_dict())  # the same SAM-2 weights as ours
+  vp = vp.to(TORCH_DEVICE)
+  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    def run():
+      with torch.autocast(TORCH_DEVICE, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        logits = video_cpu.run_reference(vp, d, prompt, components=connected_components_scipy)
+      if TORCH_DEVICE == "cuda":
+        torch.cuda.synchronize()
+      return logits
+    logits = run()
+    t, _ = common.timed(run, 2)
+    RESULTS[f"sam2_video_reference_{name}"] = dict(seconds_per_frame=t / frames, frames_per_s=frames / t)
+    log(f"sam2 video reference {name}: {t / frames * 1e3:.1f} ms/frame, {frames / t:.2f} frames/s")
+    if name == "fp32":
+      RESULTS["_logits_sam2_video_reference_fp32"] = np.stack(logits)
+
+
+def run_sam2(args, e2e_impls, tokenizer, image):
+  """EVF-SAM2's rows: the image end to end (ours bf16 per attention, the reference fp32 and bf16, ours fp32),
+  then video tracking (ours bf16 with the last of `e2e_impls` and fp32; the reference fp32 and bf16)."""
+  import jax
+  from convert.evf_sam2 import convert_evf_sam2
+  from evf_jax.evf_sam2 import EvfSam2Config
+  from evf_testing import torch_reference as tr
+  from evf_testing.sam2_reference import build_torch_evf_sam2
+  t0 = time.perf_counter()
+  config = EvfSam2Config.preset(args.sam2_size)
+  model = build_torch_evf_sam2(config, 0)
+  params = jax.device_put(convert_evf_sam2(tr.state_dict_numpy(model), config).params)
+  RESULTS["sam2_size"] = args.sam2_size
+  log(f"built and converted EVF-SAM2 {args.sam2_size} in {time.perf_counter() - t0:.1f} s")
+  bench_sam2_ours(config, params, tokenizer, image, [("bf16", impl) for impl in e2e_impls], prefix="sam2_")
+  if not args.skip_reference:
+    bench_sam2_reference(config, model, tokenizer, image)
+  bench_sam2_ours(config, params, tokenizer, image, [("fp32", "xla")], prefix="sam2_")
+  compare_sam2_logits("sam2_")
+  runs = ([("bf16", e2e_impls[-1])] if e2e_impls else []) + [("fp32", "xla")]
+  bench_sam2_video(config, params, model.visual_model, runs, args.video_frames, tuple(args.video_hw),
+                   args.video_chunk, args.skip_reference)
+  compare_sam2_logits("sam2_video_")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", default="evf-sam", choices=["tiny", "base", "evf-sam"])
@@ -295,6 +421,12 @@ def main():
                   help="attention for our bf16 end-to-end rows: xla, cudnn, or both (XLA's costs ~2 min)")
   ap.add_argument("--gelu-forms", default="",
                   help=f"extra encoder runs at the largest batch with other GELU code: {sorted(GELU_FORMS)} or ''")
+  ap.add_argument("--family", default="evf-sam", choices=["evf-sam", "evf-sam2", "both"],
+                  help="EVF-SAM's rows (--size), EVF-SAM2's (--sam2-size: image end to end and video), or both")
+  ap.add_argument("--sam2-size", default="evf-sam2", choices=["toy", "evf-sam2"])
+  ap.add_argument("--video-frames", type=int, default=8)
+  ap.add_argument("--video-hw", type=int, nargs=2, default=(480, 640))
+  ap.add_argument("--video-chunk", type=int, default=4)
   args = ap.parse_args()
   global OUT_PATH
   OUT_PATH = args.out
@@ -320,24 +452,28 @@ def main():
   RESULTS.update(device=kind, jax=jax.__version__, torch=torch.__version__, size=args.size,
                  date=time.strftime("%Y-%m-%d"))
   log(f"device {kind}, jax {jax.__version__}, torch {torch.__version__}")
-  t0 = time.perf_counter()
-  config = EvfConfig.preset(args.size)
-  model = ref.build_torch_evf(config, 0)
-  params = convert_evf(tr.state_dict_numpy(model), config).params
-  params = jax.device_put(params)
   tokenizer = TextTokenizer(common.train_spm(tempfile.mkdtemp()))
-  log(f"built and converted {args.size} in {time.perf_counter() - t0:.1f} s")
   image = common.test_image()
-  bench_encoder(config, params, [int(b) for b in args.batch_sizes.split(",")], peak, forms)
-  # fp32 last: its compile is the slowest, and a run cut at its time limit should still have the reference.
-  predictors = bench_ours(config, params, tokenizer, image, [("bf16", impl) for impl in e2e_impls]) or {}
-  if predictors:  # the cuDNN one when it ran
-    bench_stages(predictors.get(("bf16", "cudnn")) or next(iter(predictors.values())), image)
-  del predictors
-  if not args.skip_reference:
-    bench_reference(config, model, tokenizer, image)
-  bench_ours(config, params, tokenizer, image, [("fp32", "xla")])
-  compare_logits()
+  if args.family in ("evf-sam", "both"):
+    t0 = time.perf_counter()
+    config = EvfConfig.preset(args.size)
+    model = ref.build_torch_evf(config, 0)
+    params = convert_evf(tr.state_dict_numpy(model), config).params
+    params = jax.device_put(params)
+    log(f"built and converted {args.size} in {time.perf_counter() - t0:.1f} s")
+    bench_encoder(config, params, [int(b) for b in args.batch_sizes.split(",")], peak, forms)
+    # fp32 last: its compile is the slowest, and a run cut at its time limit should still have the reference.
+    predictors = bench_ours(config, params, tokenizer, image, [("bf16", impl) for impl in e2e_impls]) or {}
+    if predictors:  # the cuDNN one when it ran
+      bench_stages(predictors.get(("bf16", "cudnn")) or next(iter(predictors.values())), image)
+    del predictors
+    if not args.skip_reference:
+      bench_reference(config, model, tokenizer, image)
+    bench_ours(config, params, tokenizer, image, [("fp32", "xla")])
+    compare_logits()
+    del model, params
+  if args.family in ("evf-sam2", "both"):
+    run_sam2(args, e2e_impls, tokenizer, image)
   text = json.dumps({k: v for k, v in RESULTS.items() if not k.startswith("_")}, indent=2, default=float)
   print(text)
   if args.out:

@@ -1,6 +1,7 @@
 """Inference speed and memory: evf-jax vs the PyTorch reference, same weights, same machine, one run.
 
     python -m benchmarks.inference_cpu [--size base] [--repeats 3] [--threads 2]
+    python -m benchmarks.inference_cpu --family evf-sam2 [--sam2-size evf-sam2] [--rounds 3] [--parts]
 
 Measures (medians; each side runs in its own process so peak memory is its own):
   a. one image + one prompt, end to end (decoded RGB array -> mask at the original size);
@@ -9,6 +10,14 @@ Measures (medians; each side runs in its own process so peak memory is its own):
   c. first-call time (compile) in a fresh process, without and with the persistent compilation cache;
   d. peak resident memory of each process.
 Ratios are ours / reference (lower is better).
+
+`--family evf-sam2` measures EVF-SAM2 (Hiera-L + BEiT-3-L at `evf-sam2`) instead, in ONE process: the PyTorch
+reference (sam2 + torchscale + EVF-SAM2's glue, `evf_testing.sam2_reference`, as the original's inference():
+the uint8 squash to 1024, SAM-2 features, BEiT-3, the multimask decoder, the best mask by IoU, bilinear to the
+original size) and ours (`Predictor`: set_image + predict) alternate for --rounds rounds, one image + one prompt
+end to end, medians; on a loaded machine only such same-run ratios mean anything. `--parts` also times the parts
+alone the same way: SAM-2's image encoder (trunk + neck + the decoder's high-res projections), BEiT-3 + the
+projector, the mask decoder.
 
 Both frameworks allocate their large intermediate buffers afresh on every call, and glibc serves
 blocks over its mmap threshold (at most 32 MiB) with new pages that the kernel must fault in and zero:
@@ -104,6 +113,94 @@ def run_ours(args) -> dict:
               backend=jax.default_backend())
 
 
+def run_evf_sam2(args) -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from convert.evf_sam2 import convert_evf_sam2
+  from evf_jax.beit3.preprocess import beit_image
+  from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config
+  from evf_jax.predictor import Predictor
+  from evf_jax.sam2.transforms import preprocess
+  from evf_jax.tokenizer import TextTokenizer
+  from evf_testing import torch_reference as tr
+  from evf_testing.evf_reference import beit_input
+  from evf_testing.sam2_reference import build_torch_evf_sam2, reference_evf_sam2, sam2_input
+  torch.set_num_threads(args.threads)
+  t0 = time.perf_counter()
+  config = EvfSam2Config.preset(args.sam2_size)
+  model = build_torch_evf_sam2(config, 0)
+  params = convert_evf_sam2(tr.state_dict_numpy(model), config).params
+  tok = TextTokenizer(common.train_spm(os.path.join(args.workdir, "spm")))
+  p = Predictor(config, params, tok)
+  del params
+  print(f"built and converted EVF-SAM2 {args.sam2_size} in {time.perf_counter() - t0:.1f} s", flush=True)
+  image = common.test_image()
+  prompt = common.PROMPTS[2]
+  ids = np.asarray([tok.encode(prompt)])
+  s = config.sam2
+
+  def ours():
+    p.set_image(image)
+    return p.predict([prompt]).logits[0]
+
+  def reference():
+    sam_x = sam2_input(image, s.image_size, s.pixel_mean, s.pixel_std)
+    return reference_evf_sam2(model, sam_x, beit_input(image, config.beit3.img_size), ids, image.shape[:2])[0][0]
+
+  t0 = time.perf_counter()
+  got = ours()
+  first = time.perf_counter() - t0
+  err = float(np.abs(got - reference()).max())
+  print(f"first call (compiles) {first:.1f} s; logits vs reference: max abs difference {err:.3g}", flush=True)
+  pairs = {"end to end, 1 image + 1 prompt": (ours, reference)}
+  if args.parts:
+    sam = model.visual_model
+    m = EvfSam2(config)
+    sam_x = sam2_input(image, s.image_size, s.pixel_mean, s.pixel_std)
+    beit_x = beit_input(image, config.beit3.img_size)
+    x = jnp.asarray(preprocess(image, s))[None]
+    bx = jnp.asarray(beit_image(image, config.beit3.img_size))[None]
+    jids, jmask = jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, bool)
+    enc = jax.jit(lambda q, x: m.apply({"params": q}, x, method="embed_image"))
+    text = jax.jit(lambda q, b, i, k: m.apply({"params": q}, b, i, k, method="text_prompts"))
+    dec = jax.jit(lambda q, f, pr: m.apply({"params": q}, f, pr, method="decode"))
+    feats, prompts = enc(p.params, x), text(p.params, bx, jids, jmask)
+    tids = torch.from_numpy(ids)
+
+    def ref_enc():
+      _, f, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_x))
+      f[-1] = f[-1] + sam.no_mem_embed
+      return [v.permute(1, 2, 0).reshape(v.shape[1], -1, *z) for v, z in zip(f, sizes)]
+
+    def ref_text():
+      out = model.mm_extractor.beit3(visual_tokens=beit_x, textual_tokens=tids, text_padding_position=tids * 0)
+      return model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+
+    with torch.no_grad():
+      maps, feat = ref_enc(), ref_text()
+    pe = sam.sam_prompt_encoder
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *pe.image_embedding_size)
+    image_pe = pe.get_dense_pe()
+
+    def ref_dec():
+      return sam.sam_mask_decoder(image_embeddings=maps[-1], image_pe=image_pe, sparse_prompt_embeddings=feat,
+                                  dense_prompt_embeddings=dense, multimask_output=True, repeat_image=True,
+                                  high_res_features=maps[:-1])
+
+    pairs["SAM-2 image encoder (Hiera + neck)"] = (lambda: jax.block_until_ready(enc(p.params, x)), ref_enc)
+    pairs["BEiT-3 + projector"] = (lambda: jax.block_until_ready(text(p.params, bx, jids, jmask)), ref_text)
+    pairs["mask decoder (multimask)"] = (lambda: jax.block_until_ready(dec(p.params, feats, prompts)), ref_dec)
+  with torch.no_grad():
+    times = common.alternate(pairs, args.rounds)
+  print(f"\nEVF-SAM2 {args.sam2_size}, fp32, {args.threads} torch threads, 640x480 image, {args.rounds} rounds "
+        f"alternating in one process; jax {jax.__version__}, torch {torch.__version__}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  common.print_ratios(times)
+  print(f"first call (compiles): {first:.1f} s; logits vs reference: max abs difference {err:.3g}")
+
+
 def child(role: str, args, extra=(), env_extra=None) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--size", args.size, "--workdir", args.workdir,
          "--repeats", str(args.repeats), "--repeats-eight", str(args.repeats_eight), "--threads", str(args.threads),
@@ -131,7 +228,19 @@ def main() -> None:
   ap.add_argument("--one-only", action="store_true", help="child: measure (a) only")
   ap.add_argument("--tuned-malloc", action="store_true",
                   help="also measure (a) with both sides under the same glibc malloc settings (TUNED_MALLOC_ENV)")
+  ap.add_argument("--family", default="evf-sam", choices=["evf-sam", "evf-sam2"])
+  ap.add_argument("--sam2-size", default="evf-sam2", choices=["toy", "evf-sam2"], help="--family evf-sam2's size")
+  ap.add_argument("--rounds", type=int, default=3, help="--family evf-sam2: alternating rounds")
+  ap.add_argument("--parts", action="store_true", help="--family evf-sam2: time the parts too")
+  ap.add_argument("--xla-flags", default="", help="--family evf-sam2: appended to XLA_FLAGS before jax starts, e.g. "
+                  "--xla-flags=--xla_cpu_experimental_ynn_fusion_type= (what the video tracker sets per program)")
   args = ap.parse_args()
+  if args.family == "evf-sam2":
+    if args.xla_flags:
+      os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    os.makedirs(args.workdir, exist_ok=True)
+    run_evf_sam2(args)
+    return
   if args.role == "reference":
     common.emit(run_reference(args))
     return

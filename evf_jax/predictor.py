@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evf_jax import buckets, families, images, postprocess
+from evf_jax import buckets, families, images, postprocess, runtime
 from evf_jax.beit3.preprocess import beit_image
 from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
@@ -71,7 +71,9 @@ class Predictor:
     model = self.model
 
     # Methods by name: the family's model class overrides `embed_image` and `decode`.
-    @jax.jit
+    encoder_jit = runtime.jit_eigen_dots if self.family.eigen_dots_encoder else jax.jit
+
+    @encoder_jit
     def embed(params, resized_u8, input_hw):
       x = image_input.normalize(resized_u8, input_hw)
       return model.apply({"params": params}, x.astype(model.dtype), method="embed_image")

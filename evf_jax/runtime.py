@@ -54,6 +54,21 @@ def jit_init(fn: Callable) -> Callable:
   return call
 
 
+# XLA:CPU compiles single matrix products to YNNPACK by default (jax 0.10); on the project's 2-core AVX2 machine
+# that ran Hiera-L's float32 Linear layers 1.3-1.9x slower than PyTorch, and Eigen matched it (docs/evf_sam2.md,
+# Speed on this CPU). Not a global switch: Eigen ran SAM-2's memory attention ~1.7x slower, and the small training
+# step no faster, so it is chosen per program.
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def jit_eigen_dots(fn: Callable, **kw) -> Callable:
+  """`jax.jit` whose matrix products run through Eigen when jax's default backend is the CPU (`EIGEN_DOTS`);
+  elsewhere a plain `jax.jit`."""
+  if jax.default_backend() == "cpu":
+    kw.setdefault("compiler_options", EIGEN_DOTS)
+  return jax.jit(fn, **kw)
+
+
 def enable_compilation_cache(path: str) -> None:
   """Persist compiled programs across processes (jax's persistent compilation cache)."""
   path = os.path.abspath(os.path.expanduser(path))

@@ -60,6 +60,34 @@ def timed(fn, repeats: int, warmup: int = 0) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
+def alternate(pairs: dict, rounds: int) -> dict:
+  """{name: (ours_fn, reference_fn)} -> {name: (ours median s, reference median s, ours all, reference all)}: each
+  pair's two sides alternate within every round, after one untimed call of each. On a shared machine only such
+  same-run ratios mean anything."""
+  out = {}
+  for name, (ours, ref) in pairs.items():
+    ours()
+    ref()
+    t_ours, t_ref = [], []
+    for _ in range(rounds):
+      for fn, ts in ((ref, t_ref), (ours, t_ours)):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    out[name] = (statistics.median(t_ours), statistics.median(t_ref), t_ours, t_ref)
+    print(f"[{name}] ours {out[name][0]:.3f} s, reference {out[name][1]:.3f} s", flush=True)  # a stopped run keeps it
+  return out
+
+
+def print_ratios(times: dict, width: int = 44) -> None:
+  """`alternate`'s result as a table (seconds, ratio ours / reference) and the raw times."""
+  print(f"{'':<{width}} {'ours [s]':>10} {'reference [s]':>14} {'ratio':>8}")
+  for name, (o, r, _, _) in times.items():
+    print(f"{name:<{width}} {o:>10.3f} {r:>14.3f} {o / r:>8.3f}")
+  for name, (_, _, o, r) in times.items():
+    print(f"raw {name}: ours {[round(v, 3) for v in o]}, reference {[round(v, 3) for v in r]}")
+
+
 def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -150,9 +150,10 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_m
     _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_x))
     feats[-1] = feats[-1] + sam.no_mem_embed
     maps = [f.permute(1, 2, 0).reshape(f.shape[1], -1, *s) for f, s in zip(feats, sizes)]
-    ids = torch.from_numpy(np.asarray(input_ids, np.int64))
+    ids = torch.from_numpy(np.asarray(input_ids, np.int64)).to(sam_x.device)
     n = ids.shape[0]
-    padding = torch.zeros_like(ids) if attention_mask is None else ~torch.from_numpy(np.asarray(attention_mask, bool))
+    padding = (torch.zeros_like(ids) if attention_mask is None
+               else ~torch.from_numpy(np.asarray(attention_mask, bool)).to(sam_x.device))
     out = model.mm_extractor.beit3(visual_tokens=beit_x.expand(n, -1, -1, -1), textual_tokens=ids,
                                    text_padding_position=padding)
     feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
@@ -165,7 +166,7 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_m
     order = torch.argsort(iou, dim=-1, descending=True)
     best = torch.take_along_dim(low, order[..., None, None], dim=1)[:, :1]
     full = torch.nn.functional.interpolate(best.float(), original_hw, mode="bilinear", align_corners=False)
-  return full[:, 0].numpy(), best.numpy(), iou.numpy()
+  return full[:, 0].cpu().numpy(), best.float().cpu().numpy(), iou.float().cpu().numpy()
 
 
 def build_torch_video_predictor(cfg: Sam2Config, seed: int = 0, fill_hole_area: int = 8):
@@ -209,6 +210,34 @@ def connected_components_bruteforce(mask):
   return torch.from_numpy(labels), torch.from_numpy(counts)
 
 
+def connected_components_scipy(mask):
+  """`connected_components_bruteforce`'s result from scipy's labelling (8-connectivity): as fast as our own hole
+  filling, for timing the reference without sam2's CUDA kernel. Returns tensors on the mask's device."""
+  import torch
+  from scipy import ndimage
+  m = mask.to(torch.bool).cpu().numpy()
+  labels, counts = np.zeros(m.shape, np.int32), np.zeros(m.shape, np.int32)
+  for n in range(m.shape[0]):
+    lab, k = ndimage.label(m[n, 0], structure=np.ones((3, 3), bool))
+    labels[n, 0] = lab
+    counts[n, 0] = np.where(lab > 0, np.bincount(lab.ravel(), minlength=k + 1)[lab], 0)
+  return torch.from_numpy(labels).to(mask.device), torch.from_numpy(counts).to(mask.device)
+
+
+def write_video_frames(directory: str, frames: int, h: int, w: int, seed: int = 1) -> list[str]:
+  """`frames` JPEGs `00000.jpg`, ... (quality 95) of a smooth random scene panning 4 pixels per frame, as SAM-2's
+  frame loader expects them. Returns their paths."""
+  import os
+  from PIL import Image
+  from evf_testing.images import smooth_image
+  base = smooth_image(h + 4 * frames, w + 4 * frames, seed=seed)
+  paths = []
+  for t in range(frames):
+    paths.append(os.path.join(directory, f"{t:05d}.jpg"))
+    Image.fromarray(base[4 * t:4 * t + h, 4 * t:4 * t + w]).save(paths[-1], quality=95)
+  return paths
+
+
 def reference_video(predictor, frames_dir: str, prompt_embedding,
                     components=connected_components_bruteforce) -> tuple[list[np.ndarray], list[float]]:
   """EVF-SAM2's video flow on sam2's legacy video predictor: the frames of `frames_dir` (`<int>.jpg`) loaded by
@@ -220,7 +249,7 @@ def reference_video(predictor, frames_dir: str, prompt_embedding,
   import torch
   from sam2.utils import misc
   pe = predictor.sam_prompt_encoder
-  text = torch.from_numpy(np.asarray(prompt_embedding, np.float32)).reshape(1, 1, -1)
+  text = torch.from_numpy(np.asarray(prompt_embedding, np.float32)).reshape(1, 1, -1).to(predictor.device)
   h, w = pe.image_embedding_size
 
   def text_prompt(points=None, boxes=None, masks=None):

@@ -55,3 +55,41 @@ def test_gpu_py_every_section_runs(bench, tmp_path):
   assert r["ours_fp32_vs_reference_fp32_gpu"] < 1e-3
   for name in ("ours_bf16", "ours_bf16_cudnn"):
     assert r[f"{name}_vs_fp32"]["mask_agreement"] > 0.98, r[f"{name}_vs_fp32"]
+
+
+@pytest.mark.slow
+def test_gpu_py_sam2_rows(bench, tmp_path):
+  """EVF-SAM2's rows (`--family evf-sam2`) at toy size: the image end to end against the reference, and video
+  frames/s against sam2's video predictor, both with the same weights."""
+  out = tmp_path / "gpu.json"
+  bench(gpu.main, ["--family", "evf-sam2", "--sam2-size", "toy", "--video-frames", "3", "--video-hw", "40", "48",
+                   "--video-chunk", "2", "--out", str(out)])
+  r = json.load(open(out))
+  _no_errors(r)
+  for key in ("sam2_ours_bf16", "sam2_ours_bf16_cudnn", "sam2_ours_fp32", "sam2_reference_fp32", "sam2_reference_bf16",
+              "sam2_video_ours_bf16_cudnn", "sam2_video_ours_fp32", "sam2_video_reference_fp32",
+              "sam2_video_reference_bf16"):
+    assert key in r, key
+  assert "encoder_cudnn_b1" not in r  # EVF-SAM's rows did not run
+  assert r["sam2_ours_fp32_vs_reference_fp32_gpu"] < 1e-3
+  assert r["sam2_video_ours_fp32_vs_reference_fp32_gpu"] < 1e-2
+  for name in ("sam2_ours_bf16", "sam2_ours_bf16_cudnn", "sam2_video_ours_bf16_cudnn"):
+    assert r[f"{name}_vs_fp32"]["mask_agreement"] > 0.95, r[f"{name}_vs_fp32"]
+  assert r["sam2_video_ours_fp32"]["frames_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_cpu_sam2_benchmarks_run(monkeypatch, capsys):
+  """The CPU benchmarks' EVF-SAM2 image and video modes at toy size, parts included: they run and print ratios
+  and parity."""
+  from benchmarks import inference_cpu, video_cpu
+  video_cpu.main(["--size", "toy", "--frames", "3", "--hw", "40", "48", "--chunk", "2", "--parts"])
+  text = capsys.readouterr().out
+  assert "ratio ours/reference" in text and "memory attention" in text and "memory encoder" in text
+  err = float(text.split("max abs logit difference ")[1].split(",")[0])
+  assert err < 2e-3, text
+  monkeypatch.setattr(sys, "argv", ["bench", "--family", "evf-sam2", "--sam2-size", "toy", "--rounds", "1", "--parts"])
+  inference_cpu.main()
+  text = capsys.readouterr().out
+  assert "SAM-2 image encoder" in text and "BEiT-3" in text and "mask decoder" in text
+  assert float(text.split("max abs difference ")[1].split()[0]) < 1e-4, text

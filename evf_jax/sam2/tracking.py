@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
+from evf_jax import runtime
 from evf_jax.sam2.config import Sam2Config
 from evf_jax.sam2.sam2_base import Sam2
 
@@ -139,7 +140,7 @@ class VideoTracker:
     self.dtype = dtype or jnp.float32
     model = self.model = Sam2(config, dtype=dtype, attention=attention)
 
-    @jax.jit
+    @runtime.jit_eigen_dots  # the image encoder (not the tracking step): dots through Eigen on the CPU
     def features(params, x):
       return model.apply({"params": params}, x.astype(self.dtype), method="image_features")
 
