@@ -259,27 +259,31 @@ compare_sam2_logits = section("sam2_compare")(_compare_logits)
 
 @section("reference")
 def bench_reference(config, model, tokenizer, image):
-  import torch
   from evf_testing import evf_reference as ref
   ids = [[tokenizer.encode(p)] for p in common.PROMPTS]
   m = model.to(TORCH_DEVICE)
+  # EVF-SAM's inference(): everything, image encoder included, per prompt.
+  _time_reference("reference", lambda i, dtype: _ref_predict_cuda(ref, m, config, image, ids[i], dtype))
+
+
+def _time_reference(key: str, predict_one) -> None:
+  """Times a PyTorch reference's `predict_one(prompt index, dtype)` for 1 and 8 prompts, in fp32 and in bf16 (as
+  EVF-SAM's inference does half precision: autocast over fp32 weights); keeps the fp32 logits of 8 prompts."""
+  import torch
   for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-    # bf16 as EVF-SAM's inference does half precision: autocast over fp32 weights.
     def run(n):
-      outs = []
       with torch.no_grad(), torch.autocast(TORCH_DEVICE, dtype=torch.bfloat16, enabled=dtype != torch.float32):
-        for i in range(n):  # EVF-SAM's inference(): everything, image encoder included, per prompt
-          outs.append(_ref_predict_cuda(ref, m, config, image, ids[i], dtype))
+        outs = [predict_one(i, dtype) for i in range(n)]
       if TORCH_DEVICE == "cuda":
         torch.cuda.synchronize()
       return outs
     run(1)
     t1, _ = common.timed(lambda: run(1), 3, warmup=1)
     t8, _ = common.timed(lambda: run(8), 3)
-    RESULTS[f"reference_{name}"] = dict(one_prompt=t1, eight_prompts=t8)
-    log(f"reference {name}: 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
+    RESULTS[f"{key}_{name}"] = dict(one_prompt=t1, eight_prompts=t8)
+    log(f"{key.replace('_', ' ')} {name}: 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
     if name == "fp32":
-      RESULTS["_logits_reference_fp32"] = np.stack(run(8))
+      RESULTS[f"_logits_{key}_fp32"] = np.stack(run(8))
 
 
 def _ref_predict_cuda(ref, model, config, image, ids, dtype):  # dtype: under autocast
@@ -304,30 +308,17 @@ def _ref_predict_cuda(ref, model, config, image, ids, dtype):  # dtype: under au
 def bench_sam2_reference(config, model, tokenizer, image):
   """EVF-SAM2's PyTorch reference as its inference() runs it: per prompt, the uint8 squash to 1024, SAM-2's
   image encoder, BEiT-3, the decoder (multimask, best by IoU), bilinear to the original size."""
-  import torch
   from evf_testing.evf_reference import beit_input
   from evf_testing.sam2_reference import reference_evf_sam2, sam2_input
   s = config.sam2
   ids = [np.asarray([tokenizer.encode(p)]) for p in common.PROMPTS]
   m = model.to(TORCH_DEVICE)
-  for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-    def run(n):
-      outs = []
-      with torch.no_grad(), torch.autocast(TORCH_DEVICE, dtype=torch.bfloat16, enabled=dtype != torch.float32):
-        for i in range(n):
-          sam_x = sam2_input(image, s.image_size, s.pixel_mean, s.pixel_std).to(TORCH_DEVICE)
-          beit_x = beit_input(image, config.beit3.img_size).to(TORCH_DEVICE)
-          outs.append(reference_evf_sam2(m, sam_x, beit_x, ids[i], image.shape[:2])[0][0])
-      if TORCH_DEVICE == "cuda":
-        torch.cuda.synchronize()
-      return outs
-    run(1)
-    t1, _ = common.timed(lambda: run(1), 3, warmup=1)
-    t8, _ = common.timed(lambda: run(8), 3)
-    RESULTS[f"sam2_reference_{name}"] = dict(one_prompt=t1, eight_prompts=t8)
-    log(f"sam2 reference {name}: 1 prompt {t1 * 1e3:.1f} ms, 8 prompts {t8 * 1e3:.1f} ms")
-    if name == "fp32":
-      RESULTS["_logits_sam2_reference_fp32"] = np.stack(run(8))
+
+  def predict_one(i, dtype):
+    sam_x = sam2_input(image, s.image_size, s.pixel_mean, s.pixel_std).to(TORCH_DEVICE)
+    beit_x = beit_input(image, config.beit3.img_size).to(TORCH_DEVICE)
+    return reference_evf_sam2(m, sam_x, beit_x, ids[i], image.shape[:2])[0][0]
+  _time_reference("sam2_reference", predict_one)
 
 
 @section("sam2_video")
