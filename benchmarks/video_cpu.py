@@ -55,7 +55,8 @@ def part_pairs(cfg, params, model, seed: int = 0, image_encoder: bool = True) ->
   import jax
   import jax.numpy as jnp
   import torch
-  from evf_jax.sam2 import Sam2, tracking
+  from evf_jax import runtime
+  from evf_jax.sam2 import Sam2
   from evf_jax.sam2.position_encoding import sine_position_encoding
   rng = np.random.default_rng(seed)
   e, c, md, s = cfg.embedding_size, cfg.d_model, cfg.mem_dim, cfg.image_size
