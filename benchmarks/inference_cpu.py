@@ -126,7 +126,8 @@ def run_evf_sam2(args) -> None:
   from evf_jax.tokenizer import TextTokenizer
   from evf_testing import torch_reference as tr
   from evf_testing.evf_reference import beit_input
-  from evf_testing.sam2_reference import build_torch_evf_sam2, reference_evf_sam2, sam2_input
+  from evf_testing.sam2_reference import (build_torch_evf_sam2, reference_evf_sam2, reference_sam2_maps,
+                                          sam2_input)
   torch.set_num_threads(args.threads)
   t0 = time.perf_counter()
   config = EvfSam2Config.preset(args.sam2_size)
@@ -170,9 +171,7 @@ def run_evf_sam2(args) -> None:
     tids = torch.from_numpy(ids)
 
     def ref_enc():
-      _, f, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_x))
-      f[-1] = f[-1] + sam.no_mem_embed
-      return [v.permute(1, 2, 0).reshape(v.shape[1], -1, *z) for v, z in zip(f, sizes)]
+      return reference_sam2_maps(sam, sam_x)
 
     def ref_text():
       out = model.mm_extractor.beit3(visual_tokens=beit_x, textual_tokens=tids, text_padding_position=tids * 0)

@@ -138,6 +138,14 @@ def sam2_eval_input(image, image_size: int, mean, std):
   return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
+def reference_sam2_maps(sam, sam_x):
+  """SAM-2's image features as EVF-SAM2 decodes them: the levels as (B, C, h, w) maps, the
+  last (lowest-resolution) one with `no_mem_embed` added. Call under `torch.no_grad()`."""
+  _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_x))
+  feats[-1] = feats[-1] + sam.no_mem_embed
+  return [f.permute(1, 2, 0).reshape(f.shape[1], -1, *s) for f, s in zip(feats, sizes)]
+
+
 def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_mask=None):
   """EVF-SAM2's image inference on prepared inputs: SAM-2 features (no_mem_embed added), BEiT-3 on
   (image, ids) without a padding mask (`inference()`; with `attention_mask` (N, L), True at real tokens, BEiT-3
@@ -147,9 +155,7 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_m
   import torch
   sam = model.visual_model
   with torch.no_grad():
-    _, feats, _, sizes = sam._prepare_backbone_features(sam.forward_image(sam_x))
-    feats[-1] = feats[-1] + sam.no_mem_embed
-    maps = [f.permute(1, 2, 0).reshape(f.shape[1], -1, *s) for f, s in zip(feats, sizes)]
+    maps = reference_sam2_maps(sam, sam_x)
     ids = torch.from_numpy(np.asarray(input_ids, np.int64)).to(sam_x.device)
     n = ids.shape[0]
     padding = (torch.zeros_like(ids) if attention_mask is None
