@@ -127,7 +127,7 @@ def run_evf_sam2(args) -> None:
   from evf_testing import torch_reference as tr
   from evf_testing.evf_reference import beit_input
   from evf_testing.sam2_reference import (build_torch_evf_sam2, reference_evf_sam2, reference_sam2_maps,
-                                          sam2_input)
+                                          reference_text_feature, sam2_input)
   torch.set_num_threads(args.threads)
   t0 = time.perf_counter()
   config = EvfSam2Config.preset(args.sam2_size)
@@ -168,14 +168,12 @@ def run_evf_sam2(args) -> None:
     text = jax.jit(lambda q, b, i, k: m.apply({"params": q}, b, i, k, method="text_prompts"))
     dec = jax.jit(lambda q, f, pr: m.apply({"params": q}, f, pr, method="decode"))
     feats, prompts = enc(p.params, x), text(p.params, bx, jids, jmask)
-    tids = torch.from_numpy(ids)
 
     def ref_enc():
       return reference_sam2_maps(sam, sam_x)
 
     def ref_text():
-      out = model.mm_extractor.beit3(visual_tokens=beit_x, textual_tokens=tids, text_padding_position=tids * 0)
-      return model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+      return reference_text_feature(model, beit_x, ids)
 
     with torch.no_grad():
       maps, feat = ref_enc(), ref_text()

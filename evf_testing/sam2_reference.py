@@ -146,6 +146,18 @@ def reference_sam2_maps(sam, sam_x):
   return [f.permute(1, 2, 0).reshape(f.shape[1], -1, *s) for f, s in zip(feats, sizes)]
 
 
+def reference_text_feature(model, beit_x, input_ids, attention_mask=None):
+  """The reference's sparse prompt: BEiT-3 on (image, ids), its CLS through `text_hidden_fcs`, (N, 1, C). Without
+  `attention_mask` no token is masked (`inference()`); with it (N, L), True at real tokens, the rest are."""
+  import torch
+  ids = torch.from_numpy(np.asarray(input_ids, np.int64)).to(beit_x.device)
+  padding = (torch.zeros_like(ids) if attention_mask is None
+             else ~torch.from_numpy(np.asarray(attention_mask, bool)).to(beit_x.device))
+  out = model.mm_extractor.beit3(visual_tokens=beit_x.expand(ids.shape[0], -1, -1, -1), textual_tokens=ids,
+                                 text_padding_position=padding)
+  return model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+
+
 def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_mask=None):
   """EVF-SAM2's image inference on prepared inputs: SAM-2 features (no_mem_embed added), BEiT-3 on
   (image, ids) without a padding mask (`inference()`; with `attention_mask` (N, L), True at real tokens, BEiT-3
@@ -156,13 +168,8 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_m
   sam = model.visual_model
   with torch.no_grad():
     maps = reference_sam2_maps(sam, sam_x)
-    ids = torch.from_numpy(np.asarray(input_ids, np.int64)).to(sam_x.device)
-    n = ids.shape[0]
-    padding = (torch.zeros_like(ids) if attention_mask is None
-               else ~torch.from_numpy(np.asarray(attention_mask, bool)).to(sam_x.device))
-    out = model.mm_extractor.beit3(visual_tokens=beit_x.expand(n, -1, -1, -1), textual_tokens=ids,
-                                   text_padding_position=padding)
-    feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
+    feat = reference_text_feature(model, beit_x, input_ids, attention_mask)
+    n = feat.shape[0]
     pe = sam.sam_prompt_encoder
     h, w = pe.image_embedding_size
     dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
