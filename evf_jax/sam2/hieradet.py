@@ -74,9 +74,9 @@ class MultiScaleAttention(nn.Module):
     else:  # heads first: one transpose of qkv, one of the output
       qkv = qkv.reshape(b, h, w, 3, n, hd).transpose(3, 0, 4, 1, 2, 5)  # (3, B, N, H, W, D)
       q, k, v = qkv[0], qkv[1], qkv[2]
-      if self.q_stride:  # the max pool over (H, W), here axes 2 and 3
-        sh, sw = self.q_stride
-        q = q[:, :, :h // sh * sh, :w // sw * sw].reshape(b, n, h // sh, sh, w // sw, sw, hd).max(axis=(3, 5))
+      if self.q_stride:  # the same pool with heads folded into the batch
+        q = max_pool(q.reshape(b * n, h, w, hd), self.q_stride)
+        q = q.reshape(b, n, *q.shape[1:])
       out_hw = q.shape[2:4]
       out = heads_first_attention(q.reshape(b, n, -1, hd), k.reshape(b, n, h * w, hd), v.reshape(b, n, h * w, hd))
       out = out.reshape(b, n, *out_hw, hd).transpose(0, 2, 3, 1, 4).reshape(b, *out_hw, self.dim_out)
