@@ -126,8 +126,8 @@ def run_evf_sam2(args) -> None:
   from evf_jax.tokenizer import TextTokenizer
   from evf_testing import torch_reference as tr
   from evf_testing.evf_reference import beit_input
-  from evf_testing.sam2_reference import (build_torch_evf_sam2, reference_evf_sam2, reference_sam2_maps,
-                                          reference_text_feature, sam2_input)
+  from evf_testing.sam2_reference import (build_torch_evf_sam2, reference_evf_sam2, reference_sam2_decode,
+                                          reference_sam2_maps, reference_text_feature, sam2_input)
   torch.set_num_threads(args.threads)
   t0 = time.perf_counter()
   config = EvfSam2Config.preset(args.sam2_size)
@@ -177,14 +177,9 @@ def run_evf_sam2(args) -> None:
 
     with torch.no_grad():
       maps, feat = ref_enc(), ref_text()
-    pe = sam.sam_prompt_encoder
-    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *pe.image_embedding_size)
-    image_pe = pe.get_dense_pe()
 
     def ref_dec():
-      return sam.sam_mask_decoder(image_embeddings=maps[-1], image_pe=image_pe, sparse_prompt_embeddings=feat,
-                                  dense_prompt_embeddings=dense, multimask_output=True, repeat_image=True,
-                                  high_res_features=maps[:-1])
+      return reference_sam2_decode(sam, maps, feat)
 
     pairs["SAM-2 image encoder (Hiera + neck)"] = (lambda: jax.block_until_ready(enc(p.params, x)), ref_enc)
     pairs["BEiT-3 + projector"] = (lambda: jax.block_until_ready(text(p.params, bx, jids, jmask)), ref_text)

@@ -158,6 +158,19 @@ def reference_text_feature(model, beit_x, input_ids, attention_mask=None):
   return model.text_hidden_fcs[0](out["encoder_out"][:, :1])
 
 
+def reference_sam2_decode(sam, maps, feat):
+  """SAM-2's mask decoder as EVF-SAM2 calls it: `feat` (N, 1, C) the only sparse prompt, no mask prompt, multimask
+  output, the high-resolution levels of `maps` (`reference_sam2_maps`). Returns (low-res logits (N, 3, h, w),
+  iou (N, 3))."""
+  pe = sam.sam_prompt_encoder
+  h, w = pe.image_embedding_size
+  dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(feat.shape[0], -1, h, w)
+  low, iou, _, _ = sam.sam_mask_decoder(image_embeddings=maps[-1], image_pe=pe.get_dense_pe(),
+                                        sparse_prompt_embeddings=feat, dense_prompt_embeddings=dense,
+                                        multimask_output=True, repeat_image=True, high_res_features=maps[:-1])
+  return low, iou
+
+
 def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_mask=None):
   """EVF-SAM2's image inference on prepared inputs: SAM-2 features (no_mem_embed added), BEiT-3 on
   (image, ids) without a padding mask (`inference()`; with `attention_mask` (N, L), True at real tokens, BEiT-3
@@ -169,13 +182,7 @@ def reference_evf_sam2(model, sam_x, beit_x, input_ids, original_hw, attention_m
   with torch.no_grad():
     maps = reference_sam2_maps(sam, sam_x)
     feat = reference_text_feature(model, beit_x, input_ids, attention_mask)
-    n = feat.shape[0]
-    pe = sam.sam_prompt_encoder
-    h, w = pe.image_embedding_size
-    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
-    low, iou, _, _ = sam.sam_mask_decoder(image_embeddings=maps[-1], image_pe=pe.get_dense_pe(),
-                                          sparse_prompt_embeddings=feat, dense_prompt_embeddings=dense,
-                                          multimask_output=True, repeat_image=True, high_res_features=maps[:-1])
+    low, iou = reference_sam2_decode(sam, maps, feat)
     order = torch.argsort(iou, dim=-1, descending=True)
     best = torch.take_along_dim(low, order[..., None, None], dim=1)[:, :1]
     full = torch.nn.functional.interpolate(best.float(), original_hw, mode="bilinear", align_corners=False)
