@@ -103,6 +103,23 @@ def test_predictor_equals_the_original_inference(predictor, torch_model, spm_dir
     assert 0 < got.masks.mean() < 1  # random weights, but not a constant mask
 
 
+def test_bf16_predictor_follows_fp32(ckpt, predictor):
+  """The image path in bfloat16 (parameters cast once, float32 postprocess) against float32: the same masks up to
+  pixels near the decision boundary. Measured on this toy: masks agree on 99.4-99.8% of pixels, IoU scores
+  within 0.003."""
+  bf16 = Predictor.from_checkpoint(ckpt, precision="bf16")
+  for hw in [(70, 100), (97, 61)]:
+    image = smooth_image(*hw, seed=hw[0])
+    predictor.set_image(image)
+    bf16.set_image(image)
+    want, got = predictor.predict(PROMPTS), bf16.predict(PROMPTS)
+    agree = float(np.mean(got.masks == want.masks))
+    print(f"[bf16] EVF-SAM2 image {hw}: mask agreement {agree:.4f}, IoU scores within "
+          f"{np.abs(got.scores - want.scores).max():.3g}")
+    assert got.logits.dtype == np.float32 and agree >= 0.98
+    np.testing.assert_allclose(got.scores, want.scores, atol=0.02)
+
+
 def test_predict_cli_writes_masks_and_logits(ckpt, predictor, tmp_path, capsys):
   image = smooth_image(66, 90, seed=7)
   path = str(tmp_path / "scene.png")

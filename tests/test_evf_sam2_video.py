@@ -109,6 +109,21 @@ def test_predict_video_cli_equals_the_original(ckpt, torch_model, spm_dir, frame
       assert 0 < mask.mean() < 1
 
 
+def test_bf16_video_follows_fp32(ckpt, frames_dir):
+  """bfloat16 compute (float32 parameters cast once) tracks the same object as float32 on every frame. Measured on
+  this toy (5 frames): masks agree on 99.2-99.8% of pixels, object scores within 0.008; the bounds leave room
+  for bf16's 2^-8 steps compounding through the memories."""
+  frames = list(read_frames(frames_dir)[1])
+  fp32 = VideoPredictor.from_checkpoint(ckpt, chunk=3).predict(frames, PROMPT)
+  bf16 = VideoPredictor.from_checkpoint(ckpt, chunk=3, precision="bf16").predict(frames, PROMPT)
+  for a, b in zip(fp32, bf16):
+    agree = float(np.mean(a.mask == b.mask))
+    print(f"[bf16] EVF-SAM2 video frame {a.index}: mask agreement {agree:.4f}, object scores "
+          f"{a.object_score:.4f} / {b.object_score:.4f}")
+    assert b.logits.dtype == np.float32 and agree >= 0.98
+    assert abs(a.object_score - b.object_score) <= 0.02 and (a.object_score > 0) == (b.object_score > 0)
+
+
 def test_predict_video_errors(ckpt, frames_dir, tmp_path, capsys):
   base = ["predict", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "o")]
   assert "one --prompt" in error_line(capsys, base + ["--video", frames_dir, "--prompt", "a", "--prompt", "b"])
