@@ -117,6 +117,7 @@ def test_bf16_predictor_follows_fp32(ckpt, predictor):
     print(f"[bf16] EVF-SAM2 image {hw}: mask agreement {agree:.4f}, IoU scores within "
           f"{np.abs(got.scores - want.scores).max():.3g}")
     assert got.logits.dtype == np.float32 and agree >= 0.98
+    assert not np.array_equal(got.logits, want.logits)  # bf16 did run
     np.testing.assert_allclose(got.scores, want.scores, atol=0.02)
 
 

@@ -122,6 +122,7 @@ def test_bf16_video_follows_fp32(ckpt, frames_dir):
           f"{a.object_score:.4f} / {b.object_score:.4f}")
     assert b.logits.dtype == np.float32 and agree >= 0.98
     assert abs(a.object_score - b.object_score) <= 0.02 and (a.object_score > 0) == (b.object_score > 0)
+  assert any(not np.array_equal(a.logits, b.logits) for a, b in zip(fp32, bf16))  # bf16 did run
 
 
 def test_predict_video_errors(ckpt, frames_dir, tmp_path, capsys):
