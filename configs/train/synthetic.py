@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.optimizer.schedule = "cosine"
   c.data.root = ""  # <workdir>/data
   c.data.mixture = {"synthetic": (1.0, ("synthetic",))}
-  # Measured on the generated set (docs/training.md): 8 prompts per image and the loss at the decoder's own
+  # Measured on the generated set (docs/default_job.md): 8 prompts per image and the loss at the decoder's own
   # 32 x 32 resolution learn far faster per second than 4 prompts with the loss at 128 px; 8 images per step
   # instead of 16, lr 2e-3, or BEiT-3 patches of 8 px were all worse.
   c.data.num_prompts = 8

@@ -44,7 +44,7 @@ DEFAULT_WORKDIR = "workdir/synthetic"  # relative to where it runs; scripts/run_
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where data, checkpoints and results go")
   p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's); more steps, "
-                 "better masks (docs/training.md has the curve)")
+                 "better masks (docs/default_job.md has the curve)")
   p.add_argument("--config", default=CONFIG, help="the training config file (default: configs/train/synthetic.py)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
