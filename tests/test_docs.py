@@ -24,7 +24,7 @@ def heading_anchors(path: pathlib.Path) -> set:
 
 
 def relative_links(path: pathlib.Path):
-  text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # commands in code blocks are not links
+  text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)  # commands in code blocks are not links
   for target in LINK.findall(text):
     if not re.match(r"[a-z]+:", target):
       yield target
@@ -43,9 +43,8 @@ def test_relative_links_resolve(doc):
   assert not broken, f"{doc.name}: " + "; ".join(broken)
 
 
-def test_anchor_rule():
+def test_anchor_rule(tmp_path):
   """The slug rule itself, on headings of the forms these docs use."""
-  import tempfile
-  with tempfile.NamedTemporaryFile("w", suffix=".md", delete=False) as f:
-    f.write("# Top\n## 2.6 TFDS datasets\n```\n# not a heading\n```\n### Speed on this CPU: `run.py` (fp32)\n")
-  assert heading_anchors(pathlib.Path(f.name)) == {"top", "26-tfds-datasets", "speed-on-this-cpu-runpy-fp32"}
+  doc = tmp_path / "doc.md"
+  doc.write_text("# Top\n## 2.6 TFDS datasets\n```\n# not a heading\n```\n### Speed on this CPU: `run.py` (fp32)\n")
+  assert heading_anchors(doc) == {"top", "26-tfds-datasets", "speed-on-this-cpu-runpy-fp32"}
