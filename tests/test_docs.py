@@ -10,22 +10,19 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
+def prose(path: pathlib.Path) -> str:
+  """The file without its fenced code blocks: a '#' or '](' inside a command is neither a heading nor a link."""
+  return re.sub(r"^```.*?^```", "", path.read_text(), flags=re.DOTALL | re.MULTILINE)
+
+
 def heading_anchors(path: pathlib.Path) -> set:
   """GitHub's anchors: a heading lower-cased, punctuation but '-' and '_' dropped, spaces made '-'."""
-  anchors = set()
-  in_code = False
-  for line in path.read_text().splitlines():
-    if line.startswith("```"):
-      in_code = not in_code
-    elif not in_code and line.startswith("#"):
-      text = line.lstrip("#").strip().lower()
-      anchors.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
-  return anchors
+  headings = re.findall(r"^#+\s+(.*)$", prose(path), flags=re.MULTILINE)
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
 def relative_links(path: pathlib.Path):
-  text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)  # commands in code blocks are not links
-  for target in LINK.findall(text):
+  for target in LINK.findall(prose(path)):
     if not re.match(r"[a-z]+:", target):
       yield target
 
