@@ -164,6 +164,18 @@ def test_steps_lower_the_loss_and_leave_frozen_parameters_alone(start):
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_buffers_of_the_originals_are_never_trained(start):
+  """`.*` trains every parameter except SAM's random spatial frequencies, a buffer in PyTorch; a pattern that
+  names only that buffer is reported as matching nothing trainable."""
+  _, params = start
+  gaussian = "sam/prompt_encoder/pe_layer/positional_encoding_gaussian_matrix"
+  trained, frozen = partition.split(params, (".*",))
+  assert partition.paths(frozen) == [gaussian]
+  assert len(partition.paths(trained)) == len(partition.paths(params)) - 1
+  assert partition.check_patterns(partition.paths(params), ("sam/prompt_encoder/pe_layer/.*", ".*")) == [
+      repr("sam/prompt_encoder/pe_layer/.*")]
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_mean_of_microbatch_gradients(start):
   """Two microbatches in one step: the gradient is the mean of the two microbatches' (its norm, reported by the

@@ -5,7 +5,8 @@ job's training run (`bash scripts/run_default.sh`).
     python run.py train --config configs/train/synthetic.py --workdir W --config.total_steps=200
 
 The data (generated into <workdir>/data when missing) and a sentencepiece tokenizer trained on its prompts
-need nothing outside the repository. Everything is trained: no pretrained weights exist to freeze.
+need nothing outside the repository. Everything is trained (`.*`; SAM's fixed random frequencies, a buffer in
+PyTorch, stay as drawn): no pretrained weights exist to freeze.
 """
 
 from evf_jax.train import config as train_config

@@ -65,7 +65,14 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
   """The state of `step` with the shapes, dtypes and shardings of `abstract_state` (so a run may resume on
   another mesh or process count), and the iterator moved to the saved position."""
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise
+    # The config matched (check_resume), so the code decides differently what is trained: another version.
+    raise UserError(f"{mngr.directory}/{step}: saved with another split of trained and frozen parameters than "
+                    f"this version makes; use another --workdir (the checkpoint is left as it is)") from None
   data_iterator.set_state(_data_state(os.path.join(str(mngr.directory), str(step), "data")))
   return restored["state"]
 

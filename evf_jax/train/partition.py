@@ -2,6 +2,9 @@
 (`sam/image_encoder/blocks_3/attn/qkv/kernel`). A parameter is trained when any pattern matches its whole path;
 the rest are frozen: kept out of the optimizer, never differentiated (so a frozen SAM image encoder builds no
 backward pass and holds no optimizer state).
+
+Tensors the PyTorch originals keep as buffers are parameters here (the checkpoints store them) but are never
+trained, whatever the patterns say: SAM's random spatial frequencies are fixed in SAM's own training.
 """
 
 from __future__ import annotations
@@ -12,6 +15,12 @@ from typing import Any, Sequence
 from flax import traverse_util
 
 SEP = "/"
+# Buffers in the originals: frozen even under `.*` (paths as `paths` writes them).
+BUFFERS = (re.compile(r"(.*/)?pe_layer/positional_encoding_gaussian_matrix"),)
+
+
+def is_buffer(path: str) -> bool:
+  return any(b.fullmatch(path) for b in BUFFERS)
 
 
 def paths(tree: Any) -> list[str]:
@@ -24,7 +33,9 @@ def split(params: Any, trainable: Sequence[str]) -> tuple[dict, dict]:
   flat = traverse_util.flatten_dict(params)
   train, frozen = {}, {}
   for key, value in flat.items():
-    (train if any(c.fullmatch(SEP.join(key)) for c in compiled) else frozen)[key] = value
+    path = SEP.join(key)
+    trained = not is_buffer(path) and any(c.fullmatch(path) for c in compiled)
+    (train if trained else frozen)[key] = value
   return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
 
 
@@ -36,7 +47,8 @@ def merge(trained: Any, frozen: Any) -> dict:
 
 
 def check_patterns(all_paths: Sequence[str], trainable: Sequence[str]) -> list[str]:
-  """The patterns that match no parameter (a typo in a config would otherwise freeze silently)."""
+  """The patterns that match no trainable parameter (a typo in a config would otherwise freeze silently)."""
+  all_paths = [p for p in all_paths if not is_buffer(p)]
   bad = []
   for p in trainable:
     try:

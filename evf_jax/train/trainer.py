@@ -66,7 +66,7 @@ def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransform
   shapes = abstract_params(model_config)
   unknown = partition.check_patterns(partition.paths(shapes), list(trainable))
   if unknown:
-    raise UserError(f"trainable: pattern(s) {', '.join(unknown)} match no parameter")
+    raise UserError(f"trainable: pattern(s) {', '.join(unknown)} match no parameter that can be trained")
   trained_shapes, frozen_shapes = partition.split(shapes, list(trainable))
   trained_sh, frozen_sh = partition.split(param_sh, list(trainable))
   opt_shapes = jax.eval_shape(tx.init, trained_shapes)
