@@ -18,17 +18,19 @@ def _iterator():
   return iter(grain.MapDataset.range(8).to_iter_dataset())
 
 
+def _abstract(state):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 def test_a_state_of_another_tree_is_refused_in_one_line(tmp_path):
   mngr = checkpointing.manager(str(tmp_path), keep=2, keep_best=False)
   older = {"params": {"a": jnp.ones(3), "pe": jnp.ones(2)}, "frozen": {}}
   assert checkpointing.save(mngr, 1, older, _iterator(), force=True)
   mngr.wait_until_finished()
   now = {"params": {"a": jnp.ones(3)}, "frozen": {"pe": jnp.ones(2)}}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), now)
   with pytest.raises(UserError, match="another split of trained and frozen parameters") as e:
-    checkpointing.restore(mngr, 1, abstract, _iterator())
+    checkpointing.restore(mngr, 1, _abstract(now), _iterator())
   assert "\n" not in str(e.value)
   assert os.listdir(os.path.join(str(tmp_path), checkpointing.CHECKPOINT_DIR)) == ["1"]
-  same = checkpointing.restore(mngr, 1, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), older), _iterator())
+  same = checkpointing.restore(mngr, 1, _abstract(older), _iterator())
   assert float(same["params"]["pe"][0]) == 1.0
