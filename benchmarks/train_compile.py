@@ -440,8 +440,7 @@ def main(argv=None) -> int:
   schedule = optimizer.learning_rate(cfg.optimizer.lr, total_steps=cfg.total_steps,
                                      warmup_steps=cfg.optimizer.warmup_steps, schedule=cfg.optimizer.schedule,
                                      end_factor=cfg.optimizer.end_factor)
-  tx = optimizer.adamw(schedule, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2, eps=cfg.optimizer.eps,
-                       weight_decay=cfg.optimizer.weight_decay, clip_norm=cfg.optimizer.clip_norm)
+  tx = optimizer.from_config(cfg.optimizer, schedule)
   try:
     shapes, shards, report = state_layout(model_config, cfg.trainable, tx, mesh, rules)
   except UserError as e:

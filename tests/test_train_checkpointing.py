@@ -1,5 +1,6 @@
 """Checkpoint restore refuses, in one line, a checkpoint whose state tree differs from the run's (written by a
-version of this code that split trained and frozen parameters differently), and leaves it on disk."""
+version of this code that split trained and frozen parameters differently), and leaves it on disk; Muon's state
+(trees with the other partition's leaves masked out) saves and restores exactly."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
 
 from evf_jax.errors import UserError
-from evf_jax.train import checkpointing
+from evf_jax.train import checkpointing, optimizer
 
 
 def _iterator():
@@ -34,3 +37,21 @@ def test_a_state_of_another_tree_is_refused_in_one_line(tmp_path):
   assert os.listdir(os.path.join(str(tmp_path), checkpointing.CHECKPOINT_DIR)) == ["1"]
   same = checkpointing.restore(mngr, 1, _abstract(older), _iterator())
   assert float(same["params"]["pe"][0]) == 1.0
+
+
+def test_a_muon_state_round_trips(tmp_path):
+  tx = optimizer.muon(optax.constant_schedule(1e-2))
+  params = {"dense": {"kernel": jnp.arange(12.0).reshape(4, 3), "bias": jnp.ones(3)}, "norm": {"scale": jnp.ones(3)}}
+  opt_state = tx.init(params)
+  grads = jax.tree.map(lambda x: jnp.cos(x) + 0.5, params)
+  _, opt_state = tx.update(grads, opt_state, params)  # moments that are not zeros
+  state = {"params": params, "opt_state": opt_state}
+  mngr = checkpointing.manager(str(tmp_path), keep=2, keep_best=False)
+  assert checkpointing.save(mngr, 1, state, _iterator(), force=True)
+  mngr.wait_until_finished()
+  back = checkpointing.restore(mngr, 1, _abstract(state), _iterator())
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  moments = [v for _, v in optax.tree_utils.tree_get_all_with_path(back, "mu")]
+  assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(moments))

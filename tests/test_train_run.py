@@ -235,6 +235,7 @@ def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_p
     (("--config.init.from_scratch=False", "--config.init.sam_checkpoint=/nope.pth"), "init.sam_checkpoint: no such file"),
     (("--config.trainable=('beit3/nothing',)",), "match no parameter"),
     (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),
+    (("--config.optimizer.name=lion",), "config.optimizer.name 'lion': expected one of adamw, muon"),
 ])
 def test_bad_input_is_one_line_before_compiling(config_file, data_root, tmp_path, capsys, extra, expect):
   args = _args(config_file, data_root, tmp_path / "w")

@@ -117,9 +117,12 @@ def test_gradients_match_pytorch(reference):
 # ---------------------------------------------------------------- the step
 
 
-def _setup(config, trainable, mesh, grad_accum=1, lr=3e-3, warmup=0, sgd=False, eps=1e-8):
+def _setup(config, trainable, mesh, grad_accum=1, lr=3e-3, warmup=0, sgd=False, eps=1e-8, muon=False):
   schedule = optimizer.learning_rate(lr, total_steps=100, warmup_steps=warmup, schedule="constant")
-  tx = optax.sgd(schedule) if sgd else optimizer.adamw(schedule, weight_decay=0.01, eps=eps)
+  if sgd:
+    tx = optax.sgd(schedule)
+  else:
+    tx = (optimizer.muon if muon else optimizer.adamw)(schedule, weight_decay=0.01, eps=eps)
   rules = sharding.rules_for(mesh, sharding.DEFAULT_RULES)
   shapes, shards, report = state_layout(config, trainable, tx, mesh, rules)
   options = StepOptions(grad_accum=grad_accum, encoder_frozen=partition.encoder_frozen(shapes["params"]))
@@ -174,6 +177,52 @@ def test_buffers_of_the_originals_are_never_trained(start):
   assert len(partition.paths(trained)) == len(partition.paths(params)) - 1
   assert partition.check_patterns(partition.paths(params), ("sam/prompt_encoder/pe_layer/.*", ".*")) == [
       repr("sam/prompt_encoder/pe_layer/.*")]
+
+
+def _momenta(opt_state) -> dict[str, set[str]]:
+  """{optimizer state type: paths of the parameters it holds a first moment for}."""
+  out = {}
+  for path, mu in optax.tree_utils.tree_get_all_with_path(opt_state, "mu"):
+    kind = path[-1].tuple_name  # MuonState or ScaleByAdamState
+    flat = traverse_util.flatten_dict(mu, sep="/") if isinstance(mu, dict) else {}
+    out.setdefault(kind, set()).update(k for k, v in flat.items() if not isinstance(v, optax.transforms.MaskedNode))
+  return out
+
+
+def test_muon_updates_the_matrices_and_shards_its_state_like_them(start):
+  """optimizer.name = "muon": Muon's momentum for exactly the 2-D dense kernels, AdamW's moments for the rest
+  (conv kernels, biases, norms, embeddings, tables); on a (data 2, fsdp 4) mesh each momentum is laid out like
+  its parameter; a few steps lower the loss and leave the frozen parameters alone."""
+  config, params = start
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)], jax.devices())
+  schedule = optimizer.learning_rate(1e-3, total_steps=10, warmup_steps=0, schedule="constant")
+  tx = optimizer.muon(schedule)
+  shapes, shards, _ = state_layout(config, TRAINABLE, tx, mesh, sharding.rules_for(mesh, sharding.DEFAULT_RULES))
+  trained = traverse_util.flatten_dict(shapes["params"], sep="/")
+  matrices = {k for k, v in trained.items() if k.endswith("/kernel") and v.ndim == 2}
+  assert len(matrices) > 10 and any(k.endswith("/kernel") and v.ndim == 4 for k, v in trained.items())
+  momenta = _momenta(shapes["opt_state"])
+  assert momenta["MuonState"] == matrices, momenta["MuonState"] ^ matrices
+  assert momenta["ScaleByAdamState"] == set(trained) - matrices
+  param_specs = sharding.describe(shards["params"])
+  for path, mu in optax.tree_utils.tree_get_all_with_path(shards["opt_state"], "mu"):
+    for k, sh in traverse_util.flatten_dict(mu, sep="/").items():
+      if not isinstance(sh, optax.transforms.MaskedNode):
+        assert str(sh.spec) == param_specs[k], k
+  assert param_specs["beit3/encoder/layers_0/ffn/A/fc1/kernel"] == str(jax.sharding.PartitionSpec("fsdp", "tensor"))
+
+  one = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  tx, shards, rules, _, step, batch_sh = _setup(config, TRAINABLE, one, muon=True)
+  state = fresh_state(params, TRAINABLE, tx, shards)
+  frozen_before = jax.tree.map(np.asarray, state["frozen"])
+  state, trace = _run(step, state, random_batch(config, images=2, prompts=3, mask_size=48, seed=2), batch_sh,
+                      one, rules, 8)
+  losses_ = [m["loss"] for m in trace]
+  assert losses_[-1] < 0.8 * losses_[0], losses_
+  for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"])):
+    np.testing.assert_array_equal(a, np.asarray(b))
 
 
 @pytest.mark.slow

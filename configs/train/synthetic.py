@@ -32,7 +32,10 @@ def get_config(arg=None):
   c.init.from_scratch = True
   c.train_tokenizer_vocab = 128  # every word of the synthetic prompts becomes one piece
   c.trainable = (".*",)
-  c.optimizer.lr = 1e-3
+  # Muon on the dense matrices (AdamW on the rest) learns the positional expressions far sooner than AdamW
+  # alone: held-out cIoU 46.8 against 33.1 over three seeds at 1,200 steps (docs/default_job.md).
+  c.optimizer.name = "muon"
+  c.optimizer.lr = 2e-3
   c.optimizer.b2 = 0.99
   c.optimizer.warmup_steps = 100
   c.optimizer.schedule = "cosine"

@@ -32,7 +32,7 @@ from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, init_params
 from evf_jax.runtime import check_attention_platform, compute_dtype
 from evf_jax.tokenizer import SPM_FILE, TextTokenizer
-from evf_jax.train import checkpointing
+from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
 from evf_jax.train.trainer import Trainer
 
@@ -118,6 +118,9 @@ def _check_config(cfg) -> EvfConfig:
       raise UserError(f"config.{key} must be >= 1, got {cfg[key]}")
   if not cfg.data.mixture:
     raise UserError("config.data.mixture is empty")
+  for key, allowed in (("name", optimizer.OPTIMIZERS), ("schedule", optimizer.SCHEDULES)):
+    if cfg.optimizer[key] not in allowed:
+      raise UserError(f"config.optimizer.{key} {cfg.optimizer[key]!r}: expected one of {', '.join(allowed)}")
   return train_config.model_config(cfg.model)
 
 

@@ -124,10 +124,16 @@ def _normalise(value: Any) -> Any:
   return json.loads(json.dumps(value))  # tuples -> lists, as stored
 
 
+# Settings added after workdirs were written, with the value that reproduces those runs: a workdir without
+# them reads as having it.
+ADDED_SETTINGS = {"optimizer.name": "adamw", "optimizer.muon_momentum": 0.95}
+
+
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str) -> list[str]:
   """UserError naming the first setting that differs between the workdir's config and this run's; returns the
   changed settings that are allowed (for the log)."""
   a, b = _flat(_normalise(saved)), _flat(_normalise(current))
+  a = {**ADDED_SETTINGS, **a}
   allowed = []
   for key in sorted(set(a) | set(b)):
     if a.get(key, "<missing>") == b.get(key, "<missing>"):

@@ -70,9 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train_tokenizer_vocab = 0   # > 0: train a sentencepiece model of this many pieces on the training prompts
   c.trainable = EVF_SAM_TRAINABLE  # regexes over parameter paths; the rest is frozen
   # LISA's recipe where EVF-SAM's is unknown (docs/data.md#7-training-recipe).
+  # "muon": Muon on the dense weight matrices, AdamW (these betas) on the rest; lr applies to both.
   c.optimizer = ml_collections.ConfigDict({
-      "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 100,
-      "schedule": "linear", "end_factor": 0.0, "clip_norm": 1.0})
+      "name": "adamw", "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 100,
+      "schedule": "linear", "end_factor": 0.0, "clip_norm": 1.0, "muon_momentum": 0.95})
   c.loss = ml_collections.ConfigDict({"bce_weight": 2.0, "dice_weight": 0.5})
   # Data: TFDS datasets (run.py prepare) in the data_dir data.root, mixed by group weight (docs/data.md#6).
   c.data = ml_collections.ConfigDict({

@@ -70,8 +70,7 @@ def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransform
   trained_shapes, frozen_shapes = partition.split(shapes, list(trainable))
   trained_sh, frozen_sh = partition.split(param_sh, list(trainable))
   opt_shapes = jax.eval_shape(tx.init, trained_shapes)
-  opt_sh = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_shapes, trained_sh,
-                                            transform_non_params=lambda _: replicated)
+  opt_sh = optimizer.state_shardings(tx, opt_shapes, trained_sh, replicated)
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": trained_shapes, "frozen": frozen_shapes,
             "opt_state": opt_shapes}
   shards = {"step": replicated, "params": trained_sh, "frozen": frozen_sh, "opt_state": opt_sh}
@@ -162,8 +161,7 @@ class Trainer:
     self.schedule = optimizer.learning_rate(cfg.optimizer.lr, total_steps=cfg.total_steps,
                                             warmup_steps=cfg.optimizer.warmup_steps,
                                             schedule=cfg.optimizer.schedule, end_factor=cfg.optimizer.end_factor)
-    self.tx = optimizer.adamw(self.schedule, b1=cfg.optimizer.b1, b2=cfg.optimizer.b2, eps=cfg.optimizer.eps,
-                              weight_decay=cfg.optimizer.weight_decay, clip_norm=cfg.optimizer.clip_norm)
+    self.tx = optimizer.from_config(cfg.optimizer, self.schedule)
     shapes, shards, report = state_layout(self.model_config, cfg.trainable, self.tx, self.mesh, self.rules)
     if report:
       self.log(f"sharding: {len(report)} parameter dimension(s) replicated because the mesh does not divide "
