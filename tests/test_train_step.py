@@ -192,8 +192,8 @@ def _momenta(opt_state) -> dict[str, set[str]]:
 def test_muon_updates_the_matrices_and_shards_its_state_like_them(start):
   """optimizer.name = "muon": Muon's momentum for exactly the 2-D dense kernels, AdamW's moments for the rest
   (conv kernels, biases, norms, embeddings, tables); on a (data 2, fsdp 4) mesh each momentum is laid out like
-  its parameter; a few steps lower the loss and leave the frozen parameters alone."""
-  config, params = start
+  its parameter. (Steps with it: the slow test below, and the synthetic config, which trains with Muon.)"""
+  config, _ = start
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)], jax.devices())
@@ -213,6 +213,10 @@ def test_muon_updates_the_matrices_and_shards_its_state_like_them(start):
         assert str(sh.spec) == param_specs[k], k
   assert param_specs["beit3/encoder/layers_0/ffn/A/fc1/kernel"] == str(jax.sharding.PartitionSpec("fsdp", "tensor"))
 
+
+@pytest.mark.slow
+def test_muon_steps_lower_the_loss_and_leave_frozen_parameters_alone(start):
+  config, params = start
   one = sharding.make_mesh([("data", 1)], jax.devices()[:1])
   tx, shards, rules, _, step, batch_sh = _setup(config, TRAINABLE, one, muon=True)
   state = fresh_state(params, TRAINABLE, tx, shards)

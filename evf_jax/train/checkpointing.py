@@ -70,9 +70,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
   except ValueError as e:
     if "tree structures do not match" not in str(e):
       raise
-    # The config matched (check_resume), so the code decides differently what is trained: another version.
-    raise UserError(f"{mngr.directory}/{step}: saved with another split of trained and frozen parameters than "
-                    f"this version makes; use another --workdir (the checkpoint is left as it is)") from None
+    # The config matched (check_resume), so the code lays out the state differently (what is trained, or the
+    # optimizer's state): another version.
+    raise UserError(f"{mngr.directory}/{step}: saved with another split of trained and frozen parameters or "
+                    f"another optimizer state than this version makes; use another --workdir (the checkpoint is "
+                    f"left as it is)") from None
   data_iterator.set_state(_data_state(os.path.join(str(mngr.directory), str(step), "data")))
   return restored["state"]
 
