@@ -1,9 +1,11 @@
 """Checkpoint restore refuses, in one line, a checkpoint whose state tree differs from the run's (written by a
 version of this code that split trained and frozen parameters differently), and leaves it on disk; Muon's state
-(trees with the other partition's leaves masked out) saves and restores exactly."""
+(trees with the other partition's leaves masked out) saves and restores exactly; a workdir written before the
+optimizer settings existed resumes as the AdamW run it was."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import grain
@@ -15,6 +17,7 @@ import pytest
 
 from evf_jax.errors import UserError
 from evf_jax.train import checkpointing, optimizer
+from evf_jax.train import config as train_config
 
 
 def _iterator():
@@ -55,3 +58,13 @@ def test_a_muon_state_round_trips(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   moments = [v for _, v in optax.tree_utils.tree_get_all_with_path(back, "mu")]
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(moments))
+
+
+def test_a_workdir_from_before_the_optimizer_settings_resumes_as_adamw():
+  current = train_config.base_config().to_dict()
+  saved = copy.deepcopy(current)
+  del saved["optimizer"]["name"], saved["optimizer"]["muon_momentum"]
+  assert checkpointing.check_resume(saved, current, "W") == []
+  current["optimizer"]["name"] = "muon"
+  with pytest.raises(UserError, match="W was trained with optimizer.name='adamw', this run has 'muon'"):
+    checkpointing.check_resume(saved, current, "W")
