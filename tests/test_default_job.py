@@ -25,6 +25,7 @@ _spec.loader.exec_module(_module)
 def get_config(arg=None):
   c = _module.get_config()
   c.data.synthetic.num_eval = 40
+  c.data.root = {data!r}  # outside the workdir: evaluation and prediction must read it there too
   return c
 '''
 
@@ -33,7 +34,7 @@ def get_config(arg=None):
 def test_the_default_job_learns_to_read(tmp_path, capsys):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = tmp_path / "reduced.py"
-  config.write_text(CONFIG.format(repo=repo))
+  config.write_text(CONFIG.format(repo=repo, data=str(tmp_path / "data")))
   work = tmp_path / "job"
   assert cli.main(["synthetic", "--workdir", str(work), "--config", str(config), "--steps", "800",
                    "--no-progress"]) == 0
@@ -46,6 +47,7 @@ def test_the_default_job_learns_to_read(tmp_path, capsys):
   assert (work / "results.png").stat().st_size > 10_000
   assert len(list((work / "predict").glob("*_mask.png"))) == 4
   assert "EVF-SAM (trained here)" in out
+  assert (tmp_path / "data" / "synthetic").is_dir() and not (work / "data").exists()
   # Run again: nothing to train; the export evaluated afresh gives the training run's numbers.
   assert cli.main(["synthetic", "--workdir", str(work), "--config", str(config), "--steps", "800",
                    "--no-progress"]) == 0
@@ -53,7 +55,7 @@ def test_the_default_job_learns_to_read(tmp_path, capsys):
   for name, r in results.items():
     assert again[name]["ciou"] == pytest.approx(r["ciou"], abs=1e-4), name
   # bf16 inference of the trained model: nearly every mask pixel as in float32.
-  r = precision_accuracy.compare(str(work / "export"), str(work / "data" / "synthetic"), images=3)
+  r = precision_accuracy.compare(str(work / "export"), str(tmp_path / "data" / "synthetic"), images=3)
   assert r["fp32"]["sentences"] == r["bf16"]["sentences"] > 0
   assert r["agreement"]["pixels"] > 0.99, r
   assert abs(r["bf16"]["ciou"] - r["fp32"]["ciou"]) < 0.05, r

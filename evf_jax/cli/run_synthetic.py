@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
   if summary.stopped_early:
     return 130 if "SIGINT" in summary.stopped_early else 0
   export = summary.export
-  data_root = os.path.join(workdir, run_train.DATA_DIR)
+  data_root = run_train.data_root(cfg, workdir)
   data_dir = os.path.join(data_root, "synthetic")
 
   print("[3/5] evaluating the held-out split")

@@ -138,9 +138,14 @@ def _locate(root: str, name: str) -> str | None:
   return None
 
 
+def data_root(cfg, workdir: str) -> str:
+  """Where the training data lives: `data.root`, or <workdir>/data when that is empty."""
+  return cfg.data.root or os.path.join(workdir, DATA_DIR)
+
+
 def _data_dirs(cfg, workdir: str) -> tuple[str, dict[str, tuple[float, list[str]]]]:
   """(data root, the mixture with dataset locations); generates a missing synthetic dataset when configured."""
-  root = cfg.data.root or os.path.join(workdir, DATA_DIR)
+  root = data_root(cfg, workdir)
   split = cfg.data.get("split", "train")
   mixture = {}
   for group, (weight, names) in cfg.data.mixture.items():
