@@ -1,8 +1,9 @@
 """The default job (`run.py synthetic`, what `scripts/run_default.sh` runs), reduced: 40 held-out images, 800
-steps (slow tier, ~10 minutes; at 300 steps the model was only level with the every-object baseline). It trains
-from scratch on the generated set, and the trained model reads the text: its held-out cIoU is well above both
-text-blind baselines (the same model with an empty prompt; every object). It also predicts, draws its picture
-and resumes."""
+steps. Slow tier: besides its steps one run spends ~3 minutes of the 2 cores on data, compiles (initialiser,
+step, evaluation, baseline, predictor) and baselines (docs/default_job.md#time), more than the default tier has
+to spare. It trains from scratch on the generated set, and the trained model reads the text: its held-out cIoU is
+well above both text-blind baselines (the same model with an empty prompt; every object). It also predicts,
+draws its picture and resumes."""
 
 from __future__ import annotations
 
