@@ -68,3 +68,35 @@ def test_a_workdir_from_before_the_optimizer_settings_resumes_as_adamw():
   current["optimizer"]["name"] = "muon"
   with pytest.raises(UserError, match="W was trained with optimizer.name='adamw', this run has 'muon'"):
     checkpointing.check_resume(saved, current, "W")
+
+
+def test_small_replicated_arrays_are_saved_without_compiling(tmp_path):
+  """On 8 devices a replicated state is saved with no compile for its small arrays (orbax would cut each into 8
+  slices with an op compiled per shape); a large one is still split over the replicas; all restore exactly."""
+  devices = jax.devices()
+  assert len(devices) == 8
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("data",)),
+                                          jax.sharding.PartitionSpec())
+  small = {f"w{i}": jnp.arange(8.0 * (i + 1)).reshape(8, i + 1) for i in range(12)}  # 12 shapes
+  state = jax.device_put({"small": small, "large": jnp.arange(8 * 262144.0).reshape(8, 262144)}, replicated)
+  compiles = []
+
+  def listen(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(duration)
+
+  mngr = checkpointing.manager(str(tmp_path), keep=2, keep_best=False)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    assert checkpointing.save(mngr, 1, {"small": state["small"]}, _iterator(), force=True)
+    mngr.wait_until_finished()
+    small_compiles = len(compiles)
+    assert checkpointing.save(mngr, 2, state, _iterator(), force=True)
+    mngr.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert small_compiles == 0
+  assert len(compiles) > 0  # the 8 MiB array is cut into 1 MiB replica slices
+  back = checkpointing.restore(mngr, 2, _abstract(state), _iterator())
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

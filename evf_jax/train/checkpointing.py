@@ -42,6 +42,7 @@ def has_checkpoint(workdir: str) -> bool:
 
 def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.CheckpointManager:
   """The run's CheckpointManager: async saves; keeps the latest `keep` steps and the best by eval gIoU."""
+  checkpoints.use_array_handler()
   policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
   if keep_best:
     policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
