@@ -1,7 +1,8 @@
 """Checkpoint restore refuses, in one line, a checkpoint whose state tree differs from the run's (written by a
 version of this code that split trained and frozen parameters differently), and leaves it on disk; Muon's state
 (trees with the other partition's leaves masked out) saves and restores exactly; a workdir written before the
-optimizer settings existed resumes as the AdamW run it was."""
+optimizer settings existed resumes as the AdamW run it was; small replicated arrays are saved without a compiled
+slice op each."""
 
 from __future__ import annotations
 
