@@ -144,6 +144,12 @@ def torch_loss_and_grads(model, config, batch):
   return float(loss.detach()), grads
 
 
+def assert_same_tree(a, b) -> None:
+  """The same tree structure and every leaf bit-identical (device or host arrays)."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def saved_params(workdir: str, step: int) -> dict:
   """The trained parameters a run saved at `step`, as host arrays, whatever mesh or processes saved them (the
   saved shardings name the writer's devices, so they are restored onto this process's first device)."""

@@ -19,8 +19,6 @@ import os
 import subprocess
 import sys
 
-import jax
-import numpy as np
 import pytest
 
 from benchmarks import precision_accuracy
@@ -30,7 +28,7 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.cli import run_synthetic
 from evf_jax.images import decode_image
 from evf_jax.predictor import Predictor
-from evf_testing.training import saved_params
+from evf_testing.training import assert_same_tree, saved_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = '''import importlib.util, os
@@ -81,8 +79,7 @@ def test_a_short_run_of_the_default_config_reads_the_text(tmp_path):
   _, params, _ = load_checkpoint(str(work / "export"))
   trained = saved_params(str(work), 500)
   for key in ("beit3", "projector"):  # SAM also holds its fixed random frequencies, which are not trained
-    for a, b in zip(jax.tree.leaves(params[key]), jax.tree.leaves(trained[key]), strict=True):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_same_tree(params[key], trained[key])
   assert json.load(open(work / "export" / "provenance.json"))["step"] == 500
   record = records.read_records(str(tmp_path / "data" / "synthetic"), "val")[0]
   predictor = Predictor.from_checkpoint(str(work / "export"))

@@ -19,6 +19,7 @@ import pytest
 from evf_jax.errors import UserError
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
+from evf_testing.training import assert_same_tree
 
 
 def _iterator():
@@ -55,8 +56,7 @@ def test_a_muon_state_round_trips(tmp_path):
   mngr.wait_until_finished()
   back = checkpointing.restore(mngr, 1, _abstract(state), _iterator())
   assert jax.tree.structure(back) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_same_tree(state, back)
   moments = [v for _, v in optax.tree_utils.tree_get_all_with_path(back, "mu")]
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(moments))
 
@@ -98,6 +98,4 @@ def test_small_replicated_arrays_are_saved_without_compiling(tmp_path):
     jax.monitoring.unregister_event_duration_listener(listen)
   assert small_compiles == 0
   assert len(compiles) > 0  # the 8 MiB array is cut into 1 MiB replica slices
-  back = checkpointing.restore(mngr, 2, _abstract(state), _iterator())
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert_same_tree(state, checkpointing.restore(mngr, 2, _abstract(state), _iterator()))

@@ -20,7 +20,7 @@ from evf_jax import cli
 from evf_jax.checkpoints import load_checkpoint
 from evf_jax.images import decode_image
 from evf_jax.predictor import Predictor
-from evf_testing.training import saved_params
+from evf_testing.training import assert_same_tree, saved_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = '''from evf_testing.training import micro_train_config
@@ -63,11 +63,6 @@ def _losses(workdir):
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
-def _same(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-
-
 @pytest.fixture(scope="module")
 def straight(config_file, data_root, tmp_path_factory):
   """An uninterrupted 6-step run in this process: the reference for every resumed run."""
@@ -87,7 +82,7 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   config, params, tokenizer = load_checkpoint(os.path.join(w, "export"))
   trained = saved_params(w, 6)
   for key in ("beit3", "projector"):  # the export holds the trained parameters
-    _same(jax.tree.map(np.asarray, params[key]), trained[key])
+    assert_same_tree(params[key], trained[key])
   provenance = json.load(open(os.path.join(w, "export", "provenance.json")))
   assert provenance["step"] == 6 and provenance["initialisation"]["init"] == "random"
   from data_pipelines import records
@@ -120,7 +115,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, dat
   assert cli.main(_args(config_file, data_root, w)) == 0
   out = capsys.readouterr()
   assert "resuming from" in out.out and "total_steps" in out.out
-  _same(saved_params(str(w), 6), saved_params(straight, 6))
+  assert_same_tree(saved_params(str(w), 6), saved_params(straight, 6))
   assert _losses(str(w)) == _losses(straight)
 
 
@@ -205,7 +200,7 @@ def test_sigkill_mid_run_and_mid_save_lose_only_unfinished_work(straight, config
     proc.wait()
     assert _steps(w) == [3], (name, os.listdir(os.path.join(w, "checkpoints")))
     _finish(config_file, data_root, w)
-    _same(saved_params(w, 6), saved_params(straight, 6))
+    assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
     assert not glob.glob(os.path.join(w, "checkpoints", "*tmp*"))  # the half-written save was cleaned up
 
 
@@ -220,7 +215,7 @@ def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_p
   saved = _steps(w)
   assert len(saved) == 1 and 1 <= saved[0] < 6 and f"stopped by SIGTERM: saved step {saved[0]}" in out, out[-2000:]
   _finish(config_file, data_root, w)
-  _same(saved_params(w, 6), saved_params(straight, 6))
+  assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
 
 
 # ---------------------------------------------------------------- bad input: one line, before any compile
