@@ -50,10 +50,13 @@ class MaskDecoder(sam1.MaskDecoder):
     table = lambda: layers.logical(nn.initializers.normal(1.0), (None, "embed"))
     self.iou_token = self.param("iou_token", table(), (1, c), self.param_dtype)
     self.mask_tokens = self.param("mask_tokens", table(), (n, c), self.param_dtype)
+    # The IoU and object-score heads decide (the best mask, "no object") on scores a few 1e-3 apart: they run in
+    # float32 whatever the compute dtype, so bfloat16's 2^-8 steps do not turn close scores into ties.
+    kw32 = {"dtype": jnp.float32, "param_dtype": self.param_dtype}
     if self.pred_obj_scores:
       self.obj_score_token = self.param("obj_score_token", table(), (1, c), self.param_dtype)
-      self.pred_obj_score_head = (sam1.MLP(c, 1, 3, name="pred_obj_score_head", **kw) if self.pred_obj_scores_mlp
-                                  else layers.dense(1, ("embed", None), name="pred_obj_score_head", **kw))
+      self.pred_obj_score_head = (sam1.MLP(c, 1, 3, name="pred_obj_score_head", **kw32) if self.pred_obj_scores_mlp
+                                  else layers.dense(1, ("embed", None), name="pred_obj_score_head", **kw32))
     self.transformer = TwoWayTransformer(self.transformer_depth, c, self.transformer_num_heads,
                                          self.transformer_mlp_dim, self.attention_downsample_rate,
                                          attention=self.attention, name="transformer", **kw)
@@ -67,7 +70,7 @@ class MaskDecoder(sam1.MaskDecoder):
     self.output_hypernetworks_mlps = [sam1.MLP(c, c // 8, 3, name=f"output_hypernetworks_mlps_{i}", **kw)
                                       for i in range(n)]
     self.iou_prediction_head = sam1.MLP(self.iou_head_hidden_dim, n, self.iou_head_depth, name="iou_prediction_head",
-                                   **kw)
+                                        **kw32)
 
   def project_high_res_features(self, feat_s0: jax.Array, feat_s1: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The neck's two finest levels (d_model wide) -> the decoder's skip inputs (d/8 and d/4 wide)."""
@@ -105,11 +108,11 @@ class MaskDecoder(sam1.MaskDecoder):
     hyper = jnp.stack([mlp(mask_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1)
     masks = jnp.einsum("bmc,byxc->bmyx", hyper, x)
 
-    iou = self.iou_prediction_head(hs[:, s])
+    iou = self.iou_prediction_head(hs[:, s].astype(jnp.float32))
     if self.iou_prediction_use_sigmoid:
       iou = jax.nn.sigmoid(iou)
     if self.pred_obj_scores:
-      obj = self.pred_obj_score_head(hs[:, 0])
+      obj = self.pred_obj_score_head(hs[:, 0].astype(jnp.float32))
     else:  # "object present" with sigmoid ~1
       obj = jnp.full((b, 1), 10.0, iou.dtype)
     return masks, iou, mask_out, obj
