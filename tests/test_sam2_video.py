@@ -270,7 +270,10 @@ def test_toy_video_propagation(toy, tmp_path, chunk):
 def test_full_size_video_propagation(tmp_path):
   """EVF-SAM2's SAM-2 (Hiera-L, 1024 px, num_maskmem 7, 16 pointers) on 4 frames of 240x320 against the legacy
   video predictor. With random weights the features reach ~30, so float32 rounding is ~1e-4 on the image path
-  (tests/test_sam2_parity.py) before the bfloat16 memories amplify it."""
+  (tests/test_sam2_parity.py) before the bfloat16 memories amplify it: later frames within 2e-2. Hole filling
+  is a threshold: a background component of <= 8 low-res pixels is set to 0.1, so a low-res logit within
+  rounding of 0 (frame 1 has one at 2.6e-5) can fill a hole on one side only and move the few video pixels
+  around it by up to ~0.1 (measured: 2 pixels by 0.068, masks equal); at most 0.1% of pixels may do that."""
   import gc
 
   import torch
@@ -296,6 +299,10 @@ def test_full_size_video_propagation(tmp_path):
     agree = float(np.mean((got > 0) == (ref > 0)))
     print(f"[parity] Hiera-L video frame {t}: max abs {err:.3g} (max |ref| {np.abs(ref).max():.3g}), mask "
           f"agreement {agree:.5f}, object score {score[0]:.4g} vs {ref_score:.4g}")
-    assert err <= (2e-3 if t == 0 else 2e-2) and agree >= 0.999
-    assert abs(score[0] - ref_score) <= 1e-2
+    assert agree >= 0.999 and abs(score[0] - ref_score) <= 1e-2
+    if t == 0:
+      assert err <= 2e-3
+    else:  # a hole filled on one side only moves a few pixels by up to 0.1 (docstring)
+      off = np.abs(got - ref) > 2e-2
+      assert off.mean() <= 1e-3 and err <= 0.1 + 2e-2
   assert ref_scores[0] > 0  # frame 0 has an object: its prompt path and binarized memory are exercised

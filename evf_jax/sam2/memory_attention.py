@@ -89,8 +89,8 @@ class RoPEAttention(nn.Module):
       reps = n_rope // lq  # the same angles for every memory frame
       k_rot = rotate(k[:, :n_rope].reshape(b, reps, lq, n, hd), cos, sin).reshape(b, n_rope, n, hd)
       k = jnp.concatenate([k_rot, k[:, n_rope:]], axis=1) if num_k_exclude_rope else k_rot
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    out = layers.attention(q, k, v, mask=mask, implementation="xla")
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    out = layers.heads_first_attention(q, k, v, key_mask=key_mask).transpose(0, 2, 1, 3)
     return layers.dense(c, ("heads", "embed"), name="out_proj", **kw)(out.reshape(b, lq, c))
 
 
