@@ -16,8 +16,9 @@ reference (sam2 + torchscale + EVF-SAM2's glue, `evf_testing.sam2_reference`, as
 the uint8 squash to 1024, SAM-2 features, BEiT-3, the multimask decoder, the best mask by IoU, bilinear to the
 original size) and ours (`Predictor`: set_image + predict) alternate for --rounds rounds, one image + one prompt
 end to end, medians; on a loaded machine only such same-run ratios mean anything. `--parts` also times the parts
-alone the same way: SAM-2's image encoder (trunk + neck + the decoder's high-res projections), BEiT-3 + the
-projector, the mask decoder.
+alone the same way: SAM-2's image encoder (trunk + neck + the decoder's high-res projections; compiled as
+`Predictor` compiles it), BEiT-3 + the projector, the mask decoder. `--products` then times the encoder's
+dense-layer products alone, shape by shape, in XLA, torch and numpy: the time those products alone need.
 
 Both frameworks allocate their large intermediate buffers afresh on every call, and glibc serves
 blocks over its mmap threshold (at most 32 MiB) with new pages that the kernel must fault in and zero:
@@ -38,7 +39,6 @@ import time
 
 from evf_testing import benchmarking as common
 
-
 # glibc malloc tunables (read at process start) that keep freed memory for reuse instead of returning it
 # to the kernel: the freed heap is then never given back, so a process stays at its peak size.
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_ARENA_MAX": "1"}
@@ -54,8 +54,8 @@ def faults_of(fn) -> int:
 def run_reference(args) -> dict:
   import torch
   torch.set_num_threads(args.threads)
-  from evf_testing import evf_reference as ref
   from evf_jax.tokenizer import TextTokenizer
+  from evf_testing import evf_reference as ref
   config, model, ckpt = common.build_models(args.size, args.workdir)
   tok = TextTokenizer(os.path.join(ckpt, "tokenizer"))
   image = common.test_image()
@@ -79,6 +79,7 @@ def run_reference(args) -> dict:
 
 def run_ours(args) -> dict:
   import jax
+
   from evf_jax.predictor import Predictor
   config, _, ckpt = common.build_models(args.size, args.workdir)
   image = common.test_image()
@@ -118,7 +119,9 @@ def run_evf_sam2(args) -> None:
   import jax.numpy as jnp
   import numpy as np
   import torch
+
   from convert.evf_sam2 import convert_evf_sam2
+  from evf_jax import runtime
   from evf_jax.beit3.preprocess import beit_image
   from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config
   from evf_jax.predictor import Predictor
@@ -126,8 +129,14 @@ def run_evf_sam2(args) -> None:
   from evf_jax.tokenizer import TextTokenizer
   from evf_testing import torch_reference as tr
   from evf_testing.evf_reference import beit_input
-  from evf_testing.sam2_reference import (build_torch_evf_sam2, reference_evf_sam2, reference_sam2_decode,
-                                          reference_sam2_maps, reference_text_feature, sam2_input)
+  from evf_testing.sam2_reference import (
+    build_torch_evf_sam2,
+    reference_evf_sam2,
+    reference_sam2_decode,
+    reference_sam2_maps,
+    reference_text_feature,
+    sam2_input,
+  )
   torch.set_num_threads(args.threads)
   t0 = time.perf_counter()
   config = EvfSam2Config.preset(args.sam2_size)
@@ -164,7 +173,8 @@ def run_evf_sam2(args) -> None:
     x = jnp.asarray(preprocess(image, s))[None]
     bx = jnp.asarray(beit_image(image, config.beit3.img_size))[None]
     jids, jmask = jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, bool)
-    enc = jax.jit(lambda q, x: m.apply({"params": q}, x, method="embed_image"))
+    # compiled as `Predictor` compiles EVF-SAM2's encoder (dots through Eigen on the CPU)
+    enc = runtime.jit_eigen_dots(lambda q, x: m.apply({"params": q}, x, method="embed_image"))
     text = jax.jit(lambda q, b, i, k: m.apply({"params": q}, b, i, k, method="text_prompts"))
     dec = jax.jit(lambda q, f, pr: m.apply({"params": q}, f, pr, method="decode"))
     feats, prompts = enc(p.params, x), text(p.params, bx, jids, jmask)
@@ -191,6 +201,48 @@ def run_evf_sam2(args) -> None:
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   common.print_ratios(times)
   print(f"first call (compiles): {first:.1f} s; logits vs reference: max abs difference {err:.3g}")
+  if args.products:
+    enc_ref = times["SAM-2 image encoder (Hiera + neck)"][1]
+    dense_products_alone(lambda q, x: m.apply({"params": q}, x, method="embed_image"), (p.params, x), enc_ref,
+                         args.rounds)
+
+
+def product_times(rows: int, k: int, n: int, rng, rounds: int) -> dict:
+  """Median seconds of one (rows, k) @ (k, n) float32 product per library."""
+  import jax
+  import numpy as np
+  import torch
+
+  from evf_jax import runtime
+  a, b = rng.standard_normal((rows, k), np.float32), rng.standard_normal((k, n), np.float32)
+  ja, jb, ta, tb = jax.numpy.asarray(a), jax.numpy.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+  xla = (jax.jit(jax.numpy.matmul), runtime.jit_eigen_dots(jax.numpy.matmul))
+  return {
+    "XLA (best dot library)": min(common.timed(lambda f=f: jax.block_until_ready(f(ja, jb)), rounds, 1)[0]
+                                  for f in xla),
+    "torch.matmul": common.timed(lambda: torch.matmul(ta, tb), rounds, 1)[0],
+    "numpy (its BLAS)": common.timed(lambda: a @ b, rounds, 1)[0],
+  }
+
+
+def dense_products_alone(fn, args, reference_s: float, rounds: int) -> None:
+  """The dense layers' products of `fn(*args)`, each shape jitted alone (XLA with either dot library, best of
+  the two) against torch.matmul and numpy's BLAS on the same shapes: how much of the reference's time the
+  products alone would take each library, which bounds what any arrangement of the rest can reach."""
+  import numpy as np
+  products = common.dense_products(fn, *args)
+  rng = np.random.default_rng(0)
+  sums = {"XLA (best dot library)": 0.0, "torch.matmul": 0.0, "numpy (its BLAS)": 0.0}
+  flops = 0.0
+  for (rows, k, n), count in sorted(products.items()):
+    for name, t in product_times(rows, k, n, rng, rounds).items():
+      sums[name] += count * t
+    flops += 2.0 * rows * k * n * count
+  print(f"\nthe encoder's dense layers: {sum(products.values())} products of {len(products)} shapes, "
+        f"{flops / 1e12:.3f} TFLOP; each shape alone, median of {rounds}; reference encoder {reference_s:.3f} s")
+  print(f"{'products alone with':<28} {'[s]':>8} {'GFLOP/s':>8} {'/ reference encoder':>20}")
+  for name, t in sums.items():
+    print(f"{name:<28} {t:>8.3f} {flops / t / 1e9:>8.1f} {t / reference_s:>20.3f}")
 
 
 def child(role: str, args, extra=(), env_extra=None) -> dict:
@@ -224,9 +276,13 @@ def main() -> None:
   ap.add_argument("--sam2-size", default="evf-sam2", choices=["toy", "evf-sam2"], help="--family evf-sam2's size")
   ap.add_argument("--rounds", type=int, default=3, help="--family evf-sam2: alternating rounds")
   ap.add_argument("--parts", action="store_true", help="--family evf-sam2: time the parts too")
+  ap.add_argument("--products", action="store_true",
+                  help="--family evf-sam2 with --parts: also time the encoder's dense-layer products alone per library")
   ap.add_argument("--xla-flags", default="", help="--family evf-sam2: appended to XLA_FLAGS before jax starts, e.g. "
                   "--xla-flags=--xla_cpu_experimental_ynn_fusion_type= (what the video tracker sets per program)")
   args = ap.parse_args()
+  if args.products and not (args.family == "evf-sam2" and args.parts):
+    ap.error("--products needs --family evf-sam2 --parts (it compares with the reference encoder's time)")
   if args.family == "evf-sam2":
     if args.xla_flags:
       os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()

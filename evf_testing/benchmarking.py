@@ -7,6 +7,7 @@ requirements (torch, segment-anything, torchscale), like the tests.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import resource
@@ -101,3 +102,29 @@ def parse_results(stdout: str) -> dict:
     if line.startswith("RESULT "):
       return json.loads(line[len("RESULT "):])
   raise RuntimeError("child printed no RESULT line:\n" + stdout[-3000:])
+
+
+def dense_products(fn, *args) -> collections.Counter:
+  """The dense-layer matrix products of `fn(*args)`, read from its jaxpr: {(rows, in, out): count}, for every
+  `dot_general` whose right operand is a 2-D matrix contracted on its first axis (a flax Dense kernel), with
+  the left operand's other axes folded into rows; products inside `scan` count once per step."""
+  import jax
+  found = collections.Counter()
+
+  def walk(jaxpr, times):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (lc, rc), (_, rb) = eqn.params["dimension_numbers"]
+        lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+        if len(rhs) == 2 and tuple(rc) == (0,) and not rb and tuple(lc) == (len(lhs) - 1,):
+          rows = int(np.prod(lhs[:-1]))
+          found[(rows, rhs[0], rhs[1])] += times
+      steps = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner, times * steps)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+  return found

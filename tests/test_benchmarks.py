@@ -88,8 +88,30 @@ def test_cpu_sam2_benchmarks_run(monkeypatch, capsys):
   assert "ratio ours/reference" in text and "memory attention" in text and "memory encoder" in text
   err = float(text.split("max abs logit difference ")[1].split(",")[0])
   assert err < 2e-3, text
-  monkeypatch.setattr(sys, "argv", ["bench", "--family", "evf-sam2", "--sam2-size", "toy", "--rounds", "1", "--parts"])
+  monkeypatch.setattr(sys, "argv", ["bench", "--family", "evf-sam2", "--sam2-size", "toy", "--rounds", "1", "--parts",
+                                     "--products"])
   inference_cpu.main()
   text = capsys.readouterr().out
   assert "SAM-2 image encoder" in text and "BEiT-3" in text and "mask decoder" in text
+  assert "XLA (best dot library)" in text and "torch.matmul" in text
   assert float(text.split("max abs difference ")[1].split()[0]) < 1e-4, text
+
+
+def test_dense_products_counts_dense_layers_and_scan_steps():
+  """`--products` reads the dense layers' products from the jaxpr: a Dense on (2, 5, 3) rows is one (10, 3, 4)
+  product; a loop of 3 steps counts 3 times; attention-like batched products are not dense layers."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from evf_testing.benchmarking import dense_products
+  dense = nn.Dense(4)
+  x = jnp.ones((2, 5, 3))
+  params = dense.init(jax.random.PRNGKey(0), x)
+
+  def fn(params, x):
+    y = dense.apply(params, x)
+    y = jax.lax.scan(lambda c, _: (c @ jnp.ones((4, 4)), None), y, None, length=3)[0]
+    return jnp.einsum("bqd,bkd->bqk", y, y)
+
+  assert dense_products(fn, params, x) == {(10, 3, 4): 1, (10, 4, 4): 3}
