@@ -67,7 +67,8 @@ class MultiScaleAttention(nn.Module):
         q = max_pool(q.reshape(b * n, h, w, hd), self.q_stride)
         q = q.reshape(b, n, *q.shape[1:])
       out_hw = q.shape[2:4]
-      out = layers.heads_first_attention(q.reshape(b, n, -1, hd), k.reshape(b, n, h * w, hd), v.reshape(b, n, h * w, hd))
+      out = layers.heads_first_attention(q.reshape(b, n, -1, hd), k.reshape(b, n, h * w, hd),
+                                         v.reshape(b, n, h * w, hd))
       out = out.reshape(b, n, *out_hw, hd).transpose(0, 2, 3, 1, 4).reshape(b, *out_hw, self.dim_out)
     return layers.dense(self.dim_out, ("heads", "embed"), name="proj", **kw)(out)
 
