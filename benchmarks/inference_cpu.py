@@ -173,8 +173,10 @@ def run_evf_sam2(args) -> None:
     x = jnp.asarray(preprocess(image, s))[None]
     bx = jnp.asarray(beit_image(image, config.beit3.img_size))[None]
     jids, jmask = jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, bool)
-    # compiled as `Predictor` compiles EVF-SAM2's encoder (dots through Eigen on the CPU)
-    enc = runtime.jit_eigen_dots(lambda q, x: m.apply({"params": q}, x, method="embed_image"))
+    def embed(q, x):
+      return m.apply({"params": q}, x, method="embed_image")
+
+    enc = runtime.jit_eigen_dots(embed)  # as `Predictor` compiles EVF-SAM2's encoder (Eigen dots on the CPU)
     text = jax.jit(lambda q, b, i, k: m.apply({"params": q}, b, i, k, method="text_prompts"))
     dec = jax.jit(lambda q, f, pr: m.apply({"params": q}, f, pr, method="decode"))
     feats, prompts = enc(p.params, x), text(p.params, bx, jids, jmask)
@@ -203,8 +205,7 @@ def run_evf_sam2(args) -> None:
   print(f"first call (compiles): {first:.1f} s; logits vs reference: max abs difference {err:.3g}")
   if args.products:
     enc_ref = times["SAM-2 image encoder (Hiera + neck)"][1]
-    dense_products_alone(lambda q, x: m.apply({"params": q}, x, method="embed_image"), (p.params, x), enc_ref,
-                         args.rounds)
+    dense_products_alone(embed, (p.params, x), enc_ref, args.rounds)
 
 
 def product_times(rows: int, k: int, n: int, rng, rounds: int) -> dict:
@@ -232,11 +233,10 @@ def dense_products_alone(fn, args, reference_s: float, rounds: int) -> None:
   import numpy as np
   products = common.dense_products(fn, *args)
   rng = np.random.default_rng(0)
-  sums = {"XLA (best dot library)": 0.0, "torch.matmul": 0.0, "numpy (its BLAS)": 0.0}
-  flops = 0.0
+  sums, flops = {}, 0.0
   for (rows, k, n), count in sorted(products.items()):
     for name, t in product_times(rows, k, n, rng, rounds).items():
-      sums[name] += count * t
+      sums[name] = sums.get(name, 0.0) + count * t
     flops += 2.0 * rows * k * n * count
   print(f"\nthe encoder's dense layers: {sum(products.values())} products of {len(products)} shapes, "
         f"{flops / 1e12:.3f} TFLOP; each shape alone, median of {rounds}; reference encoder {reference_s:.3f} s")

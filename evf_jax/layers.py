@@ -226,7 +226,7 @@ def _attention_blocked(q, k, v, *, key_mask, block: int):
     x = x.reshape(*x.shape[:axis], -1, size, *x.shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
 
-  real_key = blocks(jnp.arange(s + pad_s) < s, 0)
+  real_key = blocks(jnp.arange(s + pad_s) < s, 0) if pad_s else None
   key_blocks = (blocks(k, 2), blocks(v, 2), None if key_mask is None else blocks(key_mask, 1), real_key)
 
   def one_query_block(q_blk):
@@ -234,7 +234,7 @@ def _attention_blocked(q, k, v, *, key_mask, block: int):
       top, total, acc = carry
       k_blk, v_blk, mask_blk, real_blk = kv
       logits = _masked_logits(q_blk, k_blk, mask_blk)
-      if pad_s:
+      if real_blk is not None:
         logits = jnp.where(real_blk, logits, -jnp.inf)
       new_top = jnp.maximum(top, jax.lax.stop_gradient(logits.max(axis=-1)))
       probs = jnp.exp(logits - new_top[..., None])

@@ -54,9 +54,10 @@ def test_single_pass_equals_jax(masked):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_key_blocks_equal_jax(monkeypatch, masked):
-  monkeypatch.setattr(layers, "ATTENTION_BLOCK", 16)  # 70 keys: 5 blocks, the last padded; 37 queries: 3 blocks
-  check(*inputs(2, 2, 37, 70, 8, seed=1, masked=masked))
+@pytest.mark.parametrize("t,s", [(37, 70), (32, 64)])  # with blocks of 16: padded (3 query, 5 key blocks), exact
+def test_key_blocks_equal_jax(monkeypatch, masked, t, s):
+  monkeypatch.setattr(layers, "ATTENTION_BLOCK", 16)
+  check(*inputs(2, 2, t, s, 8, seed=1, masked=masked))
 
 
 def test_bf16_follows_float32():
