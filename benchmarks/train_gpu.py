@@ -2,6 +2,7 @@
 optimizer state, EVF-SAM's frozen set (SAM's image encoder forward only), at base size and full size.
 
     python -m benchmarks.train_gpu --out train_gpu.json [--size full,base] [--attention xla|cudnn] [--time-limit 450]
+        [--profile 2]
     python -m benchmarks.train_gpu --size tiny --devices 1 --steps 2     # CPU, for tests
 
 Per size (base: SAM ViT-B + BEiT-3-base; full: SAM ViT-H + BEiT-3-large, `EvfConfig.preset("evf-sam")`, with
@@ -12,7 +13,13 @@ donated, on a data-parallel mesh over --devices) on a random batch already on th
   steps    --warmup untimed steps, then --steps timed steps each waited for (median) and the same number issued
            back to back with one wait (pipelined), images/s, MFU from `evf_jax.flops.train_step` over
            `evf_jax.flops.peak_flops(device_kind)` (dense bf16 peak), peak device memory
-           (`memory_stats()["peak_bytes_in_use"]`, where the backend reports it), the first and last loss.
+           (`memory_stats()["peak_bytes_in_use"]`, where the backend reports it), the first and last loss;
+  profile  with --profile N: N more steps under `jax.profiler`, their device time per part of the model (SAM's
+           encoder, BEiT-3, projector, decoder, upsampling, loss, optimizer) and per pass (forward, backward with
+           any recomputation, outside the gradient), and the costliest HLO ops (`evf_testing.profiling`). Each
+           op is matched to its instruction, which a GPU's kernels name only outside command buffers, so
+           --profile runs the whole size without them (`--xla_gpu_enable_command_buffer=`, recorded as
+           "xla_flags"): its step times are those of that setting.
 
 Each size runs in its own child process (its peak memory is its own; a crash or an out-of-memory in one size
 does not lose the other). Every section catches its exception and records it as "<section>_error"; the --out
@@ -24,11 +31,14 @@ a size is skipped when too little time is left to compile it.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -38,7 +48,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = {"tiny": "tiny", "base": "base", "full": "evf-sam"}
-SECTIONS = ("setup", "compile", "steps")
+SECTIONS = ("setup", "compile", "steps", "profile")
 RESULTS: dict = {}
 OUT_PATH = None
 T_START = time.time()
@@ -265,6 +275,53 @@ def run_steps(ctx: Ctx, label: str, args) -> dict:
   return out
 
 
+def step_part(op_name: str) -> str:
+  """The part of the training step an HLO op's name stack belongs to."""
+  for key, part in (("EvfSam.embed_image", "SAM image encoder"), ("/beit3/", "BEiT-3"), ("/projector/", "projector"),
+                    ("EvfSam.decode", "SAM prompt encoder + mask decoder"), ("hk,nkl,wl->nhw", "upsampling to the loss size")):
+    if key in op_name:
+      return part
+  return "loss" if "jvp(" in op_name else "optimizer update and norms"
+
+
+def profile_steps(ctx: Ctx, label: str, args) -> dict:
+  import jax
+  from evf_jax import sharding
+  from evf_testing import profiling
+  trace_dir = tempfile.mkdtemp(prefix="train_gpu_trace_")
+  state = ctx.state
+  with sharding.activate(ctx.mesh, ctx.rules):
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.profile):
+        state, metrics = ctx.compiled(state, ctx.batch)
+      jax.block_until_ready((state, metrics))
+    wall = (time.perf_counter() - t0) / args.profile
+  ctx.state = state
+  text = ctx.compiled.as_text()
+  events = profiling.load_trace(trace_dir)
+  times = profiling.op_times(events, profiling.module_name(text))
+  out = profiling.attribute(times, profiling.op_names(text), step_part, per=args.profile)
+  if not times:  # say what the trace held instead
+    out["modules_in_trace"] = sorted({str((e.get("args") or {}).get("hlo_module")) for e in events
+                                      if "hlo_module" in (e.get("args") or {})})
+  out.update(steps=args.profile, traced_wall_ms_per_step=wall * 1e3, xla_flags=os.environ.get("XLA_FLAGS", ""))
+  if OUT_PATH:
+    path, = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if os.path.getsize(path) <= args.keep_trace_mib << 20:
+      kept = f"{os.path.splitext(os.path.abspath(OUT_PATH))[0]}_{label}.trace.json.gz"  # r.json -> r_full.trace...
+      shutil.copy(path, kept)
+      out["trace"] = os.path.basename(kept)
+  shutil.rmtree(trace_dir, ignore_errors=True)
+  log(f"{label}: device time {out['device_ms']:.1f} ms per step (traced wall {wall * 1e3:.1f} ms); "
+      + ", ".join(f"{k} {v:.1f} ms" for k, v in out["passes_ms"].items()))
+  for row in out["parts"]:
+    log(f"  {row['ms']:8.2f} ms  {100 * row['share']:5.1f}%  {row['part']} ({row['pass']})")
+  for row in out["top_ops"][:15]:
+    log(f"    {row['ms']:7.2f} ms  {row['op']}  {row['op_name'][-90:]}")
+  return out
+
+
 def run_size(label: str, args) -> None:
   ctx = Ctx()
   if run_section(label, "setup", setup, ctx, label, args) is None:
@@ -272,6 +329,8 @@ def run_size(label: str, args) -> None:
   if run_section(label, "compile", compile_step, ctx, label, args) is None:
     return
   run_section(label, "steps", run_steps, ctx, label, args)
+  if args.profile and time_left(args) > args.margin + 10:
+    run_section(label, "profile", profile_steps, ctx, label, args)
 
 
 # ---------------------------------------------------------------- parent
@@ -319,6 +378,11 @@ def main(argv=None) -> None:
   ap.add_argument("--compile-cache", default="",
                   help="jax's persistent compilation cache directory (a rerun on the same machine skips compiling; "
                        "its compile times are then cache reads)")
+  ap.add_argument("--profile", type=int, default=0,
+                  help="steps to trace after the timed ones and attribute per model part (0: none); runs the size "
+                       "without GPU command buffers")
+  ap.add_argument("--keep-trace-mib", type=int, default=15,
+                  help="with --out, keep a profile's trace.json.gz beside it when at most this size")
   ap.add_argument("--in-process", action="store_true", help="run every size in this process (no children)")
   ap.add_argument("--out", default=None, help="JSON results, rewritten after every section")
   ap.add_argument("--role", default="parent", choices=["parent", "child"])
@@ -327,6 +391,11 @@ def main(argv=None) -> None:
   if any(s not in PRESETS for s in sizes):
     ap.error(f"--size: expected a comma-separated subset of {sorted(PRESETS)}")
   args.remat = [s for s in args.remat.split(",") if s]
+  if args.profile:  # before any backend starts (children inherit it)
+    from evf_testing.profiling import NO_COMMAND_BUFFERS
+    flags = os.environ.get("XLA_FLAGS", "")
+    if NO_COMMAND_BUFFERS.split("=")[0] not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} {NO_COMMAND_BUFFERS}".strip()
   global OUT_PATH, T_START
   OUT_PATH = args.out
   import jax
@@ -339,7 +408,7 @@ def main(argv=None) -> None:
   T_START = time.time()
   RESULTS.update(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, sizes=sizes, attention=args.attention,
                  precision=args.precision, compile_cache=args.compile_cache or None,
-                 time_limit=args.time_limit or None)
+                 time_limit=args.time_limit or None, xla_flags=os.environ.get("XLA_FLAGS") or None)
   isolate = bool(OUT_PATH) and not args.in_process
   if not isolate:  # with children, this process never starts a backend: it would hold device memory
     RESULTS.update(device_info())

@@ -105,13 +105,23 @@ def _check_gpu_size(r, images=2, prompts=3, text_len=64):
 def test_train_gpu_tiny_on_cpu(gpu_bench, tmp_path):
   """As the GPU session runs it (each size in a child process writing into --out), at tiny size on CPU."""
   out = tmp_path / "train_gpu.json"
-  gpu_bench(["--size", "tiny", "--devices", "1", "--steps", "2", "--warmup", "1", "--out", str(out)])
+  gpu_bench(["--size", "tiny", "--devices", "1", "--steps", "2", "--warmup", "1", "--profile", "2", "--out", str(out)])
   r = json.load(open(out))
   assert r["backend"] == "cpu" and r["sizes"] == ["tiny"]
   _check_gpu_size(r["tiny"])
   assert r["tiny"]["setup"]["remat"] is False and r["tiny"]["setup"]["precision"] == "bf16"
   assert r["tiny"]["steps"]["pipelined_step_s"] > 0
   assert set(r["tiny"]["section_s"]) == set(train_gpu.SECTIONS)
+  # The profile: device time per part and pass of the model, nearly all of it attributed.
+  prof = r["tiny"]["profile"]
+  assert "--xla_gpu_enable_command_buffer=" in r["xla_flags"] == prof["xla_flags"]
+  got = {(row["part"], row["pass"]): row["ms"] for row in prof["parts"]}
+  for part in ("BEiT-3", "projector", "SAM prompt encoder + mask decoder", "upsampling to the loss size", "loss"):
+    assert got.get((part, "forward"), 0) > 0 and got.get((part, "backward"), 0) > 0, (part, got)
+  assert got[("SAM image encoder", "forward")] > 0 and ("SAM image encoder", "backward") not in got  # frozen
+  assert got[("optimizer update and norms", "outside")] > 0
+  assert got.get(("unattributed", "outside"), 0) < 0.1 * prof["device_ms"], got
+  assert prof["trace"] == "train_gpu_tiny.trace.json.gz" and (tmp_path / prof["trace"]).stat().st_size > 0
 
 
 def test_train_gpu_records_errors_and_skips(gpu_bench, tmp_path):

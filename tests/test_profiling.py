@@ -1,0 +1,126 @@
+"""evf_testing.profiling: device time per model part from a jax.profiler trace, checked on CPU traces."""
+
+from __future__ import annotations
+
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from benchmarks.train_gpu import step_part
+from evf_testing import profiling
+
+
+class TwoLayers(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.gelu(nn.Dense(512, name="wide")(x))
+    return nn.Dense(16, name="narrow")(x)
+
+
+def _step():
+  model, tx = TwoLayers(), optax.adamw(1e-3)
+
+  def loss(params, x):
+    return jnp.mean(model.apply({"params": params}, x) ** 2)
+
+  def step(params, opt_state, x):
+    g = jax.grad(loss)(params, x)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  params = model.init(jax.random.key(0), jnp.ones((1, 256)))["params"]
+  return jax.jit(step), params, tx.init(params), jax.random.normal(jax.random.key(1), (2048, 256))
+
+
+def _layer(op_name):
+  return next((p for p in ("wide", "narrow") if f"/{p}/" in op_name), "rest")
+
+
+def test_a_cpu_trace_is_attributed_to_modules_and_passes():
+  step, params, opt_state, x = _step()
+  compiled = step.lower(params, opt_state, x).compile()
+  jax.block_until_ready(compiled(params, opt_state, x))
+  trace_dir = tempfile.mkdtemp()
+  with jax.profiler.trace(trace_dir):
+    for _ in range(3):
+      params, opt_state = compiled(params, opt_state, x)
+    jax.block_until_ready(params)
+  text = compiled.as_text()
+  names = profiling.op_names(text)
+  times = profiling.op_times(profiling.load_trace(trace_dir), profiling.module_name(text))
+  assert times and all(us >= 0 for us in times.values())
+  r = profiling.attribute(times, names, _layer, per=3)
+  assert r["ops_with_metadata"] >= 0.8 * r["ops_seen"], r
+  got = {(row["part"], row["pass"]): row["ms"] for row in r["parts"]}
+  # Both layers' products run in both passes (the kernels' gradients); the AdamW update is outside the gradient.
+  for key in (("wide", "forward"), ("wide", "backward"), ("narrow", "forward"), ("narrow", "backward"),
+              ("rest", "outside")):
+    assert got.get(key, 0.0) > 0, (key, got)
+  assert ("wide", "outside") not in got and ("narrow", "outside") not in got
+  assert sum(row["share"] for row in r["parts"]) == pytest.approx(1.0)
+  assert sum(r["passes_ms"].values()) == pytest.approx(r["device_ms"])
+  forward_product = [row for row in r["top_ops"] if row["op_name"].endswith("jvp(TwoLayers)/wide/dot_general")]
+  assert len(forward_product) == 1 and forward_product[0]["ms"] > 0
+  assert [row["ms"] for row in r["top_ops"]] == sorted((row["ms"] for row in r["top_ops"]), reverse=True)
+
+
+def test_fusions_without_metadata_take_their_fused_computation_s():
+  text = """HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %e = f32[4]{0} exponential(%p), metadata={op_name="jit(f)/jvp(M)/inner/exp"}
+  ROOT %n = f32[4]{0} negate(%e), metadata={op_name="jit(f)/jvp(M)/inner/neg"}
+}
+
+ENTRY %main.1 (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %copy.1 = f32[4]{0} copy(%x)
+  ROOT %neg_fusion.2 = f32[4]{0} fusion(%copy.1), kind=kLoop, calls=%fused_computation
+}
+"""
+  assert profiling.module_name(text) == "jit_f"
+  names = profiling.op_names(text)
+  assert names["neg_fusion.2"] == "jit(f)/jvp(M)/inner/neg" and "copy.1" not in names
+
+
+def test_nested_events_count_their_exclusive_time():
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "worker"}}]
+
+  def op(name, ts, dur, module="m"):
+    return {"ph": "X", "pid": 1, "tid": 7, "ts": ts, "dur": dur, "name": name,
+            "args": {"hlo_op": name, "hlo_module": module}}
+
+  events = meta + [op("while.1", 0, 100), op("body.1", 10, 30), op("body.2", 50, 20), op("after", 120, 5),
+                   op("elsewhere", 0, 1000, module="other")]
+  assert profiling.op_times(events, "m") == {"while.1": 50, "body.1": 30, "body.2": 20, "after": 5}
+
+
+def test_gpu_traces_count_stream_lines_only():
+  meta = [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "Stream #13(Compute)"}},
+          {"ph": "M", "name": "thread_name", "pid": 2, "tid": 2, "args": {"name": "XLA Ops"}}]
+  kernel = {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 40, "name": "loop_fusion_3",
+            "args": {"hlo_op": "loop_fusion.3", "hlo_module": "jit_step"}}
+  derived = dict(kernel, tid=2, dur=45)
+  assert profiling.op_times(meta + [kernel, derived], "jit_step") == {"loop_fusion.3": 40}
+
+
+@pytest.mark.parametrize("op_name, part, pass_", [
+    ("jit(step)/jvp(EvfSam.embed_image)/sam.embed_image/image_encoder/checkpoint/blocks_0/add", "SAM image encoder",
+     "forward"),
+    ("jit(step)/transpose(jvp(EvfSam.text_prompts))/beit3/encoder/layers_0/ffn/dot_general", "BEiT-3", "backward"),
+    ("jit(step)/transpose(jvp(EvfSam.text_prompts))/projector/fc1/dot_general", "projector", "backward"),
+    ("jit(step)/jvp(EvfSam.decode)/sam.decode/mask_decoder/transformer/add", "SAM prompt encoder + mask decoder",
+     "forward"),
+    ("jit(step)/transpose(jvp(hk,nkl,wl->nhw))/dot_general", "upsampling to the loss size", "backward"),
+    ("jit(step)/jvp(jit(log_sigmoid))/jit(softplus)/exp", "loss", "forward"),
+    ("jit(step)/mul", "optimizer update and norms", "outside"),
+])
+def test_training_step_parts(op_name, part, pass_):
+  assert step_part(op_name) == part and profiling.pass_of(op_name) == pass_
