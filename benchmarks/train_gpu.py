@@ -300,8 +300,9 @@ def profile_steps(ctx: Ctx, label: str, args) -> dict:
   ctx.state = state
   text = ctx.compiled.as_text()
   events = profiling.load_trace(trace_dir)
-  times = profiling.op_times(events, profiling.module_name(text))
-  out = profiling.attribute(times, profiling.op_names(text), step_part, per=args.profile)
+  names = profiling.op_names(text)
+  times = profiling.op_times(events, profiling.module_name(text), instructions=profiling.instructions(text))
+  out = profiling.attribute(times, names, step_part, per=args.profile)
   if not times:  # say what the trace held instead
     out["modules_in_trace"] = sorted({str((e.get("args") or {}).get("hlo_module")) for e in events
                                       if "hlo_module" in (e.get("args") or {})})

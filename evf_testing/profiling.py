@@ -73,6 +73,11 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return out
 
 
+def instructions(hlo_text: str) -> set[str]:
+  """The names of every instruction of a module's text."""
+  return {m.group(2) for m in map(_INSTRUCTION.match, hlo_text.splitlines()) if m}
+
+
 def _exclusive(events: list[dict]) -> list[tuple[dict, float]]:
   """(event, its duration less that of the events it contains), for events of one thread."""
   out, stack = [], []  # stack of [event, end, exclusive]
@@ -87,18 +92,26 @@ def _exclusive(events: list[dict]) -> list[tuple[dict, float]]:
   return out
 
 
-def op_times(events: list[dict], module: str) -> collections.Counter:
+def op_times(events: list[dict], module: str, instructions=None) -> collections.Counter:
   """HLO instruction -> device microseconds summed over the trace, for the ops of `module`.
 
   A GPU's time is that of the kernels on its stream lines (the profiler's derived lines, which repeat them,
-  are skipped); a CPU's is each thunk's exclusive time on the executor's threads.
+  are skipped); a CPU's is each thunk's exclusive time on the executor's threads. An event that names its op
+  but not its module counts when `instructions` (the module's instruction names) holds the op: for a trace in
+  which only that module ran.
   """
   procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
   streams = {k for k, name in threads.items() if "/device:" in procs.get(k[0], "") and "stream" in name.lower()}
-  ops = [e for e in events if e.get("ph") == "X" and (e.get("args") or {}).get("hlo_module") == module
-         and "hlo_op" in e["args"]]
+  def ours(args):
+    if "hlo_op" not in args:
+      return False
+    if "hlo_module" in args:
+      return args["hlo_module"] == module
+    return instructions is not None and args["hlo_op"] in instructions
+
+  ops = [e for e in events if e.get("ph") == "X" and ours(e.get("args") or {})]
   if streams:
     ops = [e for e in ops if (e["pid"], e["tid"]) in streams]
   per_thread = collections.defaultdict(list)

@@ -85,6 +85,7 @@ ENTRY %main.1 (x: f32[4]) -> f32[4] {
 """
   assert profiling.module_name(text) == "jit_f"
   names = profiling.op_names(text)
+  assert profiling.instructions(text) == {"p", "e", "n", "x", "copy.1", "neg_fusion.2"}
   assert names["neg_fusion.2"] == "jit(f)/jvp(M)/inner/neg" and "copy.1" not in names
 
 
@@ -109,6 +110,10 @@ def test_gpu_traces_count_stream_lines_only():
             "args": {"hlo_op": "loop_fusion.3", "hlo_module": "jit_step"}}
   derived = dict(kernel, tid=2, dur=45)
   assert profiling.op_times(meta + [kernel, derived], "jit_step") == {"loop_fusion.3": 40}
+  # Kernels that name their op but not their module count when the op is one of the module's instructions.
+  bare = [dict(kernel, args={"hlo_op": "loop_fusion.3"}), dict(kernel, ts=50, args={"hlo_op": "gemm.9"})]
+  assert profiling.op_times(meta + bare, "jit_step") == {}
+  assert profiling.op_times(meta + bare, "jit_step", instructions={"loop_fusion.3"}) == {"loop_fusion.3": 40}
 
 
 @pytest.mark.parametrize("op_name, part, pass_", [
