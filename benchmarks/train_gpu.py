@@ -337,11 +337,20 @@ def run_size(label: str, args) -> None:
 # ---------------------------------------------------------------- parent
 
 
+def sizes_xla_flags(args) -> str:
+  """XLA_FLAGS for the sizes: the environment's, without command buffers under --profile."""
+  from evf_testing.profiling import NO_COMMAND_BUFFERS
+  flags = os.environ.get("XLA_FLAGS", "")
+  if args.profile and NO_COMMAND_BUFFERS.split("=")[0] not in flags:
+    flags = f"{flags} {NO_COMMAND_BUFFERS}".strip()
+  return flags
+
+
 def child(label: str, args) -> None:
   """One size in a child process that writes its sections into --out itself."""
   cmd = [sys.executable, "-m", "benchmarks.train_gpu", "--role", "child", "--size", label,
          "--time-limit", repr(time_left(args)) if args.time_limit else "0", *args.passthrough]
-  env = dict(os.environ)
+  env = dict(os.environ, XLA_FLAGS=args.xla_flags)
   env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   t0 = time.perf_counter()
   r = subprocess.run(cmd, cwd=REPO, env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
@@ -392,25 +401,23 @@ def main(argv=None) -> None:
   if any(s not in PRESETS for s in sizes):
     ap.error(f"--size: expected a comma-separated subset of {sorted(PRESETS)}")
   args.remat = [s for s in args.remat.split(",") if s]
-  if args.profile:  # before any backend starts (children inherit it)
-    from evf_testing.profiling import NO_COMMAND_BUFFERS
-    flags = os.environ.get("XLA_FLAGS", "")
-    if NO_COMMAND_BUFFERS.split("=")[0] not in flags:
-      os.environ["XLA_FLAGS"] = f"{flags} {NO_COMMAND_BUFFERS}".strip()
   global OUT_PATH, T_START
   OUT_PATH = args.out
   import jax
   if args.compile_cache:
     from evf_jax.runtime import enable_compilation_cache
     enable_compilation_cache(args.compile_cache)
+  isolate = bool(OUT_PATH) and not args.in_process and args.role == "parent"
+  args.xla_flags = sizes_xla_flags(args)
+  if args.profile and not isolate:  # the sizes run here: before the backend starts (a started one keeps its flags)
+    os.environ["XLA_FLAGS"] = args.xla_flags
   if args.role == "child":
     run_size(sizes[0], args)
     return
   T_START = time.time()
   RESULTS.update(date=time.strftime("%Y-%m-%d"), jax=jax.__version__, sizes=sizes, attention=args.attention,
                  precision=args.precision, compile_cache=args.compile_cache or None,
-                 time_limit=args.time_limit or None, xla_flags=os.environ.get("XLA_FLAGS") or None)
-  isolate = bool(OUT_PATH) and not args.in_process
+                 time_limit=args.time_limit or None, xla_flags=args.xla_flags or None)
   if not isolate:  # with children, this process never starts a backend: it would hold device memory
     RESULTS.update(device_info())
   log(f"jax {jax.__version__}; sizes {sizes}, attention {args.attention}, {args.precision}"

@@ -25,6 +25,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(")
 _INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=")
 _OP_NAME = re.compile(r'metadata=\{[^}]*?op_name="((?:[^"\\]|\\.)*)"')
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
+_OPERAND = re.compile(r"(?<![=\w])%([\w.\-]+)")
+_PARAMETER = re.compile(r"\sparameter\(\d+\)")
 
 
 def load_trace(trace_dir: str) -> list[dict]:
@@ -45,9 +47,10 @@ def module_name(hlo_text: str) -> str:
 
 
 def op_names(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> its `op_name` metadata, over every computation of a compiled module's text. A fusion
-  without metadata of its own takes its fused computation's (the root's, else the first there)."""
-  own, calls, of_computation = {}, {}, {}
+  """Instruction name -> the `op_name` metadata it stands for, over every computation of a compiled module's
+  text. An instruction without metadata of its own (XLA's fusions, layout copies, split reductions) takes its
+  fused computation's (the root's, else the first there), else its first operand's."""
+  own, calls, operands, of_computation, order = {}, {}, {}, {}, []
   current = None
   for line in hlo_text.splitlines():
     if line and not line[0].isspace():
@@ -58,18 +61,23 @@ def op_names(hlo_text: str) -> dict[str, str]:
     if not m:
       continue
     root, name = bool(m.group(1)), m.group(2)
+    order.append(name)
     op = _OP_NAME.search(line)
-    if op:
-      own.setdefault(name, op.group(1))
+    if op and not _PARAMETER.search(line):  # a parameter's op_name is the argument's path, not an operation
+      own[name] = op.group(1)
       if current and (root or current not in of_computation):
         of_computation[current] = op.group(1)
     call = _CALLS.search(line)
     if call:
       calls[name] = call.group(1)
-  out = dict(own)
-  for name, computation in calls.items():
-    if name not in out and computation in of_computation:
-      out[name] = of_computation[computation]
+    operands[name] = _OPERAND.findall(line[m.end():].split("metadata=")[0])
+  out = {}
+  for name in order:  # operands come before their users
+    found = own.get(name) or of_computation.get(calls.get(name, ""))
+    if not found:
+      found = next((out[x] for x in operands[name] if x in out), None)
+    if found:
+      out[name] = found
   return out
 
 

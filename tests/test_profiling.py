@@ -68,7 +68,7 @@ def test_a_cpu_trace_is_attributed_to_modules_and_passes():
   assert [row["ms"] for row in r["top_ops"]] == sorted((row["ms"] for row in r["top_ops"]), reverse=True)
 
 
-def test_fusions_without_metadata_take_their_fused_computation_s():
+def test_instructions_without_metadata_take_their_fusion_s_or_operand_s():
   text = """HloModule jit_f, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
 
 %fused_computation (p: f32[4]) -> f32[4] {
@@ -78,15 +78,17 @@ def test_fusions_without_metadata_take_their_fused_computation_s():
 }
 
 ENTRY %main.1 (x: f32[4]) -> f32[4] {
-  %x = f32[4]{0} parameter(0)
+  %x = f32[4]{0} parameter(0), metadata={op_name="x"}
   %copy.1 = f32[4]{0} copy(%x)
-  ROOT %neg_fusion.2 = f32[4]{0} fusion(%copy.1), kind=kLoop, calls=%fused_computation
+  %neg_fusion.2 = f32[4]{0} fusion(%copy.1), kind=kLoop, calls=%fused_computation
+  ROOT %copy.3 = f32[4]{0} copy(%neg_fusion.2)
 }
 """
   assert profiling.module_name(text) == "jit_f"
+  assert profiling.instructions(text) == {"p", "e", "n", "x", "copy.1", "neg_fusion.2", "copy.3"}
   names = profiling.op_names(text)
-  assert profiling.instructions(text) == {"p", "e", "n", "x", "copy.1", "neg_fusion.2"}
-  assert names["neg_fusion.2"] == "jit(f)/jvp(M)/inner/neg" and "copy.1" not in names
+  assert names["neg_fusion.2"] == names["copy.3"] == "jit(f)/jvp(M)/inner/neg"
+  assert "x" not in names and "copy.1" not in names  # a parameter's op_name names an argument, not an op
 
 
 def test_nested_events_count_their_exclusive_time():

@@ -9,6 +9,7 @@ GPU script records an error instead of dying, and skips what its time limit leav
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -115,6 +116,7 @@ def test_train_gpu_tiny_on_cpu(gpu_bench, tmp_path):
   # The profile: device time per part and pass of the model, nearly all of it attributed.
   prof = r["tiny"]["profile"]
   assert "--xla_gpu_enable_command_buffer=" in r["xla_flags"] == prof["xla_flags"]
+  assert "command_buffer" not in os.environ.get("XLA_FLAGS", "")  # the child's setting, not this process's
   got = {(row["part"], row["pass"]): row["ms"] for row in prof["parts"]}
   for part in ("BEiT-3", "projector", "SAM prompt encoder + mask decoder", "upsampling to the loss size", "loss"):
     assert got.get((part, "forward"), 0) > 0 and got.get((part, "backward"), 0) > 0, (part, got)
