@@ -20,6 +20,7 @@ SAM's LayerNorm2d is `layer_norm` applied to an NHWC tensor: the same math over 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -252,6 +253,15 @@ def _attention_blocked(q, k, v, *, key_mask, block: int):
   out = jax.lax.map(one_query_block, blocks(q, 2, q_block))  # (T / q_block, B, N, q_block, D)
   out = jnp.moveaxis(out, 0, 2).reshape(b, n, t + pad_t, d)[:, :, :t]
   return out.astype(v.dtype)
+
+
+def batch_shards() -> int:
+  """How many ways the logical "batch" axis is split under the active mesh and rules (`evf_jax.sharding.activate`):
+  the product of the sizes of the mesh axes its rule names; 1 without a mesh or rules."""
+  sizes = jax.sharding.get_abstract_mesh().shape
+  spec = nn.logical_to_mesh_axes(("batch",))[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return math.prod(sizes.get(a, 1) for a in axes)
 
 
 def batch_constraint(x: jax.Array) -> jax.Array:

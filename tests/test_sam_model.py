@@ -84,3 +84,38 @@ def test_bfloat16_compute(tiny_params):
   # bf16 keeps ~3 significant digits; only a sanity bound against gross errors (e.g. a wrong cast).
   scale = float(jnp.abs(f32[0]).max())
   assert float(jnp.abs(lr.astype(jnp.float32) - f32[0]).max()) < 0.1 * scale
+
+
+def test_global_attention_steps_count_a_device_s_share_of_the_batch():
+  """The global blocks' `lax.map` sizes its steps by the images one device holds: counting the whole batch made
+  one-row steps (64 per block at 1024 px) on large meshes. Here 8 images, 2 heads, a 16 x 16 grid and a budget of
+  two rows of the whole batch: 8 steps on one device, 1 step when the batch is split 8 ways; same values."""
+  from evf_jax import layers, sharding
+  from evf_jax.sam.rel_pos_attention import rel_pos_attention
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  b, n, d, h = 8, 2, 16, 16
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((b, h * h, n, d), np.float32)) for _ in range(3))
+  tables = [jnp.asarray(0.1 * rng.standard_normal((2 * h - 1, d), np.float32)) for _ in range(2)]
+  row_bytes = b * n * h * h * h * 4  # float32 logits of one grid row, all heads, the whole batch
+
+  def attend(q, k, v):
+    return rel_pos_attention(q, k, v, *tables, (h, h), max_chunk_bytes=2 * row_bytes, heads_per_step=n)
+
+  assert layers.batch_shards() == 1
+  alone = jax.make_jaxpr(attend)(q, k, v)
+  want = jax.jit(attend)(q, k, v)
+  for spec, shards in (([("data", 2), ("fsdp", 4), ("tensor", 1)], 8), ([("data", 2), ("fsdp", 2), ("tensor", 2)], 4)):
+    mesh = sharding.make_mesh(spec)
+    with sharding.activate(mesh, sharding.DEFAULT_RULES):
+      assert layers.batch_shards() == shards
+      on_mesh = jax.make_jaxpr(attend)(q, k, v)
+      got = jax.jit(attend)(q, k, v)
+    assert _map_steps(on_mesh) == [h // (2 * shards)]  # 2 rows a step per image held, 16 rows in all
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert _map_steps(alone) == [h // 2]
+
+
+def _map_steps(closed_jaxpr) -> list[int]:
+  return [eqn.params["length"] for eqn in closed_jaxpr.eqns if eqn.primitive.name == "scan"]

@@ -204,8 +204,10 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     grid rows so each step's float32 logits stay under `max_chunk_bytes` (defaults: `default_chunking()`).
     The batch is a dimension of every step, never sliced or folded into the mapped axis: with the batch
     sharded over a mesh (evaluation, training), each device then runs the steps of its own images, where
-    slicing it made XLA gather every image's q, k and v onto every device. The step size counts the whole
-    batch, so a device's share of a step is smaller than `max_chunk_bytes` on a mesh.
+    slicing it made XLA gather every image's q, k and v onto every device. The step size counts a device's
+    share of the batch (`layers.batch_shards`). Counting the whole batch made the steps as small as one grid
+    row on large meshes: compiled for 256 TPU v5e chips with FSDP, the training step then looped 64 times per
+    global block, and XLA all-gathered weights of the block in every iteration (docs/performance.md).
   """
   b, t, n, d = q.shape
   h, w = hw
@@ -223,7 +225,8 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
   g = min(n, heads_per_step or default_heads or n)
   while n % g:
     g -= 1
-  rows = max(1, min(h, (max_chunk_bytes or default_bytes) // (b * g * w * t * 4)))
+  per_device = -(-b // layers.batch_shards())
+  rows = max(1, min(h, (max_chunk_bytes or default_bytes) // (per_device * g * w * t * 4)))
   while h % rows:
     rows -= 1
   steps = h // rows
