@@ -205,7 +205,8 @@ def rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h: jax.A
     The batch is a dimension of every step, never sliced or folded into the mapped axis: with the batch
     sharded over a mesh (evaluation, training), each device then runs the steps of its own images, where
     slicing it made XLA gather every image's q, k and v onto every device. The step size counts a device's
-    share of the batch (`layers.batch_shards`). Counting the whole batch made the steps as small as one grid
+    share of the batch under the training's logical rules (`layers.batch_shards`; evaluation shards without
+    rules and counts the whole batch). Counting the whole batch made the steps as small as one grid
     row on large meshes: compiled for 256 TPU v5e chips with FSDP, the training step then looped 64 times per
     global block, and XLA all-gathered weights of the block in every iteration (docs/performance.md).
   """
