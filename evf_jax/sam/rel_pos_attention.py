@@ -154,16 +154,8 @@ def cudnn_rel_pos_attention(q: jax.Array, k: jax.Array, v: jax.Array, rel_pos_h:
 
 
 def _attend(logits: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(logits) @ v over the last axis of logits (B, N, T, S) and v (B, N, S, D) -> (B, T, N, D).
-
-  The normalisation is applied to the (T, D) product instead of the (T, S) probabilities: one pass
-  over the logits less (ViT-B global attention on 2 cores: 0.94 s -> 0.73 s).
-  """
-  m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  e = jnp.exp(logits - m)
-  out = jnp.einsum("bnts,bnsd->bntd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out / e.sum(axis=-1, keepdims=True)
-  return out.astype(v.dtype).transpose(0, 2, 1, 3)
+  """softmax(logits) @ v (`layers.softmax_value`) for logits (B, N, T, S) and v (B, N, S, D) -> (B, T, N, D)."""
+  return layers.softmax_value(logits, v).transpose(0, 2, 1, 3)
 
 
 def default_chunking(platform: Optional[str] = None) -> tuple[Optional[int], int]:
