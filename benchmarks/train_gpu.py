@@ -31,7 +31,6 @@ a size is skipped when too little time is left to compile it.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -299,7 +298,8 @@ def profile_steps(ctx: Ctx, label: str, args) -> dict:
     wall = (time.perf_counter() - t0) / args.profile
   ctx.state = state
   text = ctx.compiled.as_text()
-  events = profiling.load_trace(trace_dir)
+  path = profiling.trace_file(trace_dir)
+  events = profiling.load_trace(path)
   names = profiling.op_names(text)
   times = profiling.op_times(events, profiling.module_name(text), instructions=profiling.instructions(text))
   out = profiling.attribute(times, names, step_part, per=args.profile)
@@ -308,7 +308,6 @@ def profile_steps(ctx: Ctx, label: str, args) -> dict:
                                       if "hlo_module" in (e.get("args") or {})})
   out.update(steps=args.profile, traced_wall_ms_per_step=wall * 1e3, xla_flags=os.environ.get("XLA_FLAGS", ""))
   if OUT_PATH:
-    path, = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if os.path.getsize(path) <= args.keep_trace_mib << 20:
       kept = f"{os.path.splitext(os.path.abspath(OUT_PATH))[0]}_{label}.trace.json.gz"  # r.json -> r_full.trace...
       shutil.copy(path, kept)

@@ -29,12 +29,17 @@ _OPERAND = re.compile(r"(?<![=\w])%([\w.\-]+)")
 _PARAMETER = re.compile(r"\sparameter\(\d+\)")
 
 
-def load_trace(trace_dir: str) -> list[dict]:
-  """The events of the one `*.trace.json.gz` that `jax.profiler.trace(trace_dir)` wrote."""
+def trace_file(trace_dir: str) -> str:
+  """The one `*.trace.json.gz` that `jax.profiler.trace(trace_dir)` wrote."""
   paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
   if len(paths) != 1:
     raise ValueError(f"expected one trace file under {trace_dir}, found {len(paths)}")
-  with gzip.open(paths[0]) as f:
+  return paths[0]
+
+
+def load_trace(path: str) -> list[dict]:
+  """The events of a `*.trace.json.gz` (`trace_file`)."""
+  with gzip.open(path) as f:
     return json.load(f)["traceEvents"]
 
 

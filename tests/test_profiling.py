@@ -51,7 +51,7 @@ def test_a_cpu_trace_is_attributed_to_modules_and_passes():
     jax.block_until_ready(params)
   text = compiled.as_text()
   names = profiling.op_names(text)
-  times = profiling.op_times(profiling.load_trace(trace_dir), profiling.module_name(text))
+  times = profiling.op_times(profiling.load_trace(profiling.trace_file(trace_dir)), profiling.module_name(text))
   assert times and all(us >= 0 for us in times.values())
   r = profiling.attribute(times, names, _layer, per=3)
   assert r["ops_with_metadata"] >= 0.8 * r["ops_seen"], r

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import shutil
@@ -48,6 +46,7 @@ import numpy as np
 
 from benchmarks import gpu
 from evf_testing import benchmarking as common
+from evf_testing import profiling
 from evf_jax import flops as model_flops
 
 RESULTS = gpu.RESULTS  # one results dict, logger and section runner with gpu.py
@@ -213,8 +212,8 @@ def _time_attention(key, label, f, args, ref, useful):
 
 def kernel_table(trace_dir, iterations, key="profile"):
   """GPU time per kernel from the profiler's trace.json.gz: top kernels and rough groups, per iteration."""
-  path, = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-  events = json.load(gzip.open(path))["traceEvents"]
+  path = profiling.trace_file(trace_dir)
+  events = profiling.load_trace(path)
   procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
