@@ -49,6 +49,7 @@ from evf_testing import benchmarking as common
 from evf_testing import profiling
 from evf_jax import flops as model_flops
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = gpu.RESULTS  # one results dict, logger and section runner with gpu.py
 log, section = gpu.log, gpu.section
 
@@ -316,11 +317,13 @@ def xla_flag_sets(args, flag_sets):
     xla = " ".join(t for t in flags.split() if not t.startswith("gelu="))
     gelu = [t.split("=", 1)[1] for t in flags.split() if t.startswith("gelu=")]
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla}".strip())
-    cmd = [sys.executable, os.path.abspath(__file__), "--size", args.size, "--batch", str(args.batch),
+    # As a module from the repository root: run as a file, `benchmarks` would be fairscale's package of that name.
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "benchmarks.experimental.gpu_encoder", "--size", args.size, "--batch", str(args.batch),
            "--sections", "encoder", "--impls", ",".join(i for i in args.impls.split(",") if i != "xla") or "cudnn",
            "--out", out, "--gelu", (gelu or [args.gelu])[-1]]
     log(f"XLA_FLAGS={env['XLA_FLAGS']!r}: {' '.join(cmd[1:])}")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     sys.stdout.write(proc.stdout)
     child = os.path.join(out, "gpu_encoder.json")
     if proc.returncode != 0 or not os.path.exists(child):
