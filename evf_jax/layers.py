@@ -261,13 +261,22 @@ def _attention_blocked(q, k, v, *, key_mask, block: int):
   return out.astype(v.dtype)
 
 
+def mesh_axes(name: Optional[str]) -> tuple[str, ...]:
+  """The axes of the active mesh that the active rules (`evf_jax.sharding.activate`) split the logical axis `name`
+  over; () without a mesh or rules."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if name is None or mesh.empty:
+    return ()
+  spec = nn.logical_to_mesh_axes((name,))[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return tuple(a for a in axes if a in mesh.shape)
+
+
 def batch_shards() -> int:
   """How many ways the logical "batch" axis is split under the active mesh and rules (`evf_jax.sharding.activate`):
   the product of the sizes of the mesh axes its rule names; 1 without a mesh or rules."""
   sizes = jax.sharding.get_abstract_mesh().shape
-  spec = nn.logical_to_mesh_axes(("batch",))[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return math.prod(sizes.get(a, 1) for a in axes)
+  return math.prod(sizes[a] for a in mesh_axes("batch"))
 
 
 def batch_constraint(x: jax.Array) -> jax.Array:
