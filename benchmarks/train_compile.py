@@ -97,7 +97,8 @@ def _split_shape(rhs: str) -> tuple[str, str]:
 
 def _group_size(line: str, devices: int) -> int:
   """Devices per replica group of a collective (all of them when the groups are not given)."""
-  named = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)  # TPU: the mesh axes grouped
+  # TPU: the mesh axes grouped, after the device order where that is not the mesh's own.
+  named = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\S+)?\s*\{([^}]*)\}", line)
   if named:
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", named.group(1)))
     return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", named.group(2)))
@@ -138,16 +139,24 @@ def _source(line: str) -> str:
 def parse_hlo(hlo_text: str) -> tuple[dict[str, list[dict]], dict[str, list[tuple[str, int | None]]], str | None]:
   """(collectives per computation, callees per computation with how often each runs per call, the entry's name).
 
-  A collective is {"op", "bytes" (its result), "group", "shape", "source"}; async pairs are one collective,
-  counted at `-start` with the bytes of its `-done` (the result; a start's tuple also holds the operands and
-  context). A while loop's body runs its known_trip_count times, or, where XLA gives none (TPU), the bound of
-  its condition when that is `counter < constant` (lax.scan's and lax.map's loops); None when neither is known."""
+  A collective is {"op", "bytes" (its result), "group", "shape", "source", "channel"}; async pairs are one
+  collective, counted at `-start` with the bytes of its `-done` (the result; a start's tuple also holds the
+  operands and context). A while loop's body runs its known_trip_count times, or, where XLA gives none (TPU), the
+  bound of its condition when that is `counter < constant` (lax.scan's and lax.map's loops); None when neither is
+  known.
+
+  Two TPU forms are read as what they do. A reduce-scatter is a fusion (emitter `AllReduceScatterFusion`) whose
+  body holds an all-reduce of the whole input and keeps this device's slice: one reduce-scatter with the
+  fusion's result. An all-gather that XLA overlaps with compute is split into a start fusion, continuation
+  fusions and a done fusion, each holding a copy of the same all-gather (same channel_id): `_rows` counts the
+  copies once."""
   found: dict[str, list[dict]] = {}
   calls: dict[str, list[tuple[str, int | str | None]]] = {}
   bounds: dict[str, int] = {}          # condition computation -> N of its `i < N`
   constants: dict[str, int] = {}       # integer scalar constants of the current computation
   entry, current = None, None
   starts: dict[str, dict] = {}
+  scatter_fusions: dict[str, dict] = {}  # computation -> the AllReduceScatterFusion that calls it
   for line in hlo_text.splitlines():
     inst = _INSTRUCTION.match(line)
     if inst is None:
@@ -185,13 +194,19 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, list[dict]], dict[str, list[tupl
       calls[current].append((callee, factor))
     for group in _CALLEE_LIST.findall(line):
       calls[current].extend((c.strip().lstrip("%"), 1) for c in group.split(",") if c.strip())
+    if op == "fusion" and '"emitter":"AllReduceScatterFusion"' in line:
+      callee = re.search(r"\bcalls=%?([\w.\-]+)", line)
+      if callee:
+        scatter_fusions[callee.group(1)] = {"bytes": shape_bytes(shape), "shape": _plain(shape),
+                                            "source": _source(line)}
     if op in deviceless.COLLECTIVES:
       found[current].append({"op": op, "bytes": shape_bytes(shape), "group": _group_size(line, 0),
-                             "shape": _plain(shape), "source": _source(line)})
+                             "shape": _plain(shape), "source": _source(line), "channel": _channel(line)})
     elif op.endswith("-start") and op[:-len("-start")] in deviceless.COLLECTIVES:
       # Until its -done says otherwise: the shape itself where it is not a tuple (all-reduce-start).
       record = {"op": op[:-len("-start")], "bytes": 0 if shape.startswith("(") else shape_bytes(shape),
-                "group": _group_size(line, 0), "shape": _plain(shape), "source": _source(line)}
+                "group": _group_size(line, 0), "shape": _plain(shape), "source": _source(line),
+                "channel": _channel(line)}
       found[current].append(record)
       starts[name] = record
     elif op.endswith("-done") and op[:-len("-done")] in deviceless.COLLECTIVES:
@@ -199,9 +214,18 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, list[dict]], dict[str, list[tupl
       named = re.findall(r"%([\w.\-]+)", operands) or operands.strip("() ").split()[-1:]
       if named and named[-1] in starts:
         starts[named[-1]].update(bytes=shape_bytes(shape), shape=_plain(shape))
+  for comp, fusion in scatter_fusions.items():
+    inner = [o for o in found.get(comp, ()) if o["op"] == "all-reduce"]
+    if inner:  # its body's all-reduce has no metadata of its own: the fusion's names the gradient
+      found[comp] = [dict(inner[0], op="reduce-scatter", channel=None, **fusion)]
   resolved = {comp: [(callee, bounds.get(f[len("condition:"):]) if isinstance(f, str) else f) for callee, f in edges]
               for comp, edges in calls.items()}
   return found, resolved, entry
+
+
+def _channel(line: str) -> str | None:
+  found = re.search(r"\bchannel_id=(\d+)", line)
+  return found.group(1) if found else None
 
 
 def _executions(found, calls, entry) -> tuple[dict[str, int], list[str]]:
@@ -235,19 +259,30 @@ def _executions(found, calls, entry) -> tuple[dict[str, int], list[str]]:
 def _rows(hlo_text: str, devices: int) -> tuple[list[dict], list[str]]:
   found, calls, entry = parse_hlo(hlo_text)
   times, unknown = _executions(found, calls, entry)
-  rows = []
+  rows: list[dict] = []
+  copies: dict[tuple, dict] = {}  # (op, channel_id, shape) -> its row: the copies of one split collective
   for comp, ops in found.items():
     n = times.get(comp, 1)  # one not reached from the entry (a call this parser missed): once
     for o in ops:
+      key = (o["op"], o["channel"], o["shape"])
+      if o["channel"] is not None and key in copies:
+        first = copies[key]
+        if n > first["per_step"]:
+          first.update(per_step=n, result_bytes=n * o["bytes"],
+                       link_bytes=n * _link_bytes(o["op"], o["bytes"], first["group"]))
+        first["source"] = first["source"] or o["source"]
+        continue
       group = o["group"] or devices
       rows.append(dict(o, group=group, per_step=n, result_bytes=n * o["bytes"],
                        link_bytes=n * _link_bytes(o["op"], o["bytes"], group)))
+      if o["channel"] is not None:
+        copies[key] = rows[-1]
   return rows, unknown
 
 
 def collective_traffic(hlo_text: str, devices: int) -> dict:
-  """The cross-device operations of one execution of a compiled program, per kind: `ops` (in the program, as
-  `deviceless.collectives` counts them), `per_step` (executions, loop trip counts applied), `result_bytes` (their
+  """The cross-device operations of one execution of a compiled program, per kind: `ops` (in the program; the
+  copies of a split TPU collective count once, so this can be below `deviceless.collectives`), `per_step` (executions, loop trip counts applied), `result_bytes` (their
   results' bytes on one device, summed over executions) and `link_bytes` (an estimate of what one device sends:
   the ring algorithm over each operation's replica group). Loops of unknown trip count holding collectives
   count once and are listed in "unknown_trip_counts"."""

@@ -6,8 +6,10 @@ in the slow tier and skip where the environment is missing."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -78,6 +80,93 @@ def test_collective_traffic_counts_loops_async_pairs_and_groups():
   assert traffic["collective-permute"] == {"ops": 1, "per_step": 1, "result_bytes": 64, "link_bytes": 64}
   assert traffic["reduce-scatter"] == {"ops": 1, "per_step": 1, "result_bytes": 32, "link_bytes": 32 * 7}
   assert "unknown_trip_counts" not in traffic
+
+
+# How XLA:TPU prints two collectives (shapes made small). An FSDP weight's all-gather overlapped with compute is
+# split into a start fusion, continuation fusions (each fused with other work) and a done fusion, each holding a
+# copy of the same all-gather (one channel_id): one all-gather. A reduce-scatter is a fusion
+# (AllReduceScatterFusion) whose body all-reduces the whole input and keeps this device's slice: one
+# reduce-scatter of the fusion's result. Its groups are mesh axes after a device order (device_ids).
+TPU_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=16
+
+%add (x: bf16[], y: bf16[]) -> bf16[] {
+  %x = bf16[] parameter(0)
+  %y = bf16[] parameter(1)
+  ROOT %sum = bf16[] add(%x, %y)
+}
+
+%fused_computation.1 (param_0.1: bf16[1,2,64]) -> (bf16[1,2,64], bf16[16,2,64], s32[2]) {
+  %param_0.1 = bf16[1,2,64]{2,1,0:T(2,128)(2,1)} parameter(0)
+  %all-gather.1 = bf16[16,2,64]{2,1,0:T(2,128)(2,1)} all-gather(%param_0.1), channel_id=33, replica_groups=mesh['axis_0'=16,'axis_1'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true, frontend_attributes={chain_id="7"}, metadata={op_name="jit(step)/beit3/fc1/dot_general"}
+  %ids = s32[2]{0} constant({0, 1})
+  ROOT %t = (bf16[1,2,64]{2,1,0}, bf16[16,2,64]{2,1,0}, s32[2]{0}) tuple(%param_0.1, %all-gather.1, %ids)
+}
+
+%async_collective_fusion.2 (param_0.2: bf16[1,2,64], param_1.2: bf16[16,2,64], param_2.2: bf16[3,5,32]) -> (bf16[3,5,32], bf16[16,2,64]) {
+  %param_0.2 = bf16[1,2,64]{2,1,0} parameter(0)
+  %param_2.2 = bf16[3,5,32]{2,1,0} parameter(2)
+  %neg.2 = bf16[3,5,32]{2,1,0} negate(%param_2.2), metadata={op_name="jit(step)/beit3/q_proj/neg"}
+  %all-gather.2 = bf16[16,2,64]{2,1,0:T(2,128)(2,1)S(1)} all-gather(%param_0.2), channel_id=33, replica_groups=mesh['axis_0'=16,'axis_1'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true, frontend_attributes={chain_id="7"}, metadata={op_name="jit(step)/beit3/fc1/dot_general"}
+  ROOT %t = (bf16[3,5,32]{2,1,0}, bf16[16,2,64]{2,1,0}) tuple(%neg.2, %all-gather.2)
+}
+
+%fused_computation.3 (param_0.3: bf16[1,2,64], param_1.3: bf16[16,2,64]) -> bf16[16,2,64] {
+  %param_0.3 = bf16[1,2,64]{2,1,0} parameter(0)
+  ROOT %all-gather.3 = bf16[16,2,64]{2,1,0:T(2,128)(2,1)} all-gather(%param_0.3), channel_id=33, replica_groups=mesh['axis_0'=16,'axis_1'=1] {'axis_0'}, dimensions={0}, use_global_device_ids=true, frontend_attributes={chain_id="7"}, metadata={op_name="jit(step)/beit3/fc1/dot_general"}
+}
+
+%all-reduce-scatter.4 (input_0: bf16[1024,64]) -> bf16[256,64] {
+  %input_0 = bf16[1024,64]{1,0} parameter(0)
+  %all-reduce.4 = (bf16[1024,64]{1,0}) all-reduce(%input_0), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7},{8,9,10,11},{12,13,14,15}}, use_global_device_ids=true, to_apply=%add
+  %gte.4 = bf16[1024,64]{1,0} get-tuple-element(%all-reduce.4), index=0
+  %pid = u32[] partition-id()
+  %zero = u32[] constant(0)
+  ROOT %slice.4 = bf16[256,64]{1,0} dynamic-slice(%gte.4, %pid, %zero), dynamic_slice_sizes={256,64}
+}
+
+%all-reduce-scatter.5 (input_0.5: bf16[1024,64]) -> bf16[256,64] {
+  %input_0.5 = bf16[1024,64]{1,0} parameter(0)
+  %all-reduce.5 = (bf16[1024,64]{1,0}) all-reduce(%input_0.5), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7},{8,9,10,11},{12,13,14,15}}, use_global_device_ids=true, to_apply=%add
+  %gte.5 = bf16[1024,64]{1,0} get-tuple-element(%all-reduce.5), index=0
+  %pid.5 = u32[] partition-id()
+  %zero.5 = u32[] constant(0)
+  ROOT %slice.5 = bf16[256,64]{1,0} dynamic-slice(%gte.5, %pid.5, %zero.5), dynamic_slice_sizes={256,64}
+}
+
+ENTRY %main (w: bf16[1,2,64], x: bf16[3,5,32], g: bf16[1024,64], h: bf16[1024,64], e: f32[64,8]) -> (bf16[16,2,64], bf16[256,64], bf16[256,64], f32[64,8]) {
+  %w = bf16[1,2,64]{2,1,0} parameter(0)
+  %x = bf16[3,5,32]{2,1,0} parameter(1)
+  %g = bf16[1024,64]{1,0} parameter(2)
+  %h = bf16[1024,64]{1,0} parameter(3)
+  %e = f32[64,8]{1,0} parameter(4)
+  %async-collective-start.7 = (bf16[1,2,64]{2,1,0}, bf16[16,2,64]{2,1,0}, s32[2]{0}) fusion(%w), kind=kCustom, calls=%fused_computation.1
+  %buf = bf16[16,2,64]{2,1,0} get-tuple-element(%async-collective-start.7), index=1
+  %fusion.2 = (bf16[3,5,32]{2,1,0}, bf16[16,2,64]{2,1,0}) fusion(%w, %buf, %x), kind=kOutput, calls=%async_collective_fusion.2, backend_config={"async_collective_fusion_config":{"flag_start":"2","flag_end":"8"}}
+  %buf2 = bf16[16,2,64]{2,1,0} get-tuple-element(%fusion.2), index=1
+  %async-collective-done.7 = bf16[16,2,64]{2,1,0} fusion(%w, %buf2), kind=kCustom, calls=%fused_computation.3
+  %rs.4 = bf16[256,64]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.4, metadata={op_name="jit(step)/transpose(beit3/fc1/dot_general)"}, backend_config={"collective_algorithm_config":{"emitter":"AllReduceScatterFusion","strategy":"StrategyRing"}}
+  %rs.5 = bf16[256,64]{1,0} fusion(%h), kind=kCustom, calls=%all-reduce-scatter.5, metadata={op_name="jit(step)/transpose(beit3/fc2/dot_general)"}, backend_config={"collective_algorithm_config":{"emitter":"AllReduceScatterFusion","strategy":"StrategyRing"}}
+  %ar = f32[64,8]{1,0} all-reduce(%e), channel_id=9, replica_groups=mesh['axis_0'=4,'axis_1'=4], device_ids=([4,4]T(1,0)) {'axis_0'}, use_global_device_ids=true, to_apply=%add
+  ROOT %out = (bf16[16,2,64]{2,1,0}, bf16[256,64]{1,0}, bf16[256,64]{1,0}, f32[64,8]{1,0}) tuple(%async-collective-done.7, %rs.4, %rs.5, %ar)
+}
+"""
+
+
+def test_split_tpu_collectives_count_once_and_scatters_as_scatters():
+  traffic = train_compile.collective_traffic(TPU_HLO, devices=16)
+  gathered = 16 * 2 * 64 * 2
+  assert traffic["all-gather"] == {"ops": 1, "per_step": 1, "result_bytes": gathered,
+                                   "link_bytes": gathered * 15 // 16}
+  shard = 256 * 64 * 2  # each device keeps a quarter of the gradient: its group holds 4 devices
+  assert traffic["reduce-scatter"] == {"ops": 2, "per_step": 2, "result_bytes": 2 * shard,
+                                       "link_bytes": 2 * shard * 3}
+  assert traffic["all-reduce"] == {"ops": 1, "per_step": 1, "result_bytes": 64 * 8 * 4,
+                                   "link_bytes": 2 * 64 * 8 * 4 * 3 // 4}  # group: axis_0 of 4, not all 16
+  top = train_compile.largest_collectives(TPU_HLO, devices=16)
+  assert {(r["op"], r["source"]) for r in top if r["op"] != "all-reduce"} == {
+      ("all-gather", "jit(step)/beit3/fc1/dot_general"),
+      ("reduce-scatter", "jit(step)/transpose(beit3/fc1/dot_general)"),
+      ("reduce-scatter", "jit(step)/transpose(beit3/fc2/dot_general)")}
 
 
 def test_largest_collectives_name_their_source():
@@ -175,14 +264,15 @@ def test_does_not_overwrite(tmp_path, capsys):
     assert e.value.code == 2 and mine.read_text() == "keep" and len(err) == 1 and "not overwriting" in err[0]
 
 
-def _compile(python: pathlib.Path, tmp_path, *argv) -> dict:
-  out = tmp_path / "summary.json"
+def _compile(python: pathlib.Path, tmp_path, *argv) -> tuple[dict, str]:
+  """(the summary, the compiled HLO)."""
+  out, hlo = tmp_path / "summary.json", tmp_path / "step.hlo"
   # Without the test session's jax settings (fast-compile mode, a persistent cache, 8 simulated CPU devices).
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  proc = subprocess.run([str(python), "-m", "benchmarks.train_compile", *argv, "--json", str(out)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=1200, env=env)
+  proc = subprocess.run([str(python), "-m", "benchmarks.train_compile", *argv, "--json", str(out), "--dump-hlo",
+                         str(hlo)], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  return json.loads(out.read_text())
+  return json.loads(out.read_text()), hlo.read_text()
 
 
 TPU_PYTHON = ROOT / ".venv-tpu-static" / "bin" / "python"
@@ -201,19 +291,34 @@ def _check(summary: dict, devices: int, kind: str) -> None:
   assert summary["model_flops_per_step"] > 0
 
 
+def _check_text_embedding(hlo: str, devices: int) -> None:
+  """With fsdp=2 and data=2, BEiT-3's text table (the tiny model's: 64010 x 32) is never gathered whole, nor its
+  whole gradient reduced: each device's width half of the gradient is summed over its 2 data groups (the GPU
+  compiler flattens it into one buffer with other gradients, hence sizes rather than shapes)."""
+  def arrays(shape: str) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\[([\d,]*)\]", shape)]
+
+  whole, half = 64010 * 32, 64010 * 16
+  every = train_compile.largest_collectives(hlo, devices, n=100_000)
+  assert not [c for c in every if max(arrays(c["shape"]), default=0) >= whole], every
+  assert [c["group"] for c in every if c["op"] == "all-reduce" and max(arrays(c["shape"]), default=0) >= half] == [2]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh tpu (~1.5 GB)")
 def test_train_step_for_a_tpu_slice(tmp_path):
   """The tiny model's training step, data x FSDP over the 4 chips of a v5e 2x2 slice, as `Trainer.run` jits it."""
-  summary = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--model-preset", "tiny", "--batch-size", "8",
-                     "--mesh", "data=2,fsdp=2,tensor=1")
+  summary, hlo = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--model-preset", "tiny", "--batch-size",
+                          "8", "--mesh", "data=2,fsdp=2,tensor=1")
   _check(summary, 4, "TPU v5 lite")
+  _check_text_embedding(hlo, 4)
   assert summary["settings"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh gpu (~6 GB)")
 def test_train_step_for_four_gpus(tmp_path):
-  summary = _compile(GPU_PYTHON, tmp_path, "--platform", "gpu", "--topology", "1x1x4", "--model-preset", "tiny",
-                     "--batch-size", "8", "--mesh", "data=2,fsdp=2,tensor=1")
+  summary, hlo = _compile(GPU_PYTHON, tmp_path, "--platform", "gpu", "--topology", "1x1x4", "--model-preset", "tiny",
+                          "--batch-size", "8", "--mesh", "data=2,fsdp=2,tensor=1")
   _check(summary, 4, "H100")
+  _check_text_embedding(hlo, 4)
