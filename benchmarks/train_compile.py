@@ -357,6 +357,9 @@ def _args(argv):
   ap.add_argument("--grad-accum", type=int, help="microbatches per step (default: the config's)")
   ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                   help="recompute block activations in the backward pass (default: the config's)")
+  ap.add_argument("--replicate-frozen", action=argparse.BooleanOptionalAction, default=None,
+                  help="every device holds the frozen parameters whole instead of sharded by the rules (default: "
+                  "the config's replicate_frozen)")
   ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="compute dtype (default: the config's)")
   ap.add_argument("--attention", choices=("xla", "cudnn"), help="default: the config's; cudnn is for gpu")
   ap.add_argument("--prompts", type=int, help="prompts per image K (default: the config's data.num_prompts)")
@@ -430,7 +433,8 @@ def main(argv=None) -> int:
   except Exception as e:  # the config's own message (a bad size=..., a typo in the file)
     return _fail(f"--config {args.config}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
   overrides = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "remat": args.remat,
-               "precision": args.precision, "attention": args.attention, "mesh": args.mesh}
+               "precision": args.precision, "attention": args.attention, "mesh": args.mesh,
+               "replicate_frozen": args.replicate_frozen}
   for key, value in overrides.items():
     if value is not None:
       cfg[key] = value
@@ -477,7 +481,8 @@ def main(argv=None) -> int:
                                      end_factor=cfg.optimizer.end_factor)
   tx = optimizer.from_config(cfg.optimizer, schedule)
   try:
-    shapes, shards, report = state_layout(model_config, cfg.trainable, tx, mesh, rules)
+    shapes, shards, report = state_layout(model_config, cfg.trainable, tx, mesh, rules,
+                                          replicate_frozen=cfg.replicate_frozen)
   except UserError as e:
     return _fail(str(e))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
@@ -535,6 +540,7 @@ def main(argv=None) -> int:
           "platform": args.platform, "topology": args.topology, "target": args.target, "config": args.config,
           "model_preset": args.model_preset, "mesh": dict(mesh.shape), "batch_size": b,
           "grad_accum": int(cfg.grad_accum), "remat": bool(cfg.remat), "precision": cfg.precision,
+          "replicate_frozen": bool(cfg.replicate_frozen),
           "attention": cfg.attention, "prompts_per_image": k, "text_len": text_len, "mask_size": mask_size,
           "sam_img_size": s, "beit_img_size": bs, "encoder_frozen": encoder_frozen,
           "sharding_rules": [list(r) for r in rules],
@@ -574,7 +580,7 @@ def _print(summary: dict) -> None:
         f" for {st['platform']} {st['topology']} ({summary['devices']} x {summary['device_kind']}), mesh "
         f"{st['mesh']}: batch {st['batch_size']} images x {st['prompts_per_image']} prompts x {st['text_len']} "
         f"tokens, masks {st['mask_size']}, grad_accum {st['grad_accum']}, remat {st['remat']}, {st['precision']}, "
-        f"attention {st['attention']}")
+        f"attention {st['attention']}{', frozen parameters replicated' if st.get('replicate_frozen') else ''}")
   print(f"  parameters: {summary['parameters']['trained']:,} trained, {summary['parameters']['frozen']:,} frozen; "
         f"{summary['replicated_dims']['count']} parameter dimension(s) replicated (mesh does not divide them)")
   print(f"  lowered in {summary['lower_s']:.1f} s, compiled in {summary['compile_s']:.1f} s")

@@ -216,6 +216,25 @@ def test_muon_updates_the_matrices_and_shards_its_state_like_them(start):
   assert param_specs["beit3/encoder/layers_0/ffn/A/fc1/kernel"] == str(jax.sharding.PartitionSpec("fsdp", "tensor"))
 
 
+def test_replicate_frozen_holds_the_frozen_parameters_whole(start):
+  """`replicate_frozen`: the frozen parameters (SAM's image encoder) are whole on every device, so FSDP does not
+  gather them in every step; the trained ones and the optimizer state keep the rules' sharding."""
+  config, _ = start
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)], jax.devices())
+  rules = sharding.rules_for(mesh, sharding.DEFAULT_RULES)
+  tx = optimizer.adamw(1e-3)
+  _, sharded, _ = state_layout(config, TRAINABLE, tx, mesh, rules)
+  _, whole, _ = state_layout(config, TRAINABLE, tx, mesh, rules, replicate_frozen=True)
+  frozen = sharding.describe(whole["frozen"])
+  assert "sam/image_encoder/blocks_0/mlp/lin1/kernel" in frozen
+  assert set(frozen.values()) == {str(jax.sharding.PartitionSpec())}
+  assert set(sharding.describe(sharded["frozen"]).values()) != {str(jax.sharding.PartitionSpec())}
+  for part in ("params", "opt_state"):
+    assert jax.tree.leaves(whole[part]) == jax.tree.leaves(sharded[part])
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_equals_the_mean_of_microbatch_gradients(start):
   """Two microbatches in one step: the gradient is the mean of the two microbatches' (its norm, reported by the

@@ -111,7 +111,7 @@ def _read_state(path: str) -> Any:
 # devices are laid out (checkpoints restore onto any mesh). Everything else must match the saved config.
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "evals",
                      "eval", "progress", "peak_tflops", "mesh", "init", "data.workers", "data.read_threads",
-                     "data.prefetch", "data.root", "data.synthetic", "export")
+                     "data.prefetch", "data.root", "data.synthetic", "export", "replicate_frozen")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -55,11 +55,12 @@ class Summary:
 
 
 def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                 rules) -> tuple[dict, dict, list[str]]:
+                 rules, replicate_frozen: bool = False) -> tuple[dict, dict, list[str]]:
   """(abstract state, state shardings, parameter dimensions replicated because the mesh does not divide them).
 
   The state is {"step", "params" (trained), "frozen", "opt_state"}; parameters are sharded by the logical-axis
-  rules, the optimizer's moments like their parameters, everything else replicated."""
+  rules (the frozen ones replicated instead with `replicate_frozen`), the optimizer's moments like their
+  parameters, everything else replicated."""
   replicated = NamedSharding(mesh, P())
   boxed = abstract_params(model_config, boxed=True)
   param_sh, report = sharding.param_shardings(boxed, mesh, rules)
@@ -69,6 +70,8 @@ def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransform
     raise UserError(f"trainable: pattern(s) {', '.join(unknown)} match no parameter that can be trained")
   trained_shapes, frozen_shapes = partition.split(shapes, list(trainable))
   trained_sh, frozen_sh = partition.split(param_sh, list(trainable))
+  if replicate_frozen:
+    frozen_sh = jax.tree.map(lambda _: replicated, frozen_sh)
   opt_shapes = jax.eval_shape(tx.init, trained_shapes)
   opt_sh = optimizer.state_shardings(tx, opt_shapes, trained_sh, replicated)
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": trained_shapes, "frozen": frozen_shapes,
@@ -162,7 +165,8 @@ class Trainer:
                                             warmup_steps=cfg.optimizer.warmup_steps,
                                             schedule=cfg.optimizer.schedule, end_factor=cfg.optimizer.end_factor)
     self.tx = optimizer.from_config(cfg.optimizer, self.schedule)
-    shapes, shards, report = state_layout(self.model_config, cfg.trainable, self.tx, self.mesh, self.rules)
+    shapes, shards, report = state_layout(self.model_config, cfg.trainable, self.tx, self.mesh, self.rules,
+                                          replicate_frozen=cfg.replicate_frozen)
     if report:
       self.log(f"sharding: {len(report)} parameter dimension(s) replicated because the mesh does not divide "
                f"them, e.g. {report[0]}")
