@@ -282,10 +282,11 @@ def _rows(hlo_text: str, devices: int) -> tuple[list[dict], list[str]]:
 
 def collective_traffic(hlo_text: str, devices: int) -> dict:
   """The cross-device operations of one execution of a compiled program, per kind: `ops` (in the program; the
-  copies of a split TPU collective count once, so this can be below `deviceless.collectives`), `per_step` (executions, loop trip counts applied), `result_bytes` (their
-  results' bytes on one device, summed over executions) and `link_bytes` (an estimate of what one device sends:
-  the ring algorithm over each operation's replica group). Loops of unknown trip count holding collectives
-  count once and are listed in "unknown_trip_counts"."""
+  copies of a split TPU collective count once, so this can be below `deviceless.collectives`), `per_step`
+  (executions, loop trip counts applied), `result_bytes` (their results' bytes on one device, summed over
+  executions) and `link_bytes` (an estimate of what one device sends: the ring algorithm over each operation's
+  replica group). Loops of unknown trip count holding collectives count once and are listed in
+  "unknown_trip_counts"."""
   rows, unknown = _rows(hlo_text, devices)
   out: dict[str, dict] = {}
   for r in rows:
