@@ -259,24 +259,22 @@ def _executions(found, calls, entry) -> tuple[dict[str, int], list[str]]:
 def _rows(hlo_text: str, devices: int) -> tuple[list[dict], list[str]]:
   found, calls, entry = parse_hlo(hlo_text)
   times, unknown = _executions(found, calls, entry)
-  rows: list[dict] = []
-  copies: dict[tuple, dict] = {}  # (op, channel_id, shape) -> its row: the copies of one split collective
+  # One entry per collective: the copies of a split TPU collective share (op, channel_id, shape).
+  picked: dict[tuple, tuple[dict, int]] = {}  # key -> (the collective, its executions per step)
   for comp, ops in found.items():
     n = times.get(comp, 1)  # one not reached from the entry (a call this parser missed): once
-    for o in ops:
-      key = (o["op"], o["channel"], o["shape"])
-      if o["channel"] is not None and key in copies:
-        first = copies[key]
-        if n > first["per_step"]:
-          first.update(per_step=n, result_bytes=n * o["bytes"],
-                       link_bytes=n * _link_bytes(o["op"], o["bytes"], first["group"]))
-        first["source"] = first["source"] or o["source"]
-        continue
-      group = o["group"] or devices
-      rows.append(dict(o, group=group, per_step=n, result_bytes=n * o["bytes"],
-                       link_bytes=n * _link_bytes(o["op"], o["bytes"], group)))
-      if o["channel"] is not None:
-        copies[key] = rows[-1]
+    for i, o in enumerate(ops):
+      key = (o["op"], o["channel"], o["shape"]) if o["channel"] is not None else (comp, i)
+      if key in picked:
+        first, m = picked[key]
+        picked[key] = (dict(first, source=first["source"] or o["source"]), max(m, n))
+      else:
+        picked[key] = (o, n)
+  rows = []
+  for o, n in picked.values():
+    group = o["group"] or devices
+    rows.append(dict(o, group=group, per_step=n, result_bytes=n * o["bytes"],
+                     link_bytes=n * _link_bytes(o["op"], o["bytes"], group)))
   return rows, unknown
 
 
@@ -581,7 +579,7 @@ def _print(summary: dict) -> None:
         f" for {st['platform']} {st['topology']} ({summary['devices']} x {summary['device_kind']}), mesh "
         f"{st['mesh']}: batch {st['batch_size']} images x {st['prompts_per_image']} prompts x {st['text_len']} "
         f"tokens, masks {st['mask_size']}, grad_accum {st['grad_accum']}, remat {st['remat']}, {st['precision']}, "
-        f"attention {st['attention']}{', frozen parameters replicated' if st.get('replicate_frozen') else ''}")
+        f"attention {st['attention']}{', frozen parameters replicated' if st['replicate_frozen'] else ''}")
   print(f"  parameters: {summary['parameters']['trained']:,} trained, {summary['parameters']['frozen']:,} frozen; "
         f"{summary['replicated_dims']['count']} parameter dimension(s) replicated (mesh does not divide them)")
   print(f"  lowered in {summary['lower_s']:.1f} s, compiled in {summary['compile_s']:.1f} s")
