@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from evf_jax import buckets, families, metrics
+from evf_jax import buckets, families, layers, metrics
 from evf_jax.runtime import compute_dtype
 from evf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -196,7 +196,7 @@ def evf_predict_fn(config: families.ModelConfig, precision: str = "fp32", attent
       low, _ = model.apply(v, jax.tree.map(lambda e: e[None], embedding), prompts, method="decode")
       return low[:, 0]
 
-    low = jax.vmap(one_image)(embeddings, batch["beit_image"], batch["input_ids"], batch["attention_mask"])
+    low = layers.batch_vmap(one_image)(embeddings, batch["beit_image"], batch["input_ids"], batch["attention_mask"])
     # SAM's postprocess to each image's original size (zero rows beyond it), in float32 like Predictor.
     return jnp.einsum("bhk,bnkl,bwl->bnhw", batch["a_y"], low.astype(jnp.float32), batch["a_x"],
                       precision="highest")

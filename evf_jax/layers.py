@@ -279,6 +279,23 @@ def batch_shards() -> int:
   return math.prod(sizes[a] for a in mesh_axes("batch"))
 
 
+def batch_vmap(fn: Callable) -> Callable:
+  """`jax.vmap(fn)` over a leading axis that is the logical "batch" (e.g. images, each with its own prompts).
+  Under an active mesh and rules the mapped axis is split over the batch's mesh axes, and inside `fn` the
+  "batch" rule is off, so `batch_constraint` there pins the per-example axes whole instead of splitting them a
+  second time (which would move every example's rows between devices). Plain `jax.vmap` otherwise."""
+
+  def mapped(*args):
+    axes = mesh_axes("batch")
+    if not axes:
+      return jax.vmap(fn)(*args)
+    inner = tuple((name, None if name == "batch" else target) for name, target in nn.get_logical_axis_rules())
+    with nn.logical_axis_rules(inner):  # vmap traces `fn` now, under these rules
+      return jax.vmap(fn, spmd_axis_name=axes)(*args)
+
+  return mapped
+
+
 def batch_constraint(x: jax.Array) -> jax.Array:
   """Pins the first axis of an activation to the logical "batch" axis and the rest to replicated, so that under
   a mesh with FSDP the weights are gathered to the data (not the data to the weights). A no-op without an

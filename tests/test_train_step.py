@@ -334,3 +334,39 @@ def test_fsdp_text_embedding_sums_its_gradient_over_data_only(start):
   assert not [c for c in every if f"[{v},{d}]" in c["shape"]], every  # the whole table, or its whole gradient
   # Its width shard's gradient, summed over the 2 data groups (XLA may combine it with other gradients).
   assert [c["group"] for c in every if f"f32[{v},{d // 4}]" in c["shape"]] == [2], every
+
+
+def test_evaluation_under_training_fsdp_keeps_each_image_on_its_devices(start):
+  """Evaluation inside training runs under the training mesh and rules, with the parameters as FSDP split them.
+  The evaluator maps its per-image model over the images (`layers.batch_vmap`): the images stay split over all
+  the batch axes and each image's prompts stay whole. A plain vmap put the rules' batch split on the prompts
+  instead, and XLA moved images, text ids and decoder inputs across all 8 devices ("involuntary full
+  rematerialization"). The weights are split over fsdp (4 devices), so a collective over all 8 can only move
+  examples. The logits equal the one-device step's."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from benchmarks import train_compile
+  from evf_jax import evaluate
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  cfg, params = start
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)], jax.devices()[:8])
+  rules = sharding.rules_for(mesh, sharding.DEFAULT_RULES)
+  shards, _ = sharding.param_shardings(abstract_params(cfg, boxed=True), mesh, rules)
+  spec = evaluate.batch_spec(8, 4, 16, 64, sam_size=cfg.sam.img_size, beit_size=cfg.beit3.img_size,
+                             low_res=cfg.sam.low_res_size)
+  rng = np.random.default_rng(0)
+  batch = {k: (rng.integers(0, 300, v.shape) if k == "input_ids" else rng.random(v.shape) * 255 if k == "sam_image"
+               else rng.random(v.shape) > 0.2 if v.dtype == np.bool_ else rng.random(v.shape)).astype(v.dtype)
+           for k, v in spec.items()}
+  batch["resize_hw"][:] = cfg.sam.img_size
+  predict = evaluate.evf_predict_fn(cfg)
+  expected = np.asarray(jax.jit(predict)(params, batch))
+
+  data = NamedSharding(mesh, P(sharding.batch_axes(mesh, rules)))
+  with sharding.activate(mesh, rules):
+    step = jax.jit(predict, out_shardings=data).lower(jax.device_put(params, shards), jax.device_put(batch, data))
+    compiled = step.compile()
+    logits = np.asarray(compiled(jax.device_put(params, shards), jax.device_put(batch, data)))
+  every = train_compile.largest_collectives(compiled.as_text(), 8, n=10_000)
+  assert every and not [c for c in every if c["group"] == 8], [c for c in every if c["group"] == 8]
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)

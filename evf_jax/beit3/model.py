@@ -212,8 +212,10 @@ def _lookup_in_width_shards(table: jax.Array, ids: jax.Array, axes, dtype) -> ja
   float32. Gathering the table first costs the table and its whole gradient in every step; left to itself, XLA
   gathered every device's token rows at full width."""
   sizes = jax.sharding.get_abstract_mesh().shape
-  width = tuple(a for a in layers.mesh_axes(axes[1]) if sizes[a] > 1)
-  rows = tuple(a for a in layers.mesh_axes("batch") if a not in width)
+  batch = layers.mesh_axes("batch")
+  # No batch rule (no mesh, or inside `layers.batch_vmap`, where the mapped axis carries it): a plain lookup.
+  width = tuple(a for a in layers.mesh_axes(axes[1]) if sizes[a] > 1) if batch else ()
+  rows = tuple(a for a in batch if a not in width)
   rest = (None,) * (ids.ndim - 1)
   if width:
     ids = jax.lax.with_sharding_constraint(ids, P(rows or None, *rest))
