@@ -365,6 +365,14 @@ def _args(argv):
   ap.add_argument("--text-len", type=int, help="tokens per prompt (default: the config's data.max_text_len, the "
                   "length the data pipeline pads every prompt to)")
   ap.add_argument("--mask-size", type=int, help="loss resolution (default: data.mask_size, or SAM's input size)")
+  ap.add_argument("--eval", action="store_true", help="also compile the evaluation step as the trainer runs it "
+                  "(`evals`): on the training mesh, with the parameters as training shards them, the training state "
+                  "resident beside it")
+  ap.add_argument("--eval-prompts", type=int, default=8, help="--eval: prompt slots per image (a power of two, as "
+                  "the evaluator buckets them; default 8)")
+  ap.add_argument("--eval-text-len", type=int, default=32, help="--eval: tokens per prompt (a text bucket; default 32)")
+  ap.add_argument("--eval-size", type=int, default=640, help="--eval: original image sizes padded to this (a "
+                  "multiple of eval.size_multiple; default 640, RefCOCO's largest side)")
   ap.add_argument("--json", help="write the summary here (an existing file is not overwritten)")
   ap.add_argument("--dump-hlo", help="also write the compiled HLO text here (not overwritten)")
   args = ap.parse_args(argv)
@@ -377,7 +385,8 @@ def _args(argv):
     ap.error("--attention cudnn is for --platform gpu")
   if args.attention == "cudnn" and args.precision == "fp32":
     ap.error("--attention cudnn needs --precision bf16 or fp16")
-  for name in ("batch_size", "grad_accum", "prompts", "text_len", "mask_size"):
+  for name in ("batch_size", "grad_accum", "prompts", "text_len", "mask_size", "eval_prompts", "eval_text_len",
+               "eval_size"):
     value = getattr(args, name)
     if value is not None and value < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -562,6 +571,12 @@ def main(argv=None) -> int:
       "peak_flops_per_device": peak,
       "step_s_at_peak": None if not peak else model_flops / len(devices) / peak,
   }
+  if args.eval:
+    try:
+      summary["evaluation"] = _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary)
+    except Exception as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      return _fail(f"compiling the evaluation step failed: {first[:500]}")
   if args.dump_hlo:
     with open(args.dump_hlo, "x") as f:
       f.write(hlo)
@@ -570,6 +585,55 @@ def main(argv=None) -> int:
     with open(args.json, "x") as f:
       json.dump(summary, f, indent=2)
   return 0
+
+
+def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict) -> dict:
+  """The evaluation step `Trainer` runs every `eval_every` steps (`run_train`'s evaluator), compiled for the same
+  devices: the parameters keep the training state's shardings and the rest of the state stays in memory, so the
+  peak while evaluating is the whole state plus the step's batch, outputs and temporaries."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from evf_jax import buckets, evaluate, sharding
+  from evf_jax.train import partition
+
+  devices = mesh.devices.size
+  images = buckets.round_up(max(1, int(cfg.eval.batch_size)), devices)  # as evaluate.Evaluator rounds it
+  axes = sharding.batch_axes(mesh, rules)
+  batch = evaluate.batch_spec(images, args.eval_prompts, args.eval_text_len, args.eval_size,
+                              sam_size=model_config.sam.img_size, beit_size=model_config.beit3.img_size,
+                              low_res=model_config.sam.low_res_size, sharding=NamedSharding(mesh, P(axes or None)))
+  params = partition.merge(abstract["params"], abstract["frozen"])
+  step = evaluate.sharded_step(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh, False, axes)
+  start = time.perf_counter()
+  with sharding.activate(mesh, rules):
+    compiled = step.trace(params, batch).lower().compile()
+  memory = compiled.memory_analysis()
+  mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
+         for name in ("argument", "output", "temp", "generated_code")}
+  batch_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(batch))
+  peak = sum(summary["state_per_device_bytes"].values()) + batch_bytes + mem["output"] + mem["temp"] + \
+      mem["generated_code"]
+  hlo = compiled.as_text()
+  hbm = summary["hbm_bytes"]
+  return {"images": images, "prompts_per_image": args.eval_prompts, "text_len": args.eval_text_len,
+          "size": args.eval_size, "compile_s": round(time.perf_counter() - start, 1),
+          "memory_per_device_bytes": mem, "batch_per_device_bytes": batch_bytes, "peak_per_device_bytes": peak,
+          "fits": None if hbm is None else peak <= hbm,
+          "collectives": collective_traffic(hlo, devices), "largest_collectives": largest_collectives(hlo, devices)}
+
+
+def _print_traffic(collectives: dict, what: str) -> None:
+  traffic = {k: v for k, v in collectives.items() if isinstance(v, dict)}
+  if not traffic:
+    print("  cross-device operations: none")
+    return
+  print(f"  cross-device operations per {what}:")
+  for op, t in traffic.items():
+    print(f"    {op:<19} {t['per_step']:>6} ({t['ops']} in the program)  results {t['result_bytes'] / GiB:8.3f} "
+          f"GiB  sent per device ~{t['link_bytes'] / GiB:8.3f} GiB")
+  if "unknown_trip_counts" in collectives:
+    print(f"    (loops of unknown trip count counted once: {collectives['unknown_trip_counts']})")
 
 
 def _print(summary: dict) -> None:
@@ -589,22 +653,23 @@ def _print(summary: dict) -> None:
         f"{summary['batch_per_device_bytes'] / GiB:.2f}), outputs {mem['output'] / GiB:.2f} GiB "
         f"({mem['alias'] / GiB:.2f} aliased), temporaries {mem['temp'] / GiB:.2f} GiB; total "
         f"{mem['total'] / GiB:.2f} GiB{verdict}")
-  traffic = {k: v for k, v in summary["collectives"].items() if isinstance(v, dict)}
-  if traffic:
-    print("  cross-device operations per step:")
-    for op, t in traffic.items():
-      print(f"    {op:<19} {t['per_step']:>6} ({t['ops']} in the program)  results {t['result_bytes'] / GiB:8.3f} "
-            f"GiB  sent per device ~{t['link_bytes'] / GiB:8.3f} GiB")
-    if "unknown_trip_counts" in summary["collectives"]:
-      print(f"    (loops of unknown trip count counted once: {summary['collectives']['unknown_trip_counts']})")
-  else:
-    print("  cross-device operations: none")
+  _print_traffic(summary["collectives"], "step")
   at_peak = summary["step_s_at_peak"]
   print(f"  model FLOPs: {summary['model_flops_per_step'] / 1e12:.1f} TFLOP per step, "
         f"{summary['model_flops_per_device'] / 1e12:.2f} TFLOP per device"
         + (f" ({at_peak * 1e3:.0f} ms at the chip's bf16 peak)" if at_peak else "")
         + (f"; XLA counts {summary['xla_flops_per_device'] / 1e12:.2f} TFLOP per device (with remat)"
            if summary["xla_flops_per_device"] else ""))
+  ev = summary.get("evaluation")
+  if ev:
+    m = ev["memory_per_device_bytes"]
+    verdict = "" if hbm is None else (f" of {hbm / GiB:.1f} GiB HBM: " + ("fits" if ev["fits"] else "DOES NOT FIT"))
+    print(f"EVF-SAM evaluation step during training, {ev['images']} images x {ev['prompts_per_image']} prompts x "
+          f"{ev['text_len']} tokens, images padded to {ev['size']}: compiled in {ev['compile_s']:.1f} s")
+    print(f"  per device: batch {ev['batch_per_device_bytes'] / GiB:.2f} GiB, temporaries {m['temp'] / GiB:.2f} GiB, "
+          f"outputs {m['output'] / GiB:.3f} GiB; with the training state "
+          f"{ev['peak_per_device_bytes'] / GiB:.2f} GiB{verdict}")
+    _print_traffic(ev["collectives"], "evaluation step")
 
 
 if __name__ == "__main__":

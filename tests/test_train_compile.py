@@ -244,6 +244,7 @@ def test_without_the_compiler_plugin(platform, needs, capsys):
     (["--platform", "gpu", "--attention", "cudnn", "--precision", "fp32"], "needs --precision bf16"),
     (["--mesh", "data8"], "expected NAME=SIZE"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--eval", "--eval-prompts", "0"], "--eval-prompts must be >= 1"),
     (["--config", "configs/train/nope.py"], "no such file"),
     (["--platform", "cpu"], "invalid choice"),
 ])
@@ -304,14 +305,26 @@ def _check_text_embedding(hlo: str, devices: int) -> None:
   assert [c["group"] for c in every if c["op"] == "all-reduce" and max(arrays(c["shape"]), default=0) >= half] == [2]
 
 
+def _check_evaluation(summary: dict, devices: int) -> None:
+  """The evaluation step inside training (`--eval`) fits beside the training state, gathers the FSDP-split weights,
+  and moves no image between the data groups: the weights are split over fsdp=2, so a collective over all the
+  devices would be examples moving (as when a plain vmap put the batch split on each image's prompts)."""
+  ev = summary["evaluation"]
+  assert ev["fits"] is True and ev["peak_per_device_bytes"] > sum(summary["state_per_device_bytes"].values())
+  assert ev["images"] % devices == 0 and ev["collectives"]["all-gather"]["result_bytes"] > 0
+  assert ev["largest_collectives"] and not [c for c in ev["largest_collectives"] if c["group"] >= devices], ev
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh tpu (~1.5 GB)")
 def test_train_step_for_a_tpu_slice(tmp_path):
-  """The tiny model's training step, data x FSDP over the 4 chips of a v5e 2x2 slice, as `Trainer.run` jits it."""
+  """The tiny model's training step, data x FSDP over the 4 chips of a v5e 2x2 slice, as `Trainer.run` jits it, and
+  its evaluation step."""
   summary, hlo = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--model-preset", "tiny", "--batch-size",
-                          "8", "--mesh", "data=2,fsdp=2,tensor=1")
+                          "8", "--mesh", "data=2,fsdp=2,tensor=1", "--eval")
   _check(summary, 4, "TPU v5 lite")
   _check_text_embedding(hlo, 4)
+  _check_evaluation(summary, 4)
   assert summary["settings"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
 
 
@@ -319,6 +332,7 @@ def test_train_step_for_a_tpu_slice(tmp_path):
 @pytest.mark.skipif(not GPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh gpu (~6 GB)")
 def test_train_step_for_four_gpus(tmp_path):
   summary, hlo = _compile(GPU_PYTHON, tmp_path, "--platform", "gpu", "--topology", "1x1x4", "--model-preset", "tiny",
-                          "--batch-size", "8", "--mesh", "data=2,fsdp=2,tensor=1")
+                          "--batch-size", "8", "--mesh", "data=2,fsdp=2,tensor=1", "--eval")
   _check(summary, 4, "H100")
   _check_text_embedding(hlo, 4)
+  _check_evaluation(summary, 4)
