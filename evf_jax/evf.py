@@ -126,12 +126,10 @@ class EvfSam(nn.Module):
                    attention_mask: jax.Array) -> jax.Array:
     """BEiT-3 on (image, text) pairs -> (N, out_dim) prompt embeddings.
 
-    beit_images: (N, 224, 224, 3) normalised to [-1, 1] (or (1, ...) shared by all N texts);
+    beit_images: (N, 224, 224, 3) normalised to [-1, 1], or (N / r, ...): each image shared by r consecutive
+      texts ((1, ...): by all N), its patches embedded once;
     input_ids / attention_mask: (N, L), right-padded, mask True at real tokens.
     """
-    n = input_ids.shape[0]
-    if beit_images.shape[0] != n:
-      beit_images = jnp.broadcast_to(beit_images, (n,) + beit_images.shape[1:])
     out = self.beit3(beit_images, input_ids, text_padding_mask=~attention_mask)
     return self.projector(out[:, 0])
 

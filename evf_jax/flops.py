@@ -73,12 +73,16 @@ def sam_decoder(sam: SamConfig, sparse_tokens: int = 1) -> float:
   return float(flops)
 
 
+def beit3_patch_embedding(cfg: Beit3Config) -> float:
+  """BEiT-3's patch embedding of one image (once per image: its prompts share the patch tokens)."""
+  return float(2 * cfg.num_patches * (cfg.in_chans * cfg.patch_size ** 2) * cfg.embed_dim)
+
+
 def beit3(cfg: Beit3Config, text_len: int) -> float:
-  """BEiT-3 on one (image, text) pair of `text_len` tokens: patch embedding and the encoder layers."""
+  """BEiT-3's encoder layers on one (image, text) pair of `text_len` tokens."""
   t, d = cfg.vision_len + text_len, cfg.embed_dim
-  flops = 2 * cfg.num_patches * (cfg.in_chans * cfg.patch_size ** 2) * d
   per_layer = 2 * t * d * 4 * d + 2 * 2 * t * t * d + 2 * 2 * t * d * cfg.ffn_dim
-  return float(flops + cfg.num_layers * per_layer)
+  return float(cfg.num_layers * per_layer)
 
 
 def projector(config: EvfConfig) -> float:
@@ -91,4 +95,4 @@ def train_step(config: EvfConfig, *, images: int, prompts_per_image: int, text_l
   forward only (the mask upsampling and loss are not counted)."""
   per_prompt = beit3(config.beit3, text_len) + projector(config) + sam_decoder(config.sam)
   encoder = sam_encoder(config.sam) * (1 if encoder_frozen else 3)
-  return images * encoder + 3 * images * prompts_per_image * per_prompt
+  return images * (encoder + 3 * beit3_patch_embedding(config.beit3)) + 3 * images * prompts_per_image * per_prompt

@@ -71,6 +71,17 @@ def test_padded_batch_matches_single_prompts(tiny):
     np.testing.assert_allclose(batched[i:i + 1, :nv + n], alone, rtol=0, atol=2e-6)
 
 
+def test_an_image_shared_by_several_texts(tiny):
+  """Images fewer than texts: each image goes with r consecutive texts and its patches are embedded once. The
+  reference gets every image repeated r times. An image count that does not divide the texts' is refused."""
+  images, ids = make_inputs(tiny.cfg, 4)
+  shared = images[[0, 2]]
+  ref = run_torch(tiny.torch_model, images=np.repeat(shared, 2, axis=0), ids=ids)
+  np.testing.assert_allclose(tiny.ours(shared, ids), ref, rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="image batch 3 does not divide text batch 4"):
+    tiny.ours(images[:3], ids)
+
+
 def test_all_padding_row_text_only(tiny):
   """The one meaningless reference output: a text-only row made only of padding is NaN in torch."""
   _, ids = make_inputs(tiny.cfg)

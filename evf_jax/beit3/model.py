@@ -304,7 +304,8 @@ class Beit3(nn.Module):
     """Encodes an image, a text, or both (vision tokens first, then text tokens).
 
     Args:
-      image: (B, H, W, 3) float, normalised as BEiT-3 expects (NHWC; torch's NCHW transposed).
+      image: (B, H, W, 3) float, normalised as BEiT-3 expects (NHWC; torch's NCHW transposed); with a text, also
+        (B / r, H, W, 3): each image is shared by r consecutive texts and embedded once (as r copies would be).
       input_ids: (B, L) int token ids (XLM-R convention, `<pad>` = config.pad_token_id).
       text_padding_mask: (B, L) bool, True at padding (torchscale's `text_padding_position`).
         Default: `input_ids == config.pad_token_id`, which is what EVF-SAM passes.
@@ -335,9 +336,11 @@ class Beit3(nn.Module):
     elif image is None:
       x, split, padding = text(input_ids), ALL_B, text_padding_mask
     else:
+      if image.shape[0] == 0 or input_ids.shape[0] % image.shape[0]:
+        raise ValueError(f"image batch {image.shape[0]} does not divide text batch {input_ids.shape[0]}")
       xv, xt = vision(image), text(input_ids)
-      if xv.shape[0] != xt.shape[0]:
-        raise ValueError(f"image batch {xv.shape[0]} != text batch {xt.shape[0]}")
+      if xv.shape[0] != xt.shape[0]:  # the patch embedding once per image, its tokens for each of the image's texts
+        xv = jnp.repeat(xv, xt.shape[0] // xv.shape[0], axis=0)
       x, split = jnp.concatenate([xv, xt.astype(xv.dtype)], axis=1), xv.shape[1]
       padding = jnp.concatenate([jnp.zeros(xv.shape[:2], bool), text_padding_mask], axis=1)
     return Encoder(cfg, split=split, attention=self.attention, remat=self.remat,

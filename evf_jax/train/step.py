@@ -58,7 +58,7 @@ def forward(model: EvfSam, config: EvfConfig, params: Any, batch: dict, options:
   embeddings = model.apply(v, x, method=EvfSam.embed_image)  # (B, h, w, C), once per image
   if options.encoder_frozen:
     embeddings = jax.lax.stop_gradient(embeddings)
-  beit = jnp.repeat(batch["beit_image"].astype(options.dtype), k, axis=0)  # one row per (image, prompt)
+  beit = batch["beit_image"].astype(options.dtype)  # BEiT-3 embeds each image once for its K prompts
   prompts = model.apply(v, layers.batch_constraint(beit), batch["input_ids"].reshape(b * k, length),
                         batch["attention_mask"].reshape(b * k, length), method=EvfSam.text_prompts)
   per_prompt = layers.batch_constraint(jnp.repeat(embeddings, k, axis=0))
