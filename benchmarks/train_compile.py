@@ -14,6 +14,8 @@ mesh of the topology's compile-only devices, with the batch as ShapeDtypeStructs
 and compiles it without running anything. It reports the compile time; what one device holds (XLA's memory
 analysis: arguments, outputs, temporaries) against the chip's HBM; the cross-device operations of one step, how
 many and how many bytes (result shapes, loop trip counts applied); and the analytic model FLOPs per step.
+`--eval` also compiles the evaluation step the trainer runs every `eval_every` steps, on the same mesh with the
+parameters as training shards them, and reports its peak with the training state resident.
 
 TPU topologies are libtpu's names, `v5p:2x4x4` (v5p-64: v5p slices are named by TensorCores, two per chip, so
 v5p-64 is 32 chips), `v5p:4x4x4` (64 chips, v5p-128), `v5e:16x16` (v5e-256), `v6e:4x4`...; GPU topologies are
