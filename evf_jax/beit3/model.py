@@ -336,8 +336,9 @@ class Beit3(nn.Module):
     elif image is None:
       x, split, padding = text(input_ids), ALL_B, text_padding_mask
     else:
-      if image.shape[0] == 0 or input_ids.shape[0] % image.shape[0]:
-        raise ValueError(f"image batch {image.shape[0]} does not divide text batch {input_ids.shape[0]}")
+      n_image, n_text = image.shape[0], input_ids.shape[0]
+      if n_text % n_image if n_image else n_text:
+        raise ValueError(f"image batch {n_image} does not divide text batch {n_text}")
       xv, xt = vision(image), text(input_ids)
       if xv.shape[0] != xt.shape[0]:  # the patch embedding once per image, its tokens for each of the image's texts
         xv = jnp.repeat(xv, xt.shape[0] // xv.shape[0], axis=0)
