@@ -511,10 +511,6 @@ def main(argv=None) -> int:
   assert set(layout) == set(BATCH_KEYS)
   batch = {key: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh) for key, (shape, dt) in layout.items()}
 
-  def per_device(tree) -> int:
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(tree))
-
   with sharding.activate(mesh, rules):
     train_step = jax.jit(step_fn, in_shardings=(shards, batch_sh), out_shardings=(shards, replicated),
                          donate_argnums=0)
@@ -524,13 +520,10 @@ def main(argv=None) -> int:
       lower_s = time.perf_counter() - start
       compiled = lowered.compile()
     except Exception as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      return _fail(f"compiling the train step failed after {time.perf_counter() - start:.0f} s: {first[:500]}")
+      return _fail(f"compiling the train step failed after {time.perf_counter() - start:.0f} s: {_first_line(e)}")
   compile_s = time.perf_counter() - start - lower_s
 
-  memory = compiled.memory_analysis()
-  names = ("argument", "output", "alias", "temp", "generated_code")
-  mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0) for name in names}
+  mem = _memory_bytes(compiled, ("argument", "output", "alias", "temp", "generated_code"))
   # Donated state: outputs alias arguments, so the peak is arguments + non-aliased outputs + temporaries.
   mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
   hbm = hbm_bytes(devices[0].device_kind, args.target if args.platform == "gpu" else None)
@@ -560,8 +553,8 @@ def main(argv=None) -> int:
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
       "parameters": {"trained": n_params["params"], "frozen": n_params["frozen"]},
       "replicated_dims": {"count": len(report), "examples": report[:8]},
-      "state_per_device_bytes": {part: per_device(abstract[part]) for part in ("params", "frozen", "opt_state")},
-      "batch_per_device_bytes": per_device(batch),
+      "state_per_device_bytes": {part: _per_device_bytes(abstract[part]) for part in ("params", "frozen", "opt_state")},
+      "batch_per_device_bytes": _per_device_bytes(batch),
       "memory_per_device_bytes": mem,
       "hbm_bytes": hbm,
       "fits": None if hbm is None else mem["total"] <= hbm,
@@ -577,8 +570,7 @@ def main(argv=None) -> int:
     try:
       summary["evaluation"] = _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary)
     except Exception as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      return _fail(f"compiling the evaluation step failed: {first[:500]}")
+      return _fail(f"compiling the evaluation step failed: {_first_line(e)}")
   if args.dump_hlo:
     with open(args.dump_hlo, "x") as f:
       f.write(hlo)
@@ -589,13 +581,33 @@ def main(argv=None) -> int:
   return 0
 
 
+def _first_line(error: Exception) -> str:
+  """The first line of a compiler's message (at most 500 characters), or the exception's type."""
+  text = str(error).strip()
+  return text.splitlines()[0][:500] if text else type(error).__name__
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+  import jax
+  import numpy as np
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _memory_bytes(compiled, names: tuple[str, ...]) -> dict[str, int]:
+  """XLA's memory analysis of a compiled program, per device: {"argument": bytes, ...} for `names`."""
+  memory = compiled.memory_analysis()
+  return {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0) for name in names}
+
+
+def _verdict(hbm: int | None, fits: bool | None) -> str:
+  return "" if hbm is None else f" of {hbm / GiB:.1f} GiB HBM: " + ("fits" if fits else "DOES NOT FIT")
+
+
 def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict) -> dict:
   """The evaluation step `Trainer` runs every `eval_every` steps (`run_train`'s evaluator), compiled for the same
   devices: the parameters keep the training state's shardings and the rest of the state stays in memory, so the
   peak while evaluating is the whole state plus the step's batch, outputs and temporaries."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
   from evf_jax import buckets, evaluate, sharding
   from evf_jax.train import partition
 
@@ -604,16 +616,14 @@ def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict)
   axes = sharding.batch_axes(mesh, rules)
   batch = evaluate.batch_spec(images, args.eval_prompts, args.eval_text_len, args.eval_size,
                               sam_size=model_config.sam.img_size, beit_size=model_config.beit3.img_size,
-                              low_res=model_config.sam.low_res_size, sharding=NamedSharding(mesh, P(axes or None)))
+                              low_res=model_config.sam.low_res_size, sharding=sharding.batch_sharding(mesh, rules))
   params = partition.merge(abstract["params"], abstract["frozen"])
   step = evaluate.sharded_step(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh, False, axes)
   start = time.perf_counter()
   with sharding.activate(mesh, rules):
     compiled = step.trace(params, batch).lower().compile()
-  memory = compiled.memory_analysis()
-  mem = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
-         for name in ("argument", "output", "temp", "generated_code")}
-  batch_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(batch))
+  mem = _memory_bytes(compiled, ("argument", "output", "temp", "generated_code"))
+  batch_bytes = _per_device_bytes(batch)
   peak = sum(summary["state_per_device_bytes"].values()) + batch_bytes + mem["output"] + mem["temp"] + \
       mem["generated_code"]
   hlo = compiled.as_text()
@@ -649,7 +659,7 @@ def _print(summary: dict) -> None:
   print(f"  parameters: {summary['parameters']['trained']:,} trained, {summary['parameters']['frozen']:,} frozen; "
         f"{summary['replicated_dims']['count']} parameter dimension(s) replicated (mesh does not divide them)")
   print(f"  lowered in {summary['lower_s']:.1f} s, compiled in {summary['compile_s']:.1f} s")
-  verdict = "" if hbm is None else (f" of {hbm / GiB:.1f} GiB HBM: " + ("fits" if summary["fits"] else "DOES NOT FIT"))
+  verdict = _verdict(hbm, summary["fits"])
   print(f"  per device: arguments {mem['argument'] / GiB:.2f} GiB (state "
         f"{sum(summary['state_per_device_bytes'].values()) / GiB:.2f}, batch "
         f"{summary['batch_per_device_bytes'] / GiB:.2f}), outputs {mem['output'] / GiB:.2f} GiB "
@@ -665,12 +675,11 @@ def _print(summary: dict) -> None:
   ev = summary.get("evaluation")
   if ev:
     m = ev["memory_per_device_bytes"]
-    verdict = "" if hbm is None else (f" of {hbm / GiB:.1f} GiB HBM: " + ("fits" if ev["fits"] else "DOES NOT FIT"))
     print(f"EVF-SAM evaluation step during training, {ev['images']} images x {ev['prompts_per_image']} prompts x "
           f"{ev['text_len']} tokens, images padded to {ev['size']}: compiled in {ev['compile_s']:.1f} s")
     print(f"  per device: batch {ev['batch_per_device_bytes'] / GiB:.2f} GiB, temporaries {m['temp'] / GiB:.2f} GiB, "
           f"outputs {m['output'] / GiB:.3f} GiB; with the training state "
-          f"{ev['peak_per_device_bytes'] / GiB:.2f} GiB{verdict}")
+          f"{ev['peak_per_device_bytes'] / GiB:.2f} GiB{_verdict(hbm, ev['fits'])}")
     _print_traffic(ev["collectives"], "evaluation step")
 
 

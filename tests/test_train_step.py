@@ -343,7 +343,6 @@ def test_evaluation_under_training_fsdp_keeps_each_image_on_its_devices(start):
   instead, and XLA moved images, text ids and decoder inputs across all 8 devices ("involuntary full
   rematerialization"). The weights are split over fsdp (4 devices), so a collective over all 8 can only move
   examples. The logits equal the one-device step's."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
   from benchmarks import train_compile
   from evf_jax import evaluate
   if jax.device_count() < 8:
@@ -362,11 +361,11 @@ def test_evaluation_under_training_fsdp_keeps_each_image_on_its_devices(start):
   predict = evaluate.evf_predict_fn(cfg)
   expected = np.asarray(jax.jit(predict)(params, batch))
 
-  data = NamedSharding(mesh, P(sharding.batch_axes(mesh, rules)))
+  data = sharding.batch_sharding(mesh, rules)
+  placed = jax.device_put(params, shards), jax.device_put(batch, data)
   with sharding.activate(mesh, rules):
-    step = jax.jit(predict, out_shardings=data).lower(jax.device_put(params, shards), jax.device_put(batch, data))
-    compiled = step.compile()
-    logits = np.asarray(compiled(jax.device_put(params, shards), jax.device_put(batch, data)))
+    compiled = jax.jit(predict, out_shardings=data).lower(*placed).compile()
+    logits = np.asarray(compiled(*placed))
   every = train_compile.largest_collectives(compiled.as_text(), 8, n=10_000)
   assert every and not [c for c in every if c["group"] == 8], [c for c in every if c["group"] == 8]
   np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
