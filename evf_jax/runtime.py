@@ -69,10 +69,34 @@ def jit_eigen_dots(fn: Callable, **kw) -> Callable:
   return jax.jit(fn, **kw)
 
 
+_cache_hits = 0  # compiles answered by the persistent compilation cache in this process
+
+
+def _count_cache_hits(event: str, **kwargs) -> None:
+  global _cache_hits
+  if event == "/jax/compilation_cache/cache_hits":
+    _cache_hits += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hits)
+
+
 def enable_compilation_cache(path: str) -> None:
-  """Persist compiled programs across processes (jax's persistent compilation cache)."""
+  """Persist compiled programs across processes (jax's persistent compilation cache). With several processes
+  only process 0 writes entries (jax's rule); the others read them when `path` is a directory they share."""
   path = os.path.abspath(os.path.expanduser(path))
-  os.makedirs(path, exist_ok=True)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"compilation cache {path} is not a directory")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"compilation cache {path}: {e.strerror or e}") from None
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def compilation_cache_hits() -> int:
+  """How many compiles the persistent compilation cache (`enable_compilation_cache`, or jax's own
+  JAX_COMPILATION_CACHE_DIR) has answered in this process."""
+  return _cache_hits

@@ -65,9 +65,9 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def straight(config_file, data_root, tmp_path_factory):
-  """An uninterrupted 6-step run in this process: the reference for every resumed run."""
+  """An uninterrupted 6-step run in this process, steps 2 and 3 traced: the reference for every resumed run."""
   workdir = tmp_path_factory.mktemp("straight")
-  assert cli.main(_args(config_file, data_root, workdir)) == 0
+  assert cli.main(_args(config_file, data_root, workdir, "--profile_steps=2")) == 0
   return str(workdir)
 
 
@@ -79,6 +79,7 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   evals = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl")) if "eval/synthetic|val/giou" in line]
   assert len(evals) == 1 and 0.0 <= evals[0]["eval/synthetic|val/giou"] <= 1.0
   assert glob.glob(os.path.join(w, "tensorboard", "events.out.tfevents.*"))
+  _check_trace(w, steps={2, 3})
   config, params, tokenizer = load_checkpoint(os.path.join(w, "export"))
   trained = saved_params(w, 6)
   for key in ("beit3", "projector"):  # the export holds the trained parameters
@@ -97,6 +98,16 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   assert cli.main(["predict", "--checkpoint", os.path.join(w, "export"), "--image", _png(image, w), "--prompt",
                    "the circle", "--out-dir", os.path.join(w, "pred")]) == 0
   assert os.path.isfile(os.path.join(w, "pred", "img_0_mask.png"))
+
+
+def _check_trace(workdir, steps):
+  """One jax.profiler trace in <workdir>/profile holding exactly `steps` and the train step's device work."""
+  from evf_testing import profiling
+  runs = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*"))
+  assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "*.xplane.pb")), runs
+  events = profiling.load_trace(profiling.trace_file(runs[0]))
+  assert {int(e["args"]["step_num"]) for e in events if e.get("name") == "train"} == steps
+  assert any((e.get("args") or {}).get("hlo_module") == "jit_step" for e in events)  # the compiled step ran
 
 
 def _png(image, directory):
@@ -218,7 +229,35 @@ def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_p
   assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
 
 
+@pytest.mark.slow
+def test_a_resumed_run_reads_its_step_from_the_compilation_cache(straight, config_file, data_root, tmp_path):
+  """`--compilation_cache`: the first launch compiles the step and stores it, the resumed launch (a new process)
+  reads it back, and the run still ends bit-identical to the uninterrupted one."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the tests' own cache
+  w, cache = str(tmp_path / "w"), str(tmp_path / "cache")
+  outputs = []
+  for extra in (("--config.total_steps=3",), ()):
+    proc = subprocess.run([sys.executable, "run.py", *_args(config_file, data_root, w, *extra),
+                           f"--compilation_cache={cache}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    outputs.append([line for line in proc.stdout.splitlines() if line.startswith("compiled the train step")])
+  assert len(outputs[0]) == 1 and "compilation cache" not in outputs[0][0], outputs
+  assert len(outputs[1]) == 1 and "(read from the compilation cache)" in outputs[1][0], outputs
+  assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
+
+
 # ---------------------------------------------------------------- bad input: one line, before any compile
+
+
+def test_help_lists_every_flag(capsys):
+  from evf_jax.cli import run_train
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["train", "--help"])
+  out = capsys.readouterr().out
+  assert exit_.value.code == 0
+  for name in run_train._flags(["run.py train"]):
+    assert f"--{name}:" in out, name
 
 
 @pytest.mark.parametrize("extra,expect", [
@@ -231,6 +270,8 @@ def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_p
     (("--config.trainable=('beit3/nothing',)",), "match no parameter"),
     (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),
     (("--config.optimizer.name=lion",), "config.optimizer.name 'lion': expected one of adamw, muon"),
+    (("--profile_steps=-2",), "profile: steps -2"),
+    ((f"--compilation_cache={ROOT}/README.md",), "README.md is not a directory"),
 ])
 def test_bad_input_is_one_line_before_compiling(config_file, data_root, tmp_path, capsys, extra, expect):
   args = _args(config_file, data_root, tmp_path / "w")

@@ -7,6 +7,8 @@ Flags are absl's (`--config`, `--config.<field>`, `--workdir`) because ml_collec
 several processes (one per host) join with `--coordinator_address HOST:PORT --num_processes N --process_id I`,
 or with no flags where jax detects the cluster itself (TPU pod slices, Slurm). Running the same command again
 resumes from the workdir. Everything a user can get wrong is checked before anything compiles.
+`--profile_steps N` traces N steps into <workdir>/profile; `--compilation_cache DIR` lets a resumed run skip
+compiling (docs/training.md#profiling-and-compile-time).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from evf_jax import checkpoints, evaluate, sharding
 from evf_jax.cli import run_eval
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, init_params
-from evf_jax.runtime import check_attention_platform, compute_dtype
+from evf_jax.runtime import check_attention_platform, compute_dtype, enable_compilation_cache
 from evf_jax.tokenizer import SPM_FILE, TextTokenizer
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
-from evf_jax.train.trainer import Trainer
+from evf_jax.train.trainer import ProfileWindow, Trainer
 
 HELP = "train EVF-SAM from a config (configs/train/*.py) into a workdir; resumes when run again"
 TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: a sentencepiece model trained on the training prompts
@@ -56,6 +58,11 @@ def _flags(argv: Sequence[str]) -> flags.FlagValues:
                       "127.0.0.1:PORT keeps a run on one machine to itself)", flag_values=fv)
   flags.DEFINE_integer("heartbeat_timeout", 100, "seconds before a silent process is declared dead (multi-process)",
                        flag_values=fv)
+  flags.DEFINE_string("compilation_cache", None, "persistent compilation cache directory: a resumed run reads its "
+                      "compiled step from there instead of compiling again", flag_values=fv)
+  flags.DEFINE_integer("profile_steps", 0, "trace this many training steps with jax.profiler into "
+                       "<workdir>/profile (process 0)", flag_values=fv)
+  flags.DEFINE_integer("profile_skip", 1, "steps of this launch to run before the traced ones", flag_values=fv)
   return fv
 
 
@@ -68,7 +75,7 @@ def parse(argv: Sequence[str]) -> flags.FlagValues:
   argv = ["run.py train", *argv]
   fv = _flags(argv)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + fv.main_module_help())
+    print(__doc__.strip() + "\n\nflags:\n" + fv.module_help(sys.modules[__name__]))
     raise SystemExit(0)
   try:
     fv(argv)
@@ -267,9 +274,12 @@ def run(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   fv = parse(sys.argv[2:] if argv is None else argv)
+  profile = ProfileWindow(fv.profile_steps, fv.profile_skip)
   distributed = _initialise_distributed(fv)
   try:
-    summary = train(fv.config, fv.workdir)
+    if fv.compilation_cache:
+      enable_compilation_cache(fv.compilation_cache)
+    summary = train(fv.config, fv.workdir, profile=profile)
   finally:
     if distributed:
       jax.distributed.shutdown()
@@ -282,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   return code
 
 
-def train(cfg, workdir: str):
+def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   """Everything `run.py train` does after parsing; returns the trainer's Summary."""
   workdir = os.path.abspath(workdir)
   if os.path.isfile(workdir):
@@ -310,7 +320,7 @@ def train(cfg, workdir: str):
                                      prefetch=cfg.data.prefetch)
   trainer = Trainer(cfg, workdir=workdir, model_config=model_config, mesh=mesh, data_iterator=iterator,
                     init_params=init, eval_fn=eval_fn, tokenizer_model=tokenizer.model_file,
-                    provenance={"config": cfg.to_dict(), "initialisation": init_description})
+                    provenance={"config": cfg.to_dict(), "initialisation": init_description}, profile=profile)
   summary = trainer.run()
   if jax.process_index() == 0 and summary.stopped_early is None:
     print(f"done: step {summary.step}; model in {summary.export}")

@@ -29,12 +29,13 @@ from tqdm import tqdm
 from evf_jax import __version__, flops, sharding
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, EvfSam, abstract_params
-from evf_jax.runtime import compute_dtype
+from evf_jax.runtime import compilation_cache_hits, compute_dtype
 from evf_jax.train import checkpointing, losses, optimizer, partition
 from evf_jax.train.step import BATCH_KEYS, StepOptions, make_train_step
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+PROFILE_DIR = "profile"
 
 InitFn = Callable[[], Any]                                  # -> the full parameter tree (host arrays)
 EvalFn = Callable[[Any, int], dict[str, dict[str, Any]]]    # (params, step) -> {split: result}
@@ -42,6 +43,19 @@ EvalFn = Callable[[Any, int], dict[str, dict[str, Any]]]    # (params, step) -> 
 
 class TrainingDiverged(UserError):
   """The loss became NaN or infinite; nothing was saved from that state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileWindow:
+  """Trace `steps` training steps with `jax.profiler` once this launch has run `skip` steps (process 0 only);
+  the trace goes to <workdir>/profile/plugins/profile/<time>/ (an .xplane.pb for TensorBoard's profile plugin
+  or xprof, a .trace.json.gz for Perfetto)."""
+  steps: int
+  skip: int = 1
+
+  def __post_init__(self):
+    if self.steps < 0 or self.skip < 0:
+      raise UserError(f"profile: steps {self.steps} and skip {self.skip} must be >= 0")
 
 
 @dataclasses.dataclass
@@ -107,7 +121,8 @@ def _host(tree: Any) -> Any:
 class Trainer:
   def __init__(self, cfg, *, workdir: str, model_config: EvfConfig, mesh: jax.sharding.Mesh,
                data_iterator: Iterator[dict], init_params: InitFn, eval_fn: Optional[EvalFn] = None,
-               tokenizer_model: Optional[str] = None, provenance: Optional[dict] = None, log=print):
+               tokenizer_model: Optional[str] = None, provenance: Optional[dict] = None,
+               profile: Optional[ProfileWindow] = None, log=print):
     self.cfg = cfg
     self.workdir = os.path.abspath(workdir)
     self.model_config = model_config
@@ -118,6 +133,8 @@ class Trainer:
     self.eval_fn = eval_fn
     self.tokenizer_model = tokenizer_model
     self.provenance = dict(provenance or {})
+    self.profile = profile if profile and profile.steps and jax.process_index() == 0 else None
+    self._tracing = False
     self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
     self._stop_signal: Optional[str] = None
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
@@ -203,6 +220,8 @@ class Trainer:
     try:
       self._loop(state, train_step, mngr, start, writer, summary, encoder_frozen)
     finally:
+      if self._tracing:  # the run ended inside the profile window
+        self._stop_trace(None, None)
       mngr.wait_until_finished()  # never leave an async save half-written at exit
       for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)
@@ -224,21 +243,31 @@ class Trainer:
     step_flops = None
     with sharding.activate(self.mesh, self.rules):
       while step < total:
-        t0 = time.perf_counter()
-        host_batch = {k: v for k, v in next(self.data_iterator).items() if k in BATCH_KEYS}
-        wait += time.perf_counter() - t0
-        batch = sharding.global_batch(host_batch, self.batch_sharding)
-        if step_flops is None:  # the first step: compile ahead, say how long it took and what a device holds
-          b, k, length = host_batch["input_ids"].shape
-          step_flops = flops.train_step(self.model_config, images=cfg.batch_size, prompts_per_image=k,
-                                        text_len=length, encoder_frozen=encoder_frozen)
-          t_compile = time.perf_counter()
-          train_step = train_step.lower(state, batch).compile()
-          self.log(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s"
-                   f"{_memory_line(train_step)}; {step_flops / 1e9:.2f} GFLOP per step")
-          t_last = time.perf_counter()
-        state, metrics = train_step(state, batch)
+        if self.profile and step - start == self.profile.skip:
+          jax.profiler.start_trace(os.path.join(self.workdir, PROFILE_DIR))
+          self._tracing = True
+        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # xprof's step boundaries
+          t0 = time.perf_counter()
+          host_batch = {k: v for k, v in next(self.data_iterator).items() if k in BATCH_KEYS}
+          wait += time.perf_counter() - t0
+          batch = sharding.global_batch(host_batch, self.batch_sharding)
+          if step_flops is None:  # the first step: compile ahead, say how long it took and what a device holds
+            b, k, length = host_batch["input_ids"].shape
+            step_flops = flops.train_step(self.model_config, images=cfg.batch_size, prompts_per_image=k,
+                                          text_len=length, encoder_frozen=encoder_frozen)
+            t_lower = time.perf_counter()
+            lowered = train_step.lower(state, batch)
+            t_compile, hits = time.perf_counter(), compilation_cache_hits()
+            train_step = lowered.compile()
+            cached = " (read from the compilation cache)" if compilation_cache_hits() > hits else ""
+            self.log(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s{cached} after "
+                     f"{t_compile - t_lower:.1f} s of tracing and lowering{_memory_line(train_step)}; "
+                     f"{step_flops / 1e9:.2f} GFLOP per step")
+            t_last = time.perf_counter()
+          state, metrics = train_step(state, batch)
         step += 1
+        if self._tracing and step - start == self.profile.skip + self.profile.steps:
+          self._stop_trace(metrics, step)
         if pending is not None:
           window.append(self._check(*pending))
         pending = (step, metrics)
@@ -278,6 +307,14 @@ class Trainer:
     if not summary.stopped_early and step >= total:
       summary.export = self._export(state, step)
       self.log(f"exported the trained model to {summary.export}")
+
+  def _stop_trace(self, metrics, step: Optional[int]) -> None:
+    jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
+    jax.profiler.stop_trace()
+    self._tracing = False
+    if step is not None:
+      steps = f"steps {step - self.profile.steps + 1}-{step}" if self.profile.steps > 1 else f"step {step}"
+      self.log(f"\nprofiled {steps}: {os.path.join(self.workdir, PROFILE_DIR)}")
 
   def _stop_requested(self, mngr, step: int) -> Optional[str]:
     if jax.process_count() > 1:
