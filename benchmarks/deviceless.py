@@ -97,8 +97,11 @@ def use_compile_only_tpu(tool: str) -> str | None:
   return None
 
 
-def tpu_devices(topology: str) -> list:
+def tpu_devices(topology: str, num_slices: int = 1) -> list:
+  """Compile-only devices of `num_slices` slices of `topology` (each device knows its `slice_index`)."""
   from jax.experimental.topologies import get_topology_desc
-  return get_topology_desc(platform="tpu", topology_name=topology).devices
+  if num_slices == 1:
+    return get_topology_desc(platform="tpu", topology_name=topology).devices
+  return get_topology_desc(platform="tpu", topology_name=topology, num_slices=num_slices).devices
 
 

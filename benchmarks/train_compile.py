@@ -17,11 +17,17 @@ many and how many bytes (result shapes, loop trip counts applied); and the analy
 `--eval` also compiles the evaluation step the trainer runs every `eval_every` steps, on the same mesh with the
 parameters as training shards them, and reports its peak with the training state resident.
 
+`--num-slices N` compiles for N TPU slices of the topology joined by the data-centre network (multi-slice),
+the mesh laid out as `run.py train` lays it (`dcn_mesh`, `--dcn-mesh`: how many slices each axis spans; by
+default "data" spans them all). XLA then compiles each slice's program with its collectives inside the slice
+and hands what crosses slices to the DCN ("megascale") runtime as host transfers: those are reported apart,
+as the bytes each device hands to the DCN per step.
+
 TPU topologies are libtpu's names, `v5p:2x4x4` (v5p-64: v5p slices are named by TensorCores, two per chip, so
 v5p-64 is 32 chips), `v5p:4x4x4` (64 chips, v5p-128), `v5e:16x16` (v5e-256), `v6e:4x4`...; GPU topologies are
 hosts x 1 x GPUs per host (`1x1x8`, `4x1x8`). The mesh goes through `evf_jax.sharding.make_mesh` (as `run.py
-train`), i.e. `jax.make_mesh`, which only accepts axis sizes that are products of the slice's physical axes
-(on v5p 4x4x4, fsdp=8 is refused; fsdp=4 or 16 are not).
+train`): within a slice `jax.make_mesh`, which only accepts axis sizes that are products of the slice's
+physical axes (on v5p 4x4x4, fsdp=8 is refused; fsdp=4 or 16 are not).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import time
 from benchmarks import deviceless  # imports no jax: main() sets the environment first
 
 DEFAULT_TOPOLOGY = {"tpu": "v5e:2x2", "gpu": "1x1x4"}
+DCN_SEND = "dcn-send"  # a host transfer to the multi-slice (megascale) runtime: what crosses slices
 DEFAULT_CONFIG = "configs/train/refcoco.py:size=huge"
 
 GiB = 2 ** 30
@@ -201,7 +208,12 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, list[dict]], dict[str, list[tupl
       if callee:
         scatter_fusions[callee.group(1)] = {"bytes": shape_bytes(shape), "shape": _plain(shape),
                                             "source": _source(line)}
-    if op in deviceless.COLLECTIVES:
+    if op == "send" and "xla_megascale_runtime" in line:  # one transfer to the other slices
+      first = _ARRAY.search(shape)
+      found[current].append({"op": DCN_SEND, "bytes": shape_bytes(first.group(0)) if first else 0, "group": 0,
+                             "shape": _plain(first.group(0)) if first else "", "source": _source(line),
+                             "channel": _channel(line)})
+    elif op in deviceless.COLLECTIVES:
       found[current].append({"op": op, "bytes": shape_bytes(shape), "group": _group_size(line, 0),
                              "shape": _plain(shape), "source": _source(line), "channel": _channel(line)})
     elif op.endswith("-start") and op[:-len("-start")] in deviceless.COLLECTIVES:
@@ -274,6 +286,9 @@ def _rows(hlo_text: str, devices: int) -> tuple[list[dict], list[str]]:
         picked[key] = (o, n)
   rows = []
   for o, n in picked.values():
+    if o["op"] == DCN_SEND:  # the whole transfer leaves the slice; the other slices are not in this program
+      rows.append(dict(o, group=None, per_step=n, result_bytes=n * o["bytes"], link_bytes=n * o["bytes"]))
+      continue
     group = o["group"] or devices
     rows.append(dict(o, group=group, per_step=n, result_bytes=n * o["bytes"],
                      link_bytes=n * _link_bytes(o["op"], o["bytes"], group)))
@@ -297,7 +312,7 @@ def collective_traffic(hlo_text: str, devices: int) -> dict:
     kind["link_bytes"] += r["link_bytes"]
   for kind in out.values():
     kind["link_bytes"] = int(kind["link_bytes"])
-  result: dict = {op: out[op] for op in deviceless.COLLECTIVES if op in out}
+  result: dict = {op: out[op] for op in (*deviceless.COLLECTIVES, DCN_SEND) if op in out}
   if unknown:
     result["unknown_trip_counts"] = unknown
   return result
@@ -355,6 +370,10 @@ def _args(argv):
   ap.add_argument("--model-preset", help="replace the config's model by an EvfConfig preset (tiny, base, evf-sam)")
   ap.add_argument("--batch-size", type=int, help="images per optimizer step (default: the config's)")
   ap.add_argument("--mesh", help='mesh axes, e.g. "data=8,fsdp=8,tensor=1" (default: the config\'s)')
+  ap.add_argument("--num-slices", type=int, default=1, help="tpu: this many slices of --topology joined by the "
+                  "data-centre network (multi-slice; default 1)")
+  ap.add_argument("--dcn-mesh", help='with --num-slices: how many slices each mesh axis spans, e.g. "data=2" '
+                  "(default: the config's dcn_mesh, all slices on data)")
   ap.add_argument("--grad-accum", type=int, help="microbatches per step (default: the config's)")
   ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                   help="recompute block activations in the backward pass (default: the config's)")
@@ -392,11 +411,16 @@ def _args(argv):
     value = getattr(args, name)
     if value is not None and value < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-  if args.mesh is not None:
-    try:
-      args.mesh = parse_mesh(args.mesh)
-    except ValueError as e:
-      ap.error(str(e))
+  if args.num_slices < 1:
+    ap.error(f"--num-slices must be >= 1, got {args.num_slices}")
+  if args.num_slices > 1 and args.platform != "tpu":
+    ap.error("--num-slices is for --platform tpu")
+  for name in ("mesh", "dcn_mesh"):
+    if getattr(args, name) is not None:
+      try:
+        setattr(args, name, parse_mesh(getattr(args, name)))
+      except ValueError as e:
+        ap.error(str(e))
   if not os.path.isfile(args.config.partition(":")[0]):
     ap.error(f"--config {args.config.partition(':')[0]}: no such file")
   args.topology = args.topology or DEFAULT_TOPOLOGY[args.platform]
@@ -444,7 +468,7 @@ def main(argv=None) -> int:
     return _fail(f"--config {args.config}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
   overrides = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "remat": args.remat,
                "precision": args.precision, "attention": args.attention, "mesh": args.mesh,
-               "replicate_frozen": args.replicate_frozen}
+               "dcn_mesh": args.dcn_mesh, "replicate_frozen": args.replicate_frozen}
   for key, value in overrides.items():
     if value is not None:
       cfg[key] = value
@@ -462,7 +486,7 @@ def main(argv=None) -> int:
   mask_size = args.mask_size or int(cfg.data.mask_size) or model_config.sam.img_size
 
   try:
-    devices = (deviceless.tpu_devices(args.topology) if args.platform == "tpu"
+    devices = (deviceless.tpu_devices(args.topology, args.num_slices) if args.platform == "tpu"
                else deviceless.cuda_devices(args.target, args.topology))
   except Exception as e:  # the compiler plugin's message for a topology it does not know
     return _fail(f"{args.platform} topology {args.topology!r}: {str(e).splitlines()[0]}")
@@ -470,7 +494,7 @@ def main(argv=None) -> int:
     # SAM's global attention sizes its steps by the backend jax runs on (the CPU here), not the target.
     rel_pos_attention.default_chunking = functools.partial(rel_pos_attention.default_chunking, platform="tpu")
   try:
-    mesh = sharding.make_mesh(cfg.mesh, devices)
+    mesh = sharding.make_mesh(cfg.mesh, devices, dcn=cfg.dcn_mesh)
   except UserError as e:
     return _fail(str(e))
   except Exception as e:  # jax.make_mesh: axis sizes that are not products of the slice's physical axes
@@ -528,7 +552,8 @@ def main(argv=None) -> int:
   mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"] + mem["generated_code"]
   hbm = hbm_bytes(devices[0].device_kind, args.target if args.platform == "gpu" else None)
   hlo = compiled.as_text()
-  traffic = collective_traffic(hlo, len(devices))
+  per_slice = len(devices) // args.num_slices  # a multi-slice program's collectives stay inside its slice
+  traffic = collective_traffic(hlo, per_slice)
   model_flops = flops.train_step(model_config, images=b, prompts_per_image=k, text_len=text_len,
                                  encoder_frozen=encoder_frozen)
   try:
@@ -541,7 +566,10 @@ def main(argv=None) -> int:
   summary = {
       "settings": {
           "platform": args.platform, "topology": args.topology, "target": args.target, "config": args.config,
-          "model_preset": args.model_preset, "mesh": dict(mesh.shape), "batch_size": b,
+          "model_preset": args.model_preset, "mesh": dict(mesh.shape), "num_slices": args.num_slices,
+          "dcn_mesh": dict(zip(mesh.axis_names, sharding.dcn_shape(cfg.dcn_mesh, mesh.axis_names,
+                                                                     tuple(mesh.shape.values()), args.num_slices))),
+          "batch_size": b,
           "grad_accum": int(cfg.grad_accum), "remat": bool(cfg.remat), "precision": cfg.precision,
           "replicate_frozen": bool(cfg.replicate_frozen),
           "attention": cfg.attention, "prompts_per_image": k, "text_len": text_len, "mask_size": mask_size,
@@ -559,7 +587,7 @@ def main(argv=None) -> int:
       "hbm_bytes": hbm,
       "fits": None if hbm is None else mem["total"] <= hbm,
       "collectives": traffic,
-      "largest_collectives": largest_collectives(hlo, len(devices)),
+      "largest_collectives": largest_collectives(hlo, per_slice),
       "model_flops_per_step": model_flops,
       "model_flops_per_device": model_flops / len(devices),
       "xla_flops_per_device": xla_flops,
@@ -642,6 +670,10 @@ def _print_traffic(collectives: dict, what: str) -> None:
     return
   print(f"  cross-device operations per {what}:")
   for op, t in traffic.items():
+    if op == DCN_SEND:
+      print(f"    {'to other slices':<19} {t['per_step']:>6} ({t['ops']} in the program)  handed to the DCN per "
+            f"device {t['result_bytes'] / GiB:8.3f} GiB")
+      continue
     print(f"    {op:<19} {t['per_step']:>6} ({t['ops']} in the program)  results {t['result_bytes'] / GiB:8.3f} "
           f"GiB  sent per device ~{t['link_bytes'] / GiB:8.3f} GiB")
   if "unknown_trip_counts" in collectives:
@@ -652,7 +684,9 @@ def _print(summary: dict) -> None:
   st, mem = summary["settings"], summary["memory_per_device_bytes"]
   hbm = summary["hbm_bytes"]
   print(f"EVF-SAM training step, {st['config']}{' (model ' + st['model_preset'] + ')' if st['model_preset'] else ''}"
-        f" for {st['platform']} {st['topology']} ({summary['devices']} x {summary['device_kind']}), mesh "
+        f" for {st['platform']} {st['topology']}"
+        f"{' x ' + str(st['num_slices']) + ' slices' if st.get('num_slices', 1) > 1 else ''} "
+        f"({summary['devices']} x {summary['device_kind']}), mesh "
         f"{st['mesh']}: batch {st['batch_size']} images x {st['prompts_per_image']} prompts x {st['text_len']} "
         f"tokens, masks {st['mask_size']}, grad_accum {st['grad_accum']}, remat {st['remat']}, {st['precision']}, "
         f"attention {st['attention']}{', frozen parameters replicated' if st['replicate_frozen'] else ''}")

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from evf_jax.errors import UserError
@@ -60,12 +61,72 @@ def mesh_shape(spec: MeshSpec, num_devices: int) -> tuple[tuple[str, ...], tuple
   return names, tuple(sizes)
 
 
-def make_mesh(spec: MeshSpec, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+# How the slices of a multi-slice TPU job (joined by the data-centre network, DCN, far slower than the links
+# inside a slice) divide among the mesh axes: all on "data" by default, so that only the gradients' reduction
+# and the batch split cross DCN, while FSDP's gathers and tensor parallelism stay inside a slice.
+DEFAULT_DCN_MESH: tuple[tuple[str, int], ...] = (("data", -1),)
+
+# jax.make_mesh lets these chips split a physical axis between mesh axes; the multi-slice layout does the same.
+_SPLIT_PHYSICAL_AXES = ("TPU v5 lite", "TPU v5e")
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices `devices` span (1 for devices without a slice index: CPUs, GPUs)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def _check_dcn_axes(dcn: MeshSpec, names: Sequence[str]) -> None:
+  for name, _ in dcn:
+    if name not in names:
+      raise UserError(f"dcn_mesh: {name!r} is not an axis of the mesh {list(names)}")
+
+
+def dcn_shape(dcn: MeshSpec, names: Sequence[str], sizes: Sequence[int], slices: int) -> tuple[int, ...]:
+  """For each mesh axis (`names`, `sizes`), how many slices it spans; the one -1 in `dcn` takes what the
+  others leave. Each axis's size must be a multiple of its slice count (the rest of it lies inside a slice)."""
+  _check_dcn_axes(dcn, names)
+  across = {n: 1 for n in names}
+  fill = [str(n) for n, s in dcn if int(s) == -1]
+  for name, size in dcn:
+    if (int(size) < 1 and int(size) != -1) or len(fill) > 1:
+      raise UserError(f"dcn_mesh {list(dcn)}: sizes must be positive, with at most one -1")
+    if int(size) != -1:
+      across[name] = int(size)
+  fixed = math.prod(across.values())
+  if fill:
+    across[fill[0]] = max(1, slices // fixed)
+  if math.prod(across.values()) != slices:
+    raise UserError(f"dcn_mesh {list(dcn)} spans {math.prod(across.values())} slice(s), but the devices are in "
+                    f"{slices}")
+  for name, size in zip(names, sizes):
+    if size % across[name]:
+      raise UserError(f"mesh axis {name} ({size} devices) cannot span {across[name]} slices (dcn_mesh "
+                      f"{list(dcn)})")
+  return tuple(across[n] for n in names)
+
+
+def make_mesh(spec: MeshSpec, devices: Optional[Sequence[jax.Device]] = None,
+              dcn: MeshSpec = DEFAULT_DCN_MESH) -> Mesh:
   """A mesh of `devices` (default: all devices of all processes) with Auto axes (what flax.linen's logical
-  constraints need), laid out by `jax.make_mesh` for the hardware's topology."""
+  constraints need), laid out for the hardware's topology: by `jax.make_mesh` within one slice; over several
+  TPU slices, each axis spans the slices `dcn` gives it (`dcn_shape`) and is laid out inside each slice by
+  jax's hybrid mesh (`jax.make_mesh` refuses several slices)."""
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = mesh_shape(spec, len(devices))
-  return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+  auto = (AxisType.Auto,) * len(names)
+  slices = slice_count(devices)
+  _check_dcn_axes(dcn, names)  # also on one slice: a config's mistake shows before it reaches a pod
+  if slices == 1:
+    return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
+  across = dcn_shape(dcn, names, sizes, slices)
+  inside = tuple(s // a for s, a in zip(sizes, across))
+  try:
+    arranged = mesh_utils.create_hybrid_device_mesh(
+        inside, across, devices, allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    raise UserError(f"mesh {dict(zip(names, sizes))} over {slices} slices ({dict(zip(names, inside))} inside "
+                    f"each): {str(e).splitlines()[0]}") from None
+  return Mesh(arranged, names, axis_types=auto)
 
 
 def _axes(target: Any) -> tuple[str, ...]:

@@ -198,6 +198,53 @@ def test_no_collectives():
                                           devices=4) == {}
 
 
+# One slice's program of a multi-slice job: the gradient is reduced inside the slice, then its shard goes to the
+# other slices through the DCN runtime as a host transfer (a `send` to "xla_megascale_runtime"), once per
+# microbatch of a loop of 3; a plain host send (a callback's) is not DCN traffic.
+MULTI_SLICE_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=4
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(f32[] %x, f32[] %y)
+}
+
+%body (p: (s32[], f32[64,8,128])) -> (s32[], f32[64,8,128]) {
+  %p = (s32[], f32[64,8,128]{2,1,0}) parameter(0)
+  %g = f32[64,8,128]{2,1,0:T(8,128)} get-tuple-element(%p), index=1
+  %tok = token[] after-all(), frontend_attributes={MegascaleRendezvousKeyName="all-reduce.2_0"}
+  %send = (f32[64,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%g, %tok), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.2_0"}
+  %send-done = token[] send-done(%send), channel_id=4, is_host_transfer=true
+  ROOT %t = (s32[], f32[64,8,128]{2,1,0}) tuple(%p)
+}
+
+%cond (p: (s32[], f32[64,8,128])) -> pred[] {
+  %p = (s32[], f32[64,8,128]{2,1,0}) parameter(0)
+  ROOT %lt = pred[] constant(true)
+}
+
+ENTRY %main (g: f32[256,512]) -> f32[256,512] {
+  %g = f32[256,512]{1,0} parameter(0)
+  %ar = f32[256,512]{1,0} all-reduce(%g), channel_id=3, replica_groups={{0,1,2,3}}, to_apply=%add
+  %init = (s32[], f32[64,8,128]{2,1,0}) tuple(%ar)
+  %loop = (s32[], f32[64,8,128]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %tok2 = token[] after-all()
+  %cb = (f32[4]{0}, u32[], token[]) send(%x, %tok2), channel_id=9, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="tf_rendezvous"}
+  ROOT %out = f32[256,512]{1,0} copy(%ar)
+}
+"""
+
+
+def test_transfers_to_other_slices_are_counted_apart():
+  traffic = train_compile.collective_traffic(MULTI_SLICE_HLO, devices=4)
+  assert traffic["all-reduce"]["per_step"] == 1 and traffic["all-reduce"]["result_bytes"] == 256 * 512 * 4
+  dcn = traffic[train_compile.DCN_SEND]
+  assert dcn["ops"] == 1 and dcn["per_step"] == 3 and dcn["result_bytes"] == 3 * 64 * 8 * 128 * 4  # not the u32
+  top = train_compile.largest_collectives(MULTI_SLICE_HLO, devices=4)
+  assert [(c["op"], c["group"], c["shape"]) for c in top] == [(train_compile.DCN_SEND, None, "f32[64,8,128]"),
+                                                             ("all-reduce", 4, "f32[256,512]")]
+
+
 def test_group_sizes():
   size = train_compile._group_size
   assert size("x = f32[8] all-gather(f32[1] %a), replica_groups=[4,2]<=[8], dimensions={0}", 8) == 2
@@ -247,6 +294,9 @@ def test_without_the_compiler_plugin(platform, needs, capsys):
     (["--eval", "--eval-prompts", "0"], "--eval-prompts must be >= 1"),
     (["--config", "configs/train/nope.py"], "no such file"),
     (["--platform", "cpu"], "invalid choice"),
+    (["--num-slices", "0"], "--num-slices must be >= 1"),
+    (["--platform", "gpu", "--num-slices", "2"], "--num-slices is for --platform tpu"),
+    (["--dcn-mesh", "data"], "expected NAME=SIZE"),
 ])
 def test_bad_flags(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
@@ -326,6 +376,23 @@ def test_train_step_for_a_tpu_slice(tmp_path):
   _check_text_embedding(hlo, 4)
   _check_evaluation(summary, 4)
   assert summary["settings"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh tpu (~1.5 GB)")
+def test_train_step_for_two_tpu_slices(tmp_path):
+  """Two v5e 2x2 slices (8 chips) with the default dcn_mesh: data spans the slices, FSDP stays inside each. Every
+  collective of the slice's program is among its 4 chips, and what goes to the other slice is the data-parallel
+  gradient reduction: about this chip's FSDP quarter of the trained parameters' gradient, in float32."""
+  summary, _ = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--num-slices", "2", "--model-preset",
+                        "tiny", "--batch-size", "8", "--mesh", "data=2,fsdp=4,tensor=1")
+  assert summary["devices"] == 8 and summary["fits"] is True
+  assert summary["settings"]["dcn_mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
+  inside = [c for c in summary["largest_collectives"] if c["op"] != train_compile.DCN_SEND]
+  assert inside and max(c["group"] for c in inside) == 4, inside
+  grad_shard = summary["parameters"]["trained"] * 4 / 4
+  sent = summary["collectives"][train_compile.DCN_SEND]["result_bytes"]
+  assert 0.8 * grad_shard < sent < 1.5 * grad_shard, (sent, grad_shard)
 
 
 @pytest.mark.slow

@@ -271,6 +271,8 @@ def test_help_lists_every_flag(capsys):
     (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),
     (("--config.optimizer.name=lion",), "config.optimizer.name 'lion': expected one of adamw, muon"),
     (("--profile_steps=-2",), "profile: steps -2"),
+    (("--workdir=gs://bucket/run",), "--workdir gs://bucket/run: URLs are not supported"),
+    (("--config.dcn_mesh=(('dta', -1),)",), "dcn_mesh: 'dta' is not an axis of the mesh"),
     ((f"--compilation_cache={ROOT}/README.md",), "README.md is not a directory"),
 ])
 def test_bad_input_is_one_line_before_compiling(config_file, data_root, tmp_path, capsys, extra, expect):

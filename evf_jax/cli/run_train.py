@@ -294,11 +294,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   """Everything `run.py train` does after parsing; returns the trainer's Summary."""
+  if "://" in workdir:  # os.path would silently make gs://b/run a local ./gs:/b/run
+    raise UserError(f"--workdir {workdir}: URLs are not supported; use a directory every process sees (a shared "
+                    "filesystem, or the bucket mounted with gcsfuse)")
   workdir = os.path.abspath(workdir)
   if os.path.isfile(workdir):
     raise UserError(f"--workdir {workdir} is a file")
   model_config = _check_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh = sharding.make_mesh(cfg.mesh, dcn=cfg.dcn_mesh)
   rules = sharding.rules_for(mesh, cfg.sharding_rules)
   data_root, mixture = _data_dirs(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, mixture)

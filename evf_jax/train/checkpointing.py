@@ -111,7 +111,7 @@ def _read_state(path: str) -> Any:
 # devices are laid out (checkpoints restore onto any mesh). Everything else must match the saved config.
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "evals",
                      "eval", "progress", "peak_tflops", "mesh", "init", "data.workers", "data.read_threads",
-                     "data.prefetch", "data.root", "data.synthetic", "export", "replicate_frozen")
+                     "data.prefetch", "data.root", "data.synthetic", "export", "replicate_frozen", "dcn_mesh")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -129,7 +129,7 @@ def _normalise(value: Any) -> Any:
 
 # Settings added after workdirs were written, with the value that reproduces those runs: a workdir without
 # them reads as having it.
-ADDED_SETTINGS = {"optimizer.name": "adamw", "optimizer.muon_momentum": 0.95}
+ADDED_SETTINGS = {"optimizer.name": "adamw", "optimizer.muon_momentum": 0.95, "dcn_mesh": [["data", -1]]}
 
 
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str) -> list[str]:

@@ -94,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict({"root": "", "batch_size": 8, "size_multiple": 128, "min_prompts": 2})
   # Devices: mesh axes (-1: the rest) and logical-axis rules (evf_jax/sharding.py).
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  # Over several TPU slices (multi-slice): how many slices each mesh axis spans (-1: the rest); the mesh's
+  # sizes above are the whole job's. One slice, CPUs and GPUs ignore it.
+  c.dcn_mesh = sharding.DEFAULT_DCN_MESH
   c.sharding_rules = sharding.DEFAULT_RULES
   # True: every device holds the frozen parameters whole (SAM's encoder: 2.4 GiB in float32 at the released
   # size), so FSDP does not gather them in every step; False: they are sharded by the rules like the rest.
