@@ -247,6 +247,19 @@ def test_a_resumed_run_reads_its_step_from_the_compilation_cache(straight, confi
   assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
 
 
+@pytest.mark.slow
+def test_a_profile_that_cannot_start_does_not_stop_training(config_file, data_root, tmp_path, capsys):
+  """jax runs one trace at a time: under the caller's own trace, the run trains on without its profile."""
+  jax.profiler.start_trace(str(tmp_path / "outer"))
+  try:
+    code = cli.main(_args(config_file, data_root, tmp_path / "w", "--config.total_steps=2", "--profile_steps=1"))
+  finally:
+    jax.profiler.stop_trace()
+  out = capsys.readouterr().out
+  assert code == 0 and "no profile: Profile has already been started" in out, out[-2000:]
+  assert _steps(str(tmp_path / "w")) == [2] and not os.path.exists(tmp_path / "w" / "profile")
+
+
 # ---------------------------------------------------------------- bad input: one line, before any compile
 
 

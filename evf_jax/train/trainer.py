@@ -244,8 +244,11 @@ class Trainer:
     with sharding.activate(self.mesh, self.rules):
       while step < total:
         if self.profile and step - start == self.profile.skip:
-          jax.profiler.start_trace(os.path.join(self.workdir, PROFILE_DIR))
-          self._tracing = True
+          try:
+            jax.profiler.start_trace(os.path.join(self.workdir, PROFILE_DIR))
+            self._tracing = True
+          except RuntimeError as e:  # e.g. a trace the caller already runs: train on without this one
+            self.log(f"\nno profile: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # xprof's step boundaries
           t0 = time.perf_counter()
           host_batch = {k: v for k, v in next(self.data_iterator).items() if k in BATCH_KEYS}
