@@ -660,7 +660,8 @@ def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict)
           "size": args.eval_size, "compile_s": round(time.perf_counter() - start, 1),
           "memory_per_device_bytes": mem, "batch_per_device_bytes": batch_bytes, "peak_per_device_bytes": peak,
           "fits": None if hbm is None else peak <= hbm,
-          "collectives": collective_traffic(hlo, devices), "largest_collectives": largest_collectives(hlo, devices)}
+          "collectives": collective_traffic(hlo, devices // args.num_slices),
+          "largest_collectives": largest_collectives(hlo, devices // args.num_slices)}
 
 
 def _print_traffic(collectives: dict, what: str) -> None:

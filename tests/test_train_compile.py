@@ -383,9 +383,10 @@ def test_train_step_for_a_tpu_slice(tmp_path):
 def test_train_step_for_two_tpu_slices(tmp_path):
   """Two v5e 2x2 slices (8 chips) with the default dcn_mesh: data spans the slices, FSDP stays inside each. Every
   collective of the slice's program is among its 4 chips, and what goes to the other slice is the data-parallel
-  gradient reduction: about this chip's FSDP quarter of the trained parameters' gradient, in float32."""
+  gradient reduction: about this chip's FSDP quarter of the trained parameters' gradient, in float32. The
+  evaluation step sends nothing to the other slice."""
   summary, _ = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--num-slices", "2", "--model-preset",
-                        "tiny", "--batch-size", "8", "--mesh", "data=2,fsdp=4,tensor=1")
+                        "tiny", "--batch-size", "8", "--mesh", "data=2,fsdp=4,tensor=1", "--eval")
   assert summary["devices"] == 8 and summary["fits"] is True
   assert summary["settings"]["dcn_mesh"] == {"data": 2, "fsdp": 1, "tensor": 1}
   inside = [c for c in summary["largest_collectives"] if c["op"] != train_compile.DCN_SEND]
@@ -393,6 +394,10 @@ def test_train_step_for_two_tpu_slices(tmp_path):
   grad_shard = summary["parameters"]["trained"] * 4 / 4
   sent = summary["collectives"][train_compile.DCN_SEND]["result_bytes"]
   assert 0.8 * grad_shard < sent < 1.5 * grad_shard, (sent, grad_shard)
+  # The evaluation inside training splits the images over the slices: nothing of it crosses the DCN.
+  ev = summary["evaluation"]
+  assert ev["fits"] is True and train_compile.DCN_SEND not in ev["collectives"], ev["collectives"]
+  assert max(c["group"] for c in ev["largest_collectives"]) == 4
 
 
 @pytest.mark.slow
