@@ -495,6 +495,9 @@ def main(argv=None) -> int:
     rel_pos_attention.default_chunking = functools.partial(rel_pos_attention.default_chunking, platform="tpu")
   try:
     mesh = sharding.make_mesh(cfg.mesh, devices, dcn=cfg.dcn_mesh)
+    sizes = tuple(mesh.shape.values())
+    across = (sharding.dcn_shape(cfg.dcn_mesh, mesh.axis_names, sizes, args.num_slices) if args.num_slices > 1
+              else (1,) * len(sizes))  # one slice: make_mesh checks only dcn_mesh's axis names
   except UserError as e:
     return _fail(str(e))
   except Exception as e:  # jax.make_mesh: axis sizes that are not products of the slice's physical axes
@@ -567,8 +570,7 @@ def main(argv=None) -> int:
       "settings": {
           "platform": args.platform, "topology": args.topology, "target": args.target, "config": args.config,
           "model_preset": args.model_preset, "mesh": dict(mesh.shape), "num_slices": args.num_slices,
-          "dcn_mesh": dict(zip(mesh.axis_names, sharding.dcn_shape(cfg.dcn_mesh, mesh.axis_names,
-                                                                     tuple(mesh.shape.values()), args.num_slices))),
+          "dcn_mesh": dict(zip(mesh.axis_names, across)),
           "batch_size": b,
           "grad_accum": int(cfg.grad_accum), "remat": bool(cfg.remat), "precision": cfg.precision,
           "replicate_frozen": bool(cfg.replicate_frozen),

@@ -115,8 +115,8 @@ def make_mesh(spec: MeshSpec, devices: Optional[Sequence[jax.Device]] = None,
   names, sizes = mesh_shape(spec, len(devices))
   auto = (AxisType.Auto,) * len(names)
   slices = slice_count(devices)
-  _check_dcn_axes(dcn, names)  # also on one slice: a config's mistake shows before it reaches a pod
   if slices == 1:
+    _check_dcn_axes(dcn, names)  # a config's mistake shows before it reaches a pod
     return jax.make_mesh(sizes, names, axis_types=auto, devices=devices)
   across = dcn_shape(dcn, names, sizes, slices)
   inside = tuple(s // a for s, a in zip(sizes, across))
