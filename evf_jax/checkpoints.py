@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: I001 (the default handler's store; no public path)
 
+from evf_jax import storage
 from evf_jax.errors import UserError
 from evf_jax.families import BY_MODEL_TYPE, ModelConfig
 from evf_jax.tokenizer import TextTokenizer
@@ -61,37 +62,36 @@ class ModelDirError(UserError, ValueError):
 def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, Any],
                provenance: Optional[Mapping[str, Any]] = None) -> None:
   """Writes a checkpoint directory. `params` may be host arrays or (possibly sharded) jax arrays; with several
-  processes, every process calls this and process 0 writes the JSON files."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  processes, every process calls this and process 0 writes the JSON files. `directory` may be a gs:// URL."""
+  directory = storage.resolve(directory, "checkpoint directory")
+  storage.path(directory).mkdir(parents=True, exist_ok=True)
   use_array_handler()
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, PARAMS_DIR),
              jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params))
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-      json.dump(dict(config), f, indent=2, sort_keys=True)
+    storage.path(os.path.join(directory, CONFIG_FILE)).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
     if provenance is not None:
-      with open(os.path.join(directory, PROVENANCE_FILE), "w") as f:
-        json.dump(dict(provenance), f, indent=2, sort_keys=True)
+      storage.path(os.path.join(directory, PROVENANCE_FILE)).write_text(
+          json.dumps(dict(provenance), indent=2, sort_keys=True))
 
 
 def read_json(path: str, error: type[Exception] = ModelDirError) -> Any:
   """A JSON file, or `error` naming the file when it is not valid JSON."""
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.path(path).read_text())
   except ValueError as e:
     raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def read_config(directory: str, expect_model_type: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
   """model_config.json; `expect_model_type`: the model_type (or one of the model_types) it must hold."""
+  directory = storage.resolve(directory, "checkpoint directory") if storage.is_url(directory) else directory
   path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isdir(directory):
+  if not storage.path(directory).is_dir():
     raise ModelDirError(f"{directory}: no such checkpoint directory")
-  if not os.path.isfile(path):
+  if not storage.path(path).is_file():
     raise ModelDirError(f"{directory}: not a converted evf-jax checkpoint ({CONFIG_FILE} is missing)")
   config = read_json(path)
   if expect_model_type is not None:
@@ -105,8 +105,8 @@ def read_config(directory: str, expect_model_type: Union[str, Sequence[str], Non
 def load_params(directory: str, target: Optional[Any] = None) -> Any:
   """Restores the params tree; with `target` (ShapeDtypeStructs, possibly sharded) it is restored with
   exactly those shapes, dtypes and shardings."""
-  path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
-  if not os.path.isdir(path):
+  path = os.path.join(storage.resolve(directory, "checkpoint directory"), PARAMS_DIR)
+  if not storage.path(path).is_dir():
     raise ModelDirError(f"{directory}: the weights ({PARAMS_DIR}/) are missing")
   ckptr = ocp.StandardCheckpointer()
   if target is None:
@@ -117,7 +117,7 @@ def load_params(directory: str, target: Optional[Any] = None) -> Any:
 def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   """The checkpoint's provenance.json (where the weights came from), or None if it has none."""
   path = os.path.join(directory, PROVENANCE_FILE)
-  return read_json(path) if os.path.isfile(path) else None
+  return read_json(path) if storage.path(path).is_file() else None
 
 
 def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple[ModelConfig, Any, TextTokenizer]:

@@ -24,6 +24,7 @@ import numpy as np
 import sentencepiece as spm
 
 from evf_jax import buckets as shape_buckets
+from evf_jax import storage
 from evf_jax.errors import UserError
 
 SPM_FILE = "sentencepiece.bpe.model"
@@ -52,14 +53,20 @@ class TextTokenizer:
   """XLM-R-style ids from a sentencepiece model (EVF-SAM's `XLMRobertaTokenizer`, slow version).
 
   Args:
-    path: a directory containing `sentencepiece.bpe.model`, or the path of a `.model` file.
+    path: a directory containing `sentencepiece.bpe.model`, or the path of a `.model` file (either may be a
+      gs:// URL: the file is downloaded, as sentencepiece reads local files only).
     max_text_len: the longest encoded prompt (special tokens included) `encode_batch` produces by
       default; longer prompts are truncated with a warning. The default is BEiT-3's limit (1022),
       so nothing the reference could run is cut.
   """
 
   def __init__(self, path: str, max_text_len: int = MAX_TEXT_LEN):
-    model_file = os.path.join(path, SPM_FILE) if os.path.isdir(path) else path
+    if storage.is_url(path):
+      remote = storage.path(storage.resolve(path, "tokenizer"))
+      remote = remote / SPM_FILE if remote.is_dir() else remote
+      model_file = storage.local_copy(remote) if remote.is_file() else str(remote)
+    else:
+      model_file = os.path.join(path, SPM_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(model_file):
       raise TokenizerError(f"{path}: no sentencepiece model (expected a .model file or a directory "
                            f"containing {SPM_FILE})")

@@ -40,6 +40,14 @@ def fast_compile():
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
 
 
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """gs://<this name> on a local GCS emulator for the session (evf_testing/gcs.py)."""
+  from evf_testing import gcs
+  with gcs.emulator() as _:
+    yield gcs.BUCKET
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
   """Keeps torch from oversubscribing the 2 cores when a test imports it."""

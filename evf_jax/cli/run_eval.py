@@ -20,7 +20,7 @@ from PIL import Image
 from data_pipelines import eval_splits, pipeline, sources
 from data_pipelines.eval_splits import EvalSplit
 from data_pipelines.transforms import SampleConfig
-from evf_jax import checkpoints, evaluate, families
+from evf_jax import checkpoints, evaluate, families, storage
 from evf_jax.cli import common
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
@@ -181,7 +181,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
     r = {"split": split.name, "dataset": split.dataset, "data_split": split.split,
          "data_dir": meta.get("tfds", {}).get("path") or os.path.abspath(directory.directory), **r, "precision": precision, "attention": attention,
          "protocol": PROTOCOL,
-         "checkpoint": {"path": os.path.abspath(checkpoint),
+         "checkpoint": {"path": storage.resolve(checkpoint, "--checkpoint"),
                         "sam_scale": raw_config.get("sam_scale"),
                         "mm_extractor_scale": raw_config.get("mm_extractor_scale"),
                         "param_dtype": raw_config.get("param_dtype", "float32"),

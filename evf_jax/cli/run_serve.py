@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from evf_jax import storage
 from evf_jax.checkpoints import CONFIG_FILE
 from evf_jax.cli import common, run_synthetic
 from evf_jax.errors import UserError
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
   predictor = Predictor.from_checkpoint(checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_len=args.max_text_len)
-  description = (f"Model: {_md(os.path.abspath(checkpoint))} ({args.precision}). Upload an image or pick an "
+  description = (f"Model: {_md(storage.resolve(checkpoint, '--checkpoint'))} ({args.precision}). Upload an image or pick an "
                  "example, type prompts (one per line), press Segment. The image is encoded once; new prompts "
                  "on it run only the prompt path. The first request of each shape also compiles.")
   demo = App(Segmenter(predictor, args.max_pixels), description).build()

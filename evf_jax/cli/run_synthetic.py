@@ -23,7 +23,7 @@ import matplotlib
 import numpy as np
 
 from data_pipelines import records
-from evf_jax import checkpoints, evaluate, metrics
+from evf_jax import checkpoints, evaluate, metrics, storage
 from evf_jax.cli import run_eval, run_train
 from evf_jax.errors import UserError
 from evf_jax.images import decode_image, save_prediction
@@ -67,7 +67,7 @@ def load_config(path: str, steps: Optional[int], progress: bool):
 
 def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.steps, not args.no_progress)
-  workdir = os.path.abspath(args.workdir)
+  workdir = storage.resolve(args.workdir, "--workdir")
   print(f"[1-2/5] data and training in {workdir}")
   summary = run_train.train(cfg, workdir)
   if summary.stopped_early:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -28,7 +29,7 @@ from convert.pretrained import init_from_pretrained
 from data_pipelines import pipeline, prepare, sources
 from data_pipelines.tfds_builders import builder_name
 from data_pipelines.transforms import SampleConfig
-from evf_jax import checkpoints, evaluate, sharding
+from evf_jax import checkpoints, evaluate, sharding, storage
 from evf_jax.cli import run_eval
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, init_params
@@ -147,7 +148,20 @@ def _locate(root: str, name: str) -> str | None:
 
 def data_root(cfg, workdir: str) -> str:
   """Where the training data lives: `data.root`, or <workdir>/data when that is empty."""
+  _check_data_location(cfg, workdir)
   return cfg.data.root or os.path.join(workdir, DATA_DIR)
+
+
+def _check_data_location(cfg, workdir: str) -> None:
+  """grain reads local files (a bucket mounted with gcsfuse is local to it): no dataset root may be a URL."""
+  for key in ("data.root", "eval.root"):
+    section, field = key.split(".")
+    if storage.is_url(cfg[section][field]):
+      raise UserError(f"{key} {cfg[section][field]}: datasets are read from local paths (mount a bucket with "
+                      "gcsfuse to read it there)")
+  if not cfg.data.root and storage.is_url(workdir):
+    raise UserError(f"data.root is empty, so the data would live in {workdir}/{DATA_DIR}, but datasets are read "
+                    "from local paths: set --config.data.root to a local directory")
 
 
 def _data_dirs(cfg, workdir: str) -> tuple[str, dict[str, tuple[float, list[str]]]]:
@@ -186,11 +200,16 @@ def _tokenizer(cfg, workdir: str, mixture) -> TextTokenizer:
     return TextTokenizer(os.path.join(cfg.init.evf_checkpoint, checkpoints.TOKENIZER_DIR))
   if cfg.train_tokenizer_vocab > 0:
     directory = os.path.join(workdir, TOKENIZER_DIR)
-    if not os.path.isfile(os.path.join(directory, SPM_FILE)) and jax.process_index() == 0:
+    if not storage.path(os.path.join(directory, SPM_FILE)).is_file() and jax.process_index() == 0:
       split = cfg.data.get("split", "train")
       texts = [e.text for _, dirs in mixture.values() for d in dirs for r in sources.read_records(d, split)
                for e in r.entries]
-      train_tokenizer(texts, directory, cfg.train_tokenizer_vocab)
+      if storage.is_url(directory):  # sentencepiece writes local files: train here, then upload
+        with tempfile.TemporaryDirectory() as local:
+          train_tokenizer(texts, local, cfg.train_tokenizer_vocab)
+          storage.path(os.path.join(local, SPM_FILE)).copy(storage.path(os.path.join(directory, SPM_FILE)))
+      else:
+        train_tokenizer(texts, directory, cfg.train_tokenizer_vocab)
     multihost_utils.sync_global_devices("evf_jax: tokenizer")
     return TextTokenizer(directory)
   raise UserError("no tokenizer: set --config.tokenizer (a sentencepiece model, e.g. BEiT-3's beit3.spm), "
@@ -229,7 +248,7 @@ def _init_fn(cfg, model_config: EvfConfig):
 
     def from_evf():
       return jax.tree.map(np.asarray, checkpoints.load_checkpoint(init.evf_checkpoint)[1])
-    return from_evf, {"init": "evf_checkpoint", "path": os.path.abspath(init.evf_checkpoint)}
+    return from_evf, {"init": "evf_checkpoint", "path": storage.resolve(init.evf_checkpoint, "init.evf_checkpoint")}
   if init.sam_checkpoint or init.beit3_checkpoint:
     for key in ("sam_checkpoint", "beit3_checkpoint"):
       if init[key] and not os.path.isfile(init[key]):
@@ -294,11 +313,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   """Everything `run.py train` does after parsing; returns the trainer's Summary."""
-  if "://" in workdir:  # os.path would silently make gs://b/run a local ./gs:/b/run
-    raise UserError(f"--workdir {workdir}: URLs are not supported; use a directory every process sees (a shared "
-                    "filesystem, or the bucket mounted with gcsfuse)")
-  workdir = os.path.abspath(workdir)
-  if os.path.isfile(workdir):
+  workdir = storage.resolve(workdir, "--workdir")  # a local path, or gs://BUCKET/PATH
+  _check_data_location(cfg, workdir)  # before the first access to a gs:// workdir
+  storage.check_writable(workdir, "--workdir")
+  if storage.path(workdir).is_file():
     raise UserError(f"--workdir {workdir} is a file")
   model_config = _check_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh, dcn=cfg.dcn_mesh)

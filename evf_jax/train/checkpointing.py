@@ -9,14 +9,14 @@ Layout of a workdir:
                        readable; leftovers of an interrupted save are removed at the next start.
   export/              the trained model as an evf-jax checkpoint directory (what `Predictor`, `run.py predict`
                        and `run.py eval` load)
+The workdir may be a gs:// URL (`evf_jax.storage`): there orbax marks a finished save with a commit file
+instead of a rename, and the export is copied into place (not atomic).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 from typing import Any, Mapping, Optional
 
 import grain
@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from evf_jax import checkpoints
+from evf_jax import checkpoints, storage
 from evf_jax.errors import UserError
 from evf_jax.tokenizer import SPM_FILE
 
@@ -35,9 +35,9 @@ BEST_METRIC = "giou"
 
 
 def has_checkpoint(workdir: str) -> bool:
-  """Whether `workdir` holds a complete checkpoint (finished saves are folders named by their step)."""
-  directory = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  """Whether `workdir` holds a complete checkpoint (a save orbax finalised)."""
+  directory = storage.path(os.path.join(workdir, CHECKPOINT_DIR))
+  return directory.is_dir() and bool(ocp.utils.checkpoint_steps(directory))
 
 
 def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.CheckpointManager:
@@ -50,7 +50,7 @@ def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.Checkpoin
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+  return ocp.CheckpointManager(storage.path(os.path.join(workdir, CHECKPOINT_DIR)),
                                item_names=("state", "data"), options=options)
 
 
@@ -83,10 +83,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
 def _data_state(directory: str) -> Any:
   """This process's saved iterator state. Written by another number of processes, the saved states must all be
   equal (our pipelines' state is the global batch index, the same on every process) and that one is used."""
-  mine = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-  if os.path.isfile(mine):
+  mine = storage.path(os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json"))
+  if mine.is_file():
     return _read_state(mine)
-  saved = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+  saved = sorted(storage.path(directory).glob("process_*-of-*.json"))
   if not saved:
     raise UserError(f"{directory}: the checkpoint holds no data-iterator state")
   states = [_read_state(p) for p in saved]
@@ -96,9 +96,8 @@ def _data_state(directory: str) -> Any:
   return states[0]
 
 
-def _read_state(path: str) -> Any:
-  with open(path) as f:
-    text = f.read()
+def _read_state(path) -> Any:
+  text = path.read_text()
   try:
     return json.loads(text)
   except ValueError:
@@ -151,16 +150,12 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: 
 
 def read_run_config(workdir: str) -> Optional[dict]:
   path = os.path.join(workdir, CONFIG_FILE)
-  return checkpoints.read_json(path, UserError) if os.path.isfile(path) else None
+  return checkpoints.read_json(path, UserError) if storage.path(path).is_file() else None
 
 
 def write_run_config(workdir: str, config: Mapping[str, Any]) -> None:
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(_normalise(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+    storage.write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(_normalise(config), indent=2, sort_keys=True))
 
 
 # ---------------------------------------------------------------- export
@@ -168,23 +163,28 @@ def write_run_config(workdir: str, config: Mapping[str, Any]) -> None:
 def export(workdir: str, params: Any, model_config: Mapping[str, Any], provenance: Mapping[str, Any],
            tokenizer_model: Optional[str]) -> str:
   """Writes `<workdir>/export/`, an evf-jax checkpoint directory, atomically (a finished export replaces the
-  previous one only once complete). Every process calls this (the parameters may be sharded)."""
-  out = os.path.abspath(os.path.join(workdir, EXPORT_DIR))
+  previous one only once complete; on GCS the old one is removed and the finished export copied into place).
+  Every process calls this (the parameters may be sharded)."""
+  out = os.path.join(storage.resolve(workdir, "--workdir"), EXPORT_DIR)
   staging = out + ".partial"
   if jax.process_index() == 0:
-    shutil.rmtree(staging, ignore_errors=True)
+    storage.remove_tree(staging)
   multihost_utils.sync_global_devices("evf_jax export: staging cleared")
   checkpoints.save_model(staging, params, model_config, provenance)
   if jax.process_index() == 0:
     if tokenizer_model:
-      tok = os.path.join(staging, checkpoints.TOKENIZER_DIR)
-      os.makedirs(tok, exist_ok=True)
-      shutil.copy2(tokenizer_model, os.path.join(tok, SPM_FILE))
-    old = out + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(out):
-      os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
+      tok = storage.path(os.path.join(staging, checkpoints.TOKENIZER_DIR))
+      tok.mkdir(parents=True, exist_ok=True)
+      storage.path(tokenizer_model).copy(tok / SPM_FILE, overwrite=True)
+    if storage.is_url(out):  # no rename: keeping the old export aside would copy it whole once more
+      storage.remove_tree(out)
+      storage.move_tree(staging, out)
+    else:
+      old = out + ".old"
+      storage.remove_tree(old)
+      if storage.path(out).exists():
+        storage.move_tree(out, old)
+      storage.move_tree(staging, out)
+      storage.remove_tree(old)
   multihost_utils.sync_global_devices("evf_jax export: done")
   return out

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -26,7 +27,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from evf_jax import __version__, flops, sharding
+from evf_jax import __version__, flops, sharding, storage
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, EvfSam, abstract_params
 from evf_jax.runtime import compilation_cache_hits, compute_dtype
@@ -118,13 +119,40 @@ def _host(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
+class _EventWriter:
+  """tensorboardX's SummaryWriter into `directory`; for a gs:// directory it writes a local folder and `sync`
+  uploads its event file (tensorboardX's own GCS writer re-uploads the whole file again when garbage-collected,
+  after `close`, and needs a second GCS client)."""
+
+  def __init__(self, directory: str):
+    from tensorboardX import SummaryWriter  # lazy: it imports torch where installed (~3 s per run.py start)
+    self.directory = directory
+    self.local = tempfile.mkdtemp(prefix="evf_jax_tensorboard_") if storage.is_url(directory) else directory
+    self.writer = SummaryWriter(self.local)
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self.writer.add_scalar(tag, value, step)
+
+  def sync(self) -> None:
+    """Makes what was added visible in `directory`."""
+    self.writer.flush()
+    if self.local != self.directory:
+      storage.copy_tree(self.local, self.directory)
+
+  def close(self) -> None:
+    self.writer.close()
+    if self.local != self.directory:
+      storage.copy_tree(self.local, self.directory)
+      storage.remove_tree(self.local)
+
+
 class Trainer:
   def __init__(self, cfg, *, workdir: str, model_config: EvfConfig, mesh: jax.sharding.Mesh,
                data_iterator: Iterator[dict], init_params: InitFn, eval_fn: Optional[EvalFn] = None,
                tokenizer_model: Optional[str] = None, provenance: Optional[dict] = None,
                profile: Optional[ProfileWindow] = None, log=print):
     self.cfg = cfg
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = storage.resolve(workdir, "--workdir")
     self.model_config = model_config
     self.mesh = mesh
     self.rules = sharding.rules_for(mesh, [tuple(r) for r in cfg.sharding_rules])
@@ -134,7 +162,7 @@ class Trainer:
     self.tokenizer_model = tokenizer_model
     self.provenance = dict(provenance or {})
     self.profile = profile if profile and profile.steps and jax.process_index() == 0 else None
-    self._tracing = False
+    self._tracing: Optional[str] = None  # the folder the running trace writes to
     self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
     self._stop_signal: Optional[str] = None
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
@@ -170,7 +198,7 @@ class Trainer:
 
   def run(self) -> Summary:
     cfg = self.cfg
-    os.makedirs(self.workdir, exist_ok=True)
+    storage.path(self.workdir).mkdir(parents=True, exist_ok=True)
     saved = checkpointing.read_run_config(self.workdir)
     run_config = cfg.to_dict()
     if saved is not None:
@@ -213,8 +241,7 @@ class Trainer:
       train_step = jax.jit(step_fn, in_shardings=(shards, self.batch_sharding), out_shardings=(shards, self.replicated),
                            donate_argnums=0)
 
-    from tensorboardX import SummaryWriter  # lazy: it imports torch where installed (~3 s per run.py start)
-    writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR)) if jax.process_index() == 0 else None
+    writer = _EventWriter(os.path.join(self.workdir, TENSORBOARD_DIR)) if jax.process_index() == 0 else None
     previous_handlers = self._install_signal_handlers()
     summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
     try:
@@ -244,10 +271,15 @@ class Trainer:
     with sharding.activate(self.mesh, self.rules):
       while step < total:
         if self.profile and step - start == self.profile.skip:
+          # jax's profiler writes through local file I/O: a gs:// workdir gets the trace once it stops
+          remote = storage.is_url(self.workdir)
+          trace_dir = tempfile.mkdtemp(prefix="evf_jax_profile_") if remote else os.path.join(self.workdir, PROFILE_DIR)
           try:
-            jax.profiler.start_trace(os.path.join(self.workdir, PROFILE_DIR))
-            self._tracing = True
+            jax.profiler.start_trace(trace_dir)
+            self._tracing = trace_dir
           except RuntimeError as e:  # e.g. a trace the caller already runs: train on without this one
+            if remote:
+              storage.remove_tree(trace_dir)
             self.log(f"\nno profile: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # xprof's step boundaries
           t0 = time.perf_counter()
@@ -314,7 +346,10 @@ class Trainer:
   def _stop_trace(self, metrics, step: Optional[int]) -> None:
     jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
     jax.profiler.stop_trace()
-    self._tracing = False
+    trace_dir, self._tracing = self._tracing, None
+    if storage.is_url(self.workdir):
+      storage.copy_tree(trace_dir, os.path.join(self.workdir, PROFILE_DIR))
+      storage.remove_tree(trace_dir)
     if step is not None:
       steps = f"steps {step - self.profile.steps + 1}-{step}" if self.profile.steps > 1 else f"step {step}"
       self.log(f"\nprofiled {steps}: {os.path.join(self.workdir, PROFILE_DIR)}")
@@ -357,8 +392,9 @@ class Trainer:
     if jax.process_index() == 0:
       for k, v in mean.items():
         writer.add_scalar(f"train/{k}", v, step)
-      with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-        f.write(json.dumps({"step": step, "time": time.time(), **{f"train/{k}": v for k, v in mean.items()}}) + "\n")
+      writer.sync()
+      storage.append_line(os.path.join(self.workdir, METRICS_FILE),
+                          json.dumps({"step": step, "time": time.time(), **{f"train/{k}": v for k, v in mean.items()}}))
 
   def _report_eval(self, results, step, writer):
     line = ", ".join(f"{name} gIoU {100 * r['giou']:.2f} cIoU {100 * r['ciou']:.2f}" for name, r in results.items())
@@ -369,8 +405,8 @@ class Trainer:
         for key in ("giou", "ciou"):
           writer.add_scalar(f"eval/{name}/{key}", r[key], step)
           row[f"eval/{name}/{key}"] = r[key]
-      with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
-        f.write(json.dumps(row) + "\n")
+      writer.sync()
+      storage.append_line(os.path.join(self.workdir, METRICS_FILE), json.dumps(row))
 
   # ---------------------------------------------------------------- export
 

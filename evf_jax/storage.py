@@ -1,0 +1,138 @@
+"""Where a run's files and checkpoint directories live: local paths, or `gs://` URLs (Google Cloud Storage).
+
+Small files go through `etils.epath` (gcsfs on `gs://`), arrays through orbax (tensorstore's own GCS driver),
+TensorBoard events through tensorboardX (google-cloud-storage). Credentials are Google's application defaults
+(on a TPU VM or GCE, the VM's service account). Object stores have no rename and no append, so the few places
+that need them (`write_atomic`, `append_line`, `move_tree`) say what they do there instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import Union
+
+import fsspec
+from etils import epath
+
+from evf_jax.errors import UserError
+
+SCHEMES = ("gs://",)  # the URL schemes a path may have; others are refused by `resolve`
+
+PathLike = Union[str, os.PathLike]
+
+
+def is_url(path: PathLike) -> bool:
+  return "://" in str(path)
+
+
+def resolve(path: PathLike, what: str) -> str:
+  """A local path made absolute, or a supported URL as given (without a trailing "/"); `what` names the flag or
+  setting in the error for another URL scheme."""
+  path = str(path)
+  if not is_url(path):
+    return os.path.abspath(path)
+  if not path.startswith(SCHEMES):
+    raise UserError(f"{what} {path}: only local paths and {', '.join(SCHEMES)} URLs are supported")
+  if path.rstrip("/").count("/") < 2 or not path[len("gs://"):].split("/")[0]:
+    raise UserError(f"{what} {path}: expected gs://BUCKET[/PATH]")
+  return path.rstrip("/")
+
+
+def check_writable(directory: str, what: str) -> None:
+  """For a URL: writes and removes a small object in `directory`, so that a missing bucket or missing
+  credentials are one line now rather than a traceback at the first save. Local paths: nothing."""
+  if not is_url(directory):
+    return
+  probe = path(directory) / f".evf_jax_write_check.{uuid.uuid4().hex}"  # every process of a run checks at once
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except Exception as e:  # gcsfs / google-auth raise many kinds; all mean the same to the user
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"{what} {directory}: cannot write there ({message[:300]})") from None
+
+
+def path(p: PathLike) -> epath.Path:
+  return epath.Path(str(p))
+
+
+def write_atomic(p: PathLike, text: str) -> None:
+  """Writes a text file that readers see whole or not at all: a local file via a temporary file and a rename;
+  a GCS object is replaced whole by a single upload anyway."""
+  target = path(p)
+  if is_url(p):
+    target.write_text(text)
+    return
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = str(p) + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, str(p))
+
+
+def append_line(p: PathLike, line: str) -> None:
+  """Appends one line. GCS objects cannot be appended to: the object is read and written again whole (fine for
+  a log of a few thousand lines; a killed write leaves the previous version)."""
+  if not is_url(p):
+    with open(str(p), "a") as f:
+      f.write(line.rstrip("\n") + "\n")
+    return
+  target = path(p)
+  old = target.read_text() if target.exists() else ""
+  target.write_text(old + line.rstrip("\n") + "\n")
+
+
+_downloads: list[str] = []
+
+
+def local_copy(p: PathLike) -> str:
+  """A local path with the file's contents: the path itself when local, else a copy downloaded into a
+  temporary folder that is removed when the process exits (for libraries that read only local files, such as
+  sentencepiece)."""
+  if not is_url(p):
+    return str(p)
+  if not _downloads:
+    _downloads.append(tempfile.mkdtemp(prefix="evf_jax_"))
+    atexit.register(shutil.rmtree, _downloads[0], True)
+  local = os.path.join(tempfile.mkdtemp(dir=_downloads[0]), path(p).name)
+  path(p).copy(local)
+  return local
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> None:
+  """Copies every file under `src` to the same place under `dst` (either may be a URL)."""
+  for rel in _files_under(str(src)):
+    out = path(dst) / rel
+    if not is_url(dst):
+      out.parent.mkdir(parents=True, exist_ok=True)
+    (path(src) / rel).copy(out, overwrite=True)
+
+
+def _files_under(root: str) -> list[str]:
+  """The files under folder `root`, as paths relative to it (epath's walk and `**` do not work on gcsfs)."""
+  if is_url(root):
+    fs, base = fsspec.core.url_to_fs(root)
+    return sorted(posixpath.relpath(f, base) for f in fs.find(base))
+  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
+
+
+def move_tree(src: PathLike, dst: PathLike) -> None:
+  """Moves folder `src` to `dst`, which must not exist: one rename locally; on GCS a copy of each object and the
+  removal of `src` (not atomic: readers may see a partial `dst` meanwhile)."""
+  if not is_url(src) and not is_url(dst):
+    os.replace(str(src), str(dst))
+    return
+  copy_tree(src, dst)
+  path(src).rmtree()
+
+
+def remove_tree(p: PathLike) -> None:
+  """Removes a folder and everything under it; nothing when it is not there."""
+  target = path(p)
+  if target.exists():
+    target.rmtree()

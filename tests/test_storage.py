@@ -1,0 +1,91 @@
+"""gs:// paths (evf_jax/storage.py) on a local GCS emulator: the file operations a training run needs, and a
+model directory written to a bucket (a training run's export) loading as a local one does."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from evf_jax import storage
+from evf_jax.checkpoints import load_checkpoint, read_provenance
+from evf_jax.errors import UserError
+from evf_jax.evf import abstract_params
+from evf_jax.tokenizer import TextTokenizer
+from evf_jax.train import checkpointing
+from evf_testing import spm_model
+from evf_testing.training import assert_same_tree, tiny_config
+
+
+def test_paths_are_local_or_gs_urls(tmp_path):
+  os.chdir(tmp_path)
+  assert storage.resolve("run", "--workdir") == os.path.join(str(tmp_path), "run")
+  assert storage.resolve("gs://b/run/", "--workdir") == "gs://b/run"
+  for bad, expect in (("s3://b/run", "only local paths and gs:// URLs"), ("gs:///run", "expected gs://BUCKET"),
+                      ("gs://", "expected gs://BUCKET")):
+    with pytest.raises(UserError, match=expect):
+      storage.resolve(bad, "--workdir")
+
+
+def test_file_operations_on_a_bucket(gcs_bucket, tmp_path):
+  root = f"gs://{gcs_bucket}/ops"
+  storage.write_atomic(f"{root}/config.json", '{"a": 1}')
+  storage.write_atomic(f"{root}/config.json", '{"a": 2}')
+  assert json.loads(storage.path(f"{root}/config.json").read_text()) == {"a": 2}
+  for line in ("one", "two\n"):
+    storage.append_line(f"{root}/metrics.jsonl", line)
+  assert storage.path(f"{root}/metrics.jsonl").read_text() == "one\ntwo\n"
+  local = tmp_path / "tree"
+  (local / "a" / "b").mkdir(parents=True)
+  (local / "x.txt").write_text("x")
+  (local / "a" / "b" / "y.bin").write_bytes(b"\0\1")
+  storage.copy_tree(local, f"{root}/up")
+  storage.move_tree(f"{root}/up", f"{root}/moved")
+  assert not storage.path(f"{root}/up").exists()
+  storage.copy_tree(f"{root}/moved", tmp_path / "down")
+  assert (tmp_path / "down" / "x.txt").read_text() == "x" and (tmp_path / "down/a/b/y.bin").read_bytes() == b"\0\1"
+  downloaded = storage.local_copy(f"{root}/moved/a/b/y.bin")
+  assert not storage.is_url(downloaded) and open(downloaded, "rb").read() == b"\0\1"
+  storage.remove_tree(f"{root}/moved")
+  storage.remove_tree(f"{root}/moved")  # nothing there: nothing to do
+  assert not storage.path(f"{root}/moved").exists()
+
+
+def test_a_missing_bucket_is_one_line(gcs_bucket):
+  storage.check_writable(f"gs://{gcs_bucket}/run", "--workdir")
+  with pytest.raises(UserError, match="--workdir gs://no-such-bucket-here/run: cannot write there") as e:
+    storage.check_writable("gs://no-such-bucket-here/run", "--workdir")
+  assert "\n" not in str(e.value)
+
+
+def test_an_export_to_a_bucket_loads_as_a_local_one(gcs_bucket, tmp_path):
+  """`checkpointing.export` (a training run's last act) into gs:// twice (the second replaces the first) and
+  into a local workdir: the same config, parameters, provenance and tokenizer come back from both."""
+  config = tiny_config()
+  tokenizer_model = os.path.join(spm_model.train(str(tmp_path / "spm")), "sentencepiece.bpe.model")
+  model_config = dict(config.to_dict(), param_dtype="float32")
+  workdirs = {"local": str(tmp_path / "run"), "gcs": f"gs://{gcs_bucket}/run"}
+  first, params = (_random_params(config, seed) for seed in (1, 0))
+  checkpointing.export(workdirs["gcs"], first, model_config, {"step": 1}, tokenizer_model)
+  for where, workdir in workdirs.items():
+    out = checkpointing.export(workdir, params, model_config, {"step": 2}, tokenizer_model)
+    assert out == f"{workdir}/export"
+  loaded = {where: load_checkpoint(f"{w}/export") for where, w in workdirs.items()}
+  assert loaded["gcs"][0] == loaded["local"][0] == config
+  assert_same_tree(loaded["gcs"][1], params)
+  assert_same_tree(loaded["gcs"][1], loaded["local"][1])
+  assert read_provenance(f"{workdirs['gcs']}/export") == {"step": 2}
+  text = ["the red car on the left", "[semantic] sky"]
+  assert np.array_equal(loaded["gcs"][2].encode_batch(text)[0], loaded["local"][2].encode_batch(text)[0])
+  assert not storage.path(f"{workdirs['gcs']}/export.partial").exists()
+  assert not storage.path(f"{workdirs['gcs']}/export.old").exists()
+  assert TextTokenizer(f"{workdirs['gcs']}/export/tokenizer").vocab_size == loaded["local"][2].vocab_size
+
+
+def _random_params(config, seed):
+  """Random float32 values in the model's parameter shapes (no init compile: ~17 s for this model)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract_params(config))
