@@ -8,11 +8,13 @@ The emulator (2026.7.19) lacks two things of GCS that tensorstore's OCDBT writer
 download's `x-goog-generation` header (without it tensorstore fails with "Malformed StorageGeneration" when it
 reads back a manifest it wrote, in about a third of the saves of a small model) and the `ifGenerationMatch`
 precondition of uploads (the writer's guard against concurrent commits: 412 when the object's generation
-differs, "0" meaning that it must not exist)."""
+differs, "0" meaning that it must not exist). It also serves each connection on its own thread."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import http.server
 import logging
 import os
 import socket
@@ -37,6 +39,7 @@ def _patch_emulator() -> None:
   global _patched
   if _patched:
     return
+  from gcp_storage_emulator import server as emulator_server
   from gcp_storage_emulator.exceptions import NotFound
   from gcp_storage_emulator.handlers import objects
 
@@ -64,6 +67,17 @@ def _patch_emulator() -> None:
 
   objects.download = download_with_generation  # `objects.get` looks both up at call time
   objects._media_upload = media_upload_with_precondition
+
+  def serve_concurrently(self):
+    # The emulator's HTTPServer serves one connection at a time: a client that connects and stalls stops it
+    # for every other (seen once as a 2-process run whose second process never got past its first request).
+    self._httpd = http.server.ThreadingHTTPServer((self._host, self._port),
+                                                  functools.partial(emulator_server.RequestHandler, self._storage))
+    self._httpd.daemon_threads = True
+    self.is_running.set()
+    self._httpd.serve_forever()
+
+  emulator_server.APIThread.run = serve_concurrently
   _patched = True
 
 

@@ -82,3 +82,29 @@ def test_two_processes_train_as_one(tmp_path):
   # The 2-process checkpoint resumes in one process (8 devices here), data position included.
   assert cli.main(["train", *common, "--workdir", str(tmp_path / "two"), "--config.total_steps=8"]) == 0
   assert sorted(int(s) for s in os.listdir(tmp_path / "two" / "checkpoints") if s.isdigit())[-1] == 8
+
+
+@pytest.mark.slow
+def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
+  """The same two processes with a gs:// workdir (a local GCS emulator): each writes its shards and data
+  position into the bucket, process 0 the rest; one process then resumes the run from the bucket."""
+  from evf_jax import storage
+  config = tmp_path / "micro.py"
+  config.write_text(CONFIG)
+  from data_pipelines import prepare
+  prepare.prepare("synthetic", str(tmp_path / "data" / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  workdir = f"gs://{gcs_bucket}/two_processes"
+  common = ["--config", str(config), f"--config.data.root={tmp_path / 'data'}", "--workdir", workdir]
+  port = _port()
+  procs = [_train(common, 4, ("--coordinator_address", f"127.0.0.1:{port}", "--coordinator_bind_address",
+                              f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i),
+                              "--heartbeat_timeout", "20")) for i in range(2)]
+  outs = [p.communicate()[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert "on 8 cpu device(s), 2 process(es)" in outs[0] and f"model in {workdir}/export" in outs[0]
+  files = set(storage._files_under(workdir))
+  assert {"checkpoints/6/commit_success.txt", "checkpoints/6/data/process_0-of-2.json",
+          "checkpoints/6/data/process_1-of-2.json", "export/model_config.json", "config.json"} <= files, files
+  assert cli.main(["train", *common, "--config.total_steps=8"]) == 0
+  assert storage.path(f"{workdir}/checkpoints/8/commit_success.txt").exists()

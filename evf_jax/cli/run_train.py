@@ -314,12 +314,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   """Everything `run.py train` does after parsing; returns the trainer's Summary."""
   workdir = storage.resolve(workdir, "--workdir")  # a local path, or gs://BUCKET/PATH
-  _check_data_location(cfg, workdir)  # before the first access to a gs:// workdir
+  _check_data_location(cfg, workdir)
+  model_config = _check_config(cfg)
+  # Every process starts its backend before any storage I/O: jax gives the others 2 minutes to join.
+  mesh = sharding.make_mesh(cfg.mesh, dcn=cfg.dcn_mesh)
   storage.check_writable(workdir, "--workdir")
   if storage.path(workdir).is_file():
     raise UserError(f"--workdir {workdir} is a file")
-  model_config = _check_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh, dcn=cfg.dcn_mesh)
   rules = sharding.rules_for(mesh, cfg.sharding_rules)
   data_root, mixture = _data_dirs(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, mixture)
