@@ -1,9 +1,9 @@
 """Where a run's files and checkpoint directories live: local paths, or `gs://` URLs (Google Cloud Storage).
 
-Small files go through `etils.epath` (gcsfs on `gs://`), arrays through orbax (tensorstore's own GCS driver),
-TensorBoard events through tensorboardX (google-cloud-storage). Credentials are Google's application defaults
-(on a TPU VM or GCE, the VM's service account). Object stores have no rename and no append, so the few places
-that need them (`write_atomic`, `append_line`, `move_tree`) say what they do there instead.
+Small files go through `etils.epath` (gcsfs on `gs://`), arrays through orbax (tensorstore's own GCS driver).
+Credentials are Google's application defaults (on a TPU VM or GCE, the VM's service account). Object stores
+have no rename and no append, so the few places that need them (`write_atomic`, `append_line`, `move_tree`)
+say what they do there instead.
 """
 
 from __future__ import annotations
