@@ -104,6 +104,32 @@ def local_copy(p: PathLike) -> str:
   return local
 
 
+class LocalMirror:
+  """A folder for libraries that write only local files (jax's profiler, tensorboardX, sentencepiece), seen in
+  `directory`: the folder itself when it is local, else a temporary one whose files `upload` copies there."""
+
+  def __init__(self, directory: str, prefix: str = "evf_jax_"):
+    self.directory = directory
+    self.local = tempfile.mkdtemp(prefix=prefix) if is_url(directory) else directory
+
+  def upload(self) -> None:
+    if self.local != self.directory:
+      copy_tree(self.local, self.directory)
+
+  def close(self, upload: bool = True) -> None:
+    """Uploads (unless told not to), then removes the temporary folder."""
+    if self.local != self.directory:
+      if upload:
+        self.upload()
+      remove_tree(self.local)
+
+  def __enter__(self) -> "LocalMirror":
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    self.close(upload=exc_type is None)  # what a failed writer left is not uploaded
+
+
 def copy_tree(src: PathLike, dst: PathLike) -> None:
   """Copies every file under `src` to the same place under `dst` (either may be a URL)."""
   for rel in _files_under(str(src)):

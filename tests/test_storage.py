@@ -89,3 +89,20 @@ def _random_params(config, seed):
   """Random float32 values in the model's parameter shapes (no init compile: ~17 s for this model)."""
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract_params(config))
+
+
+def test_a_local_mirror_uploads_what_a_finished_writer_wrote(gcs_bucket, tmp_path):
+  with storage.LocalMirror(f"gs://{gcs_bucket}/mirror/ok") as m:
+    os.makedirs(os.path.join(m.local, "a"))
+    open(os.path.join(m.local, "a", "f.txt"), "w").write("f")
+  assert storage._files_under(f"gs://{gcs_bucket}/mirror/ok") == ["a/f.txt"] and not os.path.exists(m.local)
+  with pytest.raises(RuntimeError), storage.LocalMirror(f"gs://{gcs_bucket}/mirror/failed") as m:
+    open(os.path.join(m.local, "partial.txt"), "w").write("p")
+    raise RuntimeError("the writer failed")
+  assert not storage.path(f"gs://{gcs_bucket}/mirror/failed").exists() and not os.path.exists(m.local)
+  local = storage.LocalMirror(str(tmp_path / "here"))
+  assert local.local == str(tmp_path / "here")  # a local directory is its own mirror
+  (tmp_path / "here").mkdir()
+  (tmp_path / "here" / "f.txt").write_text("f")
+  local.close()
+  assert (tmp_path / "here" / "f.txt").read_text() == "f"  # ... which close leaves in place

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import jax
@@ -147,8 +146,8 @@ def _locate(root: str, name: str) -> str | None:
 
 
 def data_root(cfg, workdir: str) -> str:
-  """Where the training data lives: `data.root`, or <workdir>/data when that is empty."""
-  _check_data_location(cfg, workdir)
+  """Where the training data lives: `data.root`, or <workdir>/data when that is empty (`train` has checked
+  that it is local)."""
   return cfg.data.root or os.path.join(workdir, DATA_DIR)
 
 
@@ -204,12 +203,8 @@ def _tokenizer(cfg, workdir: str, mixture) -> TextTokenizer:
       split = cfg.data.get("split", "train")
       texts = [e.text for _, dirs in mixture.values() for d in dirs for r in sources.read_records(d, split)
                for e in r.entries]
-      if storage.is_url(directory):  # sentencepiece writes local files: train here, then upload
-        with tempfile.TemporaryDirectory() as local:
-          train_tokenizer(texts, local, cfg.train_tokenizer_vocab)
-          storage.path(os.path.join(local, SPM_FILE)).copy(storage.path(os.path.join(directory, SPM_FILE)))
-      else:
-        train_tokenizer(texts, directory, cfg.train_tokenizer_vocab)
+      with storage.LocalMirror(directory) as mirror:  # sentencepiece writes local files
+        train_tokenizer(texts, mirror.local, cfg.train_tokenizer_vocab)
     multihost_utils.sync_global_devices("evf_jax: tokenizer")
     return TextTokenizer(directory)
   raise UserError("no tokenizer: set --config.tokenizer (a sentencepiece model, e.g. BEiT-3's beit3.spm), "

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -120,15 +119,13 @@ def _host(tree: Any) -> Any:
 
 
 class _EventWriter:
-  """tensorboardX's SummaryWriter into `directory`; for a gs:// directory it writes a local folder and `sync`
-  uploads its event file (tensorboardX's own GCS writer re-uploads the whole file again when garbage-collected,
-  after `close`, and needs a second GCS client)."""
+  """tensorboardX's SummaryWriter into `directory`, through a `storage.LocalMirror` (tensorboardX's own GCS
+  writer re-uploads the whole file again when garbage-collected, after `close`, and needs a second GCS client)."""
 
   def __init__(self, directory: str):
     from tensorboardX import SummaryWriter  # lazy: it imports torch where installed (~3 s per run.py start)
-    self.directory = directory
-    self.local = tempfile.mkdtemp(prefix="evf_jax_tensorboard_") if storage.is_url(directory) else directory
-    self.writer = SummaryWriter(self.local)
+    self.mirror = storage.LocalMirror(directory, prefix="evf_jax_tensorboard_")
+    self.writer = SummaryWriter(self.mirror.local)
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     self.writer.add_scalar(tag, value, step)
@@ -136,14 +133,11 @@ class _EventWriter:
   def sync(self) -> None:
     """Makes what was added visible in `directory`."""
     self.writer.flush()
-    if self.local != self.directory:
-      storage.copy_tree(self.local, self.directory)
+    self.mirror.upload()
 
   def close(self) -> None:
     self.writer.close()
-    if self.local != self.directory:
-      storage.copy_tree(self.local, self.directory)
-      storage.remove_tree(self.local)
+    self.mirror.close()
 
 
 class Trainer:
@@ -162,7 +156,7 @@ class Trainer:
     self.tokenizer_model = tokenizer_model
     self.provenance = dict(provenance or {})
     self.profile = profile if profile and profile.steps and jax.process_index() == 0 else None
-    self._tracing: Optional[str] = None  # the folder the running trace writes to
+    self._tracing: Optional[storage.LocalMirror] = None  # where the running trace writes
     self.log = log if jax.process_index() == 0 else (lambda *a, **k: None)
     self._stop_signal: Optional[str] = None
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
@@ -272,14 +266,12 @@ class Trainer:
       while step < total:
         if self.profile and step - start == self.profile.skip:
           # jax's profiler writes through local file I/O: a gs:// workdir gets the trace once it stops
-          remote = storage.is_url(self.workdir)
-          trace_dir = tempfile.mkdtemp(prefix="evf_jax_profile_") if remote else os.path.join(self.workdir, PROFILE_DIR)
+          trace = storage.LocalMirror(os.path.join(self.workdir, PROFILE_DIR), prefix="evf_jax_profile_")
           try:
-            jax.profiler.start_trace(trace_dir)
-            self._tracing = trace_dir
+            jax.profiler.start_trace(trace.local)
+            self._tracing = trace
           except RuntimeError as e:  # e.g. a trace the caller already runs: train on without this one
-            if remote:
-              storage.remove_tree(trace_dir)
+            trace.close(upload=False)
             self.log(f"\nno profile: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # xprof's step boundaries
           t0 = time.perf_counter()
@@ -346,10 +338,8 @@ class Trainer:
   def _stop_trace(self, metrics, step: Optional[int]) -> None:
     jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
     jax.profiler.stop_trace()
-    trace_dir, self._tracing = self._tracing, None
-    if storage.is_url(self.workdir):
-      storage.copy_tree(trace_dir, os.path.join(self.workdir, PROFILE_DIR))
-      storage.remove_tree(trace_dir)
+    self._tracing.close()
+    self._tracing = None
     if step is not None:
       steps = f"steps {step - self.profile.steps + 1}-{step}" if self.profile.steps > 1 else f"step {step}"
       self.log(f"\nprofiled {steps}: {os.path.join(self.workdir, PROFILE_DIR)}")
