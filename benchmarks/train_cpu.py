@@ -305,8 +305,8 @@ def run_ours_parts(args) -> dict:
 
 
 def _torch_normalize_and_pad(images, input_hw, img_size, mean, std):
-  """`evf_jax.sam.transforms.normalize_and_pad` in torch (torch_training_loss calls that one, which is jax:
-  the PyTorch side should not dispatch jax ops inside its timed step)."""
+  """`evf_jax.sam.transforms.normalize_and_pad` in torch, in place of `evf_testing.training.sam_input` (jax: the
+  PyTorch side should not dispatch jax ops inside its timed step)."""
   import torch
   x = (torch.from_numpy(np.asarray(images)).float() - torch.tensor(mean)) / torch.tensor(std)
   hw = torch.from_numpy(np.asarray(input_hw))
@@ -320,8 +320,9 @@ def _torch_setup(args):
   torch.set_num_threads(args.threads)
   from evf_testing import evf_reference as ref
   from evf_testing import training
-  training.normalize_and_pad = _torch_normalize_and_pad
   config = model_config(args.size)
+  training.sam_input = lambda config, batch: _torch_normalize_and_pad(
+      batch["sam_image"], batch["resize_hw"], config.sam.img_size, config.sam.pixel_mean, config.sam.pixel_std)
   model = ref.build_torch_evf(config, args.seed)
   decay_types = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
   decayed_names = {f"{mod_name}.weight" if mod_name else "weight" for mod_name, mod in model.named_modules()

@@ -102,7 +102,8 @@ class EvfSam(nn.Module):
   - `embed_image(sam_images)`: SAM's image embedding, once per image.
   - `text_prompts(beit_images, input_ids, attention_mask)`: one prompt embedding per text.
   - `decode(image_embeddings, prompts)`: low-res mask logits and IoU scores, single-mask output.
-  - `__call__`: all three (used by `init` and training).
+  - `embed_image_for_training` / `decode_for_training`: what the training step runs in their place.
+  - `__call__`: all three (used by `init`).
   """
   config: EvfConfig
   attention: str = "xla"
@@ -138,6 +139,15 @@ class EvfSam(nn.Module):
     """image_embeddings (1 or N, h, w, C), prompts (N, C) -> logits (N, M, 256, 256), iou (N, M)."""
     return self.sam.decode(image_embeddings, extra_sparse=prompts[:, None, :],
                            multimask_output=multimask_output)
+
+  def embed_image_for_training(self, sam_images: jax.Array, encoder_frozen: bool) -> jax.Array:
+    """`embed_image`, without a backward pass through a frozen encoder."""
+    embeddings = self.embed_image(sam_images)
+    return jax.lax.stop_gradient(embeddings) if encoder_frozen else embeddings
+
+  def decode_for_training(self, image_embeddings: jax.Array, prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mask the loss sees: single-mask output, as the original's training forward."""
+    return self.decode(image_embeddings, prompts)
 
   def __call__(self, sam_images, beit_images, input_ids, attention_mask):
     prompts = self.text_prompts(beit_images, input_ids, attention_mask)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evf_jax import postprocess
+from evf_jax import postprocess, runtime
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.beit3.model import Beit3
 from evf_jax.evf import BEIT3_SCALES, EvfSam, Projector
@@ -94,6 +94,7 @@ class EvfSam2(EvfSam):
   - `embed_image(sam_images)`: SAM-2's image features, once per image.
   - `text_prompts(beit_images, input_ids, attention_mask)`: one prompt embedding per text (`EvfSam`'s).
   - `decode(image_features, prompts)`: the best of the 3 multimask logits by predicted IoU, and that IoU.
+  - `embed_image_for_training` / `decode_for_training`: what the training step runs in their place.
   - `__call__`: all three (used by `init`).
   """
   config: EvfSam2Config
@@ -123,6 +124,21 @@ class EvfSam2(EvfSam):
     masks, iou, _, _ = self.decode_all(image_features, prompts, multimask_output=True)
     best = jnp.argmax(iou, axis=-1)[:, None]
     return jnp.take_along_axis(masks, best[:, :, None, None], axis=1), jnp.take_along_axis(iou, best, axis=1)
+
+  def embed_image_for_training(self, sam_images: jax.Array,
+                               encoder_frozen: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """`embed_image`, without a backward pass through a frozen encoder (trunk and neck); the decoder's
+    high-res projections and `no_mem_embed` still get gradients when they are trained."""
+    return self.sam.embed_image(sam_images, stop_encoder_gradient=encoder_frozen)
+
+  def decode_for_training(self, image_features: tuple[jax.Array, tuple[jax.Array, ...]],
+                          prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The mask the loss sees, as EVF-SAM2's training forward: single-mask output in train mode, i.e. mask 0
+    (neither the best of masks 1-3 that inference keeps nor SAM-2's eval-mode stability fallback)."""
+    embed, high_res = image_features
+    masks, iou, _, _ = self.sam.decode(embed, high_res, extra_sparse=prompts[:, None, :], multimask_output=False,
+                                       training=True)
+    return masks, iou
 
   def __call__(self, sam_images, beit_images, input_ids, attention_mask):
     prompts = self.text_prompts(beit_images, input_ids, attention_mask)
@@ -165,3 +181,8 @@ def abstract_params(config: EvfSam2Config, *, param_dtype: Dtype = jnp.float32, 
   """The parameter tree as ShapeDtypeStructs (no memory). `boxed` keeps the logical-axis metadata."""
   tree = jax.eval_shape(_init_fn(config, param_dtype), jax.random.key(0))
   return tree if boxed else nn.unbox(tree)
+
+
+def init_params(config: EvfSam2Config, rng: jax.Array, *, param_dtype: Dtype = jnp.float32) -> Any:
+  """Randomly initialised (unboxed) params, e.g. for training from scratch or tests."""
+  return nn.unbox(runtime.jit_init(_init_fn(config, param_dtype))(rng))

@@ -34,13 +34,14 @@ class Family:
   model_type: str                      # `model_type` in a converted checkpoint's model_config.json
   config_class: type
   model_class: type
-  abstract_params: Callable[..., Any]  # (config, *, param_dtype) -> ShapeDtypeStruct tree
+  abstract_params: Callable[..., Any]  # (config, *, param_dtype, boxed) -> ShapeDtypeStruct tree
+  init_params: Callable[..., Any]      # (config, rng, *, param_dtype) -> random parameters
   eigen_dots_encoder: bool = False     # the image encoder compiles its dots through Eigen on the CPU (runtime.py)
 
 
-FAMILIES = (Family("EVF-SAM", evf.MODEL_TYPE, EvfConfig, EvfSam, evf.abstract_params),
+FAMILIES = (Family("EVF-SAM", evf.MODEL_TYPE, EvfConfig, EvfSam, evf.abstract_params, evf.init_params),
             Family("EVF-SAM2", evf_sam2.MODEL_TYPE, EvfSam2Config, EvfSam2, evf_sam2.abstract_params,
-                   eigen_dots_encoder=True))
+                   evf_sam2.init_params, eigen_dots_encoder=True))
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
 
 

@@ -10,14 +10,17 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from evf_jax import families
 from evf_jax.evf import EvfConfig
-from evf_jax.sam.transforms import normalize_and_pad
+from evf_jax.evf_sam2 import EvfSam2Config
 from evf_jax.train import config as train_config
 from evf_testing import torch_reference as tr
 
-# What EVF-SAM trains, as prefixes of the reference's state-dict keys (evf_jax.train.config.EVF_SAM_TRAINABLE).
+# What EVF-SAM and EVF-SAM2 train, as prefixes of the references' state-dict keys
+# (evf_jax.train.config.EVF_SAM_TRAINABLE, EVF_SAM2_TRAINABLE).
 TORCH_TRAINABLE = ("mm_extractor.", "text_hidden_fcs.", "visual_model.mask_decoder.",
                    "visual_model.prompt_encoder.no_mask_embed")
+TORCH_TRAINABLE_SAM2 = ("mm_extractor.", "text_hidden_fcs.")
 
 
 def tiny_config(vocab_size: int = 320) -> EvfConfig:
@@ -27,14 +30,16 @@ def tiny_config(vocab_size: int = 320) -> EvfConfig:
                                                             max_source_positions=32))
 
 
-def random_batch(config: EvfConfig, images: int = 2, prompts: int = 3, text_len: int = 8, mask_size: int = 0,
-                 seed: int = 0, invalid: int = 1) -> dict[str, np.ndarray]:
-  """A batch as `data_pipelines.pipeline` builds it: varied resized sizes, right-padded prompts of different
-  lengths, blob-like masks, and the last `invalid` prompt slots of the last image left empty (padding)."""
+def random_batch(config: EvfConfig | EvfSam2Config, images: int = 2, prompts: int = 3, text_len: int = 8,
+                 mask_size: int = 0, seed: int = 0, invalid: int = 1) -> dict[str, np.ndarray]:
+  """A batch as `data_pipelines.pipeline` builds it: varied resized sizes (EVF-SAM2: every image fills the
+  square frame), right-padded prompts of different lengths, blob-like masks, and the last `invalid` prompt slots
+  of the last image left empty (padding)."""
   rng = np.random.default_rng(seed)
-  s, b = config.sam.img_size, config.beit3.img_size
+  image_input = families.image_input(config)
+  s, b = image_input.size, config.beit3.img_size
   m = mask_size or s
-  short = rng.integers(s // 2, s + 1, images)  # landscape and portrait images alternate
+  short = rng.integers(s // 2, s + 1, images) if not image_input.square else np.full(images, s)
   resize = np.asarray([(s, short[i]) if i % 2 else (short[i], s) for i in range(images)], np.int32)
   sam = rng.integers(0, 256, (images, s, s, 3), dtype=np.uint8)
   region = np.zeros((images, m, m), bool)
@@ -62,8 +67,9 @@ def random_batch(config: EvfConfig, images: int = 2, prompts: int = 3, text_len:
           "input_ids": ids, "attention_mask": ids != 1, "prompt_valid": valid, "masks": masks, "valid_region": region}
 
 
-def micro_train_config(steps: int = 6) -> ml_collections.ConfigDict:
-  """configs/train/synthetic.py at test size: the tiny model on a few synthetic images, evaluated at the end."""
+def micro_train_config(steps: int = 6, sam2: bool = False) -> ml_collections.ConfigDict:
+  """configs/train/synthetic.py at test size: the tiny model (`sam2`: the toy EVF-SAM2) on a few synthetic
+  images, evaluated at the end."""
   c = train_config.base_config()
   c.total_steps = steps
   c.batch_size = 8
@@ -77,6 +83,9 @@ def micro_train_config(steps: int = 6) -> ml_collections.ConfigDict:
   c.init.from_scratch = True
   c.train_tokenizer_vocab = 128
   c.trainable = (".*",)
+  if sam2:
+    c.model = train_config.model_fields("toy", beit3=dict(c.model.beit3))
+    c.trainable = train_config.EVF_SAM2_TRAINABLE  # the original's frozen set: no backward pass through SAM-2
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 1
   c.data.root = ""
@@ -91,20 +100,36 @@ def micro_train_config(steps: int = 6) -> ml_collections.ConfigDict:
   return c
 
 
-def torch_training_loss(model, config, batch, trainable=TORCH_TRAINABLE):
-  """EVF-SAM's training forward (model/evf_sam.py `model_forward`) on the PyPI modules: SAM's image encoder
-  without gradients, BEiT-3 on every (image, prompt) pair, the projector, EVF-SAM's prompt (sparse = the
-  projected feature, dense = `no_mask_embed`), the single-mask decoder, bilinear upsampling to the loss
-  resolution; our loss (its formula at that resolution, over `valid_region`) over the valid prompts."""
+def sam_input(config, batch) -> np.ndarray:
+  """(B, S, S, 3) float32: the SAM input the step builds from the batch (normalised; SAM-1's zero outside the
+  image). A module attribute so that benchmarks/train_cpu.py can swap in a torch version."""
+  return np.array(families.image_input(config).normalize(batch["sam_image"], batch["resize_hw"]))
+
+
+def torch_training_loss(model, config, batch, trainable=None):
+  """The originals' training forward on the PyPI modules, EVF-SAM's (model/evf_sam.py `model_forward`: SAM's
+  image encoder without gradients, the single-mask decoder) or EVF-SAM2's (model/evf_sam2.py `forward`: SAM-2's
+  `forward_image` with `no_mem_embed` added, the decoder in train mode with single-mask output); for both BEiT-3
+  on every (image, prompt) pair with the padding masked, the projector, the projected feature as the only sparse
+  prompt and `no_mask_embed` as the dense one, bilinear upsampling to the loss resolution; our loss (its formula
+  at that resolution, over `valid_region`) over the valid prompts. `trainable`: state-dict key prefixes that get
+  gradients (default: what the family's original trains)."""
   torch = tr.import_torch()
   F = torch.nn.functional
   sam = model.visual_model
+  sam2 = isinstance(config, EvfSam2Config)
+  trainable = trainable or (TORCH_TRAINABLE_SAM2 if sam2 else TORCH_TRAINABLE)
   for name, p in model.named_parameters():
     p.requires_grad_(any(name.startswith(k) for k in trainable))
-  x = np.array(normalize_and_pad(batch["sam_image"], batch["resize_hw"], config.sam.img_size,
-                                   config.sam.pixel_mean, config.sam.pixel_std))
-  with torch.no_grad():
-    emb = sam.image_encoder(torch.from_numpy(x).permute(0, 3, 1, 2))
+  x = torch.from_numpy(sam_input(config, batch)).permute(0, 3, 1, 2)
+  if sam2:
+    from evf_testing.sam2_reference import reference_sam2_maps
+    maps = reference_sam2_maps(sam, x)  # frozen parameters build no graph; the decoder's conv_s0/s1 may
+    pe, decoder = sam.sam_prompt_encoder, sam.sam_mask_decoder
+  else:
+    with torch.no_grad():
+      emb = sam.image_encoder(x)
+    pe, decoder = sam.prompt_encoder, sam.mask_decoder
   b, k, length = batch["input_ids"].shape
   m = batch["masks"].shape[-1]
   bces, dices = [], []
@@ -114,11 +139,17 @@ def torch_training_loss(model, config, batch, trainable=TORCH_TRAINABLE):
     beit = torch.from_numpy(batch["beit_image"][i]).permute(2, 0, 1)[None].expand(len(sel), -1, -1, -1)
     out = model.mm_extractor.beit3(visual_tokens=beit, textual_tokens=ids, text_padding_position=ids == 1)
     feat = model.text_hidden_fcs[0](out["encoder_out"][:, :1])
-    pe = sam.prompt_encoder
     e = pe.image_embedding_size
     dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(sel), -1, e[0], e[1])
-    low, _ = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(),
-                              sparse_prompt_embeddings=feat, dense_prompt_embeddings=dense, multimask_output=False)
+    if sam2:
+      decoder.train()  # train mode: single-mask output is mask 0, without the stability fallback
+      low = decoder(image_embeddings=maps[-1][i:i + 1], image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=feat,
+                    dense_prompt_embeddings=dense, multimask_output=False, repeat_image=True,
+                    high_res_features=[f[i:i + 1] for f in maps[:-1]])[0]
+      decoder.eval()
+    else:
+      low, _ = decoder(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=feat,
+                       dense_prompt_embeddings=dense, multimask_output=False)
     logits = F.interpolate(low, (m, m), mode="bilinear", align_corners=False)[:, 0]
     region = torch.from_numpy(batch["valid_region"][i])
     target = torch.from_numpy(batch["masks"][i, sel].astype(np.float32))
@@ -132,11 +163,11 @@ def torch_training_loss(model, config, batch, trainable=TORCH_TRAINABLE):
   return loss
 
 
-def torch_loss_and_grads(model, config, batch):
+def torch_loss_and_grads(model, config, batch, trainable=None):
   """(loss, {state-dict key: gradient}) of `torch_training_loss`; zeros for frozen parameters and buffers."""
   for p in model.parameters():
     p.grad = None
-  loss = torch_training_loss(model, config, batch)
+  loss = torch_training_loss(model, config, batch, trainable)
   loss.backward()
   params = dict(model.named_parameters())
   grads = {name: (params[name].grad.numpy() if name in params and params[name].grad is not None

@@ -100,6 +100,45 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   assert os.path.isfile(os.path.join(w, "pred", "img_0_mask.png"))
 
 
+@pytest.fixture(scope="module")
+def sam2_run(data_root, tmp_path_factory):
+  """A 4-step EVF-SAM2 run (toy SAM-2, the micro config's BEiT-3 and data)."""
+  config_file = tmp_path_factory.mktemp("cfg2") / "micro_sam2.py"
+  config_file.write_text(CONFIG.replace("micro_train_config()", "micro_train_config(steps=4, sam2=True)"))
+  workdir = tmp_path_factory.mktemp("sam2")
+  assert cli.main(_args(str(config_file), data_root, workdir)) == 0
+  return str(workdir)
+
+
+def test_evf_sam2_trains_evaluates_and_exports_a_model_predictor_loads(sam2_run, data_root, capsys):
+  w = sam2_run
+  losses = _losses(w)
+  assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in losses.values())
+  evals = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl")) if "eval/synthetic|val/giou" in line]
+  assert len(evals) == 1 and 0.0 <= evals[0]["eval/synthetic|val/giou"] <= 1.0
+  config, params, tokenizer = load_checkpoint(os.path.join(w, "export"))
+  assert type(config).__name__ == "EvfSam2Config" and config.sam2.name == "toy"
+  trained = saved_params(w, 4)
+  assert sorted(trained) == ["beit3", "projector"]  # the original's frozen set: all of SAM-2
+  for key in ("beit3", "projector"):
+    assert_same_tree(params[key], trained[key])
+  from data_pipelines import records
+  image = decode_image(records.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
+  exported = Predictor.from_checkpoint(os.path.join(w, "export"))
+  exported.set_image(image)
+  in_memory = Predictor(config, jax.tree.map(np.asarray, params), tokenizer)
+  in_memory.set_image(image)
+  np.testing.assert_array_equal(exported.predict(["the red circle"]).logits, in_memory.predict(["the red circle"]).logits)
+
+
+def test_an_init_checkpoint_of_the_other_family_is_refused(straight, sam2_run, config_file, data_root, tmp_path,
+                                                           capsys):
+  code = cli.main(_args(config_file, data_root, tmp_path / "w", "--config.init.from_scratch=False",
+                        f"--config.init.evf_checkpoint={os.path.join(sam2_run, 'export')}"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "holds EVF-SAM2; config.model is EVF-SAM" in err[0], err
+
+
 def _check_trace(workdir, steps):
   """One jax.profiler trace in <workdir>/profile holding exactly `steps` and the train step's device work."""
   from evf_testing import profiling

@@ -10,17 +10,17 @@ The mixture weights of the released model were not published. The only weights i
 obj365 : refer_seg = 1 : 3; the others here are our choice (each semantic or part source as likely as Objects365),
 so `--config.data.mixture` is the first thing to tune. Inside a group the datasets are drawn uniformly.
 Semantic-level prompts carry the "[semantic] " prefix (written by `run.py prepare`).
+`:sam2` trains EVF-SAM2-multitask (SAM-2 Hiera-L + BEiT-3-large) instead, from sam2_hiera_large.pt, with all of
+SAM-2 frozen (configs/train/refcoco.py says more).
 """
 
 from evf_jax.train import config as train_config
 
 
 def get_config(arg=None):
-  arg = train_config.parse_arg(arg, size="huge")
-  if arg.size not in ("huge", "base"):
-    raise ValueError(f"size={arg.size}: expected huge or base")
+  arg = train_config.parse_arg(arg, size="huge", sam2=False)
   c = train_config.base_config()
-  c.model = train_config.model_fields("evf-sam-multitask" if arg.size == "huge" else "base")
+  train_config.use_model(c, train_config.released_preset(arg.size, arg.sam2, multitask=True))
   c.data.mixture = {
       "refer_seg": (3.0, ("refcoco", "refcoco+", "refcocog")),
       "obj365": (1.0, ("obj365",)),
@@ -32,5 +32,5 @@ def get_config(arg=None):
   c.evals = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val")
   c.batch_size = 160
   c.total_steps = 10000
-  c.remat = arg.size == "huge"
+  c.remat = arg.size == "huge"  # BEiT-3-large
   return c

@@ -7,6 +7,9 @@ trained, from the public SAM and BEiT-3 checkpoints.
         --config.init.beit3_checkpoint=beit3_large_patch16_224.pth --config.tokenizer=beit3.spm
 
 size: huge (SAM ViT-H + BEiT-3-large, the released model) or base (SAM ViT-B + BEiT-3-base).
+sam2: EVF-SAM2 (SAM-2 Hiera-L + BEiT-3-large, the released `evf-sam2`) instead: init.sam_checkpoint is then
+  SAM-2's sam2_hiera_large.pt, and only BEiT-3 and the projector are trained (all of SAM-2 frozen, as the
+  original keeps it for video).
 refclef: also train on RefCLEF (whether the released model saw it is unknown).
 EVF-SAM's recipe was not published: the optimizer, schedule, batch and loss weights are LISA's, whose training
 script EVF-SAM's authors say they adapted (docs/data.md#7-training-recipe). The refer datasets are drawn
@@ -17,15 +20,13 @@ from evf_jax.train import config as train_config
 
 
 def get_config(arg=None):
-  arg = train_config.parse_arg(arg, size="huge", refclef=False)
-  if arg.size not in ("huge", "base"):
-    raise ValueError(f"size={arg.size}: expected huge or base")
+  arg = train_config.parse_arg(arg, size="huge", refclef=False, sam2=False)
   c = train_config.base_config()
-  c.model = train_config.model_fields("evf-sam" if arg.size == "huge" else "base")
+  train_config.use_model(c, train_config.released_preset(arg.size, arg.sam2))
   c.data.mixture = {"refer_seg": (1.0, ("refcoco", "refcoco+", "refcocog") + (("refclef",) if arg.refclef else ()))}
   c.evals = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val")
   # LISA: 2 images per GPU x 10 accumulation steps x 8 GPUs = 160 images per optimizer step, 5000 steps.
   c.batch_size = 160
   c.total_steps = 5000
-  c.remat = arg.size == "huge"
+  c.remat = arg.size == "huge"  # BEiT-3-large
   return c

@@ -3,6 +3,7 @@ job's training run (`bash scripts/run_default.sh`).
 
     python run.py train --config configs/train/synthetic.py --workdir workdir/synthetic
     python run.py train --config configs/train/synthetic.py --workdir W --config.total_steps=200
+    python run.py train --config configs/train/synthetic.py:sam2 --workdir W     # EVF-SAM2 (SAM-2), toy size
 
 The data (generated into <workdir>/data when missing) and a sentencepiece tokenizer trained on its prompts
 need nothing outside the repository. Everything is trained (`.*`; SAM's fixed random frequencies, a buffer in
@@ -14,7 +15,7 @@ from evf_jax.train import config as train_config
 
 def get_config(arg=None):
   # 1,100 steps keep the whole default job inside 10 minutes on 2 cores with a margin (1,200 took 9 min 49 s).
-  arg = train_config.parse_arg(arg, steps=1100)
+  arg = train_config.parse_arg(arg, steps=1100, sam2=False)
   c = train_config.base_config()
   c.total_steps = arg.steps
   c.batch_size = 16
@@ -37,6 +38,9 @@ def get_config(arg=None):
   c.init.from_scratch = True
   c.train_tokenizer_vocab = 128  # every word of the synthetic prompts becomes one piece
   c.trainable = (".*",)
+  if arg.sam2:  # EVF-SAM2 at toy size: SAM-2's toy Hiera (128 px, the same 32 x 32 low-res logits), same BEiT-3
+    c.model = train_config.model_fields("toy", beit3=dict(c.model.beit3))
+    c.trainable = train_config.EVF_SAM2_IMAGE_PATH  # SAM-2's video parts stay as drawn
   # Muon on the dense matrices (AdamW on the rest) learns the positional expressions far sooner than AdamW
   # alone: held-out cIoU 46.8 against 33.1 over three seeds at 1,200 steps with BEiT-3 then at 64 px
   # (docs/default_job.md).

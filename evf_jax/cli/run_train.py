@@ -1,4 +1,4 @@
-"""`run.py train`: train EVF-SAM from a config, on whatever devices there are.
+"""`run.py train`: train EVF-SAM or EVF-SAM2 from a config, on whatever devices there are.
 
     python run.py train --config configs/train/synthetic.py --workdir W [--config.total_steps=200]
     python run.py train --config configs/train/refcoco.py:size=huge --workdir W --config.init.sam_checkpoint=...
@@ -28,17 +28,17 @@ from convert.pretrained import init_from_pretrained
 from data_pipelines import pipeline, prepare, sources
 from data_pipelines.tfds_builders import builder_name
 from data_pipelines.transforms import SampleConfig
-from evf_jax import checkpoints, evaluate, sharding, storage
+from evf_jax import checkpoints, evaluate, families, sharding, storage
 from evf_jax.cli import run_eval
 from evf_jax.errors import UserError
-from evf_jax.evf import EvfConfig, init_params
+from evf_jax.families import ModelConfig
 from evf_jax.runtime import check_attention_platform, compute_dtype, enable_compilation_cache
 from evf_jax.tokenizer import SPM_FILE, TextTokenizer
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
 from evf_jax.train.trainer import ProfileWindow, Trainer
 
-HELP = "train EVF-SAM from a config (configs/train/*.py) into a workdir; resumes when run again"
+HELP = "train EVF-SAM or EVF-SAM2 from a config (configs/train/*.py) into a workdir; resumes when run again"
 TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: a sentencepiece model trained on the training prompts
 DATA_DIR = "data"             # <workdir>/data: generated synthetic data when data.root is ""
 
@@ -116,7 +116,7 @@ def _initialise_distributed(fv: flags.FlagValues) -> bool:
   return False
 
 
-def _check_config(cfg) -> EvfConfig:
+def _check_config(cfg) -> ModelConfig:
   compute_dtype(cfg.precision, cfg.attention)
   check_attention_platform(cfg.attention)
   for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "grad_accum",
@@ -227,15 +227,20 @@ def train_tokenizer(texts: Sequence[str], directory: str, vocab_size: int) -> st
   return directory
 
 
-def _init_fn(cfg, model_config: EvfConfig):
+def _init_fn(cfg, model_config: ModelConfig):
   """The function that makes the starting parameters (called only when there is nothing to resume), and a
   description for the export's provenance. Paths are checked now, before anything compiles."""
   init = cfg.init
   rng = jax.random.key(cfg.seed)
+  family = families.family_of(model_config)
   if init.evf_checkpoint:
-    loaded = checkpoints.read_config(init.evf_checkpoint, expect_model_type="evf")
+    loaded = checkpoints.read_config(init.evf_checkpoint)
+    if loaded.get("model_type") != family.model_type:
+      held = families.BY_MODEL_TYPE.get(loaded.get("model_type"))
+      raise UserError(f"init.evf_checkpoint {init.evf_checkpoint} holds "
+                      f"{held.name if held else repr(loaded.get('model_type'))}; config.model is {family.name}")
     want = model_config.to_dict()
-    for key in ("sam", "beit3"):
+    for key in ("sam2" if "sam2" in want else "sam", "beit3"):
       if loaded.get(key) != want[key]:
         diff = sorted(k for k in want[key] if loaded.get(key, {}).get(k) != want[key][k])
         raise UserError(f"init.evf_checkpoint {init.evf_checkpoint} is another model: its {key} differs in "
@@ -255,19 +260,19 @@ def _init_fn(cfg, model_config: EvfConfig):
       print(report.summary())
     return (lambda: params), {"init": "pretrained", **report.to_dict()}
   if init.from_scratch:
-    return (lambda: init_params(model_config, rng)), {"init": "random", "seed": cfg.seed}
+    return (lambda: family.init_params(model_config, rng)), {"init": "random", "seed": cfg.seed}
   raise UserError("no initialisation: set init.evf_checkpoint, or init.sam_checkpoint and init.beit3_checkpoint, "
                   "or init.from_scratch=True")
 
 
-def eval_options(cfg, model_config: EvfConfig) -> evaluate.EvalOptions:
+def eval_options(cfg, model_config: ModelConfig) -> evaluate.EvalOptions:
   """The evaluator's settings from the config's `eval` section."""
   return evaluate.EvalOptions(batch_size=cfg.eval.batch_size, size_multiple=cfg.eval.size_multiple,
                               min_prompts=cfg.eval.min_prompts, progress=cfg.progress,
                               max_text_len=min(1022, model_config.beit3.max_text_len))
 
 
-def _eval_fn(cfg, model_config: EvfConfig, tokenizer, mesh, rules, data_root: str):
+def _eval_fn(cfg, model_config: ModelConfig, tokenizer, mesh, rules, data_root: str):
   if not cfg.evals:
     return None
   located = run_eval.locate_splits(cfg.eval.root or data_root, list(cfg.evals))
@@ -327,9 +332,10 @@ def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   else:
     init, init_description = _init_fn(cfg, model_config)
   eval_fn = _eval_fn(cfg, model_config, tokenizer, mesh, rules, data_root)
+  image_input = families.image_input(model_config)  # EVF-SAM2: the image stretched to the frame, as in eval
   sample = SampleConfig(num_prompts=cfg.data.num_prompts, max_text_len=cfg.data.max_text_len,
-                        sam_size=model_config.sam.img_size, mask_size=cfg.data.mask_size or None,
-                        beit_size=model_config.beit3.img_size)
+                        sam_size=image_input.size, sam_mode="square" if image_input.square else "longest_side",
+                        mask_size=cfg.data.mask_size or None, beit_size=model_config.beit3.img_size)
   dataset = pipeline.train_dataset(mixture, tokenizer, global_batch_size=cfg.batch_size, seed=cfg.seed,
                                    sample=sample, split=cfg.data.get("split", "train"),
                                    cache_images=cfg.data.cache_images)

@@ -128,7 +128,8 @@ class MaskDecoder(sam1.MaskDecoder):
             jnp.where(stable, iou[:, 0:1], best_iou))
 
   def __call__(self, image_embeddings: jax.Array, image_pe: jax.Array, sparse: jax.Array, dense: jax.Array,
-               multimask_output: bool, high_res_features: Sequence[jax.Array] | None = None):
+               multimask_output: bool, high_res_features: Sequence[jax.Array] | None = None,
+               training: bool = False):
     """Predicts masks.
 
     Args:
@@ -138,6 +139,8 @@ class MaskDecoder(sam1.MaskDecoder):
       multimask_output: static; masks 1..3, else mask 0 (or the dynamic fallback when enabled).
       high_res_features: (feat_s0 (1 or B, 4h, 4w, C/8), feat_s1 (1 or B, 2h, 2w, C/4)), already projected by
         `project_high_res_features`; required when `use_high_res_features`.
+      training: static; the original's train mode, where single-mask output is always mask 0 (the dynamic
+        fallback acts in eval mode only).
 
     Returns:
       mask logits (B, M, 4h, 4w), IoU predictions (B, M), the SAM output tokens for object pointers
@@ -146,7 +149,7 @@ class MaskDecoder(sam1.MaskDecoder):
     masks, iou, mask_out, obj = self.predict_masks(image_embeddings, image_pe, sparse, dense, high_res_features)
     if multimask_output:
       masks, iou = masks[:, 1:], iou[:, 1:]
-    elif self.dynamic_multimask_via_stability:  # the original does this in eval mode only: always, here
+    elif self.dynamic_multimask_via_stability and not training:
       masks, iou = self._dynamic_multimask(masks, iou)
     else:
       masks, iou = masks[:, 0:1], iou[:, 0:1]

@@ -86,7 +86,7 @@ class MemoryEncoder(nn.Module):
     scaled -> (memory (B, h, w, out_dim), its sine position encoding (1, h, w, out_dim))."""
     kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
     m = MaskDownSampler(self.in_dim, name="mask_downsampler", **kw)(mask)
-    x = layers.conv(self.in_dim, (1, 1), in_axis="embed", name="pix_feat_proj", **kw)(pix_feat) + m
+    x = layers.conv(self.in_dim, (1, 1), in_axis="embed", out_axis=None, name="pix_feat_proj", **kw)(pix_feat) + m
     x = Fuser(self.in_dim, self.fuser_layers, name="fuser", **kw)(x)
     if self.out_dim != self.in_dim:
       x = layers.conv(self.out_dim, (1, 1), in_axis="embed", out_axis=None, name="out_proj", **kw)(x)

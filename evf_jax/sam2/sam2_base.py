@@ -75,21 +75,26 @@ class Sam2(nn.Module):
     # Only for mask prompts on a frame (`_use_mask_as_output`), which EVF-SAM2 never gives.
     self.mask_downsample = layers.conv(1, (4, 4), strides=(4, 4), out_axis=None, name="mask_downsample", **kw)
 
-  def forward_image(self, images: jax.Array) -> dict[str, Any]:
+  def forward_image(self, images: jax.Array, stop_encoder_gradient: bool = False) -> dict[str, Any]:
     """`SAM2Base.forward_image`: the image encoder's outputs (see `ImageEncoder`), with the two finest levels of
-    `backbone_fpn` already projected by the decoder's `conv_s0` / `conv_s1` when high-res features are used."""
+    `backbone_fpn` already projected by the decoder's `conv_s0` / `conv_s1` when high-res features are used.
+    stop_encoder_gradient: no gradient into the encoder (trunk and neck), while the decoder's projections,
+    which run here, still get theirs."""
     out = self.image_encoder(images)
+    if stop_encoder_gradient:
+      out = jax.lax.stop_gradient(out)
     if self.config.use_high_res_features_in_sam:
       fpn = list(out["backbone_fpn"])
       fpn[0], fpn[1] = self.sam_mask_decoder.project_high_res_features(fpn[0], fpn[1])
       out = {**out, "backbone_fpn": fpn}
     return out
 
-  def image_features(self, images: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def image_features(self, images: jax.Array,
+                     stop_encoder_gradient: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """(B, S, S, 3) normalised images -> the lowest level kept (B, h, w, C), as the memory encoder and the
     memory attention take it, and the high-res features ((B, 4h, 4w, C/8), (B, 2h, 2w, C/4)), or () without
     them."""
-    fpn = self.forward_image(images)["backbone_fpn"]
+    fpn = self.forward_image(images, stop_encoder_gradient)["backbone_fpn"]
     levels = 3 if self.config.use_high_res_features_in_sam else 1
     fpn = fpn[-levels:]
     return fpn[-1], tuple(fpn[:-1])
@@ -100,10 +105,11 @@ class Sam2(nn.Module):
       embed = embed + self.no_mem_embed.astype(embed.dtype)[None]
     return embed
 
-  def embed_image(self, images: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def embed_image(self, images: jax.Array,
+                  stop_encoder_gradient: bool = False) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """(B, S, S, 3) normalised images -> the image embedding (B, h, w, C) (with `no_mem_embed` added, as for a
     frame without memory) and the high-res features ((B, 4h, 4w, C/8), (B, 2h, 2w, C/4)), or () without them."""
-    embed, high_res = self.image_features(images)
+    embed, high_res = self.image_features(images, stop_encoder_gradient)
     return self.add_no_mem_embed(embed), high_res
 
   def encode_prompts(self, points=None, boxes=None, masks=None, extra_sparse=None):
@@ -117,13 +123,13 @@ class Sam2(nn.Module):
   def decode(self, image_embed: jax.Array, high_res_feats: tuple[jax.Array, ...] = (),
              points: tuple[jax.Array, jax.Array] | None = None, boxes: jax.Array | None = None,
              masks: jax.Array | None = None, extra_sparse: jax.Array | None = None,
-             multimask_output: bool = False):
+             multimask_output: bool = False, training: bool = False):
     """Masks for prompts on (cached) image features from `embed_image` (one image shared by all B prompts, or one
     per prompt). Returns low-res mask logits (B, M, 4h, 4w), IoU predictions (B, M), the SAM output tokens
     (B, 3 or 1, C) and object-score logits (B, 1); see `MaskDecoder.__call__`."""
     sparse, dense = self.sam_prompt_encoder(points, boxes, masks, extra_sparse)
     return self.sam_mask_decoder(image_embed, self.sam_prompt_encoder.get_dense_pe(), sparse, dense,
-                                 multimask_output, high_res_feats or None)
+                                 multimask_output, high_res_feats or None, training)
 
   # ------------------------------------------------------------------------------------------- video
 

@@ -13,15 +13,24 @@ from typing import Any, Optional
 
 import ml_collections
 
-from evf_jax import sharding
+from evf_jax import families, sharding
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig
+from evf_jax.evf_sam2 import EvfSam2Config
+from evf_jax.families import ModelConfig
 from evf_jax.sam.config import SamConfig
+from evf_jax.sam2.config import Sam2Config
 
 # EVF-SAM (SAM-1) trains all of BEiT-3, the projector, SAM's mask decoder and, of the prompt encoder, only
-# `no_mask_embed`; SAM's image encoder stays frozen (docs/data.md#7-training-recipe).
+# `no_mask_embed`; SAM's image encoder stays frozen. EVF-SAM2 keeps all of SAM-2 frozen, so that its video
+# ability is kept (docs/data.md#7-training-recipe).
 EVF_SAM_TRAINABLE = ("beit3/.*", "projector/.*", "sam/mask_decoder/.*", "sam/prompt_encoder/no_mask_embed")
+EVF_SAM2_TRAINABLE = ("beit3/.*", "projector/.*")
+# Everything EVF-SAM2's image model uses (training from scratch); SAM-2's video parts (memory, object pointers)
+# are not on that path.
+EVF_SAM2_IMAGE_PATH = ("beit3/.*", "projector/.*", "sam/image_encoder/.*", "sam/sam_mask_decoder/.*",
+                       "sam/sam_prompt_encoder/no_mask_embed", "sam/no_mem_embed")
 
 
 def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
@@ -60,7 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.attention = "xla"           # or "cudnn" on NVIDIA GPUs (bf16/fp16)
   c.remat = False               # recompute activations of SAM / BEiT-3 blocks in the backward pass
   c.peak_tflops = 0.0           # per device, for MFU; 0: from the device kind (evf_jax/flops.py)
-  # Model: every field of SAM and BEiT-3 (`model_fields`), so any of them can be overridden.
+  # Model: every field of SAM (EVF-SAM) or SAM-2 (EVF-SAM2) and of BEiT-3 (`model_fields`), so any of them can
+  # be overridden.
   c.model = model_fields("evf-sam")
   # Where the parameters start: a converted EVF-SAM checkpoint (fine-tuning), or the public SAM
   # (sam_vit_{b,l,h}_*.pth) and BEiT-3 (beit3_{base,large}_patch16_224.pth) files, or random (from_scratch).
@@ -104,15 +114,28 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _preset(name: str) -> ModelConfig:
+  errors = []
+  for family in families.FAMILIES:
+    try:
+      return family.config_class.preset(name)
+    except ValueError as e:
+      errors.append(str(e))
+  raise UserError(f"model preset: {'; '.join(errors)}")
+
+
 def model_fields(preset: str, **overrides: dict) -> ml_collections.ConfigDict:
-  """The config's `model` section for an EvfConfig preset ("evf-sam", "base", "tiny", ...): the size labels and
-  every SAM / BEiT-3 field, with `sam={...}` / `beit3={...}` overriding some of them."""
-  try:
-    base = EvfConfig.preset(preset)
-  except ValueError as e:
-    raise UserError(f"model preset: {e}") from None
+  """The config's `model` section for a preset of either family (EVF-SAM: "evf-sam", "base", "tiny", ...;
+  EVF-SAM2: "evf-sam2", "toy"): the size labels and every field of its SAM part (`sam`, or `sam2` for EVF-SAM2)
+  and of BEiT-3, with `sam={...}` / `sam2={...}` / `beit3={...}` overriding some of them. Which of `sam` and
+  `sam2` the section holds says which family it describes."""
+  base = _preset(preset)
+  sam_part = "sam2" if isinstance(base, EvfSam2Config) else "sam"
+  extra = sorted(set(overrides) - {sam_part, "beit3"})
+  if extra:
+    raise UserError(f"model preset {preset!r} has no part {extra[0]!r} (its parts: {sam_part}, beit3)")
   out = {"sam_scale": base.sam_scale, "mm_extractor_scale": base.mm_extractor_scale}
-  for part in ("sam", "beit3"):
+  for part in (sam_part, "beit3"):
     fields = dataclasses.asdict(getattr(base, part))
     unknown = sorted(set(overrides.get(part, {})) - set(fields))
     if unknown:
@@ -122,10 +145,36 @@ def model_fields(preset: str, **overrides: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def model_config(model: ml_collections.ConfigDict) -> EvfConfig:
-  """The EvfConfig the config's `model` section describes (UserError for an invalid one)."""
+def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
+  """The EvfConfig or EvfSam2Config the config's `model` section describes (UserError for an invalid one)."""
   try:
-    return EvfConfig(sam=SamConfig(**model.sam.to_dict()), beit3=Beit3Config(**model.beit3.to_dict()),
-                     sam_scale=model.sam_scale, mm_extractor_scale=model.mm_extractor_scale)
+    beit3 = Beit3Config(**model.beit3.to_dict())
+    if "sam2" in model:
+      return EvfSam2Config(sam2=Sam2Config(**model.sam2.to_dict()), beit3=beit3, sam_scale=model.sam_scale,
+                           mm_extractor_scale=model.mm_extractor_scale)
+    return EvfConfig(sam=SamConfig(**model.sam.to_dict()), beit3=beit3, sam_scale=model.sam_scale,
+                     mm_extractor_scale=model.mm_extractor_scale)
   except (TypeError, ValueError) as e:
     raise UserError(f"config.model: {e}") from None
+
+
+def default_trainable(model: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """What the original trains in the family the config's `model` section describes."""
+  return EVF_SAM2_TRAINABLE if "sam2" in model else EVF_SAM_TRAINABLE
+
+
+def use_model(c: ml_collections.ConfigDict, preset: str) -> None:
+  """Sets the config's model to a preset and `trainable` to what the original trains in its family."""
+  c.model = model_fields(preset)
+  c.trainable = default_trainable(c.model)
+
+
+def released_preset(size: str, sam2: bool, multitask: bool = False) -> str:
+  """The model preset of configs/train/{refcoco,multitask}.py's `size=huge|base` and `sam2` arguments."""
+  if sam2:
+    if size != "huge":
+      raise ValueError(f"size={size} with sam2: EVF-SAM2 comes in one size (SAM-2 Hiera-L + BEiT-3-large)")
+    return "evf-sam2-multitask" if multitask else "evf-sam2"
+  if size not in ("huge", "base"):
+    raise ValueError(f"size={size}: expected huge or base")
+  return ("evf-sam-multitask" if multitask else "evf-sam") if size == "huge" else "base"

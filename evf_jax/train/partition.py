@@ -62,5 +62,10 @@ def check_patterns(all_paths: Sequence[str], trainable: Sequence[str]) -> list[s
 
 
 def encoder_frozen(trained: Any) -> bool:
-  """True when no parameter of SAM's image encoder is trained (it then runs without gradients)."""
+  """True when no parameter of SAM's (or SAM-2's) image encoder is trained (it then runs without gradients)."""
   return not any(path.startswith("sam/image_encoder/") for path in paths(trained))
+
+
+def decoder_trained(trained: Any) -> bool:
+  """True when some parameter of SAM's (or SAM-2's) mask decoder is trained."""
+  return any(path.startswith(("sam/mask_decoder/", "sam/sam_mask_decoder/")) for path in paths(trained))

@@ -1,15 +1,16 @@
-"""The training step: EVF-SAM's forward pass on a batch of images with up to K prompts each, the loss over the
-valid prompts, gradients of the trained parameters only, and one optimizer update.
+"""The training step: EVF-SAM's (or EVF-SAM2's) forward pass on a batch of images with up to K prompts each, the
+loss over the valid prompts, gradients of the trained parameters only, and one optimizer update.
 
 Batch (global arrays, leading axis split over the mesh's batch axes; from `data_pipelines.pipeline`):
   sam_image (B, S, S, 3) uint8, resize_hw (B, 2), beit_image (B, b, b, 3) f32, input_ids / attention_mask
   (B, K, L), prompt_valid (B, K), masks (B, K, M, M) uint8 in the SAM frame at the loss resolution M,
-  valid_region (B, M, M).
+  valid_region (B, M, M). EVF-SAM2's images fill the frame (stretched to a square): resize_hw is (S, S).
 
 Forward: SAM's image embedding once per image (without gradients when the encoder is frozen); BEiT-3 on each
 (image, prompt) pair, its CLS through the projector; SAM's decoder per prompt on its image's embedding
-(single-mask output, as EVF-SAM); the 4x-upsampled low-res logits resized bilinearly to M (SAM's
-postprocess without the crop, which `valid_region` replaces).
+(single-mask output, as both originals' training forward: for SAM-2, mask 0 in train mode); the low-res
+logits resized bilinearly to M (SAM's postprocess without the crop, which `valid_region` replaces; SAM-2's
+resize straight to the image's size, here in the square frame).
 
 State: a dict {"step", "params" (trained), "frozen", "opt_state"}; the optimizer sees the trained parameters
 only. Gradient accumulation runs `grad_accum` microbatches inside the step (`lax.scan`), each spread over all
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from evf_jax import layers, postprocess
-from evf_jax.evf import EvfConfig, EvfSam
-from evf_jax.sam.transforms import normalize_and_pad
+from evf_jax import families, layers, postprocess
+from evf_jax.evf import EvfSam
+from evf_jax.evf_sam2 import EvfSam2
+from evf_jax.families import ModelConfig
 from evf_jax.train import losses, partition
 
 BATCH_KEYS = ("sam_image", "resize_hw", "beit_image", "input_ids", "attention_mask", "prompt_valid", "masks",
@@ -48,27 +50,26 @@ def upsample_matrix(low: int, size: int) -> np.ndarray:
   return postprocess.bilinear_matrix(low, size).astype(np.float32)
 
 
-def forward(model: EvfSam, config: EvfConfig, params: Any, batch: dict, options: StepOptions) -> jax.Array:
+def forward(model: EvfSam | EvfSam2, config: ModelConfig, params: Any, batch: dict,
+            options: StepOptions) -> jax.Array:
   """Mask logits (B, K, M, M) in float32 at the loss resolution M of `batch["masks"]`."""
   v = {"params": params}
   b, k, length = batch["input_ids"].shape
   m = batch["masks"].shape[-1]
-  x = normalize_and_pad(batch["sam_image"], batch["resize_hw"], config.sam.img_size, config.sam.pixel_mean,
-                        config.sam.pixel_std).astype(options.dtype)
-  embeddings = model.apply(v, x, method=EvfSam.embed_image)  # (B, h, w, C), once per image
-  if options.encoder_frozen:
-    embeddings = jax.lax.stop_gradient(embeddings)
+  x = families.image_input(config).normalize(batch["sam_image"], batch["resize_hw"]).astype(options.dtype)
+  # Once per image: SAM's embedding, or SAM-2's (embedding, high-res features).
+  features = model.apply(v, x, options.encoder_frozen, method="embed_image_for_training")
   beit = batch["beit_image"].astype(options.dtype)  # BEiT-3 embeds each image once for its K prompts
   prompts = model.apply(v, layers.batch_constraint(beit), batch["input_ids"].reshape(b * k, length),
-                        batch["attention_mask"].reshape(b * k, length), method=EvfSam.text_prompts)
-  per_prompt = layers.batch_constraint(jnp.repeat(embeddings, k, axis=0))
-  low, _ = model.apply(v, per_prompt, prompts, method=EvfSam.decode)  # (B*K, 1, l, l)
+                        batch["attention_mask"].reshape(b * k, length), method="text_prompts")
+  per_prompt = jax.tree.map(lambda f: layers.batch_constraint(jnp.repeat(f, k, axis=0)), features)
+  low, _ = model.apply(v, per_prompt, prompts, method="decode_for_training")  # (B*K, 1, l, l)
   a = jnp.asarray(upsample_matrix(low.shape[-1], m))
   logits = jnp.einsum("hk,nkl,wl->nhw", a, low[:, 0].astype(jnp.float32), a, precision="highest")
   return logits.reshape(b, k, m, m)
 
 
-def loss_fn(model: EvfSam, config: EvfConfig, options: StepOptions) -> Callable:
+def loss_fn(model: EvfSam | EvfSam2, config: ModelConfig, options: StepOptions) -> Callable:
   """(trained, frozen, batch) -> (loss, metrics)."""
 
   def fn(trained, frozen, batch):
@@ -88,7 +89,7 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(one, batch)
 
 
-def make_train_step(model: EvfSam, config: EvfConfig, tx: optax.GradientTransformation,
+def make_train_step(model: EvfSam | EvfSam2, config: ModelConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, options: StepOptions) -> Callable:
   """(state, batch) -> (state, metrics); pure, for `jax.jit` with donated state."""
   grad_fn = jax.value_and_grad(loss_fn(model, config, options), has_aux=True)

@@ -26,9 +26,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from evf_jax import __version__, flops, sharding, storage
+from evf_jax import __version__, families, flops, sharding, storage
 from evf_jax.errors import UserError
-from evf_jax.evf import EvfConfig, EvfSam, abstract_params
+from evf_jax.families import ModelConfig
 from evf_jax.runtime import compilation_cache_hits, compute_dtype
 from evf_jax.train import checkpointing, losses, optimizer, partition
 from evf_jax.train.step import BATCH_KEYS, StepOptions, make_train_step
@@ -68,7 +68,7 @@ class Summary:
   export: Optional[str]
 
 
-def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+def state_layout(model_config: ModelConfig, trainable, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
                  rules, replicate_frozen: bool = False) -> tuple[dict, dict, list[str]]:
   """(abstract state, state shardings, parameter dimensions replicated because the mesh does not divide them).
 
@@ -76,6 +76,7 @@ def state_layout(model_config: EvfConfig, trainable, tx: optax.GradientTransform
   rules (the frozen ones replicated instead with `replicate_frozen`), the optimizer's moments like their
   parameters, everything else replicated."""
   replicated = NamedSharding(mesh, P())
+  abstract_params = families.family_of(model_config).abstract_params
   boxed = abstract_params(model_config, boxed=True)
   param_sh, report = sharding.param_shardings(boxed, mesh, rules)
   shapes = abstract_params(model_config)
@@ -141,7 +142,7 @@ class _EventWriter:
 
 
 class Trainer:
-  def __init__(self, cfg, *, workdir: str, model_config: EvfConfig, mesh: jax.sharding.Mesh,
+  def __init__(self, cfg, *, workdir: str, model_config: ModelConfig, mesh: jax.sharding.Mesh,
                data_iterator: Iterator[dict], init_params: InitFn, eval_fn: Optional[EvalFn] = None,
                tokenizer_model: Optional[str] = None, provenance: Optional[dict] = None,
                profile: Optional[ProfileWindow] = None, log=print):
@@ -229,7 +230,8 @@ class Trainer:
 
     options = StepOptions(dtype=dtype, grad_accum=cfg.grad_accum, encoder_frozen=encoder_frozen,
                           loss_weights=losses.LossWeights(cfg.loss.bce_weight, cfg.loss.dice_weight))
-    model = EvfSam(self.model_config, attention=cfg.attention, remat=cfg.remat, dtype=dtype)
+    model = families.family_of(self.model_config).model_class(self.model_config, attention=cfg.attention,
+                                                              remat=cfg.remat, dtype=dtype)
     step_fn = make_train_step(model, self.model_config, self.tx, self.schedule, options)
     with sharding.activate(self.mesh, self.rules):
       train_step = jax.jit(step_fn, in_shardings=(shards, self.batch_sharding), out_shardings=(shards, self.replicated),
@@ -239,7 +241,8 @@ class Trainer:
     previous_handlers = self._install_signal_handlers()
     summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
     try:
-      self._loop(state, train_step, mngr, start, writer, summary, encoder_frozen)
+      self._loop(state, train_step, mngr, start, writer, summary, encoder_frozen,
+                 partition.decoder_trained(shapes["params"]))
     finally:
       if self._tracing:  # the run ended inside the profile window
         self._stop_trace(None, None)
@@ -250,7 +253,7 @@ class Trainer:
         writer.close()
     return summary
 
-  def _loop(self, state, train_step, mngr, start, writer, summary, encoder_frozen):
+  def _loop(self, state, train_step, mngr, start, writer, summary, encoder_frozen, decoder_trained):
     cfg = self.cfg
     total = int(cfg.total_steps)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -281,7 +284,8 @@ class Trainer:
           if step_flops is None:  # the first step: compile ahead, say how long it took and what a device holds
             b, k, length = host_batch["input_ids"].shape
             step_flops = flops.train_step(self.model_config, images=cfg.batch_size, prompts_per_image=k,
-                                          text_len=length, encoder_frozen=encoder_frozen)
+                                          text_len=length, encoder_frozen=encoder_frozen,
+                                          decoder_trained=decoder_trained)
             t_lower = time.perf_counter()
             lowered = train_step.lower(state, batch)
             t_compile, hits = time.perf_counter(), compilation_cache_hits()
