@@ -1,4 +1,5 @@
-"""An EVF-SAM parameter tree for training, started from the public SAM and BEiT-3 checkpoints.
+"""An EVF-SAM or EVF-SAM2 parameter tree for training, started from the public SAM (SAM-2) and BEiT-3
+checkpoints.
 
 What the original EVF-SAM training starts from (hustvl/EVF-SAM, `model/evf_sam.py`):
   - SAM from the official segment-anything file (`sam_vit_h_4b8939.pth`), loaded strictly;
@@ -7,8 +8,13 @@ What the original EVF-SAM training starts from (hustvl/EVF-SAM, `model/evf_sam.p
     a module whose only child is the torchscale encoder, attribute `beit3`;
   - the projector `text_hidden_fcs` (our `projector/fc1`, `projector/fc2`) freshly initialised.
 
-`init_from_pretrained` does the same: the parameter tree of `evf_jax.evf.init_params(config, rng)` with
-the `sam` subtree replaced by the converted SAM file and the `beit3` subtree by the converted BEiT-3 file.
+EVF-SAM2 (`model/evf_sam2.py`) starts the same way with SAM-2 in SAM's place: Meta's `build_sam2` with
+`sam2_hiera_l.yaml` (sam_scale "large"; `sam2_hiera_t.yaml` for "tiny") and the official SAM 2.0 file
+(`sam2_hiera_large.pt`), which it loads strictly.
+
+`init_from_pretrained` does the same: the parameter tree of the family's `init_params(config, rng)` (an
+`EvfConfig` or an `EvfSam2Config`) with the `sam` subtree replaced by the converted SAM (SAM-2) file and the
+`beit3` subtree by the converted BEiT-3 file.
 Either path may be None; that subtree then stays at its random init (a partial init). Only the subtrees
 that stay random are initialised: `init_params` is traced inside a jit whose outputs are those subtrees,
 so XLA drops the other initialisers and the result is bit-identical to `init_params(config, rng)` there.
@@ -21,6 +27,15 @@ SAM (`sam_vit_{b,l,h}_*.pth`): the plain state dict of segment-anything's `Sam`,
 `prompt_encoder.*`, `mask_decoder.*`; `pixel_mean` / `pixel_std` are non-persistent buffers, not in the
 file. Loaded strictly: every tensor must be converted and every SAM parameter filled. An EVF-SAM
 checkpoint, with SAM under `visual_model.`, is accepted too; its other keys are skipped and listed.
+
+SAM-2 (`sam2_hiera_{tiny,small,base_plus,large}.pt`): `{"model": state dict of SAM2Base}` (Meta's
+`build_sam._load_checkpoint` takes `["model"]` and loads it strictly), keys `image_encoder.trunk.*`,
+`image_encoder.neck.*`, `sam_prompt_encoder.*`, `sam_mask_decoder.*`, the video memory (`memory_attention.*`,
+`memory_encoder.*`, `maskmem_tpos_enc`, ...) and `no_mem_embed`; converted with `convert.sam2`, strictly, into
+the whole `sam` subtree. The size is told by the trunk's width and depth (Hiera-T and -S share a width). A SAM
+2.1 file (`sam2.1_hiera_*.pt`: `no_obj_embed_spatial`, `obj_ptr_tpos_proj.*`) is refused: EVF-SAM2 builds on
+SAM 2.0. An EVF-SAM2 checkpoint (SAM-2 under `visual_model.`) is accepted too. A file of the other SAM
+generation than the config's fails in one line.
 
 BEiT-3 (`beit3_{base,large}[_itc|_indomain]_patch16_224.pth`), sources: microsoft/unilm
 `beit3/modeling_utils.py`, `beit3/modeling_finetune.py`, `beit3/utils.py`, `beit3/README.md`, unilm
@@ -63,7 +78,7 @@ import dataclasses
 import functools
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -73,19 +88,56 @@ import numpy as np
 from convert import beit3 as beit3_conv
 from convert.evf import sha256_file
 from convert import sam as sam_conv
+from convert import sam2 as sam2_conv
 from convert.io import load_state_dict
-from convert.rules import ConversionError, flatten
+from convert.rules import ConversionError, ConversionResult, flatten
 from evf_jax import runtime
 from evf_jax.beit3.config import Beit3Config
-from evf_jax.evf import EvfConfig, init_params
-from evf_jax.sam.config import SAM_CONFIGS, SamConfig
+from evf_jax.evf_sam2 import EvfSam2Config
+from evf_jax.families import ModelConfig, family_of
+from evf_jax.sam.config import SAM_CONFIGS
+from evf_jax.sam2.config import SAM2_CONFIGS
 
-SAM_PREFIXES = ("", "visual_model.")   # official segment-anything file; EVF-SAM checkpoint
+SAM_PREFIXES = ("", "visual_model.")   # the official file; an EVF-SAM / EVF-SAM2 checkpoint
 SUBTREES = ("sam", "beit3", "projector")
 
 
 class CheckpointSizeError(ConversionError):
   """A checkpoint of another size than the config asks for (one line naming both)."""
+
+
+class CheckpointKindError(ConversionError):
+  """A SAM checkpoint of the other generation than the config's (one line naming both)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamKind:
+  """One SAM generation: how its checkpoints are laid out and named, and how they convert."""
+  name: str                 # "SAM" / "SAM-2"
+  model: str                # the EVF family built on it
+  files: str                # the public files, for messages
+  encoder: str              # key prefix of the image encoder's patch embedding and blocks
+  part: str                 # what `encoder` is called in messages
+  stem: str                 # a known size's label: stem + preset name ("sam_vit_h", "sam2_hiera_l")
+  configs: Mapping[str, Any] = dataclasses.field(repr=False)   # the size presets
+  field: str                # the EVF config's field holding the SAM config
+  convert: Callable[..., ConversionResult]             # (state_dict, config, prefix=, dtype=)
+  check_version: Callable[..., None] | None = None     # (state_dict, prefix, what=): refuses a file early
+
+  @property
+  def patch_key(self) -> str:
+    return self.encoder + "patch_embed.proj.weight"
+
+
+SAM1 = SamKind("SAM", "EVF-SAM", "segment-anything's sam_vit_*.pth", "image_encoder.", "image encoder", "sam_",
+               SAM_CONFIGS, "sam", sam_conv.convert_sam_result)
+SAM2 = SamKind("SAM-2", "EVF-SAM2", "Meta's sam2_hiera_*.pt", "image_encoder.trunk.", "Hiera trunk", "sam2_",
+               SAM2_CONFIGS, "sam2", sam2_conv.convert_sam2_result, sam2_conv.refuse_sam21)
+SAM_KINDS = (SAM1, SAM2)
+
+
+def sam_kind(config: ModelConfig) -> SamKind:
+  return SAM2 if isinstance(config, EvfSam2Config) else SAM1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,39 +187,46 @@ class InitReport:
 
 # ------------------------------------------------------------------------------------------- sizes
 
-def _sam_dims(state_dict: Mapping[str, Any], prefix: str) -> tuple[int, int]:
-  """(embed width, depth) of the image encoder under `prefix`."""
-  width = int(np.shape(state_dict[prefix + "image_encoder.patch_embed.proj.weight"])[0])
-  rx = re.compile(re.escape(prefix) + r"image_encoder\.blocks\.(\d+)\.")
+def _sam_dims(state_dict: Mapping[str, Any], prefix: str, kind: SamKind) -> tuple[int, int]:
+  """(embed width, depth) of the image encoder (SAM-2: the Hiera trunk) under `prefix`."""
+  width = int(np.shape(state_dict[prefix + kind.patch_key])[0])
+  rx = re.compile(re.escape(prefix + kind.encoder) + r"blocks\.(\d+)\.")
   depth = len({m.group(1) for k in state_dict if (m := rx.match(k))})
   return width, depth
 
 
-def _sam_name(width: int, depth: int) -> str | None:
-  return next((n for n, c in SAM_CONFIGS.items() if (c.embed_dim, c.depth) == (width, depth)), None)
+def _sam_name(width: int, depth: int, kind: SamKind) -> str | None:
+  return next((n for n, c in kind.configs.items() if (c.embed_dim, c.depth) == (width, depth)), None)
 
 
-def _sam_label(name: str | None, width: int, depth: int) -> str:
-  return (f"sam_{name}" if name else "SAM") + f" (image encoder width {width}, depth {depth})"
+def _sam_label(name: str | None, width: int, depth: int, kind: SamKind) -> str:
+  return (f"{kind.stem}{name}" if name else kind.name) + f" ({kind.part} width {width}, depth {depth})"
 
 
-def detect_sam_prefix(state_dict: Mapping[str, Any], path: str = "SAM checkpoint") -> str:
-  found = [p for p in SAM_PREFIXES if p + "image_encoder.patch_embed.proj.weight" in state_dict]
-  if len(found) != 1:
-    raise ConversionError([f"expected one SAM image encoder ('image_encoder.patch_embed.proj.weight' "
-                           f"under one of {list(SAM_PREFIXES)}), found {len(found)}"
-                           + ("" if found else ": not a SAM checkpoint")], what=path)
-  return found[0]
+def detect_sam_prefix(state_dict: Mapping[str, Any], path: str = "SAM checkpoint", kind: SamKind = SAM1) -> str:
+  """Where `kind`'s tensors are in the file; a one-line error for the other generation's file."""
+  found = [p for p in SAM_PREFIXES if p + kind.patch_key in state_dict]
+  if len(found) == 1:
+    return found[0]
+  other = [k for k in SAM_KINDS if k is not kind and any(p + k.patch_key in state_dict for p in SAM_PREFIXES)]
+  if other and not found:
+    raise CheckpointKindError([f"a {other[0].name} checkpoint ({other[0].files}) given for {kind.model}, which "
+                               f"needs {kind.name} ({kind.files})"], what=path)
+  raise ConversionError([f"expected one {kind.name} image encoder ({kind.patch_key!r} under one of "
+                         f"{list(SAM_PREFIXES)}), found {len(found)}"
+                         + ("" if found else f": not a {kind.name} checkpoint")], what=path)
 
 
-def check_sam_size(state_dict: Mapping[str, Any], config: EvfConfig, prefix: str, path: str) -> str:
-  """The SAM size of the tensors (a name of SAM_CONFIGS); a one-line error if it is not `config.sam`'s."""
-  want: SamConfig = config.sam
-  width, depth = _sam_dims(state_dict, prefix)
-  got = _sam_name(width, depth)
+def check_sam_size(state_dict: Mapping[str, Any], config: ModelConfig, prefix: str, path: str) -> str:
+  """The size of the tensors (a preset name of the config's SAM generation); a one-line error if it is not
+  the config's."""
+  kind = sam_kind(config)
+  want = getattr(config, kind.field)
+  width, depth = _sam_dims(state_dict, prefix, kind)
+  got = _sam_name(width, depth, kind)
   if (width, depth) != (want.embed_dim, want.depth):
-    problem = (f"{_sam_label(got, width, depth)} checkpoint given for sam_scale={config.sam_scale}, "
-               f"which needs {_sam_label(want.name, want.embed_dim, want.depth)}")
+    problem = (f"{_sam_label(got, width, depth, kind)} checkpoint given for sam_scale={config.sam_scale}, "
+               f"which needs {_sam_label(want.name, want.embed_dim, want.depth, kind)}")
     raise CheckpointSizeError([problem], what=path)
   return got or want.name
 
@@ -186,7 +245,7 @@ def _beit3_label(width: int, depth: int) -> str:
   return (f"BEiT-3 {name}" if name else "BEiT-3") + f" (width {width}, {depth} layers)"
 
 
-def check_beit3_size(state_dict: Mapping[str, Any], config: EvfConfig, prefix: str, path: str) -> str:
+def check_beit3_size(state_dict: Mapping[str, Any], config: ModelConfig, prefix: str, path: str) -> str:
   want: Beit3Config = config.beit3
   width, depth = _beit3_dims(state_dict, prefix)
   if (width, depth) != (want.embed_dim, want.num_layers):
@@ -204,15 +263,18 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   return load_state_dict(path)
 
 
-def _convert_sam(state_dict, config: EvfConfig, path: str, param_dtype):
-  prefix = detect_sam_prefix(state_dict, path)
+def _convert_sam(state_dict, config: ModelConfig, path: str, param_dtype):
+  kind = sam_kind(config)
+  prefix = detect_sam_prefix(state_dict, path, kind)
+  if kind.check_version is not None:
+    kind.check_version(state_dict, prefix, what=path)
   size = check_sam_size(state_dict, config, prefix, path)
-  convert = functools.partial(sam_conv.convert_sam_result, config=config.sam)
-  result, skipped = _convert_under(convert, state_dict, prefix, param_dtype, f"SAM checkpoint {path}")
+  convert = functools.partial(kind.convert, config=getattr(config, kind.field))
+  result, skipped = _convert_under(convert, state_dict, prefix, param_dtype, f"{kind.name} checkpoint {path}")
   return result, prefix, size, skipped
 
 
-def _convert_beit3(state_dict, config: EvfConfig, path: str, param_dtype):
+def _convert_beit3(state_dict, config: ModelConfig, path: str, param_dtype):
   try:
     prefix = beit3_conv.detect_prefix(state_dict)
   except ConversionError as e:
@@ -235,14 +297,16 @@ def _convert_under(convert, state_dict, prefix: str, param_dtype, what: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _subtree_init(config: EvfConfig, names: tuple[str, ...], param_dtype):
+def _subtree_init(config: ModelConfig, names: tuple[str, ...], param_dtype):
   # Outputs only `names`: XLA removes every other initialiser (and the forward pass `init` traces).
+  init_params = family_of(config).init_params
   return runtime.jit_init(lambda r: {k: init_params(config, r, param_dtype=param_dtype)[k] for k in names})
 
 
-def random_subtrees(config: EvfConfig, rng, subtrees: Sequence[str],
+def random_subtrees(config: ModelConfig, rng, subtrees: Sequence[str],
                     param_dtype: Any = jnp.float32) -> dict[str, Any]:
-  """`{name: init_params(config, rng, param_dtype)[name]}` for `subtrees`, computing only those."""
+  """`{name: init_params(config, rng, param_dtype)[name]}` (the config's family's `init_params`) for
+  `subtrees`, computing only those."""
   unknown = sorted(set(subtrees) - set(SUBTREES))
   if unknown:
     raise ValueError(f"unknown subtrees {unknown}; the parameter tree has {list(SUBTREES)}")
@@ -250,29 +314,32 @@ def random_subtrees(config: EvfConfig, rng, subtrees: Sequence[str],
   if not names:
     return {}
   if names == SUBTREES:
-    return dict(init_params(config, rng, param_dtype=param_dtype))
+    return dict(family_of(config).init_params(config, rng, param_dtype=param_dtype))
   return dict(_subtree_init(config, names, param_dtype)(rng))
 
 
-def init_from_pretrained(config: EvfConfig, *, sam_path: str | None, beit3_path: str | None,
+def init_from_pretrained(config: ModelConfig, *, sam_path: str | None, beit3_path: str | None,
                          rng, param_dtype: Any = jnp.float32) -> tuple[dict[str, Any], InitReport]:
-  """EVF-SAM params as the original training starts: SAM and BEiT-3 from their public checkpoints, the
-  projector (and any subtree whose path is None) at `init_params(config, rng, param_dtype)`'s init.
+  """EVF-SAM / EVF-SAM2 params as the original training starts: SAM (SAM-2) and BEiT-3 from their public
+  checkpoints, the projector (and any subtree whose path is None) at the family's
+  `init_params(config, rng, param_dtype)` init.
 
   Args:
-    config: the model; its sizes must be the checkpoints' sizes.
-    sam_path: an official `sam_vit_*.pth` (or an EVF-SAM checkpoint: SAM under `visual_model.`); None:
-      SAM stays random.
+    config: the model (`EvfConfig` or `EvfSam2Config`); its sizes must be the checkpoints' sizes.
+    sam_path: EVF-SAM: an official `sam_vit_*.pth` (or an EVF-SAM checkpoint: SAM under `visual_model.`).
+      EVF-SAM2: an official SAM 2.0 `sam2_hiera_*.pt` ({"model": state dict}, or the bare state dict; or an
+      EVF-SAM2 checkpoint: SAM-2 under `visual_model.`). None: SAM stays random.
     beit3_path: a `beit3_*_patch16_224.pth` ({"model": {"beit3.*": ...}}), a bare torchscale BEiT-3 state
-      dict, or an EVF-SAM checkpoint (`mm_extractor.beit3.*`); None: BEiT-3 stays random.
+      dict, or an EVF-SAM / EVF-SAM2 checkpoint (`mm_extractor.beit3.*`); None: BEiT-3 stays random.
     rng: a jax PRNG key for the random part.
     param_dtype: dtype of every parameter (default float32).
 
   Returns:
-    (params, report): params has exactly the tree of `evf_jax.evf.abstract_params(config, param_dtype)`.
+    (params, report): params has exactly the tree of the family's `abstract_params(config, param_dtype)`.
 
   Raises:
     CheckpointReadError: a file is missing or unreadable.
+    CheckpointKindError: a SAM file of the other generation (SAM-1 for EVF-SAM2, SAM-2 for EVF-SAM; one line).
     CheckpointSizeError: a checkpoint of another size (one line).
     ConversionError: listing every missing, unexpected or mis-shaped tensor of a file at once.
   """

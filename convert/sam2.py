@@ -11,7 +11,8 @@ the attribute, because Hugging Face's loader rewrites any key containing "gamma"
 checkpoint holding both fails as a target filled twice.
 
 Only SAM 2.0 is supported (what EVF-SAM2 builds on): the tensors SAM 2.1 adds (`no_obj_embed_spatial`,
-`obj_ptr_tpos_proj.*`) are unexpected keys, so a 2.1 checkpoint is refused rather than run with the 2.0 flow.
+`obj_ptr_tpos_proj.*`) are unexpected keys, so a 2.1 checkpoint is refused rather than run with the 2.0 flow
+(`refuse_sam21` says so in one line, for callers that check a file before converting it).
 """
 
 from __future__ import annotations
@@ -100,6 +101,20 @@ def video_rules() -> list[Rule]:
       *_layer(r"obj_ptr_proj\.layers\.(\d+)", r"obj_ptr_proj/layers_\1", "linear"),
       *_layer(r"mask_downsample", "mask_downsample", "conv2d"),
   ]
+
+
+# Tensors only SAM 2.1 has (`sam2.1_hiera_*.yaml`: `no_obj_embed_spatial`, `proj_tpos_enc_in_obj_ptrs`).
+SAM21_ONLY: tuple[str, ...] = (r"no_obj_embed_spatial", r"obj_ptr_tpos_proj\..*")
+
+
+def refuse_sam21(state_dict: Mapping[str, Any], prefix: str = "", what: str = "SAM-2 weights") -> None:
+  """One line for a SAM 2.1 checkpoint, before converting it: the strict conversion would list its extra
+  tensors as unexpected keys, which does not say what is wrong with the file."""
+  rx = re.compile(re.escape(prefix) + "(?:" + "|".join(SAM21_ONLY) + ")")
+  extra = sorted(k for k in state_dict if rx.fullmatch(k))
+  if extra:
+    raise ConversionError([f"a SAM 2.1 checkpoint (it holds {', '.join(extra)}); only SAM 2.0 is supported, "
+                           "which EVF-SAM2 builds on (sam2_hiera_*.pt, not sam2.1_hiera_*.pt)"], what=what)
 
 
 def convert_sam2_result(state_dict: Mapping[str, np.ndarray], config: Sam2Config, prefix: str = "",

@@ -1,8 +1,10 @@
-"""`convert.pretrained.init_from_pretrained`: EVF-SAM params from the public SAM and BEiT-3 files.
+"""`convert.pretrained.init_from_pretrained`: EVF-SAM params from the public SAM and BEiT-3 files, EVF-SAM2
+params from the public SAM-2 and BEiT-3 files.
 
 Random-weight torch models (tiny sizes) are saved exactly as the public files are laid out: SAM as the
-plain state dict of segment-anything's `Sam` (`sam_vit_*.pth`), BEiT-3 as `{"model": {"beit3.*": ...,
-<pretraining heads>}}` (`beit3_*_patch16_224.pth`, see the module docstring of convert/pretrained.py).
+plain state dict of segment-anything's `Sam` (`sam_vit_*.pth`), SAM-2 as `{"model": <state dict of the PyPI
+sam2's SAM2Base>}` (`sam2_hiera_*.pt`), BEiT-3 as `{"model": {"beit3.*": ..., <pretraining heads>}}`
+(`beit3_*_patch16_224.pth`, see the module docstring of convert/pretrained.py).
 """
 
 from __future__ import annotations
@@ -21,14 +23,22 @@ from convert import pretrained as P
 from convert.beit3 import convert_beit3
 from convert.rules import TRANSFORMS, ConversionError, flatten
 from convert.sam import convert_sam_result
+from convert.sam2 import convert_sam2_result
+from evf_jax import evf_sam2
 from evf_jax.beit3 import Beit3Config
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, EvfSam, abstract_params, init_params
+from evf_jax.evf_sam2 import EvfSam2Config
 from evf_testing import torch_reference as tr
 from evf_testing.beit3_reference import PAD, make_inputs, run_torch, torch_beit3
+from evf_testing.sam2_reference import build_torch_sam2
 from evf_testing.sam_reference import build_torch_sam, nchw_to_nhwc
 
 CONFIG = EvfConfig.preset("tiny")
+CONFIG2 = EvfSam2Config.preset("toy")   # SAM-2 toy; BEiT-3 tiny, as CONFIG's
+# SAM 2.1's yaml options over 2.0's (configs/sam2.1/sam2.1_hiera_*.yaml), which add its extra tensors.
+SAM21 = ("++model.no_obj_embed_spatial=true", "++model.add_tpos_enc_to_obj_ptrs=true",
+         "++model.proj_tpos_enc_in_obj_ptrs=true", "++model.use_signed_tpos_enc_to_obj_ptrs=true")
 RNG = 7
 PROJECTOR_PATHS = ("projector/fc1/bias", "projector/fc1/kernel", "projector/fc2/bias", "projector/fc2/kernel")
 
@@ -75,13 +85,32 @@ def _flat_np(tree):
   return {k: np.asarray(v) for k, v in flatten(tree).items()}
 
 
-def test_tree_is_the_models(full):
-  params, _ = full
-  want = flatten(abstract_params(CONFIG))
-  got = flatten(params)
+def _assert_equal_trees(got, want):
+  got, want = _flat_np(got), _flat_np(want)
+  assert got.keys() == want.keys()
+  for k, v in got.items():
+    np.testing.assert_array_equal(v, want[k], err_msg=k)
+
+
+def _assert_tree_is(params, abstract):
+  want, got = flatten(abstract), flatten(params)
   assert set(got) == set(want)
   for k, s in want.items():
     assert got[k].shape == s.shape and got[k].dtype == s.dtype, k
+
+
+def _evf_layout(torch, sam, beit3, path) -> str:
+  """An EVF-style file for both: SAM (SAM-2) under `visual_model.`, BEiT-3 under `mm_extractor.beit3.`, and a
+  projector tensor that neither uses."""
+  sd = {"visual_model." + k: v for k, v in sam.state_dict().items()}
+  sd.update({"mm_extractor.beit3." + k: v for k, v in beit3.state_dict().items()})
+  sd["text_hidden_fcs.0.0.weight"] = torch.zeros(4, 4)
+  torch.save(sd, str(path))
+  return str(path)
+
+
+def test_tree_is_the_models(full):
+  _assert_tree_is(full[0], abstract_params(CONFIG))
 
 
 def test_every_sam_tensor_is_the_checkpoints(files, full):
@@ -177,25 +206,18 @@ def test_partial_init_keeps_beit3_random(files, full):
 
 def test_evf_sam_checkpoint_layout(files, full, tmp_path):
   """One EVF-SAM-style file for both: SAM under `visual_model.`, BEiT-3 under `mm_extractor.beit3.`."""
-  torch = tr.import_torch()
-  sd = {"visual_model." + k: v for k, v in files.sam.state_dict().items()}
-  sd.update({"mm_extractor.beit3." + k: v for k, v in files.beit3.state_dict().items()})
-  sd["text_hidden_fcs.0.0.weight"] = torch.zeros(4, 4)
-  path = str(tmp_path / "evf.pth")
-  torch.save(sd, path)
+  path = _evf_layout(tr.import_torch(), files.sam, files.beit3, tmp_path / "evf.pth")
   params, report = P.init_from_pretrained(CONFIG, sam_path=path, beit3_path=path, rng=jax.random.key(RNG))
   assert report.sources["sam"].prefix == "visual_model."
   assert report.sources["beit3"].prefix == "mm_extractor.beit3."
   assert "text_hidden_fcs.0.0.weight" in report.sources["sam"].skipped
   assert "visual_model.mask_decoder.iou_token.weight" in report.sources["beit3"].skipped
   for name in ("sam", "beit3"):
-    ref = flatten(full[0][name])
-    for k, v in _flat_np(params[name]).items():
-      np.testing.assert_array_equal(v, np.asarray(ref[k]), err_msg=k)
+    _assert_equal_trees(params[name], full[0][name])
 
 
-def _one_line_error(match, **kw):
-  with pytest.raises(P.CheckpointSizeError) as e:
+def _one_line_error(match, error=P.CheckpointSizeError, **kw):
+  with pytest.raises(error) as e:
     P.init_from_pretrained(rng=jax.random.key(0), **kw)
   msg = str(e.value)
   assert isinstance(e.value, UserError) and "\n" not in msg, msg
@@ -305,3 +327,140 @@ def test_matches_init_params(full):
   ref = init_params(CONFIG, jax.random.key(RNG))
   for k, v in _flat_np(params["projector"]).items():
     np.testing.assert_array_equal(v, np.asarray(flatten(ref["projector"])[k]), err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------ EVF-SAM2
+
+
+@pytest.fixture(scope="module")
+def sam2_files(files):
+  torch = tr.import_torch()
+  sam2 = build_torch_sam2(CONFIG2.sam2, seed=3)
+  path = str(files.dir / "sam2_hiera_toy.pt")
+  torch.save({"model": sam2.state_dict()}, path)      # as Meta's released files
+  return types.SimpleNamespace(sam2=sam2, path=path, state=tr.state_dict_numpy(sam2))
+
+
+@pytest.fixture(scope="module")
+def full2(files, sam2_files):
+  return P.init_from_pretrained(CONFIG2, sam_path=sam2_files.path, beit3_path=files.beit3_path,
+                                rng=jax.random.key(RNG))
+
+
+def test_sam2_tree_is_the_models(full2):
+  _assert_tree_is(full2[0], evf_sam2.abstract_params(CONFIG2))
+
+
+def test_every_sam2_tensor_is_the_checkpoints(files, sam2_files, full2):
+  """The `sam` subtree is `convert.sam2`'s conversion of the file (video memory included), BEiT-3 the same
+  file's conversion as for EVF-SAM, the projector EVF-SAM2's random init."""
+  params, report = full2
+  ours = _flat_np(params["sam"])
+  res = convert_sam2_result(sam2_files.state, CONFIG2.sam2)
+  assert {src for src, _ in res.mapping.values()} == set(sam2_files.state)
+  assert set(res.mapping) == set(ours)
+  _assert_equal_trees(params["sam"], res.params)
+  s = sam2_files.state
+  np.testing.assert_array_equal(ours["image_encoder/trunk/blocks_1/attn/qkv/kernel"],
+                                s["image_encoder.trunk.blocks.1.attn.qkv.weight"].T)
+  np.testing.assert_array_equal(ours["no_mem_embed"], s["no_mem_embed"])
+  np.testing.assert_array_equal(ours["maskmem_tpos_enc"], s["maskmem_tpos_enc"])
+  assert np.std(s["no_mem_embed"]) > 0.01   # seeded, not the constructor's zeros
+  sam = report.sources["sam"]
+  assert (sam.prefix, sam.size, sam.converted, sam.skipped) == ("", "toy", len(s), ())
+  assert report.sources["beit3"].size == "tiny" and report.random_subtrees == ("projector",)
+  _assert_equal_trees(params["beit3"], convert_beit3(files.beit3_state, CONFIG2.beit3).params)
+  _assert_equal_trees(params["projector"],
+                      P.random_subtrees(CONFIG2, jax.random.key(RNG), ["projector"])["projector"])
+  assert params["projector"]["fc2"]["kernel"].shape == (32, CONFIG2.out_dim)
+
+
+def test_sam2_bare_state_dict(sam2_files, tmp_path):
+  """The SAM2Base state dict without Meta's {"model": ...} reads as the same tensors (the rest of the path is
+  the file's contents only)."""
+  torch = tr.import_torch()
+  path = str(tmp_path / "sam2_bare.pt")
+  torch.save(sam2_files.sam2.state_dict(), path)
+  bare, wrapped = P.read_checkpoint(path), P.read_checkpoint(sam2_files.path)
+  assert bare.keys() == wrapped.keys() == sam2_files.state.keys()
+  for k, v in bare.items():
+    np.testing.assert_array_equal(v, wrapped[k], err_msg=k)
+
+
+def test_evf_sam2_checkpoint_layout(files, sam2_files, full2, tmp_path):
+  """One EVF-SAM2-style file for both: SAM-2 under `visual_model.`, BEiT-3 under `mm_extractor.beit3.`."""
+  path = _evf_layout(tr.import_torch(), sam2_files.sam2, files.beit3, tmp_path / "evf_sam2.pth")
+  params, report = P.init_from_pretrained(CONFIG2, sam_path=path, beit3_path=path, rng=jax.random.key(RNG))
+  assert report.sources["sam"].prefix == "visual_model." and report.sources["sam"].size == "toy"
+  assert report.sources["beit3"].prefix == "mm_extractor.beit3."
+  assert "text_hidden_fcs.0.0.weight" in report.sources["sam"].skipped
+  assert "visual_model.no_mem_embed" in report.sources["beit3"].skipped
+  for name in ("sam", "beit3"):
+    _assert_equal_trees(params[name], full2[0][name])
+
+
+@pytest.mark.slow
+def test_sam2_partial_init_keeps_sam_random(files, full2):
+  """beit3_path only: SAM-2 stays at EVF-SAM2's random init, bit-identical to `evf_sam2.init_params` (the pruned
+  init of `sam` and the projector). Slow for compiling SAM-2's initialisers, and the whole model's for the
+  reference: ~2 min on 2 CPU cores."""
+  params, report = P.init_from_pretrained(CONFIG2, sam_path=None, beit3_path=files.beit3_path,
+                                          rng=jax.random.key(RNG))
+  assert set(report.sources) == {"beit3"} and report.random_subtrees == ("sam", "projector")
+  ref = evf_sam2.init_params(CONFIG2, jax.random.key(RNG))
+  for name in ("sam", "projector"):
+    _assert_equal_trees(params[name], ref[name])
+  _assert_equal_trees(params["beit3"], full2[0]["beit3"])
+
+
+def test_sam_generation_must_be_the_configs(files, sam2_files):
+  """A SAM-1 file for EVF-SAM2, and a SAM-2 file for EVF-SAM: one line saying which is which."""
+  _one_line_error([files.sam_path, "a SAM checkpoint (segment-anything's sam_vit_*.pth) given for EVF-SAM2, "
+                   "which needs SAM-2 (Meta's sam2_hiera_*.pt)"], error=P.CheckpointKindError,
+                  config=CONFIG2, sam_path=files.sam_path, beit3_path=files.beit3_path)
+  _one_line_error([sam2_files.path, "a SAM-2 checkpoint (Meta's sam2_hiera_*.pt) given for EVF-SAM, which needs "
+                   "SAM (segment-anything's sam_vit_*.pth)"], error=P.CheckpointKindError,
+                  config=CONFIG, sam_path=sam2_files.path, beit3_path=files.beit3_path)
+
+
+def _hiera_stand_in(torch, path, width: int, depth: int, extra=()):
+  """Only the keys and shapes that give a SAM-2 file's size (zero-stride tensors), as {"model": ...}."""
+  z = torch.zeros(1)
+  sd = {"image_encoder.trunk.patch_embed.proj.weight": z.expand(width, 3, 7, 7)}
+  sd.update({f"image_encoder.trunk.blocks.{i}.norm1.weight": z.expand(width) for i in range(depth)})
+  sd.update({k: z for k in extra})
+  torch.save({"model": sd}, str(path))
+  return str(path)
+
+
+def test_sam2_of_another_size(tmp_path):
+  """Hiera-T for sam_scale=large (Hiera-L), Hiera-S for tiny (the same width, deeper), Hiera-L for the toy
+  config: one line naming both, before anything is converted or initialised."""
+  torch = tr.import_torch()
+  _one_line_error(["sam2_hiera_t (Hiera trunk width 96, depth 12) checkpoint given for sam_scale=large",
+                   "needs sam2_hiera_l (Hiera trunk width 144, depth 48)"],
+                  config=EvfSam2Config.preset("evf-sam2"), beit3_path=None,
+                  sam_path=_hiera_stand_in(torch, tmp_path / "sam2_hiera_tiny.pt", 96, 12))
+  _one_line_error(["sam2_hiera_s (Hiera trunk width 96, depth 16) checkpoint given for sam_scale=tiny",
+                   "needs sam2_hiera_t (Hiera trunk width 96, depth 12)"],
+                  config=EvfSam2Config.from_scales("tiny", "tiny"), beit3_path=None,
+                  sam_path=_hiera_stand_in(torch, tmp_path / "sam2_hiera_small.pt", 96, 16))
+  _one_line_error(["sam2_hiera_l (Hiera trunk width 144, depth 48) checkpoint given for sam_scale=toy",
+                   "needs sam2_toy (Hiera trunk width 16, depth 8)"],
+                  config=CONFIG2, beit3_path=None,
+                  sam_path=_hiera_stand_in(torch, tmp_path / "sam2_hiera_large.pt", 144, 48))
+
+
+def test_sam21_is_refused(tmp_path):
+  """A SAM 2.1 file (the PyPI sam2 built with 2.1's options: `no_obj_embed_spatial`, `obj_ptr_tpos_proj`):
+  one line, before its size is checked."""
+  torch = tr.import_torch()
+  path = str(tmp_path / "sam2.1_hiera_toy.pt")
+  torch.save({"model": build_torch_sam2(CONFIG2.sam2, seed=4, extra_overrides=SAM21).state_dict()}, path)
+  msg = _one_line_error([path, "a SAM 2.1 checkpoint (it holds no_obj_embed_spatial, obj_ptr_tpos_proj.bias, "
+                         "obj_ptr_tpos_proj.weight); only SAM 2.0 is supported"], error=ConversionError,
+                        config=CONFIG2, sam_path=path, beit3_path=None)
+  assert "problem(s)" not in msg
+  large = _hiera_stand_in(torch, tmp_path / "sam2.1_hiera_large.pt", 144, 48, extra=["no_obj_embed_spatial"])
+  _one_line_error(["a SAM 2.1 checkpoint (it holds no_obj_embed_spatial)"], error=ConversionError,
+                  config=CONFIG2, sam_path=large, beit3_path=None)
