@@ -105,28 +105,57 @@ def test_the_loss_sees_mask_0_not_the_inference_mask(reference):
   del single  # eval mode may equal it or not, depending on the mask's stability
 
 
-def test_steps_lower_the_loss_and_leave_sam2_alone(reference):
-  config, _, params = reference
-  mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+def _train(config, params, trainable, spec, devices, batch, steps, eps=1e-8):
+  """`steps` AdamW steps on one batch on a mesh -> (state, per-step loss and gradient norm, state shardings)."""
+  mesh = sharding.make_mesh(spec, devices)
   schedule = optimizer.learning_rate(3e-3, total_steps=100, warmup_steps=0, schedule="constant")
-  tx = optimizer.adamw(schedule, weight_decay=0.01)
+  tx = optimizer.adamw(schedule, weight_decay=0.01, eps=eps)
   rules = sharding.rules_for(mesh, sharding.DEFAULT_RULES)
-  shapes, shards, _ = state_layout(config, TRAINABLE, tx, mesh, rules)
-  assert set(shapes["params"]) == {"beit3", "projector"} and "sam" in shapes["frozen"]
-  options = StepOptions(encoder_frozen=partition.encoder_frozen(shapes["params"]))
+  _, shards, _ = state_layout(config, trainable, tx, mesh, rules)
+  options = StepOptions(encoder_frozen=partition.encoder_frozen(partition.split(params, trainable)[0]))
   batch_sh = sharding.batch_sharding(mesh, rules)
   with sharding.activate(mesh, rules):
     step = jax.jit(make_train_step(EvfSam2(config), config, tx, schedule, options),
                    in_shardings=(shards, batch_sh), out_shardings=(shards, None), donate_argnums=0)
-  state = fresh_state(params, TRAINABLE, tx, shards)
-  frozen_before = jax.tree.map(np.asarray, state["frozen"])
-  batch = random_batch(config, images=2, prompts=3, mask_size=32, seed=2)
-  losses = []
-  with sharding.activate(mesh, rules):
-    for _ in range(8):
+    state, trace = fresh_state(params, trainable, tx, shards), []
+    for _ in range(steps):
       state, metrics = step(state, sharding.global_batch(batch, batch_sh))
-      losses.append(float(metrics["loss"]))
+      trace.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  return state, trace, shards
+
+
+def test_steps_lower_the_loss_and_leave_sam2_alone(reference):
+  config, _, params = reference
+  frozen_before = partition.split(params, TRAINABLE)[1]
+  assert set(frozen_before) == {"sam"}
+  batch = random_batch(config, images=2, prompts=3, mask_size=32, seed=2)
+  state, trace, _ = _train(config, params, TRAINABLE, [("data", 1)], jax.devices()[:1], batch, 8)
+  assert set(state["params"]) == {"beit3", "projector"}
+  losses = [loss for loss, _ in trace]
   # Only BEiT-3 and the projector learn, through a random frozen decoder: slowly, but at every step.
   assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.97 * losses[0], losses
   for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"]), strict=True):
     np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.slow
+def test_fsdp_on_8_devices_equals_one_device(reference):
+  """One AdamW step with the whole image path trained (the Hiera trunk and neck too) on a (data 2, fsdp 4) mesh
+  against one device: the same loss, gradient norm and parameters (float32 sums in another order), SAM-2's
+  parameters sharded by the rules. eps = 1e-3 as in test_train_step's FSDP test (a first AdamW update of a
+  gradient that is ~0 in exact arithmetic is otherwise anything in [-lr, lr])."""
+  config, _, params = reference
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  trainable = train_config.EVF_SAM2_IMAGE_PATH
+  batch = random_batch(config, images=8, prompts=2, mask_size=32, seed=4)
+  one = _train(config, params, trainable, [("data", 1)], jax.devices()[:1], batch, 1, eps=1e-3)
+  fsdp = _train(config, params, trainable, [("data", 2), ("fsdp", 4), ("tensor", 1)], jax.devices(), batch, 1,
+                eps=1e-3)
+  np.testing.assert_allclose(fsdp[1][0][0], one[1][0][0], rtol=1e-6)
+  np.testing.assert_allclose(fsdp[1][0][1], one[1][0][1], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one[0]["params"]), jax.tree.leaves(fsdp[0]["params"]), strict=True):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-7)
+  specs = sharding.describe(fsdp[2]["params"])
+  sharded = [k for k, v in specs.items() if k.startswith("sam/image_encoder/") and "fsdp" in v]
+  assert len(sharded) > 5, specs
