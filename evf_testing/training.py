@@ -175,6 +175,25 @@ def torch_loss_and_grads(model, config, batch, trainable=None):
   return float(loss.detach()), grads
 
 
+def assert_gradients_match(ours: dict, want: dict) -> tuple[str, float]:
+  """Every gradient of `ours` against the reference's (flat {path: array} dicts with the same keys), in float32:
+  float32 sums in another order differ by ~1e-5 of each gradient's own scale; gradients that are zero in exact
+  arithmetic (unused heads, a key bias under softmax) are float noise on both sides, judged against the overall
+  scale. Returns the worst (path, error relative to its gradient's scale)."""
+  assert set(ours) == set(want)
+  overall = max(float(np.abs(v).max()) for v in want.values())
+  assert overall > 0
+  worst = {}
+  for key in sorted(ours):
+    g, r = np.asarray(ours[key]), np.asarray(want[key])
+    scale = float(np.abs(r).max())
+    tol = 2e-4 * scale + 1e-6 * overall
+    worst[key] = float(np.abs(g - r).max()) / max(scale, 1e-6 * overall)
+    np.testing.assert_allclose(g, r, rtol=0, atol=tol, err_msg=key)
+  key = max(worst, key=worst.get)
+  return key, worst[key]
+
+
 def assert_same_tree(a, b) -> None:
   """The same tree structure and every leaf bit-identical (device or host arrays)."""
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
