@@ -44,6 +44,10 @@ class EvfSam2Config:
   beit3: Beit3Config
   sam_scale: str = "large"
   mm_extractor_scale: str = "large"
+  # Images are decoded as the original infers: the best of masks 1-3 by predicted IoU. False: mask 0, the one
+  # training sees (the original's training forward): for a model whose decoder was trained from scratch or
+  # fine-tuned, where masks 1-3 and the IoU head never received a gradient.
+  multimask_output: bool = True
 
   def __post_init__(self):
     for field, known in (("sam_scale", SAM2_SCALES), ("mm_extractor_scale", BEIT3_SCALES)):
@@ -77,15 +81,16 @@ class EvfSam2Config:
 
   def to_dict(self) -> dict[str, Any]:
     return {"model_type": MODEL_TYPE, "sam_scale": self.sam_scale, "mm_extractor_scale": self.mm_extractor_scale,
-            "hidden_size": self.hidden_size, "out_dim": self.out_dim, "sam2": self.sam2.to_dict(),
-            "beit3": self.beit3.to_dict()}
+            "hidden_size": self.hidden_size, "out_dim": self.out_dim, "multimask_output": self.multimask_output,
+            "sam2": self.sam2.to_dict(), "beit3": self.beit3.to_dict()}
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> EvfSam2Config:
     if d.get("model_type") != MODEL_TYPE:
       raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
     return cls(sam2=Sam2Config.from_dict(d["sam2"]), beit3=Beit3Config.from_dict(d["beit3"]),
-               sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"])
+               sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"],
+               multimask_output=bool(d.get("multimask_output", True)))
 
 
 class EvfSam2(EvfSam):
@@ -120,7 +125,9 @@ class EvfSam2(EvfSam):
   def decode(self, image_features: tuple[jax.Array, tuple[jax.Array, ...]],
              prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
     """-> low-res logits (N, 1, 4h, 4w) of the mask with the highest predicted IoU among masks 1-3, and that
-    IoU (N, 1)."""
+    IoU (N, 1); with `config.multimask_output` False, mask 0 and its IoU (`decode_for_training`)."""
+    if not self.config.multimask_output:
+      return self.decode_for_training(image_features, prompts)
     masks, iou, _, _ = self.decode_all(image_features, prompts, multimask_output=True)
     best = jnp.argmax(iou, axis=-1)[:, None]
     return jnp.take_along_axis(masks, best[:, :, None, None], axis=1), jnp.take_along_axis(iou, best, axis=1)

@@ -85,6 +85,7 @@ def micro_train_config(steps: int = 6, sam2: bool = False) -> ml_collections.Con
   c.trainable = (".*",)
   if sam2:
     c.model = train_config.model_fields("toy", beit3=dict(c.model.beit3))
+    c.model.multimask_output = False
     c.trainable = train_config.EVF_SAM2_TRAINABLE  # the original's frozen set: no backward pass through SAM-2
   c.optimizer.lr = 1e-3
   c.optimizer.warmup_steps = 1

@@ -75,9 +75,10 @@ def test_gradients_match_pytorch(reference, trainable, torch_trainable):
 
 def test_the_loss_sees_mask_0_not_the_inference_mask(reference):
   """Training decodes single-mask output in train mode (mask 0), not inference's best of masks 1-3 nor SAM-2's
-  eval-mode stability fallback: the step's logits are the decoder's mask 0 upsampled."""
+  eval-mode stability fallback. A config with `multimask_output=False` (a decoder trained from scratch) decodes
+  that mask 0 at inference too; a stored config without the field (converted before it existed) decodes as the
+  original."""
   config, _, params = reference
-  model = EvfSam2(config)
   batch = random_batch(config, images=1, prompts=2, text_len=6, mask_size=32, seed=4, invalid=0)
   x = np.asarray(jax.random.normal(jax.random.key(0), (1, 128, 128, 3)))
   beit, ids = batch["beit_image"], batch["input_ids"][0]
@@ -85,13 +86,19 @@ def test_the_loss_sees_mask_0_not_the_inference_mask(reference):
   def run(m):
     feats = m.embed_image(x)
     prompts = m.text_prompts(beit, ids, batch["attention_mask"][0])
-    return m.decode_for_training(feats, prompts)[0], m.decode_all(feats, prompts, multimask_output=False)[0], \
-        m.decode_all(feats, prompts, multimask_output=True)[0]
-  train_mask, single, multi = jax.jit(lambda p: model.apply({"params": p}, method=run))(params)
-  # Without the fallback, mask 0 of the 4 the decoder predicts; the three multimask outputs are the others.
+    return (m.decode_for_training(feats, prompts)[0], m.decode(feats, prompts)[0],
+            m.decode_all(feats, prompts, multimask_output=True)[0])
+  single = dataclasses.replace(config, multimask_output=False)
+  train_mask, decoded, multi = jax.jit(lambda p: EvfSam2(config).apply({"params": p}, method=run))(params)
   assert train_mask.shape == (2, 1, 32, 32) and multi.shape == (2, 3, 32, 32)
+  # Mask 0 of the 4 the decoder predicts is none of the three multimask outputs; inference keeps one of those.
   assert all(np.abs(np.asarray(train_mask) - np.asarray(multi[:, i:i + 1])).max() > 1e-3 for i in range(3))
-  del single  # eval mode may equal it or not, depending on the mask's stability
+  assert all(any(np.array_equal(np.asarray(decoded[n, 0]), np.asarray(multi[n, i])) for i in range(3)) for n in range(2))
+  _, decoded_single, _ = jax.jit(lambda p: EvfSam2(single).apply({"params": p}, method=run))(params)
+  np.testing.assert_array_equal(np.asarray(decoded_single), np.asarray(train_mask))
+  stored = single.to_dict()
+  assert EvfSam2Config.from_dict(stored) == single
+  assert EvfSam2Config.from_dict({k: v for k, v in stored.items() if k != "multimask_output"}) == config
 
 
 def _train(config, params, trainable, spec, devices, batch, steps, eps=1e-8):

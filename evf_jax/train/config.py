@@ -135,6 +135,8 @@ def model_fields(preset: str, **overrides: dict) -> ml_collections.ConfigDict:
   if extra:
     raise UserError(f"model preset {preset!r} has no part {extra[0]!r} (its parts: {sam_part}, beit3)")
   out = {"sam_scale": base.sam_scale, "mm_extractor_scale": base.mm_extractor_scale}
+  if isinstance(base, EvfSam2Config):
+    out["multimask_output"] = base.multimask_output  # how images are decoded after training (evf_sam2.py)
   for part in (sam_part, "beit3"):
     fields = dataclasses.asdict(getattr(base, part))
     unknown = sorted(set(overrides.get(part, {})) - set(fields))
@@ -151,7 +153,7 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
     beit3 = Beit3Config(**model.beit3.to_dict())
     if "sam2" in model:
       return EvfSam2Config(sam2=Sam2Config(**model.sam2.to_dict()), beit3=beit3, sam_scale=model.sam_scale,
-                           mm_extractor_scale=model.mm_extractor_scale)
+                           mm_extractor_scale=model.mm_extractor_scale, multimask_output=model.multimask_output)
     return EvfConfig(sam=SamConfig(**model.sam.to_dict()), beit3=beit3, sam_scale=model.sam_scale,
                      mm_extractor_scale=model.mm_extractor_scale)
   except (TypeError, ValueError) as e:
