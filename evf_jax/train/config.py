@@ -72,8 +72,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Model: every field of SAM (EVF-SAM) or SAM-2 (EVF-SAM2) and of BEiT-3 (`model_fields`), so any of them can
   # be overridden.
   c.model = model_fields("evf-sam")
-  # Where the parameters start: a converted EVF-SAM checkpoint (fine-tuning), or the public SAM
-  # (sam_vit_{b,l,h}_*.pth) and BEiT-3 (beit3_{base,large}_patch16_224.pth) files, or random (from_scratch).
+  # Where the parameters start: a converted EVF-SAM / EVF-SAM2 checkpoint (fine-tuning), or the public SAM
+  # (sam_vit_{b,l,h}_*.pth; EVF-SAM2: SAM-2's sam2_hiera_*.pt) and BEiT-3 (beit3_{base,large}_patch16_224.pth)
+  # files, or random (from_scratch).
   c.init = ml_collections.ConfigDict({"evf_checkpoint": "", "sam_checkpoint": "", "beit3_checkpoint": "",
                                       "from_scratch": False})
   c.tokenizer = ""              # a sentencepiece model (file or directory); "": the init checkpoint's
