@@ -7,6 +7,11 @@ does the run fit before the pod is rented (as MaxText's train_compile.py).
     bash scripts/setup_static_env.sh gpu      # once: .venv-gpu-static (jax's CUDA plugin, ~6 GB)
     .venv-gpu-static/bin/python -m benchmarks.train_compile --platform gpu --topology 4x1x8 --target h100 \\
         --config configs/train/multitask.py:size=huge
+    .venv-tpu-static/bin/python -m benchmarks.train_compile --topology v5p:2x4x4 --config configs/train/refcoco.py:sam2
+
+Either family: EVF-SAM (SAM-1 ViT) or EVF-SAM2 (SAM-2 Hiera), as the config's `model` section says (`sam` or
+`sam2`; `--model-preset` replaces it by a preset of either), with the family's model class, frame and low-res
+size (`evf_jax.families`).
 
 It builds the step exactly as `Trainer.run` does (`state_layout` for the abstract sharded state, `make_train_step`,
 `jax.jit` with the state and batch shardings and the state donated, lowered under `sharding.activate`) over a
@@ -367,7 +372,9 @@ def _args(argv):
                   "(v5e-256), v5e:2x2 (default); gpu: hosts x 1 x GPUs per host, e.g. 1x1x8, 4x1x8 (default 1x1x4)")
   ap.add_argument("--target", choices=sorted(deviceless.TARGETS), help="gpu: the chip (default h100)")
   ap.add_argument("--config", default=DEFAULT_CONFIG, help=f"a training config file[:arg] (default {DEFAULT_CONFIG})")
-  ap.add_argument("--model-preset", help="replace the config's model by an EvfConfig preset (tiny, base, evf-sam)")
+  ap.add_argument("--model-preset", help="replace the config's model by a preset of either family (EVF-SAM: tiny, "
+                  "base, evf-sam; EVF-SAM2: toy, evf-sam2); one of the other family also takes that family's "
+                  "default trainable set")
   ap.add_argument("--batch-size", type=int, help="images per optimizer step (default: the config's)")
   ap.add_argument("--mesh", help='mesh axes, e.g. "data=8,fsdp=8,tensor=1" (default: the config\'s)')
   ap.add_argument("--num-slices", type=int, default=1, help="tpu: this many slices of --topology joined by the "
@@ -429,6 +436,16 @@ def _args(argv):
   return args
 
 
+def use_preset(cfg, preset: str) -> None:
+  """Replaces the config's model by `preset` (either family). The config's `trainable` patterns are kept within a
+  family; across, they name the other family's parameters, so the new family's default set replaces them."""
+  from evf_jax.train import config as train_config
+  was_sam2 = "sam2" in cfg.model
+  cfg.model = train_config.model_fields(preset)
+  if ("sam2" in cfg.model) != was_sam2:
+    cfg.trainable = train_config.default_trainable(cfg.model)
+
+
 def _fail(message: str) -> int:
   print(f"error: {message}", file=sys.stderr)
   return 2
@@ -452,9 +469,8 @@ def main(argv=None) -> int:
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from evf_jax import flops, sharding
+  from evf_jax import families, flops, sharding
   from evf_jax.errors import UserError
-  from evf_jax.evf import EvfSam
   from evf_jax.runtime import compute_dtype
   from evf_jax.sam import rel_pos_attention
   from evf_jax.train import config as train_config
@@ -474,16 +490,17 @@ def main(argv=None) -> int:
       cfg[key] = value
   try:
     if args.model_preset:
-      cfg.model = train_config.model_fields(args.model_preset)
+      use_preset(cfg, args.model_preset)
     model_config = train_config.model_config(cfg.model)
     dtype = compute_dtype(cfg.precision, cfg.attention)
   except UserError as e:
     return _fail(str(e))
+  family, image_input = families.family_of(model_config), families.image_input(model_config)
   if args.platform == "tpu" and cfg.attention == "cudnn":
     return _fail("the config's attention is cudnn, which is for --platform gpu: pass --attention xla")
   k = args.prompts or int(cfg.data.num_prompts)
   text_len = args.text_len or int(cfg.data.max_text_len)
-  mask_size = args.mask_size or int(cfg.data.mask_size) or model_config.sam.img_size
+  mask_size = args.mask_size or int(cfg.data.mask_size) or image_input.size
 
   try:
     devices = (deviceless.tpu_devices(args.topology, args.num_slices) if args.platform == "tpu"
@@ -524,13 +541,15 @@ def main(argv=None) -> int:
     return _fail(str(e))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
   encoder_frozen = partition.encoder_frozen(shapes["params"])
+  decoder_trained = partition.decoder_trained(shapes["params"])
   options = StepOptions(dtype=dtype, grad_accum=cfg.grad_accum, encoder_frozen=encoder_frozen,
                         loss_weights=losses.LossWeights(cfg.loss.bce_weight, cfg.loss.dice_weight))
-  model = EvfSam(model_config, attention=cfg.attention, remat=cfg.remat, dtype=dtype)
+  model = family.model_class(model_config, attention=cfg.attention, remat=cfg.remat, dtype=dtype)
   step_fn = make_train_step(model, model_config, tx, schedule, options)
 
-  # The batch as data_pipelines.pipeline makes it (evf_testing.training.random_batch's dtypes).
-  b, s, bs = int(cfg.batch_size), model_config.sam.img_size, model_config.beit3.img_size
+  # The batch as data_pipelines.pipeline makes it (evf_testing.training.random_batch's dtypes), in the family's
+  # square SAM frame: shapes only, so SAM-1's padded frame and SAM-2's stretched one compile alike.
+  b, s, bs = int(cfg.batch_size), image_input.size, model_config.beit3.img_size
   layout = {"sam_image": ((b, s, s, 3), np.uint8), "resize_hw": ((b, 2), np.int32),
             "beit_image": ((b, bs, bs, 3), np.float32), "input_ids": ((b, k, text_len), np.int32),
             "attention_mask": ((b, k, text_len), np.bool_), "prompt_valid": ((b, k), np.bool_),
@@ -558,7 +577,7 @@ def main(argv=None) -> int:
   per_slice = len(devices) // args.num_slices  # a multi-slice program's collectives stay inside its slice
   traffic = collective_traffic(hlo, per_slice)
   model_flops = flops.train_step(model_config, images=b, prompts_per_image=k, text_len=text_len,
-                                 encoder_frozen=encoder_frozen)
+                                 encoder_frozen=encoder_frozen, decoder_trained=decoder_trained)
   try:
     xla_flops = float(compiled.cost_analysis().get("flops", 0.0))
   except Exception:
@@ -567,6 +586,7 @@ def main(argv=None) -> int:
   n_params = {part: sum(math.prod(x.shape) for x in jax.tree.leaves(shapes[part])) for part in ("params", "frozen")}
 
   summary = {
+      "family": family.name,
       "settings": {
           "platform": args.platform, "topology": args.topology, "target": args.target, "config": args.config,
           "model_preset": args.model_preset, "mesh": dict(mesh.shape), "num_slices": args.num_slices,
@@ -576,6 +596,7 @@ def main(argv=None) -> int:
           "replicate_frozen": bool(cfg.replicate_frozen),
           "attention": cfg.attention, "prompts_per_image": k, "text_len": text_len, "mask_size": mask_size,
           "sam_img_size": s, "beit_img_size": bs, "encoder_frozen": encoder_frozen,
+          "decoder_trained": decoder_trained,
           "sharding_rules": [list(r) for r in rules],
       },
       "devices": len(devices), "device_kind": devices[0].device_kind,
@@ -638,15 +659,16 @@ def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict)
   """The evaluation step `Trainer` runs every `eval_every` steps (`run_train`'s evaluator), compiled for the same
   devices: the parameters keep the training state's shardings and the rest of the state stays in memory, so the
   peak while evaluating is the whole state plus the step's batch, outputs and temporaries."""
-  from evf_jax import buckets, evaluate, sharding
+  from evf_jax import buckets, evaluate, families, sharding
   from evf_jax.train import partition
 
   devices = mesh.devices.size
   images = buckets.round_up(max(1, int(cfg.eval.batch_size)), devices)  # as evaluate.Evaluator rounds it
   axes = sharding.batch_axes(mesh, rules)
+  image_input = families.image_input(model_config)
   batch = evaluate.batch_spec(images, args.eval_prompts, args.eval_text_len, args.eval_size,
-                              sam_size=model_config.sam.img_size, beit_size=model_config.beit3.img_size,
-                              low_res=model_config.sam.low_res_size, sharding=sharding.batch_sharding(mesh, rules))
+                              sam_size=image_input.size, beit_size=model_config.beit3.img_size,
+                              low_res=image_input.low_res, sharding=sharding.batch_sharding(mesh, rules))
   params = partition.merge(abstract["params"], abstract["frozen"])
   step = evaluate.sharded_step(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh, False, axes)
   start = time.perf_counter()
@@ -686,7 +708,8 @@ def _print_traffic(collectives: dict, what: str) -> None:
 def _print(summary: dict) -> None:
   st, mem = summary["settings"], summary["memory_per_device_bytes"]
   hbm = summary["hbm_bytes"]
-  print(f"EVF-SAM training step, {st['config']}{' (model ' + st['model_preset'] + ')' if st['model_preset'] else ''}"
+  family = summary["family"]
+  print(f"{family} training step, {st['config']}{' (model ' + st['model_preset'] + ')' if st['model_preset'] else ''}"
         f" for {st['platform']} {st['topology']}"
         f"{' x ' + str(st['num_slices']) + ' slices' if st.get('num_slices', 1) > 1 else ''} "
         f"({summary['devices']} x {summary['device_kind']}), mesh "
@@ -712,7 +735,7 @@ def _print(summary: dict) -> None:
   ev = summary.get("evaluation")
   if ev:
     m = ev["memory_per_device_bytes"]
-    print(f"EVF-SAM evaluation step during training, {ev['images']} images x {ev['prompts_per_image']} prompts x "
+    print(f"{family} evaluation step during training, {ev['images']} images x {ev['prompts_per_image']} prompts x "
           f"{ev['text_len']} tokens, images padded to {ev['size']}: compiled in {ev['compile_s']:.1f} s")
     print(f"  per device: batch {ev['batch_per_device_bytes'] / GiB:.2f} GiB, temporaries {m['temp'] / GiB:.2f} GiB, "
           f"outputs {m['output'] / GiB:.3f} GiB; with the training state "

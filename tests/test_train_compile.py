@@ -315,6 +315,21 @@ def test_does_not_overwrite(tmp_path, capsys):
     assert e.value.code == 2 and mine.read_text() == "keep" and len(err) == 1 and "not overwriting" in err[0]
 
 
+def test_model_preset_of_the_other_family_takes_its_trainable_set():
+  """`--model-preset`: EVF-SAM's trainable patterns name parameters EVF-SAM2 lacks (sam/mask_decoder/...), so a
+  preset of the other family brings its own default set; within a family the config's set stays."""
+  pytest.importorskip("jax")
+  from evf_jax.train import config as train_config
+  cfg = train_compile.load_config("configs/train/refcoco.py")
+  train_compile.use_preset(cfg, "toy")
+  assert "sam2" in cfg.model and tuple(cfg.trainable) == train_config.EVF_SAM2_TRAINABLE
+  train_compile.use_preset(cfg, "tiny")
+  assert "sam" in cfg.model and tuple(cfg.trainable) == train_config.EVF_SAM_TRAINABLE
+  cfg = train_compile.load_config("configs/train/synthetic.py:sam2")
+  train_compile.use_preset(cfg, "evf-sam2")
+  assert tuple(cfg.trainable) == train_config.EVF_SAM2_IMAGE_PATH
+
+
 def _compile(python: pathlib.Path, tmp_path, *argv) -> tuple[dict, str]:
   """(the summary, the compiled HLO)."""
   out, hlo = tmp_path / "summary.json", tmp_path / "step.hlo"
@@ -376,6 +391,27 @@ def test_train_step_for_a_tpu_slice(tmp_path):
   _check_text_embedding(hlo, 4)
   _check_evaluation(summary, 4)
   assert summary["settings"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TPU_PYTHON.exists(), reason="needs scripts/setup_static_env.sh tpu (~1.5 GB)")
+def test_evf_sam2_train_step_for_a_tpu_slice(tmp_path):
+  """The toy EVF-SAM2 in place of the released config's model: SAM-2's 128 px square frame, the original's frozen
+  set (BEiT-3 and the projector trained, all of SAM-2 frozen, so its decoder is differentiated but not trained),
+  the model FLOPs counted that way, and the evaluation step with SAM-2's low-res size."""
+  from evf_jax import flops
+  from evf_jax.evf_sam2 import EvfSam2Config
+  summary, hlo = _compile(TPU_PYTHON, tmp_path, "--topology", "v5e:2x2", "--model-preset", "toy", "--batch-size",
+                          "8", "--mesh", "data=2,fsdp=2,tensor=1", "--eval")
+  _check(summary, 4, "TPU v5 lite")
+  _check_text_embedding(hlo, 4)  # the toy's BEiT-3 is the tiny one
+  _check_evaluation(summary, 4)
+  st = summary["settings"]
+  assert summary["family"] == "EVF-SAM2" and st["sam_img_size"] == st["mask_size"] == 128
+  assert st["encoder_frozen"] is True and st["decoder_trained"] is False
+  config = EvfSam2Config.preset("toy")
+  assert summary["model_flops_per_step"] == flops.train_step(config, images=8, prompts_per_image=3, text_len=64,
+                                                             encoder_frozen=True, decoder_trained=False)
 
 
 @pytest.mark.slow
