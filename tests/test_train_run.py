@@ -110,6 +110,7 @@ def sam2_run(data_root, tmp_path_factory):
   return str(workdir)
 
 
+@pytest.mark.slow
 def test_evf_sam2_trains_evaluates_and_exports_a_model_predictor_loads(sam2_run, data_root, capsys):
   w = sam2_run
   losses = _losses(w)
@@ -131,10 +132,16 @@ def test_evf_sam2_trains_evaluates_and_exports_a_model_predictor_loads(sam2_run,
   np.testing.assert_array_equal(exported.predict(["the red circle"]).logits, in_memory.predict(["the red circle"]).logits)
 
 
-def test_an_init_checkpoint_of_the_other_family_is_refused(straight, sam2_run, config_file, data_root, tmp_path,
-                                                           capsys):
+def test_an_init_checkpoint_of_the_other_family_is_refused(config_file, data_root, tmp_path, capsys):
+  """An EVF-SAM2 checkpoint (its model_config.json is all that is read before refusing) for an EVF-SAM config."""
+  other = tmp_path / "evf_sam2_export"
+  other.mkdir()
+  from evf_jax.evf_sam2 import EvfSam2Config
+  (other / "model_config.json").write_text(json.dumps(EvfSam2Config.preset("toy").to_dict()))
+  from evf_testing import spm_model
+  spm_model.train(str(other / "tokenizer"))  # read before the parameters
   code = cli.main(_args(config_file, data_root, tmp_path / "w", "--config.init.from_scratch=False",
-                        f"--config.init.evf_checkpoint={os.path.join(sam2_run, 'export')}"))
+                        f"--config.init.evf_checkpoint={other}", "--config.model.beit3.vocab_size=320"))
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "holds EVF-SAM2; config.model is EVF-SAM" in err[0], err
 
