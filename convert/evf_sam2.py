@@ -27,9 +27,10 @@ def is_evf_sam2(state_dict: Mapping[str, Any]) -> bool:
 
 
 def evf_sam2_rules() -> list[Rule]:
-  """EVF-SAM's table with its SAM rules replaced by SAM-2's."""
+  """EVF-SAM's table with its SAM rules replaced by SAM-2's (the fuser's layer scale written back as EVF's
+  `weight`)."""
   sam = re.escape(SAM_PREFIX)
-  return [*_prefixed(sam2_conv.sam2_rules(), SAM_PREFIX, "sam/"),
+  return [*_prefixed(sam2_conv.sam2_rules(layer_scale="weight"), SAM_PREFIX, "sam/"),
           *(r for r in evf_rules() if not r.pattern.startswith(sam))]
 
 
@@ -38,6 +39,7 @@ def convert_evf_sam2(state_dict: Mapping[str, np.ndarray], config: EvfSam2Config
   """Every tensor of an EVF-SAM2 state dict onto `EvfSam2(config)`'s params; strict, one error for all
   problems."""
   ignore = [re.escape(BEIT3_PREFIX) + p for p in beit3_conv.IGNORE]
-  return convert(state_dict, evf_sam2_rules(), abstract_params(config), ignore=ignore, dtype=dtype,
-                 what=f"EVF-SAM2 checkpoint (sam_scale={config.sam_scale}, "
-                      f"mm_extractor_scale={config.mm_extractor_scale})")
+  what = (f"EVF-SAM2 checkpoint (sam_scale={config.sam_scale}, "
+          f"mm_extractor_scale={config.mm_extractor_scale})")
+  sam2_conv.refuse_sam21(state_dict, SAM_PREFIX, what=what)  # an EVF model built on SAM 2.1: one line
+  return convert(state_dict, evf_sam2_rules(), abstract_params(config), ignore=ignore, dtype=dtype, what=what)

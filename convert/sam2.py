@@ -48,8 +48,10 @@ def _mlp_block(src: str, dst: str) -> list[Rule]:
           *_layer(rf"{src}\.layers\.1", f"{dst}/lin2", "linear")]
 
 
-def sam2_rules() -> list[Rule]:
-  """The full SAM-2 image-path table: source regex (whole key) -> flax path, named transform."""
+def sam2_rules(layer_scale: str = "gamma") -> list[Rule]:
+  """The full SAM-2 table (image path and video memory): source regex (whole key) -> flax path, named
+  transform. Both names of the memory fuser's layer scale convert; `layer_scale` is the one written back
+  (Meta's `gamma`; EVF-SAM2's checkpoints say `weight`)."""
   trunk, md = r"image_encoder\.trunk", r"sam_mask_decoder"
   blk = rf"{trunk}\.blocks\.(\d+)"
   sam1 = sam_rules()
@@ -65,8 +67,9 @@ def sam2_rules() -> list[Rule]:
       *_layer(r"image_encoder\.neck\.convs\.(\d+)\.conv", r"image_encoder/neck/convs_\1", "conv2d"),
       # Prompt encoder: SAM-1's.
       *_rerooted(sam1, "prompt_encoder", "sam_prompt_encoder"),
-      # Mask decoder: SAM-1's (whose two-way MLP rules match no SAM-2 key), plus the SAM-2 parts.
-      *_rerooted(sam1, "mask_decoder", "sam_mask_decoder"),
+      # Mask decoder: SAM-1's without its two-way MLP (`lin1`/`lin2`: SAM-2 names it `layers.0`/`layers.1`),
+      # plus the SAM-2 parts.
+      *(r for r in _rerooted(sam1, "mask_decoder", "sam_mask_decoder") if "/mlp/" not in r.target),
       *_mlp_block(rf"{md}\.transformer\.layers\.(\d+)\.mlp", r"sam_mask_decoder/transformer/layers_\1/mlp"),
       Rule(rf"{md}\.obj_score_token\.weight", "sam_mask_decoder/obj_score_token"),
       *_layer(rf"{md}\.pred_obj_score_head", "sam_mask_decoder/pred_obj_score_head", "linear"),  # a Linear
@@ -74,16 +77,17 @@ def sam2_rules() -> list[Rule]:
               "linear"),  # or an MLP (pred_obj_scores_mlp)
       *_layer(rf"{md}\.(conv_s[01])", r"sam_mask_decoder/\1", "conv2d"),
       Rule(r"no_mem_embed", "no_mem_embed"),
-      *video_rules(),
+      *video_rules(layer_scale),
   ]
 
 
-def video_rules() -> list[Rule]:
+def video_rules(layer_scale: str = "gamma") -> list[Rule]:
   """Memory attention, memory encoder, object pointers and temporal encodings."""
   ma, me = r"memory_attention", r"memory_encoder"
   lay = rf"{ma}\.layers\.(\d+)"
   ds = rf"{me}\.mask_downsampler\.encoder"
   fl = rf"{me}\.fuser\.layers\.(\d+)"
+  other_name = {"gamma": "weight", "weight": "gamma"}[layer_scale]
   return [
       *_layer(rf"{lay}\.(self_attn|cross_attn_image)\.(q_proj|k_proj|v_proj|out_proj)",
               r"memory_attention/layers_\1/\2/\3", "linear"),
@@ -96,7 +100,7 @@ def video_rules() -> list[Rule]:
       *_layer(rf"{fl}\.dwconv", r"memory_encoder/fuser/layers_\1/dwconv", "conv2d"),
       *_ln(rf"{fl}\.norm", r"memory_encoder/fuser/layers_\1/norm"),
       *_layer(rf"{fl}\.(pwconv[12])", r"memory_encoder/fuser/layers_\1/\2", "linear"),
-      Rule(rf"{fl}\.(?:gamma|weight)", r"memory_encoder/fuser/layers_\1/gamma"),
+      Rule(rf"{fl}\.(?:{layer_scale}|{other_name})", r"memory_encoder/fuser/layers_\1/gamma"),
       Rule(r"(maskmem_tpos_enc|no_mem_pos_enc|no_obj_ptr)", r"\1"),
       *_layer(r"obj_ptr_proj\.layers\.(\d+)", r"obj_ptr_proj/layers_\1", "linear"),
       *_layer(r"mask_downsample", "mask_downsample", "conv2d"),
@@ -109,7 +113,8 @@ SAM21_ONLY: tuple[str, ...] = (r"no_obj_embed_spatial", r"obj_ptr_tpos_proj\..*"
 
 def refuse_sam21(state_dict: Mapping[str, Any], prefix: str = "", what: str = "SAM-2 weights") -> None:
   """One line for a SAM 2.1 checkpoint, before converting it: the strict conversion would list its extra
-  tensors as unexpected keys, which does not say what is wrong with the file."""
+  tensors as unexpected keys, which does not say what is wrong with the file. Every SAM-2 conversion (Meta's
+  file, EVF-SAM2's `visual_model.`) calls it."""
   rx = re.compile(re.escape(prefix) + "(?:" + "|".join(SAM21_ONLY) + ")")
   extra = sorted(k for k in state_dict if rx.fullmatch(k))
   if extra:
@@ -124,6 +129,7 @@ def convert_sam2_result(state_dict: Mapping[str, np.ndarray], config: Sam2Config
   sd = strip_prefix(state_dict, prefix) if prefix else dict(state_dict)
   if prefix and not sd:
     raise ConversionError([f"no keys start with the prefix {prefix!r}"], what=what)
+  refuse_sam21(sd, what=what)
   return convert(sd, sam2_rules(), abstract_params(config), dtype=dtype, what=what)
 
 

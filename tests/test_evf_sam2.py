@@ -83,6 +83,10 @@ def test_conversion_is_strict_and_keys_tell_the_family(toy):
                                 sd["visual_model.memory_encoder.fuser.layers.0.gamma"])
   with pytest.raises(ConversionError, match="unexpected source key 'visual_model.extra'"):
     convert_evf_sam2({**sd, "visual_model.extra": np.zeros(1, np.float32)}, TOY)
+  # An EVF model built on SAM 2.1 (its extra tensors under visual_model.): one line saying so.
+  with pytest.raises(ConversionError) as e:
+    convert_evf_sam2({**sd, "visual_model.no_obj_embed_spatial": np.zeros((1, 16), np.float32)}, TOY)
+  assert "\n" not in str(e.value) and "a SAM 2.1 checkpoint (it holds visual_model.no_obj_embed_spatial)" in str(e.value)
 
 
 @pytest.mark.parametrize("hw", [(90, 120), (130, 70)])

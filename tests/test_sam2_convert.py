@@ -194,8 +194,11 @@ def test_sam21_tensors_are_refused(toy_sd):
   embedding): an error, not a silent 2.0 run."""
   sd = {**toy_sd, "no_obj_embed_spatial": np.zeros((1, 16), np.float32),
         "obj_ptr_tpos_proj.weight": np.zeros((16, 32), np.float32)}
-  with pytest.raises(ConversionError, match="unexpected source key 'no_obj_embed_spatial'"):
+  with pytest.raises(ConversionError) as e:
     convert_sam2(sd, TOY)
+  assert str(e.value) == ("cannot convert SAM-2 toy weights: a SAM 2.1 checkpoint (it holds no_obj_embed_spatial, "
+                          "obj_ptr_tpos_proj.weight); only SAM 2.0 is supported, which EVF-SAM2 builds on "
+                          "(sam2_hiera_*.pt, not sam2.1_hiera_*.pt)")
 
 
 def test_every_problem_is_reported_at_once(toy_sd):
