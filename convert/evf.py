@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import shutil
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +39,7 @@ from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
 from evf_jax.families import ModelConfig, family_of
 
 SAM_PREFIX = "visual_model."
+EVF_JAX_KEY = "evf_jax"  # config.json of `run.py export-hf`: evf-jax's whole model config (sizes of any kind)
 BEIT3_PREFIX = "mm_extractor.beit3."
 TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
@@ -91,6 +92,15 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json", sam
   if beit_scale not in BEIT3_SCALES:
     raise UserError(f"{where}: mm_extractor_scale {beit_scale!r} is not one of {list(BEIT3_SCALES)}")
   config = config_class.from_scales(sam_scale, beit_scale)
+  if EVF_JAX_KEY in hf_config:  # written by `run.py export-hf`: the model's own sizes, which may be no preset's
+    try:
+      own = config_class.from_dict(hf_config[EVF_JAX_KEY])
+    except (KeyError, TypeError, ValueError) as e:
+      raise UserError(f"{where}: {EVF_JAX_KEY!r} is not a valid {family} config ({e})") from None
+    if (own.sam_scale, own.mm_extractor_scale) != (sam_scale, beit_scale):
+      raise UserError(f"{where}: {EVF_JAX_KEY!r} names sam_scale={own.sam_scale}, mm_extractor_scale="
+                      f"{own.mm_extractor_scale}, the file sam_scale={sam_scale}, mm_extractor_scale={beit_scale}")
+    config = own
   for key, want in (("hidden_size", config.hidden_size), ("out_dim", config.out_dim)):
     if key in hf_config and int(hf_config[key]) != want:
       raise UserError(f"{where}: {key}={hf_config[key]} does not fit sam_scale={sam_scale} / "
@@ -145,15 +155,36 @@ def resolve_source(src: str) -> str:
                     "where the network allows and pass the local directory as --src") from None
 
 
-def _check_out_dir(out: str, overwrite: bool) -> None:
+def check_out_dir(out: str, overwrite: bool, marker: str = CONFIG_FILE, kind: str = "an evf-jax checkpoint") -> None:
+  """--out may be new or empty; with `overwrite`, also a directory holding `marker` (what this command writes).
+  Anything else a user owns is never replaced."""
   if os.path.isfile(out):
     raise UserError(f"--out {out} is a file; expected a directory")
   if os.path.isdir(out) and os.listdir(out):
     if not overwrite:
       raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    if not os.path.isfile(os.path.join(out, CONFIG_FILE)):
-      raise UserError(f"--out {out} is not an evf-jax checkpoint directory; refusing to overwrite it "
+    if not os.path.isfile(os.path.join(out, marker)):
+      raise UserError(f"--out {out} is not {kind} directory; refusing to overwrite it "
                       "even with --overwrite (choose an empty or new directory)")
+
+
+def write_directory(out: str, write: Callable[[str], None]) -> None:
+  """`write(staging)` fills a directory next to `out`, which then replaces `out`: a failed write never leaves a
+  half-written or destroyed directory behind."""
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  staging = f"{out}.partial-{os.getpid()}"
+  shutil.rmtree(staging, ignore_errors=True)
+  try:
+    write(staging)
+    old = None
+    if os.path.isdir(out):
+      old = f"{out}.old-{os.getpid()}"
+      os.replace(out, old)
+    os.replace(staging, out)
+    if old:
+      shutil.rmtree(old)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 # --precision of `run.py convert` -> the parameter dtype stored in model_config.json ("param_dtype").
@@ -171,7 +202,7 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
     raise UserError(f"--precision {precision}: expected one of {', '.join(STORED_DTYPES)}")
   dtype = STORED_DTYPES[precision]
   out = os.path.abspath(out)
-  _check_out_dir(out, overwrite)
+  check_out_dir(out, overwrite)
   src_dir = resolve_source(src)
   cfg_path = os.path.join(src_dir, "config.json")
   if not os.path.isfile(cfg_path):
@@ -190,7 +221,8 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
   from convert import evf_sam2  # lazy: convert.evf_sam2 builds on this module (a top-level import is circular)
   sam2 = evf_sam2.is_evf_sam2(state_dict)
   config = config_from_hf(hf_config, cfg_path, sam2=sam2)
-  check_sizes(state_dict, config)
+  if EVF_JAX_KEY not in hf_config:  # sizes named by scale: say which disagree with the weights
+    check_sizes(state_dict, config)
   family = family_of(config).name
   log(f"converting {len(state_dict)} tensors ({family}: sam_scale={config.sam_scale}, "
       f"mm_extractor_scale={config.mm_extractor_scale}, dtype={dtype})")
@@ -207,25 +239,14 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
       "dtype": dtype, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "num_tensors": len(result.mapping),
   }
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  staging = f"{out}.partial-{os.getpid()}"
-  shutil.rmtree(staging, ignore_errors=True)
-  try:
-    model_config = dict(config.to_dict(), param_dtype=dtype)
-    save_model(staging, result.params, model_config, provenance)
+
+  def write(staging: str) -> None:
+    save_model(staging, result.params, dict(config.to_dict(), param_dtype=dtype), provenance)
     os.makedirs(os.path.join(staging, TOKENIZER_DIR))
     for name in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(src_dir, name)):
         shutil.copy2(os.path.join(src_dir, name), os.path.join(staging, TOKENIZER_DIR, name))
-    old = None
-    if os.path.isdir(out):
-      old = f"{out}.old-{os.getpid()}"
-      os.replace(out, old)
-    os.replace(staging, out)
-    if old:
-      shutil.rmtree(old)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+
+  write_directory(out, write)
   log(f"wrote {out}")
   return provenance

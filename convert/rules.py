@@ -12,6 +12,7 @@ a target the model lacks, a target no source fills, a shape mismatch) and raises
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -85,6 +86,11 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
+def _flat(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A params tree nested or already flat ('/'-joined) -> flat."""
+  return tree if all(isinstance(k, str) and not isinstance(v, Mapping) for k, v in tree.items()) else flatten(tree)
+
+
 def _is_float(dt) -> bool:
   return np.dtype(dt).kind in "fV" or "bfloat16" in str(dt)
 
@@ -107,8 +113,7 @@ def convert(state_dict: Mapping[str, np.ndarray], rules: Sequence[Rule],
     dtype: cast floating tensors to this dtype; default: the target leaf's dtype.
     what: a name for the checkpoint in error messages.
   """
-  flat_target = target if all(isinstance(k, str) and not isinstance(v, Mapping)
-                              for k, v in target.items()) else flatten(target)
+  flat_target = _flat(target)
   compiled = [(re.compile(r.pattern), r) for r in rules]
   ignore_res = [re.compile(p) for p in ignore]
   problems: list[str] = []
@@ -159,6 +164,95 @@ def convert(state_dict: Mapping[str, np.ndarray], rules: Sequence[Rule],
   if problems:
     raise ConversionError(problems, what)
   return ConversionResult(params=unflatten(out), mapping=mapping)
+
+
+def _pattern_parts(pattern: str) -> list[Any]:
+  """A rule's pattern as literal text (str) and capture groups ((number, regex)); a non-capturing group
+  `(?:a|b)` stands for its first alternative, the name written back."""
+  parts: list[Any] = []
+  text: list[str] = []
+  i, groups = 0, 0
+  while i < len(pattern):
+    c = pattern[i]
+    if c == "\\" and i + 1 < len(pattern) and not pattern[i + 1].isalnum():
+      text.append(pattern[i + 1])
+      i += 2
+    elif c == "(":
+      end = pattern.find(")", i)
+      inner = pattern[i + 1:end]
+      if end < 0 or "(" in inner:
+        raise ValueError(f"rule pattern {pattern!r} cannot be written back (nested or open group)")
+      if inner.startswith("?:"):
+        first = inner[2:].split("|")[0]
+        if not re.fullmatch(r"\w+", first):
+          raise ValueError(f"rule pattern {pattern!r}: a non-capturing group's first alternative must be a name")
+        text.append(first)
+      else:
+        groups += 1
+        parts.extend(["".join(text), (groups, inner)])
+        text = []
+      i = end + 1
+    elif c in "\\.^$*+?{}[]|)":
+      raise ValueError(f"rule pattern {pattern!r} cannot be written back ({c!r} outside a group)")
+    else:
+      text.append(c)
+      i += 1
+  parts.append("".join(text))
+  return [p for p in parts if p != ""]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inverse:
+  """One rule read backwards: `target` matches flax paths, `source` rebuilds the key from its groups."""
+  target: re.Pattern
+  source: list[Any]
+  rule: Rule
+
+  @classmethod
+  def of(cls, rule: Rule) -> "_Inverse":
+    source = _pattern_parts(rule.pattern)
+    groups = dict(p for p in source if isinstance(p, tuple))
+    regex, seen = [], set()
+    for k, piece in enumerate(re.split(r"\\(\d)", rule.target)):
+      if k % 2 == 0:
+        regex.append(re.escape(piece))
+      else:
+        n = int(piece)
+        regex.append(f"(?P=g{n})" if n in seen else f"(?P<g{n}>{groups[n]})")
+        seen.add(n)
+    if seen != set(groups):
+      raise ValueError(f"rule {rule.pattern!r} -> {rule.target!r}: a group the target does not use")
+    return cls(re.compile("".join(regex)), [p if isinstance(p, str) else p[0] for p in source], rule)
+
+  def source_key(self, dest: str) -> Optional[str]:
+    m = self.target.fullmatch(dest)
+    if m is None:
+      return None
+    key = "".join(p if isinstance(p, str) else m.group(f"g{p}") for p in self.source)
+    fwd = re.fullmatch(self.rule.pattern, key)  # the key must convert back to `dest` through the same rule
+    return key if fwd is not None and fwd.expand(self.rule.target) == dest else None
+
+
+def source_mapping(target: Mapping[str, Any], rules: Sequence[Rule],
+                   what: str = "model") -> dict[str, tuple[str, str]]:
+  """`convert`'s mapping (flax path -> (source key, transform)) computed from the rules alone, for writing a
+  model's params back in the source layout (`revert`). Every parameter must be written by exactly one rule."""
+  flat = _flat(target)
+  inverses = [_Inverse.of(r) for r in rules]
+  mapping: dict[str, tuple[str, str]] = {}
+  problems: list[str] = []
+  for dest in sorted(flat):
+    found = {(key, inv.rule.transform) for inv in inverses if (key := inv.source_key(dest)) is not None}
+    if len(found) != 1:
+      keys = ", ".join(sorted(k for k, _ in found))
+      problems.append(f"parameter {dest!r}: " + (f"{len(found)} source keys ({keys})" if found else "no rule writes it"))
+      continue
+    mapping[dest] = found.pop()
+  counts = collections.Counter(key for key, _ in mapping.values())
+  problems += [f"source key {k!r} written {n} times" for k, n in sorted(counts.items()) if n > 1]
+  if problems:
+    raise ConversionError(problems, what)
+  return mapping
 
 
 def revert(params: Mapping[str, Any], mapping: Mapping[str, tuple[str, str]]) -> dict[str, np.ndarray]:

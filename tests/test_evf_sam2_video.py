@@ -109,6 +109,7 @@ def test_predict_video_cli_equals_the_original(ckpt, torch_model, spm_dir, frame
       assert 0 < mask.mean() < 1
 
 
+@pytest.mark.slow  # ~40 s; the fp32 video parity tests stay in the default tier
 def test_bf16_video_follows_fp32(ckpt, frames_dir):
   """bfloat16 compute (float32 parameters cast once) tracks the same object as float32 on every frame. Measured on
   this toy (5 frames): masks agree on 99.3-99.8% of pixels, object scores within 0.007; the bounds leave room

@@ -12,12 +12,14 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from evf_jax.cli import run_convert, run_eval, run_predict, run_prepare, run_serve, run_synthetic, run_train
+from evf_jax.cli import (run_convert, run_eval, run_export_hf, run_predict, run_prepare, run_serve, run_synthetic,
+                         run_train)
 from evf_jax.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
 COMMANDS = {
     "convert": run_convert,
+    "export-hf": run_export_hf,
     "predict": run_predict,
     "prepare": run_prepare,
     "eval": run_eval,
