@@ -124,7 +124,11 @@ def export_directory(checkpoint: str, out: str, precision: Optional[str] = None,
 
   def write(staging: str) -> None:
     os.makedirs(staging)
-    save_file(state_dict, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = os.path.join(staging, WEIGHTS_FILE)
+    save_file(state_dict, weights, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(weights, 0o666 & ~umask)  # safetensors creates the file owner-only; a shared export must be readable
     with open(os.path.join(staging, HF_CONFIG_FILE), "w") as f:
       json.dump(cfg, f, indent=2)
     for name, data in tokenizer_files.items():

@@ -70,6 +70,8 @@ def test_a_converted_checkpoint_written_back_is_the_released_file(released, tmp_
   want, _ = _safetensors(os.path.join(hf, "model.safetensors"))
   got, metadata = _safetensors(os.path.join(out, "model.safetensors"))
   assert metadata == {"format": "pt"}  # as save_pretrained writes it (transformers 4 checks it)
+  mode = {f: os.stat(os.path.join(out, f)).st_mode & 0o777 for f in ("model.safetensors", "config.json")}
+  assert mode["model.safetensors"] == mode["config.json"], mode  # as readable as any file the user writes
   assert sorted(got) == sorted(want)
   if name == "evf-sam2":  # EVF's name for the memory fuser's layer scale, not Meta's `gamma`
     assert "visual_model.memory_encoder.fuser.layers.0.weight" in got
