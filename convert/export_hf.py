@@ -87,7 +87,8 @@ def _cast(state_dict: dict[str, np.ndarray], precision: str) -> dict[str, np.nda
   name, dtype = EXPORT_DTYPES[precision]
   out, overflow = {}, []
   for key, value in state_dict.items():
-    cast = value.astype(dtype) if value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16 else value
+    with np.errstate(over="ignore"):  # an overflow is reported below, in one line
+      cast = value.astype(dtype) if value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16 else value
     if precision == "fp16" and np.isinf(cast).any() and not np.isinf(value.astype(np.float32)).any():
       overflow.append(key)
     out[key] = np.ascontiguousarray(cast)

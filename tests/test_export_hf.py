@@ -211,6 +211,7 @@ def _error(capsys, argv) -> str:
 
 
 @pytest.mark.parametrize("released", ["evf-sam"], indirect=True)
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow warning would print a second line
 def test_bad_input_is_one_line(released, tmp_path, capsys):
   _, hf, ckpt = released
   mine = tmp_path / "mine"
