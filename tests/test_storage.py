@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from convert.export_hf import export_directory
 from evf_jax import storage
 from evf_jax.checkpoints import load_checkpoint, read_provenance
 from evf_jax.errors import UserError
@@ -83,6 +84,12 @@ def test_an_export_to_a_bucket_loads_as_a_local_one(gcs_bucket, tmp_path):
   assert not storage.path(f"{workdirs['gcs']}/export.partial").exists()
   assert not storage.path(f"{workdirs['gcs']}/export.old").exists()
   assert TextTokenizer(f"{workdirs['gcs']}/export/tokenizer").vocab_size == loaded["local"][2].vocab_size
+  # `run.py export-hf` reads the bucket's export as the local one.
+  files = {}
+  for where, workdir in workdirs.items():
+    export_directory(f"{workdir}/export", str(tmp_path / f"hf_{where}"), log=lambda *_: None)
+    files[where] = {f: (tmp_path / f"hf_{where}" / f).read_bytes() for f in os.listdir(tmp_path / f"hf_{where}")}
+  assert files["gcs"] == files["local"] and "sentencepiece.bpe.model" in files["gcs"]
 
 
 def _random_params(config, seed):
