@@ -55,8 +55,6 @@ def torch_state_dict(params: Any, config: ModelConfig) -> dict[str, np.ndarray]:
   return revert(host, source_mapping(host, rules_for(config), what=what))
 
 
-
-
 def original_cannot_build(config: ModelConfig) -> Optional[str]:
   """Why the original's `from_pretrained` cannot build this model, or None when it can."""
   family = family_of(config).name
@@ -84,11 +82,12 @@ def hf_config(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
 
 
 def _cast(state_dict: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
-  name, dtype = EXPORT_DTYPES[precision]
+  dtype = EXPORT_DTYPES[precision][1]
   out, overflow = {}, []
-  for key, value in state_dict.items():
+  for key, value in state_dict.items():  # one copy per tensor at most: the file's contiguous array
     with np.errstate(over="ignore"):  # an overflow is reported below, in one line
-      cast = value.astype(dtype) if value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16 else value
+      floating = value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16
+      cast = value.astype(dtype, copy=False) if floating else value
     if precision == "fp16" and np.isinf(cast).any() and not np.isinf(value.astype(np.float32)).any():
       overflow.append(key)
     out[key] = np.ascontiguousarray(cast)
