@@ -39,8 +39,8 @@ from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
 from evf_jax.families import ModelConfig, family_of
 
 SAM_PREFIX = "visual_model."
-EVF_JAX_KEY = "evf_jax"  # config.json of `run.py export-hf`: evf-jax's whole model config (sizes of any kind)
 BEIT3_PREFIX = "mm_extractor.beit3."
+EVF_JAX_KEY = "evf_jax"  # config.json of `run.py export-hf`: evf-jax's whole model config (sizes of any kind)
 TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
