@@ -88,7 +88,7 @@ def _cast(state_dict: dict[str, np.ndarray], precision: str) -> dict[str, np.nda
     with np.errstate(over="ignore"):  # an overflow is reported below, in one line
       floating = value.dtype.kind == "f" or value.dtype == ml_dtypes.bfloat16
       cast = value.astype(dtype, copy=False) if floating else value
-    if precision == "fp16" and np.isinf(cast).any() and not np.isinf(value.astype(np.float32)).any():
+    if precision == "fp16" and np.isinf(cast).any() and not np.isinf(value).any():
       overflow.append(key)
     out[key] = np.ascontiguousarray(cast)
   if overflow:

@@ -86,14 +86,19 @@ def test_a_converted_checkpoint_written_back_is_the_released_file(released, tmp_
     assert open(os.path.join(out, f), "rb").read() == open(os.path.join(hf, f), "rb").read(), f
 
 
-def _changed_checkpoint(ckpt: str, out: str) -> str:
-  """The checkpoint with every parameter moved, as training moves them, saved as evf-jax saves a model."""
+def _edited_checkpoint(ckpt: str, out: str, edit) -> str:
+  """The checkpoint with its parameters (host arrays) passed through `edit`, saved as evf-jax saves a model."""
   config, params, _ = load_checkpoint(ckpt)
-  rng = np.random.default_rng(1)
-  params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params)
-  save_model(out, params, dict(config.to_dict(), param_dtype="float32"))
+  save_model(out, edit(jax.tree.map(np.asarray, params)), dict(config.to_dict(), param_dtype="float32"))
   shutil.copytree(os.path.join(ckpt, TOKENIZER_DIR), os.path.join(out, TOKENIZER_DIR))
   return out
+
+
+def _changed_checkpoint(ckpt: str, out: str) -> str:
+  """The checkpoint with every parameter moved, as training moves them."""
+  rng = np.random.default_rng(1)
+  return _edited_checkpoint(ckpt, out, lambda params: jax.tree.map(
+      lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32), params))
 
 
 def _as_evf_fuser(fuser) -> None:
@@ -227,12 +232,11 @@ def test_bad_input_is_one_line(released, tmp_path, capsys):
                                                            "--out", str(tmp_path / "y")])
   assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
   # A weight beyond float16's range: fp16 refused, nothing written.
-  config, params, _ = load_checkpoint(ckpt)
-  params = jax.tree.map(np.asarray, params)
-  params["projector"]["fc1"]["bias"] = params["projector"]["fc1"]["bias"] + 1e5
-  big = str(tmp_path / "big")
-  save_model(big, params, dict(config.to_dict(), param_dtype="float32"))
-  shutil.copytree(os.path.join(ckpt, TOKENIZER_DIR), os.path.join(big, TOKENIZER_DIR))
+  def beyond_fp16(params):
+    params["projector"]["fc1"]["bias"] = params["projector"]["fc1"]["bias"] + 1e5
+    return params
+
+  big = _edited_checkpoint(ckpt, str(tmp_path / "big"), beyond_fp16)
   line = _error(capsys, ["export-hf", "--checkpoint", big, "--out", str(tmp_path / "z"), "--precision", "fp16"])
   assert "exceed float16's range (e.g. text_hidden_fcs.0.0.bias)" in line, line
   assert not (tmp_path / "z").exists()
