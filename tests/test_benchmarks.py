@@ -115,3 +115,19 @@ def test_dense_products_counts_dense_layers_and_scan_steps():
     return jnp.einsum("bqd,bkd->bqk", y, y)
 
   assert dense_products(fn, params, x) == {(10, 3, 4): 1, (10, 4, 4): 3}
+
+
+def test_export_in_original_refuses_bad_input(tmp_path, capsys):
+  """The check against the original repository: no checkout, or a workdir with files in it, is one line."""
+  from benchmarks import export_in_original
+  checkout = tmp_path / "EVF-SAM"
+  (checkout / "model").mkdir(parents=True)
+  (checkout / "model" / "evf_sam.py").touch()
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "mine.txt").write_text("keep")
+  for original, says in ((tmp_path, "not a checkout of hustvl/EVF-SAM"), (checkout, "is not empty")):
+    assert export_in_original.main(["--original", str(original), "--workdir", str(work)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+  assert (work / "mine.txt").read_text() == "keep"
