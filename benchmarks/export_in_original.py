@@ -6,15 +6,18 @@
     python -m benchmarks.export_in_original --original /path/EVF-SAM --original-pythonpath /path/tf4 \
         --family evf-sam --workdir W [--out r.json]
 
-1. ours: random parameters at the family's released size (SAM ViT-H + BEiT-3-L, or SAM-2 Hiera-L + BEiT-3-L),
-   every tensor moved by noise (biases and norms off their init values), saved as an evf-jax checkpoint with a
-   small unigram tokenizer, written with `run.py export-hf`, then `Predictor`'s logits for two prompts;
+1. ours: random parameters (`evf_testing.training.random_params`) at the family's released size (SAM ViT-H +
+   BEiT-3-L, or SAM-2 Hiera-L + BEiT-3-L), every tensor moved by noise (biases and norms off their init values),
+   saved as an evf-jax checkpoint with a small unigram tokenizer, written with `run.py export-hf`, then
+   `Predictor`'s logits for two prompts (EVF-SAM2: and `VideoPredictor`'s on a 4-frame JPEG video prompted on
+   frame 0, with the object-score head's bias raised by 20 so that no frame is gated to "no object");
 2. the original: `EvfSamModel` / `EvfSam2Model` of the checkout (`model/evf_sam.py`, `model/evf_sam2.py`)
    loaded from that directory with transformers' `from_pretrained(..., torch_dtype=torch.float32,
    low_cpu_mem_usage=True)` and its tokenizer with `AutoTokenizer(use_fast=False)`, as its `inference.py`
    loads them; its `inference()` on the same image, preprocessed as `inference.py` does (without torchvision
    and cv2: the same operations, see `evf_testing.evf_reference`). For EVF-SAM2 also the video model of
-   `inference_video.py` (`model/evf_sam2_video.py`), loaded only: its inference is written for CUDA;
+   `inference_video.py` (`model/evf_sam2_video.py`) and its `inference()` on the video, run on the CPU
+   (`_original_video` says how);
 3. the keys transformers did not fill or did not use, the token ids of both tokenizers, and the logits.
 
 The original's models do not load with transformers 5 (they never call `post_init()`, which transformers 5
@@ -41,11 +44,14 @@ import numpy as np
 FAMILIES = {"evf-sam": "EvfSamModel", "evf-sam2": "EvfSam2Model"}
 PROMPTS = ["zebra top left", "[semantic] sky"]
 IMAGE_HW = (480, 640)
+VIDEO_FRAMES = 4  # EVF-SAM2: a panning scene of this many frames of IMAGE_HW, prompted with PROMPTS[0]
+OBJECT_SCORE_BIAS = 20.0
 
 
 def _paths(workdir: str) -> dict[str, str]:
   return {k: os.path.join(workdir, v) for k, v in
-          (("ckpt", "evf_jax_ckpt"), ("hf", "exported"), ("ours", "ours.npz"), ("original", "original.npz"))}
+          (("ckpt", "evf_jax_ckpt"), ("hf", "exported"), ("ours", "ours.npz"), ("original", "original.npz"),
+           ("frames", "frames"), ("ours_video", "ours_video.npy"))}
 
 
 def ours(family: str, workdir: str, seed: int) -> None:
@@ -58,12 +64,15 @@ def ours(family: str, workdir: str, seed: int) -> None:
   from evf_jax.predictor import Predictor
   from evf_testing.images import smooth_image
   from evf_testing.spm_model import train as train_spm
+  from evf_testing.training import random_params
 
   p = _paths(workdir)
   config = EvfConfig.preset("evf-sam") if family == "evf-sam" else EvfSam2Config.preset("evf-sam2")
-  params = jax.tree.map(np.asarray, family_of(config).init_params(config, jax.random.key(seed)))
-  rng = np.random.default_rng(seed)
+  params = random_params(family_of(config).abstract_params(config), seed)
+  rng = np.random.default_rng(seed + 1)
   params = jax.tree.map(lambda x: x + np.float32(0.05) * rng.standard_normal(x.shape, np.float32), params)
+  if family == "evf-sam2":  # the object present on every frame: else the video is gated to "no object" (-1024)
+    params["sam"]["sam_mask_decoder"]["pred_obj_score_head"]["layers_2"]["bias"] += np.float32(OBJECT_SCORE_BIAS)
   save_model(p["ckpt"], params, dict(config.to_dict(), param_dtype="float32"))
   del params
   spm_dir = train_spm(os.path.join(workdir, "spm"), "unigram")
@@ -77,6 +86,17 @@ def ours(family: str, workdir: str, seed: int) -> None:
   result = predictor.predict(PROMPTS)
   ids = [predictor.tokenizer.encode(t) for t in PROMPTS]
   np.savez(p["ours"], logits=result.logits, ids=np.array(ids, dtype=object))
+
+
+def ours_video(workdir: str) -> None:
+  """EVF-SAM2: `VideoPredictor` on a panning scene of VIDEO_FRAMES JPEGs, prompted on frame 0 with PROMPTS[0]."""
+  from evf_jax.video import VideoPredictor, read_frames
+  from evf_testing.sam2_reference import write_video_frames
+  p = _paths(workdir)
+  os.makedirs(p["frames"])
+  write_video_frames(p["frames"], VIDEO_FRAMES, *IMAGE_HW)
+  frames = VideoPredictor.from_checkpoint(p["ckpt"]).predict(read_frames(p["frames"])[1], PROMPTS[0])
+  np.save(p["ours_video"], np.stack([f.logits for f in frames]))
 
 
 def _stand_ins() -> None:
@@ -152,11 +172,59 @@ def original(family: str, workdir: str, checkout: str) -> None:
   if family == "evf-sam2":  # inference_video.py's model: the same file, SAM-2 built as a video predictor
     del model
     video_cls = importlib.import_module("model.evf_sam2_video").EvfSam2Model
-    _, infos["video model"] = video_cls.from_pretrained(p["hf"], torch_dtype=torch.float32, low_cpu_mem_usage=True,
-                                                        output_loading_info=True)
-  np.savez(p["original"], logits=np.stack(logits), ids=np.array(ids, dtype=object),
+    video_model, infos["video model"] = video_cls.from_pretrained(p["hf"], torch_dtype=torch.float32,
+                                                                  low_cpu_mem_usage=True, output_loading_info=True)
+    video = {"video_logits": _original_video(video_model.eval(), tokenizer, p["frames"])}
+  else:
+    video = {}
+  np.savez(p["original"], logits=np.stack(logits), ids=np.array(ids, dtype=object), **video,
            info=json.dumps({m: {k: [str(x) for x in v] for k, v in i.items()} for m, i in infos.items()}),
            versions=json.dumps({"transformers": transformers.__version__, "torch": torch.__version__}))
+
+
+def _original_video(model, tokenizer, frames_dir: str) -> np.ndarray:
+  """The video model's `inference()` (EVF's `add_new_text` on frame 0, then `propagate_in_video`) on the CPU, with
+  the logits of every frame at the video's size recorded as they pass (it returns only masks). Its code is
+  written for CUDA: `.cuda()` is the identity, the predictor's `torch.device("cuda")` is the CPU, and the
+  connected components of its hole filling (a CUDA kernel) come from `connected_components_bruteforce`, which
+  the tests check against scipy's labelling."""
+  import types
+
+  import torch
+  from PIL import Image
+  from evf_testing.evf_reference import beit_input
+  from evf_testing.sam2_reference import connected_components_bruteforce
+  predictor_module = importlib.import_module("model.segment_anything_2.sam2.sam2_video_predictor")
+  misc = importlib.import_module("model.segment_anything_2.sam2.utils.misc")
+
+  class TorchOnCpu(types.ModuleType):
+    def __getattr__(self, name):
+      return getattr(torch, name)
+
+    @staticmethod
+    def device(*args, **kwargs):
+      return torch.device("cpu") if args and str(args[0]).startswith("cuda") else torch.device(*args, **kwargs)
+
+  torch.Tensor.cuda = lambda self, *args, **kwargs: self
+  predictor_module.torch = TorchOnCpu("torch")
+  misc.get_connected_components = connected_components_bruteforce
+  predictor = model.visual_model
+  propagate, logits = predictor.propagate_in_video, {}
+
+  def recorded(*args, **kwargs):
+    for frame_idx, obj_ids, video_res_masks in propagate(*args, **kwargs):
+      logits[frame_idx] = video_res_masks[0, 0].float().numpy()
+      yield frame_idx, obj_ids, video_res_masks
+
+  predictor.propagate_in_video = recorded
+  frame0 = np.asarray(Image.open(os.path.join(frames_dir, "00000.jpg")).convert("RGB"))
+  input_ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+  with torch.no_grad():
+    masks = model.inference(frames_dir, beit_input(frame0, 224), input_ids)
+  assert sorted(masks) == sorted(logits) == list(range(VIDEO_FRAMES)), (sorted(masks), sorted(logits))
+  for t, by_object in masks.items():  # what inference() returns is what was recorded
+    np.testing.assert_array_equal(by_object[1][0], logits[t] > 0)
+  return np.stack([logits[t] for t in range(VIDEO_FRAMES)])
 
 
 def compare(family: str, workdir: str) -> dict:
@@ -166,7 +234,16 @@ def compare(family: str, workdir: str) -> dict:
   scale = float(np.abs(b["logits"]).max())
   differ = (a["logits"] > 0) != (b["logits"] > 0)
   info = json.loads(str(b["info"]))
-  return {"family": family, "prompts": PROMPTS, "image_hw": list(IMAGE_HW),
+  video = {}
+  if "video_logits" in b:
+    va, vb = np.load(p["ours_video"]), b["video_logits"]
+    vdiff = np.abs(va - vb)
+    video = {"video": {"frames": int(vb.shape[0]), "prompt": PROMPTS[0],
+                       "max_abs_logit_diff_per_frame": [float(d.max()) for d in vdiff],
+                       "logit_scale_per_frame": [float(np.abs(x).max()) for x in vb],
+                       "mask_pixels_agree_per_frame": [float(np.mean((x > 0) == (y > 0))) for x, y in zip(va, vb)],
+                       "foreground_share_per_frame": [float(np.mean(y > 0)) for y in vb]}}
+  return {"family": family, "prompts": PROMPTS, "image_hw": list(IMAGE_HW), **video,
           "original_ran_with": json.loads(str(b["versions"])),
           "weights_bytes": os.path.getsize(os.path.join(p["hf"], "model.safetensors")),
           "loading_info": info, "all_keys_loaded": not any(any(i.values()) for i in info.values()),
@@ -187,12 +264,16 @@ def main(argv=None) -> int:
                   help="prepended to PYTHONPATH for the original's step (a transformers 4 installed with --target)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", help="write the result here as JSON")
-  ap.add_argument("--stage", choices=["ours", "original"], help=argparse.SUPPRESS)  # one child process's part
+  ap.add_argument("--stage", choices=["ours", "ours-video", "original"],
+                  help=argparse.SUPPRESS)  # one child process's part
   args = ap.parse_args(argv)
   checkout = os.path.abspath(args.original)
   workdir = os.path.abspath(args.workdir)
   if args.stage == "ours":
     ours(args.family, workdir, args.seed)
+    return 0
+  if args.stage == "ours-video":
+    ours_video(workdir)
     return 0
   if args.stage == "original":
     original(args.family, workdir, checkout)
@@ -211,6 +292,8 @@ def main(argv=None) -> int:
   base = [sys.executable, "-m", "benchmarks.export_in_original", "--original", checkout, "--family", args.family,
           "--workdir", workdir, "--seed", str(args.seed)]
   subprocess.run(base + ["--stage", "ours"], check=True, env=env(), cwd=repo)
+  if args.family == "evf-sam2":
+    subprocess.run(base + ["--stage", "ours-video"], check=True, env=env(), cwd=repo)
   subprocess.run(base + ["--stage", "original"], check=True, env=env(args.original_pythonpath), cwd=checkout)
   result = compare(args.family, workdir)
   git = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True)

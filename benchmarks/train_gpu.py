@@ -116,7 +116,7 @@ def setup(ctx: Ctx, label: str, args) -> dict:
   from evf_jax.train import optimizer, partition
   from evf_jax.train.step import StepOptions, make_train_step
   from evf_jax.train.trainer import fresh_state, state_layout
-  from evf_testing.training import random_batch
+  from evf_testing.training import random_batch, random_params
   t0 = time.perf_counter()
   check_attention_platform(args.attention)
   dtype = compute_dtype(args.precision, args.attention)
@@ -131,7 +131,7 @@ def setup(ctx: Ctx, label: str, args) -> dict:
   schedule = optimizer.learning_rate(1e-4, total_steps=1_000_000, warmup_steps=0, schedule="constant")
   tx = optimizer.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, clip_norm=1.0)
   shapes, shards, _ = state_layout(config, trainable, tx, mesh, rules)
-  state = fresh_state(random_params(shapes), trainable, tx, shards)
+  state = fresh_state(random_params(partition.merge(shapes["params"], shapes["frozen"])), trainable, tx, shards)
   replicated = NamedSharding(mesh, P())
   encoder_frozen = partition.encoder_frozen(shapes["params"])
   options = StepOptions(dtype=dtype, encoder_frozen=encoder_frozen)
@@ -158,28 +158,6 @@ def setup(ctx: Ctx, label: str, args) -> dict:
               mask_size=args.mask_size or config.sam.img_size, trained_params=n_trained, frozen_params=n_frozen,
               model_flops_per_step=flops, peak_flops_per_device=ctx.peak, seconds=time.perf_counter() - t0,
               memory=memory_stats(dev), device=device_info())
-
-
-def random_params(shapes: dict) -> dict:
-  """The full parameter tree as host float32 arrays, drawn in numpy (seconds at full size; `init_params` compiles
-  the model's init, minutes on a CPU): kernels ~ N(0, 1 / fan_in), LayerNorm scales 1, biases 0, other tables
-  ~ N(0, 0.02^2). The values do not change the timings; they keep the activations and the loss finite."""
-  from flax import traverse_util
-  from evf_jax.train import partition
-  rng = np.random.default_rng(0)
-  flat = traverse_util.flatten_dict({"frozen": shapes["frozen"], "params": shapes["params"]})
-  out = {}
-  for key, leaf in flat.items():
-    shape, name = tuple(leaf.shape), key[-1]
-    if name == "scale":
-      out[key] = np.ones(shape, np.float32)
-    elif name == "bias":
-      out[key] = np.zeros(shape, np.float32)
-    else:
-      std = 1.0 / np.sqrt(max(1, int(np.prod(shape[:-1])))) if name == "kernel" else 0.02
-      out[key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-  tree = traverse_util.unflatten_dict(out)
-  return partition.merge(tree["params"], tree["frozen"])
 
 
 def device_info() -> dict:

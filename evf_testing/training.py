@@ -67,6 +67,25 @@ def random_batch(config: EvfConfig | EvfSam2Config, images: int = 2, prompts: in
           "input_ids": ids, "attention_mask": ids != 1, "prompt_valid": valid, "masks": masks, "valid_region": region}
 
 
+def random_params(shapes, seed: int = 0) -> dict:
+  """Host float32 arrays in the shapes of a parameter tree (e.g. `abstract_params(config)`), drawn in numpy:
+  seconds at the released sizes, where `init_params` compiles the model's init for minutes on a CPU. Kernels
+  ~ N(0, 1 / fan_in), norm scales 1, biases 0, other tables ~ N(0, 0.02^2): activations stay finite."""
+  from flax import traverse_util
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, leaf in traverse_util.flatten_dict(shapes).items():
+    shape, name = tuple(leaf.shape), key[-1]
+    if name == "scale":
+      out[key] = np.ones(shape, np.float32)
+    elif name == "bias":
+      out[key] = np.zeros(shape, np.float32)
+    else:
+      std = 1.0 / np.sqrt(max(1, int(np.prod(shape[:-1])))) if name == "kernel" else 0.02
+      out[key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+  return traverse_util.unflatten_dict(out)
+
+
 def micro_train_config(steps: int = 6, sam2: bool = False) -> ml_collections.ConfigDict:
   """configs/train/synthetic.py at test size: the tiny model (`sam2`: the toy EVF-SAM2) on a few synthetic
   images, evaluated at the end."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 import pytest
 
@@ -18,7 +17,7 @@ from evf_jax.evf import abstract_params
 from evf_jax.tokenizer import TextTokenizer
 from evf_jax.train import checkpointing
 from evf_testing import spm_model
-from evf_testing.training import assert_same_tree, tiny_config
+from evf_testing.training import assert_same_tree, random_params, tiny_config
 
 
 def test_paths_are_local_or_gs_urls(tmp_path):
@@ -69,7 +68,7 @@ def test_an_export_to_a_bucket_loads_as_a_local_one(gcs_bucket, tmp_path):
   tokenizer_model = os.path.join(spm_model.train(str(tmp_path / "spm")), "sentencepiece.bpe.model")
   model_config = dict(config.to_dict(), param_dtype="float32")
   workdirs = {"local": str(tmp_path / "run"), "gcs": f"gs://{gcs_bucket}/run"}
-  first, params = (_random_params(config, seed) for seed in (1, 0))
+  first, params = (random_params(abstract_params(config), seed) for seed in (1, 0))
   checkpointing.export(workdirs["gcs"], first, model_config, {"step": 1}, tokenizer_model)
   for where, workdir in workdirs.items():
     out = checkpointing.export(workdir, params, model_config, {"step": 2}, tokenizer_model)
@@ -90,12 +89,6 @@ def test_an_export_to_a_bucket_loads_as_a_local_one(gcs_bucket, tmp_path):
     export_directory(f"{workdir}/export", str(tmp_path / f"hf_{where}"), log=lambda *_: None)
     files[where] = {f: (tmp_path / f"hf_{where}" / f).read_bytes() for f in os.listdir(tmp_path / f"hf_{where}")}
   assert files["gcs"] == files["local"] and "sentencepiece.bpe.model" in files["gcs"]
-
-
-def _random_params(config, seed):
-  """Random float32 values in the model's parameter shapes (no init compile: ~17 s for this model)."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), abstract_params(config))
 
 
 def test_a_local_mirror_uploads_what_a_finished_writer_wrote(gcs_bucket, tmp_path):
