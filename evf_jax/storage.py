@@ -4,6 +4,10 @@ Small files go through `etils.epath` (gcsfs on `gs://`), arrays through orbax (t
 Credentials are Google's application defaults (on a TPU VM or GCE, the VM's service account). Object stores
 have no rename and no append, so the few places that need them (`write_atomic`, `append_line`, `move_tree`)
 say what they do there instead.
+
+Importing this module turns gcsfs's directory-listing cache off for gs:// (fsspec's config default for the
+protocol; a value the user set there wins): a run's bucket is also written by tensorstore and by the other
+processes of a run, whose objects a cached listing hides (gcsfs then says a file just listed does not exist).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from evf_jax.errors import UserError
 SCHEMES = ("gs://",)  # the URL schemes a path may have; others are refused by `resolve`
 
 PathLike = Union[str, os.PathLike]
+
+fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
 def is_url(path: PathLike) -> bool:

@@ -54,6 +54,23 @@ def test_file_operations_on_a_bucket(gcs_bucket, tmp_path):
   assert not storage.path(f"{root}/moved").exists()
 
 
+def test_objects_another_client_wrote_are_seen(gcs_bucket, tmp_path):
+  """A run's bucket is also written by tensorstore and by the run's other processes: a folder this process
+  listed before they wrote into it copies whole (gcsfs's listing cache, on by default, raised FileNotFoundError
+  for the new object)."""
+  import fsspec
+  root = f"gs://{gcs_bucket}/other_writer"
+  storage.write_atomic(f"{root}/d/a.txt", "a")
+  assert [p.name for p in storage.path(f"{root}/d").iterdir()] == ["a.txt"]
+  assert storage._files_under(root) == ["d/a.txt"]
+  other = fsspec.filesystem("gs", skip_instance_cache=True)  # a client of its own, as tensorstore is
+  other.pipe(f"{gcs_bucket}/other_writer/d/b.txt", b"b")
+  assert sorted(p.name for p in storage.path(f"{root}/d").iterdir()) == ["a.txt", "b.txt"]
+  storage.move_tree(root, f"gs://{gcs_bucket}/other_writer_moved")
+  storage.copy_tree(f"gs://{gcs_bucket}/other_writer_moved", tmp_path / "down")
+  assert (tmp_path / "down/d/b.txt").read_text() == "b" and not storage.path(root).exists()
+
+
 def test_a_missing_bucket_is_one_line(gcs_bucket):
   storage.check_writable(f"gs://{gcs_bucket}/run", "--workdir")
   with pytest.raises(UserError, match="--workdir gs://no-such-bucket-here/run: cannot write there") as e:
