@@ -5,6 +5,7 @@ programs in several runs). Modules whose time is compiling, not running, use `fa
 These must be set before jax is imported anywhere, which is why they live here.
 """
 
+import contextlib
 import os
 import tempfile
 
@@ -25,19 +26,39 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def fast_compile():
-  """XLA with most optimizations off, for this module and the processes it starts: compiling a training step
-  for 8 CPU devices takes ~40 s instead of ~110 s (tiny models run as fast either way; large ones slower)."""
+@contextlib.contextmanager
+def _optimizations_off():
+  """XLA with most optimizations off, here and in the processes started meanwhile."""
   before, env = jax.config.read("jax_disable_most_optimizations"), os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
   jax.config.update("jax_disable_most_optimizations", True)
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-  yield
-  jax.config.update("jax_disable_most_optimizations", before)
-  if env is None:
-    os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
-  else:
-    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+    if env is None:
+      os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+      os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Most XLA optimizations off for this module (its module fixtures included): compiling a training step for 8
+  CPU devices takes ~40 s instead of ~110 s (tiny models run as fast either way; large ones slower)."""
+  with _optimizations_off():
+    yield
+
+
+@pytest.fixture
+def fast_compile_unless_slow(request):
+  """Most XLA optimizations off for each test not marked slow (a module's tiny-model tests), on for the slow
+  ones: full-size models run far slower unoptimized, and the slow tier keeps XLA's optimized programs tested."""
+  if request.node.get_closest_marker("slow"):
+    yield
+    return
+  with _optimizations_off():
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,8 @@ import pytest
 
 from evf_jax import layers
 
+pytestmark = pytest.mark.usefixtures("fast_compile_unless_slow")  # tiny models: compiling is most of the time
+
 
 def reference(q, k, v, key_mask=None):
   """(B, N, T, D) through jax's own attention, which takes (B, T, N, D)."""

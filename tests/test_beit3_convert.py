@@ -18,6 +18,9 @@ from evf_jax.beit3 import Beit3, Beit3Config, abstract_params, dummy_inputs
 from evf_testing import torch_reference as tr
 from evf_testing.beit3_reference import make_inputs, run_torch, torch_beit3
 
+pytestmark = pytest.mark.usefixtures("fast_compile_unless_slow")  # tiny models: compiling is most of the time
+
+
 TINY = Beit3Config.tiny()
 
 

@@ -22,6 +22,9 @@ import pytest
 from evf_jax.beit3 import Beit3Config
 from evf_testing.beit3_reference import PAD, Converted, make_inputs, run_torch
 
+pytestmark = pytest.mark.usefixtures("fast_compile_unless_slow")  # tiny models: compiling is most of the time
+
+
 def check_all_modes(conv: Converted, atol: float, batch: int = 3):
   images, ids = make_inputs(conv.cfg, batch)
   errors = {}

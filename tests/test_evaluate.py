@@ -21,6 +21,9 @@ from evf_jax.evf import EvfConfig, cast_kernels, init_params
 from evf_testing import data_fixtures as df
 from evf_testing.cli_errors import error_line
 
+pytestmark = pytest.mark.usefixtures("fast_compile_unless_slow")  # tiny models: compiling is most of the time
+
+
 # ---------------------------------------------------------------- direct numpy implementation of the protocol
 
 

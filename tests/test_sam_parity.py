@@ -30,6 +30,9 @@ from evf_testing import cudnn_stand_in
 from evf_testing import torch_reference as tr
 from evf_testing.sam_reference import build_torch_sam, nchw_to_nhwc, to_np
 
+pytestmark = pytest.mark.usefixtures("fast_compile_unless_slow")  # tiny models: compiling is most of the time
+
+
 TINY = SAM_CONFIGS["tiny"]
 
 
