@@ -1,6 +1,7 @@
 """Test environment: CPU only, 8 simulated devices, float32 matmuls at full precision, and a persistent
 compilation cache shared by this session and the processes its tests start (training tests compile the same
-programs in several runs). Modules whose time is compiling, not running, use `fast_compile`.
+programs in several runs). Modules whose time is compiling, not running, use `fast_compile` (or
+`fast_compile_unless_slow`, which leaves their slow full-size tests optimized).
 
 These must be set before jax is imported anywhere, which is why they live here.
 """
