@@ -474,7 +474,7 @@ def main(argv=None) -> int:
   from evf_jax.runtime import compute_dtype
   from evf_jax.sam import rel_pos_attention
   from evf_jax.train import config as train_config
-  from evf_jax.train import losses, optimizer, partition
+  from evf_jax.train import optimizer, partition
   from evf_jax.train.step import BATCH_KEYS, StepOptions, make_train_step
   from evf_jax.train.trainer import state_layout
 
@@ -542,8 +542,7 @@ def main(argv=None) -> int:
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
   encoder_frozen = partition.encoder_frozen(shapes["params"])
   decoder_trained = partition.decoder_trained(shapes["params"])
-  options = StepOptions(dtype=dtype, grad_accum=cfg.grad_accum, encoder_frozen=encoder_frozen,
-                        loss_weights=losses.LossWeights(cfg.loss.bce_weight, cfg.loss.dice_weight))
+  options = StepOptions.from_config(cfg, dtype, encoder_frozen)
   model = family.model_class(model_config, attention=cfg.attention, remat=cfg.remat, dtype=dtype)
   step_fn = make_train_step(model, model_config, tx, schedule, options)
 

@@ -44,9 +44,10 @@ class EvfSam2Config:
   beit3: Beit3Config
   sam_scale: str = "large"
   mm_extractor_scale: str = "large"
-  # Images are decoded as the original infers: the best of masks 1-3 by predicted IoU. False: mask 0, the one
-  # training sees (the original's training forward): for a model whose decoder was trained from scratch or
-  # fine-tuned, where masks 1-3 and the IoU head never received a gradient.
+  # Which mask is kept, in training and inference alike: the best of masks 1-3 by predicted IoU (the original's
+  # training forward and inference since its commit 9d00853). False: mask 0 of the single-mask output in train
+  # mode (its training forward before that commit), for a decoder trained from scratch, whose IoU head gets no
+  # gradient and so cannot pick among masks 1-3.
   multimask_output: bool = True
 
   def __post_init__(self):
@@ -98,7 +99,8 @@ class EvfSam2(EvfSam):
 
   - `embed_image(sam_images)`: SAM-2's image features, once per image.
   - `text_prompts(beit_images, input_ids, attention_mask)`: one prompt embedding per text (`EvfSam`'s).
-  - `decode(image_features, prompts)`: the best of the 3 multimask logits by predicted IoU, and that IoU.
+  - `decode(image_features, prompts)`: the kept mask's logits (the best of masks 1-3 by predicted IoU, or mask 0
+    with `config.multimask_output` False) and its IoU.
   - `embed_image_for_training` / `decode_for_training`: what the training step runs in their place.
   - `__call__`: all three (used by `init`).
   """
@@ -124,10 +126,14 @@ class EvfSam2(EvfSam):
 
   def decode(self, image_features: tuple[jax.Array, tuple[jax.Array, ...]],
              prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """-> low-res logits (N, 1, 4h, 4w) of the mask with the highest predicted IoU among masks 1-3, and that
-    IoU (N, 1); with `config.multimask_output` False, mask 0 and its IoU (`decode_for_training`)."""
+    """-> low-res logits (N, 1, 4h, 4w) of the kept mask and its predicted IoU (N, 1): with
+    `config.multimask_output` the mask with the highest predicted IoU among masks 1-3, otherwise mask 0 of the
+    single-mask output in train mode (without SAM-2's eval-mode stability fallback)."""
     if not self.config.multimask_output:
-      return self.decode_for_training(image_features, prompts)
+      embed, high_res = image_features
+      masks, iou, _, _ = self.sam.decode(embed, high_res, extra_sparse=prompts[:, None, :], multimask_output=False,
+                                         training=True)
+      return masks, iou
     masks, iou, _, _ = self.decode_all(image_features, prompts, multimask_output=True)
     best = jnp.argmax(iou, axis=-1)[:, None]
     return jnp.take_along_axis(masks, best[:, :, None, None], axis=1), jnp.take_along_axis(iou, best, axis=1)
@@ -140,12 +146,9 @@ class EvfSam2(EvfSam):
 
   def decode_for_training(self, image_features: tuple[jax.Array, tuple[jax.Array, ...]],
                           prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The mask the loss sees, as EVF-SAM2's training forward: single-mask output in train mode, i.e. mask 0
-    (neither the best of masks 1-3 that inference keeps nor SAM-2's eval-mode stability fallback)."""
-    embed, high_res = image_features
-    masks, iou, _, _ = self.sam.decode(embed, high_res, extra_sparse=prompts[:, None, :], multimask_output=False,
-                                       training=True)
-    return masks, iou
+    """The mask the loss sees: the one `decode` keeps, as the original's training `forward` (multimask output in
+    train mode, the best by predicted IoU). Only the kept mask gets a gradient; the choice (an argmax) has none."""
+    return self.decode(image_features, prompts)
 
   def __call__(self, sam_images, beit_images, input_ids, attention_mask):
     prompts = self.text_prompts(beit_images, input_ids, attention_mask)

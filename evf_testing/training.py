@@ -129,7 +129,8 @@ def sam_input(config, batch) -> np.ndarray:
 def torch_training_loss(model, config, batch, trainable=None):
   """The originals' training forward on the PyPI modules, EVF-SAM's (model/evf_sam.py `model_forward`: SAM's
   image encoder without gradients, the single-mask decoder) or EVF-SAM2's (model/evf_sam2.py `forward`: SAM-2's
-  `forward_image` with `no_mem_embed` added, the decoder in train mode with single-mask output); for both BEiT-3
+  `forward_image` with `no_mem_embed` added, the decoder in train mode, keeping the best of masks 1-3 by predicted
+  IoU, or with `config.multimask_output` False mask 0 of the single-mask output); for both BEiT-3
   on every (image, prompt) pair with the padding masked, the projector, the projected feature as the only sparse
   prompt and `no_mask_embed` as the dense one, bilinear upsampling to the loss resolution; our loss (its formula
   at that resolution, over `valid_region`) over the valid prompts. `trainable`: state-dict key prefixes that get
@@ -163,10 +164,14 @@ def torch_training_loss(model, config, batch, trainable=None):
     dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(len(sel), -1, e[0], e[1])
     if sam2:
       decoder.train()  # train mode: single-mask output is mask 0, without the stability fallback
-      low = decoder(image_embeddings=maps[-1][i:i + 1], image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=feat,
-                    dense_prompt_embeddings=dense, multimask_output=False, repeat_image=True,
-                    high_res_features=[f[i:i + 1] for f in maps[:-1]])[0]
+      low, iou = decoder(image_embeddings=maps[-1][i:i + 1], image_pe=pe.get_dense_pe(),
+                         sparse_prompt_embeddings=feat, dense_prompt_embeddings=dense,
+                         multimask_output=config.multimask_output, repeat_image=True,
+                         high_res_features=[f[i:i + 1] for f in maps[:-1]])[:2]
       decoder.eval()
+      if config.multimask_output:  # as the original's forward: the mask with the highest predicted IoU
+        best = torch.argsort(iou, dim=-1, descending=True)[:, :1]
+        low = torch.take_along_dim(low, best[..., None, None], dim=1)
     else:
       low, _ = decoder(image_embeddings=emb[i:i + 1], image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=feat,
                        dense_prompt_embeddings=dense, multimask_output=False)

@@ -356,6 +356,8 @@ def test_help_lists_every_flag(capsys):
     (("--config.no_such_field=1",), "no_such_field"),
     (("--config.mesh=(('data', 3),)",), "mesh [('data', 3)] has 3 devices, but there are 8"),
     (("--config.batch_size=12",), "batch_size 12"),
+    (("--config.loss.images_per_group=3",), "microbatches of 8 images, which loss.images_per_group 3 does not divide"),
+    (("--config.loss.images_per_group=-1",), "config.loss.images_per_group must be >= 0, got -1"),
     (("--config.init.from_scratch=False", "--config.init.sam_checkpoint=/nope.pth"), "init.sam_checkpoint: no such file"),
     (("--config.trainable=('beit3/nothing',)",), "match no parameter"),
     (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),

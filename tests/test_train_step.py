@@ -70,6 +70,24 @@ def test_loss_matches_numpy():
   np.testing.assert_allclose(float(total2), bce, rtol=1e-5)
 
 
+def test_grouped_loss_is_the_mean_of_group_means():
+  """Groups of images (the original's per-device micro-batch): a mean over each group's valid masks, then over
+  the groups; with groups holding 1 and 5 valid masks, not the plain mean over all 6."""
+  rng = np.random.default_rng(1)
+  n, m = 12, 16
+  logits = rng.normal(0, 4, (n, m, m)).astype(np.float32)
+  targets = (rng.random((n, m, m)) < 0.3).astype(np.uint8)
+  region = np.ones((n, m, m), bool)
+  valid = np.array([1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 1, 1], bool)
+  total, metrics = jax.jit(losses.mask_loss, static_argnames="groups")(logits, targets, region, valid, groups=2)
+  want = [numpy_loss(logits[s], targets[s], region[s], valid[s]) for s in (slice(0, 6), slice(6, 12))]
+  np.testing.assert_allclose(float(total), np.mean([w[0] for w in want]), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["bce"]), np.mean([w[1] for w in want]), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["dice"]), np.mean([w[2] for w in want]), rtol=1e-5)
+  assert float(metrics["masks"]) == 6
+  assert abs(float(total) - numpy_loss(logits, targets, region, valid)[0]) > 1e-3
+
+
 # ---------------------------------------------------------------- gradients against PyTorch
 
 

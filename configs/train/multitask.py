@@ -30,7 +30,6 @@ def get_config(arg=None):
       "humanparsing": (1.0, ("humanparsing",)),
   }
   c.evals = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val")
-  c.batch_size = 160
-  c.total_steps = 10000
+  c.batch_size = 160  # and LISA's 5000 steps (base_config): the released model's run length is unknown
   c.remat = arg.size == "huge"  # BEiT-3-large
   return c

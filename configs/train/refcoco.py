@@ -9,7 +9,9 @@ trained, from the public SAM and BEiT-3 checkpoints.
 size: huge (SAM ViT-H + BEiT-3-large, the released model) or base (SAM ViT-B + BEiT-3-base).
 sam2: EVF-SAM2 (SAM-2 Hiera-L + BEiT-3-large, the released `evf-sam2`) instead: init.sam_checkpoint is then
   SAM-2's sam2_hiera_large.pt, and only BEiT-3 and the projector are trained (all of SAM-2 frozen, as the
-  original keeps it for video).
+  original keeps it for video). The loss sees the best of masks 1-3 by predicted IoU, the mask inference keeps,
+  as the original's training forward since its commit 9d00853; the released evf-sam2 predates that commit,
+  whose forward trained mask 0 (--config.model.multimask_output=False trains and decodes mask 0).
 refclef: also train on RefCLEF (whether the released model saw it is unknown).
 EVF-SAM's recipe was not published: the optimizer, schedule, batch and loss weights are LISA's, whose training
 script EVF-SAM's authors say they adapted (docs/data.md#7-training-recipe). The refer datasets are drawn

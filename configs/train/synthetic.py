@@ -40,7 +40,7 @@ def get_config(arg=None):
   c.trainable = (".*",)
   if arg.sam2:  # EVF-SAM2 at toy size: SAM-2's toy Hiera (128 px, the same 32 x 32 low-res logits), same BEiT-3
     c.model = train_config.model_fields("toy", beit3=dict(c.model.beit3))
-    c.model.multimask_output = False  # decode mask 0, the one trained; masks 1-3 never get a gradient
+    c.model.multimask_output = False  # mask 0 (train and decode): an IoU head trained from scratch cannot choose
     c.trainable = train_config.EVF_SAM2_IMAGE_PATH  # SAM-2's video parts stay as drawn
   # Muon on the dense matrices (AdamW on the rest) learns the positional expressions far sooner than AdamW
   # alone: held-out cIoU 46.8 against 33.1 over three seeds at 1,200 steps with BEiT-3 then at 64 px
@@ -54,7 +54,7 @@ def get_config(arg=None):
   c.data.mixture = {"synthetic": (1.0, ("synthetic",))}
   # Measured on the generated set (docs/default_job.md): 8 prompts per image and the loss at the decoder's own
   # 32 x 32 resolution learn far faster per second than 4 prompts with the loss at 128 px; 8 images per step
-  # instead of 16, lr 2e-3, or BEiT-3 patches of 8 px were all worse.
+  # instead of 16, lr 2e-3 with AdamW, or BEiT-3 patches of 8 px were all worse.
   c.data.num_prompts = 8
   c.data.mask_size = 32
   c.data.max_text_len = 8  # the longest generated prompt is 8 tokens with <s> and </s>

@@ -123,6 +123,8 @@ def _check_config(cfg) -> ModelConfig:
               "keep_checkpoints"):
     if int(cfg[key]) < 1:
       raise UserError(f"config.{key} must be >= 1, got {cfg[key]}")
+  if int(cfg.loss.images_per_group) < 0:
+    raise UserError(f"config.loss.images_per_group must be >= 0, got {cfg.loss.images_per_group}")
   if not cfg.data.mixture:
     raise UserError("config.data.mixture is empty")
   for key, allowed in (("name", optimizer.OPTIMIZERS), ("schedule", optimizer.SCHEDULES)):

@@ -128,7 +128,8 @@ def _normalise(value: Any) -> Any:
 
 # Settings added after workdirs were written, with the value that reproduces those runs: a workdir without
 # them reads as having it.
-ADDED_SETTINGS = {"optimizer.name": "adamw", "optimizer.muon_momentum": 0.95, "dcn_mesh": [["data", -1]]}
+ADDED_SETTINGS = {"optimizer.name": "adamw", "optimizer.muon_momentum": 0.95, "dcn_mesh": [["data", -1]],
+                  "loss.images_per_group": 0}
 
 
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str) -> list[str]:

@@ -85,8 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict({
       "name": "adamw", "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "warmup_steps": 100,
       "schedule": "linear", "end_factor": 0.0, "clip_norm": 1.0, "muon_momentum": 0.95})
-  c.loss = ml_collections.ConfigDict({"bce_weight": 2.0, "dice_weight": 0.5})
-  # Data: TFDS datasets (run.py prepare) in the data_dir data.root, mixed by group weight (docs/data.md#6).
+  # Each loss term is a mean over the valid masks of a group of images_per_group images, then a mean over the
+  # groups: the original's mean over its per-device micro-batch of 2 images (LISA's), under DeepSpeed's average
+  # over devices and accumulation steps. 0: one mean over the masks of the whole microbatch.
+  c.loss = ml_collections.ConfigDict({"bce_weight": 2.0, "dice_weight": 0.5, "images_per_group": 2})
+  # Data: TFDS datasets (run.py prepare) in the data_dir data.root, mixed by group weight
+  # (docs/data.md#6-training-mixture).
   c.data = ml_collections.ConfigDict({
       "root": "data",
       "mixture": {"refer_seg": (1.0, ("refcoco", "refcoco+", "refcocog"))},

@@ -1,5 +1,6 @@
 """EVF-SAM's training loss (docs/data.md#4-loss): per mask, the pixel mean of sigmoid binary cross-entropy and
-the Dice loss of sigmoid probabilities; each term is a plain mean over the valid masks of the batch, and
+the Dice loss of sigmoid probabilities; each term is a plain mean over the valid masks of a group of images (the
+original's per-device micro-batch; or the whole batch), then a mean over the groups, and
 total = bce_weight * BCE + dice_weight * Dice (2.0 and 0.5, LISA's defaults, which EVF-SAM's code inherits).
 
 Dice, exactly as the reference writes it, with s = 1000 and eps = 1e-6:
@@ -45,14 +46,17 @@ def per_mask_losses(logits: jax.Array, targets: jax.Array, region: jax.Array) ->
 
 
 def mask_loss(logits: jax.Array, targets: jax.Array, region: jax.Array, valid: jax.Array,
-              weights: LossWeights = LossWeights()) -> tuple[jax.Array, dict[str, jax.Array]]:
+              weights: LossWeights = LossWeights(), groups: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The batch loss over valid masks only: logits/targets (N, S, S), region (N, S, S), valid (N,) bool.
 
+  groups: the N masks split into this many contiguous groups of equal size (the masks of a group of images);
+  each term is the mean over a group's valid masks, then the mean over the groups. With one group, a plain mean
+  over the valid masks of the batch.
   Returns (total, {"loss", "bce", "dice", "masks"}): padding prompts (valid False) contribute nothing."""
   bce, dice = per_mask_losses(logits, targets, region)
-  v = valid.astype(jnp.float32)
-  count = jnp.sum(v)
-  bce_mean = jnp.sum(bce * v) / (count + MASK_COUNT_EPS)
-  dice_mean = jnp.sum(dice * v) / (count + MASK_COUNT_EPS)
+  v = valid.astype(jnp.float32).reshape(groups, -1)
+  count = jnp.sum(v, axis=1)
+  bce_mean = jnp.mean(jnp.sum(bce.reshape(groups, -1) * v, axis=1) / (count + MASK_COUNT_EPS))
+  dice_mean = jnp.mean(jnp.sum(dice.reshape(groups, -1) * v, axis=1) / (count + MASK_COUNT_EPS))
   total = weights.bce * bce_mean + weights.dice * dice_mean
-  return total, {"loss": total, "bce": bce_mean, "dice": dice_mean, "masks": count}
+  return total, {"loss": total, "bce": bce_mean, "dice": dice_mean, "masks": jnp.sum(count)}

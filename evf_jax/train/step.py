@@ -8,7 +8,7 @@ Batch (global arrays, leading axis split over the mesh's batch axes; from `data_
 
 Forward: SAM's image embedding once per image (without gradients when the encoder is frozen); BEiT-3 on each
 (image, prompt) pair, its CLS through the projector; SAM's decoder per prompt on its image's embedding
-(single-mask output, as both originals' training forward: for SAM-2, mask 0 in train mode); the low-res
+(SAM: single-mask output; SAM-2: the mask its inference keeps, `EvfSam2.decode_for_training`); the low-res
 logits resized bilinearly to M (SAM's postprocess without the crop, which `valid_region` replaces; SAM-2's
 resize straight to the image's size, here in the square frame).
 
@@ -42,7 +42,15 @@ class StepOptions:
   dtype: Any = jnp.float32         # compute dtype; parameters and optimizer state stay float32
   grad_accum: int = 1              # microbatches per optimizer step
   loss_weights: losses.LossWeights = losses.LossWeights()
+  loss_group: int = 0              # images per loss mean (a mean over the groups follows); 0: the whole microbatch
   encoder_frozen: bool = True      # SAM's image encoder has no trained parameter: run it without gradients
+
+  @classmethod
+  def from_config(cls, cfg, dtype: Any, encoder_frozen: bool) -> "StepOptions":
+    """The options a training config (evf_jax/train/config.py) sets."""
+    return cls(dtype=dtype, grad_accum=cfg.grad_accum, encoder_frozen=encoder_frozen,
+               loss_weights=losses.LossWeights(cfg.loss.bce_weight, cfg.loss.dice_weight),
+               loss_group=cfg.loss.images_per_group)
 
 
 def upsample_matrix(low: int, size: int) -> np.ndarray:
@@ -77,7 +85,8 @@ def loss_fn(model: EvfSam | EvfSam2, config: ModelConfig, options: StepOptions) 
     b, k, m, _ = logits.shape
     region = jnp.repeat(batch["valid_region"], k, axis=0)
     return losses.mask_loss(logits.reshape(b * k, m, m), batch["masks"].reshape(b * k, m, m), region,
-                            batch["prompt_valid"].reshape(b * k), options.loss_weights)
+                            batch["prompt_valid"].reshape(b * k), options.loss_weights,
+                            groups=b // options.loss_group if options.loss_group else 1)
   return fn
 
 

@@ -30,7 +30,7 @@ from evf_jax import __version__, families, flops, sharding, storage
 from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
 from evf_jax.runtime import compilation_cache_hits, compute_dtype
-from evf_jax.train import checkpointing, losses, optimizer, partition
+from evf_jax.train import checkpointing, optimizer, partition
 from evf_jax.train.step import BATCH_KEYS, StepOptions, make_train_step
 
 METRICS_FILE = "metrics.jsonl"
@@ -174,6 +174,10 @@ class Trainer:
       raise UserError(f"batch_size {cfg.batch_size} with grad_accum {cfg.grad_accum} gives microbatches of "
                       f"{cfg.batch_size / max(1, cfg.grad_accum):g} images, which the {data_ways} batch shards "
                       f"of mesh {dict(self.mesh.shape)} do not divide")
+    group = cfg.loss.images_per_group
+    if group and per_step % group:
+      raise UserError(f"batch_size {cfg.batch_size} with grad_accum {cfg.grad_accum} gives microbatches of "
+                      f"{per_step} images, which loss.images_per_group {group} does not divide")
     if cfg.batch_size % jax.process_count():
       raise UserError(f"batch_size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
 
@@ -228,8 +232,7 @@ class Trainer:
              f"{' (SAM image encoder frozen: forward only)' if encoder_frozen else ''}; mesh {dict(self.mesh.shape)}"
              f" on {jax.device_count()} {jax.devices()[0].platform} device(s), {jax.process_count()} process(es)")
 
-    options = StepOptions(dtype=dtype, grad_accum=cfg.grad_accum, encoder_frozen=encoder_frozen,
-                          loss_weights=losses.LossWeights(cfg.loss.bce_weight, cfg.loss.dice_weight))
+    options = StepOptions.from_config(cfg, dtype, encoder_frozen)
     model = families.family_of(self.model_config).model_class(self.model_config, attention=cfg.attention,
                                                               remat=cfg.remat, dtype=dtype)
     step_fn = make_train_step(model, self.model_config, self.tx, self.schedule, options)
