@@ -10,10 +10,7 @@ written in the raw refer layout and converted by the real `prepare` into a `val`
 the split twice with the same compiled steps: the first pass includes compilation, the second is steady
 state. Numbers are for the machine it runs on; the weights are random, so the IoUs mean nothing.
 Needs the dev requirements (torch, segment-anything, torchscale) to build the reference weights.
-
-Measured (2026-11-26, this repo's 2-core CPU container shared with other jobs, 1 CPU device, jax 0.10.2):
-  --device cpu --size base --images 4 --batch-size 2: 0.75 sentences/s (0.13 images/s; 24 sentences,
-  first pass with compilation 39 s, steady pass 32 s); 0.21 sentences/s before the attention changes.
+Results: docs/performance.md#evaluation-throughput-cpu.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ With `--family evf-sam2` (or `both`), EVF-SAM2 (`--sam2-size`: Hiera-L + BEiT-3-
      EVF-SAM2's overrides and the same SAM-2 weights in fp32 and bf16 autocast; bf16 vs fp32 and ours vs the
      reference logit errors.
 The weights are random (seeded) and converted in memory with our converter.
-Needs torch, segment-anything, torchscale and fairscale importable (see README, Performance); EVF-SAM2's rows
+Needs torch, segment-anything, torchscale and fairscale importable (scripts/gpu_carry.sh,
+docs/performance.md#next-gpu-session); EVF-SAM2's rows
 also sam2 (1.1.0) with hydra-core, omegaconf and iopath.
 """
 

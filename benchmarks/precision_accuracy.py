@@ -64,7 +64,8 @@ def compare(checkpoint: str, data: str, split: str = "val", images: int = 0, pre
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--checkpoint", required=True, help="a converted or exported checkpoint directory")
-  ap.add_argument("--data", required=True, help="a prepared dataset directory (with meta.json)")
+  ap.add_argument("--data", required=True,
+                  help="a prepared dataset folder (TFDS, as run.py prepare writes; or the older format with meta.json)")
   ap.add_argument("--split", default="val")
   ap.add_argument("--images", type=int, default=0, help="first N images (0: all)")
   ap.add_argument("--precision", default="bf16", choices=["bf16", "fp16"])

@@ -47,7 +47,7 @@ import tempfile
 
 from benchmarks import deviceless  # imports no jax: main() sets the environment first
 
-# --attention values that put benchmarks/pallas_attention.py's kernels in place (gpu_encoder.py's --impls
+# --attention values that put benchmarks/experimental/pallas_attention.py's kernels in place (gpu_encoder.py's --impls
 # too): which block kinds go to them, cuDNN taking the rest. Here rather than there: this module must not
 # import jax before main() has set the environment the compile-only plugin needs.
 PALLAS_KINDS = {"cudnn+pallas": ("global", "windowed"), "cudnn+pallas_global": ("global",)}
@@ -185,7 +185,7 @@ def _kernels(computation: str, computations: dict[str, str], trips: int = 1) -> 
       kd = _dims(shapes[operands[1]])
       b, t, n = q[0], q[-3], q[-2]  # jax's cuDNN call takes (B, T, N, D)
       flops = 2.0 * b * n * t * kd[-3] * (q[-1] + v[-1])
-    elif "sam_global_rel_pos_attention" in line:  # benchmarks/pallas_attention.py: QK and PV at D
+    elif "sam_global_rel_pos_attention" in line:  # benchmarks/experimental/pallas_attention.py: QK and PV at D
       kind = "attention"
       b, t, n, d = _dims(_first_array(shape))
       flops = 2.0 * b * n * t * t * (d + d)
@@ -320,7 +320,8 @@ def main(argv=None) -> int:
   ap.add_argument("--size", default="evf-sam", help="model preset (default evf-sam: SAM ViT-H)")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--attention", default="cudnn", choices=("cudnn", "xla", *PALLAS_KINDS),
-                  help="cudnn+pallas[_global]: all blocks [global blocks] through benchmarks/pallas_attention.py, "
+                  help="cudnn+pallas[_global]: all blocks [global blocks] through "
+                       "benchmarks/experimental/pallas_attention.py, "
                        "cuDNN for the rest (the kernels' FLOPs at --attention-tflops, a rate never measured)")
   ap.add_argument("--gelu", default="erf", choices=("erf", "tanh"),
                   help="erf: SAM's exact GELU (ours); tanh: the approximation cuBLASLt can apply in its epilogue")
