@@ -99,3 +99,21 @@ def test_small_replicated_arrays_are_saved_without_compiling(tmp_path):
   assert small_compiles == 0
   assert len(compiles) > 0  # the 8 MiB array is cut into 1 MiB replica slices
   assert_same_tree(state, checkpointing.restore(mngr, 2, _abstract(state), _iterator()))
+
+
+def test_the_best_checkpoint_survives_a_restart(tmp_path):
+  """Keep 1 latest plus the best by gIoU: the best (an early step) is still kept after the manager is opened
+  again, as a resumed run opens it, and later steps are saved (their metrics are read back from disk)."""
+  state = {"w": jnp.arange(4.0)}
+  mngr = checkpointing.manager(str(tmp_path), keep=1)
+  checkpointing.save(mngr, 1, state, _iterator(), {"giou": 0.9, "ciou": 0.5})
+  checkpointing.save(mngr, 2, state, _iterator(), {"giou": 0.1, "ciou": 0.1})
+  mngr.wait_until_finished()
+  mngr.close()
+  mngr = checkpointing.manager(str(tmp_path), keep=1)
+  assert mngr.best_step() == 1  # read back from disk
+  for step in (3, 4):
+    checkpointing.save(mngr, step, state, _iterator(), force=True)
+  mngr.wait_until_finished()
+  assert mngr.all_steps() == [1, 4]
+  mngr.close()
