@@ -142,6 +142,16 @@ def rules_for(mesh: Mesh, rules: Rules) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
+def check_axes_used(spec: MeshSpec, num_devices: int, rules: Rules) -> None:
+  """UserError for a mesh axis of more than one device that no rule shards over (a misspelt name): its devices
+  would only repeat the others' work."""
+  used = {a for _, target in rules for a in _axes(target)}
+  for name, size in zip(*mesh_shape(spec, num_devices)):
+    if size > 1 and name not in used:
+      raise UserError(f"mesh axis {name!r} ({size} devices) is not one the sharding rules use "
+                      f"({', '.join(sorted(used))}): its devices would repeat the others' work")
+
+
 def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over (the rule for `batch`, axes the mesh has)."""
   for name, target in rules_for(mesh, rules):

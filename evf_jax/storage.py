@@ -50,16 +50,24 @@ def resolve(path: PathLike, what: str) -> str:
 
 
 def check_writable(directory: str, what: str) -> None:
-  """For a URL: writes and removes a small object in `directory`, so that a missing bucket or missing
-  credentials are one line now rather than a traceback at the first save. Local paths: nothing."""
-  if not is_url(directory):
-    return
+  """Creates `directory` if missing and writes and removes a small file or object in it, so that a missing
+  bucket, missing credentials, a read-only disk or a path under a file are one line now rather than a traceback
+  at the first save."""
   probe = path(directory) / f".evf_jax_write_check.{uuid.uuid4().hex}"  # every process of a run checks at once
   try:
+    if not is_url(directory):
+      if os.path.isfile(directory):
+        raise UserError(f"{what} {directory} is a file")
+      os.makedirs(directory, exist_ok=True)
     probe.write_text("")
     probe.unlink()
+  except UserError:
+    raise
   except Exception as e:  # gcsfs / google-auth raise many kinds; all mean the same to the user
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, OSError) and e.strerror:
+      message = e.strerror
+    else:
+      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"{what} {directory}: cannot write there ({message[:300]})") from None
 
 

@@ -2,7 +2,7 @@
 version of this code that split trained and frozen parameters differently), and leaves it on disk; Muon's state
 (trees with the other partition's leaves masked out) saves and restores exactly; a workdir written before the
 optimizer settings existed resumes as the AdamW run it was; small replicated arrays are saved without a compiled
-slice op each."""
+slice op each; the best checkpoint by gIoU survives a restart."""
 
 from __future__ import annotations
 
@@ -67,7 +67,24 @@ def test_a_workdir_from_before_the_optimizer_settings_resumes_as_adamw():
   del saved["optimizer"]["name"], saved["optimizer"]["muon_momentum"]
   assert checkpointing.check_resume(saved, current, "W") == []
   current["optimizer"]["name"] = "muon"
-  with pytest.raises(UserError, match="W was trained with optimizer.name='adamw', this run has 'muon'"):
+  with pytest.raises(UserError, match="W was trained with optimizer.name='adamw', this run has 'muon'; set "
+                                      "--config.optimizer.name to 'adamw' to resume it"):
+    checkpointing.check_resume(saved, current, "W")
+
+
+def test_a_workdir_from_before_the_loss_groups_names_the_setting_that_resumes_it():
+  """Written before loss.images_per_group existed: it trained with one mean over the batch (0), which the
+  message names; a setting only one side has (another model family) is named as such."""
+  current = train_config.base_config().to_dict()
+  saved = copy.deepcopy(current)
+  del saved["loss"]["images_per_group"]
+  with pytest.raises(UserError, match="set --config.loss.images_per_group to 0 to resume it"):
+    checkpointing.check_resume(saved, current, "W")
+  current["loss"]["images_per_group"] = 0
+  assert checkpointing.check_resume(saved, current, "W") == []
+  current["model"]["multimask_output"] = True
+  with pytest.raises(UserError, match="W was trained with another configuration: model.multimask_output is only in "
+                                      "this run's config"):
     checkpointing.check_resume(saved, current, "W")
 
 

@@ -59,8 +59,16 @@ def _args(config_file, data_root, workdir, *extra):
 
 
 def _losses(workdir):
+  """{step: loss} of metrics.jsonl, each step logged once (a resumed run drops the rows it trains again)."""
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r["step"] for r in rows if "train/loss" in r]
+  assert steps == sorted(set(steps)), steps
   return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _initialisation(workdir):
+  with open(os.path.join(workdir, "export", "provenance.json")) as f:
+    return json.load(f)["initialisation"]
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +182,7 @@ def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, dat
   assert "resuming from" in out.out and "total_steps" in out.out
   assert_same_tree(saved_params(str(w), 6), saved_params(straight, 6))
   assert _losses(str(w)) == _losses(straight)
+  assert _initialisation(str(w)) == _initialisation(straight) == {"init": "random", "seed": 0}
 
 
 @pytest.mark.slow
@@ -258,6 +267,7 @@ def test_sigkill_mid_run_and_mid_save_lose_only_unfinished_work(straight, config
     assert _steps(w) == [3], (name, os.listdir(os.path.join(w, "checkpoints")))
     _finish(config_file, data_root, w)
     assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
+    assert _losses(w) == _losses(straight)  # the steps logged after step 3 before the kill are logged once
     assert not glob.glob(os.path.join(w, "checkpoints", "*tmp*"))  # the half-written save was cleaned up
 
 
@@ -354,8 +364,14 @@ def test_help_lists_every_flag(capsys):
     (("--config.data.root=/nonexistent", "--config.data.synthetic.num_train=0"),
      "no prepared dataset at /nonexistent/synthetic"),
     (("--config.no_such_field=1",), "no_such_field"),
+    (("--config.total_stepz=3",), "the config has no field 'total_stepz' (did you mean 'total_steps'?)"),
+    (("--config", f"{ROOT}/configs/train/nope.py"), "--config: [Errno 2] No such file or directory"),
+    (("--config", f"{ROOT}/configs/train/refcoco.py:size=giant"), "refcoco.py:size=giant: size=giant: expected huge"),
+    (("--config", f"{ROOT}/configs/train/synthetic.py:sam2=ture"), "config argument sam2=ture: expected true or false"),
     (("--config.mesh=(('data', 3),)",), "mesh [('data', 3)] has 3 devices, but there are 8"),
     (("--config.batch_size=12",), "batch_size 12"),
+    (("--config.mesh=(('data', 4), ('fdsp', 2))",), "mesh axis 'fdsp' (2 devices) is not one the sharding rules use"),
+    (("--config.mesh=(('dta', -1),)",), "mesh axis 'dta' (8 devices) is not one the sharding rules use"),
     (("--config.loss.images_per_group=3",), "microbatches of 8 images, which loss.images_per_group 3 does not divide"),
     (("--config.loss.images_per_group=-1",), "config.loss.images_per_group must be >= 0, got -1"),
     (("--config.init.from_scratch=False", "--config.init.sam_checkpoint=/nope.pth"), "init.sam_checkpoint: no such file"),
@@ -369,6 +385,7 @@ def test_help_lists_every_flag(capsys):
     (("--config.data.root=gs://bucket/data",), "data.root gs://bucket/data: datasets are read from local paths"),
     (("--config.dcn_mesh=(('dta', -1),)",), "dcn_mesh: 'dta' is not an axis of the mesh"),
     ((f"--compilation_cache={ROOT}/README.md",), "README.md is not a directory"),
+    ((f"--workdir={ROOT}/README.md/run",), "README.md/run: cannot write there (Not a directory)"),
 ])
 def test_bad_input_is_one_line_before_compiling(config_file, data_root, tmp_path, capsys, extra, expect):
   args = _args(config_file, data_root, tmp_path / "w")
@@ -388,3 +405,13 @@ def test_a_wrong_init_checkpoint_is_refused(straight, config_file, data_root, tm
                         "--config.model.sam.embed_dim=64"))
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "is another model" in err[0] and "embed_dim" in err[0], err
+
+
+def test_a_resumed_run_drops_the_rows_it_trains_again(tmp_path):
+  """metrics.jsonl after a kill: rows past the restored step go, and so does a last line the kill cut short."""
+  from evf_jax.train.trainer import _drop_rows_after
+  path = tmp_path / "metrics.jsonl"
+  rows = [{"step": s, "train/loss": 1.0 / s} for s in range(1, 6)] + [{"step": 3, "eval/x/giou": 0.5}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "train/lo')
+  _drop_rows_after(str(path), 3)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3] + rows[5:]

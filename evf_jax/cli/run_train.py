@@ -14,6 +14,7 @@ compiling (docs/training.md#profiling-and-compile-time).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -70,6 +71,25 @@ def add_arguments(p) -> None:  # `run.py --help` lists the command; its flags ar
   p.add_argument("flags", nargs="*", help="--config configs/train/NAME.py --workdir DIR [--config.FIELD=VALUE ...]")
 
 
+def _config_error(e: BaseException) -> str:
+  """One line from what absl and ml_collections raise: the flag, and the innermost cause (their outer messages
+  wrap it in a traceback's text)."""
+  chain = [e]
+  while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+    chain.append(nxt)
+  texts = [str(x.args[0]) if isinstance(x, KeyError) and x.args else str(x) for x in chain]
+  if any(isinstance(x, (KeyError, AttributeError)) for x in chain):
+    field = next((x.args[0] for x in reversed(chain) if isinstance(x, KeyError) and x.args), "?")
+    hint = next((m.group(1) for t in texts if (m := re.search(r'Did you mean "([^"]+)"', t))), None)
+    return (f"the config has no field {field!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+            + "; see configs/train/*.py and evf_jax/train/config.py")
+  lines = [line.strip() for line in texts[-1].splitlines() if line.strip()] or [type(chain[-1]).__name__]
+  reason = lines[-1] if isinstance(chain[-1], OSError) else lines[0]  # OSError: "[Errno 2] No such file ..."
+  flag = re.match(r"(flag --\S+?): ", texts[0])
+  prefix = flag.group(1) if flag else "--config" if isinstance(chain[0], OSError) else ""
+  return f"{prefix}: {reason}" if prefix and reason not in prefix else reason
+
+
 def parse(argv: Sequence[str]) -> flags.FlagValues:
   """absl parsing with every mistake as a one-line UserError."""
   argv = ["run.py train", *argv]
@@ -85,14 +105,8 @@ def parse(argv: Sequence[str]) -> flags.FlagValues:
     cfg.get("seed")  # a config file that failed to load raises here
   except UserError:
     raise
-  except (flags.Error, OSError, ValueError) as e:
-    cause = e.__cause__ or e.__context__
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if cause is not None and str(cause).strip():
-      message = f"{message} {str(cause).strip().splitlines()[0]}"
-    raise UserError(message) from None
-  except (AttributeError, KeyError) as e:
-    raise UserError(f"the config has no field {e}; see configs/train/*.py and evf_jax/train/config.py") from None
+  except (flags.Error, OSError, ValueError, AttributeError, KeyError) as e:
+    raise UserError(_config_error(e)) from None
   if not fv.workdir:
     raise UserError("--workdir is required")
   return fv
@@ -319,6 +333,7 @@ def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   _check_data_location(cfg, workdir)
   model_config = _check_config(cfg)
   # Every process starts its backend before any storage I/O: jax gives the others 2 minutes to join.
+  sharding.check_axes_used(cfg.mesh, jax.device_count(), cfg.sharding_rules)
   mesh = sharding.make_mesh(cfg.mesh, dcn=cfg.dcn_mesh)
   storage.check_writable(workdir, "--workdir")
   if storage.path(workdir).is_file():

@@ -3,6 +3,7 @@ asynchronously, kept as the last K plus the best by evaluation gIoU; resumption 
 
 Layout of a workdir:
   config.json          the run's configuration, written once; a resume must match it (`check_resume`)
+  initialisation.json  where the parameters started (files and their digests), for the export's provenance
   checkpoints/<step>/  orbax: "state" (params, frozen params, optimizer state, step) and "data" (grain's
                        iterator state, one JSON per process). A save is written to a temporary folder and
                        renamed when complete, so a process killed at any moment leaves the last complete step
@@ -29,6 +30,7 @@ from evf_jax.errors import UserError
 from evf_jax.tokenizer import SPM_FILE
 
 CONFIG_FILE = "config.json"
+INIT_FILE = "initialisation.json"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
 BEST_METRIC = "giou"
@@ -147,8 +149,12 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: 
     if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
       allowed.append(key)
       continue
-    raise UserError(f"{workdir} was trained with {key}={a.get(key, '<missing>')!r}, this run has "
-                    f"{b.get(key, '<missing>')!r}; use another --workdir, or the same config to resume")
+    if key not in a or key not in b:  # another model family, or another layout of the config
+      where = "this run's config" if key in b else f"the workdir's {CONFIG_FILE}"
+      raise UserError(f"{workdir} was trained with another configuration: {key} is only in {where}; use another "
+                      f"--workdir, or that configuration to resume")
+    raise UserError(f"{workdir} was trained with {key}={a[key]!r}, this run has {b[key]!r}; set "
+                    f"--config.{key} to {a[key]!r} to resume it, or use another --workdir")
   return allowed
 
 
@@ -157,9 +163,19 @@ def read_run_config(workdir: str) -> Optional[dict]:
   return checkpoints.read_json(path, UserError) if storage.path(path).is_file() else None
 
 
-def write_run_config(workdir: str, config: Mapping[str, Any]) -> None:
+def write_run_config(workdir: str, config: Mapping[str, Any], initialisation: Mapping[str, Any]) -> None:
+  """At a run's start: its configuration and where its parameters started (a resumed run has no init)."""
   if jax.process_index() == 0:
+    storage.write_atomic(os.path.join(workdir, INIT_FILE), json.dumps(_normalise(initialisation), indent=2))
     storage.write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(_normalise(config), indent=2, sort_keys=True))
+
+
+def read_initialisation(workdir: str) -> dict:
+  """What `write_run_config` recorded of the initialisation; a workdir from before the record says so."""
+  path = os.path.join(workdir, INIT_FILE)
+  if not storage.path(path).is_file():
+    return {"init": "unknown (the workdir was started by a version that did not record it)"}
+  return checkpoints.read_json(path, UserError)
 
 
 # ---------------------------------------------------------------- export

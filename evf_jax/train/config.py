@@ -46,9 +46,14 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
         raise UserError(f"config argument {key!r} needs a value ({key}=...)")
       out[key] = True
     elif isinstance(default, bool):
+      if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise UserError(f"config argument {key}={value}: expected true or false")
       out[key] = value.lower() in ("1", "true", "yes")
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise UserError(f"config argument {key}={value}: expected {type(default).__name__}") from None
   return ml_collections.ConfigDict(out)
 
 

@@ -119,14 +119,34 @@ def _host(tree: Any) -> Any:
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
+def _drop_rows_after(metrics_file: str, step: int) -> None:
+  """Removes the rows of `metrics_file` (JSON lines with a "step") logged after `step`, and a last line a kill
+  cut short."""
+  if not storage.path(metrics_file).is_file():
+    return
+  lines = storage.path(metrics_file).read_text().splitlines()
+
+  def keep(line: str) -> bool:
+    try:
+      return json.loads(line).get("step", 0) <= step
+    except ValueError:
+      return False
+
+  kept = [line for line in lines if keep(line)]
+  if len(kept) != len(lines):
+    storage.write_atomic(metrics_file, "".join(line + "\n" for line in kept))
+
+
 class _EventWriter:
   """tensorboardX's SummaryWriter into `directory`, through a `storage.LocalMirror` (tensorboardX's own GCS
   writer re-uploads the whole file again when garbage-collected, after `close`, and needs a second GCS client)."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, purge_step: Optional[int] = None):
+    """purge_step: TensorBoard hides the earlier event files' points from this step on (the steps a resumed run
+    trains again after a kill)."""
     from tensorboardX import SummaryWriter  # lazy: it imports torch where installed (~3 s per run.py start)
     self.mirror = storage.LocalMirror(directory, prefix="evf_jax_tensorboard_")
-    self.writer = SummaryWriter(self.mirror.local)
+    self.writer = SummaryWriter(self.mirror.local, purge_step=purge_step)
 
   def add_scalar(self, tag: str, value: float, step: int) -> None:
     self.writer.add_scalar(tag, value, step)
@@ -221,8 +241,9 @@ class Trainer:
     if latest is not None:
       self.log(f"resuming from {self.workdir}/{checkpointing.CHECKPOINT_DIR}/{latest}")
       state = checkpointing.restore(mngr, latest, abstract, self.data_iterator)
+      self.provenance["initialisation"] = checkpointing.read_initialisation(self.workdir)
     else:
-      checkpointing.write_run_config(self.workdir, run_config)
+      checkpointing.write_run_config(self.workdir, run_config, self.provenance.get("initialisation", {}))
       state = fresh_state(self.init_params(), cfg.trainable, self.tx, shards)
     start = int(_host(state["step"]))
     n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
@@ -240,7 +261,12 @@ class Trainer:
       train_step = jax.jit(step_fn, in_shardings=(shards, self.batch_sharding), out_shardings=(shards, self.replicated),
                            donate_argnums=0)
 
-    writer = _EventWriter(os.path.join(self.workdir, TENSORBOARD_DIR)) if jax.process_index() == 0 else None
+    writer = None
+    if jax.process_index() == 0:
+      if latest is not None:  # a run killed after its last checkpoint logged steps it now trains again
+        _drop_rows_after(os.path.join(self.workdir, METRICS_FILE), start)
+      writer = _EventWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
+                            purge_step=start + 1 if latest is not None else None)
     previous_handlers = self._install_signal_handlers()
     summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
     try:
