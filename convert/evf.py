@@ -31,7 +31,7 @@ from convert.rules import (
   Rule,
   convert,
 )
-from evf_jax import __version__
+from evf_jax import __version__, storage
 from evf_jax.checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_json, save_model
 from evf_jax.errors import UserError
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
@@ -136,12 +136,20 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
+def is_local_path(src: str) -> bool:
+  """Whether `src` is spelled as a path, never a hub id: absolute, ~, ./ or ../, or more than owner/name."""
+  return (src in (".", "..") or src.startswith(("/", "~", "./", "../", os.sep)) or src.count("/") > 1
+          or src.endswith("/") or (os.altsep is not None and os.altsep in src))
+
+
 def resolve_source(src: str) -> str:
   """A local directory as is; otherwise a hub id ("owner/name") downloaded with huggingface_hub."""
   if os.path.isdir(src):
     return src
   if os.path.exists(src):
     raise UserError(f"--src {src}: expected a model directory (config.json + weights), got a file")
+  if is_local_path(src):
+    raise UserError(f"--src {src}: no such directory")
   if not re.fullmatch(r"[\w.-]+/[\w.-]+", src):
     raise UserError(f"--src {src}: no such directory, and not a Hugging Face hub id like 'YxZhang/evf-sam'")
   try:
@@ -155,17 +163,22 @@ def resolve_source(src: str) -> str:
                     "where the network allows and pass the local directory as --src") from None
 
 
-def check_out_dir(out: str, overwrite: bool, marker: str = CONFIG_FILE, kind: str = "an evf-jax checkpoint") -> None:
-  """--out may be new or empty; with `overwrite`, also a directory holding `marker` (what this command writes).
-  Anything else a user owns is never replaced."""
-  if os.path.isfile(out):
-    raise UserError(f"--out {out} is a file; expected a directory")
+def check_out_dir(out: str, overwrite: bool, ours: Optional[Callable[[str], bool]] = None,
+                  kind: str = "an evf-jax checkpoint") -> None:
+  """--out may be new or empty; with `overwrite`, also a directory that `ours(out)` says this command wrote
+  (default: it holds model_config.json). Anything else a user owns is never replaced. Checked before any work,
+  as is that --out can be created."""
+  storage.check_output_dir(out, "--out")
   if os.path.isdir(out) and os.listdir(out):
+    if not (ours or _holds_model_config)(out):  # --overwrite would not help: do not suggest it
+      raise UserError(f"--out {out} exists and is not {kind} directory; refusing to overwrite it "
+                      "(choose an empty or new directory)")
     if not overwrite:
       raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    if not os.path.isfile(os.path.join(out, marker)):
-      raise UserError(f"--out {out} is not {kind} directory; refusing to overwrite it "
-                      "even with --overwrite (choose an empty or new directory)")
+
+
+def _holds_model_config(out: str) -> bool:
+  return os.path.isfile(os.path.join(out, CONFIG_FILE))
 
 
 def write_directory(out: str, write: Callable[[str], None]) -> None:

@@ -81,6 +81,17 @@ def hf_config(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
           EVF_JAX_KEY: config.to_dict()}
 
 
+def is_earlier_export(directory: str) -> bool:
+  """Whether `directory` was written by `export_directory`: its config.json parses and holds evf-jax's model
+  config (`EVF_JAX_KEY`). Any other Hugging Face directory (e.g. a download of the released model) is not."""
+  try:
+    with open(os.path.join(directory, HF_CONFIG_FILE)) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(config, dict) and isinstance(config.get(EVF_JAX_KEY), dict)
+
+
 def _cast(state_dict: dict[str, np.ndarray], precision: str) -> dict[str, np.ndarray]:
   dtype = EXPORT_DTYPES[precision][1]
   out, overflow = {}, []
@@ -106,7 +117,7 @@ def export_directory(checkpoint: str, out: str, precision: Optional[str] = None,
   if storage.is_url(out):
     raise UserError(f"--out {out}: a local directory is expected (upload it with huggingface-cli afterwards)")
   out = os.path.abspath(out)
-  check_out_dir(out, overwrite, marker=HF_CONFIG_FILE, kind="an exported Hugging Face")
+  check_out_dir(out, overwrite, ours=is_earlier_export, kind="an evf-jax export")
   config, params, _ = load_checkpoint(checkpoint)
   if precision is None:  # the checkpoint's own
     precision = "bf16" if any(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params)) else "fp32"

@@ -28,6 +28,7 @@ from PIL import Image
 
 # Importing tfds_builders registers our builders with TFDS.
 from data_pipelines import records, tfds_builders
+from evf_jax.errors import UserError
 
 DATASET_INFO = "dataset_info.json"
 REF_COCO = "ref_coco"
@@ -184,6 +185,10 @@ def _base_split(split: str) -> str:
   return re.split(r"[\[+(]", split, maxsplit=1)[0].strip()
 
 
+class SplitError(UserError, ValueError):
+  """A split (or slice, "val[:10]") the dataset does not have: the user's --split."""
+
+
 class TfdsSource:
   """`tfds.data_source(name, split=..., data_dir=...)` -> Records (our features or TFDS's ref_coco)."""
 
@@ -199,8 +204,9 @@ class TfdsSource:
     try:
       self._source = tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir, download=False,
                                       decoders=decoders)
-    except (KeyError, ValueError) as e:  # unknown split, bad slice
-      raise ValueError(f"{dataset.name} in {dataset.data_dir}: split {split!r}: {e}") from None
+    except (KeyError, ValueError) as e:  # unknown split, bad slice; TFDS's message goes on with a link
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+      raise SplitError(f"{dataset.name} in {dataset.data_dir}: split {split!r}: {reason}") from None
 
   def __len__(self) -> int:
     return len(self._source)

@@ -23,7 +23,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: I001 (t
 from evf_jax import storage
 from evf_jax.errors import UserError
 from evf_jax.families import BY_MODEL_TYPE, ModelConfig
-from evf_jax.tokenizer import TextTokenizer
+from evf_jax.tokenizer import MAX_TEXT_LEN, TextTokenizer
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -133,8 +133,12 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
     config = family.config_class.from_dict(raw)
   except (KeyError, TypeError, ValueError) as e:
     raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid {family.name} config ({e})") from None
+  limit = config.beit3.max_text_len  # BEiT-3's text position table: a longer prompt fails inside the model
+  if max_text_len is not None and not 2 <= max_text_len <= limit:
+    raise UserError(f"max text length {max_text_len}: expected 2 (<s> and </s>) to {limit}, this model's text "
+                    "positions")
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
-  tokenizer = TextTokenizer(tok_dir) if max_text_len is None else TextTokenizer(tok_dir, max_text_len)
+  tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
   target = family.abstract_params(config, param_dtype=param_dtype)
   try:
@@ -144,4 +148,17 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   except Exception as e:  # orbax: missing or mismatching arrays
     msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
     raise ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
+  check_shapes(directory, params, target)
   return config, params, tokenizer
+
+
+def check_shapes(directory: str, params: Any, target: Any) -> None:
+  """ModelDirError naming the first parameter whose stored shape is not the one the config implies: orbax
+  restores the stored shape whatever the target says, and the model would fail at its first call."""
+  want = {jax.tree_util.keystr(k, simple=True, separator="/"): v.shape
+          for k, v in jax.tree_util.tree_leaves_with_path(target)}
+  for key, value in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(key, simple=True, separator="/")
+    if name in want and tuple(np.shape(value)) != tuple(want[name]):
+      raise ModelDirError(f"{directory}: {CONFIG_FILE} does not fit the weights: {name} is stored as "
+                          f"{tuple(np.shape(value))}, the config implies {tuple(want[name])}")

@@ -59,6 +59,11 @@ class Predictor:
   def __init__(self, config: families.ModelConfig, params: Any, tokenizer, *, precision: str = "fp32",
                attention: str = "xla", size_multiple: int = buckets.SIZE_MULTIPLE):
     dtype = compute_dtype(precision, attention)
+    runtime.check_precision_platform(precision)
+    limit = config.beit3.max_text_len
+    if getattr(tokenizer, "max_text_len", 2) > limit:  # a longer prompt would fail inside BEiT-3's trace
+      raise UserError(f"the tokenizer's max_text_len {tokenizer.max_text_len} exceeds this model's {limit} text "
+                      "positions")
     self.config = config
     self.family = families.family_of(config)
     self.image_input = image_input = families.image_input(config)
@@ -97,6 +102,8 @@ class Predictor:
                       compilation_cache_dir: Optional[str] = None, max_text_len: Optional[int] = None,
                       **kwargs) -> "Predictor":
     """Loads a directory written by `run.py convert`."""
+    compute_dtype(precision, attention)  # bad choices before the (slow) load
+    runtime.check_precision_platform(precision)
     if compilation_cache_dir:
       enable_compilation_cache(compilation_cache_dir)
     config, params, tokenizer = load_checkpoint(directory, max_text_len=max_text_len)
@@ -159,14 +166,16 @@ class Predictor:
   # Prompts.
   def predict(self, prompts: Sequence[str]) -> Prediction:
     """Masks for each text prompt on the current image."""
-    if isinstance(prompts, str):
-      prompts = [prompts]
+    # One list up front: a generator would be used up by the checks below.
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
       raise PromptError("no prompts given")
     for i, p in enumerate(prompts):
-      if not isinstance(p, str) or not p.strip():
+      if not isinstance(p, str):
+        raise PromptError(f"prompt {i} is a {type(p).__name__}, not a str")
+      if not p.strip():
         raise PromptError(f"prompt {i} is empty or whitespace-only")
-    input_ids, attention_mask = self.tokenizer.encode_batch(list(prompts))
+    input_ids, attention_mask = self.tokenizer.encode_batch(prompts)
     return self.predict_tokens(input_ids, attention_mask)
 
   def predict_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Prediction:

@@ -38,6 +38,13 @@ def check_attention_platform(attention: str) -> None:
     raise UserError(f"attention cudnn needs an NVIDIA GPU; jax is running on {jax.default_backend()}")
 
 
+def check_precision_platform(precision: str) -> None:
+  """UserError for fp16 where jax runs on the CPU (before any checkpoint is read): XLA:CPU rejects float16 matrix
+  products, and jax would fail inside the first call's compile."""
+  if precision == "fp16" and jax.default_backend() == "cpu":
+    raise UserError("fp16 needs a GPU (XLA:CPU has no float16 products); use bf16 or fp32 on CPU")
+
+
 def jit_init(fn: Callable) -> Callable:
   """`jax.jit` for a function that runs once, such as a parameter initialiser (its forward pass and one random
   draw per parameter): on CPU, XLA's backend optimisations are switched off for it, which cuts the compile time of

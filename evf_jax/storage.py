@@ -71,6 +71,23 @@ def check_writable(directory: str, what: str) -> None:
     raise UserError(f"{what} {directory}: cannot write there ({message[:300]})") from None
 
 
+def check_output_dir(path: str, flag: str) -> None:
+  """UserError, before any work is done, when local `path` cannot be an output directory: empty, not a directory, under
+  a file, or not writable. Nothing is created, so a command that fails later leaves nothing behind."""
+  if not path or not path.strip():
+    raise UserError(f"{flag} is empty; expected a directory")
+  full = os.path.abspath(path)  # as the command will create it (a quoted ~ is a directory named ~)
+  if os.path.exists(full) and not os.path.isdir(full):
+    raise UserError(f"{flag} {path} is a file; expected a directory")
+  existing = full
+  while not os.path.exists(existing):  # the deepest part that exists: a directory must be created in it
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UserError(f"{flag} {path}: cannot create it, {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"{flag} {path}: cannot write in {existing} (permission denied)")
+
+
 def path(p: PathLike) -> epath.Path:
   return epath.Path(str(p))
 

@@ -25,7 +25,7 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config, postprocess_matrices
-from evf_jax.runtime import compute_dtype, enable_compilation_cache
+from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
 from evf_jax.sam2 import tracking
 from evf_jax.sam2.transforms import video_frame
 
@@ -53,6 +53,7 @@ class VideoPredictor:
     if not isinstance(config, EvfSam2Config):
       raise UserError("video needs an EVF-SAM2 checkpoint (SAM-2 has the video memory); this one is EVF-SAM")
     dtype = compute_dtype(precision, attention)
+    check_precision_platform(precision)
     self.config, self.tokenizer = config, tokenizer
     self.model = EvfSam2(config, attention=attention, dtype=dtype)
     self.params = jax.device_put(cast_kernels(params, dtype))
@@ -75,6 +76,8 @@ class VideoPredictor:
   def from_checkpoint(cls, directory: str, *, precision: str = "fp32", attention: str = "xla",
                       compilation_cache_dir: str | None = None, max_text_len: int | None = None,
                       **kwargs) -> VideoPredictor:
+    compute_dtype(precision, attention)  # bad choices before the (slow) load
+    check_precision_platform(precision)
     if compilation_cache_dir:
       enable_compilation_cache(compilation_cache_dir)
     config, params, tokenizer = load_checkpoint(directory, max_text_len=max_text_len)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -45,12 +46,15 @@ def image_file(tmp_path_factory):
   return p
 
 
-def _error_line(capsys, argv) -> str:
+def _error_line(capsys, argv, stdout: list | None = None) -> str:
   code = cli.main(argv)
-  err = capsys.readouterr().err.strip().splitlines()
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
   assert code == 2, err
   assert err and err[0].startswith("error: "), err
   assert "Traceback" not in "\n".join(err)
+  if stdout is not None:
+    stdout.append(captured.out)
   return err[0]
 
 
@@ -73,7 +77,19 @@ def test_convert_refuses_to_overwrite(ckpt, hf_dir, tmp_path, capsys):
   (user_dir / "notes.txt").write_text("keep me")
   line = _error_line(capsys, ["convert", "--src", hf_dir, "--out", str(user_dir), "--overwrite"])
   assert "not an evf-jax checkpoint" in line
+  # Without --overwrite: not told to pass it, since it would be refused all the same.
+  line = _error_line(capsys, ["convert", "--src", hf_dir, "--out", str(user_dir)])
+  assert "not an evf-jax checkpoint" in line and "pass --overwrite" not in line, line
   assert (user_dir / "notes.txt").read_text() == "keep me"
+
+
+def test_convert_out_under_a_file_is_refused_before_reading(hf_dir, tmp_path, capsys):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  out = []
+  line = _error_line(capsys, ["convert", "--src", hf_dir, "--out", str(afile / "x")], out)
+  assert f"{afile} is a file" in line, line
+  assert "reading weights" not in out[0]
 
 
 def test_convert_overwrite_replaces_a_checkpoint(hf_dir, tmp_path):
@@ -133,6 +149,14 @@ def test_convert_hub_id_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   line = _error_line(capsys, ["convert", "--src", "YxZhang/evf-sam", "--out", str(tmp_path / "o")])
   assert "cannot download 'YxZhang/evf-sam'" in line
+
+
+@pytest.mark.parametrize("src", ["./nope", "../nope", "~/nope-evf-jax", "/nope/evf", "models/evf/sam", "nope/"])
+def test_convert_missing_path_is_not_a_hub_id(tmp_path, capsys, monkeypatch, src):
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.chdir(tmp_path)
+  line = _error_line(capsys, ["convert", "--src", src, "--out", str(tmp_path / "o")])
+  assert line == f"error: --src {src}: no such directory", line
 
 
 # predict
@@ -216,6 +240,54 @@ def test_predict_attention_choice_is_checked_first(ckpt, image_file, tmp_path, c
   assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="fp16 runs off the CPU")
+def test_fp16_on_cpu_is_one_line_before_loading(ckpt, image_file, tmp_path, capsys):
+  """XLA:CPU has no float16 products: jax would fail inside the first call's compile."""
+  from evf_jax.checkpoints import load_checkpoint
+  from evf_jax.errors import UserError
+  expect = "fp16 needs a GPU (XLA:CPU has no float16 products); use bf16 or fp32 on CPU"
+  line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat",
+                              "--out-dir", str(tmp_path / "o"), "--precision", "fp16"])
+  assert line == f"error: {expect}"
+  assert not os.path.exists(tmp_path / "o")
+  with pytest.raises(UserError, match=r"fp16 needs a GPU"):
+    Predictor.from_checkpoint(str(tmp_path / "not_read"), precision="fp16")  # before the checkpoint is read
+  with pytest.raises(UserError, match=r"fp16 needs a GPU"):
+    Predictor(*load_checkpoint(ckpt), precision="fp16")
+
+
+def test_predict_bad_out_dir_before_any_work(ckpt, image_file, tmp_path, capsys):
+  afile = tmp_path / "afile"
+  afile.write_text("keep me")
+  base = ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat"]
+  out = []  # nothing predicted before the refusal
+  assert f"{afile} is a file" in _error_line(capsys, base + ["--out-dir", str(afile / "sub")], out)
+  assert "--out-dir is empty" in _error_line(capsys, base + ["--out-dir", ""], out)
+  assert "is a file" in _error_line(capsys, base + ["--out-dir", str(afile)], out)
+  assert afile.read_text() == "keep me" and out == ["", "", ""]
+
+
+@pytest.mark.parametrize("n", ["0", "1", "1023", "5000"])
+def test_predict_max_text_len_out_of_range(ckpt, image_file, tmp_path, capsys, n):
+  line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat",
+                              "--max-text-len", n, "--out-dir", str(tmp_path / "o")])
+  assert f"max text length {n}: expected 2 (<s> and </s>) to 1022" in line, line
+  assert not os.path.exists(tmp_path / "o")
+
+
+def test_predictor_prompts_any_iterable_and_non_str(ckpt, image_file):
+  from evf_jax.predictor import PromptError
+  p = Predictor.from_checkpoint(ckpt)
+  p.set_image(np.asarray(Image.open(image_file).convert("RGB")))
+  want = p.predict(["cat", "dog"])
+  got = p.predict(x for x in ["cat", "dog"])  # a generator is read once, not used up by the checks
+  np.testing.assert_array_equal(got.logits, want.logits)
+  with pytest.raises(PromptError, match="prompt 1 is a NoneType, not a str"):
+    p.predict(["cat", None])
+  with pytest.raises(PromptError, match="prompt 0 is empty"):
+    p.predict(["  "])
+
+
 def test_predict_attention_xla(ckpt, image_file, tmp_path, capsys):
   code = cli.main(["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat", "--attention", "xla",
                    "--out-dir", str(tmp_path / "o")])
@@ -240,6 +312,7 @@ def test_predictor_checks_precision_and_attention(ckpt):
     ("no_tokenizer", "no sentencepiece model"),
     ("other_type", "holds model_type 'sam2'"),
     ("not_a_dir", "no such checkpoint directory"),
+    ("wrong_size", "model_config.json does not fit the weights: beit3/"),
 ])
 def test_predict_bad_checkpoint(ckpt, image_file, tmp_path, capsys, damage, expect):
   bad = str(tmp_path / "ckpt")
@@ -255,6 +328,10 @@ def test_predict_bad_checkpoint(ckpt, image_file, tmp_path, capsys, damage, expe
     json.dump(dict(cfg, model_type="sam2"), open(os.path.join(bad, "model_config.json"), "w"))
   elif damage == "not_a_dir":
     bad = str(tmp_path / "missing_ckpt")
+  elif damage == "wrong_size":  # sizes edited by hand: flax would fail at the first call
+    cfg = json.load(open(os.path.join(bad, "model_config.json")))
+    cfg["beit3"]["embed_dim"] += 8
+    json.dump(cfg, open(os.path.join(bad, "model_config.json"), "w"))
   line = _error_line(capsys, ["predict", "--checkpoint", bad, "--image", image_file, "--prompt", "cat",
                               "--out-dir", str(tmp_path / "o")])
   assert expect in line

@@ -375,4 +375,18 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn",
                                      "--precision", "fp16"])
   assert "needs an NVIDIA GPU" in line
+  if jax.default_backend() == "cpu":  # XLA:CPU has no float16 products
+    line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--precision", "fp16"])
+    assert "fp16 needs a GPU" in line
+  # A bad slice of a later split: refused before the checkpoint is loaded and any split evaluated.
+  for bad, expect in (("val[:abc]", "Error parsing split"), ("val[10:20]", "incompatible with 6 examples")):
+    line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--split", f"refcoco|unc|{bad}"])
+    assert f"split '{bad}'" in line and expect in line, line
   assert not os.path.exists(tmp_path / "o")
+  # --out-dir that cannot be made: refused before any split is evaluated (it was made after the first one).
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for out_dir, expect in ((str(afile / "x"), f"{afile} is a file"), ("", "--out-dir is empty")):
+    line = error_line(capsys, ["eval", "--checkpoint", ckpt, "--data", root, "--split", "refcoco|unc|val",
+                               "--out-dir", out_dir, "--no-progress"])
+    assert expect in line, line

@@ -140,6 +140,16 @@ def test_predict_video_errors(ckpt, frames_dir, tmp_path, capsys):
   line = error_line(capsys, base + ["--video", str(fake), "--prompt", "a"])
   assert "PyAV" in line or "cannot decode" in line
   assert "--chunk" in error_line(capsys, base + ["--video", frames_dir, "--prompt", "a", "--chunk", "1"])
+  # The frames directory as --out-dir: the next run would read this run's masks and overlays as frames.
+  frames = tmp_path / "frames"
+  frames.mkdir()
+  for name in os.listdir(frames_dir):
+    (frames / name).write_bytes(open(os.path.join(frames_dir, name), "rb").read())
+  for out in (str(frames), str(frames) + "/", os.path.relpath(frames)):
+    line = error_line(capsys, ["predict", "--checkpoint", ckpt, "--video", str(frames), "--prompt", "a",
+                               "--out-dir", out])
+    assert "is the frames directory" in line, line
+  assert sorted(os.listdir(frames)) == sorted(os.listdir(frames_dir))
   with pytest.raises(SystemExit):  # argparse: --image and --video together
     cli.main(base + ["--video", frames_dir, "--image", "x.png", "--prompt", "a"])
   capsys.readouterr()

@@ -222,10 +222,27 @@ def test_bad_input_is_one_line(released, tmp_path, capsys):
   mine = tmp_path / "mine"
   mine.mkdir()
   (mine / "notes.txt").write_text("keep me")
-  assert "--overwrite" in _error(capsys, ["export-hf", "--checkpoint", ckpt, "--out", str(mine)])
+  line = _error(capsys, ["export-hf", "--checkpoint", ckpt, "--out", str(mine)])
+  assert "refusing to overwrite" in line and "pass --overwrite" not in line, line  # it would not help
   assert "refusing to overwrite" in _error(capsys, ["export-hf", "--checkpoint", ckpt, "--out", str(mine),
                                                     "--overwrite"])
   assert (mine / "notes.txt").read_text() == "keep me"
+  # A Hugging Face directory that is no export of ours (a download of the released model: its config.json has
+  # no "evf_jax"), or whose config.json is not JSON, is never replaced, --overwrite or not.
+  download = tmp_path / "download"
+  shutil.copytree(hf, download)
+  for config in (None, "{not json"):
+    if config is not None:
+      (download / "config.json").write_text(config)
+    before = {f: (download / f).read_bytes() for f in os.listdir(download)}
+    line = _error(capsys, ["export-hf", "--checkpoint", ckpt, "--out", str(download), "--overwrite"])
+    assert "is not an evf-jax export directory; refusing to overwrite it" in line, line
+    assert {f: (download / f).read_bytes() for f in os.listdir(download)} == before
+  # --out under a file: refused before the checkpoint is read.
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  assert f"{afile} is a file" in _error(capsys, ["export-hf", "--checkpoint", str(tmp_path / "none"), "--out",
+                                                 str(afile / "x")])
   assert "not a converted evf-jax checkpoint" in _error(capsys, ["export-hf", "--checkpoint", hf, "--out",
                                                                  str(tmp_path / "x")])
   assert "no such checkpoint directory" in _error(capsys, ["export-hf", "--checkpoint", str(tmp_path / "none"),

@@ -243,6 +243,9 @@ def test_serve_errors_are_one_line(ckpt, tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0]
   assert cli.main(["serve", "--checkpoint", ckpt, "--port", "70000"]) == 2
   assert "--port 70000" in capsys.readouterr().err
+  for n in ("0", "5000"):  # the model's text positions end at 1022: refused before anything is served
+    assert cli.main(["serve", "--checkpoint", ckpt, "--max-text-len", n]) == 2
+    assert capsys.readouterr().err.startswith(f"error: max text length {n}: expected 2")
   with socket.socket() as taken:
     taken.bind(("127.0.0.1", 0))
     taken.listen()

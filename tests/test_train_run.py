@@ -377,6 +377,7 @@ def test_help_lists_every_flag(capsys):
     (("--config.init.from_scratch=False", "--config.init.sam_checkpoint=/nope.pth"), "init.sam_checkpoint: no such file"),
     (("--config.trainable=('beit3/nothing',)",), "match no parameter"),
     (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),
+    (("--config.precision=fp16",), "fp16 needs a GPU"),
     (("--config.optimizer.name=lion",), "config.optimizer.name 'lion': expected one of adamw, muon"),
     (("--profile_steps=-2",), "profile: steps -2"),
     (("--workdir=s3://bucket/run",), "--workdir s3://bucket/run: only local paths and gs:// URLs are supported"),

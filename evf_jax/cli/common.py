@@ -8,6 +8,7 @@ from evf_jax.runtime import (
   ATTENTIONS,
   PRECISIONS,
   check_attention_platform,
+  check_precision_platform,
   compute_dtype,
 )
 
@@ -23,6 +24,7 @@ def check_compute_args(args: argparse.Namespace) -> None:
   """--precision / --attention checked together and against the platform, before anything is loaded."""
   compute_dtype(args.precision, args.attention)
   check_attention_platform(args.attention)
+  check_precision_platform(args.precision)
 
 
 def add_compilation_cache_arg(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from evf_jax.cli import common
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.images import decode_image, overlay
-from evf_jax.runtime import compute_dtype, enable_compilation_cache
+from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
 
 HELP = "referring-segmentation evaluation (gIoU / cIoU) of a checkpoint on prepared splits"
 
@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if value < low:
       raise UserError(f"{flag} must be >= {low}, got {value}")
   common.check_compute_args(args)
+  storage.check_output_dir(args.out_dir, "--out-dir")  # here, not after the first split's hours of work
   devices = None
   if args.num_devices is not None:
     if not 1 <= args.num_devices <= jax.device_count():
@@ -96,7 +97,10 @@ def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit
   splits = eval_splits.expand_splits(split_names)
   if not splits:
     raise UserError("no --split given")
-  return [eval_splits.resolve_data_dir(data, s) for s in splits]
+  located = [eval_splits.resolve_data_dir(data, s) for s in splits]
+  for split, where, _ in located:  # a bad slice ("val[:abc]", beyond the split) now, not after earlier splits
+    sources.open_split(where, split.split)
+  return located
 
 
 def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config: families.ModelConfig,
@@ -164,9 +168,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   Splits and data directories are all checked before the (slow) checkpoint load.
   """
   dtype = compute_dtype(precision, attention)
+  check_precision_platform(precision)
   located = locate_splits(data, split_names)
-  if out_dir and os.path.isfile(out_dir):
-    raise UserError(f"--out-dir {out_dir} is a file")
+  if out_dir:
+    storage.check_output_dir(out_dir, "--out-dir")
   config, params, tokenizer = checkpoints.load_checkpoint(checkpoint, max_text_len=options.max_text_len)
   raw_config = checkpoints.read_config(checkpoint)
   provenance = checkpoints.read_provenance(checkpoint)

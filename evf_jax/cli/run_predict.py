@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from evf_jax import storage
 from evf_jax.cli import common
 from evf_jax.errors import UserError
 from evf_jax.images import load_image, save_prediction
@@ -35,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="video: frames whose image features are computed in one batch (default 4)")
   common.add_compute_args(p)
   p.add_argument("--max-text-len", type=int, default=None,
-                 help="longest prompt in tokens (special tokens included); longer ones are truncated with a warning")
+                 help="longest prompt in tokens (special tokens included), 2 to the model's limit (1022 for the "
+                      "released models; the default); longer prompts are truncated with a warning")
   common.add_compilation_cache_arg(p)
 
 
@@ -45,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not p.strip():
       raise UserError(f"--prompt {i + 1} is empty or whitespace-only")
   common.check_compute_args(args)
-  if os.path.isfile(args.out_dir):
-    raise UserError(f"--out-dir {args.out_dir} is a file")
+  storage.check_output_dir(args.out_dir, "--out-dir")
   if args.video is not None:
     return run_video(args, prompts)
   image = load_image(args.image)
@@ -72,6 +73,9 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
     raise UserError(f"--video takes one --prompt (the object to track), got {len(prompts)}")
   if args.chunk < 2:
     raise UserError(f"--chunk must be at least 2, got {args.chunk}")
+  if os.path.isdir(args.video) and os.path.realpath(args.video) == os.path.realpath(args.out_dir):
+    # The masks and overlays written there would be read as frames by the next run.
+    raise UserError(f"--out-dir {args.out_dir} is the frames directory (--video); choose another --out-dir")
   stems, frames = read_frames(args.video)
   predictor = VideoPredictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                              compilation_cache_dir=args.compilation_cache,

@@ -33,7 +33,8 @@ from evf_jax import checkpoints, evaluate, families, sharding, storage
 from evf_jax.cli import run_eval
 from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
-from evf_jax.runtime import check_attention_platform, compute_dtype, enable_compilation_cache
+from evf_jax.runtime import (check_attention_platform, check_precision_platform, compute_dtype,
+                             enable_compilation_cache)
 from evf_jax.tokenizer import SPM_FILE, TextTokenizer
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
@@ -133,6 +134,7 @@ def _initialise_distributed(fv: flags.FlagValues) -> bool:
 def _check_config(cfg) -> ModelConfig:
   compute_dtype(cfg.precision, cfg.attention)
   check_attention_platform(cfg.attention)
+  check_precision_platform(cfg.precision)
   for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "grad_accum",
               "keep_checkpoints"):
     if int(cfg[key]) < 1:
