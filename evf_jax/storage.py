@@ -40,6 +40,8 @@ def resolve(path: PathLike, what: str) -> str:
   """A local path made absolute, or a supported URL as given (without a trailing "/"); `what` names the flag or
   setting in the error for another URL scheme."""
   path = str(path)
+  if not path.strip():  # abspath("") is the current directory: a run would write into wherever it started
+    raise UserError(f"{what} is empty")
   if not is_url(path):
     return os.path.abspath(path)
   if not path.startswith(SCHEMES):

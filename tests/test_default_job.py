@@ -113,3 +113,13 @@ def test_the_default_job_learns_to_read(tmp_path, capsys):
   assert r["fp32"]["sentences"] == r["bf16"]["sentences"] > 0
   assert r["agreement"]["pixels"] > 0.99, r
   assert abs(r["bf16"]["ciou"] - r["fp32"]["ciou"]) < 0.05, r
+
+
+@pytest.mark.parametrize("workdir, expect", [("", "--workdir is empty"), ("  ", "--workdir is empty"),
+                                             ("gs://bucket/run", "the default job writes a local directory")])
+def test_a_workdir_it_cannot_use_is_one_line_before_anything_runs(workdir, expect, capsys, tmp_path, monkeypatch):
+  """An empty --workdir used to train into the current directory (abspath("") is the cwd): here a scratch one."""
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["synthetic", "--workdir", workdir, "--steps", "1", "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err

@@ -68,6 +68,8 @@ def load_config(path: str, steps: Optional[int], progress: bool):
 def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.steps, not args.no_progress)
   workdir = storage.resolve(args.workdir, "--workdir")
+  if storage.is_url(workdir):  # its data, results and pictures are local files; run.py train takes gs://
+    raise UserError(f"--workdir {workdir}: the default job writes a local directory")
   print(f"[1-2/5] data and training in {workdir}")
   summary = run_train.train(cfg, workdir)
   if summary.stopped_early:
