@@ -186,6 +186,13 @@ def test_predict_writes_masks_overlays_and_logits(ckpt, image_file, tmp_path, ca
     np.testing.assert_array_equal(vis[~m], img[~m])
     if m.any():
       np.testing.assert_array_equal(vis[m], (img[m] * 0.5 + np.array([50, 120, 220]) * 0.5).astype(np.uint8))
+  # The same run again: the outputs exist, so it stops before loading anything unless told to replace them.
+  before = (out / "scene_0_mask.png").read_bytes()
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{out / 'scene_0_mask.png'} exists" in err[0] and "--overwrite" in err[0], err
+  assert (out / "scene_0_mask.png").read_bytes() == before
+  assert cli.main(argv + ["--overwrite"]) == 0
 
 
 def _bad_files(tmp_path):

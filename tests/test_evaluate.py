@@ -352,6 +352,12 @@ def test_cli_eval_writes_json_table_and_overlays(ckpt, data, tmp_path, capsys):
   index = json.load(open(out / "overlays" / "refcoco_unc_val" / "index.json"))
   assert len(index) == len(val[0].entries)
   assert all(os.path.isfile(out / "overlays" / "refcoco_unc_val" / e["file"]) for e in index)
+  # Another evaluation into the same --out-dir would replace these results: refused before the checkpoint loads.
+  code = cli.main(["eval", "--checkpoint", ckpt, "--data", root, "--split", "synthetic|val", "--out-dir", str(out),
+                   "--no-progress"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "synthetic_val.json exists" in err[0] and "--overwrite" in err[0], err
+  assert json.load(open(out / "synthetic_val.json")) == syn
 
 
 def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):

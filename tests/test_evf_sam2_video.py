@@ -86,10 +86,13 @@ def _reference(torch_model, spm_dir, frames_dir):
 
 def test_predict_video_cli_equals_the_original(ckpt, torch_model, spm_dir, frames_dir, tmp_path, capsys):
   out = tmp_path / "out"
-  assert cli.main(["predict", "--checkpoint", ckpt, "--video", frames_dir, "--prompt", PROMPT,
-                   "--out-dir", str(out), "--save-logits", "--chunk", "3"]) == 0
+  argv = ["predict", "--checkpoint", ckpt, "--video", frames_dir, "--prompt", PROMPT, "--out-dir", str(out),
+          "--save-logits", "--chunk", "3"]
+  assert cli.main(argv) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == N + 1 and lines[-1].startswith(f"{N} frames")
+  assert cli.main(argv) == 2  # the outputs exist: replaced only with --overwrite
+  assert "00000_mask.png exists" in capsys.readouterr().err
   want, want_scores = _reference(torch_model, spm_dir, frames_dir)
   seen = [s > 0 for s in want_scores]
   assert sum(seen) >= 2, want_scores  # something to track

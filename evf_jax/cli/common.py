@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Iterable
+
+from evf_jax.errors import UserError
 
 from evf_jax.runtime import (
   ATTENTIONS,
@@ -30,3 +34,19 @@ def check_compute_args(args: argparse.Namespace) -> None:
 def add_compilation_cache_arg(p: argparse.ArgumentParser) -> None:
   p.add_argument("--compilation-cache", default=None, metavar="DIR",
                  help="persistent compilation cache directory (makes later runs start faster)")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace files of the same names in --out-dir (an earlier run's outputs); without it they "
+                      "are a one-line error before anything runs")
+
+
+def check_not_there(paths: Iterable[str], overwrite: bool) -> None:
+  """UserError naming the first of `paths` (what this run would write) that exists, unless `overwrite`."""
+  if overwrite:
+    return
+  for path in paths:
+    if os.path.lexists(path):
+      raise UserError(f"{path} exists (an earlier run's output?); pass --overwrite to replace it, or choose "
+                      "another --out-dir")

@@ -63,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--save-overlays", type=int, default=0, metavar="N",
                  help="write prediction | ground-truth overlays for the first N images of each split")
   p.add_argument("--read-threads", type=int, default=4, help="host threads decoding images and masks")
+  common.add_overwrite_arg(p)
   common.add_compilation_cache_arg(p)
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                                  read_threads=args.read_threads, progress=not args.no_progress)
   results = evaluate_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out_dir, options=options,
                                 precision=args.precision, attention=args.attention, devices=devices,
-                                save_overlays=args.save_overlays)
+                                save_overlays=args.save_overlays, overwrite=args.overwrite)
   print(format_table(results))
   print(f"results: {', '.join(r['json'] for r in results if 'json' in r)}")
   return 0
@@ -162,8 +163,9 @@ class OverlayWriter:
 def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], *, out_dir: Optional[str],
                         options: evaluate.EvalOptions = evaluate.EvalOptions(), precision: str = "fp32",
                         attention: str = "xla", devices: Optional[Sequence] = None,
-                        save_overlays: int = 0) -> list[dict]:
-  """Every split of `split_names` with one checkpoint; writes OUT_DIR/<split tag>.json.
+                        save_overlays: int = 0, overwrite: bool = False) -> list[dict]:
+  """Every split of `split_names` with one checkpoint; writes OUT_DIR/<split tag>.json (an existing one only
+  with `overwrite`).
 
   Splits and data directories are all checked before the (slow) checkpoint load.
   """
@@ -172,6 +174,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   located = locate_splits(data, split_names)
   if out_dir:
     storage.check_output_dir(out_dir, "--out-dir")
+    common.check_not_there([os.path.join(out_dir, f"{split.tag}.json") for split, _, _ in located], overwrite)
   config, params, tokenizer = checkpoints.load_checkpoint(checkpoint, max_text_len=options.max_text_len)
   raw_config = checkpoints.read_config(checkpoint)
   provenance = checkpoints.read_provenance(checkpoint)

@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "<frame-stem>_vis.png per frame)")
   p.add_argument("--save-logits", action="store_true",
                  help="also write <stem>_<i>_logits.npy (video: <frame-stem>_logits.npy), float32, H x W")
+  common.add_overwrite_arg(p)
   p.add_argument("--chunk", type=int, default=4,
                  help="video: frames whose image features are computed in one batch (default 4)")
   common.add_compute_args(p)
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
   storage.check_output_dir(args.out_dir, "--out-dir")
   if args.video is not None:
     return run_video(args, prompts)
+  stem = os.path.splitext(os.path.basename(args.image))[0]
+  common.check_not_there(_outputs(args, [f"{stem}_{i}" for i in range(len(prompts))]), args.overwrite)
   image = load_image(args.image)
   predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
@@ -57,7 +60,6 @@ def run(args: argparse.Namespace) -> int:
   predictor.set_image(image)
   result = predictor.predict(prompts)
   os.makedirs(args.out_dir, exist_ok=True)
-  stem = os.path.splitext(os.path.basename(args.image))[0]
   for i, prompt in enumerate(prompts):
     mask = result.masks[i]
     save_prediction(os.path.join(args.out_dir, f"{stem}_{i}"), image, mask,
@@ -66,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
           f"score {float(result.scores[i]):.4f}")
   return 0
+
+
+def _outputs(args: argparse.Namespace, bases: list[str]) -> list[str]:
+  """The files `save_prediction` writes for each base name."""
+  suffixes = ("_mask.png", "_vis.png") + (("_logits.npy",) if args.save_logits else ())
+  return [os.path.join(args.out_dir, b + s) for b in bases for s in suffixes]
 
 
 def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
@@ -77,6 +85,7 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
     # The masks and overlays written there would be read as frames by the next run.
     raise UserError(f"--out-dir {args.out_dir} is the frames directory (--video); choose another --out-dir")
   stems, frames = read_frames(args.video)
+  common.check_not_there(_outputs(args, stems), args.overwrite)
   predictor = VideoPredictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                              compilation_cache_dir=args.compilation_cache,
                                              max_text_len=args.max_text_len, chunk=args.chunk)
