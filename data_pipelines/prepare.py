@@ -3,8 +3,9 @@
 `build` runs the dataset's TFDS builder (data_pipelines/tfds_builders) with the raw download as its manual
 dir, into DATA_DIR/NAME/VERSION. TFDS writes into a temporary folder and renames it when everything
 succeeded, so an interrupted run never leaves something that looks like a finished dataset. An existing
-DATA_DIR/NAME/VERSION is refused. Images that are missing, corrupt, or disagree with their annotations are
-skipped and counted (the dataset's metadata.json "skipped"), never fatal.
+DATA_DIR/NAME/VERSION is refused, and so is a DATA_DIR/NAME in the old format (readers would keep preferring it).
+Images that are missing, corrupt, or disagree with their annotations are skipped and counted (the dataset's
+metadata.json "skipped"); a split left with no image stops the build, naming its counts.
 
 `prepare` writes the old records.py format into one directory; it is deprecated and kept for one release.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -22,6 +24,7 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from data_pipelines import readers, records, sources, synthetic, tfds_builders
+from evf_jax import storage
 from evf_jax.errors import UserError
 
 DATASETS = sorted(readers.READERS) + ["synthetic"]
@@ -35,14 +38,42 @@ def _remove_empty_parents(path: str, stop: str) -> None:
     path = os.path.dirname(path)
 
 
+def _check_local_dir(path: str, flag: str) -> None:
+  """One line now, rather than a traceback from TFDS or os later: a URL, a file, a path under a file, read-only."""
+  if path and storage.is_url(path):
+    raise UserError(f"{flag} {path}: prepare writes local directories; build locally, then copy the result")
+  storage.check_output_dir(path, flag)
+
+
+def _remove_stale_incomplete(name_dir: str, version: str) -> None:
+  """TFDS builds in NAME/incomplete.XXXXXX_VERSION and renames it when done, so such a folder is never a finished
+  dataset: it is what a killed run left behind, and nothing else would ever remove it."""
+  if not os.path.isdir(name_dir):
+    return
+  stale = re.compile(r"incomplete\.[A-Za-z0-9]+_" + re.escape(version))
+  for entry in os.listdir(name_dir):
+    if stale.fullmatch(entry) and os.path.isdir(os.path.join(name_dir, entry)):
+      shutil.rmtree(os.path.join(name_dir, entry))
+
+
 def build(dataset: str, data_dir: str, src: str | None = None, *, num_train: int = 2000, num_eval: int = 200,
           seed: int = 0, progress: bool = True) -> dict:
   """Builds one dataset as TFDS ArrayRecord into `data_dir`; returns a summary (also in the dataset's
   metadata.json): {"dataset", "path", "splits": {split: {"images", "prompts", "shards"}}, "skipped"}.
   `src` is the raw download (docs/data.md#2-raw-datasets) or a directory in the old prepared format."""
+  _check_local_dir(data_dir, "--data_dir")
   cls = tfds_builders.builder_class(dataset)
   if cls is None:
     raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+  name_dir = os.path.join(os.path.abspath(data_dir), cls.name)
+  if os.path.exists(name_dir) and not os.path.isdir(name_dir):
+    raise UserError(f"{name_dir} is a file; choose another --data_dir or remove it")
+  if sources.is_legacy(name_dir):  # sources.locate prefers it: a TFDS dataset inside would never be read
+    how = ("build it into another --data_dir" if dataset == "synthetic" else  # generated, never converted
+           f"convert it into another --data_dir: `run.py prepare --dataset {dataset} --src {name_dir} --data_dir "
+           "OTHER_DIR`")
+    raise UserError(f"{name_dir} holds a dataset in the old prepared format ({records.META_FILE}), which would "
+                    f"still be read instead of the new one; {how}")
   if dataset == "synthetic":
     if src:
       raise UserError("--src is not used with --dataset synthetic (it is generated, see --num-train/--seed)")
@@ -56,11 +87,14 @@ def build(dataset: str, data_dir: str, src: str | None = None, *, num_train: int
   path = str(builder.data_dir)
   if os.path.exists(path):
     raise UserError(f"{path} already exists; choose another --data_dir or remove it")
+  _remove_stale_incomplete(os.path.dirname(path), os.path.basename(path))
   tfds.display_progress_bar(progress)
   with tempfile.TemporaryDirectory() as downloads:  # nothing is downloaded; keeps data_dir free of downloads/
     try:
       builder.download_and_prepare(download_dir=downloads, download_config=tfds.download.DownloadConfig(
           manual_dir=os.path.abspath(src) if src else None))
+    except readers.EmptySplitError as e:  # a split whose every image was skipped, with that split's counts
+      raise UserError(f"{dataset}: {e}") from None
     except ValueError as e:  # the readers' "nothing found" and a converted dataset of another name
       raise UserError(str(e)) from None
     except AssertionError as e:  # TFDS refuses an empty split, e.g. one whose every image was skipped
@@ -115,6 +149,7 @@ def prepare(dataset: str, out: str, src: str | None = None, *, num_train: int = 
   that is also stored in OUT/meta.json. `build` writes the TFDS dataset that replaces it."""
   warnings.warn("this writes the old prepared format, read for one more release; build a TFDS dataset instead "
                 "(`run.py prepare --data_dir`, prepare.build)", sources.OldFormatWarning, stacklevel=2)
+  _check_local_dir(out, "--out")
   _check_out(out)
   if dataset == "synthetic":
     if src:
@@ -131,6 +166,9 @@ def prepare(dataset: str, out: str, src: str | None = None, *, num_train: int = 
   if not tasks:
     raise UserError(f"{dataset}: found no images to convert under {src}")
   skipped: collections.Counter = collections.Counter()
-  summary = write_dataset(out, dataset, records_from_tasks(tasks, skipped), len(tasks), records_per_shard,
-                          {"src": os.path.abspath(src)}, skipped, progress)
-  return summary
+  try:
+    return write_dataset(out, dataset, records_from_tasks(tasks, skipped), len(tasks), records_per_shard,
+                         {"src": os.path.abspath(src)}, skipped, progress)
+  except readers.EmptySplitError as e:  # a split whose every image was skipped: no dataset without it
+    shutil.rmtree(out.rstrip("/") + ".partial", ignore_errors=True)
+    raise UserError(f"{dataset}: {e}") from None

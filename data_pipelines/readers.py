@@ -3,7 +3,7 @@
 An `ImageTask` is one image of one split: where its file is, plus `build(h, w)`, which returns the image's
 prompt entries and masks (compressed RLE). `task_records` reads/validates the image, calls `build` with the
 decoded size, and writes a record (records.py). Readers check their required files up front and raise a
-UserError listing every missing one.
+UserError listing every missing one, and a UserError naming the file for annotations they cannot read.
 
 `--src` is the dataset's root in the original EVF-SAM layout (docs/data.md#2-raw-datasets):
   refclef, refcoco, refcoco+, refcocog, grefcoco   dataset/refer_seg      (refs pickle, instances.json, images/)
@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import json
 import os
+import pickle
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -32,6 +33,10 @@ from evf_jax.errors import UserError
 from evf_jax.images import ImageReadError, decode_image
 
 Build = Callable[[int, int], tuple[list[records.Entry], list[bytes]]]
+
+
+class EmptySplitError(ValueError):
+  """Every image of a split was skipped (TFDS would refuse the empty split without saying why)."""
 
 
 class SkipImage(Exception):
@@ -49,6 +54,9 @@ class ImageTask:
   path: str
   build: Build
   expected_hw: Optional[tuple[int, int]] = None  # the annotations' image size, where the layout states one
+  # What the reader itself skipped in this split (e.g. refs whose image is not in instances.json); a task with
+  # `counts` and no `path` carries only these, so that they reach the split's counts and an emptied split is seen.
+  counts: Optional[dict[str, int]] = None
 
 
 def _stated_hw(im: dict) -> Optional[tuple[int, int]]:
@@ -120,6 +128,44 @@ def _eval_split_names(split: str) -> list[str]:
   return [split]
 
 
+def _load_refs(path: str) -> list:
+  if path.endswith(".json"):
+    refs = _load_json(path)
+  else:
+    try:
+      refs = safe_pickle.load(path)
+    except safe_pickle.UnsafePickleError as e:
+      raise UserError(f"{path}: {e}") from None
+    except OSError as e:
+      raise UserError(f"cannot read {path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            OverflowError, MemoryError) as e:  # truncated, empty or not a pickle at all
+      raise UserError(f"cannot read {path}: not a complete pickle ({type(e).__name__}: {e})") from None
+  if not isinstance(refs, list):
+    raise UserError(f"{path}: expected a list of refs, found {type(refs).__name__}")
+  for i, ref in enumerate(refs):
+    if not isinstance(ref, dict) or not {"image_id", "ann_id", "split"} <= set(ref):
+      raise UserError(f"{path}: ref {i} is not a ref (a dict with image_id, ann_id, split)")
+  return refs
+
+
+def _load_instances(path: str) -> tuple[dict, dict]:
+  """instances.json -> ({image id: image}, {annotation id: annotation})."""
+  inst = _load_json(path)
+  if not isinstance(inst, dict) or not isinstance(inst.get("images"), list) \
+      or not isinstance(inst.get("annotations"), list):
+    raise UserError(f"{path}: expected a COCO-style object with \"images\" and \"annotations\" lists")
+  try:
+    images = {im["id"]: im for im in inst["images"]}
+    anns = {a["id"]: a for a in inst["annotations"]}
+    ok = all(isinstance(im["file_name"], str) for im in images.values())
+  except (KeyError, TypeError):
+    ok = False
+  if not ok:
+    raise UserError(f"{path}: every image needs an id and a file_name, every annotation an id")
+  return images, anns
+
+
 def read_refer(dataset: str, src: str) -> list[ImageTask]:
   split_by, image_dir = REFER_DATASETS[dataset]
   ann_dir = os.path.join(src, dataset)
@@ -131,29 +177,47 @@ def read_refer(dataset: str, src: str) -> list[ImageTask]:
   else:
     refs_path = os.path.join(ann_dir, f"refs({split_by}).p")
   _require([refs_path, inst_path, image_root], dataset, src)
-  try:
-    refs = _load_json(refs_path) if refs_path.endswith(".json") else safe_pickle.load(refs_path)
-  except safe_pickle.UnsafePickleError as e:
-    raise UserError(f"{refs_path}: {e}") from None
-  inst = _load_json(inst_path)
-  images = {im["id"]: im for im in inst["images"]}
-  anns = {a["id"]: a for a in inst["annotations"]}
+  refs = _load_refs(refs_path)
+  images, anns = _load_instances(inst_path)
 
   # (split, image_id) -> refs; train keeps sentences verbatim, eval ones are strip().lower()-ed (docs/data.md#5-evaluation-protocol).
+  # A ref naming an image or annotation that instances.json lacks is skipped and counted, never a zero mask.
   by_image: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
+  counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  no_image, no_ann = 0, 0
   for ref in refs:
     names = ["train"] if ref["split"] == "train" else _eval_split_names(ref["split"])
+    if ref["image_id"] not in images:
+      no_image += 1
+      for name in names:
+        by_image.setdefault((name, ref["image_id"]), [])  # counted once per image and split below
+      continue
+    if any(a != -1 and a not in anns for a in _ann_ids(ref)):  # -1: gRefCOCO's no-target (empty) expression
+      no_ann += 1
+      for name in names:
+        counts[name]["ann_not_in_instances"] += 1
+      continue
     for name in names:
       by_image[(name, ref["image_id"])].append(ref)
+  if 2 * (no_image + no_ann) > len(refs):  # most refs unusable: instances.json of another download, not gaps
+    raise UserError(f"{dataset}: {no_image + no_ann} of {len(refs)} refs in {refs_path} name an image ({no_image}) "
+                    f"or annotation ({no_ann}) missing from {inst_path}; are both from the same download?")
 
   tasks = []
   for (split, image_id), image_refs in sorted(by_image.items(), key=lambda kv: (kv[0][0], kv[0][1])):
     im = images.get(image_id)
     if im is None:
-      continue
-    tasks.append(ImageTask(split, str(image_id), os.path.join(image_root, im["file_name"]),
-                           _refer_builder(image_refs, anns, train=(split == "train")), _stated_hw(im)))
+      counts[split]["image_not_in_instances"] += 1
+    elif image_refs:
+      tasks.append(ImageTask(split, str(image_id), os.path.join(image_root, im["file_name"]),
+                             _refer_builder(image_refs, anns, train=(split == "train")), _stated_hw(im)))
+  for split, c in sorted(counts.items()):
+    tasks.insert(0, ImageTask(split, "", "", _no_build, counts=dict(c)))
   return tasks
+
+
+def _no_build(h: int, w: int):
+  raise RuntimeError("a counts-only task is never built")
 
 
 def _ann_ids(ref: dict) -> list[int]:
@@ -172,8 +236,8 @@ def _refer_builder(image_refs: list[dict], anns: dict, train: bool) -> Build:
         # gRefCOCO: a list means the union of those instances; [-1] is a no-target expression (all-zero mask).
         parts = []
         for a in ids:
-          if a != -1 and a in anns:
-            parts += _rle_parts(anns[a]["segmentation"], h, w)
+          if a != -1:  # every other id is in `anns` (read_refer skipped the refs naming a missing one)
+            parts += _rle_parts(anns[a].get("segmentation"), h, w)
         index_of[ids] = len(masks)
         masks.append(union_rle(parts, h, w))
       for sent in ref.get("sentences", []):
@@ -211,10 +275,20 @@ HUMANPARSING_CLASSES = (  # ATR ids 0..17, left/right swapped to the viewer's si
 
 
 def _read_label_map(path: str) -> np.ndarray:
+  """The label ids of a single-channel map. Index PNGs ("P" mode) hold the ids directly: never converted through
+  their palette. A colour (RGB/RGBA) map is accepted only as grey (R == G == B): a luma of colours is no label id."""
   try:
     with Image.open(path) as im:
-      # Index PNGs ("P" mode) hold the label ids directly; "L" too. Never convert P through a palette.
-      arr = np.asarray(im if im.mode in ("P", "L", "I;16", "I") else im.convert("L"))
+      if im.mode in ("P", "L", "I") or im.mode.startswith("I;16"):
+        arr = np.asarray(im)
+      elif im.mode in ("RGB", "RGBA", "LA"):
+        arr = np.asarray(im)
+        grey = arr[..., 0]
+        if im.mode != "LA" and not ((arr[..., 1] == grey).all() and (arr[..., 2] == grey).all()):
+          raise SkipImage("corrupt_label_map")
+        arr = grey
+      else:  # e.g. "1", "F", "CMYK": not label ids
+        raise SkipImage("corrupt_label_map")
   except (OSError, SyntaxError, ValueError):
     raise SkipImage("corrupt_label_map") from None
   if arr.ndim != 2:
@@ -276,16 +350,27 @@ def read_humanparsing(src: str) -> list[ImageTask]:
 
 # ---------------------------------------------------------------- COCO-json datasets (O365, parts)
 
-def _coco_tasks(coco: dict, split: str, image_root: str, builder: Callable[[list[dict], dict], Build]):
-  cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
-  by_image = collections.defaultdict(list)
-  for a in coco.get("annotations", []):
-    by_image[a["image_id"]].append(a)
-  tasks = []
-  for im in sorted(coco.get("images", []), key=lambda im: im["id"]):
-    if by_image.get(im["id"]):
-      tasks.append(ImageTask(split, str(im["id"]), os.path.join(image_root, im["file_name"]),
-                             builder(by_image[im["id"]], cats), _stated_hw(im)))
+def _coco_tasks(path: str, split: str, image_root: str, builder: Callable[[list[dict], dict], Build]):
+  coco = _load_json(path)
+  if not isinstance(coco, dict):
+    raise UserError(f"{path}: expected a COCO-style object, found {type(coco).__name__}")
+  try:
+    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    by_image = collections.defaultdict(list)
+    for a in coco.get("annotations", []):
+      by_image[a["image_id"]].append(a)
+    unknown = sorted({str(a["category_id"]) for a in coco.get("annotations", []) if a["category_id"] not in cats})
+    tasks = []
+    for im in sorted(coco.get("images", []), key=lambda im: im["id"]):
+      if by_image.get(im["id"]):
+        tasks.append(ImageTask(split, str(im["id"]), os.path.join(image_root, im["file_name"]),
+                               builder(by_image[im["id"]], cats), _stated_hw(im)))
+  except (KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"{path}: not COCO-style ({type(e).__name__}: {e}); images need id and file_name, categories "
+                    "id and name, annotations image_id and category_id") from None
+  if unknown:  # the prompt is the category's name: there is none to give
+    raise UserError(f"{path}: annotations name {len(unknown)} category_id(s) not in \"categories\": "
+                    + ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else ""))
   return tasks
 
 
@@ -308,7 +393,7 @@ def read_obj365(src: str) -> list[ImageTask]:
   root = os.path.join(src, "raw", "Objects365_v1", "2019-08-02")
   json_path, image_root = os.path.join(root, "o365_res_instances.json"), os.path.join(root, "train")
   _require([json_path, image_root], "obj365", src)
-  return _coco_tasks(_load_json(json_path), "train", image_root, _o365_builder)
+  return _coco_tasks(json_path, "train", image_root, _o365_builder)
 
 
 def _part_builder(prompt: Callable[[str], str]) -> Callable[[list[dict], dict], Build]:
@@ -343,7 +428,7 @@ def read_partimagenet(src: str) -> list[ImageTask]:
   for split in ("train", "val", "test"):
     path = os.path.join(src, "annotations", split, f"{split}.json")
     if os.path.exists(path):
-      tasks += _coco_tasks(_load_json(path), split, os.path.join(src, "images", split),
+      tasks += _coco_tasks(path, split, os.path.join(src, "images", split),
                            _part_builder(lambda n: "[semantic] " + n.lower()))
   return tasks
 
@@ -355,7 +440,7 @@ def read_pascal_part(src: str) -> list[ImageTask]:
   for split in ("train", "val"):
     path = os.path.join(src, f"{split}.json")
     if os.path.exists(path):
-      tasks += _coco_tasks(_load_json(path), split, image_root,
+      tasks += _coco_tasks(path, split, image_root,
                            _part_builder(lambda n: "[semantic] " + n.replace(":", " ")))
   return tasks
 
@@ -367,34 +452,56 @@ def _image_size(data: bytes) -> tuple[int, int]:
   return decode_image(data).shape[:2]
 
 
+def _counts_text(counts: dict) -> str:
+  return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing counted"
+
+
 def task_records(tasks: list[ImageTask], skipped: collections.Counter) -> Iterator[tuple[str, records.Record]]:
-  """(split, Record) of each usable task; what cannot be used is skipped and counted in `skipped`."""
+  """(split, Record) of each usable task; what cannot be used is skipped and counted in `skipped`. A split whose
+  every image is skipped raises EmptySplitError with that split's counts, once the others are done."""
+  per_split: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  written: collections.Counter = collections.Counter()
+
+  def skip(split: str, reason: str, n: int = 1) -> None:
+    skipped[reason] += n
+    per_split[split][reason] += n
+
   for task in tasks:
+    per_split[task.split].update()  # the split exists even if all of it is skipped
+    for reason, n in (task.counts or {}).items():
+      skip(task.split, reason, n)
+    if not task.path:  # carries the reader's counts only
+      continue
     try:
       with open(task.path, "rb") as f:
         data = f.read()
     except OSError:
-      skipped["missing_image"] += 1
+      skip(task.split, "missing_image")
       continue
     try:
       h, w = _image_size(data)
     except ImageReadError:
-      skipped["corrupt_image"] += 1
+      skip(task.split, "corrupt_image")
       continue
     if task.expected_hw is not None and (h, w) != task.expected_hw:
-      skipped["image_size_mismatch"] += 1  # e.g. an EXIF rotation the annotations were not made on
+      skip(task.split, "image_size_mismatch")  # e.g. an EXIF rotation the annotations were not made on
       continue
     try:
       entries, masks = task.build(h, w)
     except SkipImage as e:
-      skipped[e.reason] += 1
+      skip(task.split, e.reason)
       continue
     if not entries:
-      skipped["no_prompts"] += 1
+      skip(task.split, "no_prompts")
       continue
+    written[task.split] += 1
     # source is filled in by write_dataset
     yield task.split, records.Record(source="", image_id=task.image_id, image=data, h=h, w=w,
                                      masks=masks, entries=entries)
+  empty = [split for split in sorted(per_split) if not written[split]]
+  if empty:
+    raise EmptySplitError("; ".join(f"split {split}: every image was skipped ({_counts_text(per_split[split])})"
+                                    for split in empty))
 
 
 READERS: dict[str, Callable[[str], list[ImageTask]]] = {

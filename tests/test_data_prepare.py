@@ -198,3 +198,162 @@ def test_old_format_still_written_read_with_a_warning_and_converted(tmp_path):
 def _synthetic(seed, n):
   from data_pipelines import synthetic
   return [synthetic.make_example(seed, "train", i) for i in range(n)]
+
+
+# ---------------------------------------------------------------- bad inputs: one line, exit status 2
+
+def _fails(capsys, *argv) -> str:
+  """Runs `prepare` expecting a user error; returns its one line."""
+  assert cli.main(["prepare", *argv, "--no-progress"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  return err[0]
+
+
+def _edit_json(path, edit):
+  import json
+  with open(path) as f:
+    data = json.load(f)
+  edit(data)
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def test_old_format_dir_of_the_same_name_is_refused(tmp_path, capsys):
+  # sources.locate prefers DATA/NAME/meta.json: a TFDS dataset built inside it would never be read.
+  data_dir = tmp_path / "data"
+  with pytest.warns(DeprecationWarning):
+    assert cli.main(["prepare", "--dataset", "synthetic", "--out", str(data_dir / "synthetic"), "--num-train", "2",
+                     "--num-eval", "1", "--no-progress"]) == 0
+  err = _fails(capsys, "--dataset", "synthetic", "--data_dir", str(data_dir), "--num-train", "1", "--num-eval", "1")
+  assert "old prepared format" in err and "another --data_dir" in err
+  assert not (data_dir / "synthetic" / "1.0.0").exists()
+  # Converting in place is the same mistake.
+  (data_dir / "refcoco").mkdir()
+  records.write_meta(str(data_dir / "refcoco"), {"dataset": "refcoco", "splits": {}})
+  err = _fails(capsys, "--dataset", "refcoco", "--src", str(data_dir / "refcoco"), "--data_dir", str(data_dir))
+  assert "old prepared format" in err
+  assert os.listdir(data_dir / "refcoco") == ["meta.json"]
+
+
+def test_refs_not_in_instances_are_skipped_and_counted_not_zero_masks(tmp_path, capsys):
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "refcoco")
+  inst = os.path.join(src, "refcoco", "instances.json")
+  _edit_json(inst, lambda d: d.update(annotations=[a for a in d["annotations"] if a["id"] != 2]))
+  assert cli.main(["prepare", "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o"),
+                   "--no-progress"]) == 0
+  out = str(tmp_path / "o" / "refcoco")
+  assert sources.describe(out)["skipped"] == {"ann_not_in_instances": 1, "corrupt_image": 1}
+  assert set(_by_text(records.read_records(out, "train"))) == {"Left Man", "the guy in red"}  # ref 11 left out
+  # An image missing from instances.json is counted; here it empties testA, which stops the build.
+  _edit_json(inst, lambda d: d.update(images=[im for im in d["images"] if im["id"] != 3]))
+  err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o2"))
+  assert err == "error: refcoco: split testA: every image was skipped (image_not_in_instances 1)"
+  # Most refs unresolvable: an instances.json of another download, refused naming both files.
+  _edit_json(inst, lambda d: d.update(annotations=[a for a in d["annotations"] if a["id"] > 3]))
+  err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o3"))
+  assert "4 of 5 refs" in err and "image (1) or annotation (3)" in err and inst in err
+  assert not (tmp_path / "o2" / "refcoco").exists() and not (tmp_path / "o3" / "refcoco").exists()
+
+
+def test_colour_label_map_skipped_grey_rgb_accepted(tmp_path, capsys):
+  from PIL import Image
+  src = str(tmp_path / "raw")
+  F.write_humanparsing(src)
+  label_png = os.path.join(src, "SegmentationClassAug", "hp_1.png")
+  lab = F.humanparsing_label()
+  Image.fromarray(np.stack([lab] * 3, axis=-1)).save(label_png)  # grey RGB: the same ids
+  out, _ = _prepare(tmp_path, "humanparsing", lambda s: None)
+  (rec,) = records.read_records(out, "train")
+  got = {e.text: rec.mask(e.mask_index) for e in rec.entries}
+  np.testing.assert_array_equal(got["[semantic] left arm"], (lab == 15).astype(np.uint8))
+  colour = np.stack([lab * 10, lab, np.zeros_like(lab)], axis=-1)  # a colour map: its luma is no label id
+  Image.fromarray(colour).save(label_png)
+  err = _fails(capsys, "--dataset", "humanparsing", "--src", src, "--data_dir", str(tmp_path / "o2"))
+  assert err == "error: humanparsing: split train: every image was skipped (corrupt_label_map 1)"
+
+
+def _truncate(path, n):
+  with open(path, "r+b") as f:
+    f.truncate(n)
+
+
+def _pickle_dict(path):
+  with open(path, "wb") as f:
+    pickle.dump({"refs": []}, f, protocol=2)
+
+
+def _write(path, text):
+  with open(path, "w") as f:
+    f.write(text)
+
+
+@pytest.mark.parametrize("name,breaks,message", [
+    ("refs(unc).p", lambda p: _truncate(p, 100), "not a complete pickle (UnpicklingError"),
+    ("refs(unc).p", lambda p: _truncate(p, 0), "not a complete pickle (EOFError"),
+    ("refs(unc).p", _pickle_dict, "expected a list of refs, found dict"),
+    ("instances.json", lambda p: _write(p, "{}"), 'expected a COCO-style object with "images"'),
+    ("instances.json", lambda p: _write(p, "[]"), 'expected a COCO-style object with "images"'),
+])
+def test_unreadable_refer_annotations_name_the_file(tmp_path, capsys, name, breaks, message):
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "refcoco")
+  path = os.path.join(src, "refcoco", name)
+  breaks(path)
+  err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o"))
+  assert path in err and message in err
+
+
+def test_obj365_unknown_category_names_the_file(tmp_path, capsys):
+  src = str(tmp_path / "raw")
+  F.write_obj365(src)
+  path = os.path.join(src, "raw", "Objects365_v1", "2019-08-02", "o365_res_instances.json")
+  _edit_json(path, lambda d: d.update(categories=[{"id": 9, "name": "Dog"}]))
+  err = _fails(capsys, "--dataset", "obj365", "--src", src, "--data_dir", str(tmp_path / "o"))
+  assert err == f'error: {path}: annotations name 1 category_id(s) not in "categories": 3'
+
+
+def test_split_with_every_image_skipped_says_why(tmp_path, capsys):
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "refcoco")
+  os.remove(os.path.join(src, "images/mscoco/images/train2014/COCO_train2014_000000000002.jpg"))  # all of val
+  err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o"))
+  assert err == "error: refcoco: split val: every image was skipped (missing_image 1)"
+  with pytest.warns(DeprecationWarning):  # the old format's writer says the same
+    err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--out", str(tmp_path / "old"))
+  assert err == "error: refcoco: split val: every image was skipped (missing_image 1)"
+  assert not (tmp_path / "old").exists() and not (tmp_path / "old.partial").exists()
+
+
+def test_bad_output_dirs_are_one_line(tmp_path, capsys):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  synthetic = ("--dataset", "synthetic", "--num-train", "1", "--num-eval", "1")
+  assert "is a file" in _fails(capsys, *synthetic, "--data_dir", str(a_file))
+  assert f"{a_file} is a file" in _fails(capsys, *synthetic, "--data_dir", str(a_file / "sub"))
+  assert "prepare writes local directories" in _fails(capsys, *synthetic, "--data_dir", "gs://bucket/data")
+  with pytest.warns(DeprecationWarning):
+    assert "is a file" in _fails(capsys, *synthetic, "--out", str(a_file / "sub"))
+    assert "prepare writes local directories" in _fails(capsys, *synthetic, "--out", "gs://bucket/old")
+  assert not os.path.exists("gs:") and sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (("--num-train", "0"), "--num-train"), (("--num-eval", "-2"), "--num-eval"), (("--seed", "-1"), "--seed"),
+    (("--records-per-shard", "0"), "--records-per-shard"),
+])
+@pytest.mark.parametrize("where", ["--data_dir", "--out"])
+def test_synthetic_sizes_and_seed_checked_up_front(tmp_path, capsys, flags, named, where):
+  assert named in _fails(capsys, "--dataset", "synthetic", where, str(tmp_path / "o"), *flags)
+  assert not (tmp_path / "o").exists()
+
+
+def test_stale_incomplete_folders_of_a_killed_run_are_removed(tmp_path):
+  name_dir = tmp_path / "data" / "synthetic"
+  (name_dir / "incomplete.5TSI2O_1.0.0").mkdir(parents=True)  # what a SIGKILLed build leaves
+  (name_dir / "incomplete.5TSI2O_1.0.0" / "synthetic-train.array_record-00000-of-00001").write_bytes(b"x")
+  (name_dir / "notes").mkdir()  # anything else is left alone
+  assert cli.main(["prepare", "--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--num-train", "1",
+                   "--num-eval", "1", "--no-progress"]) == 0
+  assert sorted(os.listdir(name_dir)) == ["1.0.0", "notes"]

@@ -25,9 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+  """Named here, rather than TFDS's "No examples were yielded", numpy's seed error or a ZeroDivisionError."""
+  if args.dataset == "synthetic":
+    for flag, value in (("--num-train", args.num_train), ("--num-eval", args.num_eval)):
+      if value < 1:
+        raise UserError(f"{flag} must be at least 1 (got {value}): every split needs an image")
+    if args.seed < 0:
+      raise UserError(f"--seed must be 0 or more (got {args.seed})")
+  if args.records_per_shard < 1:
+    raise UserError(f"--records-per-shard must be at least 1 (got {args.records_per_shard})")
+
+
 def run(args: argparse.Namespace) -> int:
   if bool(args.data_dir) == bool(args.out):
     raise UserError("give --data_dir (a TFDS data_dir), or the deprecated --out (the old format)")
+  _check_numbers(args)
   if args.out:
     summary = prepare.prepare(args.dataset, args.out, args.src, num_train=args.num_train, num_eval=args.num_eval,
                               seed=args.seed, records_per_shard=args.records_per_shard,
