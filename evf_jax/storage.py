@@ -74,8 +74,9 @@ def check_writable(directory: str, what: str) -> None:
 
 
 def check_output_dir(path: str, flag: str) -> None:
-  """UserError, before any work is done, when local `path` cannot be an output directory: empty, not a directory, under
-  a file, or not writable. Nothing is created, so a command that fails later leaves nothing behind."""
+  """UserError, before any work is done, when local `path` cannot be an output directory: empty, not a
+  directory, under a file, or not writable. Nothing is created, so a command that fails later leaves nothing
+  behind."""
   if not path or not path.strip():
     raise UserError(f"{flag} is empty; expected a directory")
   full = os.path.abspath(path)  # as the command will create it (a quoted ~ is a directory named ~)

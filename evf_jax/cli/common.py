@@ -7,7 +7,6 @@ import os
 from typing import Iterable
 
 from evf_jax.errors import UserError
-
 from evf_jax.runtime import (
   ATTENTIONS,
   PRECISIONS,
