@@ -58,13 +58,9 @@ def check_writable(directory: str, what: str) -> None:
   probe = path(directory) / f".evf_jax_write_check.{uuid.uuid4().hex}"  # every process of a run checks at once
   try:
     if not is_url(directory):
-      if os.path.isfile(directory):
-        raise UserError(f"{what} {directory} is a file")
       os.makedirs(directory, exist_ok=True)
     probe.write_text("")
     probe.unlink()
-  except UserError:
-    raise
   except Exception as e:  # gcsfs / google-auth raise many kinds; all mean the same to the user
     if isinstance(e, OSError) and e.strerror:
       message = e.strerror

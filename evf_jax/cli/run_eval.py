@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     if value < low:
       raise UserError(f"{flag} must be >= {low}, got {value}")
   common.check_compute_args(args)
-  storage.check_output_dir(args.out_dir, "--out-dir")  # here, not after the first split's hours of work
   devices = None
   if args.num_devices is not None:
     if not 1 <= args.num_devices <= jax.device_count():
@@ -172,7 +171,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   dtype = compute_dtype(precision, attention)
   check_precision_platform(precision)
   located = locate_splits(data, split_names)
-  if out_dir:
+  if out_dir is not None:  # before the load, not after the first split's hours of work
     storage.check_output_dir(out_dir, "--out-dir")
     common.check_not_there([os.path.join(out_dir, f"{split.tag}.json") for split, _, _ in located], overwrite)
   config, params, tokenizer = checkpoints.load_checkpoint(checkpoint, max_text_len=options.max_text_len)

@@ -337,9 +337,9 @@ def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   # Every process starts its backend before any storage I/O: jax gives the others 2 minutes to join.
   sharding.check_axes_used(cfg.mesh, jax.device_count(), cfg.sharding_rules)
   mesh = sharding.make_mesh(cfg.mesh, dcn=cfg.dcn_mesh)
-  storage.check_writable(workdir, "--workdir")
   if storage.path(workdir).is_file():
     raise UserError(f"--workdir {workdir} is a file")
+  storage.check_writable(workdir, "--workdir")
   rules = sharding.rules_for(mesh, cfg.sharding_rules)
   data_root, mixture = _data_dirs(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, mixture)

@@ -46,14 +46,15 @@ def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.Checkpoin
   """The run's CheckpointManager: async saves; keeps the latest `keep` steps and the best by eval gIoU."""
   checkpoints.use_array_handler()
   policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
+  best_metric = lambda m: m[BEST_METRIC]  # noqa: E731
   if keep_best:
-    policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
+    policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=False, n=1,
                                                   keep_checkpoints_without_metrics=False))
   # best_fn does not choose what is kept (the policies do), but without it orbax neither writes a step's
   # metrics to disk nor reads them back, and a resumed run would drop the best checkpoint as having none.
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
-      best_fn=(lambda m: m[BEST_METRIC]) if keep_best else None, best_mode="max",
+      best_fn=best_metric if keep_best else None, best_mode="max",
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(storage.path(os.path.join(workdir, CHECKPOINT_DIR)),
                                item_names=("state", "data"), options=options)
