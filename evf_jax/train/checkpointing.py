@@ -17,6 +17,7 @@ instead of a rename, and the export is copied into place (not atomic).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -42,9 +43,20 @@ def has_checkpoint(workdir: str) -> bool:
   return directory.is_dir() and bool(ocp.utils.checkpoint_steps(directory))
 
 
+class _SavesWithoutMetrics(logging.Filter):
+  """Drops orbax's warning at every save without eval metrics once `best_fn` is set: most saves have none (a
+  checkpoint between evaluations), which the BestN policy expects."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
 def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.CheckpointManager:
   """The run's CheckpointManager: async saves; keeps the latest `keep` steps and the best by eval gIoU."""
   checkpoints.use_array_handler()
+  absl_logger = logging.getLogger("absl")  # orbax logs through absl
+  if not any(isinstance(f, _SavesWithoutMetrics) for f in absl_logger.filters):
+    absl_logger.addFilter(_SavesWithoutMetrics())
   policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
   best_metric = lambda m: m[BEST_METRIC]  # noqa: E731
   if keep_best:
