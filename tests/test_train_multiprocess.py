@@ -48,9 +48,10 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _train(args, devices, extra=()):
+def _train(args, devices, extra=(), launcher_env=None):
   return subprocess.Popen(["timeout", "-k", "10", "600", sys.executable, "run.py", "train", *args, *extra], cwd=ROOT,
-                          env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          env={**_env(devices), **(launcher_env or {})}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
@@ -108,3 +109,24 @@ def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
           "checkpoints/6/data/process_1-of-2.json", "export/model_config.json", "config.json"} <= files, files
   assert cli.main(["train", *common, "--config.total_steps=8"]) == 0
   assert storage.path(f"{workdir}/checkpoints/8/commit_success.txt").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_launched_by_slurm(tmp_path):
+  """Two tasks as `srun --ntasks=2` starts them: no flags, the step's variables only (jax's Slurm detection;
+  the coordinator is the node list's first host, its port from JAX_COORDINATOR_PORT instead of the job id)."""
+  config = tmp_path / "micro.py"
+  config.write_text(CONFIG)
+  from data_pipelines import prepare
+  prepare.prepare("synthetic", str(tmp_path / "data" / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  port = _port()
+  common = ["--config", str(config), f"--config.data.root={tmp_path / 'data'}", "--workdir", str(tmp_path / "w"),
+            "--coordinator_bind_address", f"127.0.0.1:{port}", "--heartbeat_timeout", "20"]
+  procs = [_train(common, 4, launcher_env={
+      "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2", "SLURM_PROCID": str(i),
+      "SLURM_LOCALID": str(i), "SLURM_STEP_NUM_NODES": "1", "JAX_COORDINATOR_PORT": str(port)}) for i in range(2)]
+  outs = [p.communicate()[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert "on 8 cpu device(s), 2 process(es)" in outs[0]
+  assert (tmp_path / "w" / "checkpoints" / "6" / "data" / "process_1-of-2.json").is_file()

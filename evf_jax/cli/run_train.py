@@ -4,9 +4,10 @@
     python run.py train --config configs/train/refcoco.py:size=huge --workdir W --config.init.sam_checkpoint=...
 
 Flags are absl's (`--config`, `--config.<field>`, `--workdir`) because ml_collections' config_flags are;
-several processes (one per host) join with `--coordinator_address HOST:PORT --num_processes N --process_id I`,
-or with no flags where jax detects the cluster itself (TPU pod slices, Slurm). Running the same command again
-resumes from the workdir. Everything a user can get wrong is checked before anything compiles.
+several processes join with `--coordinator_address HOST:PORT --num_processes N --process_id I`, or with no
+flags where jax detects them (Cloud TPU VMs, Slurm's srun, Open MPI's mpirun: evf_jax/cli/cluster.py).
+Running the same command again resumes from the workdir. Everything a user can get wrong is checked before
+anything compiles.
 `--profile_steps N` traces N steps into <workdir>/profile; `--compilation_cache DIR` lets a resumed run skip
 compiling (docs/training.md#profiling-and-compile-time).
 """
@@ -30,7 +31,7 @@ from data_pipelines import pipeline, prepare, sources
 from data_pipelines.tfds_builders import builder_name
 from data_pipelines.transforms import SampleConfig
 from evf_jax import checkpoints, evaluate, families, sharding, storage
-from evf_jax.cli import run_eval
+from evf_jax.cli import cluster, run_eval
 from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
 from evf_jax.runtime import (check_attention_platform, check_precision_platform, compute_dtype,
@@ -43,9 +44,6 @@ from evf_jax.train.trainer import ProfileWindow, Trainer
 HELP = "train EVF-SAM or EVF-SAM2 from a config (configs/train/*.py) into a workdir; resumes when run again"
 TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: a sentencepiece model trained on the training prompts
 DATA_DIR = "data"             # <workdir>/data: generated synthetic data when data.root is ""
-
-# Environment variables of launchers whose clusters `jax.distributed.initialize()` detects without arguments.
-_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def _flags(argv: Sequence[str]) -> flags.FlagValues:
@@ -114,21 +112,10 @@ def parse(argv: Sequence[str]) -> flags.FlagValues:
 
 
 def _initialise_distributed(fv: flags.FlagValues) -> bool:
-  """Joins the other processes before anything touches jax's backends; True when multi-process."""
-  given = [fv.coordinator_address, fv.num_processes, fv.process_id]
-  if any(v is not None for v in given):
-    if any(v is None for v in given):
-      raise UserError("--coordinator_address, --num_processes and --process_id go together")
-    if not 0 <= fv.process_id < fv.num_processes:
-      raise UserError(f"--process_id {fv.process_id} is not in [0, {fv.num_processes})")
-    jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
-                               process_id=fv.process_id, coordinator_bind_address=fv.coordinator_bind_address,
-                               heartbeat_timeout_seconds=fv.heartbeat_timeout)
-    return True
-  if any(v in os.environ for v in _CLUSTER_ENV) and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-    jax.distributed.initialize()
-    return True
-  return False
+  """Joins the other processes (flags, or the launcher jax detects) before anything touches jax's backends."""
+  return cluster.initialise(fv.coordinator_address, fv.num_processes, fv.process_id,
+                            coordinator_bind_address=fv.coordinator_bind_address,
+                            heartbeat_timeout=fv.heartbeat_timeout)
 
 
 def _check_config(cfg) -> ModelConfig:
