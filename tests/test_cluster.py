@@ -116,9 +116,22 @@ def test_explicit_flags(calls):
 
 def test_a_failed_join_is_one_line(monkeypatch):
   def fail(**kw):
-    raise ValueError("coordinator_address should be\ndefined.")
+    raise RuntimeError("Barrier timed out.\nSome tasks did not join.")
   monkeypatch.setattr(jax.distributed, "initialize", fail)
   with pytest.raises(UserError) as e:
-    cluster.initialise(None, None, None, env={}, tpu_vm=True)
-  assert str(e.value) == ("joining the other processes (cloud-tpu) failed: coordinator_address should be defined.; "
+    cluster.initialise(None, None, None, env=_srun(), tpu_vm=False)
+  assert str(e.value) == ("joining the other processes (slurm) failed: Barrier timed out. Some tasks did not join.; "
                           "name the coordinator with --coordinator_address HOST:PORT --num_processes N --process_id I")
+
+
+@pytest.mark.parametrize("error", [ValueError("coordinator_address should be defined."),
+                                   OSError("metadata.google.internal unreachable"), ImportError("requests")])
+def test_a_tpu_vm_where_jax_finds_no_slice_runs_alone(monkeypatch, capsys, error):
+  def fail(**kw):
+    raise error
+  monkeypatch.setattr(jax.distributed, "initialize", fail)
+  assert not cluster.initialise(None, None, None, env={}, tpu_vm=True)
+  assert "running as one process" in capsys.readouterr().err
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: (_ for _ in ()).throw(RuntimeError("timeout")))
+  with pytest.raises(UserError, match="cloud-tpu.*timeout"):  # a slice found but not joined is an error
+    cluster.initialise(None, None, None, env={}, tpu_vm=True)

@@ -7,7 +7,8 @@ arguments anywhere else fails. So a run joins others without flags exactly where
 - a Slurm job step (`srun`): the five variables jax reads, and more than one task;
 - Open MPI's `mpirun` (jax reads `OMPI_MCA_orte_hnp_uri`), more than one process (other MPI launchers, which
   jax cannot join, are refused: their processes would each train alone into one workdir);
-- a Cloud TPU VM (one host or a pod slice, also several slices): always, as jax's preemption service needs it.
+- a Cloud TPU VM (one host or a pod slice, also several slices): always, as jax's preemption service needs it;
+  where jax finds no slice there (no metadata server), a single process, said in the log.
 
 `salloc` shells and batch scripts outside `srun` carry `SLURM_JOB_ID` without the step's variables: a single
 process there, as anywhere else. On GPUs jax gives a Slurm or Open MPI process one GPU, its local rank's: right
@@ -18,6 +19,7 @@ hands each process its share of the GPUs it sees instead.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Mapping, Optional
 
 import jax
@@ -113,8 +115,14 @@ def initialise(coordinator_address: Optional[str], num_processes: Optional[int],
       kwargs["local_device_ids"] = ids
   try:
     jax.distributed.initialize(**kwargs)
-  except (ValueError, RuntimeError) as e:
+  except (ValueError, RuntimeError, OSError, ImportError) as e:
     reason = " ".join(str(e).split()) or type(e).__name__
+    if how == "cloud-tpu" and not isinstance(e, RuntimeError):
+      # jax found no slice: a TPU VM without its metadata server (e.g. in a notebook service's container), or
+      # without `requests`, which jax reads it with. Alone is right on one host; on a slice the log says so.
+      print(f"not joining other processes: jax found no TPU slice ({reason}); running as one process",
+            file=sys.stderr)
+      return False
     raise UserError(f"joining the other processes ({how}) failed: {reason}; name the coordinator with "
                     "--coordinator_address HOST:PORT --num_processes N --process_id I") from None
   return True
