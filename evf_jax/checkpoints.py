@@ -120,6 +120,19 @@ def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   return read_json(path) if storage.path(path).is_file() else None
 
 
+def _model_config(directory: str, raw: dict) -> ModelConfig:
+  family = BY_MODEL_TYPE[raw["model_type"]]
+  try:
+    return family.config_class.from_dict(raw)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid {family.name} config ({e})") from None
+
+
+def text_positions(directory: str) -> int:
+  """The longest prompt (tokens, <s> and </s> included) the checkpoint's BEiT-3 has positions for."""
+  return _model_config(directory, read_config(directory, expect_model_type=tuple(BY_MODEL_TYPE))).beit3.max_text_len
+
+
 def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple[ModelConfig, Any, TextTokenizer]:
   """An EVF-SAM or EVF-SAM2 checkpoint directory (`run.py convert`, or a training run's export) -> (its config,
   an `EvfConfig` or `EvfSam2Config` after the stored model_type; params on the host; TextTokenizer).
@@ -129,10 +142,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   """
   raw = read_config(directory, expect_model_type=tuple(BY_MODEL_TYPE))
   family = BY_MODEL_TYPE[raw["model_type"]]
-  try:
-    config = family.config_class.from_dict(raw)
-  except (KeyError, TypeError, ValueError) as e:
-    raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid {family.name} config ({e})") from None
+  config = _model_config(directory, raw)
   limit = config.beit3.max_text_len  # BEiT-3's text position table: a longer prompt fails inside the model
   if max_text_len is not None and not 2 <= max_text_len <= limit:
     raise UserError(f"max text length {max_text_len}: expected 2 (<s> and </s>) to {limit}, this model's text "

@@ -106,6 +106,13 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   assert cli.main(["predict", "--checkpoint", os.path.join(w, "export"), "--image", _png(image, w), "--prompt",
                    "the circle", "--out-dir", os.path.join(w, "pred")]) == 0
   assert os.path.isfile(os.path.join(w, "pred", "img_0_mask.png"))
+  # `run.py eval` of the export (a model with 30 text positions, fewer than the 1022 it cuts prompts at by
+  # default) gives the run's own evaluation at its last step.
+  assert cli.main(["eval", "--checkpoint", os.path.join(w, "export"), "--data", data_root, "--split", "synthetic|val",
+                   "--out-dir", os.path.join(w, "eval"), "--no-progress"]) == 0
+  result = json.load(open(os.path.join(w, "eval", "synthetic_val.json")))
+  assert result["giou"] == pytest.approx(evals[0]["eval/synthetic|val/giou"], abs=1e-9)
+  assert result["ciou"] == pytest.approx(evals[0]["eval/synthetic|val/ciou"], abs=1e-9)
 
 
 @pytest.fixture(scope="module")

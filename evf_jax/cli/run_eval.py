@@ -8,6 +8,7 @@ training run's periodic evaluation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -174,6 +175,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   if out_dir is not None:  # before the load, not after the first split's hours of work
     storage.check_output_dir(out_dir, "--out-dir")
     common.check_not_there([os.path.join(out_dir, f"{split.tag}.json") for split, _, _ in located], overwrite)
+  # The default (1022) cuts no prompt: a model with fewer text positions cuts at its own limit.
+  options = dataclasses.replace(options, max_text_len=min(options.max_text_len, checkpoints.text_positions(checkpoint)))
   config, params, tokenizer = checkpoints.load_checkpoint(checkpoint, max_text_len=options.max_text_len)
   raw_config = checkpoints.read_config(checkpoint)
   provenance = checkpoints.read_provenance(checkpoint)
