@@ -53,6 +53,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _has_ipv6() -> bool:
+  try:
+    with socket.socket(socket.AF_INET6) as s:
+      s.bind(("::1", 0))
+    return True
+  except OSError:
+    return False
+
+
 def _png_header(w: int, h: int) -> bytes:
   """A PNG that declares w x h pixels and holds one row: its size is readable, its pixels are not."""
   def chunk(kind: bytes, data: bytes) -> bytes:
@@ -174,6 +183,8 @@ def _bad_inputs(tmp_path):
   big.write_bytes(_png_header(5000, 4000))
   bomb = tmp_path / "bomb.png"
   bomb.write_bytes(_png_header(30000, 30000))
+  thin = tmp_path / "thin.png"  # a valid image that SAM's longest-side resize would make 0 pixels high
+  Image.new("RGB", (5000, 1)).save(thin)
   return {
       "no_image": (None, TWO, "no image"),
       "empty_prompt": (EXAMPLE, " \n\t\n", "no prompt"),
@@ -182,11 +193,12 @@ def _bad_inputs(tmp_path):
       "truncated": ({"path": str(truncated), "orig_name": "holiday.png"}, TWO, "cannot decode image"),
       "huge": ({"path": str(big), "orig_name": "holiday.png"}, TWO, "5000x4000 (20.0 megapixels)"),
       "bomb": ({"path": str(bomb), "orig_name": "holiday.png"}, TWO, "too large to open"),
+      "thin": ({"path": str(thin), "orig_name": "holiday.png"}, TWO, "5000x1: too thin for this model"),
   }
 
 
 @pytest.mark.parametrize("kind", ["no_image", "empty_prompt", "too_many_prompts", "not_an_image", "truncated",
-                                  "huge", "bomb"])
+                                  "huge", "bomb", "thin"])
 def test_bad_input_is_a_message_on_the_page(app, tmp_path, kind):
   image, prompts, expect = _bad_inputs(tmp_path)[kind]
   gallery, zip_path, table, status = app.segment_page(image, prompts, False)
@@ -194,6 +206,31 @@ def test_bad_input_is_a_message_on_the_page(app, tmp_path, kind):
   assert gallery == [] and zip_path is None and table == ""
   if isinstance(image, dict):  # the file as the user named it, not gradio's copy
     assert "holiday" in status and str(tmp_path) not in status
+
+
+def test_the_page_segments_uploads_only(app, tmp_path):
+  """Through gradio's API as any client can call it: an upload is segmented; a bare {"path": ...} (no "meta", so
+  gradio neither checks nor moves it) naming a file on the server is refused, not segmented and sent back."""
+  import httpx
+  from gradio_client import Client, handle_file
+  secret = tmp_path / "private.png"
+  Image.fromarray(255 - load_image(EXAMPLE)).save(secret)  # not an image any other test encodes
+  demo = app.build()
+  port = _free_port()
+  demo.launch(prevent_thread_lock=True, quiet=True, **run_serve.launch_kwargs("127.0.0.1", port))
+  try:
+    url = f"http://127.0.0.1:{port}/gradio_api/call/segment"
+    encodes = app.segmenter.encodes
+    for image in ({"path": str(secret)}, {"path": str(secret), "orig_name": "x.png", "url": None}):
+      event = httpx.post(url, json={"data": [image, TWO, False]}, timeout=30).json()["event_id"]
+      reply = httpx.get(f"{url}/{event}", timeout=300).text
+      assert "did not arrive as an upload" in reply and "private" not in reply, reply
+    assert app.segmenter.encodes == encodes
+    gallery, _, _, status = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+        handle_file(str(secret)), TWO, False, api_name="/segment")
+    assert len(gallery) == 2 and "encoded in" in status and app.segmenter.encodes == encodes + 1, status
+  finally:
+    demo.close(verbose=False)
 
 
 def test_a_bug_is_a_message_and_the_next_request_works(app, monkeypatch, capsys):
@@ -238,18 +275,115 @@ def test_serve_finds_the_default_jobs_model(tmp_path, monkeypatch):
 
 
 def test_serve_errors_are_one_line(ckpt, tmp_path, capsys):
-  assert cli.main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+  port = ["--port", str(_free_port())]  # whether 7860 is taken here or not
+  assert cli.main(["serve", "--checkpoint", str(tmp_path / "nope")] + port) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0]
-  assert cli.main(["serve", "--checkpoint", ckpt, "--port", "70000"]) == 2
-  assert "--port 70000" in capsys.readouterr().err
   for n in ("0", "5000"):  # the model's text positions end at 1022: refused before anything is served
-    assert cli.main(["serve", "--checkpoint", ckpt, "--max-text-len", n]) == 2
+    assert cli.main(["serve", "--checkpoint", ckpt, "--max-text-len", n] + port) == 2
     assert capsys.readouterr().err.startswith(f"error: max text length {n}: expected 2")
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+  """Listening problems are found before the model loads: loading it fails the test."""
+  def load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the listening problem was found")
+  monkeypatch.setattr(run_serve.Predictor, "from_checkpoint", load)
+
+
+def _serve_error(argv, capsys) -> str:
+  assert cli.main(["serve"] + argv) == 2
+  out, err = capsys.readouterr()
+  assert "serving" not in out, out
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  return lines[0]
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(ckpt, no_model_load, capsys):
   with socket.socket() as taken:
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port = taken.getsockname()[1]
-    assert cli.main(["serve", "--checkpoint", ckpt, "--port", str(port)]) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err[-1].startswith(f"error: cannot listen on 127.0.0.1:{port}"), err
+    err = _serve_error(["--checkpoint", ckpt, "--port", str(port)], capsys)
+  assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is taken"), err
+  assert "another --port" in err
+
+
+@pytest.mark.parametrize("host, expect", [
+    ("no-such-host.invalid", "--host no-such-host.invalid is not an address or a known host name"),
+    ("192.0.2.1", "192.0.2.1 is not an address of this machine"),  # TEST-NET-1: nobody's address
+    ("", "--host is empty"),  # gradio would have listened on 127.0.0.1
+])
+def test_a_bad_host_is_one_line_before_the_model_loads(ckpt, no_model_load, capsys, host, expect):
+  err = _serve_error(["--checkpoint", ckpt, "--host", host, "--port", str(_free_port())], capsys)
+  assert expect in err, err
+
+
+def test_a_privileged_port_is_one_line(ckpt, no_model_load, capsys, monkeypatch):
+  def denied(self, address):  # what a user who is not root gets for a port below 1024 (the tests may run as root)
+    raise PermissionError(13, "Permission denied")
+  monkeypatch.setattr(socket.socket, "bind", denied)
+  err = _serve_error(["--checkpoint", ckpt, "--port", "80"], capsys)
+  assert err.startswith("error: cannot listen on 127.0.0.1:80: permission denied (ports below 1024 need root)")
+
+
+def test_a_port_taken_while_the_model_loads_is_one_line(ckpt, capsys, monkeypatch, tmp_path):
+  monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+  monkeypatch.setattr(run_serve, "check_listen", lambda host, port: None)  # free then, taken now
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    err = _serve_error(["--checkpoint", ckpt, "--port", str(port)], capsys)
+  assert err.startswith(f"error: cannot listen on 127.0.0.1:{port} ("), err
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint", "--compilation-cache"])
+def test_an_empty_path_flag_is_one_line(ckpt, no_model_load, capsys, flag):
+  argv = ["--checkpoint", ckpt] if flag != "--checkpoint" else []
+  err = _serve_error(argv + [flag, ""], capsys)  # not the default model, not a silent run without a cache
+  assert err == f"error: {flag} is empty", err
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "70000"])
+def test_a_port_out_of_range_is_one_line(ckpt, no_model_load, capsys, port):
+  assert _serve_error(["--checkpoint", ckpt, "--port", port], capsys) == f"error: --port {port}: expected 1 to 65535"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_serving_is_said_once_the_port_listens(ckpt, monkeypatch, tmp_path, host):
+  """`serve` says "serving ... at URL" only when URL answers, never shares the page (GRADIO_SHARE=true would
+  open a public link), starts behind an HTTP proxy (gradio fetches its own page with httpx, which would ask the
+  proxy) and stops when gradio's wait for Ctrl-C ends."""
+  import gradio as gr
+  from gradio import networking
+  if host == "::1" and not _has_ipv6():
+    pytest.skip("no IPv6 loopback here")
+  port = _free_port()
+  url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+  said = []
+
+  class Stdout(io.StringIO):
+    def write(self, text):
+      if "serving" in text:  # is the page there when the line is written?
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+          said.append((text, s.connect_ex((host, port))))
+      return super().write(text)
+
+  tunnels = []
+  monkeypatch.setattr(networking, "setup_tunnel", lambda *a, **k: tunnels.append(a) or "https://x.gradio.live")
+  monkeypatch.setenv("GRADIO_SHARE", "true")
+  for var in ("http_proxy", "HTTP_PROXY", "ALL_PROXY"):
+    monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens there: a request through it fails
+  monkeypatch.setenv("NO_PROXY", "example.com")
+  monkeypatch.delenv("no_proxy", raising=False)
+  monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+  monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: self.close(verbose=False))  # instead of Ctrl-C
+  monkeypatch.setattr(sys, "stdout", Stdout())
+  assert cli.main(["serve", "--checkpoint", ckpt, "--host", host, "--port", str(port)]) == 0
+  assert len(said) == 1 and f"at {url} " in said[0][0], said
+  assert said[0][1] == 0, f"nothing listens at {url} when serve says it serves there"
+  assert tunnels == []
+  assert os.environ["NO_PROXY"] == "example.com" and "no_proxy" not in os.environ  # as they were

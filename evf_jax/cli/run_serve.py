@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import importlib.util
 import io
@@ -21,6 +23,7 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -40,6 +43,7 @@ from evf_jax.cli import common, run_synthetic
 from evf_jax.errors import UserError
 from evf_jax.images import ImageReadError, load_image, overlay
 from evf_jax.predictor import Prediction, Predictor
+from evf_jax.sam.transforms import frame_hw
 from evf_jax.train.checkpointing import EXPORT_DIR
 
 HELP = "a web page (gradio) to segment images by text prompts; listens on 127.0.0.1 unless --host says otherwise"
@@ -67,7 +71,7 @@ def default_checkpoint() -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", default=None,
                  help="an evf-jax checkpoint directory (default: the model the default job exported, "
-                      f"{default_checkpoint()})")
+                      f"{default_checkpoint()} under the current directory)")
   p.add_argument("--host", default="127.0.0.1",
                  help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
   p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
@@ -81,13 +85,67 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_checkpoint(checkpoint: str | None) -> str:
-  if checkpoint:
+  if checkpoint is not None:  # an empty --checkpoint is an error, not the default model
+    storage.resolve(checkpoint, "--checkpoint")
     return checkpoint
   d = default_checkpoint()
   if os.path.isfile(os.path.join(d, CONFIG_FILE)):
     return d
   raise UserError(f"no --checkpoint given and no model from the default job in {os.path.abspath(d)}: run "
                   "`bash scripts/run_default.sh` first and serve from the repository root, or pass --checkpoint DIR")
+
+
+def listen_host(host: str) -> str:
+  """--host as an address to bind: brackets around an IPv6 address dropped; UserError when empty (gradio would
+  listen on 127.0.0.1 instead)."""
+  bare = host.strip()
+  if bare.startswith("[") and bare.endswith("]"):
+    bare = bare[1:-1]
+  if not bare:
+    raise UserError("--host is empty: pass an address of this machine (127.0.0.1: this machine only; 0.0.0.0: "
+                    "every interface)")
+  return bare
+
+
+def url_host(host: str) -> str:
+  """A bare address as it goes in a URL (and to gradio, which builds its own URL from it): IPv6 in brackets."""
+  return f"[{host}]" if ":" in host else host
+
+
+def check_listen(host: str, port: int) -> None:
+  """UserError unless `host`:`port` can be listened on now, tried the way uvicorn binds (asyncio: each address
+  the host resolves to, SO_REUSEADDR, IPv6 sockets IPv6-only). Before the model loads, so a taken port, an unknown
+  host or a privileged port is one line at once, not gradio's and uvicorn's log lines after the load."""
+  where = f"cannot listen on {url_host(host)}:{port}"
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  except (OSError, UnicodeError) as e:  # socket.gaierror: not an address, and no such host name
+    raise UserError(f"{where}: --host {host} is not an address or a known host name "
+                    f"({getattr(e, 'strerror', None) or e}); pass an address of this machine (127.0.0.1 or "
+                    "0.0.0.0)") from None
+  for family, kind, proto, _, address in dict.fromkeys(infos):
+    try:
+      s = socket.socket(family, kind, proto)
+    except OSError:  # a family this machine lacks: asyncio skips it too
+      continue
+    with s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+      try:
+        s.bind(address)
+      except OSError as e:
+        raise UserError(f"{where}: {_bind_problem(host, e)}") from None
+
+
+def _bind_problem(host: str, e: OSError) -> str:
+  if e.errno == errno.EADDRINUSE:
+    return "the port is taken (another server, or a `run.py serve` still running?); pass another --port"
+  if e.errno == errno.EACCES:
+    return "permission denied (ports below 1024 need root); pass --port 1024 or above"
+  if e.errno == errno.EADDRNOTAVAIL:
+    return f"{host} is not an address of this machine; pass one of its addresses (127.0.0.1, or 0.0.0.0 for all)"
+  return str(e.strerror or e)
 
 
 def parse_prompts(text: str | None, semantic: bool) -> list[str]:
@@ -138,9 +196,15 @@ class Segmenter:
       raise UserError(f"{name} is {w}x{h} ({w * h / 1e6:.1f} megapixels); this page takes images up to "
                       f"{self.max_pixels / 1e6:.1f} megapixels (run.py serve --max-pixels): scale it down first")
     try:
-      return load_image(path)
+      picture = load_image(path)
     except ImageReadError as e:
       raise UserError(str(e).replace(path, name)) from None
+    frame = self.predictor.image_input
+    h, w = picture.shape[:2]
+    if not frame.square and 0 in frame_hw(h, w, frame.size):  # SAM's resize would make it 0 pixels wide
+      raise UserError(f"{name} is {w}x{h}: too thin for this model, which scales the longest side to {frame.size} "
+                      "pixels (the short side would round to 0); crop or pad it first")
+    return picture
 
   def segment(self, image: np.ndarray, prompts: Sequence[str]) -> Segmentation:
     key = (image.shape, hashlib.sha256(image.tobytes()).hexdigest())
@@ -168,6 +232,16 @@ def _md(text: str) -> str:
   return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", text)  # after "**Error:** " or "| ": nothing else is markup
 
 
+def _inside(path: str, folder: str | None) -> bool:
+  if not folder:  # no page built yet
+    return False
+  try:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+  except ValueError:  # a NUL in the path
+    return False
+  return os.path.commonpath([path, folder]) == folder
+
+
 def _stem(name: str) -> str:
   return re.sub(r"[^\w.-]", "_", os.path.splitext(os.path.basename(name))[0])[:60] or "image"
 
@@ -181,6 +255,7 @@ class App:
     self._out_root = tempfile.mkdtemp(prefix="evf_jax_serve_")
     atexit.register(shutil.rmtree, self._out_root, ignore_errors=True)
     self._serial = itertools.count()
+    self._uploads = None  # gradio's upload folder, once `build` made the page
 
   def segment_page(self, image: Any, prompts_text: str | None, semantic: bool):
     """(image as gradio sends it unprocessed: a dict with `path` and `orig_name`, or a path; the prompts box;
@@ -201,6 +276,15 @@ class App:
     except Exception as e:  # noqa: BLE001  (a bug: the page says so, the log has the traceback, the server goes on)
       traceback.print_exc()
       return [], None, "", f"**Internal error** ({_md(type(e).__name__)}: {_md(str(e))}); see the server's log."
+
+  def uploaded_only(self, image: Any, prompts_text: str | None, semantic: bool):
+    """The Segment button as `build` wires it: `segment_page` for files in gradio's upload folder only. With
+    preprocess=False gradio checks a file only when its payload says it is one (its "meta"); a bare {"path": ...}
+    from an API client would reach the handler unchecked, and any image this process can read would come back."""
+    path = image.get("path") if isinstance(image, dict) else image
+    if path and not _inside(str(path), self._uploads):
+      return [], None, "", "**Error:** the image did not arrive as an upload: upload it again"
+    return self.segment_page(image, prompts_text, semantic)
 
   def _outputs(self, picture: np.ndarray, name: str, seg: Segmentation):
     p = seg.prediction
@@ -244,6 +328,7 @@ class App:
     import gradio as gr  # lazy: only this command needs gradio
 
     with gr.Blocks(title="evf-jax: segment by text", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+      self._uploads = demo.GRADIO_CACHE
       gr.Markdown("## evf-jax: segment an image by text\n" + self.description)
       with gr.Row():
         with gr.Column():
@@ -263,14 +348,34 @@ class App:
         gr.Examples([[os.path.join(EXAMPLES_DIR, f), text, sem] for f, text, sem in EXAMPLES],
                     inputs=[image, prompts, semantic], label="Examples (held-out images of the synthetic dataset)")
       # preprocess=False: the handler reads the upload itself, so an unreadable file is our message, not gradio's.
-      button.click(self.segment_page, inputs=[image, prompts, semantic], outputs=[gallery, masks, table, status],
+      button.click(self.uploaded_only, inputs=[image, prompts, semantic], outputs=[gallery, masks, table, status],
                    preprocess=False, api_name="segment")
     return demo
 
 
 def launch_kwargs(host: str, port: int) -> dict:
-  return {"server_name": host, "server_port": port, "show_error": True, "ssr_mode": False,
-          "max_file_size": MAX_UPLOAD}
+  """gradio's launch() settings; `host` bare (`listen_host`). share=False and mcp_server=False whatever the
+  environment says (GRADIO_SHARE=true would open a public link, GRADIO_MCP_SERVER another endpoint)."""
+  return {"server_name": url_host(host), "server_port": port, "show_error": True, "ssr_mode": False,
+          "max_file_size": MAX_UPLOAD, "share": False, "mcp_server": False}
+
+
+@contextlib.contextmanager
+def no_proxy_for(host: str):
+  """NO_PROXY (and no_proxy) naming this machine while gradio starts: launch() fetches its own page with httpx,
+  which honours http_proxy / ALL_PROXY and would ask the proxy for 127.0.0.1 (a traceback, or a refusal)."""
+  saved = {var: os.environ.get(var) for var in ("NO_PROXY", "no_proxy")}
+  for var, value in saved.items():
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    os.environ[var] = ",".join(dict.fromkeys(names + ["localhost", "127.0.0.1", "::1", host]))
+  try:
+    yield
+  finally:
+    for var, value in saved.items():
+      if value is None:
+        os.environ.pop(var, None)
+      else:
+        os.environ[var] = value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -279,9 +384,13 @@ def run(args: argparse.Namespace) -> int:
     raise UserError(f"--port {args.port}: expected 1 to 65535")
   if args.max_pixels < 1:
     raise UserError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+  if args.compilation_cache is not None and not args.compilation_cache.strip():
+    raise UserError("--compilation-cache is empty")  # the predictor would silently run without a cache
   if importlib.util.find_spec("gradio") is None:
     raise UserError("gradio is not installed: pip install -r requirements.txt (or bash scripts/setup_env.sh)")
+  host = listen_host(args.host)
   checkpoint = resolve_checkpoint(args.checkpoint)
+  check_listen(host, args.port)  # before the (slow) model load
   predictor = Predictor.from_checkpoint(checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_len=args.max_text_len)
@@ -289,10 +398,14 @@ def run(args: argparse.Namespace) -> int:
                  "example, type prompts (one per line), press Segment. The image is encoded once; new prompts "
                  "on it run only the prompt path. The first request of each shape also compiles.")
   demo = App(Segmenter(predictor, args.max_pixels), description).build()
-  print(f"serving {checkpoint} at http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
-  try:
-    demo.launch(**launch_kwargs(args.host, args.port))
-  except OSError as e:  # the port is taken, the address is not this machine's, ...
-    raise UserError(f"cannot listen on {args.host}:{args.port} ({str(e).split('.')[0]}): the port is taken or the "
-                    "address is not this machine's; pass another --port or --host") from None
+  url = f"http://{url_host(host)}:{args.port}"
+  try:  # quiet: gradio's own lines would say "running" too, and suggest share=True
+    with no_proxy_for(host):
+      demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(host, args.port))
+  except (OSError, ValueError) as e:  # the port was taken while the model loaded, localhost unreachable (a proxy?)
+    demo.close(verbose=False)
+    first = re.split(r"\.\s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[0]
+    raise UserError(f"cannot listen on {url_host(host)}:{args.port} ({first}); pass another --port or --host") from None
+  print(f"serving {checkpoint} at {url} (Ctrl-C stops)", flush=True)  # only now: the port is listening
+  demo.block_thread()
   return 0
