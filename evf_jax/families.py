@@ -22,6 +22,7 @@ import numpy as np
 from evf_jax import evf, evf_sam2, postprocess
 from evf_jax.evf import EvfConfig, EvfSam
 from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config
+from evf_jax.images import ImageReadError
 from evf_jax.sam import transforms as sam_transforms
 from evf_jax.sam2 import transforms as sam2_transforms
 
@@ -72,6 +73,13 @@ class ImageInput:
       hw = (self.size, self.size)
       return sam2_transforms.resize_uint8_bilinear(image, hw), hw
     return sam_transforms.to_frame(image, self.size)
+
+  def check_fits(self, hw: tuple[int, int], name: str = "the image") -> None:
+    """ImageReadError for an image SAM-1's resize would make 0 pixels across (e.g. 5000 x 1)."""
+    h, w = hw
+    if not self.square and 0 in sam_transforms.frame_hw(h, w, self.size):
+      raise ImageReadError(f"{name} is {w}x{h}: too thin for this model, which scales the longest side to "
+                           f"{self.size} pixels (the short side would round to 0); crop or pad it first")
 
   def normalize(self, frames: jax.Array, input_hw: jax.Array) -> jax.Array:
     """(B, size, size, 3) uint8 frames -> float32 model input (on device; zero outside input_hw)."""

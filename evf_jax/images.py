@@ -94,8 +94,7 @@ def check_rgb_array(image: np.ndarray) -> np.ndarray:
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   """The reference's visualisation: masked pixels become 0.5 * pixel + 0.5 * (50, 120, 220)."""
   out = image.copy()
-  blend = image.astype(np.float64) * 0.5 + np.array([50, 120, 220]) * 0.5
-  out[mask] = blend[mask].astype(np.uint8)
+  out[mask] = (image[mask].astype(np.float64) * 0.5 + np.array([50, 120, 220]) * 0.5).astype(np.uint8)  # masked only
   return out
 
 

@@ -114,6 +114,7 @@ class Predictor:
     """Computes and caches SAM's image embedding (SAM-2's features) and BEiT-3's input for an RGB uint8
     (H, W, 3) image."""
     image = images.check_rgb_array(image)
+    self.image_input.check_fits(image.shape[:2])
     framed, input_hw = self.image_input.frame(image)
     embedding = self._embed(self.params, framed[None], np.asarray([input_hw], np.int32))
     beit = beit_image(image, self.config.beit3.img_size)[None]

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from evf_jax import cli
+from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig
 from evf_jax.predictor import Predictor
 from evf_testing import evf_reference as ref
@@ -204,13 +205,16 @@ def _bad_files(tmp_path):
   Image.fromarray(smooth_image(64, 64)).save(full)
   truncated = tmp_path / "truncated.jpg"
   truncated.write_bytes(full.read_bytes()[:400])
-  return {"missing": (str(tmp_path / "nope.jpg"), "image not found"),
+  thin = tmp_path / "thin.png"  # valid, but SAM's longest-side resize would make it 0 pixels high
+  Image.new("RGB", (5000, 1)).save(thin)
+  return {"thin": (str(thin), "5000x1: too thin for this model"),
+          "missing": (str(tmp_path / "nope.jpg"), "image not found"),
           "not_image": (str(text), "not an image"),
           "zero_size": (str(empty), "empty (0 bytes)"),
           "truncated": (str(truncated), "cannot decode image")}
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_image", "zero_size", "truncated"])
+@pytest.mark.parametrize("kind", ["missing", "not_image", "zero_size", "truncated", "thin"])
 def test_predict_bad_image(ckpt, tmp_path, capsys, kind):
   path, expect = _bad_files(tmp_path)[kind]
   line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", path, "--prompt", "cat",
@@ -293,6 +297,8 @@ def test_predictor_prompts_any_iterable_and_non_str(ckpt, image_file):
     p.predict(["cat", None])
   with pytest.raises(PromptError, match="prompt 0 is empty"):
     p.predict(["  "])
+  with pytest.raises(UserError, match="the image is 5000x1: too thin"):  # not PIL's ValueError from the resize
+    p.set_image(np.zeros((1, 5000, 3), np.uint8))
 
 
 def test_predict_attention_xla(ckpt, image_file, tmp_path, capsys):

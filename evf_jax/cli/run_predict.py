@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
   predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_len=args.max_text_len)
+  predictor.image_input.check_fits(image.shape[:2], args.image)  # set_image would say "the image"
   predictor.set_image(image)
   result = predictor.predict(prompts)
   os.makedirs(args.out_dir, exist_ok=True)

@@ -43,7 +43,6 @@ from evf_jax.cli import common, run_synthetic
 from evf_jax.errors import UserError
 from evf_jax.images import ImageReadError, load_image, overlay
 from evf_jax.predictor import Prediction, Predictor
-from evf_jax.sam.transforms import frame_hw
 from evf_jax.train.checkpointing import EXPORT_DIR
 
 HELP = "a web page (gradio) to segment images by text prompts; listens on 127.0.0.1 unless --host says otherwise"
@@ -199,11 +198,7 @@ class Segmenter:
       picture = load_image(path)
     except ImageReadError as e:
       raise UserError(str(e).replace(path, name)) from None
-    frame = self.predictor.image_input
-    h, w = picture.shape[:2]
-    if not frame.square and 0 in frame_hw(h, w, frame.size):  # SAM's resize would make it 0 pixels wide
-      raise UserError(f"{name} is {w}x{h}: too thin for this model, which scales the longest side to {frame.size} "
-                      "pixels (the short side would round to 0); crop or pad it first")
+    self.predictor.image_input.check_fits(picture.shape[:2], name)
     return picture
 
   def segment(self, image: np.ndarray, prompts: Sequence[str]) -> Segmentation:
