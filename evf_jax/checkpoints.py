@@ -90,7 +90,8 @@ def read_config(directory: str, expect_model_type: Union[str, Sequence[str], Non
   directory = storage.resolve(directory, "checkpoint directory") if storage.is_url(directory) else directory
   path = os.path.join(directory, CONFIG_FILE)
   if not storage.path(directory).is_dir():
-    raise ModelDirError(f"{directory}: no such checkpoint directory")
+    what = "a file, not a checkpoint directory" if storage.path(directory).exists() else "no such checkpoint directory"
+    raise ModelDirError(f"{directory}: {what}")
   if not storage.path(path).is_file():
     raise ModelDirError(f"{directory}: not a converted evf-jax checkpoint ({CONFIG_FILE} is missing)")
   config = read_json(path)
@@ -104,13 +105,19 @@ def read_config(directory: str, expect_model_type: Union[str, Sequence[str], Non
 
 def load_params(directory: str, target: Optional[Any] = None) -> Any:
   """Restores the params tree; with `target` (ShapeDtypeStructs, possibly sharded) it is restored with
-  exactly those shapes, dtypes and shardings."""
+  exactly those shapes, dtypes and shardings; leaves without a sharding go whole to this process's first
+  device (orbax would otherwise refuse, in a multi-process run, a checkpoint written by another topology)."""
   path = os.path.join(storage.resolve(directory, "checkpoint directory"), PARAMS_DIR)
   if not storage.path(path).is_dir():
     raise ModelDirError(f"{directory}: the weights ({PARAMS_DIR}/) are missing")
   ckptr = ocp.StandardCheckpointer()
   if target is None:
     return ckptr.restore(path)
+  stored = ckptr.metadata(path).item_metadata
+  check_shapes(directory, getattr(stored, "tree", stored), target)  # orbax's own refusal names no parameter
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda t: t if getattr(t, "sharding", None) is not None
+                        else jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=local), target)
   return ckptr.restore(path, target)
 
 
@@ -158,17 +165,17 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   except Exception as e:  # orbax: missing or mismatching arrays
     msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
     raise ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
-  check_shapes(directory, params, target)
   return config, params, tokenizer
 
 
 def check_shapes(directory: str, params: Any, target: Any) -> None:
-  """ModelDirError naming the first parameter whose stored shape is not the one the config implies: orbax
-  restores the stored shape whatever the target says, and the model would fail at its first call."""
+  """ModelDirError naming the first parameter whose stored shape (`params`: arrays or orbax's metadata) is not
+  the one the config implies, as the model would fail at its first call."""
   want = {jax.tree_util.keystr(k, simple=True, separator="/"): v.shape
           for k, v in jax.tree_util.tree_leaves_with_path(target)}
   for key, value in jax.tree_util.tree_leaves_with_path(params):
     name = jax.tree_util.keystr(key, simple=True, separator="/")
-    if name in want and tuple(np.shape(value)) != tuple(want[name]):
+    shape = tuple(getattr(value, "shape", None) or np.shape(value))
+    if name in want and shape != tuple(want[name]):
       raise ModelDirError(f"{directory}: {CONFIG_FILE} does not fit the weights: {name} is stored as "
-                          f"{tuple(np.shape(value))}, the config implies {tuple(want[name])}")
+                          f"{shape}, the config implies {tuple(want[name])}")

@@ -285,6 +285,8 @@ class Evaluator:
     """Params already on this mesh keep their sharding; anything else is replicated onto it."""
     if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh:
       return x
+    if self.processes > 1 and isinstance(x, jax.Array) and x.is_fully_addressable:
+      x = np.asarray(x)  # this process's copy (e.g. loaded onto its first device): jax moves none across hosts
     return jax.device_put(x, self.replicated)
 
   def _plan(self, groups: Iterator[list[dict]], batcher: Batcher) -> Iterator[tuple[list[dict], BatchShape]]:
@@ -375,12 +377,20 @@ def _chain_first(first, rest):
   yield from rest
 
 
+def gather_64bit(values: np.ndarray) -> np.ndarray:
+  """Every process's 1-d int64 or float64 `values`, bit for bit, as (processes, n): jax without x64 would
+  gather int64 as int32 (wrapping past 2**31 pixels) and float64 as float32, so they travel as int32 pairs."""
+  values = np.ascontiguousarray(values).reshape(-1)
+  pairs = np.asarray(multihost_utils.process_allgather(values.view(np.int32)))
+  return pairs.reshape(-1, 2 * values.size).copy().view(values.dtype)
+
+
 def _combine_processes(acc: metrics.IoUAccumulator, images: int) -> dict:
   """Every process's totals, summed: integers exactly, the sum of sentence IoUs per process then over
   processes in process order (deterministic)."""
   mine = np.asarray([acc.sentences, acc.total_inter, acc.total_union, acc.empty_union, images], np.int64)
-  counts = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 5)
-  iou_sums = np.asarray(multihost_utils.process_allgather(np.asarray(acc.iou_sum, np.float64))).reshape(-1)
+  counts = gather_64bit(mine)
+  iou_sums = gather_64bit(np.asarray([acc.iou_sum], np.float64)).reshape(-1)
   sentences, inter, union, empty, total_images = (int(v) for v in counts.sum(axis=0))
   return {"giou": math.fsum(iou_sums) / sentences if sentences else None,
           "ciou": inter / (union + metrics.EPS) if sentences else None,

@@ -325,6 +325,7 @@ def test_predictor_checks_precision_and_attention(ckpt):
     ("no_tokenizer", "no sentencepiece model"),
     ("other_type", "holds model_type 'sam2'"),
     ("not_a_dir", "no such checkpoint directory"),
+    ("a_file", "a file, not a checkpoint directory"),
     ("wrong_size", "model_config.json does not fit the weights: beit3/"),
 ])
 def test_predict_bad_checkpoint(ckpt, image_file, tmp_path, capsys, damage, expect):
@@ -341,6 +342,8 @@ def test_predict_bad_checkpoint(ckpt, image_file, tmp_path, capsys, damage, expe
     json.dump(dict(cfg, model_type="sam2"), open(os.path.join(bad, "model_config.json"), "w"))
   elif damage == "not_a_dir":
     bad = str(tmp_path / "missing_ckpt")
+  elif damage == "a_file":  # e.g. the weights file passed instead of its folder
+    bad = os.path.join(bad, "model_config.json")
   elif damage == "wrong_size":  # sizes edited by hand: flax would fail at the first call
     cfg = json.load(open(os.path.join(bad, "model_config.json")))
     cfg["beit3"]["embed_dim"] += 8

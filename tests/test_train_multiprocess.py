@@ -4,6 +4,7 @@ written by the 2-process run resumes in a 1-process run."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -114,7 +115,8 @@ def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
 @pytest.mark.slow
 def test_two_processes_launched_by_slurm(tmp_path):
   """Two tasks as `srun --ntasks=2` starts them: no flags, the step's variables only (jax's Slurm detection;
-  the coordinator is the node list's first host, its port from JAX_COORDINATOR_PORT instead of the job id)."""
+  the coordinator is the node list's first host, its port from JAX_COORDINATOR_PORT instead of the job id).
+  Then `run.py eval` of the export by two processes gives one process's result."""
   config = tmp_path / "micro.py"
   config.write_text(CONFIG)
   from data_pipelines import prepare
@@ -130,3 +132,57 @@ def test_two_processes_launched_by_slurm(tmp_path):
     assert p.returncode == 0, o[-3000:]
   assert "on 8 cpu device(s), 2 process(es)" in outs[0]
   assert (tmp_path / "w" / "checkpoints" / "6" / "data" / "process_1-of-2.json").is_file()
+
+  # `run.py eval` of the export by two processes (coordinator flags) equals one process's on 8 devices.
+  def evaluate(out, devices, extra=()):
+    return subprocess.Popen(
+        ["timeout", "-k", "10", "600", sys.executable, "run.py", "eval", "--checkpoint", str(tmp_path / "w" / "export"),
+         "--data", str(tmp_path / "data"), "--split", "synthetic|val", "--out-dir", str(tmp_path / out),
+         "--batch-size", "2", "--no-progress", *extra], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+  port = _port()
+  runs = [evaluate("two", 4, ("--coordinator-address", f"127.0.0.1:{port}", "--coordinator-bind-address",
+                              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))) for i in range(2)]
+  runs.append(evaluate("one", 8))
+  outs = [p.communicate()[0] for p in runs]
+  for p, o in zip(runs, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert "gIoU" in outs[0] and "gIoU" not in outs[1]  # the table once, from process 0
+  two, one = (json.load(open(tmp_path / d / "synthetic_val.json")) for d in ("two", "one"))
+  assert two["devices"] == one["devices"] == 8 and two["images"] == one["images"] == 3
+  for key in ("sentences", "total_intersection", "total_union", "ciou"):
+    assert two[key] == one[key], (key, two[key], one[key])
+  assert two["giou"] == pytest.approx(one["giou"], rel=1e-12), (two["giou"], one["giou"])
+
+
+GATHER = """
+import os, sys
+import jax
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", coordinator_bind_address=f"127.0.0.1:{port}",
+                           num_processes=2, process_id=pid, heartbeat_timeout_seconds=10)
+import numpy as np
+from evf_jax.evaluate import gather_64bit
+counts = gather_64bit(np.asarray([3_000_000_000 + pid, -pid], np.int64))
+sums = gather_64bit(np.asarray([0.1234567890123 + pid], np.float64))
+print("RESULT", repr(counts.tolist()), repr(sums.tolist()), flush=True)
+jax.distributed.shutdown()
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_evaluation_totals_cross_processes_bit_for_bit(tmp_path):
+  """Pixel counts past 2**31 and float64 IoU sums reach every process unchanged (jax's allgather alone would
+  wrap the int64s and round the float64s to float32)."""
+  script = tmp_path / "gather.py"
+  script.write_text(GATHER)
+  port = _port()
+  procs = [subprocess.Popen(["timeout", "-k", "10", "120", sys.executable, str(script), str(i), str(port)], cwd=ROOT,
+                            env=dict(_env(1), PYTHONPATH=ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for i in range(2)]
+  outs = [p.communicate()[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+    line = next(x for x in o.splitlines() if x.startswith("RESULT"))
+    assert line == ("RESULT [[3000000000, 0], [3000000001, -1]] [[0.1234567890123], [1.1234567890123]]"), line

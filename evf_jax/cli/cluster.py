@@ -18,9 +18,10 @@ hands each process its share of the GPUs it sees instead.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Mapping, Optional
+from typing import Mapping, NoReturn, Optional
 
 import jax
 
@@ -45,7 +46,7 @@ def _int(env: Mapping[str, str], key: str, default: int = 0) -> int:
     return default
 
 
-def detected_launcher(env: Mapping[str, str], tpu_vm: bool) -> Optional[str]:
+def detected_launcher(env: Mapping[str, str], tpu_vm: bool, sep: str = "_") -> Optional[str]:
   """The launcher whose processes jax would join without arguments, or None for a single process."""
   if all(k in env for k in SLURM_STEP_VARS):
     return "slurm" if _int(env, "SLURM_NTASKS", 1) > 1 else None
@@ -54,8 +55,8 @@ def detected_launcher(env: Mapping[str, str], tpu_vm: bool) -> Optional[str]:
     return "open-mpi"
   if mpi_size > 1:  # each would train alone, all into one workdir
     raise UserError(f"this is one of {mpi_size} MPI processes, which jax cannot join by itself (it reads only "
-                    f"Open MPI 4's {OPEN_MPI_VAR}); name the coordinator with --coordinator_address HOST:PORT "
-                    f"--num_processes {mpi_size} --process_id RANK")
+                    f"Open MPI 4's {OPEN_MPI_VAR}); name the coordinator with --coordinator{sep}address "
+                    f"HOST:PORT --num{sep}processes {mpi_size} --process{sep}id RANK")
   return "cloud-tpu" if tpu_vm else None
 
 
@@ -92,9 +93,13 @@ def local_device_ids(launcher: str, env: Mapping[str, str]) -> Optional[list[int
 
 def initialise(coordinator_address: Optional[str], num_processes: Optional[int], process_id: Optional[int],
                coordinator_bind_address: Optional[str] = None, heartbeat_timeout: int = 100,
-               env: Optional[Mapping[str, str]] = None, tpu_vm: Optional[bool] = None) -> bool:
+               env: Optional[Mapping[str, str]] = None, tpu_vm: Optional[bool] = None,
+               sep: str = "_") -> bool:
   """Joins the other processes before anything touches jax's backends; True when jax.distributed is running.
-  Explicit flags win; without them, whatever `detected_launcher` finds."""
+  Explicit flags win; without them, whatever `detected_launcher` finds. `sep`: how the command spells its
+  flags in messages (absl's `--process_id`, argparse's `--process-id`)."""
+  address_flag, count_flag, id_flag = (f"--{n.replace('_', sep)}"
+                                       for n in ("coordinator_address", "num_processes", "process_id"))
   env = os.environ if env is None else env
   given = [coordinator_address, num_processes, process_id]
   kwargs: dict = {"heartbeat_timeout_seconds": heartbeat_timeout}
@@ -102,13 +107,13 @@ def initialise(coordinator_address: Optional[str], num_processes: Optional[int],
     kwargs["coordinator_bind_address"] = coordinator_bind_address
   if any(v is not None for v in given):
     if any(v is None for v in given):
-      raise UserError("--coordinator_address, --num_processes and --process_id go together")
+      raise UserError(f"{address_flag}, {count_flag} and {id_flag} go together")
     if not 0 <= process_id < num_processes:
-      raise UserError(f"--process_id {process_id} is not in [0, {num_processes})")
-    how = f"--coordinator_address {coordinator_address}"
+      raise UserError(f"{id_flag} {process_id} is not in [0, {num_processes})")
+    how = f"{address_flag} {coordinator_address}"
     kwargs.update(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
   else:
-    how = detected_launcher(env, on_cloud_tpu_vm() if tpu_vm is None else tpu_vm)
+    how = detected_launcher(env, on_cloud_tpu_vm() if tpu_vm is None else tpu_vm, sep)
     if how is None:
       return False
     if how in ("slurm", "open-mpi") and (ids := local_device_ids(how, env)) is not None:
@@ -124,6 +129,29 @@ def initialise(coordinator_address: Optional[str], num_processes: Optional[int],
             file=sys.stderr)
       return False
     raise UserError(f"joining the other processes ({how}) failed: {reason}; name the coordinator with "
-                    "--coordinator_address HOST:PORT --num_processes N --process_id I") from None
+                    f"{address_flag} HOST:PORT {count_flag} N {id_flag} I") from None
   return True
 
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The coordinator flags of an argparse command, as `run.py train`'s absl ones (spelled with underscores)."""
+  g = p.add_argument_group("several processes (a pod slice, a GPU cluster); without these flags, those jax "
+                           "detects: Cloud TPU VMs, srun, mpirun")
+  g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address")
+  g.add_argument("--num-processes", type=int, default=None, metavar="N")
+  g.add_argument("--process-id", type=int, default=None, metavar="I")
+  g.add_argument("--coordinator-bind-address", default=None, metavar="HOST:PORT",
+                 help="where process 0 listens (default: every interface)")
+
+
+def initialise_from_args(args: argparse.Namespace) -> bool:
+  return initialise(args.coordinator_address, args.num_processes, args.process_id,
+                    coordinator_bind_address=args.coordinator_bind_address, sep="-")
+
+
+def exit_now(code: int) -> NoReturn:
+  """Exits a process that has left jax.distributed at once: one may hang in interpreter teardown after it."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)

@@ -22,7 +22,7 @@ from data_pipelines import eval_splits, pipeline, sources
 from data_pipelines.eval_splits import EvalSplit
 from data_pipelines.transforms import SampleConfig
 from evf_jax import checkpoints, evaluate, families, storage
-from evf_jax.cli import common
+from evf_jax.cli import cluster, common
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.images import decode_image, overlay
@@ -67,9 +67,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   common.add_overwrite_arg(p)
   common.add_compilation_cache_arg(p)
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  cluster.add_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
+  # Every process of a pod slice or cluster runs this command; each reads its share of every split's images.
+  distributed = cluster.initialise_from_args(args)
+  try:
+    code = _evaluate(args)
+  finally:
+    if distributed:
+      jax.distributed.shutdown()
+  if distributed:
+    cluster.exit_now(code)
+  return code
+
+
+def _evaluate(args: argparse.Namespace) -> int:
   for flag, value, low in (("--batch-size", args.batch_size, 1), ("--size-multiple", args.size_multiple, 1),
                            ("--save-overlays", args.save_overlays, 0)):
     if value < low:
@@ -77,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
   common.check_compute_args(args)
   devices = None
   if args.num_devices is not None:
+    if jax.process_count() > 1:
+      raise UserError("--num-devices needs a single process: several evaluate on all their devices")
     if not 1 <= args.num_devices <= jax.device_count():
       raise UserError(f"--num-devices {args.num_devices}: there are {jax.device_count()} devices")
     devices = jax.devices()[:args.num_devices]
@@ -87,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
   results = evaluate_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out_dir, options=options,
                                 precision=args.precision, attention=args.attention, devices=devices,
                                 save_overlays=args.save_overlays, overwrite=args.overwrite)
-  print(format_table(results))
-  print(f"results: {', '.join(r['json'] for r in results if 'json' in r)}")
+  if jax.process_index() == 0:  # the results are those of all processes
+    print(format_table(results))
+    print(f"results: {', '.join(r['json'] for r in results if 'json' in r)}")
   return 0
 
 

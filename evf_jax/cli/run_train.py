@@ -309,10 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       jax.distributed.shutdown()
   # Preemption (SIGTERM) is a clean stop: the state is saved and the scheduler may restart the job. Ctrl-C is not.
   code = 130 if summary.stopped_early and "SIGINT" in summary.stopped_early else 0
-  if distributed:  # a finished process may hang in interpreter teardown after jax's distributed runtime
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+  if distributed:
+    cluster.exit_now(code)
   return code
 
 
