@@ -361,6 +361,20 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
   assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
 
 
+@pytest.mark.parametrize("argv,expect", [
+    (["eval", "--checkpoint", "c", "--data", "d", "--split", "s", "--batch-size", "x"],
+     "error: run.py eval: argument --batch-size: invalid int value: 'x' (see run.py eval --help)"),
+    (["predict"], "error: run.py predict: the following arguments are required: --checkpoint, --prompt, "
+                  "--out-dir (see run.py predict --help)"),
+    (["bogus"], "error: run.py: argument COMMAND: invalid choice: 'bogus'"),
+])
+def test_argument_mistakes_are_one_line(capsys, argv, expect):
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1 and err[0].startswith(expect), err
+
+
 @pytest.mark.parametrize("layout", ["sharded_safetensors", "pytorch_model_bin"])
 def test_convert_other_weight_layouts(hf_dir, ckpt, tmp_path, layout):
   """Sharded safetensors with an index, and pytorch_model.bin (read with weights_only=True), give the

@@ -29,8 +29,16 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with its mistakes as one `error:` line (status 2) pointing at --help, not the usage block."""
+
+  def error(self, message: str):
+    print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="run.py", description="evf-jax: EVF-SAM in JAX/Flax.")
+  parser = _Parser(prog="run.py", description="evf-jax: EVF-SAM in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
   for name, module in COMMANDS.items():
     module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP, add_help=name != "train"))
