@@ -4,6 +4,7 @@ but they must be the Predictor's masks, one per prompt, at the image's size."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -301,11 +302,17 @@ def _serve_error(argv, capsys) -> str:
   return lines[0]
 
 
-def test_a_taken_port_is_one_line_before_the_model_loads(ckpt, no_model_load, capsys):
+@contextlib.contextmanager
+def _taken_port():
+  """A port of 127.0.0.1 another socket listens on."""
   with socket.socket() as taken:
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    port = taken.getsockname()[1]
+    yield taken.getsockname()[1]
+
+
+def test_a_taken_port_is_one_line_before_the_model_loads(ckpt, no_model_load, capsys):
+  with _taken_port() as port:
     err = _serve_error(["--checkpoint", ckpt, "--port", str(port)], capsys)
   assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is taken"), err
   assert "another --port" in err
@@ -332,10 +339,7 @@ def test_a_privileged_port_is_one_line(ckpt, no_model_load, capsys, monkeypatch)
 def test_a_port_taken_while_the_model_loads_is_one_line(ckpt, capsys, monkeypatch, tmp_path):
   monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
   monkeypatch.setattr(run_serve, "check_listen", lambda host, port: None)  # free then, taken now
-  with socket.socket() as taken:
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
+  with _taken_port() as port:
     err = _serve_error(["--checkpoint", ckpt, "--port", str(port)], capsys)
   assert err.startswith(f"error: cannot listen on 127.0.0.1:{port} ("), err
 
