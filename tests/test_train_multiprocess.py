@@ -116,7 +116,8 @@ def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
 def test_two_processes_launched_by_slurm(tmp_path):
   """Two tasks as `srun --ntasks=2` starts them: no flags, the step's variables only (jax's Slurm detection;
   the coordinator is the node list's first host, its port from JAX_COORDINATOR_PORT instead of the job id).
-  Then `run.py eval` of the export by two processes gives one process's result."""
+  Then `run.py eval` of the export by two processes gives one process's result, and two processes fine-tune
+  from that export."""
   config = tmp_path / "micro.py"
   config.write_text(CONFIG)
   from data_pipelines import prepare
@@ -153,6 +154,18 @@ def test_two_processes_launched_by_slurm(tmp_path):
   for key in ("sentences", "total_intersection", "total_union", "ciou"):
     assert two[key] == one[key], (key, two[key], one[key])
   assert two["giou"] == pytest.approx(one["giou"], rel=1e-12), (two["giou"], one["giou"])
+
+  # Fine-tuning from that export in two processes (each loads the checkpoint, then its shards go to the mesh).
+  port = _port()
+  tune = [_train(["--config", str(config), f"--config.data.root={tmp_path / 'data'}", "--workdir",
+                  str(tmp_path / "tune"), f"--config.init.evf_checkpoint={tmp_path / 'w' / 'export'}",
+                  "--config.total_steps=2"], 4,
+                 ("--coordinator_address", f"127.0.0.1:{port}", "--coordinator_bind_address", f"127.0.0.1:{port}",
+                  "--num_processes", "2", "--process_id", str(i), "--heartbeat_timeout", "20")) for i in range(2)]
+  outs = [p.communicate()[0] for p in tune]
+  for p, o in zip(tune, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert json.load(open(tmp_path / "tune" / "initialisation.json"))["init"] == "evf_checkpoint"
 
 
 GATHER = """
