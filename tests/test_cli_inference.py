@@ -367,6 +367,8 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
     (["predict"], "error: run.py predict: the following arguments are required: --checkpoint, --prompt, "
                   "--out-dir (see run.py predict --help)"),
     (["bogus"], "error: run.py: argument COMMAND: invalid choice: 'bogus'"),
+    (["predict", "--checkpoint", "c", "--image", "i", "--prompt", "p", "--out-dir", "o", "--compilation-cache", ""],
+     "error: run.py predict: argument --compilation-cache: is empty"),  # it would silently run without a cache
 ])
 def test_argument_mistakes_are_one_line(capsys, argv, expect):
   with pytest.raises(SystemExit) as e:

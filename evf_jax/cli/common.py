@@ -30,8 +30,15 @@ def check_compute_args(args: argparse.Namespace) -> None:
   check_precision_platform(args.precision)
 
 
+def nonempty(value: str) -> str:
+  """An argparse type: an empty path would silently mean "none" (no cache, the default model, ...)."""
+  if not value.strip():
+    raise argparse.ArgumentTypeError("is empty")
+  return value
+
+
 def add_compilation_cache_arg(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--compilation-cache", default=None, metavar="DIR",
+  p.add_argument("--compilation-cache", default=None, metavar="DIR", type=nonempty,
                  help="persistent compilation cache directory (makes later runs start faster)")
 
 

@@ -379,8 +379,6 @@ def run(args: argparse.Namespace) -> int:
     raise UserError(f"--port {args.port}: expected 1 to 65535")
   if args.max_pixels < 1:
     raise UserError(f"--max-pixels must be >= 1, got {args.max_pixels}")
-  if args.compilation_cache is not None and not args.compilation_cache.strip():
-    raise UserError("--compilation-cache is empty")  # the predictor would silently run without a cache
   if importlib.util.find_spec("gradio") is None:
     raise UserError("gradio is not installed: pip install -r requirements.txt (or bash scripts/setup_env.sh)")
   host = listen_host(args.host)

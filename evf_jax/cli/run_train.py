@@ -301,7 +301,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   profile = ProfileWindow(fv.profile_steps, fv.profile_skip)
   distributed = _initialise_distributed(fv)
   try:
-    if fv.compilation_cache:
+    if fv.compilation_cache is not None:
+      if not fv.compilation_cache.strip():
+        raise UserError("--compilation_cache is empty")  # it would silently compile everything again
       enable_compilation_cache(fv.compilation_cache)
     summary = train(fv.config, fv.workdir, profile=profile)
   finally:
