@@ -39,6 +39,9 @@ def test_jax_still_has_the_tpu_vm_flag():
     (_srun(), "slurm"),
     ({"OMPI_MCA_orte_hnp_uri": "1.2.3.4:5", "OMPI_COMM_WORLD_SIZE": "4"}, "open-mpi"),
     ({"OMPI_MCA_orte_hnp_uri": "1.2.3.4:5", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    # mpirun inside a Slurm allocation: jax takes Open MPI's variables first
+    ({**_srun(), "OMPI_MCA_orte_hnp_uri": "1.2.3.4:5", "OMPI_COMM_WORLD_SIZE": "8"}, "open-mpi"),
+    ({**_srun(), "PMI_SIZE": "2"}, "slurm"),  # srun --mpi=pmi2 sets PMI_SIZE too
     # jax's TPU detection reads TPU_WORKER_HOSTNAMES only on a TPU VM, where it needs no variable at all
     ({"TPU_WORKER_HOSTNAMES": "a,b"}, None),
 ])

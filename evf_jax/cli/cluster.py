@@ -47,12 +47,13 @@ def _int(env: Mapping[str, str], key: str, default: int = 0) -> int:
 
 
 def detected_launcher(env: Mapping[str, str], tpu_vm: bool, sep: str = "_") -> Optional[str]:
-  """The launcher whose processes jax would join without arguments, or None for a single process."""
+  """The launcher whose processes jax would join without arguments (in jax's order: Open MPI, Slurm, TPU), or
+  None for a single process."""
+  mpi_size = max(_int(env, "OMPI_COMM_WORLD_SIZE", 1), _int(env, "PMI_SIZE", 1))  # Open MPI; MPICH, Intel MPI
+  if OPEN_MPI_VAR in env:
+    return "open-mpi" if mpi_size > 1 else None
   if all(k in env for k in SLURM_STEP_VARS):
     return "slurm" if _int(env, "SLURM_NTASKS", 1) > 1 else None
-  mpi_size = max(_int(env, "OMPI_COMM_WORLD_SIZE", 1), _int(env, "PMI_SIZE", 1))  # Open MPI; MPICH, Intel MPI
-  if OPEN_MPI_VAR in env and mpi_size > 1:
-    return "open-mpi"
   if mpi_size > 1:  # each would train alone, all into one workdir
     raise UserError(f"this is one of {mpi_size} MPI processes, which jax cannot join by itself (it reads only "
                     f"Open MPI 4's {OPEN_MPI_VAR}); name the coordinator with --coordinator{sep}address "
@@ -131,7 +132,6 @@ def initialise(coordinator_address: Optional[str], num_processes: Optional[int],
     raise UserError(f"joining the other processes ({how}) failed: {reason}; name the coordinator with "
                     f"{address_flag} HOST:PORT {count_flag} N {id_flag} I") from None
   return True
-
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
