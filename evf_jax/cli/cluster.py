@@ -24,6 +24,7 @@ import sys
 from typing import Mapping, NoReturn, Optional
 
 import jax
+from jax._src import cloud_tpu_init  # private: see on_cloud_tpu_vm
 
 from evf_jax.errors import UserError
 
@@ -35,7 +36,6 @@ OPEN_MPI_VAR = "OMPI_MCA_orte_hnp_uri"  # what jax's Open MPI detection requires
 def on_cloud_tpu_vm() -> bool:
   """Whether jax found TPU chips and libtpu on this machine (set when jax is imported). jax keeps this flag
   private; tests/test_cluster.py checks it still exists, so that an upgrade that drops it fails there."""
-  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
   return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
