@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Mapping, NoReturn, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 from jax._src import cloud_tpu_init  # private: see on_cloud_tpu_vm
@@ -150,8 +150,16 @@ def initialise_from_args(args: argparse.Namespace) -> bool:
                     coordinator_bind_address=args.coordinator_bind_address, sep="-")
 
 
-def exit_now(code: int) -> NoReturn:
-  """Exits a process that has left jax.distributed at once: one may hang in interpreter teardown after it."""
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)
+def run_joined(distributed: bool, body: Callable[[], int]) -> int:
+  """`body()`'s exit code. In a process that joined jax.distributed (`distributed`), leaves it afterwards, also
+  on an error, and exits at once: a finished process may hang in interpreter teardown after it."""
+  try:
+    code = body()
+  finally:
+    if distributed:
+      jax.distributed.shutdown()
+  if distributed:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code

@@ -72,15 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   # Every process of a pod slice or cluster runs this command; each reads its share of every split's images.
-  distributed = cluster.initialise_from_args(args)
-  try:
-    code = _evaluate(args)
-  finally:
-    if distributed:
-      jax.distributed.shutdown()
-  if distributed:
-    cluster.exit_now(code)
-  return code
+  return cluster.run_joined(cluster.initialise_from_args(args), lambda: _evaluate(args))
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -300,20 +300,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   fv = parse(sys.argv[2:] if argv is None else argv)
   profile = ProfileWindow(fv.profile_steps, fv.profile_skip)
   distributed = _initialise_distributed(fv)
-  try:
+
+  def run_training() -> int:
     if fv.compilation_cache is not None:
       if not fv.compilation_cache.strip():
         raise UserError("--compilation_cache is empty")  # it would silently compile everything again
       enable_compilation_cache(fv.compilation_cache)
     summary = train(fv.config, fv.workdir, profile=profile)
-  finally:
-    if distributed:
-      jax.distributed.shutdown()
-  # Preemption (SIGTERM) is a clean stop: the state is saved and the scheduler may restart the job. Ctrl-C is not.
-  code = 130 if summary.stopped_early and "SIGINT" in summary.stopped_early else 0
-  if distributed:
-    cluster.exit_now(code)
-  return code
+    # Preemption (SIGTERM) is a clean stop: the state is saved and the scheduler may restart the job. Ctrl-C is not.
+    return 130 if summary.stopped_early and "SIGINT" in summary.stopped_early else 0
+
+  return cluster.run_joined(distributed, run_training)
 
 
 def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
