@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -155,11 +156,15 @@ def test_cli_subprocess_exit_codes_and_no_overwrite(tmp_path):
   assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
 
 
-def test_synthetic_prepare_matches_generator(tmp_path):
+def test_synthetic_prepare_matches_generator(tmp_path, monkeypatch):
   from data_pipelines import synthetic
   data_dir = str(tmp_path / "tfds")
+  system_tmp = tmp_path / "system_tmp"  # TFDS's bucket lookup left an empty directory here per builder
+  system_tmp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
   assert cli.main(["prepare", "--dataset", "synthetic", "--data_dir", data_dir, "--num-train", "5", "--num-eval",
                    "3", "--seed", "9", "--no-progress"]) == 0
+  assert list(system_tmp.iterdir()) == []
   meta = sources.describe(os.path.join(data_dir, "synthetic"))
   assert meta["seed"] == 9 and meta["splits"]["train"]["images"] == 5 and meta["splits"]["val"]["images"] == 3
   want = [synthetic.make_example(9, "train", i) for i in range(5)]

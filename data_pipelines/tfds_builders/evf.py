@@ -76,6 +76,18 @@ def builder_name(dataset: str) -> str:
   return dataset.replace("+", "plus")
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo that never looks for pre-computed info in gs://tfds-data.
+
+  TFDS calls `initialize_from_bucket` for every builder of a dataset not built yet, and that makes an empty
+  temporary directory it never removes (tensorflow-datasets 4.9): one left in /tmp per `run.py prepare`.
+  Our datasets are never in that bucket.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class EvfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """The common builder: `DATASET` (a readers.READERS key) read from the manual dir."""
 
@@ -88,7 +100,7 @@ class EvfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     # Built directly, not with dataset_info_from_configs: that one reads README/CITATIONS files next to the
     # builder's module, one folder per builder, which these share.
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self, description=f"{self.DATASET} as EVF-SAM reads it: images with (prompt, mask) pairs "
         "(data_pipelines/tfds_builders/evf.py, docs/data.md).", features=FEATURES, homepage=HOMEPAGE,
         metadata=tfds.core.MetadataDict(), disable_shuffling=self.disable_shuffling)
