@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax._src import hardware_utils  # private: see check_accelerator_in_use
 
 from evf_jax.errors import UserError
 
@@ -36,6 +37,28 @@ def check_attention_platform(attention: str) -> None:
   """UserError when cuDNN attention is asked for where jax has no GPU (before any checkpoint is read)."""
   if attention == "cudnn" and jax.default_backend() != "gpu":
     raise UserError(f"attention cudnn needs an NVIDIA GPU; jax is running on {jax.default_backend()}")
+
+
+INSTALL_DOC = "docs/training.md#installing-on-tpu-vms-and-gpu-machines"
+
+
+def check_accelerator_in_use() -> None:
+  """UserError when this machine has TPU chips or an NVIDIA GPU but jax runs on the CPU: libtpu or jax's CUDA
+  plugin is not installed (or failed to start), and jax only warns. A training run or evaluation would then run
+  on the CPU, on a pod slice every host alone. A platform the user named (JAX_PLATFORMS) is their choice.
+
+  The chips are found as jax finds them for its warning (its private `hardware_utils`: PCI ids of TPUs,
+  /dev/nvidia* for GPUs); tests/test_cluster.py fails if an upgrade drops the two functions."""
+  if jax.default_backend() != "cpu" or jax.config.jax_platforms:
+    return
+  tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  if tpu_chips:
+    raise UserError(f"this machine has {tpu_chips} TPU chip(s) but jax runs on the CPU (libtpu is not installed): "
+                    f"pip install -e '.[tpu]' ({INSTALL_DOC}), or set JAX_PLATFORMS=cpu to run on the CPU")
+  if hardware_utils.has_visible_nvidia_gpu():
+    raise UserError("this machine has an NVIDIA GPU but jax runs on the CPU (jax's CUDA plugin is not installed "
+                    f"or did not start: see jax's warning above): pip install -e '.[cuda12]' ({INSTALL_DOC}), "
+                    "or set JAX_PLATFORMS=cpu to run on the CPU")
 
 
 def check_precision_platform(precision: str) -> None:

@@ -27,8 +27,9 @@ fi
 .venv/bin/python -m pip install -q -r requirements-dev.txt
 # torchscale pins timm (-> torchvision -> a CUDA torch); BEiT-3 at EVF-SAM's settings needs neither.
 .venv/bin/python -m pip install -q --no-deps torchscale==0.3.0 fairscale==0.4.0
-# setuptools>=70.1 builds wheels itself (bdist_wheel), for the two --no-build-isolation installs below.
-.venv/bin/python -m pip install -q "setuptools>=70.1"
+# For the two --no-build-isolation installs below: setuptools>=70.1 builds wheels itself (bdist_wheel), and
+# pyproject.toml's SPDX license string needs >=77.
+.venv/bin/python -m pip install -q "setuptools>=77"
 # sam2 (the SAM-2 parity reference) is an sdist whose build requires torch: build it against the venv's CPU
 # torch, without its CUDA extension (used only by video hole filling) and without its torch/torchvision pins.
 SAM2_BUILD_CUDA=0 .venv/bin/python -m pip install -q --no-deps --no-build-isolation sam2==1.1.0

@@ -13,8 +13,11 @@ inference never loads).
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import os
 import pathlib
+import re
+import tomllib
 
 import pytest
 
@@ -100,3 +103,17 @@ def test_the_package_exports_its_api():
   for name in ("Predictor", "load_image", "decode_image", "load_checkpoint", "EvfConfig", "UserError"):
     assert hasattr(evf_jax, name), name
   assert os.path.isfile(ROOT / "pyproject.toml")
+
+
+def test_the_install_extras_name_jax_extras_that_exist():
+  """`pip install -e '.[tpu]'` (or cuda12, cuda13) installs jax's own extra; a jax that renames one, or needs a
+  newer Python than pyproject.toml states, fails here instead of at a user's install."""
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  jax_meta = importlib.metadata.metadata("jax")
+  provided = set(jax_meta.get_all("Provides-Extra"))
+  extras = project["optional-dependencies"]
+  assert set(extras) == {"tpu", "cuda12", "cuda13"}
+  for name, requirements in extras.items():
+    assert requirements == [f"jax[{name}]"] and name in provided, (name, requirements)
+  version = lambda spec: tuple(int(p) for p in re.search(r">=\s*([\d.]+)", spec).group(1).split("."))  # noqa: E731
+  assert version(project["requires-python"]) >= version(jax_meta["Requires-Python"])

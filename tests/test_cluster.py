@@ -1,11 +1,15 @@
-"""When `run.py train` joins other processes without flags, and which GPUs a Slurm or Open MPI process drives. jax's
-`initialize` is replaced by a recorder here; tests/test_train_multiprocess.py runs real Slurm-launched processes."""
+"""When `run.py train` joins other processes without flags, which GPUs a Slurm or Open MPI process drives, and the
+refusal to train or evaluate on the CPU beside an accelerator jax cannot use. jax's `initialize` is replaced by a
+recorder here; tests/test_train_multiprocess.py runs real Slurm-launched processes."""
 
 from __future__ import annotations
+
+import pathlib
 
 import jax
 import pytest
 
+from evf_jax import cli, runtime
 from evf_jax.cli import cluster
 from evf_jax.errors import UserError
 
@@ -138,3 +142,40 @@ def test_a_tpu_vm_where_jax_finds_no_slice_runs_alone(monkeypatch, capsys, error
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: (_ for _ in ()).throw(RuntimeError("timeout")))
   with pytest.raises(UserError, match="cloud-tpu.*timeout"):  # a slice found but not joined is an error
     cluster.initialise(None, None, None, env={}, tpu_vm=True)
+
+
+@pytest.fixture
+def no_platform_named():
+  """jax as on a machine where the user set no JAX_PLATFORMS (the tests run with JAX_PLATFORMS=cpu)."""
+  before = jax.config.jax_platforms
+  jax.config.update("jax_platforms", None)
+  yield
+  jax.config.update("jax_platforms", before)
+
+
+@pytest.mark.parametrize("tpu_chips,nvidia,named", [(4, False, "has 4 TPU chip(s)"), (0, True, "an NVIDIA GPU")])
+def test_an_accelerator_jax_does_not_use_stops_train_and_eval(monkeypatch, no_platform_named, capsys, tmp_path,
+                                                               tpu_chips, nvidia, named):
+  """libtpu or the CUDA plugin missing: jax only warns and runs on the CPU (on a pod slice each host alone)."""
+  from jax._src import hardware_utils
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (tpu_chips, None))
+  monkeypatch.setattr(hardware_utils, "has_visible_nvidia_gpu", lambda: nvidia)
+  config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train" / "synthetic.py")
+  # Without the check, both commands fail fast on something else: no synthetic data, and none generated.
+  for argv in (["train", "--config", config, "--workdir", str(tmp_path / "w"),
+                "--config.data.root", str(tmp_path / "d"), "--config.data.synthetic.num_train=0"],
+               ["eval", "--checkpoint", str(tmp_path / "c"), "--data", str(tmp_path / "d"), "--split", "x"]):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and "JAX_PLATFORMS=cpu" in err[0], err
+  assert not (tmp_path / "w").exists()
+
+
+def test_no_accelerator_or_a_platform_the_user_named_passes(monkeypatch, no_platform_named):
+  from jax._src import hardware_utils
+  runtime.check_accelerator_in_use()  # this machine has neither a TPU nor an NVIDIA GPU
+  monkeypatch.setattr(hardware_utils, "num_available_tpu_chips_and_device_id", lambda: (8, None))
+  with pytest.raises(UserError, match="8 TPU chip"):
+    runtime.check_accelerator_in_use()
+  jax.config.update("jax_platforms", "cpu")  # JAX_PLATFORMS=cpu: the CPU on purpose
+  runtime.check_accelerator_in_use()

@@ -26,7 +26,8 @@ from evf_jax.cli import cluster, common
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.images import decode_image, overlay
-from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
+from evf_jax.runtime import (check_accelerator_in_use, check_precision_platform, compute_dtype,
+                             enable_compilation_cache)
 
 HELP = "referring-segmentation evaluation (gIoU / cIoU) of a checkpoint on prepared splits"
 
@@ -80,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                            ("--save-overlays", args.save_overlays, 0)):
     if value < low:
       raise UserError(f"{flag} must be >= {low}, got {value}")
+  check_accelerator_in_use()
   common.check_compute_args(args)
   devices = None
   if args.num_devices is not None:

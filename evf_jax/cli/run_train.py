@@ -34,8 +34,8 @@ from evf_jax import checkpoints, evaluate, families, sharding, storage
 from evf_jax.cli import cluster, run_eval
 from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
-from evf_jax.runtime import (check_attention_platform, check_precision_platform, compute_dtype,
-                             enable_compilation_cache)
+from evf_jax.runtime import (check_accelerator_in_use, check_attention_platform, check_precision_platform,
+                             compute_dtype, enable_compilation_cache)
 from evf_jax.tokenizer import SPM_FILE, TextTokenizer
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
@@ -119,6 +119,7 @@ def _initialise_distributed(fv: flags.FlagValues) -> bool:
 
 
 def _check_config(cfg) -> ModelConfig:
+  check_accelerator_in_use()
   compute_dtype(cfg.precision, cfg.attention)
   check_attention_platform(cfg.attention)
   check_precision_platform(cfg.precision)
