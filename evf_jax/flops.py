@@ -14,7 +14,7 @@ from evf_jax.sam2.config import Sam2Config
 
 # Peak dense bf16 FLOP/s per chip, by jax's `device_kind` (prefix match), for MFU when a config gives none.
 PEAK_BF16_FLOPS = {
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12, "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA H800": 989e12, "NVIDIA GH200": 989e12, "NVIDIA A100": 312e12,
     "NVIDIA B200": 2250e12, "NVIDIA L4": 121e12,
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12,

@@ -181,3 +181,11 @@ def test_train_step_evf_sam2():
   # A trained encoder includes them.
   assert step(encoder_frozen=False) == pytest.approx(trained + images * 2 * (flops.sam2_encoder(sam2) - high_res),
                                                      rel=1e-9)
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("cpu", None), ("TPU v99", None)])
+def test_peak_by_device_kind(kind, peak):
+  """jax's device_kind strings; the longest prefix wins ("TPU v5 lite", a v5e, is not a v5p's "TPU v5")."""
+  assert flops.peak_flops(kind) == peak
