@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from evf_jax.errors import UserError
 
 SUPPORTED = "JPEG, PNG, WebP, BMP (and anything else Pillow reads)"
+FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what a directory of images is read for
 
 
 class ImageReadError(UserError, ValueError):
@@ -67,16 +68,38 @@ def decode_image(data: bytes, what: str = "image bytes") -> np.ndarray:
   return _decode(io.BytesIO(data), what)
 
 
-def load_image(path: str) -> np.ndarray:
-  """Reads an image file into RGB uint8 (H, W, 3), EXIF orientation applied."""
+def _check_file(path: str) -> None:
   if not os.path.exists(path):
     raise ImageReadError(f"image not found: {path}")
   if os.path.isdir(path):
     raise ImageReadError(f"expected an image file, got a directory: {path}")
   if os.path.getsize(path) == 0:
     raise ImageReadError(f"image file is empty (0 bytes): {path}")
+
+
+def load_image(path: str) -> np.ndarray:
+  """Reads an image file into RGB uint8 (H, W, 3), EXIF orientation applied."""
+  _check_file(path)
   with open(path, "rb") as f:
     return _decode(f, path)
+
+
+def probe_image(path: str) -> tuple[int, int]:
+  """(height, width) from the file's header, as stored (EXIF orientation not applied), without decoding the
+  pixels: a missing, empty or unknown file fails here; corrupt pixel data only when `load_image` decodes it."""
+  _check_file(path)
+  try:
+    with Image.open(path) as img:
+      if img.width == 0 or img.height == 0:
+        raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {path}")
+      return img.height, img.width
+  except UnidentifiedImageError:
+    raise ImageReadError(f"not an image (supported: {SUPPORTED}): {path}") from None
+  except ImageReadError:
+    raise
+  except (OSError, SyntaxError, ValueError) as e:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ImageReadError(f"cannot decode image {path}: {first}") from None
 
 
 def check_rgb_array(image: np.ndarray) -> np.ndarray:

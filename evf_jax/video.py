@@ -29,7 +29,7 @@ from evf_jax.runtime import check_precision_platform, compute_dtype, enable_comp
 from evf_jax.sam2 import tracking
 from evf_jax.sam2.transforms import video_frame
 
-FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+FRAME_EXTENSIONS = images.FILE_EXTENSIONS
 
 
 @dataclasses.dataclass

@@ -196,6 +196,67 @@ def test_predict_writes_masks_overlays_and_logits(ckpt, image_file, tmp_path, ca
   assert cli.main(argv + ["--overwrite"]) == 0
 
 
+def test_predict_several_images_and_a_directory(ckpt, image_file, tmp_path, capsys):
+  """One model load for every image: files and a directory's images (by name; other files ignored), each with
+  every prompt, equal to predicting them one at a time."""
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  Image.fromarray(smooth_image(90, 60, 6)).save(folder / "b.png")
+  Image.fromarray(smooth_image(50, 130, 7)).save(folder / "a.jpg", quality=95)
+  (folder / "notes.txt").write_text("not an image, not read")
+  out = tmp_path / "pred"
+  prompts = ["zebra top left", "[semantic] sky"]
+  argv = ["predict", "--checkpoint", ckpt, "--image", image_file, str(folder), "--out-dir", str(out),
+          "--prompt", prompts[0], "--prompt", prompts[1]]
+  assert cli.main(argv) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line for line in lines if line.endswith(":")] == [f"{image_file}:", f"{folder / 'a.jpg'}:",
+                                                           f"{folder / 'b.png'}:"]
+  assert len(lines) == 3 * 3 + 1 and lines[-1].startswith("3 images x 2 prompts")
+  p = Predictor.from_checkpoint(ckpt)
+  for path in (image_file, folder / "a.jpg", folder / "b.png"):
+    img = np.asarray(Image.open(path).convert("RGB"))
+    p.set_image(img)
+    want = p.predict(prompts)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    for i in range(2):
+      np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}_{i}_mask.png")) > 0, want.masks[i])
+  assert sorted(os.listdir(out)) == sorted(f"{s}_{i}_{k}.png" for s in ("scene", "a", "b") for i in range(2)
+                                           for k in ("mask", "vis"))
+
+
+def test_predict_several_images_checked_before_the_model_loads(ckpt, image_file, tmp_path, capsys):
+  (tmp_path / "d1").mkdir()
+  (tmp_path / "d2").mkdir()
+  (tmp_path / "empty").mkdir()
+  Image.fromarray(smooth_image(40, 40, 1)).save(tmp_path / "d1" / "x.png")
+  Image.fromarray(smooth_image(40, 40, 2)).save(tmp_path / "d2" / "x.jpg")
+  (tmp_path / "notes.png").write_text("this is not an image")
+  out = tmp_path / "o"
+  base = ["predict", "--checkpoint", str(tmp_path / "no-model"), "--prompt", "cat", "--out-dir", str(out)]
+  # Each is found before the (missing) checkpoint is read, and nothing is written.
+  for images, expect in ((["d1", "d2"], "would write the same files (x_<i>_mask.png"),
+                         (["d1/x.png", "notes.png"], "not an image"),
+                         (["empty"], "a directory with no images")):
+    line = _error_line(capsys, base + ["--image", *[str(tmp_path / i) for i in images]])
+    assert expect in line, line
+  assert not out.exists()
+
+
+def test_predict_keeps_the_images_done_when_a_later_one_is_corrupt(ckpt, image_file, tmp_path, capsys):
+  """A file whose header reads but whose pixels are cut off fails when it is decoded, in its turn: one line, and
+  the images before it keep their outputs."""
+  full = tmp_path / "full.png"
+  Image.fromarray(smooth_image(64, 64, 3)).save(full)
+  cut = tmp_path / "z_cut.png"
+  cut.write_bytes(full.read_bytes()[:len(full.read_bytes()) // 2])
+  out = tmp_path / "o"
+  line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, str(cut), "--prompt", "cat",
+                              "--out-dir", str(out)])
+  assert "cannot decode image" in line and "z_cut.png" in line, line
+  assert sorted(os.listdir(out)) == ["scene_0_mask.png", "scene_0_vis.png"]
+
+
 def _bad_files(tmp_path):
   text = tmp_path / "notes.png"
   text.write_text("this is not an image")

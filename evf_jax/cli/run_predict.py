@@ -1,26 +1,30 @@
-"""`run.py predict`: masks for text prompts on one image, or for one text prompt through a video (EVF-SAM2),
-written as PNGs (and optionally logits)."""
+"""`run.py predict`: masks for text prompts on images (the model loaded and compiled once for all), or for one text
+prompt through a video (EVF-SAM2), written as PNGs (and optionally logits)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Sequence
 
 from evf_jax import storage
 from evf_jax.cli import common
 from evf_jax.errors import UserError
-from evf_jax.images import load_image, save_prediction
+from evf_jax.images import FILE_EXTENSIONS, load_image, probe_image, save_prediction
 from evf_jax.predictor import Predictor
 from evf_jax.video import VideoPredictor, read_frames
 
-HELP = "segment an image by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
+HELP = "segment images by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True,
                  help="an evf-jax checkpoint directory (from `run.py convert`, or a training run's export/)")
   src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--image", help="the image (JPEG, PNG, WebP, BMP, ...)")
+  src.add_argument("--image", nargs="+", action="extend",
+                   help="image files (JPEG, PNG, WebP, BMP, ...) or directories of them (their "
+                        f"{', '.join(FILE_EXTENSIONS)} files, by name); every prompt is applied to every image, the "
+                        "model loaded once")
   src.add_argument("--video", help="EVF-SAM2 only: a directory of frames (e.g. ffmpeg's 00000.jpg, 00001.jpg, ...) "
                                    "or a video file (needs PyAV: pip install av); the prompt is read on the first "
                                    "frame and the object tracked through the others")
@@ -51,24 +55,54 @@ def run(args: argparse.Namespace) -> int:
   storage.check_output_dir(args.out_dir, "--out-dir")
   if args.video is not None:
     return run_video(args, prompts)
-  stem = os.path.splitext(os.path.basename(args.image))[0]
-  common.check_not_there(_outputs(args, [f"{stem}_{i}" for i in range(len(prompts))]), args.overwrite)
-  image = load_image(args.image)
+  files = image_files(args.image)
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  common.check_not_there(_outputs(args, [f"{s}_{i}" for s in stems for i in range(len(prompts))]), args.overwrite)
+  sizes = [probe_image(f) for f in files]  # every file is an image before the model loads
   predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_len=args.max_text_len)
-  predictor.image_input.check_fits(image.shape[:2], args.image)  # set_image would say "the image"
-  predictor.set_image(image)
-  result = predictor.predict(prompts)
+  for f, hw in zip(files, sizes):
+    predictor.image_input.check_fits(hw, f)  # set_image would say "the image"
   os.makedirs(args.out_dir, exist_ok=True)
-  for i, prompt in enumerate(prompts):
-    mask = result.masks[i]
-    save_prediction(os.path.join(args.out_dir, f"{stem}_{i}"), image, mask,
-                    result.logits[i] if args.save_logits else None)
-    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-    print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
-          f"score {float(result.scores[i]):.4f}")
+  for path, stem in zip(files, stems):
+    image = load_image(path)
+    predictor.set_image(image)
+    result = predictor.predict(prompts)
+    if len(files) > 1:
+      print(f"{path}:")
+    for i, prompt in enumerate(prompts):
+      mask = result.masks[i]
+      save_prediction(os.path.join(args.out_dir, f"{stem}_{i}"), image, mask,
+                      result.logits[i] if args.save_logits else None)
+      shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+      print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
+            f"score {float(result.scores[i]):.4f}")
+  if len(files) > 1:
+    print(f"{len(files)} images x {len(prompts)} prompts: masks in {args.out_dir}")
   return 0
+
+
+def image_files(paths: Sequence[str]) -> list[str]:
+  """--image's files: a file as given, a directory as its image files by name. Two that would write the same
+  outputs (the same stem) are an error."""
+  files = []
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in FILE_EXTENSIONS)
+      if not found:
+        raise UserError(f"--image {path}: a directory with no images ({', '.join(FILE_EXTENSIONS)})")
+      files += [os.path.join(path, n) for n in found]
+    else:
+      files.append(path)
+  by_stem: dict[str, str] = {}
+  for f in files:
+    stem = os.path.splitext(os.path.basename(f))[0]
+    if stem in by_stem:
+      raise UserError(f"--image {by_stem[stem]} and {f} would write the same files ({stem}_<i>_mask.png, ...); "
+                      "rename one or predict them apart")
+    by_stem[stem] = f
+  return files
 
 
 def _outputs(args: argparse.Namespace, bases: list[str]) -> list[str]:
