@@ -119,7 +119,6 @@ def _initialise_distributed(fv: flags.FlagValues) -> bool:
 
 
 def _check_config(cfg) -> ModelConfig:
-  check_accelerator_in_use()
   compute_dtype(cfg.precision, cfg.attention)
   check_attention_platform(cfg.attention)
   check_precision_platform(cfg.precision)
@@ -303,6 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   distributed = _initialise_distributed(fv)
 
   def run_training() -> int:
+    check_accelerator_in_use()  # here, not in train(): the default job (run.py synthetic) runs wherever jax does
     if fv.compilation_cache is not None:
       if not fv.compilation_cache.strip():
         raise UserError("--compilation_cache is empty")  # it would silently compile everything again
