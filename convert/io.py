@@ -46,8 +46,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     import torch  # lazy: torch is needed for .pth/.bin files only, never for inference
   except ImportError as e:
     raise CheckpointReadError(
-        f"{path}: reading .pth/.bin files needs torch (pip install torch==2.13.0); "
-        "a .safetensors file needs no torch") from e
+        f"{path}: reading .pth/.bin files needs torch, a CPU build is enough (pip install torch --index-url "
+        "https://download.pytorch.org/whl/cpu); a .safetensors file needs no torch") from e
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle errors, refused globals, truncation

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from convert.io import load_state_dict
+from convert.io import CheckpointReadError, load_state_dict
 from convert.rules import TRANSFORMS, ConversionError, revert
 from convert.sam import convert_sam, convert_sam_result, infer_sam_size, sam_rules
 from evf_jax.sam import SAM_CONFIGS, Sam, SamConfig, abstract_params
@@ -173,6 +174,16 @@ def test_dtypes(tiny_sd):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(up))
   bf = convert_sam(tiny_sd, TINY, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf))
+
+
+def test_a_pth_without_torch_names_the_cpu_build(tmp_path, monkeypatch):
+  """Where torch is missing (an accelerator install has none), reading a .pth says which torch to install: PyPI's
+  default Linux build is the CUDA one, gigabytes for a file read."""
+  path = tmp_path / "sam_vit_b_01ec64.pth"
+  path.write_bytes(b"not read")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  with pytest.raises(CheckpointReadError, match=r"needs torch, a CPU build is enough .*download\.pytorch\.org/whl/cpu"):
+    load_state_dict(str(path))
 
 
 # ----------------------------------------------------------------------------------- slow: ViT-H
