@@ -13,7 +13,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax._src import hardware_utils  # private: see check_accelerator_in_use
 
 from evf_jax.errors import UserError
 
@@ -43,22 +42,31 @@ INSTALL_DOC = "docs/training.md#installing-on-tpu-vms-and-gpu-machines"
 
 
 def check_accelerator_in_use() -> None:
-  """UserError when this machine has TPU chips or an NVIDIA GPU but jax runs on the CPU: libtpu or jax's CUDA
-  plugin is not installed (or failed to start), and jax only warns. A training run or evaluation would then run
-  on the CPU, on a pod slice every host alone. A platform the user named (JAX_PLATFORMS) is their choice.
+  """UserError when this machine has TPU chips but jax runs on the CPU. Without libtpu, or with the chips held by
+  another process, jax falls back to the CPU with at most a warning, and a training run or an evaluation would run
+  there: on a pod slice every host alone, all into one workdir. A platform the user named (JAX_PLATFORMS,
+  JAX_PLATFORM_NAME) is their choice; one that does not start is one line too, not jax's traceback.
 
-  The chips are found as jax finds them for its warning (its private `hardware_utils`: PCI ids of TPUs,
-  /dev/nvidia* for GPUs); tests/test_cluster.py fails if an upgrade drops the two functions."""
-  if jax.default_backend() != "cpu" or jax.config.jax_platforms:
+  The chips are found as jax finds them for its own warning (their PCI ids, in its private `hardware_utils`;
+  tests/test_cluster.py fails if an upgrade drops it, and the check then passes rather than break a run).
+  NVIDIA GPUs are left to jax's own warning: their device files also exist where a job may not use them (a CPU
+  job on a GPU node, WSL2's /dev/dxg), and GPU processes join a cluster without CUDA."""
+  try:
+    backend = jax.default_backend()
+  except (RuntimeError, AssertionError) as e:  # a named platform (JAX_PLATFORMS, or a TPU VM's 'tpu,cpu') failed
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "no such platform is installed"
+    raise UserError(f"jax cannot start the platforms {jax.config.jax_platforms!r}: {first}") from None
+  if backend != "cpu" or jax.config.jax_platforms or jax.config.read("jax_platform_name"):
     return
-  tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  try:
+    from jax._src import hardware_utils  # lazy: private jax module, read only by train and eval
+    tpu_chips = hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except (ImportError, AttributeError):
+    return
   if tpu_chips:
-    raise UserError(f"this machine has {tpu_chips} TPU chip(s) but jax runs on the CPU (libtpu is not installed): "
-                    f"pip install -e '.[tpu]' ({INSTALL_DOC}), or set JAX_PLATFORMS=cpu to run on the CPU")
-  if hardware_utils.has_visible_nvidia_gpu():
-    raise UserError("this machine has an NVIDIA GPU but jax runs on the CPU (jax's CUDA plugin is not installed "
-                    f"or did not start: see jax's warning above): pip install -e '.[cuda12]' ({INSTALL_DOC}), "
-                    "or set JAX_PLATFORMS=cpu to run on the CPU")
+    raise UserError(f"this machine has {tpu_chips} TPU chip(s) but jax runs on the CPU: libtpu is not installed "
+                    f"(pip install -e '.[tpu]', {INSTALL_DOC}) or the chips are held by another process; set "
+                    "JAX_PLATFORMS=cpu to run on the CPU")
 
 
 def check_precision_platform(precision: str) -> None:
