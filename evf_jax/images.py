@@ -97,7 +97,7 @@ def probe_image(path: str) -> tuple[int, int]:
     raise ImageReadError(f"not an image (supported: {SUPPORTED}): {path}") from None
   except ImageReadError:
     raise
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # the header alone may be a bomb
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ImageReadError(f"cannot decode image {path}: {first}") from None
 

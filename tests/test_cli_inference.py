@@ -197,17 +197,20 @@ def test_predict_writes_masks_overlays_and_logits(ckpt, image_file, tmp_path, ca
 
 
 def test_predict_several_images_and_a_directory(ckpt, image_file, tmp_path, capsys):
-  """One model load for every image: files and a directory's images (by name; other files ignored), each with
-  every prompt, equal to predicting them one at a time."""
+  """One model load for every image: files and a directory's images (by name; other files, hidden files and
+  folders ignored; a file named twice read once), each with every prompt, equal to predicting them one at a
+  time."""
   folder = tmp_path / "folder"
   folder.mkdir()
   Image.fromarray(smooth_image(90, 60, 6)).save(folder / "b.png")
   Image.fromarray(smooth_image(50, 130, 7)).save(folder / "a.jpg", quality=95)
   (folder / "notes.txt").write_text("not an image, not read")
+  (folder / "._a.jpg").write_bytes(b"macOS metadata, not an image")
+  (folder / "sub.jpg").mkdir()
   out = tmp_path / "pred"
   prompts = ["zebra top left", "[semantic] sky"]
   argv = ["predict", "--checkpoint", ckpt, "--image", image_file, str(folder), "--out-dir", str(out),
-          "--prompt", prompts[0], "--prompt", prompts[1]]
+          "--prompt", prompts[0], "--prompt", prompts[1], "--image", image_file]
   assert cli.main(argv) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert [line for line in lines if line.endswith(":")] == [f"{image_file}:", f"{folder / 'a.jpg'}:",
@@ -235,12 +238,16 @@ def test_predict_several_images_checked_before_the_model_loads(ckpt, image_file,
   out = tmp_path / "o"
   base = ["predict", "--checkpoint", str(tmp_path / "no-model"), "--prompt", "cat", "--out-dir", str(out)]
   # Each is found before the (missing) checkpoint is read, and nothing is written.
+  Image.fromarray(smooth_image(40, 40, 3)).save(tmp_path / "X.jpg")
   for images, expect in ((["d1", "d2"], "would write the same files (x_<i>_mask.png"),
+                         (["d1/x.png", "X.jpg"], "would write the same files"),  # one file where case is ignored
                          (["d1/x.png", "notes.png"], "not an image"),
                          (["empty"], "a directory with no images")):
     line = _error_line(capsys, base + ["--image", *[str(tmp_path / i) for i in images]])
     assert expect in line, line
   assert not out.exists()
+  line = _error_line(capsys, base[:-1] + [str(tmp_path / "d1"), "--image", str(tmp_path / "d1")])
+  assert "is an --image directory" in line, line  # a rerun would read the masks as images
 
 
 def test_predict_keeps_the_images_done_when_a_later_one_is_corrupt(ckpt, image_file, tmp_path, capsys):

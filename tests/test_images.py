@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evf_jax.images import ImageReadError, check_rgb_array, load_image
+from evf_jax.images import ImageReadError, check_rgb_array, load_image, probe_image
 
 
 @pytest.fixture
@@ -103,3 +103,20 @@ def test_one_decoder_for_predict_and_prepared_data(tmp_path):
       np.testing.assert_array_equal(example["sam_image"], to_frame(from_file, 64)[0])
       seen.add(image_id)
   assert seen == set(F.REFER_IMAGES)
+
+
+def test_probe_reads_the_header_only(tmp_path, rgb, monkeypatch):
+  """`probe_image` (predict's check of every file before the model loads): sizes as stored, pixel data cut off
+  passes it and fails at `load_image`, and a decompression bomb is one error, also from its header alone."""
+  path = tmp_path / "img.png"
+  Image.fromarray(rgb).save(path)
+  assert probe_image(str(path)) == rgb.shape[:2]
+  cut = tmp_path / "cut.png"
+  cut.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  assert probe_image(str(cut)) == rgb.shape[:2]
+  with pytest.raises(ImageReadError, match="cannot decode image"):
+    load_image(str(cut))
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # Pillow refuses above twice this from the header
+  for read in (probe_image, load_image):
+    with pytest.raises(ImageReadError, match="cannot decode image .*img.png"):
+      read(str(path))

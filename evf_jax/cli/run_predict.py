@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
   storage.check_output_dir(args.out_dir, "--out-dir")
   if args.video is not None:
     return run_video(args, prompts)
-  files = image_files(args.image)
+  files = image_files(args.image, args.out_dir)
   stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
   common.check_not_there(_outputs(args, [f"{s}_{i}" for s in stems for i in range(len(prompts))]), args.overwrite)
   sizes = [probe_image(f) for f in files]  # every file is an image before the model loads
@@ -83,26 +83,40 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def image_files(paths: Sequence[str]) -> list[str]:
-  """--image's files: a file as given, a directory as its image files by name. Two that would write the same
-  outputs (the same stem) are an error."""
+def image_files(paths: Sequence[str], out_dir: str) -> list[str]:
+  """--image's files: a file as given, a directory as its image files by name (hidden files, such as macOS's
+  `._x.jpg`, left out). A file named twice is read once; two that would write the same outputs (the same stem,
+  in any case: a case-insensitive file system holds one of them) are an error."""
   files = []
   for path in paths:
-    if os.path.isdir(path):
-      found = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in FILE_EXTENSIONS)
-      if not found:
-        raise UserError(f"--image {path}: a directory with no images ({', '.join(FILE_EXTENSIONS)})")
-      files += [os.path.join(path, n) for n in found]
-    else:
+    if not os.path.isdir(path):
       files.append(path)
-  by_stem: dict[str, str] = {}
+      continue
+    if os.path.realpath(path) == os.path.realpath(out_dir):  # a rerun would read the masks as images
+      raise UserError(f"--out-dir {out_dir} is an --image directory; choose another --out-dir")
+    try:
+      names = os.listdir(path)
+    except OSError as e:
+      raise UserError(f"--image {path}: cannot list the directory ({e.strerror})") from None
+    found = sorted(n for n in names if os.path.splitext(n)[1].lower() in FILE_EXTENSIONS and not n.startswith(".")
+                   and os.path.isfile(os.path.join(path, n)))
+    if not found:
+      raise UserError(f"--image {path}: a directory with no images ({', '.join(FILE_EXTENSIONS)})")
+    files += [os.path.join(path, n) for n in found]
+  unique: list[str] = []
+  by_stem: dict[str, str] = {}  # casefolded stem -> the file that has it
+  seen: set[str] = set()
   for f in files:
+    if os.path.realpath(f) in seen:
+      continue
+    seen.add(os.path.realpath(f))
     stem = os.path.splitext(os.path.basename(f))[0]
-    if stem in by_stem:
-      raise UserError(f"--image {by_stem[stem]} and {f} would write the same files ({stem}_<i>_mask.png, ...); "
-                      "rename one or predict them apart")
-    by_stem[stem] = f
-  return files
+    if stem.casefold() in by_stem:
+      raise UserError(f"--image {by_stem[stem.casefold()]} and {f} would write the same files "
+                      f"({stem}_<i>_mask.png, ...); rename one or predict them apart")
+    by_stem[stem.casefold()] = f
+    unique.append(f)
+  return unique
 
 
 def _outputs(args: argparse.Namespace, bases: list[str]) -> list[str]:
