@@ -32,10 +32,21 @@ def compute_dtype(precision: str, attention: str = "xla") -> Any:
   return PRECISIONS[precision]
 
 
+def backend() -> str:
+  """`jax.default_backend()`, started here if it was not: a platform jax cannot start (JAX_PLATFORMS naming one
+  not installed, a TPU VM's 'tpu,cpu' with the chips held elsewhere) is one UserError line, not jax's traceback
+  (an AssertionError without a message where no plugin of that name exists)."""
+  try:
+    return jax.default_backend()
+  except (RuntimeError, AssertionError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "no such platform is installed"
+    raise UserError(f"jax cannot start the platforms {jax.config.jax_platforms!r}: {first}") from None
+
+
 def check_attention_platform(attention: str) -> None:
   """UserError when cuDNN attention is asked for where jax has no GPU (before any checkpoint is read)."""
-  if attention == "cudnn" and jax.default_backend() != "gpu":
-    raise UserError(f"attention cudnn needs an NVIDIA GPU; jax is running on {jax.default_backend()}")
+  if attention == "cudnn" and backend() != "gpu":
+    raise UserError(f"attention cudnn needs an NVIDIA GPU; jax is running on {backend()}")
 
 
 INSTALL_DOC = "docs/training.md#installing-on-tpu-vms-and-gpu-machines"
@@ -51,12 +62,7 @@ def check_accelerator_in_use() -> None:
   tests/test_cluster.py fails if an upgrade drops it, and the check then passes rather than break a run).
   NVIDIA GPUs are left to jax's own warning: their device files also exist where a job may not use them (a CPU
   job on a GPU node, WSL2's /dev/dxg), and GPU processes join a cluster without CUDA."""
-  try:
-    backend = jax.default_backend()
-  except (RuntimeError, AssertionError) as e:  # a named platform (JAX_PLATFORMS, or a TPU VM's 'tpu,cpu') failed
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "no such platform is installed"
-    raise UserError(f"jax cannot start the platforms {jax.config.jax_platforms!r}: {first}") from None
-  if backend != "cpu" or jax.config.jax_platforms or jax.config.read("jax_platform_name"):
+  if backend() != "cpu" or jax.config.jax_platforms or jax.config.read("jax_platform_name"):
     return
   try:
     from jax._src import hardware_utils  # lazy: private jax module, read only by train and eval
@@ -72,7 +78,7 @@ def check_accelerator_in_use() -> None:
 def check_precision_platform(precision: str) -> None:
   """UserError for fp16 where jax runs on the CPU (before any checkpoint is read): XLA:CPU rejects float16 matrix
   products, and jax would fail inside the first call's compile."""
-  if precision == "fp16" and jax.default_backend() == "cpu":
+  if precision == "fp16" and backend() == "cpu":
     raise UserError("fp16 needs a GPU (XLA:CPU has no float16 products); use bf16 or fp32 on CPU")
 
 

@@ -189,9 +189,18 @@ def test_no_tpu_or_a_platform_the_user_named_passes(monkeypatch, no_platform_nam
   runtime.check_accelerator_in_use()
 
 
-def test_a_named_platform_that_does_not_start_is_one_line(monkeypatch):
+def test_a_named_platform_that_does_not_start_is_one_line(monkeypatch, capsys, tmp_path):
+  """JAX_PLATFORMS=tpu without libtpu is jax's RuntimeError; =cuda without the plugin an AssertionError."""
   def refuse():
     raise RuntimeError("Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so\nmore")
   monkeypatch.setattr(jax, "default_backend", refuse)
   with pytest.raises(UserError, match=r"^jax cannot start the platforms 'cpu': Unable to initialize backend 'tpu'"):
     runtime.check_accelerator_in_use()
+
+  def no_plugin():
+    raise AssertionError()
+  monkeypatch.setattr(jax, "default_backend", no_plugin)
+  assert cli.main(["predict", "--checkpoint", str(tmp_path), "--image", str(tmp_path / "x.jpg"), "--prompt", "cat",
+                   "--out-dir", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: jax cannot start the platforms 'cpu': no such platform is installed"], err

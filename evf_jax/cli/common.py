@@ -10,6 +10,7 @@ from evf_jax.errors import UserError
 from evf_jax.runtime import (
   ATTENTIONS,
   PRECISIONS,
+  backend,
   check_attention_platform,
   check_precision_platform,
   compute_dtype,
@@ -25,6 +26,7 @@ def add_compute_args(p: argparse.ArgumentParser, precision_help: str = "compute 
 
 def check_compute_args(args: argparse.Namespace) -> None:
   """--precision / --attention checked together and against the platform, before anything is loaded."""
+  backend()  # a platform jax cannot start is one line here
   compute_dtype(args.precision, args.attention)
   check_attention_platform(args.attention)
   check_precision_platform(args.precision)
