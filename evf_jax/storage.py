@@ -70,11 +70,14 @@ def check_writable(directory: str, what: str) -> None:
 
 
 def check_output_dir(path: str, flag: str) -> None:
-  """UserError, before any work is done, when local `path` cannot be an output directory: empty, not a
+  """UserError, before any work is done, when local `path` cannot be an output directory: empty, a URL, not a
   directory, under a file, or not writable. Nothing is created, so a command that fails later leaves nothing
   behind."""
   if not path or not path.strip():
     raise UserError(f"{flag} is empty; expected a directory")
+  if is_url(path):  # os.makedirs would make a local folder named "gs:"
+    raise UserError(f"{flag} {path}: expected a local directory (these files are written locally; write them "
+                    "to a local disk or a gcsfuse mount and copy them to the bucket)")
   full = os.path.abspath(path)  # as the command will create it (a quoted ~ is a directory named ~)
   if os.path.exists(full) and not os.path.isdir(full):
     raise UserError(f"{flag} {path} is a file; expected a directory")

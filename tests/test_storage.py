@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from convert.export_hf import export_directory
-from evf_jax import storage
+from evf_jax import cli, storage
 from evf_jax.checkpoints import load_checkpoint, read_provenance
 from evf_jax.errors import UserError
 from evf_jax.evf import abstract_params
@@ -20,14 +20,26 @@ from evf_testing import spm_model
 from evf_testing.training import assert_same_tree, random_params, tiny_config
 
 
-def test_paths_are_local_or_gs_urls(tmp_path):
-  os.chdir(tmp_path)
+def test_paths_are_local_or_gs_urls(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
   assert storage.resolve("run", "--workdir") == os.path.join(str(tmp_path), "run")
   assert storage.resolve("gs://b/run/", "--workdir") == "gs://b/run"
   for bad, expect in (("s3://b/run", "only local paths and gs:// URLs"), ("gs:///run", "expected gs://BUCKET"),
                       ("gs://", "expected gs://BUCKET")):
     with pytest.raises(UserError, match=expect):
       storage.resolve(bad, "--workdir")
+
+
+def test_outputs_written_locally_refuse_a_url(tmp_path, monkeypatch, capsys):
+  """predict's, eval's, convert's and prepare's outputs are written with local file APIs: a gs:// --out-dir was
+  a local folder named "gs:"."""
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError, match="^--out gs://b/ckpt: expected a local directory"):
+    storage.check_output_dir("gs://b/ckpt", "--out")
+  assert cli.main(["predict", "--checkpoint", "c", "--image", "x.jpg", "--prompt", "a", "--out-dir", "gs://b/o"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: --out-dir gs://b/o: expected a local directory"), err
+  assert os.listdir(tmp_path) == []
 
 
 def test_file_operations_on_a_bucket(gcs_bucket, tmp_path):
