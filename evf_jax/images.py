@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -121,9 +121,19 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
   return out
 
 
+def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
+  """`write` into a hidden file beside `path`, then renamed to it: a killed run leaves whole files only, so a
+  file that exists is finished (what `predict --skip-existing` relies on)."""
+  partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
+  with open(partial, "wb") as f:
+    write(f)
+  os.replace(partial, path)
+
+
 def save_prediction(base: str, image: np.ndarray, mask: np.ndarray, logits=None) -> None:
-  """Writes `<base>_mask.png` (0/255), `<base>_vis.png` (overlay) and, given logits, `<base>_logits.npy`."""
-  Image.fromarray(mask.astype(np.uint8) * 255).save(base + "_mask.png")
-  Image.fromarray(overlay(image, mask)).save(base + "_vis.png")
+  """Writes `<base>_mask.png` (0/255), `<base>_vis.png` (overlay) and, given logits, `<base>_logits.npy`, each
+  whole or not at all."""
+  _write_whole(base + "_mask.png", lambda f: Image.fromarray(mask.astype(np.uint8) * 255).save(f, format="PNG"))
+  _write_whole(base + "_vis.png", lambda f: Image.fromarray(overlay(image, mask)).save(f, format="PNG"))
   if logits is not None:
-    np.save(base + "_logits.npy", np.asarray(logits, np.float32))
+    _write_whole(base + "_logits.npy", lambda f: np.save(f, np.asarray(logits, np.float32)))

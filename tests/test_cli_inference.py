@@ -264,6 +264,43 @@ def test_predict_keeps_the_images_done_when_a_later_one_is_corrupt(ckpt, image_f
   assert sorted(os.listdir(out)) == ["scene_0_mask.png", "scene_0_vis.png"]
 
 
+def test_predict_skip_existing_continues_an_interrupted_run(ckpt, tmp_path, capsys):
+  """Files are written whole (hidden `.partial`, then renamed), so after a kill an image is done exactly when all
+  its outputs exist: --skip-existing keeps those and predicts the rest, replacing their partial outputs."""
+  folder = tmp_path / "in"
+  folder.mkdir()
+  for k, name in enumerate(("a.png", "b.png", "c.png")):
+    Image.fromarray(smooth_image(40 + 10 * k, 50, k)).save(folder / name)
+  out = tmp_path / "out"
+  argv = ["predict", "--checkpoint", ckpt, "--image", str(folder), "--prompt", "cat", "--prompt", "dog",
+          "--out-dir", str(out)]
+  assert cli.main(argv) == 0
+  first = {n: (out / n).read_bytes() for n in os.listdir(out)}
+  assert len(first) == 3 * 2 * 2
+  a_times = {n: (out / n).stat().st_mtime_ns for n in first if n.startswith("a_")}
+  # As a kill would leave it: b without its last file, c with nothing but a partial one.
+  (out / "b_1_vis.png").unlink()
+  for n in [n for n in first if n.startswith("c_")]:
+    (out / n).unlink()
+  (out / ".c_0_mask.png.partial").write_bytes(b"cut off")
+  capsys.readouterr()
+  line = _error_line(capsys, argv)
+  assert "--skip-existing to keep the images done" in line, line
+  assert cli.main(argv + ["--skip-existing"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [x for x in lines if x.endswith(":")] == [f"{folder / 'b.png'}:", f"{folder / 'c.png'}:"]
+  assert lines[-1].endswith("(1 of them done before, kept)")
+  assert {n: (out / n).read_bytes() for n in os.listdir(out)} == first  # no partial file left
+  assert {n: (out / n).stat().st_mtime_ns for n in a_times} == a_times  # a was not written again
+  # Everything done: nothing is loaded (the checkpoint need not even exist).
+  done = ["predict", "--checkpoint", str(tmp_path / "gone"), *argv[3:], "--skip-existing"]
+  assert cli.main(done) == 0
+  assert "nothing to predict" in capsys.readouterr().out
+  assert "choose one" in _error_line(capsys, argv + ["--skip-existing", "--overwrite"])
+  assert "is for images" in _error_line(capsys, ["predict", "--checkpoint", ckpt, "--video", str(folder), "--prompt",
+                                                 "cat", "--out-dir", str(tmp_path / "v"), "--skip-existing"])
+
+
 def _bad_files(tmp_path):
   text = tmp_path / "notes.png"
   text.write_text("this is not an image")

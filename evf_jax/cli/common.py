@@ -50,11 +50,12 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
                       "are a one-line error before anything runs")
 
 
-def check_not_there(paths: Iterable[str], overwrite: bool) -> None:
-  """UserError naming the first of `paths` (what this run would write) that exists, unless `overwrite`."""
+def check_not_there(paths: Iterable[str], overwrite: bool, other_way: str = "") -> None:
+  """UserError naming the first of `paths` (what this run would write) that exists, unless `overwrite`;
+  `other_way` (", FLAG to ...") is the command's other way past it."""
   if overwrite:
     return
   for path in paths:
     if os.path.lexists(path):
-      raise UserError(f"{path} exists (an earlier run's output?); pass --overwrite to replace it, or choose "
-                      "another --out-dir")
+      raise UserError(f"{path} exists (an earlier run's output?); pass --overwrite to replace it{other_way}, or "
+                      "choose another --out-dir")

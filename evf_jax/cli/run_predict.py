@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--save-logits", action="store_true",
                  help="also write <stem>_<i>_logits.npy (video: <frame-stem>_logits.npy), float32, H x W")
   common.add_overwrite_arg(p)
+  p.add_argument("--skip-existing", action="store_true",
+                 help="images: keep the images whose outputs are all in --out-dir (an interrupted or earlier run's) "
+                      "and predict the others, replacing what they had written; run again with it to continue")
   p.add_argument("--chunk", type=int, default=4,
                  help="video: frames whose image features are computed in one batch (default 4)")
   common.add_compute_args(p)
@@ -53,19 +56,33 @@ def run(args: argparse.Namespace) -> int:
       raise UserError(f"--prompt {i + 1} is empty or whitespace-only")
   common.check_compute_args(args)
   storage.check_output_dir(args.out_dir, "--out-dir")
+  if args.skip_existing and args.overwrite:
+    raise UserError("--skip-existing keeps finished outputs and --overwrite replaces them: choose one")
   if args.video is not None:
+    if args.skip_existing:
+      raise UserError("--skip-existing is for images: a video is tracked from its first frame, so run it whole")
     return run_video(args, prompts)
   files = image_files(args.image, args.out_dir)
   stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-  common.check_not_there(_outputs(args, [f"{s}_{i}" for s in stems for i in range(len(prompts))]), args.overwrite)
-  sizes = [probe_image(f) for f in files]  # every file is an image before the model loads
+  outputs = {s: _outputs(args, [f"{s}_{i}" for i in range(len(prompts))]) for s in stems}
+  if args.skip_existing:  # every file is written whole (images.save_prediction): one that exists is finished
+    done = {s for s in stems if all(os.path.exists(o) for o in outputs[s])}
+  else:
+    done = set()
+    common.check_not_there([o for s in stems for o in outputs[s]], args.overwrite,
+                           ", --skip-existing to keep the images done" if len(files) > 1 else "")
+  todo = [(f, s) for f, s in zip(files, stems) if s not in done]
+  if not todo:
+    print(f"all {len(files)} image(s) have their outputs in {args.out_dir}: nothing to predict")
+    return 0
+  sizes = [probe_image(f) for f, _ in todo]  # every file is an image before the model loads
   predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                         compilation_cache_dir=args.compilation_cache,
                                         max_text_len=args.max_text_len)
-  for f, hw in zip(files, sizes):
+  for (f, _), hw in zip(todo, sizes):
     predictor.image_input.check_fits(hw, f)  # set_image would say "the image"
   os.makedirs(args.out_dir, exist_ok=True)
-  for path, stem in zip(files, stems):
+  for path, stem in todo:
     image = load_image(path)
     predictor.set_image(image)
     result = predictor.predict(prompts)
@@ -79,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
       print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
             f"score {float(result.scores[i]):.4f}")
   if len(files) > 1:
-    print(f"{len(files)} images x {len(prompts)} prompts: masks in {args.out_dir}")
+    kept = f" ({len(done)} of them done before, kept)" if done else ""
+    print(f"{len(files)} images x {len(prompts)} prompts: masks in {args.out_dir}{kept}")
   return 0
 
 
