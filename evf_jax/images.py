@@ -9,9 +9,10 @@ be unusable is an `ImageReadError` (a `UserError`) naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -46,21 +47,33 @@ def to_rgb_uint8(img) -> np.ndarray:
   return np.asarray(img, dtype=np.uint8).copy()
 
 
-def _decode(source: BinaryIO, what: str) -> np.ndarray:
-  """Decodes an open image file (any mode) into RGB uint8 (H, W, 3), EXIF orientation applied."""
+@contextlib.contextmanager
+def _opened(source: Union[str, BinaryIO], what: str) -> Iterator[Image.Image]:
+  """Pillow's image of `source` (a path or an open file, header read); whatever Pillow raises while it is open,
+  decoding included, becomes an ImageReadError naming `what`."""
   try:
     with Image.open(source) as img:
-      img.load()  # decode now, so a truncated file fails here and not later
-      if img.width == 0 or img.height == 0:
-        raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {what}")
-      return to_rgb_uint8(ImageOps.exif_transpose(img))
+      yield img
   except UnidentifiedImageError:
     raise ImageReadError(f"not an image (supported: {SUPPORTED}): {what}") from None
   except ImageReadError:
     raise
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated or corrupt data
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, a bomb
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise ImageReadError(f"cannot decode image {what}: {first}") from None
+
+
+def _check_size(img: Image.Image, what: str) -> None:
+  if img.width == 0 or img.height == 0:
+    raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {what}")
+
+
+def _decode(source: BinaryIO, what: str) -> np.ndarray:
+  """Decodes an open image file (any mode) into RGB uint8 (H, W, 3), EXIF orientation applied."""
+  with _opened(source, what) as img:
+    img.load()  # decode now, so a truncated file fails here and not later
+    _check_size(img, what)
+    return to_rgb_uint8(ImageOps.exif_transpose(img))
 
 
 def decode_image(data: bytes, what: str = "image bytes") -> np.ndarray:
@@ -88,18 +101,9 @@ def probe_image(path: str) -> tuple[int, int]:
   """(height, width) from the file's header, as stored (EXIF orientation not applied), without decoding the
   pixels: a missing, empty or unknown file fails here; corrupt pixel data only when `load_image` decodes it."""
   _check_file(path)
-  try:
-    with Image.open(path) as img:
-      if img.width == 0 or img.height == 0:
-        raise ImageReadError(f"image has zero size ({img.width}x{img.height}): {path}")
-      return img.height, img.width
-  except UnidentifiedImageError:
-    raise ImageReadError(f"not an image (supported: {SUPPORTED}): {path}") from None
-  except ImageReadError:
-    raise
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # the header alone may be a bomb
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ImageReadError(f"cannot decode image {path}: {first}") from None
+  with _opened(path, path) as img:
+    _check_size(img, path)
+    return img.height, img.width
 
 
 def check_rgb_array(image: np.ndarray) -> np.ndarray:

@@ -29,8 +29,6 @@ from evf_jax.runtime import check_precision_platform, compute_dtype, enable_comp
 from evf_jax.sam2 import tracking
 from evf_jax.sam2.transforms import video_frame
 
-FRAME_EXTENSIONS = images.FILE_EXTENSIONS
-
 
 @dataclasses.dataclass
 class VideoFrame:
@@ -125,17 +123,17 @@ def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
   """A video as (frame stems, iterator of RGB uint8 frames; a directory's are read lazily, a file's are decoded
   up front).
 
-  A directory: its image files (FRAME_EXTENSIONS, any case), ordered by the integer value of their names when all
-  are integers (ffmpeg's `%05d.jpg`, what SAM-2's loader expects), else by name. A file: decoded with PyAV
+  A directory: its image files (`images.FILE_EXTENSIONS`, any case), ordered by the integer value of their names
+  when all are integers (ffmpeg's `%05d.jpg`, what SAM-2's loader expects), else by name. A file: decoded with PyAV
   (optional: `pip install av`), stems `00000`, `00001`, ... Problems are `UserError`s.
   """
   if not os.path.exists(path):
     raise UserError(f"video not found: {path}")
   if os.path.isdir(path):
-    names = [n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in FRAME_EXTENSIONS
+    names = [n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in images.FILE_EXTENSIONS
              and os.path.isfile(os.path.join(path, n))]
     if not names:
-      raise UserError(f"no frames ({', '.join(FRAME_EXTENSIONS)}) in the directory {path}")
+      raise UserError(f"no frames ({', '.join(images.FILE_EXTENSIONS)}) in the directory {path}")
     stems = [os.path.splitext(n)[0] for n in names]
     if len(set(stems)) != len(stems):
       raise UserError(f"two frames in {path} share a name with different extensions")

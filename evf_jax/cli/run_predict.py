@@ -62,8 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_existing:
       raise UserError("--skip-existing is for images: a video is tracked from its first frame, so run it whole")
     return run_video(args, prompts)
-  files = image_files(args.image, args.out_dir)
-  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  files, stems = image_files(args.image, args.out_dir)
   outputs = {s: _outputs(args, [f"{s}_{i}" for i in range(len(prompts))]) for s in stems}
   if args.skip_existing:  # every file is written whole (images.save_prediction): one that exists is finished
     done = {s for s in stems if all(os.path.exists(o) for o in outputs[s])}
@@ -101,10 +100,10 @@ def run(args: argparse.Namespace) -> int:
   return 0
 
 
-def image_files(paths: Sequence[str], out_dir: str) -> list[str]:
-  """--image's files: a file as given, a directory as its image files by name (hidden files, such as macOS's
-  `._x.jpg`, left out). A file named twice is read once; two that would write the same outputs (the same stem,
-  in any case: a case-insensitive file system holds one of them) are an error."""
+def image_files(paths: Sequence[str], out_dir: str) -> tuple[list[str], list[str]]:
+  """(--image's files, their stems): a file as given, a directory as its image files by name (hidden files, such
+  as macOS's `._x.jpg`, left out). A file named twice is read once; two that would write the same outputs (the
+  same stem, in any case: a case-insensitive file system holds one of them) are an error."""
   files = []
   for path in paths:
     if not os.path.isdir(path):
@@ -121,20 +120,19 @@ def image_files(paths: Sequence[str], out_dir: str) -> list[str]:
     if not found:
       raise UserError(f"--image {path}: a directory with no images ({', '.join(FILE_EXTENSIONS)})")
     files += [os.path.join(path, n) for n in found]
-  unique: list[str] = []
   by_stem: dict[str, str] = {}  # casefolded stem -> the file that has it
-  seen: set[str] = set()
+  unique: dict[str, tuple[str, str]] = {}  # real path -> (file as named, its stem)
   for f in files:
-    if os.path.realpath(f) in seen:
+    real = os.path.realpath(f)
+    if real in unique:
       continue
-    seen.add(os.path.realpath(f))
     stem = os.path.splitext(os.path.basename(f))[0]
     if stem.casefold() in by_stem:
       raise UserError(f"--image {by_stem[stem.casefold()]} and {f} would write the same files "
                       f"({stem}_<i>_mask.png, ...); rename one or predict them apart")
     by_stem[stem.casefold()] = f
-    unique.append(f)
-  return unique
+    unique[real] = (f, stem)
+  return [f for f, _ in unique.values()], [s for _, s in unique.values()]
 
 
 def _outputs(args: argparse.Namespace, bases: list[str]) -> list[str]:
