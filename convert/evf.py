@@ -33,7 +33,7 @@ from convert.rules import (
 )
 from evf_jax import __version__, storage
 from evf_jax.checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_json, save_model
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
 from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
 from evf_jax.families import ModelConfig, family_of
@@ -158,8 +158,7 @@ def resolve_source(src: str) -> str:
                                                            "model-*.safetensors", "pytorch_model-*.bin",
                                                            *TOKENIZER_FILES])
   except Exception as e:  # offline, unknown repo, auth: all user-side problems
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-    raise UserError(f"cannot download {src!r} from the Hugging Face hub ({reason[:200]}); download it "
+    raise UserError(f"cannot download {src!r} from the Hugging Face hub ({first_line(e)[:200]}); download it "
                     "where the network allows and pass the local directory as --src") from None
 
 

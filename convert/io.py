@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 
 
 class CheckpointReadError(UserError, ValueError):
@@ -52,7 +52,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle errors, refused globals, truncation
     raise CheckpointReadError(f"{path}: not a loadable weights-only torch checkpoint ({e.__class__.__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+                              f"{first_line(e, empty='no message')})") from e
   for key in ("model", "state_dict", "module"):  # official BEiT-3 / lightning / deepspeed wrappers
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
       obj = obj[key]

@@ -28,7 +28,7 @@ from PIL import Image
 
 # Importing tfds_builders registers our builders with TFDS.
 from data_pipelines import records, tfds_builders
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 
 DATASET_INFO = "dataset_info.json"
 REF_COCO = "ref_coco"
@@ -205,8 +205,7 @@ class TfdsSource:
       self._source = tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir, download=False,
                                       decoders=decoders)
     except (KeyError, ValueError) as e:  # unknown split, bad slice; TFDS's message goes on with a link
-      reason = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-      raise SplitError(f"{dataset.name} in {dataset.data_dir}: split {split!r}: {reason}") from None
+      raise SplitError(f"{dataset.name} in {dataset.data_dir}: split {split!r}: {first_line(e)}") from None
 
   def __len__(self) -> int:
     return len(self._source)

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: I001 (the default handler's store; no public path)
 
 from evf_jax import storage
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 from evf_jax.families import BY_MODEL_TYPE, ModelConfig
 from evf_jax.tokenizer import MAX_TEXT_LEN, TextTokenizer
 
@@ -163,8 +163,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   except ModelDirError:
     raise
   except Exception as e:  # orbax: missing or mismatching arrays
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-    raise ModelDirError(f"{directory}: cannot restore the weights ({msg[:300]})") from None
+    raise ModelDirError(f"{directory}: cannot restore the weights ({first_line(e)[:300]})") from None
   return config, params, tokenizer
 
 

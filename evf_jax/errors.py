@@ -3,3 +3,10 @@
 
 class UserError(Exception):
   """A problem with what the user gave us (a file, a directory, an argument), not a bug."""
+
+
+def first_line(e: BaseException, empty: str = "") -> str:
+  """The first line of `e`'s message, for a one-line error that quotes another library's: their messages often
+  go on with tracebacks, hints or links. A blank message gives `empty`, else `e`'s type name."""
+  text = str(e).strip()
+  return text.splitlines()[0] if text else (empty or type(e).__name__)

@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable, Iterator, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 
 SUPPORTED = "JPEG, PNG, WebP, BMP (and anything else Pillow reads)"
 FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what a directory of images is read for
@@ -59,8 +59,7 @@ def _opened(source: Union[str, BinaryIO], what: str) -> Iterator[Image.Image]:
   except ImageReadError:
     raise
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # truncated, corrupt, a bomb
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    raise ImageReadError(f"cannot decode image {what}: {first}") from None
+    raise ImageReadError(f"cannot decode image {what}: {first_line(e)}") from None
 
 
 def _check_size(img: Image.Image, what: str) -> None:

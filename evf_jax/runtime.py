@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 ATTENTIONS = ("xla", "cudnn")
@@ -39,8 +39,8 @@ def backend() -> str:
   try:
     return jax.default_backend()
   except (RuntimeError, AssertionError) as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "no such platform is installed"
-    raise UserError(f"jax cannot start the platforms {jax.config.jax_platforms!r}: {first}") from None
+    raise UserError(f"jax cannot start the platforms {jax.config.jax_platforms!r}: "
+                    f"{first_line(e, empty='no such platform is installed')}") from None
 
 
 def check_attention_platform(attention: str) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 
 MeshSpec = Sequence[tuple[str, int]]
 Rules = Sequence[tuple[str, Any]]
@@ -125,7 +125,7 @@ def make_mesh(spec: MeshSpec, devices: Optional[Sequence[jax.Device]] = None,
         inside, across, devices, allow_split_physical_axes=devices[0].device_kind in _SPLIT_PHYSICAL_AXES)
   except (ValueError, NotImplementedError, AssertionError) as e:
     raise UserError(f"mesh {dict(zip(names, sizes))} over {slices} slices ({dict(zip(names, inside))} inside "
-                    f"each): {str(e).splitlines()[0]}") from None
+                    f"each): {first_line(e)}") from None
   return Mesh(arranged, names, axis_types=auto)
 
 

@@ -23,7 +23,7 @@ from typing import Union
 import fsspec
 from etils import epath
 
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 
 SCHEMES = ("gs://",)  # the URL schemes a path may have; others are refused by `resolve`
 
@@ -65,7 +65,7 @@ def check_writable(directory: str, what: str) -> None:
     if isinstance(e, OSError) and e.strerror:
       message = e.strerror
     else:
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      message = first_line(e)
     raise UserError(f"{what} {directory}: cannot write there ({message[:300]})") from None
 
 

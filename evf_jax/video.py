@@ -22,7 +22,7 @@ import numpy as np
 from evf_jax import images, postprocess
 from evf_jax.beit3.preprocess import beit_image
 from evf_jax.checkpoints import load_checkpoint
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 from evf_jax.evf import cast_kernels
 from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config, postprocess_matrices
 from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
@@ -149,8 +149,7 @@ def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
     with av.open(path) as container:
       frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
   except Exception as e:  # noqa: BLE001 (PyAV's many errors: not a video, no video stream, corrupt data)
-    raise UserError(f"cannot decode the video {path}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") \
-        from None
+    raise UserError(f"cannot decode the video {path}: {first_line(e)}") from None
   if not frames:
     raise UserError(f"the video has no frames: {path}")
   return [f"{i:05d}" for i in range(len(frames))], iter(frames)

@@ -40,7 +40,7 @@ from PIL import Image
 from evf_jax import storage
 from evf_jax.checkpoints import CONFIG_FILE
 from evf_jax.cli import common, run_synthetic
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 from evf_jax.images import ImageReadError, load_image, overlay
 from evf_jax.predictor import Prediction, Predictor
 from evf_jax.train.checkpointing import EXPORT_DIR
@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
       demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(host, args.port))
   except (OSError, ValueError) as e:  # the port was taken while the model loaded, localhost unreachable (a proxy?)
     demo.close(verbose=False)
-    first = re.split(r"\.\s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[0]
+    first = re.split(r"\.\s", first_line(e))[0]
     raise UserError(f"cannot listen on {url_host(host)}:{args.port} ({first}); pass another --port or --host") from None
   print(f"serving {checkpoint} at {url} (Ctrl-C stops)", flush=True)  # only now: the port is listening
   demo.block_thread()

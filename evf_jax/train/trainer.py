@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from evf_jax import __version__, families, flops, sharding, storage
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 from evf_jax.families import ModelConfig
 from evf_jax.runtime import compilation_cache_hits, compute_dtype
 from evf_jax.train import checkpointing, optimizer, partition
@@ -304,7 +304,7 @@ class Trainer:
             self._tracing = trace
           except RuntimeError as e:  # e.g. a trace the caller already runs: train on without this one
             trace.close(upload=False)
-            self.log(f"\nno profile: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            self.log(f"\nno profile: {first_line(e)}")
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # xprof's step boundaries
           t0 = time.perf_counter()
           host_batch = {k: v for k, v in next(self.data_iterator).items() if k in BATCH_KEYS}
