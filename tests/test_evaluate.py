@@ -16,6 +16,7 @@ import pytest
 from data_pipelines import eval_splits, pipeline, prepare, records
 from data_pipelines.transforms import SampleConfig
 from evf_jax import cli, evaluate, metrics
+from evf_jax.cli import run_eval
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig, cast_kernels, init_params
 from evf_testing import data_fixtures as df
@@ -358,6 +359,41 @@ def test_cli_eval_writes_json_table_and_overlays(ckpt, data, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "synthetic_val.json exists" in err[0] and "--overwrite" in err[0], err
   assert json.load(open(out / "synthetic_val.json")) == syn
+  assert "--skip-existing" in err[0]
+
+
+def test_cli_eval_skip_existing_continues_an_interrupted_run(ckpt, data, tmp_path, capsys, monkeypatch):
+  """`--skip-existing` keeps the splits an earlier run of the same evaluation finished and evaluates the others;
+  another evaluation's result (a different precision) is refused, not replaced or kept."""
+  root, _ = data
+  if not os.path.isdir(os.path.join(root, "synthetic")):
+    prepare.build("synthetic", root, num_train=1, num_eval=1, seed=0, progress=False)
+  out = tmp_path / "res"
+  base = ["eval", "--checkpoint", ckpt, "--data", root, "--split", "refcoco|unc|val[:2]", "--split", "synthetic|val",
+          "--out-dir", str(out), "--no-progress"]
+  assert cli.main(base) == 0
+  capsys.readouterr()
+  first = {name: json.load(open(out / name)) for name in ("refcoco_unc_val__2_.json", "synthetic_val.json")}
+  # Killed during the second split: the first one's JSON is there, the second's is not (or not whole).
+  (out / "synthetic_val.json").write_text('{"split": "synth')
+  kept_mtime = os.stat(out / "refcoco_unc_val__2_.json").st_mtime_ns
+  assert cli.main(base + ["--skip-existing"]) == 0
+  printed = capsys.readouterr().out
+  assert "kept what an earlier run wrote for refcoco|unc|val[:2]" in printed
+  assert "refcoco|unc|val[:2]" in printed.splitlines()[-3] and "synthetic|val" in printed.splitlines()[-2]
+  assert os.stat(out / "refcoco_unc_val__2_.json").st_mtime_ns == kept_mtime
+  again = json.load(open(out / "synthetic_val.json"))
+  for key in ("images", "sentences", "total_intersection", "total_union", "giou", "ciou"):
+    assert again[key] == first["synthetic_val.json"][key], key
+  # Everything done: nothing is loaded.
+  monkeypatch.setattr(run_eval.checkpoints, "load_checkpoint", lambda *a, **k: pytest.fail("loaded the model"))
+  assert cli.main(base + ["--skip-existing"]) == 0
+  assert "synthetic|val" in capsys.readouterr().out
+  # Another evaluation's results stay as they are.
+  line = error_line(capsys, base + ["--skip-existing", "--precision", "bf16"])
+  assert "refcoco_unc_val__2_.json is another evaluation's (precision \"fp32\" there, \"bf16\" now)" in line, line
+  assert "--overwrite" in line
+  assert "choose one" in error_line(capsys, base + ["--skip-existing", "--overwrite"])
 
 
 def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):

@@ -199,3 +199,48 @@ def test_evaluation_totals_cross_processes_bit_for_bit(tmp_path):
     assert p.returncode == 0, o[-3000:]
     line = next(x for x in o.splitlines() if x.startswith("RESULT"))
     assert line == ("RESULT [[3000000000, 0], [3000000001, -1]] [[0.1234567890123], [1.1234567890123]]"), line
+
+
+AGREE = """
+import json, os, sys
+import jax
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", coordinator_bind_address=f"127.0.0.1:{port}",
+                           num_processes=2, process_id=pid, heartbeat_timeout_seconds=10)
+from evf_jax.cli import run_eval
+from evf_jax.errors import UserError
+same = [{"split": "a|val", "precision": "fp32"}, {"split": "b|val", "precision": "fp32"}]
+paths = [os.path.join(out, "a_val.json"), os.path.join(out, "b_val.json")]
+kept = run_eval._earlier_results(out, paths, same, overwrite=False, skip_existing=True)
+print("KEPT", json.dumps([None if k is None else k.get("giou", "placeholder") for k in kept]), flush=True)
+try:
+  run_eval._earlier_results(out, paths, same, overwrite=False, skip_existing=False)
+except UserError as e:
+  print("REFUSED", e, flush=True)
+jax.distributed.shutdown()
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_processes_agree_on_the_splits_an_earlier_eval_finished(tmp_path):
+  """`run.py eval --skip-existing` on several hosts: process 0 writes the JSONs, so what it finds decides for all
+  (here process 1's --out-dir is empty, as a directory on process 0's own disk is elsewhere): every process
+  skips the same splits, and an existing result refused without the flag stops every process."""
+  script = tmp_path / "agree.py"
+  script.write_text(AGREE)
+  outs = [tmp_path / "out0", tmp_path / "out1"]
+  for o in outs:
+    o.mkdir()
+  (outs[0] / "a_val.json").write_text(json.dumps({"split": "a|val", "precision": "fp32", "giou": 0.5}))
+  port = _port()
+  procs = [subprocess.Popen(["timeout", "-k", "10", "120", sys.executable, str(script), str(i), str(port),
+                             str(outs[i])], cwd=ROOT, env=dict(_env(1), PYTHONPATH=ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  printed = [p.communicate()[0] for p in procs]
+  for p, o in zip(procs, printed):
+    assert p.returncode == 0, o[-3000:]
+  kept = [json.loads(next(x for x in o.splitlines() if x.startswith("KEPT "))[5:]) for o in printed]
+  assert kept == [[0.5, None], ["placeholder", None]], kept
+  refused = [next(x for x in o.splitlines() if x.startswith("REFUSED")) for o in printed]
+  assert "a_val.json exists" in refused[0] and "process 0 refused --out-dir" in refused[1], refused

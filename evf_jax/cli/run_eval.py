@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from data_pipelines import eval_splits, pipeline, sources
@@ -66,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="write prediction | ground-truth overlays for the first N images of each split")
   p.add_argument("--read-threads", type=int, default=4, help="host threads decoding images and masks")
   common.add_overwrite_arg(p)
+  p.add_argument("--skip-existing", action="store_true",
+                 help="keep the splits whose JSON an earlier run of this evaluation (same checkpoint, data, "
+                      "precision and attention) wrote to --out-dir, evaluate the others: run again with it to "
+                      "continue an interrupted run")
   common.add_compilation_cache_arg(p)
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   cluster.add_arguments(p)
@@ -81,6 +86,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                            ("--save-overlays", args.save_overlays, 0)):
     if value < low:
       raise UserError(f"{flag} must be >= {low}, got {value}")
+  if args.skip_existing and args.overwrite:
+    raise UserError("--skip-existing keeps finished splits and --overwrite replaces them: choose one")
   check_accelerator_in_use()
   common.check_compute_args(args)
   devices = None
@@ -96,7 +103,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                                  read_threads=args.read_threads, progress=not args.no_progress)
   results = evaluate_checkpoint(args.checkpoint, args.data, args.split, out_dir=args.out_dir, options=options,
                                 precision=args.precision, attention=args.attention, devices=devices,
-                                save_overlays=args.save_overlays, overwrite=args.overwrite)
+                                save_overlays=args.save_overlays, overwrite=args.overwrite,
+                                skip_existing=args.skip_existing)
   if jax.process_index() == 0:  # the results are those of all processes
     print(format_table(results))
     print(f"results: {', '.join(r['json'] for r in results if 'json' in r)}")
@@ -174,48 +182,109 @@ class OverlayWriter:
 def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], *, out_dir: Optional[str],
                         options: evaluate.EvalOptions = evaluate.EvalOptions(), precision: str = "fp32",
                         attention: str = "xla", devices: Optional[Sequence] = None,
-                        save_overlays: int = 0, overwrite: bool = False) -> list[dict]:
+                        save_overlays: int = 0, overwrite: bool = False, skip_existing: bool = False) -> list[dict]:
   """Every split of `split_names` with one checkpoint; writes OUT_DIR/<split tag>.json (an existing one only
-  with `overwrite`).
+  with `overwrite`; with `skip_existing` a finished one of the same evaluation is kept and returned as it is).
 
-  Splits and data directories are all checked before the (slow) checkpoint load.
+  Splits, data directories and earlier results are all checked before the (slow) checkpoint load.
   """
   dtype = compute_dtype(precision, attention)
   check_precision_platform(precision)
   located = locate_splits(data, split_names)
+  # Read first, so that a directory that is no checkpoint is refused as such. The default (1022) cuts no prompt:
+  # a model with fewer text positions cuts at its own limit.
+  options = dataclasses.replace(options, max_text_len=min(options.max_text_len, checkpoints.text_positions(checkpoint)))
+  provenance = checkpoints.read_provenance(checkpoint)
+  same = [{"split": split.name, "data_dir": _data_dir(directory, meta), "precision": precision,
+           "attention": attention, "protocol": PROTOCOL, "checkpoint.path": storage.resolve(checkpoint, "--checkpoint"),
+           "checkpoint.provenance": provenance} for split, directory, meta in located]
+  earlier: list[Optional[dict]] = [None] * len(located)
   if out_dir is not None:  # before the load, not after the first split's hours of work
     storage.check_output_dir(out_dir, "--out-dir")
-    common.check_not_there([os.path.join(out_dir, f"{split.tag}.json") for split, _, _ in located], overwrite)
-  # The default (1022) cuts no prompt: a model with fewer text positions cuts at its own limit.
-  options = dataclasses.replace(options, max_text_len=min(options.max_text_len, checkpoints.text_positions(checkpoint)))
+    earlier = _earlier_results(out_dir, [os.path.join(out_dir, f"{split.tag}.json") for split, _, _ in located],
+                               same, overwrite, skip_existing)
+    if jax.process_index() == 0 and any(r is not None for r in earlier):
+      print(f"kept what an earlier run wrote for {', '.join(r['split'] for r in earlier if r)}")
+    if all(r is not None for r in earlier):
+      return [r for r in earlier if r]
   config, params, tokenizer = checkpoints.load_checkpoint(checkpoint, max_text_len=options.max_text_len)
   raw_config = checkpoints.read_config(checkpoint)
-  provenance = checkpoints.read_provenance(checkpoint)
   evaluator = evaluate.Evaluator(evaluate.evf_predict_fn(config, precision, attention), devices=devices,
                                  options=options)
   params = cast_kernels(params, dtype)
   results = []
-  for split, directory, meta in located:
+  for (split, directory, meta), kept, fields in zip(located, earlier, same):
+    if kept is not None:
+      results.extend([kept] if kept else [])  # processes other than 0 have not read it
+      continue
     overlay_dir = os.path.join(out_dir, "overlays", split.tag) if out_dir and save_overlays else None
     r = evaluate_split(evaluator, params, tokenizer, config, directory, split.split, name=split.name,
                        overlay_dir=overlay_dir, save_overlays=save_overlays)
-    r = {"split": split.name, "dataset": split.dataset, "data_split": split.split,
-         "data_dir": meta.get("tfds", {}).get("path") or os.path.abspath(directory.directory), **r, "precision": precision, "attention": attention,
-         "protocol": PROTOCOL,
-         "checkpoint": {"path": storage.resolve(checkpoint, "--checkpoint"),
+    r = {"split": split.name, "dataset": split.dataset, "data_split": split.split, "data_dir": fields["data_dir"],
+         **r, "precision": precision, "attention": attention, "protocol": PROTOCOL,
+         "checkpoint": {"path": fields["checkpoint.path"],
                         "sam_scale": raw_config.get("sam_scale"),
                         "mm_extractor_scale": raw_config.get("mm_extractor_scale"),
                         "param_dtype": raw_config.get("param_dtype", "float32"),
                         "provenance": provenance},
          "dataset_meta": {k: meta.get(k) for k in ("dataset", "skipped", "src", "seed") if k in meta}}
     if out_dir and jax.process_index() == 0:
-      os.makedirs(out_dir, exist_ok=True)
       path = os.path.join(out_dir, f"{split.tag}.json")
-      with open(path, "w") as f:
-        json.dump(r, f, indent=2, sort_keys=True)
+      storage.write_atomic(path, json.dumps(r, indent=2, sort_keys=True))  # one that exists is finished
       r["json"] = path
     results.append(r)
   return results
+
+
+def _data_dir(directory: sources.Location, meta: dict) -> str:
+  return meta.get("tfds", {}).get("path") or os.path.abspath(directory.directory)
+
+
+def _earlier_results(out_dir: str, paths: Sequence[str], same: Sequence[dict], overwrite: bool,
+                     skip_existing: bool) -> list[Optional[dict]]:
+  """Per split: None to evaluate it; with `skip_existing`, the result at its path if an earlier run of the same
+  evaluation wrote it (`same`: the fields that must match), `{}` for that on processes other than 0. Process 0
+  decides, since it writes the JSONs (an --out-dir on its own disk is only there), and every process follows: all
+  evaluate the same splits, and a refusal stops every process."""
+  kept: list[Optional[dict]] = [None] * len(paths)
+  refusal = ""
+  if jax.process_index() == 0:
+    try:
+      if skip_existing:
+        kept = [_finished(path, fields) for path, fields in zip(paths, same)]
+      else:
+        common.check_not_there(paths, overwrite, ", --skip-existing to keep the splits an earlier run finished")
+    except UserError as e:
+      refusal = str(e)
+  agreed = multihost_utils.broadcast_one_to_all(np.array([bool(refusal), *(k is not None for k in kept)]))
+  if agreed[0]:
+    raise UserError(refusal or f"process 0 refused --out-dir {out_dir} (its output says why)")
+  return [k if k is not None else ({} if done else None) for k, done in zip(kept, agreed[1:])]
+
+
+def _finished(path: str, same: dict) -> Optional[dict]:
+  """The result at `path` if there is one of this evaluation; None if there is none or it is not whole JSON
+  (evaluate the split again); UserError if it is another evaluation's."""
+  try:
+    with open(path) as f:
+      result = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(result, dict):
+    return None
+  for key, want in same.items():
+    there = result
+    for part in key.split("."):
+      there = there.get(part) if isinstance(there, dict) else None
+    if there != json.loads(json.dumps(want)):  # as it reads back from JSON
+      raise UserError(f"{path} is another evaluation's ({key} {_short(there)} there, {_short(want)} now): pass "
+                      "--overwrite to replace it, or choose another --out-dir")
+  return {**result, "json": path}
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value, sort_keys=True)
+  return text if len(text) <= 80 else text[:77] + "..."
 
 
 def format_table(results: Sequence[dict]) -> str:
