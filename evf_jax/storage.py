@@ -71,8 +71,8 @@ def check_writable(directory: str, what: str) -> None:
 
 def check_output_dir(path: str, flag: str) -> None:
   """UserError, before any work is done, when local `path` cannot be an output directory: empty, a URL, not a
-  directory, under a file, or not writable. Nothing is created, so a command that fails later leaves nothing
-  behind."""
+  directory, under a file or a dangling symbolic link, or not writable. Nothing is created, so a command that fails
+  later leaves nothing behind."""
   if not path or not path.strip():
     raise UserError(f"{flag} is empty; expected a directory")
   if is_url(path):  # os.makedirs would make a local folder named "gs:"
@@ -83,6 +83,9 @@ def check_output_dir(path: str, flag: str) -> None:
     raise UserError(f"{flag} {path} is a file; expected a directory")
   existing = full
   while not os.path.exists(existing):  # the deepest part that exists: a directory must be created in it
+    if os.path.islink(existing):  # os.makedirs cannot create what a dangling link names
+      raise UserError(f"{flag} {path}: {existing} is a symbolic link to {os.readlink(existing)}, which does not "
+                      "exist")
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
     raise UserError(f"{flag} {path}: cannot create it, {existing} is a file")

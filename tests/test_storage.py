@@ -42,6 +42,22 @@ def test_outputs_written_locally_refuse_a_url(tmp_path, monkeypatch, capsys):
   assert os.listdir(tmp_path) == []
 
 
+def test_an_output_dir_through_a_dangling_link_is_one_line(tmp_path, monkeypatch, capsys):
+  """A symbolic link to a missing directory, as the output or on its way: refused before any work (predict,
+  eval, convert and export-hf failed after it, with os.makedirs's or os.replace's traceback)."""
+  monkeypatch.chdir(tmp_path)
+  os.symlink(tmp_path / "gone", tmp_path / "dangling")
+  for out in ("dangling", "dangling/sub"):
+    with pytest.raises(UserError, match=f"^--out-dir {out}: .*dangling is a symbolic link to .*gone, which does not"):
+      storage.check_output_dir(out, "--out-dir")
+  os.mkdir(tmp_path / "there")
+  os.symlink(tmp_path / "there", tmp_path / "link")
+  storage.check_output_dir("link/sub", "--out-dir")  # a link to a directory is a directory
+  assert cli.main(["predict", "--checkpoint", "c", "--image", "x.jpg", "--prompt", "a", "--out-dir", "dangling"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "is a symbolic link to" in err[0], err
+
+
 def test_file_operations_on_a_bucket(gcs_bucket, tmp_path):
   root = f"gs://{gcs_bucket}/ops"
   storage.write_atomic(f"{root}/config.json", '{"a": 1}')
