@@ -189,6 +189,10 @@ class SplitError(UserError, ValueError):
   """A split (or slice, "val[:10]") the dataset does not have: the user's --split."""
 
 
+class DataReadError(UserError, RuntimeError):
+  """A prepared dataset whose files cannot be read (cut short, deleted, overwritten): prepare it again."""
+
+
 class TfdsSource:
   """`tfds.data_source(name, split=..., data_dir=...)` -> Records (our features or TFDS's ref_coco)."""
 
@@ -211,19 +215,30 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> records.Record:
-    ex = self._source[index]
+    try:
+      ex = self._source[index]
+    except (RuntimeError, OSError, ValueError) as e:  # array_record's errors for a cut or missing shard, a bad record
+      raise DataReadError(f"{self.dataset.name} in {self.dataset.data_dir}: split {self.split!r}: cannot read example "
+                          f"{index} ({first_line(e)}); its files are damaged or missing: prepare it again") from None
     if self.dataset.builder == REF_COCO:
       return ref_coco_to_record(ex, self._source_name, self._train)
     return tfds_builders.example_to_record(ex, self._source_name)
 
 
 def open_split(location: Location, split: str):
-  """A random-access source of the split's Records; DeprecationWarning (once) for the old format."""
+  """A random-access source of the split's Records; DeprecationWarning (once) for the old format.
+
+  Its first example is read: files that cannot be read (a copy cut short, a shard deleted) are refused here, in
+  one line (`DataReadError`), rather than after a checkpoint load or inside a reading thread."""
   where = locate(location)
   if isinstance(where, LegacyDataset):
     warn_legacy(where.directory)
-    return LegacySource(where.directory, split)
-  return TfdsSource(where, split)
+    source = LegacySource(where.directory, split)
+  else:
+    source = TfdsSource(where, split)
+  if len(source):
+    source[0]
+  return source
 
 
 def describe(location: Location) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -425,6 +426,14 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
     line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--split", f"refcoco|unc|{bad}"])
     assert f"split '{bad}'" in line and expect in line, line
   assert not os.path.exists(tmp_path / "o")
+  # A prepared split whose files are cut short: one line, before the checkpoint loads.
+  shutil.copytree(root, tmp_path / "cut")
+  (shard,) = (tmp_path / "cut" / "refcoco" / "1.0.0").glob("refcoco-val.array_record-*")
+  os.truncate(shard, 3000)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(run_eval.checkpoints, "load_checkpoint", lambda *a, **k: pytest.fail("loaded the model"))
+    line = error_line(capsys, base + ["--data", str(tmp_path / "cut"), "--split", "refcoco|unc|val"])
+  assert "split 'val': cannot read example 0" in line and "prepare it again" in line, line
   # --out-dir that cannot be made: refused before any split is evaluated (it was made after the first one).
   afile = tmp_path / "afile"
   afile.write_text("x")

@@ -4,6 +4,7 @@
 import json
 import os
 import pickle
+import shutil
 import sys
 import warnings
 
@@ -167,6 +168,24 @@ def test_ref_coco_trains_directly(world):
   assert b["masks"].shape == (2, 3, 128, 128) and b["prompt_valid"][:, :2].all()  # the train image's 2 sentences
   with pytest.raises(ValueError, match="configs refcoco_unc"):  # the dataset folder alone names no config
     sources.locate(str(root / "coco_tfds" / "ref_coco"))
+
+
+def test_damaged_or_missing_shards_are_one_line_when_the_split_opens(world, tmp_path):
+  """A copy cut short or a shard deleted: refused in one line when training or evaluation opens the split
+  (array_record's own error came from a reading thread, after the checkpoint load)."""
+  root, tok = world
+  shutil.copytree(root / "data", tmp_path / "data")
+  version = tmp_path / "data" / "refcoco" / "1.0.0"
+  (train_shard,) = version.glob("refcoco-train.array_record-*")
+  os.truncate(train_shard, 3000)
+  with pytest.raises(sources.DataReadError, match=r"^refcoco:1.0.0 in .*: split 'train': cannot read example 0 "
+                                                  r"\(.*\); its files are damaged or missing: prepare it again$"):
+    pipeline.train_dataset({"refer_seg": (1, [str(tmp_path / "data" / "refcoco")])}, tok, global_batch_size=2,
+                           seed=0, sample=SMALL, process_index=0, process_count=1)
+  for shard in version.glob("refcoco-val.array_record-*"):
+    shard.unlink()
+  with pytest.raises(sources.DataReadError, match=r"split 'val'.*No such file or directory"):
+    pipeline.eval_dataset(str(tmp_path / "data" / "refcoco"), "val", tok, low_res=32, sample=SMALL)
 
 
 def test_tfds_batches_equal_the_old_format_and_resume_exactly(world):

@@ -118,8 +118,8 @@ def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit
   if not splits:
     raise UserError("no --split given")
   located = [eval_splits.resolve_data_dir(data, s) for s in splits]
-  for split, where, _ in located:  # a bad slice ("val[:abc]", beyond the split) now, not after earlier splits
-    sources.open_split(where, split.split)
+  for split, where, _ in located:  # a bad slice ("val[:abc]", beyond the split), damaged files: now, not after
+    sources.open_split(where, split.split)  # the checkpoint load and earlier splits
   return located
 
 
