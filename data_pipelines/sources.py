@@ -31,6 +31,8 @@ from data_pipelines import records, tfds_builders
 from evf_jax.errors import UserError, first_line
 
 DATASET_INFO = "dataset_info.json"
+FEATURES = "features.json"    # TFDS's feature spec
+METADATA = "metadata.json"    # what our builders add: prompts per split, skipped images, arguments
 REF_COCO = "ref_coco"
 # TFDS ref_coco config -> our dataset name (Record.source; the eval split names use ours).
 REF_COCO_DATASETS = {"refcoco": "refcoco", "refcocoplus": "refcoco+", "refcocog": "refcocog"}
@@ -72,9 +74,22 @@ def _versions(path: str) -> list[str]:
   return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
+def _json_object(path: str) -> dict:
+  """A JSON file of a prepared dataset that must hold an object; DataReadError naming it otherwise."""
+  with open(path) as f:
+    text = f.read()
+  try:
+    value = json.loads(text)
+  except ValueError as e:
+    raise DataReadError(f"{path}: not valid JSON ({e}); the dataset is damaged: prepare it again") from None
+  if not isinstance(value, dict):
+    raise DataReadError(f"{path}: expected a JSON object, found {type(value).__name__}; the dataset is damaged: "
+                        "prepare it again")
+  return value
+
+
 def _info(version_dir: str) -> dict:
-  with open(os.path.join(version_dir, DATASET_INFO)) as f:
-    return json.load(f)
+  return _json_object(os.path.join(version_dir, DATASET_INFO))
 
 
 def _config_of(path: str) -> str | None:
@@ -98,6 +113,12 @@ def tfds_at(path: str) -> TfdsDataset | None:
       return None
     version_dir = os.path.join(path, versions[-1])
   info = _info(version_dir)
+  for other in (FEATURES, METADATA):  # TFDS reads the first (a bad one raised protobuf's ParseError), we the second
+    if os.path.exists(os.path.join(version_dir, other)):
+      _json_object(os.path.join(version_dir, other))
+  if not all(isinstance(info.get(key), str) for key in ("name", "version")):
+    raise DataReadError(f"{os.path.join(version_dir, DATASET_INFO)}: names no dataset (its name and version are "
+                        "missing); the dataset is damaged: prepare it again")
   name, config, version = info["name"], info.get("configName"), info["version"]
   up = 3 if config else 2
   data_dir = functools.reduce(lambda p, _: os.path.dirname(p), range(up), version_dir)
@@ -248,11 +269,8 @@ def describe(location: Location) -> dict:
   if isinstance(where, LegacyDataset):
     return records.read_meta(where.directory)
   builder = tfds.builder(where.name, data_dir=where.data_dir)
-  meta_path = os.path.join(str(builder.data_dir), "metadata.json")
-  meta = {}
-  if os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
+  meta_path = os.path.join(str(builder.data_dir), METADATA)
+  meta = _json_object(meta_path) if os.path.isfile(meta_path) else {}
   prompts = meta.get("prompts", {})
   splits = {name: {"images": int(info.num_examples), "shards": len(info.shard_lengths),
                    **({"prompts": int(prompts[name])} if name in prompts else {})}

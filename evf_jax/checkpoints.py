@@ -77,12 +77,15 @@ def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, A
           json.dumps(dict(provenance), indent=2, sort_keys=True))
 
 
-def read_json(path: str, error: type[Exception] = ModelDirError) -> Any:
-  """A JSON file, or `error` naming the file when it is not valid JSON."""
+def read_json(path: str, error: type[Exception] = ModelDirError) -> dict[str, Any]:
+  """A JSON file holding an object, or `error` naming the file when it is not valid JSON or not an object."""
   try:
-    return json.loads(storage.path(path).read_text())
+    value = json.loads(storage.path(path).read_text())
   except ValueError as e:
     raise error(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(value, dict):  # every file we read is an object; a list would fail later at .get
+    raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
+  return value
 
 
 def read_config(directory: str, expect_model_type: Union[str, Sequence[str], None] = None) -> dict[str, Any]:

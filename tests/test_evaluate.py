@@ -413,6 +413,10 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   line = error_line(capsys, ["eval", "--checkpoint", str(other), "--data", root, "--split", "refcoco|unc|val",
                               "--out-dir", str(tmp_path / "o"), "--no-progress"])
   assert "model_type 'sam'" in line
+  (other / "model_config.json").write_text("[1]")  # JSON, but not the object every reader expects
+  line = error_line(capsys, ["eval", "--checkpoint", str(other), "--data", root, "--split", "refcoco|unc|val",
+                              "--out-dir", str(tmp_path / "o"), "--no-progress"])
+  assert "model_config.json: expected a JSON object, found list" in line, line
   line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn"])
   assert "cuDNN attention needs precision bf16 or fp16" in line
   line = error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|val", "--attention", "cudnn",

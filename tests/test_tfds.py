@@ -171,8 +171,8 @@ def test_ref_coco_trains_directly(world):
 
 
 def test_damaged_or_missing_shards_are_one_line_when_the_split_opens(world, tmp_path):
-  """A copy cut short or a shard deleted: refused in one line when training or evaluation opens the split
-  (array_record's own error came from a reading thread, after the checkpoint load)."""
+  """A copy cut short, a shard deleted or a JSON file damaged: refused in one line naming what, when training or
+  evaluation opens the split (array_record's own error came from a reading thread, after the checkpoint load)."""
   root, tok = world
   shutil.copytree(root / "data", tmp_path / "data")
   version = tmp_path / "data" / "refcoco" / "1.0.0"
@@ -186,6 +186,15 @@ def test_damaged_or_missing_shards_are_one_line_when_the_split_opens(world, tmp_
     shard.unlink()
   with pytest.raises(sources.DataReadError, match=r"split 'val'.*No such file or directory"):
     pipeline.eval_dataset(str(tmp_path / "data" / "refcoco"), "val", tok, low_res=32, sample=SMALL)
+  # Its JSON files damaged: the file named, not a KeyError or AttributeError from where it is used.
+  for name, text, expect in (("metadata.json", "[1]", "expected a JSON object, found list"),
+                             ("features.json", "garb", "not valid JSON"),
+                             ("dataset_info.json", "{}", "names no dataset")):
+    shutil.copy(root / "data" / "refcoco" / "1.0.0" / name, tmp_path / name)
+    (version / name).write_text(text)
+    with pytest.raises(sources.DataReadError, match=f"^{version / name}: {expect}.*prepare it again$"):
+      sources.describe(str(tmp_path / "data" / "refcoco"))
+    shutil.copy(tmp_path / name, version / name)
 
 
 def test_tfds_batches_equal_the_old_format_and_resume_exactly(world):
