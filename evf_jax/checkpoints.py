@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: I001 (the default handler's store; no public path)
 
 from evf_jax import storage
-from evf_jax.errors import UserError, first_line
+from evf_jax.errors import UserError, first_line, innermost
 from evf_jax.families import BY_MODEL_TYPE, ModelConfig
 from evf_jax.tokenizer import MAX_TEXT_LEN, TextTokenizer
 
@@ -161,13 +162,27 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
   target = family.abstract_params(config, param_dtype=param_dtype)
+  unraisable = sys.unraisablehook
+  sys.unraisablehook = _without_closed_loop_callbacks(unraisable)
   try:
     params = load_params(directory, target)
   except ModelDirError:
     raise
-  except Exception as e:  # orbax: missing or mismatching arrays
-    raise ModelDirError(f"{directory}: cannot restore the weights ({first_line(e)[:300]})") from None
+  except Exception as e:  # orbax: missing, mismatching or damaged arrays
+    # The filter stays: reads still in flight finish after this, each with an unraisable error.
+    raise ModelDirError(f"{directory}: cannot restore the weights ({first_line(innermost(e))[:300]})") from None
+  sys.unraisablehook = unraisable
   return config, params, tokenizer
+
+
+def _without_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+  """`hook` without the "Event loop is closed" errors of a failed restore: once orbax has given up and closed
+  its asyncio loop, TensorStore's other reads still call back into it, and Python printed a traceback for each
+  (hundreds of lines after the one-line error)."""
+  def filtered(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return filtered
 
 
 def check_shapes(directory: str, params: Any, target: Any) -> None:

@@ -10,3 +10,12 @@ def first_line(e: BaseException, empty: str = "") -> str:
   go on with tracebacks, hints or links. A blank message gives `empty`, else `e`'s type name."""
   text = str(e).strip()
   return text.splitlines()[0] if text else (empty or type(e).__name__)
+
+
+def innermost(e: BaseException) -> BaseException:
+  """The exception at the bottom of `e`'s chain (causes and contexts): libraries such as orbax wrap the one that
+  says what went wrong ("byte range ... is not valid for value of size ...") in one that only says where."""
+  seen = [e]
+  while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+    seen.append(nxt)
+  return seen[-1]

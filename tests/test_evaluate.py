@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -395,6 +397,22 @@ def test_cli_eval_skip_existing_continues_an_interrupted_run(ckpt, data, tmp_pat
   assert "refcoco_unc_val.json is another evaluation's (precision \"fp32\" there, \"bf16\" now)" in line, line
   assert "--overwrite" in line
   assert "choose one" in error_line(capsys, base + ["--skip-existing", "--overwrite"])
+
+
+def test_cli_eval_damaged_weights_are_one_line(ckpt, data, tmp_path):
+  """Weights cut short (a copy that stopped half-way): the line names what TensorStore could not read, and the
+  reads still in flight add no "Event loop is closed" tracebacks (hundreds of lines before)."""
+  root, _ = data
+  bad = tmp_path / "ckpt"
+  shutil.copytree(ckpt, bad)
+  for f in (bad / "params" / "d").iterdir():  # the arrays' metadata: every read fails, many in flight
+    os.truncate(f, 50)
+  r = subprocess.run([sys.executable, "run.py", "eval", "--checkpoint", str(bad), "--data", root, "--split",
+                      "refcoco|unc|val", "--out-dir", str(tmp_path / "o"), "--no-progress"],
+                     capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+  errors = [line for line in r.stderr.splitlines() if not line.startswith("WARNING:absl:")]
+  assert r.returncode == 2 and len(errors) == 1, r.stderr[-3000:]
+  assert errors[0].startswith(f"error: {bad}: cannot restore the weights (") and "OCDBT" in errors[0], errors
 
 
 def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
