@@ -102,7 +102,8 @@ def resolve_data_dir(data: str, split: EvalSplit) -> tuple[EvalSplit, sources.Lo
   """The dataset holding `split` -> (the split as that source names it, its location, its description
   (`sources.describe`)). UserError if absent."""
   if not os.path.isdir(data):
-    raise UserError(f"--data {data}: no such directory")
+    raise UserError(f"--data {data}: " + ("a file; expected the directory datasets were prepared into"
+                                          if os.path.exists(data) else "no such directory"))
   found = None
   for path in _candidates(data, split):
     try:

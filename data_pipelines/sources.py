@@ -230,7 +230,9 @@ class TfdsSource:
       self._source = tfds.data_source(dataset.name, split=split, data_dir=dataset.data_dir, download=False,
                                       decoders=decoders)
     except (KeyError, ValueError) as e:  # unknown split, bad slice; TFDS's message goes on with a link
-      raise SplitError(f"{dataset.name} in {dataset.data_dir}: split {split!r}: {first_line(e)}") from None
+      # An empty slice ("val[:0]") reaches array_record as no files at all, whose message says only that.
+      reason = "selects no examples" if "Paths sequence can not be of 0 length" in str(e) else first_line(e)
+      raise SplitError(f"{dataset.name} in {dataset.data_dir}: split {split!r}: {reason}") from None
 
   def __len__(self) -> int:
     return len(self._source)

@@ -420,6 +420,11 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   base = ["eval", "--checkpoint", ckpt, "--out-dir", str(tmp_path / "o"), "--no-progress"]
   assert "no such directory" in error_line(capsys, base + ["--data", str(tmp_path / "nope"),
                                                             "--split", "refcoco|unc|val"])
+  assert "a file; expected the directory" in error_line(capsys, base + ["--data", __file__, "--split", "synthetic|val"])
+  assert "--read-threads must be >= 1, got 0" in error_line(capsys, base + ["--data", root, "--split",
+                                                                            "refcoco|unc|val", "--read-threads", "0"])
+  assert "split 'val[2:2]': selects no examples" in error_line(capsys, base + ["--data", root, "--split",
+                                                                               "refcoco|unc|val[2:2]"])
   assert "unknown dataset 'coco'" in error_line(capsys, base + ["--data", root, "--split", "coco|unc|val"])
   assert "has no split 'testB'" in error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|testB"])
   assert "no prepared dataset" in error_line(capsys, base + ["--data", root, "--split", "refcocog|umd|val"])

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
   for flag, value, low in (("--batch-size", args.batch_size, 1), ("--size-multiple", args.size_multiple, 1),
-                           ("--save-overlays", args.save_overlays, 0)):
+                           ("--save-overlays", args.save_overlays, 0), ("--read-threads", args.read_threads, 1)):
     if value < low:
       raise UserError(f"{flag} must be >= {low}, got {value}")
   if args.skip_existing and args.overwrite:
@@ -126,7 +126,8 @@ def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit
 def evaluate_split(evaluator: evaluate.Evaluator, params: Any, tokenizer, config: families.ModelConfig,
                    directory: sources.Location, split: str, *, name: str, overlay_dir: Optional[str] = None,
                    save_overlays: int = 0) -> dict:
-  """One split (`directory`: a location of data_pipelines.sources) with `params`: this process's share of its images, the result over all processes.
+  """One split (`directory`: a location of data_pipelines.sources) with `params`: this process's share of its
+  images, the result over all processes.
   EVF-SAM2 frames the images as the original's eval.py does: PIL bilinear to a square, no padding."""
   image_input = families.image_input(config)
   sample = SampleConfig(max_text_len=evaluator.options.max_text_len, sam_size=image_input.size,
