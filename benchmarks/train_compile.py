@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -351,13 +350,8 @@ def parse_mesh(text: str) -> tuple[tuple[str, int], ...]:
 
 def load_config(spec: str):
   """`configs/train/NAME.py[:arg]` -> its get_config(arg), as `run.py train --config` reads it."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config {path}: no such file")
-  module_spec = importlib.util.spec_from_file_location(f"_train_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  from evf_jax.train import config as train_config  # lazy: jax is imported after main() sets the environment
+  return train_config.load_file(spec)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -480,8 +474,8 @@ def main(argv=None) -> int:
 
   try:
     cfg = load_config(args.config)
-  except Exception as e:  # the config's own message (a bad size=..., a typo in the file)
-    return _fail(f"--config {args.config}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+  except UserError as e:  # names the file and what is wrong with it
+    return _fail(str(e))
   overrides = {"batch_size": args.batch_size, "grad_accum": args.grad_accum, "remat": args.remat,
                "precision": args.precision, "attention": args.attention, "mesh": args.mesh,
                "dcn_mesh": args.dcn_mesh, "replicate_frozen": args.replicate_frozen}

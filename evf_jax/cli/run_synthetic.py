@@ -13,7 +13,6 @@ Interrupted (Ctrl-C, SIGKILL) and run again, it resumes training where it stoppe
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 from typing import Optional
@@ -29,6 +28,7 @@ from evf_jax.errors import UserError
 from evf_jax.images import decode_image, save_prediction
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from evf_jax.train import config as train_config
 
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402
@@ -45,17 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", default=DEFAULT_WORKDIR, help="where data, checkpoints and results go")
   p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's); more steps, "
                  "better masks (docs/default_job.md has the curve)")
-  p.add_argument("--config", default=CONFIG, help="the training config file (default: configs/train/synthetic.py)")
+  p.add_argument("--config", default=CONFIG, help="the training config file[:arg] (default: "
+                 "configs/train/synthetic.py)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def load_config(path: str, steps: Optional[int], progress: bool):
-  if not os.path.isfile(path):
-    raise UserError(f"--config {path}: no such file")
-  spec = importlib.util.spec_from_file_location("evf_jax_synthetic_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config()
+def load_config(spec: str, steps: Optional[int], progress: bool):
+  """The config file (`FILE[:arg]`, read as `run.py train --config` reads it) with --steps and --no-progress."""
+  cfg = train_config.load_file(spec)
   if steps is not None:
     if steps < 1:
       raise UserError(f"--steps must be >= 1, got {steps}")
@@ -79,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
   data_dir = os.path.join(data_root, "synthetic")
 
   print("[3/5] evaluating the held-out split")
-  options = run_train.eval_options(cfg, run_train.train_config.model_config(cfg.model))
+  options = run_train.eval_options(cfg, train_config.model_config(cfg.model))
   model = summary.evals.get(summary.step, {}).get(SPLIT)  # training evaluated its last step already
   if model is None:  # a rerun of a finished job: nothing was trained, so evaluate the export
     model = run_eval.evaluate_checkpoint(export, data_root, [SPLIT], out_dir=None, options=options,

@@ -44,12 +44,28 @@ from evf_jax.train.trainer import ProfileWindow, Trainer
 HELP = "train EVF-SAM or EVF-SAM2 from a config (configs/train/*.py) into a workdir; resumes when run again"
 TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: a sentencepiece model trained on the training prompts
 DATA_DIR = "data"             # <workdir>/data: generated synthetic data when data.root is ""
+_DASHES = "-\u2013\u2014"      # a flag's hyphens, and the en and em dashes a document's typography makes of them
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Reads `--config FILE[:arg]` with `train_config.load_file`, in place of ml_collections' loader: that one
+  turns a bad file into a traceback, or into an error only when a field is first read (which `_config_error`
+  cannot tell from a mistyped field)."""
+
+  def parse(self, argument: str):
+    cfg = train_config.load_file(argument)
+    cfg.lock()  # an unknown --config.FIELD is an error
+    return cfg
+
+  def flag_type(self) -> str:
+    return "config object"
 
 
 def _flags(argv: Sequence[str]) -> flags.FlagValues:
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "a training config: configs/train/NAME.py[:args]",
                                   flag_values=fv, lock_config=True, sys_argv=list(argv))
+  fv["config"].parser = _ConfigFileParser()
   flags.DEFINE_string("workdir", None, "where checkpoints, logs and the exported model go", flag_values=fv)
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs)", flag_values=fv)
   flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)", flag_values=fv)
@@ -97,11 +113,13 @@ def parse(argv: Sequence[str]) -> flags.FlagValues:
     print(__doc__.strip() + "\n\nflags:\n" + fv.module_help(sys.modules[__name__]))
     raise SystemExit(0)
   try:
-    fv(argv)
-    cfg = fv.config
-    if cfg is None:
+    stray = fv(argv)[1:]
+    if stray:  # absl hands back what is not a flag; ignoring it would drop what the user meant to set
+      raise UserError(f"unexpected argument{'s' if len(stray) > 1 else ''} {', '.join(map(repr, stray))}: "
+                      "run.py train takes only flags (--config FILE --workdir DIR --config.FIELD=VALUE)"
+                      + _flag_hint(fv, stray))
+    if fv.config is None:
       raise UserError("--config is required: e.g. --config configs/train/synthetic.py")
-    cfg.get("seed")  # a config file that failed to load raises here
   except UserError:
     raise
   except (flags.Error, OSError, ValueError, AttributeError, KeyError) as e:
@@ -109,6 +127,16 @@ def parse(argv: Sequence[str]) -> flags.FlagValues:
   if not fv.workdir:
     raise UserError("--workdir is required")
   return fv
+
+
+def _flag_hint(fv: flags.FlagValues, stray: Sequence[str]) -> str:
+  """"; did you mean --X?" when a stray argument is a flag that lost its dashes, or got a document's en or em
+  dash in their place."""
+  for arg in stray:
+    flag = arg.lstrip(_DASHES)
+    if flag.split("=", 1)[0] in fv or flag.startswith("config."):
+      return f"; did you mean --{flag}?"
+  return ""
 
 
 def _initialise_distributed(fv: flags.FlagValues) -> bool:

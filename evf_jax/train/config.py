@@ -9,13 +9,15 @@ the command line can override them: `--config.mesh="(('data', 2), ('fsdp', 4), (
 from __future__ import annotations
 
 import dataclasses
+import traceback
+import types
 from typing import Any, Optional
 
 import ml_collections
 
 from evf_jax import families, sharding
 from evf_jax.beit3.config import Beit3Config
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line
 from evf_jax.evf import EvfConfig
 from evf_jax.evf_sam2 import EvfSam2Config
 from evf_jax.families import ModelConfig
@@ -55,6 +57,60 @@ def parse_arg(arg: Optional[str], **defaults: Any) -> ml_collections.ConfigDict:
       except ValueError:
         raise UserError(f"config argument {key}={value}: expected {type(default).__name__}") from None
   return ml_collections.ConfigDict(out)
+
+
+def load_file(spec: str, flag: str = "--config") -> ml_collections.ConfigDict:
+  """`configs/train/NAME.py[:arg]` -> its `get_config(arg)`, unlocked (`run.py train --config` and
+  `run.py synthetic --config` read files with it). Everything that can be wrong with the file, or raised by it,
+  is a one-line UserError naming the file: its text would otherwise surface as a traceback or as an unrelated
+  complaint about config fields."""
+  path, colon, arg = spec.partition(":")
+  if not path:
+    raise UserError(f"{flag} is empty: e.g. {flag} configs/train/synthetic.py")
+  try:
+    with open(path, "rb") as f:
+      source = f.read()
+  except OSError as e:
+    raise UserError(f"{flag}: {e}") from None  # "[Errno 2] No such file or directory: 'PATH'"
+  where = f"{flag} {path}"
+  if not path.endswith(".py"):
+    raise UserError(f"{where}: not a Python file; a training config is a .py file that defines get_config() "
+                    "(configs/train/*.py)")
+  try:
+    code = compile(source, path, "exec", dont_inherit=True)  # not with this module's __future__ flags
+  except (SyntaxError, ValueError) as e:  # IndentationError too; null bytes (a binary file) have no line
+    if isinstance(e, SyntaxError) and e.lineno:
+      raise UserError(f"{where}: line {e.lineno}: {type(e).__name__}: {e.msg}") from None
+    raise UserError(f"{where}: not Python source ({e.msg if isinstance(e, SyntaxError) else first_line(e)})") from None
+  module = types.ModuleType("evf_jax_train_config")
+  module.__file__ = path
+  try:
+    exec(code, module.__dict__)
+  except Exception as e:  # anything the file raises is the file's problem, not ours
+    line = _line_in(e, path)
+    raise UserError(f"{where}: {f'line {line}: ' if line else ''}{type(e).__name__}: {first_line(e)}") from None
+  get_config = module.__dict__.get("get_config")
+  if not callable(get_config):
+    raise UserError(f"{where}: defines no get_config() (see configs/train/*.py)")
+  where = f"{flag} {spec}"
+  try:
+    cfg = get_config(*((arg,) if colon else ()))  # "NAME.py:" passes "", as ml_collections' config_flags does
+  except (UserError, ValueError) as e:  # a bad argument (parse_arg, released_preset): the message says which
+    raise UserError(f"{where}: {first_line(e)}") from None
+  except Exception as e:
+    line = _line_in(e, path)
+    raise UserError(f"{where}: get_config() raised {type(e).__name__}{f' at line {line}' if line else ''}: "
+                    f"{first_line(e)}") from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise UserError(f"{where}: get_config() returned {type(cfg).__name__}, not an ml_collections.ConfigDict "
+                    "(start from evf_jax.train.config.base_config())")
+  return cfg
+
+
+def _line_in(e: BaseException, path: str) -> Optional[int]:
+  """The line of `path` that raised `e` (its innermost frame in that file), if any."""
+  lines = [frame.lineno for frame in traceback.extract_tb(e.__traceback__) if frame.filename == path]
+  return lines[-1] if lines else None
 
 
 def base_config() -> ml_collections.ConfigDict:
