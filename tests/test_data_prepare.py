@@ -354,6 +354,17 @@ def test_synthetic_sizes_and_seed_checked_up_front(tmp_path, capsys, flags, name
   assert not (tmp_path / "o").exists()
 
 
+def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys):
+  """A number given where nothing reads it (it was ignored): synthetic's sizes and seed for a dataset read from
+  --src, --records-per-shard for a TFDS build (TFDS shards it)."""
+  line = _fails(capsys, "--dataset", "refcoco", "--src", str(tmp_path), "--data_dir", str(tmp_path / "o"),
+                "--num-train", "5", "--seed", "1")
+  assert "--num-train, --seed: for --dataset synthetic only" in line, line
+  line = _fails(capsys, "--dataset", "synthetic", "--data_dir", str(tmp_path / "o"), "--records-per-shard", "10")
+  assert "--records-per-shard is for the deprecated --out only" in line, line
+  assert not (tmp_path / "o").exists()
+
+
 def test_stale_incomplete_folders_of_a_killed_run_are_removed(tmp_path):
   name_dir = tmp_path / "data" / "synthetic"
   (name_dir / "incomplete.5TSI2O_1.0.0").mkdir(parents=True)  # what a SIGKILLed build leaves

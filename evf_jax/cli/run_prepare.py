@@ -7,6 +7,7 @@ import argparse
 from data_pipelines import prepare
 from evf_jax.errors import UserError
 
+DEFAULTS = {"records_per_shard": 2000, "num_train": 2000, "num_eval": 200, "seed": 0}
 HELP = "build a dataset from its raw download (or the synthetic set) as TFDS ArrayRecord under --data_dir"
 
 
@@ -18,15 +19,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                  help="TFDS data_dir: the dataset goes to DATA_DIR/NAME/VERSION (refused if that exists)")
   p.add_argument("--out", default=None, help="deprecated: write the old prepared format into this directory")
-  p.add_argument("--records-per-shard", type=int, default=2000, help="--out only: images per ArrayRecord shard")
-  p.add_argument("--num-train", type=int, default=2000, help="synthetic only: train images")
-  p.add_argument("--num-eval", type=int, default=200, help="synthetic only: eval ('val') images")
-  p.add_argument("--seed", type=int, default=0, help="synthetic only: generator seed")
+  # None when not given, so that one given where it does nothing is refused rather than ignored.
+  p.add_argument("--records-per-shard", type=int, default=None, help="--out only: images per ArrayRecord shard "
+                 f"(default {DEFAULTS['records_per_shard']})")
+  p.add_argument("--num-train", type=int, default=None, help=f"synthetic only: train images (default "
+                 f"{DEFAULTS['num_train']})")
+  p.add_argument("--num-eval", type=int, default=None, help="synthetic only: eval ('val') images (default "
+                 f"{DEFAULTS['num_eval']})")
+  p.add_argument("--seed", type=int, default=None, help=f"synthetic only: generator seed (default {DEFAULTS['seed']})")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+
 def _check_numbers(args: argparse.Namespace) -> None:
-  """Named here, rather than TFDS's "No examples were yielded", numpy's seed error or a ZeroDivisionError."""
+  """Named here, rather than TFDS's "No examples were yielded", numpy's seed error or a ZeroDivisionError; a
+  number given where nothing reads it is refused. Fills in the defaults."""
+  synthetic_only = [f"--{k.replace('_', '-')}" for k in ("num_train", "num_eval", "seed")
+                    if getattr(args, k) is not None]
+  if args.dataset != "synthetic" and synthetic_only:
+    raise UserError(f"{', '.join(synthetic_only)}: for --dataset synthetic only (it is generated; "
+                    f"{args.dataset} is read from --src)")
+  if args.data_dir and args.records_per_shard is not None:
+    raise UserError("--records-per-shard is for the deprecated --out only (TFDS shards a --data_dir build itself)")
+  for key, value in DEFAULTS.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
   if args.dataset == "synthetic":
     for flag, value in (("--num-train", args.num_train), ("--num-eval", args.num_eval)):
       if value < 1:
