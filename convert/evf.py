@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import shutil
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Collection, Mapping, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,11 +32,12 @@ from convert.rules import (
   convert,
 )
 from evf_jax import __version__, storage
-from evf_jax.checkpoints import CONFIG_FILE, TOKENIZER_DIR, read_json, save_model
+from evf_jax.checkpoints import CONFIG_FILE, PARAMS_DIR, PROVENANCE_FILE, TOKENIZER_DIR, read_json, save_model
 from evf_jax.errors import UserError, first_line
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
 from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
 from evf_jax.families import ModelConfig, family_of
+from evf_jax.tokenizer import TextTokenizer
 
 SAM_PREFIX = "visual_model."
 BEIT3_PREFIX = "mm_extractor.beit3."
@@ -45,6 +46,8 @@ TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_
                    "tokenizer.json")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# What `convert_directory` writes in --out: an existing --out holding anything else is never replaced.
+CHECKPOINT_ENTRIES = (CONFIG_FILE, PARAMS_DIR, PROVENANCE_FILE, TOKENIZER_DIR)
 
 
 def _prefixed(rules, src_prefix: str, dst_prefix: str) -> list[Rule]:
@@ -72,6 +75,8 @@ def convert_evf(state_dict: Mapping[str, np.ndarray], config: EvfConfig,
 
 def check_model_type(hf_config: Mapping[str, Any], where: str = "config.json") -> None:
   """The released config.json of either family says model_type "evf"."""
+  if not isinstance(hf_config, Mapping):  # valid JSON, but a list or a string has no fields to read
+    raise UserError(f"{where}: expected a JSON object, found {type(hf_config).__name__}")
   if hf_config.get("model_type") != MODEL_TYPE:
     raise UserError(f"{where}: model_type is {hf_config.get('model_type')!r}, not an EVF-SAM / EVF-SAM2 "
                     f"checkpoint (expected {MODEL_TYPE!r}; EfficientSAM variants are not supported)")
@@ -86,26 +91,35 @@ def config_from_hf(hf_config: Mapping[str, Any], where: str = "config.json", sam
   # EVF-SAM's original accepts only "huge", EVF-SAM2's "large" and "tiny"; check_sizes checks the default.
   sam_scale = hf_config.get("sam_scale", "large" if sam2 else "huge")
   beit_scale = hf_config.get("mm_extractor_scale")
-  if sam_scale not in scales:
+  if not isinstance(sam_scale, str) or sam_scale not in scales:  # a list is unhashable
     raise UserError(f"{where}: sam_scale {sam_scale!r} is not one of {family}'s {sorted(scales)} (the weights "
                     f"are {family}'s)")
-  if beit_scale not in BEIT3_SCALES:
+  if not isinstance(beit_scale, str) or beit_scale not in BEIT3_SCALES:
     raise UserError(f"{where}: mm_extractor_scale {beit_scale!r} is not one of {list(BEIT3_SCALES)}")
   config = config_class.from_scales(sam_scale, beit_scale)
   if EVF_JAX_KEY in hf_config:  # written by `run.py export-hf`: the model's own sizes, which may be no preset's
+    if not isinstance(hf_config[EVF_JAX_KEY], Mapping):
+      raise UserError(f"{where}: {EVF_JAX_KEY!r} is not a JSON object but a {type(hf_config[EVF_JAX_KEY]).__name__}")
     try:
       own = config_class.from_dict(hf_config[EVF_JAX_KEY])
-    except (KeyError, TypeError, ValueError) as e:
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # a nested part of the wrong JSON type
       raise UserError(f"{where}: {EVF_JAX_KEY!r} is not a valid {family} config ({e})") from None
     if (own.sam_scale, own.mm_extractor_scale) != (sam_scale, beit_scale):
       raise UserError(f"{where}: {EVF_JAX_KEY!r} names sam_scale={own.sam_scale}, mm_extractor_scale="
                       f"{own.mm_extractor_scale}, the file sam_scale={sam_scale}, mm_extractor_scale={beit_scale}")
     config = own
   for key, want in (("hidden_size", config.hidden_size), ("out_dim", config.out_dim)):
-    if key in hf_config and int(hf_config[key]) != want:
+    if key in hf_config and not _is_int(hf_config[key], want):
       raise UserError(f"{where}: {key}={hf_config[key]} does not fit sam_scale={sam_scale} / "
                       f"mm_extractor_scale={beit_scale} (expected {want})")
   return config
+
+
+def _is_int(value: Any, want: int) -> bool:
+  try:
+    return int(value) == want
+  except (TypeError, ValueError):  # a list, null, or "abc" in the file
+    return False
 
 
 def check_sizes(state_dict: Mapping[str, Any], config: ModelConfig) -> None:
@@ -163,17 +177,28 @@ def resolve_source(src: str) -> str:
 
 
 def check_out_dir(out: str, overwrite: bool, ours: Optional[Callable[[str], bool]] = None,
-                  kind: str = "an evf-jax checkpoint") -> None:
+                  kind: str = "an evf-jax checkpoint", entries: Optional[Collection[str]] = None) -> None:
   """--out may be new or empty; with `overwrite`, also a directory that `ours(out)` says this command wrote
-  (default: it holds model_config.json). Anything else a user owns is never replaced. Checked before any work,
-  as is that --out can be created."""
+  (default: it holds model_config.json) and that holds nothing but `entries`, the names this command writes
+  (default: `CHECKPOINT_ENTRIES` when `ours` is the default; None otherwise: not checked). Anything else a user
+  owns is never replaced. Checked before any work, as is that --out can be created (or replaced)."""
   storage.check_output_dir(out, "--out")
+  if entries is None and ours is None:
+    entries = CHECKPOINT_ENTRIES
   if os.path.isdir(out) and os.listdir(out):
     if not (ours or _holds_model_config)(out):  # --overwrite would not help: do not suggest it
       raise UserError(f"--out {out} exists and is not {kind} directory; refusing to overwrite it "
                       "(choose an empty or new directory)")
+    foreign = sorted(set(os.listdir(out)) - set(entries)) if entries is not None else []
+    if foreign:  # replacing the directory would delete it; --overwrite would not help either
+      raise UserError(f"--out {out} holds {foreign[0]}, which {kind} directory does not; refusing to overwrite "
+                      "it (move it out, or choose an empty or new directory)")
     if not overwrite:
       raise UserError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+  if os.path.isdir(out):  # write_directory renames what it replaces (through a link: the link's target)
+    parent = os.path.dirname(os.path.realpath(out))
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise UserError(f"--out {out}: cannot replace it, cannot write in {parent} (permission denied)")
 
 
 def _holds_model_config(out: str) -> bool:
@@ -182,19 +207,25 @@ def _holds_model_config(out: str) -> bool:
 
 def write_directory(out: str, write: Callable[[str], None]) -> None:
   """`write(staging)` fills a directory next to `out`, which then replaces `out`: a failed write never leaves a
-  half-written or destroyed directory behind."""
+  half-written or destroyed directory behind. When `out` is a symbolic link, the directory it names is replaced
+  and the link kept."""
+  out = os.path.realpath(out)  # renaming the link itself would replace it and leave its target behind
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = f"{out}.partial-{os.getpid()}"
   shutil.rmtree(staging, ignore_errors=True)
   try:
     write(staging)
-    old = None
-    if os.path.isdir(out):
-      old = f"{out}.old-{os.getpid()}"
-      os.replace(out, old)
-    os.replace(staging, out)
-    if old:
-      shutil.rmtree(old)
+    if not os.path.isdir(out):
+      os.replace(staging, out)
+      return
+    old = f"{out}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+      os.replace(staging, out)
+    except OSError:
+      os.replace(old, out)  # the user's directory back where it was
+      raise
+    shutil.rmtree(old)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -224,6 +255,7 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
   tok = os.path.join(src_dir, TOKENIZER_FILES[0])
   if not os.path.isfile(tok):
     raise UserError(f"{src_dir}: the tokenizer ({TOKENIZER_FILES[0]}) is missing")
+  TextTokenizer(tok)  # loaded once: a junk or empty file would be copied and refused only by the first predict
 
   log(f"reading weights from {src_dir}")
   try:

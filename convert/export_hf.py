@@ -33,6 +33,8 @@ from evf_jax.families import ModelConfig, family_of
 
 HF_CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# What an export holds: an existing --out holding anything else is never replaced.
+EXPORT_ENTRIES = (HF_CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
 ARCHITECTURES = {"EVF-SAM": "EvfSamModel", "EVF-SAM2": "EvfSam2Model"}
 # What the original's `initialize_evf_modules` builds (model/evf_sam.py, model/evf_sam2.py).
 ORIGINAL_SAM_SCALES = {"EVF-SAM": ("huge",), "EVF-SAM2": ("large", "tiny")}
@@ -117,7 +119,7 @@ def export_directory(checkpoint: str, out: str, precision: Optional[str] = None,
   if storage.is_url(out):
     raise UserError(f"--out {out}: a local directory is expected (upload it with huggingface-cli afterwards)")
   out = os.path.abspath(out)
-  check_out_dir(out, overwrite, ours=is_earlier_export, kind="an evf-jax export")
+  check_out_dir(out, overwrite, ours=is_earlier_export, kind="an evf-jax export", entries=EXPORT_ENTRIES)
   config, params, _ = load_checkpoint(checkpoint)
   if precision is None:  # the checkpoint's own
     precision = "bf16" if any(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params)) else "fp32"

@@ -104,9 +104,16 @@ def load_hf_directory(directory: str) -> dict[str, np.ndarray]:
     if os.path.isfile(p):
       try:
         with open(p) as f:
-          weight_map: dict[str, Any] = json.load(f)["weight_map"]
-      except (OSError, ValueError, KeyError) as e:
-        raise CheckpointReadError(f"{p}: not a valid shard index ({e})") from e
+          content = json.load(f)
+      except (OSError, ValueError) as e:
+        raise CheckpointReadError(f"{p}: not a valid shard index ({first_line(e)})") from e
+      # Valid JSON of another shape (a list, a string, file names that are numbers) would fail below at .get,
+      # .values() or os.path.join.
+      weight_map: Any = content.get("weight_map") if isinstance(content, dict) else None
+      if not isinstance(weight_map, dict) or not weight_map or not all(
+          isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointReadError(f"{p}: not a valid shard index (expected a JSON object whose \"weight_map\" maps "
+                                  "tensor names to shard file names)")
       files = sorted(set(weight_map.values()))
       missing = [f for f in files if not os.path.isfile(os.path.join(directory, f))]
       if missing:

@@ -103,10 +103,43 @@ def test_convert_overwrite_replaces_a_checkpoint(hf_dir, tmp_path):
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p or ".old-" in p]
 
 
+def test_convert_overwrite_keeps_the_users_other_files(ckpt, hf_dir, tmp_path, capsys):
+  """A checkpoint directory that also holds the user's files is refused before any work, --overwrite or not (the
+  replacement would delete them); one holding only a checkpoint's files is replaced (the test above)."""
+  out = tmp_path / "c"
+  shutil.copytree(ckpt, out)
+  (out / "notes.txt").write_text("keep me")
+  for extra in ([], ["--overwrite"]):
+    stdout = []
+    line = _error_line(capsys, ["convert", "--src", hf_dir, "--out", str(out), *extra], stdout)
+    assert "holds notes.txt, which an evf-jax checkpoint directory does not" in line, line
+    assert "pass --overwrite" not in line and "reading weights" not in stdout[0]
+  assert (out / "notes.txt").read_text() == "keep me" and (out / "model_config.json").is_file()
+
+
+def test_convert_overwrite_through_a_symbolic_link(ckpt, hf_dir, tmp_path):
+  """--out a link to a checkpoint: the directory it names is replaced, the link kept, nothing left behind."""
+  (tmp_path / "real").mkdir()
+  target = tmp_path / "real" / "c"
+  shutil.copytree(ckpt, target)
+  (tmp_path / "links").mkdir()
+  link = tmp_path / "links" / "c"
+  link.symlink_to(target)
+  assert cli.main(["convert", "--src", hf_dir, "--out", str(link), "--overwrite", "--precision", "bf16"]) == 0
+  assert link.is_symlink() and os.readlink(link) == str(target)
+  assert json.load(open(target / "model_config.json"))["param_dtype"] == "bfloat16"
+  assert os.listdir(tmp_path / "links") == ["c"] and os.listdir(tmp_path / "real") == ["c"]
+
+
 @pytest.mark.parametrize("damage,expect", [
     ("no_config", "config.json is missing"),
     ("other_type", "model_type is 'sam2'"),
     ("no_tokenizer", "sentencepiece.bpe.model"),
+    ("junk_tokenizer", "sentencepiece.bpe.model: not a sentencepiece model"),
+    ("empty_tokenizer", "sentencepiece.bpe.model: not a sentencepiece model"),
+    ("config_a_list", "config.json: expected a JSON object, found list"),
+    ("config_a_string", "config.json: expected a JSON object, found str"),
+    ("index_a_list", "model.safetensors.index.json: not a valid shard index"),
     ("no_weights", "no weights found"),
     ("wrong_scale", "released sizes"),
 ])
@@ -121,6 +154,16 @@ def test_convert_bad_sources(hf_dir, tmp_path, capsys, damage, expect):
     json.dump(dict(cfg, model_type="sam2"), open(cfg_path, "w"))
   elif damage == "no_tokenizer":
     os.remove(os.path.join(src, "sentencepiece.bpe.model"))
+  elif damage in ("junk_tokenizer", "empty_tokenizer"):  # copied as is, it would fail at the first predict
+    with open(os.path.join(src, "sentencepiece.bpe.model"), "w") as f:
+      f.write("not a model" if damage == "junk_tokenizer" else "")
+  elif damage in ("config_a_list", "config_a_string"):
+    with open(cfg_path, "w") as f:
+      json.dump([1, 2] if damage == "config_a_list" else "x", f)
+  elif damage == "index_a_list":
+    os.remove(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "model.safetensors.index.json"), "w") as f:
+      json.dump([1, 2], f)
   elif damage == "no_weights":
     os.remove(os.path.join(src, "model.safetensors"))
   elif damage == "wrong_scale":
@@ -129,6 +172,7 @@ def test_convert_bad_sources(hf_dir, tmp_path, capsys, damage, expect):
   line = _error_line(capsys, ["convert", "--src", src, "--out", out])
   assert expect in line, line
   assert not os.path.exists(out)
+  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
 
 
 def test_convert_extra_and_missing_keys_are_all_listed(hf_dir, tmp_path, capsys):
@@ -248,6 +292,20 @@ def test_predict_several_images_checked_before_the_model_loads(ckpt, image_file,
   assert not out.exists()
   line = _error_line(capsys, base[:-1] + [str(tmp_path / "d1"), "--image", str(tmp_path / "d1")])
   assert "is an --image directory" in line, line  # a rerun would read the masks as images
+
+
+@pytest.mark.parametrize("flag", [None, "--overwrite", "--skip-existing"])
+def test_predict_output_name_taken_by_a_directory(image_file, tmp_path, capsys, flag):
+  """A directory where an output file goes is refused before the model loads (the checkpoint is not even read);
+  replacing or keeping it would not help."""
+  out = tmp_path / "o"
+  (out / "scene_0_vis.png").mkdir(parents=True)
+  argv = ["predict", "--checkpoint", str(tmp_path / "no-model"), "--image", image_file, "--prompt", "cat",
+          "--out-dir", str(out)] + ([flag] if flag else [])
+  line = _error_line(capsys, argv)
+  assert line == f"error: {out / 'scene_0_vis.png'} is a directory where this run writes a file; move it out of " \
+                 "the way or choose another --out-dir", line
+  assert os.listdir(out) == ["scene_0_vis.png"]
 
 
 def test_predict_keeps_the_images_done_when_a_later_one_is_corrupt(ckpt, image_file, tmp_path, capsys):
@@ -474,6 +532,10 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
     (["bogus"], "error: run.py: argument COMMAND: invalid choice: 'bogus'"),
     (["predict", "--checkpoint", "c", "--image", "i", "--prompt", "p", "--out-dir", "o", "--compilation-cache", ""],
      "error: run.py predict: argument --compilation-cache: is empty"),  # it would silently run without a cache
+    (["predict", "--checkpoint", "", "--image", "i", "--prompt", "p", "--out-dir", "o"],
+     "error: run.py predict: argument --checkpoint: is empty"),  # was "error: : not a converted ..."
+    (["convert", "--src", " ", "--out", "o"], "error: run.py convert: argument --src: is empty"),
+    (["export-hf", "--checkpoint", "", "--out", "o"], "error: run.py export-hf: argument --checkpoint: is empty"),
 ])
 def test_argument_mistakes_are_one_line(capsys, argv, expect):
   with pytest.raises(SystemExit) as e:

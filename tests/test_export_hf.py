@@ -263,3 +263,26 @@ def test_bad_input_is_one_line(released, tmp_path, capsys):
   assert cli.main(["export-hf", "--checkpoint", ckpt, "--out", out, "--overwrite", "--precision", "bf16"]) == 0
   assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
   assert not [p for p in os.listdir(tmp_path) if ".partial-" in p or ".old-" in p]
+
+
+@pytest.mark.parametrize("released", ["evf-sam"], indirect=True)
+def test_overwrite_keeps_the_users_files_and_links(released, tmp_path, capsys):
+  """An earlier export that also holds the user's files is refused before the checkpoint loads, --overwrite or
+  not; one reached through a symbolic link is replaced where the link points, the link kept."""
+  _, _, ckpt = released
+  (tmp_path / "real").mkdir()
+  out = tmp_path / "real" / "hf"
+  assert cli.main(["export-hf", "--checkpoint", ckpt, "--out", str(out)]) == 0
+  (out / "notes.txt").write_text("keep me")
+  for extra in ([], ["--overwrite"]):
+    line = _error(capsys, ["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", str(out), *extra])
+    assert "holds notes.txt, which an evf-jax export directory does not" in line, line
+  assert (out / "notes.txt").read_text() == "keep me"
+  (out / "notes.txt").unlink()
+  (tmp_path / "links").mkdir()
+  link = tmp_path / "links" / "hf"
+  link.symlink_to(out)
+  assert cli.main(["export-hf", "--checkpoint", ckpt, "--out", str(link), "--overwrite", "--precision", "bf16"]) == 0
+  assert link.is_symlink() and os.readlink(link) == str(out)
+  assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
+  assert os.listdir(tmp_path / "links") == ["hf"] and os.listdir(tmp_path / "real") == ["hf"]

@@ -50,9 +50,20 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
                       "are a one-line error before anything runs")
 
 
+def check_no_directories(paths: Iterable[str]) -> None:
+  """UserError naming the first of `paths` (files this run would write) that is a directory: neither --overwrite
+  nor --skip-existing can use it, and writing the file there would fail after the model load."""
+  for path in paths:
+    if os.path.isdir(path):
+      raise UserError(f"{path} is a directory where this run writes a file; move it out of the way or choose "
+                      "another --out-dir")
+
+
 def check_not_there(paths: Iterable[str], overwrite: bool, other_way: str = "") -> None:
   """UserError naming the first of `paths` (what this run would write) that exists, unless `overwrite`;
-  `other_way` (", FLAG to ...") is the command's other way past it."""
+  `other_way` (", FLAG to ...") is the command's other way past it. A directory is refused either way."""
+  paths = list(paths)
+  check_no_directories(paths)
   if overwrite:
     return
   for path in paths:

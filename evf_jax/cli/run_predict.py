@@ -18,7 +18,7 @@ HELP = "segment images by text prompts, or a video by one text prompt, with an e
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--checkpoint", required=True,
+  p.add_argument("--checkpoint", required=True, type=common.nonempty,
                  help="an evf-jax checkpoint directory (from `run.py convert`, or a training run's export/)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--image", nargs="+", action="extend",
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
   files, stems = image_files(args.image, args.out_dir)
   outputs = {s: _outputs(args, [f"{s}_{i}" for i in range(len(prompts))]) for s in stems}
   if args.skip_existing:  # every file is written whole (images.save_prediction): one that exists is finished
+    common.check_no_directories(o for s in stems for o in outputs[s])  # a directory is no finished file
     done = {s for s in stems if all(os.path.exists(o) for o in outputs[s])}
   else:
     done = set()
