@@ -30,6 +30,7 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.runtime import compute_dtype, enable_compilation_cache
+from evf_jax.tokenizer import is_blank
 
 
 class PromptError(UserError, ValueError):
@@ -174,7 +175,7 @@ class Predictor:
     for i, p in enumerate(prompts):
       if not isinstance(p, str):
         raise PromptError(f"prompt {i} is a {type(p).__name__}, not a str")
-      if not p.strip():
+      if is_blank(p):
         raise PromptError(f"prompt {i} is empty or whitespace-only")
     input_ids, attention_mask = self.tokenizer.encode_batch(prompts)
     return self.predict_tokens(input_ids, attention_mask)

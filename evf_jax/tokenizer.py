@@ -17,6 +17,7 @@ Batches are right-padded with `<pad>` to a static length bucket, so a jitted mod
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from typing import Optional, Sequence
 
@@ -37,6 +38,13 @@ FAIRSEQ_OFFSET = 1
 
 # BEiT-3's text positions: max_source_positions 1024 minus the fairseq offset 2.
 MAX_TEXT_LEN = 1022
+
+
+def is_blank(text: str) -> bool:
+  """True when `text` holds nothing but whitespace and invisible format characters (zero-width spaces, byte-order
+  marks, joiners: Unicode category Cf). `str.strip` keeps the latter, yet such a prompt says nothing: the
+  tokenizer turns it into "<s></s>" (zero-width spaces, marks) or an unknown piece (joiners)."""
+  return not "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
 def truncate_ids(ids: Sequence[int], max_text_len: int) -> list[int]:

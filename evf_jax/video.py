@@ -28,6 +28,7 @@ from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config, postprocess_matrices
 from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
 from evf_jax.sam2 import tracking
 from evf_jax.sam2.transforms import video_frame
+from evf_jax.tokenizer import is_blank
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ class VideoPredictor:
 
   def prompt_embedding(self, frame0: np.ndarray, prompt: str) -> jax.Array:
     """(1, C): BEiT-3 on frame 0 and the text, projected (the one sparse prompt of frame 0)."""
-    if not prompt.strip():
+    if is_blank(prompt):
       raise UserError("the prompt is empty or whitespace-only")
     ids, mask = self.tokenizer.encode_batch([prompt])
     beit = beit_image(frame0, self.config.beit3.img_size)[None]

@@ -107,6 +107,22 @@ def test_paths_and_errors(bpe_dir, tmp_path):
     T.TextTokenizer(str(bad))
 
 
+def test_blank_prompts_are_those_the_tokenizer_drops_entirely(bpe_dir):
+  """`is_blank` (what predict, the video predictor and the demo refuse or skip): every prompt the tokenizer encodes
+  as "<s></s>" (whitespace, zero-width spaces, byte-order marks), and invisible joiners it keeps as an unknown
+  piece; a prompt with one visible character is not blank."""
+  from evf_jax.predictor import PromptError, Predictor
+  tok = T.TextTokenizer(bpe_dir)
+  dropped = ["", " \t\n", "\u200b", "\u200b \u200b", "\ufeff", "\u00a0\u3000"]
+  assert all(tok.encode(t) == [T.BOS_ID, T.EOS_ID] and T.is_blank(t) for t in dropped)
+  assert T.is_blank("\u200d\u2060") and tok.encode("\u200d\u2060") != [T.BOS_ID, T.EOS_ID]
+  for text in ("a", "\u200bcar", "red\u200b"):
+    assert not T.is_blank(text) and len(tok.encode(text)) > 2, repr(text)
+  predictor = Predictor.__new__(Predictor)  # the prompt check runs before anything the constructor sets
+  with pytest.raises(PromptError, match="prompt 1 is empty or whitespace-only"):
+    predictor.predict(["car", "\u200b"])
+
+
 def test_encode_batch_buckets_and_padding(bpe_dir):
   tok = T.TextTokenizer(bpe_dir)
   texts = ["dog", "[semantic] the man on the left", ""]

@@ -43,6 +43,7 @@ from evf_jax.cli import common, run_synthetic
 from evf_jax.errors import UserError, first_line
 from evf_jax.images import ImageReadError, load_image, overlay
 from evf_jax.predictor import Prediction, Predictor
+from evf_jax.tokenizer import is_blank
 from evf_jax.train.checkpointing import EXPORT_DIR
 
 HELP = "a web page (gradio) to segment images by text prompts; listens on 127.0.0.1 unless --host says otherwise"
@@ -149,7 +150,7 @@ def _bind_problem(host: str, e: OSError) -> str:
 
 def parse_prompts(text: str | None, semantic: bool) -> list[str]:
   """The prompts box: one prompt per non-blank line; with `semantic`, each gets the "[semantic] " prefix."""
-  prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+  prompts = [line.strip() for line in (text or "").splitlines() if not is_blank(line)]
   if not prompts:
     raise UserError("no prompt: type at least one (one per line), then press Segment")
   if len(prompts) > MAX_PROMPTS:
