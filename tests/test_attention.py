@@ -35,12 +35,13 @@ def inputs(b, n, t, s, d, seed=0, masked=False):
 
 
 def close(got, want, tol):
-  """Within `tol` of the largest |want| (float32 summation order; measured <= 9e-7 of it)."""
+  """Within `tol` of the largest |want| (float32 summation order: outputs measured <= 9e-7 of it, gradients up to
+  2.6e-6 on an AMD EPYC, where jax's own dq was 2.1e-6 off the float64 answer and ours 7e-7)."""
   err, scale = float(jnp.abs(got - want).max()), float(jnp.abs(want).max())
   assert err <= tol * max(scale, 1.0), (err, scale)
 
 
-def check(q, k, v, mask, tol=2e-6):
+def check(q, k, v, mask, tol=5e-6):
   got = jax.jit(lambda q, k, v: layers.heads_first_attention(q, k, v, key_mask=mask))(q, k, v)
   close(got, reference(q, k, v, mask), tol)
   loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
