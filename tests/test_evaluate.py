@@ -397,6 +397,9 @@ def test_cli_eval_skip_existing_continues_an_interrupted_run(ckpt, data, tmp_pat
   assert "refcoco_unc_val.json is another evaluation's (precision \"fp32\" there, \"bf16\" now)" in line, line
   assert "--overwrite" in line
   assert "choose one" in error_line(capsys, base + ["--skip-existing", "--overwrite"])
+  os.remove(out / "synthetic_val.json")
+  os.mkdir(out / "synthetic_val.json")  # no result, and nothing could be written there after the evaluation
+  assert "synthetic_val.json is a directory" in error_line(capsys, base + ["--skip-existing"])
 
 
 def test_cli_eval_damaged_weights_are_one_line(ckpt, data, tmp_path):

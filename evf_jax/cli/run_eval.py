@@ -252,6 +252,7 @@ def _earlier_results(out_dir: str, paths: Sequence[str], same: Sequence[dict], o
   if jax.process_index() == 0:
     try:
       if skip_existing:
+        common.check_no_directories(paths)  # a directory is no finished result, and cannot be written over
         kept = [_finished(path, fields) for path, fields in zip(paths, same)]
       else:
         common.check_not_there(paths, overwrite, ", --skip-existing to keep the splits an earlier run finished")
