@@ -13,9 +13,10 @@ def first_line(e: BaseException, empty: str = "") -> str:
 
 
 def innermost(e: BaseException) -> BaseException:
-  """The exception at the bottom of `e`'s chain (causes and contexts): libraries such as orbax wrap the one that
-  says what went wrong ("byte range ... is not valid for value of size ...") in one that only says where."""
+  """The exception at the bottom of `e`'s chain of explicit causes (`raise ... from`): libraries such as orbax
+  wrap the one that says what went wrong ("byte range ... is not valid for value of size ...") in one that only
+  says where. Implicit contexts are not followed: they may be errors the library handled."""
   seen = [e]
-  while (nxt := seen[-1].__cause__ or seen[-1].__context__) is not None and nxt not in seen:
+  while (nxt := seen[-1].__cause__) is not None and nxt not in seen:
     seen.append(nxt)
   return seen[-1]
