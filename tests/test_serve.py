@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -394,3 +395,21 @@ def test_serving_is_said_once_the_port_listens(ckpt, monkeypatch, tmp_path, host
   assert said[0][1] == 0, f"nothing listens at {url} when serve says it serves there"
   assert tunnels == []
   assert os.environ["NO_PROXY"] == "example.com" and "no_proxy" not in os.environ  # as they were
+
+
+def test_sigterm_stops_the_server_as_ctrl_c_does(ckpt, tmp_path):
+  """`kill` (SIGTERM) ends serve with status 0 and removes its temporary folder of served masks; Python's default
+  ended the process at once and left the folder behind."""
+  env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen([sys.executable, "run.py", "serve", "--checkpoint", ckpt, "--port", str(_free_port())],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()  # "serving ... at URL": the folder exists and the port listens
+    assert line.startswith("serving "), (line, proc.stderr.read() if proc.poll() is not None else "")
+    assert [p for p in os.listdir(tmp_path) if p.startswith("evf_jax_serve_")]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+  finally:
+    proc.kill()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("evf_jax_serve_")]
+

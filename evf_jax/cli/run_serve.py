@@ -23,6 +23,7 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -401,5 +402,15 @@ def run(args: argparse.Namespace) -> int:
     first = re.split(r"\.\s", first_line(e))[0]
     raise UserError(f"cannot listen on {url_host(host)}:{args.port} ({first}); pass another --port or --host") from None
   print(f"serving {checkpoint} at {url} (Ctrl-C stops)", flush=True)  # only now: the port is listening
-  demo.block_thread()
+  # SIGTERM (kill, systemd, a container's stop) stops it as Ctrl-C does: Python's default for it ends the process
+  # at once, without the exit handlers that remove the served masks' temporary folder.
+  previous = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    demo.block_thread()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
   return 0
+
+
+def _interrupt(signum, frame) -> None:
+  raise KeyboardInterrupt
