@@ -15,7 +15,7 @@ import os
 from typing import BinaryIO, Callable, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from evf_jax.errors import UserError, first_line
 
@@ -92,17 +92,34 @@ def _check_file(path: str) -> None:
 def load_image(path: str) -> np.ndarray:
   """Reads an image file into RGB uint8 (H, W, 3), EXIF orientation applied."""
   _check_file(path)
-  with open(path, "rb") as f:
+  try:
+    f = open(path, "rb")
+  except OSError as e:  # unreadable (permissions), or gone since the check
+    raise ImageReadError(f"cannot open image {path}: {e.strerror or first_line(e)}") from None
+  with f:
     return _decode(f, path)
 
 
-def probe_image(path: str) -> tuple[int, int]:
-  """(height, width) from the file's header, as stored (EXIF orientation not applied), without decoding the
-  pixels: a missing, empty or unknown file fails here; corrupt pixel data only when `load_image` decodes it."""
+def probe_image(path: str, oriented: bool = False) -> tuple[int, int]:
+  """(height, width) from the file's header without decoding the pixels: a missing, empty or unknown file fails
+  here; corrupt pixel data only when `load_image` decodes it. As stored, or with `oriented` as `load_image`
+  returns it (EXIF orientations 5-8 swap the sides; a PNG's EXIF after its pixel data is not read, since that
+  decodes the file: such an image keeps its stored size)."""
   _check_file(path)
   with _opened(path, path) as img:
     _check_size(img, path)
-    return img.height, img.width
+    return (img.width, img.height) if oriented and _turned(img) else (img.height, img.width)
+
+
+def _turned(img: Image.Image) -> bool:
+  """Whether EXIF says the image is stored a quarter turn from how it is shown."""
+  if img.format == "PNG" and "exif" not in img.info:
+    return False
+  try:
+    orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+  except Exception:  # noqa: BLE001 (a broken EXIF block: decoding the image names the file, or ignores it)
+    return False
+  return orientation in (5, 6, 7, 8)
 
 
 def check_rgb_array(image: np.ndarray) -> np.ndarray:

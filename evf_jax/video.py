@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -124,23 +125,19 @@ def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
   """A video as (frame stems, iterator of RGB uint8 frames; a directory's are read lazily, a file's are decoded
   up front).
 
-  A directory: its image files (`images.FILE_EXTENSIONS`, any case), ordered by the integer value of their names
-  when all are integers (ffmpeg's `%05d.jpg`, what SAM-2's loader expects), else by name. A file: decoded with PyAV
-  (optional: `pip install av`), stems `00000`, `00001`, ... Problems are `UserError`s.
+  A directory: its image files (`images.FILE_EXTENSIONS`, any case; hidden files such as macOS's `._x.jpg` left
+  out) in natural order (`frame_key`: `frame2` before `frame10`, ffmpeg's `%05d.jpg` by number, what SAM-2's
+  loader expects); every frame's header is read up front, so a file that is no image or has another size than
+  frame 0 is refused before any work. A file: decoded with PyAV (optional: `pip install av`), stems `00000`,
+  `00001`, ... Problems are `UserError`s.
   """
   if not os.path.exists(path):
     raise UserError(f"video not found: {path}")
   if os.path.isdir(path):
-    names = [n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in images.FILE_EXTENSIONS
-             and os.path.isfile(os.path.join(path, n))]
-    if not names:
-      raise UserError(f"no frames ({', '.join(images.FILE_EXTENSIONS)}) in the directory {path}")
-    stems = [os.path.splitext(n)[0] for n in names]
-    if len(set(stems)) != len(stems):
-      raise UserError(f"two frames in {path} share a name with different extensions")
-    numeric = all(s.isdigit() for s in stems)
-    names.sort(key=(lambda n: int(os.path.splitext(n)[0])) if numeric else None)
-    return [os.path.splitext(n)[0] for n in names], (images.load_image(os.path.join(path, n)) for n in names)
+    names = _frame_names(path)
+    files = [os.path.join(path, n) for n in names]
+    _check_frame_sizes(files)
+    return [os.path.splitext(n)[0] for n in names], (images.load_image(f) for f in files)
   try:
     import av  # lazy: optional (PyAV), only video files need it
   except ImportError:
@@ -154,3 +151,50 @@ def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
   if not frames:
     raise UserError(f"the video has no frames: {path}")
   return [f"{i:05d}" for i in range(len(frames))], iter(frames)
+
+
+def frame_key(stem: str) -> tuple:
+  """Natural order: the stem as alternating text (case-folded) and numbers, so `frame2` < `frame10` and
+  `1.5` < `10.0`. ASCII digits only: `int` of other Unicode digits (`²`) fails or means something else."""
+  parts = re.split(r"([0-9]+)", stem)
+  return tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(parts))
+
+
+def _frame_names(path: str) -> list[str]:
+  """A frames directory's image files, in natural order; names that would collide are refused."""
+  try:
+    entries = os.listdir(path)
+  except OSError as e:
+    raise UserError(f"cannot list the frames directory {path} ({e.strerror or first_line(e)})") from None
+  names = [n for n in entries if os.path.splitext(n)[1].lower() in images.FILE_EXTENSIONS and not n.startswith(".")]
+  if not names:
+    raise UserError(f"no frames ({', '.join(images.FILE_EXTENSIONS)}) in the directory {path}")
+  for n in sorted(names):
+    f = os.path.join(path, n)
+    if not os.path.isfile(f):  # dropping it would track a video with a frame missing
+      what = "a broken symbolic link" if os.path.islink(f) and not os.path.exists(f) else "not a file"
+      raise UserError(f"frame {f} is {what}: remove it or point it at an image")
+  by_stem: dict[str, str] = {}  # case-folded stem -> its name: outputs are named by stem
+  by_key: dict[tuple, str] = {}
+  for n in sorted(names):
+    stem = os.path.splitext(n)[0]
+    if stem.casefold() in by_stem:  # a case-insensitive disk holds one <stem>_mask.png
+      raise UserError(f"frames {by_stem[stem.casefold()]} and {n} in {path} would write the same outputs "
+                      f"({stem}_mask.png, ...); rename one")
+    by_stem[stem.casefold()] = n
+    key = frame_key(stem)
+    if key in by_key:
+      raise UserError(f"frames {by_key[key]} and {n} in {path} have the same place in the order (numbers are "
+                      "compared by value); rename one")
+    by_key[key] = n
+  return sorted(names, key=lambda n: frame_key(os.path.splitext(n)[0]))
+
+
+def _check_frame_sizes(files: list[str]) -> None:
+  """Every frame readable as an image of frame 0's size, before the model loads and any output is written."""
+  hw = images.probe_image(files[0], oriented=True)  # every unreadable file is an ImageReadError naming it
+  for f in files[1:]:
+    other = images.probe_image(f, oriented=True)
+    if other != hw:
+      raise UserError(f"frame {f} is {other[1]}x{other[0]}, frame 0 ({files[0]}) is {hw[1]}x{hw[0]}: a video's "
+                      "frames must all have one size")

@@ -177,7 +177,7 @@ def test_read_frames_order(tmp_path):
   stems, frames = read_frames(str(tmp_path))
   assert stems == ["0002", "9", "10"] and len(list(frames)) == 3
   (tmp_path / "b.png").write_bytes((tmp_path / "10.png").read_bytes())
-  assert read_frames(str(tmp_path))[0] == ["0002", "10", "9", "b"]  # not all integers: by name
+  assert read_frames(str(tmp_path))[0] == ["0002", "9", "10", "b"]  # natural order: numbers by value
 
 
 def test_sam1_checkpoint_with_video_is_one_line(tmp_path, spm_dir, capsys, frames_dir):

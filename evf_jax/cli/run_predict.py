@@ -26,9 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="image files (JPEG, PNG, WebP, BMP, ...) or directories of them (their "
                         f"{', '.join(FILE_EXTENSIONS)} files, by name); every prompt is applied to every image, the "
                         "model loaded once")
-  src.add_argument("--video", help="EVF-SAM2 only: a directory of frames (e.g. ffmpeg's 00000.jpg, 00001.jpg, ...) "
-                                   "or a video file (needs PyAV: pip install av); the prompt is read on the first "
-                                   "frame and the object tracked through the others")
+  src.add_argument("--video", help="EVF-SAM2 only: a directory of frames (e.g. ffmpeg's 00000.jpg, 00001.jpg, ...; "
+                                   f"its {', '.join(FILE_EXTENSIONS)} files in natural order: numbers in names by "
+                                   "value, so frame2 before frame10; hidden files left out) or a video file (needs "
+                                   "PyAV: pip install av); the prompt is read on the first frame and the object "
+                                   "tracked through the others")
   p.add_argument("--prompt", action="append", required=True,
                  help="a referring text; repeat for several (e.g. --prompt 'zebra top left' --prompt '[semantic] sky'); "
                       "one with --video")
@@ -42,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="images: keep the images whose outputs are all in --out-dir (an interrupted or earlier run's) "
                       "and predict the others, replacing what they had written; run again with it to continue")
   p.add_argument("--chunk", type=int, default=4,
-                 help="video: frames whose image features are computed in one batch (default 4)")
+                 help="video: frames whose image features are computed in one batch (default 4; at most the "
+                      "video's frames)")
   common.add_compute_args(p)
   p.add_argument("--max-text-len", type=int, default=None,
                  help="longest prompt in tokens (special tokens included), 2 to the model's limit (1022 for the "
@@ -151,11 +154,13 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
   if os.path.isdir(args.video) and os.path.realpath(args.video) == os.path.realpath(args.out_dir):
     # The masks and overlays written there would be read as frames by the next run.
     raise UserError(f"--out-dir {args.out_dir} is the frames directory (--video); choose another --out-dir")
-  stems, frames = read_frames(args.video)
+  stems, frames = read_frames(args.video)  # a directory's frames are all checked here, before the load
   common.check_not_there(_outputs(args, stems), args.overwrite)
+  # A chunk is padded to its full size: a longer one than the video would encode padding frames only.
+  chunk = min(args.chunk, max(2, len(stems)))
   predictor = VideoPredictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                              compilation_cache_dir=args.compilation_cache,
-                                             max_text_len=args.max_text_len, chunk=args.chunk)
+                                             max_text_len=args.max_text_len, chunk=chunk)
   os.makedirs(args.out_dir, exist_ok=True)
   shown: list = []
 
@@ -172,5 +177,5 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
     seen += out.object_score > 0
     print(f"[{stems[out.index]}] mask area {int(out.mask.sum())} px ({100.0 * out.mask.mean():.2f}%), "
           f"object score {out.object_score:.4f}")
-  print(f"{len(stems)} frames, object seen on {seen}")
+  print(f"{len(stems)} frame{'s' if len(stems) != 1 else ''}, object seen on {seen}")
   return 0
