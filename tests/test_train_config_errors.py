@@ -99,3 +99,15 @@ def test_help_still_works(command, capsys):
     cli.main([command, "--help"])
   assert exit_.value.code == 0
   assert "--config" in capsys.readouterr().out
+
+
+def test_a_flag_taken_as_the_workdir_is_refused(tmp_path, capsys, monkeypatch):
+  """`--workdir $W` with W unset: absl takes the next flag as the workdir, and the run trained into
+  ./--config.total_steps=3 with the override lost."""
+  monkeypatch.chdir(tmp_path)
+  line = error_line(capsys, ["train", "--config", SYNTHETIC, "--workdir", "--config.total_steps=3"])
+  assert "--workdir --config.total_steps=3: a flag taken as its value" in line, line
+  line = error_line(capsys, ["train", "--config", SYNTHETIC, "--workdir", "w", "--compilation_cache", "--workdir=x"])
+  assert "--compilation_cache --workdir=x: a flag taken as its value" in line, line
+  assert os.listdir(tmp_path) == []
+

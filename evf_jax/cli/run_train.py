@@ -126,6 +126,11 @@ def parse(argv: Sequence[str]) -> flags.FlagValues:
     raise UserError(_config_error(e)) from None
   if not fv.workdir:
     raise UserError("--workdir is required")
+  for name in ("workdir", "coordinator_address", "compilation_cache"):
+    value = fv[name].value
+    if value and value.startswith("-"):  # `--workdir $W` with W unset: absl takes the next flag as the value
+      raise UserError(f"--{name} {value}: a flag taken as its value (was the value left out?); a path that starts "
+                      "with '-' is written ./-NAME")
   return fv
 
 
