@@ -279,6 +279,24 @@ def test_sigkill_mid_run_and_mid_save_lose_only_unfinished_work(straight, config
 
 
 @pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_logs_each_step_once(straight, config_file, data_root, tmp_path):
+  """Killed before any checkpoint: the next run starts afresh and drops the killed run's metrics rows (they were
+  kept, so early steps were logged twice, and TensorBoard drew two curves)."""
+  w = str(tmp_path / "early")
+  proc = _child(config_file, data_root, w, "--config.checkpoint_every=100")
+  metrics = os.path.join(w, "metrics.jsonl")
+  logged = lambda: os.path.isfile(metrics) and "\n" in (text := open(metrics).read()) and '"train/loss"' in \
+      text.split("\n")[0]  # one whole row
+  _wait_for(logged, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _steps(w) == [] and logged()
+  _finish(config_file, data_root, w)
+  assert _losses(w) == _losses(straight)
+  assert_same_tree(saved_params(w, 6), saved_params(straight, 6))
+
+
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(straight, config_file, data_root, tmp_path):
   w = str(tmp_path / "term")
   proc = _child(config_file, data_root, w, "--config.checkpoint_every=100")

@@ -263,10 +263,9 @@ class Trainer:
 
     writer = None
     if jax.process_index() == 0:
-      if latest is not None:  # a run killed after its last checkpoint logged steps it now trains again
-        _drop_rows_after(os.path.join(self.workdir, METRICS_FILE), start)
-      writer = _EventWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
-                            purge_step=start + 1 if latest is not None else None)
+      # A run killed after its last checkpoint (or before its first) logged steps it now trains again.
+      _drop_rows_after(os.path.join(self.workdir, METRICS_FILE), start)
+      writer = _EventWriter(os.path.join(self.workdir, TENSORBOARD_DIR), purge_step=start + 1)
     previous_handlers = self._install_signal_handlers()
     summary = Summary(step=start, resumed_from=latest, stopped_early=None, last_metrics={}, evals={}, export=None)
     try:
