@@ -9,11 +9,12 @@ Layout of a directory written by `save_model`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -162,27 +163,31 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
   target = family.abstract_params(config, param_dtype=param_dtype)
-  unraisable = sys.unraisablehook
-  sys.unraisablehook = _without_closed_loop_callbacks(unraisable)
   try:
-    params = load_params(directory, target)
+    with quiet_if_restore_fails():
+      params = load_params(directory, target)
   except ModelDirError:
     raise
   except Exception as e:  # orbax: missing, mismatching or damaged arrays
-    # The filter stays: reads still in flight finish after this, each with an unraisable error.
     raise ModelDirError(f"{directory}: cannot restore the weights ({first_line(innermost(e))[:300]})") from None
-  sys.unraisablehook = unraisable
   return config, params, tokenizer
 
 
-def _without_closed_loop_callbacks(hook: Callable[[Any], None]) -> Callable[[Any], None]:
-  """`hook` without the "Event loop is closed" errors of a failed restore: once orbax has given up and closed
-  its asyncio loop, TensorStore's other reads still call back into it, and Python printed a traceback for each
-  (hundreds of lines after the one-line error)."""
+@contextlib.contextmanager
+def quiet_if_restore_fails():
+  """Around an orbax restore: if it fails, the "Event loop is closed" errors that follow are not printed. Once
+  orbax has given up and closed its asyncio loop, TensorStore's other reads still call back into it, and Python
+  printed a traceback for each (hundreds of lines after the one-line error). The filter stays after a failure,
+  since those reads finish later."""
+  previous = sys.unraisablehook
+
   def filtered(unraisable) -> None:
     if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-      hook(unraisable)
-  return filtered
+      previous(unraisable)
+
+  sys.unraisablehook = filtered
+  yield
+  sys.unraisablehook = previous  # reached only when the restore succeeded
 
 
 def check_shapes(directory: str, params: Any, target: Any) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,27 @@ def test_a_workdir_of_another_config_refuses_to_resume(straight, config_file, da
   code = cli.main(_args(config_file, data_root, w, "--config.optimizer.lr=0.01"))
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "optimizer.lr=0.001" in err[0] and "0.01" in err[0], err
+
+
+def test_a_damaged_checkpoint_or_a_lost_config_is_one_line(straight, config_file, data_root, tmp_path, capsys):
+  """The newest checkpoint's arrays cut short: one line naming it and the step to fall back to (was orbax's
+  traceback, 150 lines). config.json deleted: refused, since nothing could be checked (was a resume with any
+  settings, and the file never written again)."""
+  damaged = tmp_path / "damaged"
+  shutil.copytree(straight, damaged)
+  arrays = sorted(glob.glob(str(damaged / "checkpoints" / "6" / "state" / "ocdbt.process_0" / "d" / "*")),
+                  key=os.path.getsize)
+  os.truncate(arrays[-1], 1000)
+  code = cli.main(_args(config_file, data_root, damaged))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and f"{damaged}/checkpoints/6: cannot restore it (" in err[0], err
+  assert "delete that folder to resume from step 3" in err[0], err
+  lost = tmp_path / "lost"
+  shutil.copytree(straight, lost)
+  os.remove(lost / "config.json")
+  code = cli.main(_args(config_file, data_root, lost, "--config.seed=3"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "holds checkpoints (the latest: step 6) but not the config.json" in err[0]
 
 
 # ---------------------------------------------------------------- interruptions, in a child process

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from evf_jax import checkpoints, storage
-from evf_jax.errors import UserError
+from evf_jax.errors import UserError, first_line, innermost
 from evf_jax.tokenizer import SPM_FILE
 
 CONFIG_FILE = "config.json"
@@ -85,15 +85,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
   """The state of `step` with the shapes, dtypes and shardings of `abstract_state` (so a run may resume on
   another mesh or process count), and the iterator moved to the saved position."""
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-  except ValueError as e:
-    if "tree structures do not match" not in str(e):
-      raise
-    # The config matched (check_resume), so the code lays out the state differently (what is trained, or the
-    # optimizer's state): another version.
-    raise UserError(f"{mngr.directory}/{step}: saved with another split of trained and frozen parameters or "
-                    f"another optimizer state than this version makes; use another --workdir (the checkpoint is "
-                    f"left as it is)") from None
+    with checkpoints.quiet_if_restore_fails():
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # noqa: BLE001 (whatever orbax or TensorStore raise: one line naming the checkpoint)
+    if isinstance(e, ValueError) and "tree structures do not match" in str(e):
+      # The config matched (check_resume), so the code lays out the state differently (what is trained, or the
+      # optimizer's state): another version.
+      raise UserError(f"{mngr.directory}/{step}: saved with another split of trained and frozen parameters or "
+                      f"another optimizer state than this version makes; use another --workdir (the checkpoint is "
+                      f"left as it is)") from None
+    earlier = [s for s in mngr.all_steps() if s < step]
+    instead = (f"delete that folder to resume from step {max(earlier)}" if earlier else
+               "delete that folder to start afresh")
+    raise UserError(f"{mngr.directory}/{step}: cannot restore it ({first_line(innermost(e))[:300]}); it is damaged "
+                    f"(a copy cut short?) or was saved with another model: {instead}, or use another "
+                    "--workdir") from None
   data_iterator.set_state(_data_state(os.path.join(str(mngr.directory), str(step), "data")))
   return restored["state"]
 

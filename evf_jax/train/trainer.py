@@ -238,6 +238,10 @@ class Trainer:
 
     mngr = checkpointing.manager(self.workdir, cfg.keep_checkpoints, keep_best=self.eval_fn is not None)
     latest = mngr.latest_step()
+    if latest is not None and saved is None:  # resuming would check nothing: another config's state may load
+      raise UserError(f"{self.workdir} holds checkpoints (the latest: step {latest}) but not the "
+                      f"{checkpointing.CONFIG_FILE} of their run, which a resumed run's settings are checked against: "
+                      "put it back, or use another --workdir")
     if latest is not None:
       self.log(f"resuming from {self.workdir}/{checkpointing.CHECKPOINT_DIR}/{latest}")
       state = checkpointing.restore(mngr, latest, abstract, self.data_iterator)
