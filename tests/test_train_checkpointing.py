@@ -32,7 +32,7 @@ def _abstract(state):
 
 
 def test_a_state_of_another_tree_is_refused_in_one_line(tmp_path):
-  mngr = checkpointing.manager(str(tmp_path), keep=2, keep_best=False)
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
   older = {"params": {"a": jnp.ones(3), "pe": jnp.ones(2)}, "frozen": {}}
   assert checkpointing.save(mngr, 1, older, _iterator(), force=True)
   mngr.wait_until_finished()
@@ -52,7 +52,7 @@ def test_a_muon_state_round_trips(tmp_path):
   grads = jax.tree.map(lambda x: jnp.cos(x) + 0.5, params)
   _, opt_state = tx.update(grads, opt_state, params)  # moments that are not zeros
   state = {"params": params, "opt_state": opt_state}
-  mngr = checkpointing.manager(str(tmp_path), keep=2, keep_best=False)
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
   assert checkpointing.save(mngr, 1, state, _iterator(), force=True)
   mngr.wait_until_finished()
   back = checkpointing.restore(mngr, 1, _abstract(state), _iterator())
@@ -60,6 +60,35 @@ def test_a_muon_state_round_trips(tmp_path):
   assert_same_tree(state, back)
   moments = [v for _, v in optax.tree_utils.tree_get_all_with_path(back, "mu")]
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(moments))
+
+
+def test_the_best_checkpoint_survives_a_resumed_run_that_evaluates_nothing(tmp_path):
+  """A run resumed with `--config.evals=()` saves without metrics: the earlier run's best stays (it was pruned
+  when such a run's manager had no BestN policy), beside the latest `keep`."""
+  state = {"params": {"a": jnp.ones(3)}}
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
+  for step, giou in ((2, 0.5), (4, 0.1)):
+    assert checkpointing.save(mngr, step, state, _iterator(), metrics={checkpointing.BEST_METRIC: giou})
+  mngr.wait_until_finished()
+  resumed = checkpointing.manager(str(tmp_path), keep=2)
+  for step in (6, 8, 10):
+    assert checkpointing.save(resumed, step, state, _iterator())
+  resumed.wait_until_finished()
+  assert sorted(resumed.all_steps()) == [2, 8, 10]
+
+
+def test_a_resume_that_changes_the_split_the_best_is_chosen_by_is_refused():
+  saved = train_config.base_config().to_dict()
+  saved["evals"] = ("refcoco|unc|val", "refcoco+|unc|val")
+  current = copy.deepcopy(saved)
+  current["evals"] = ("refcoco|unc|val",)  # others may go, or none be evaluated
+  assert checkpointing.check_resume(saved, current, "W") == ["evals"]
+  current["evals"] = ()
+  assert checkpointing.check_resume(saved, current, "W") == ["evals"]
+  current["evals"] = ("refcoco+|unc|val", "refcoco|unc|val")
+  with pytest.raises(UserError, match="W keeps its best checkpoint by the gIoU of its first eval split, "
+                                      "'refcoco|unc|val'; this run's first is 'refcoco+|unc|val'"):
+    checkpointing.check_resume(saved, current, "W")
 
 
 def test_a_workdir_from_before_the_optimizer_settings_resumes_as_adamw():
@@ -104,7 +133,7 @@ def test_small_replicated_arrays_are_saved_without_compiling(tmp_path):
     if event == "/jax/core/compile/backend_compile_duration":
       compiles.append(duration)
 
-  mngr = checkpointing.manager(str(tmp_path), keep=2, keep_best=False)
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     assert checkpointing.save(mngr, 1, {"small": state["small"]}, _iterator(), force=True)

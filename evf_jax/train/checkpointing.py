@@ -51,22 +51,22 @@ class _SavesWithoutMetrics(logging.Filter):
     return "did not provide metrics" not in record.getMessage()
 
 
-def manager(workdir: str, keep: int, *, keep_best: bool = True) -> ocp.CheckpointManager:
-  """The run's CheckpointManager: async saves; keeps the latest `keep` steps and the best by eval gIoU."""
+def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """The run's CheckpointManager: async saves; keeps the latest `keep` steps and the best by eval gIoU (also when
+  this run evaluates nothing: an earlier run's best stays)."""
   checkpoints.use_array_handler()
   absl_logger = logging.getLogger("absl")  # orbax logs through absl
   if not any(isinstance(f, _SavesWithoutMetrics) for f in absl_logger.filters):
     absl_logger.addFilter(_SavesWithoutMetrics())
-  policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep))]
   best_metric = lambda m: m[BEST_METRIC]  # noqa: E731
-  if keep_best:
-    policies.append(ocp.checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=False, n=1,
-                                                  keep_checkpoints_without_metrics=False))
+  policies = [ocp.checkpoint_managers.LatestN(n=max(1, keep)),
+              ocp.checkpoint_managers.BestN(get_metric_fn=best_metric, reverse=False, n=1,
+                                            keep_checkpoints_without_metrics=False)]
   # best_fn does not choose what is kept (the policies do), but without it orbax neither writes a step's
   # metrics to disk nor reads them back, and a resumed run would drop the best checkpoint as having none.
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=True, cleanup_tmp_directories=True, create=True,
-      best_fn=best_metric if keep_best else None, best_mode="max",
+      best_fn=best_metric, best_mode="max",
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   return ocp.CheckpointManager(storage.path(os.path.join(workdir, CHECKPOINT_DIR)),
                                item_names=("state", "data"), options=options)
@@ -159,6 +159,11 @@ ADDED_SETTINGS = {"optimizer.name": "adamw", "optimizer.muon_momentum": 0.95, "d
 def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: str) -> list[str]:
   """UserError naming the first setting that differs between the workdir's config and this run's; returns the
   changed settings that are allowed (for the log)."""
+  before, now = list(_normalise(saved).get("evals") or []), list(_normalise(current).get("evals") or [])
+  if before and now and before[0] != now[0]:  # evals may change, but a gIoU of another split is no comparison
+    raise UserError(f"{workdir} keeps its best checkpoint by the gIoU of its first eval split, {before[0]!r}; this "
+                    f"run's first is {now[0]!r}: put {before[0]!r} first in --config.evals (others may follow), "
+                    "or use another --workdir")
   a, b = _flat(_normalise(saved)), _flat(_normalise(current))
   a = {**ADDED_SETTINGS, **a}
   allowed = []

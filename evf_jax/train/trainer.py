@@ -236,7 +236,7 @@ class Trainer:
                f"them, e.g. {report[0]}")
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
 
-    mngr = checkpointing.manager(self.workdir, cfg.keep_checkpoints, keep_best=self.eval_fn is not None)
+    mngr = checkpointing.manager(self.workdir, cfg.keep_checkpoints)
     latest = mngr.latest_step()
     if latest is not None and saved is None:  # resuming would check nothing: another config's state may load
       raise UserError(f"{self.workdir} holds checkpoints (the latest: step {latest}) but not the "
