@@ -84,6 +84,16 @@ def test_two_processes_train_as_one(tmp_path):
   # The 2-process checkpoint resumes in one process (8 devices here), data position included.
   assert cli.main(["train", *common, "--workdir", str(tmp_path / "two"), "--config.total_steps=8"]) == 0
   assert sorted(int(s) for s in os.listdir(tmp_path / "two" / "checkpoints") if s.isdigit())[-1] == 8
+  # A workdir another run holds: process 0 finds it locked and both processes stop, in one line each.
+  from evf_jax.train import checkpointing
+  with checkpointing.workdir_lock(str(tmp_path / "two")):
+    port = _port()
+    procs = [_train(common + ["--workdir", str(tmp_path / "two"), "--config.total_steps=10"], 4,
+                    ("--coordinator_address", f"127.0.0.1:{port}", "--coordinator_bind_address", f"127.0.0.1:{port}",
+                     "--num_processes", "2", "--process_id", str(i), "--heartbeat_timeout", "20")) for i in range(2)]
+    outs = [p.communicate()[0] for p in procs]
+  assert [p.returncode for p in procs] == [2, 2], outs
+  assert "is in use by another run (pid" in outs[0] and "process 0 found --workdir" in outs[1], outs
 
 
 @pytest.mark.slow

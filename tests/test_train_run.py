@@ -203,6 +203,20 @@ def test_a_workdir_of_another_config_refuses_to_resume(straight, config_file, da
   assert code == 2 and len(err) == 1 and "optimizer.lr=0.001" in err[0] and "0.01" in err[0], err
 
 
+def test_a_workdir_in_use_by_another_run_is_refused(config_file, data_root, tmp_path, capsys):
+  """Two runs on one workdir (a scheduler's retry while the first still runs) both trained and crashed in orbax
+  with doubled metrics; the second is now refused in one line naming the first, before it writes anything."""
+  from evf_jax.train import checkpointing
+  w = tmp_path / "w"
+  with checkpointing.workdir_lock(str(w)):  # the first run (flock: a second open file conflicts, also here)
+    code = cli.main(_args(config_file, data_root, w))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"--workdir {w} is in use by another run (pid {os.getpid()} on " in err[0]
+    assert sorted(os.listdir(w)) == ["run.lock"]
+  with checkpointing.workdir_lock(str(w)):  # released when the first run ends
+    pass
+
+
 def test_a_damaged_checkpoint_or_a_lost_config_is_one_line(straight, config_file, data_root, tmp_path, capsys):
   """The newest checkpoint's arrays cut short: one line naming it and the step to fall back to (was orbax's
   traceback, 150 lines). config.json deleted: refused, since nothing could be checked (was a resume with any

@@ -358,6 +358,11 @@ def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   if storage.path(workdir).is_file():
     raise UserError(f"--workdir {workdir} is a file")
   storage.check_writable(workdir, "--workdir")
+  with checkpointing.workdir_lock(workdir):  # before the data, tokenizer or anything else is written there
+    return _train_locked(cfg, workdir, model_config, mesh, profile)
+
+
+def _train_locked(cfg, workdir: str, model_config: ModelConfig, mesh, profile: Optional[ProfileWindow]):
   rules = sharding.rules_for(mesh, cfg.sharding_rules)
   data_root, mixture = _data_dirs(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, mixture)

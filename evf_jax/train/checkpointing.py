@@ -10,19 +10,25 @@ Layout of a workdir:
                        readable; leftovers of an interrupted save are removed at the next start.
   export/              the trained model as an evf-jax checkpoint directory (what `Predictor`, `run.py predict`
                        and `run.py eval` load)
+  run.lock             held (flock) by the run using the workdir, naming its process; a second run is refused
 The workdir may be a gs:// URL (`evf_jax.storage`): there orbax marks a finished save with a commit file
 instead of a rename, and the export is copied into place (not atomic).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import logging
 import os
+import socket
 from typing import Any, Mapping, Optional
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -34,7 +40,56 @@ CONFIG_FILE = "config.json"
 INIT_FILE = "initialisation.json"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+LOCK_FILE = "run.lock"
 BEST_METRIC = "giou"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `workdir` for this run: a second run started on it (a scheduler's retry while the first still runs,
+  the same command in two terminals) is refused in one line naming the first, instead of both writing the same
+  checkpoints, metrics and export. An flock on WORKDIR/run.lock, taken by process 0 and released when the run
+  ends or its process dies (SIGKILL included). A gs:// workdir, or a file system without locks, is not locked."""
+  handle, refusal = None, ""
+  if jax.process_index() == 0 and not storage.is_url(workdir):
+    try:
+      handle = _take_lock(workdir)
+    except UserError as e:
+      refusal = str(e)
+  refused = bool(refusal)
+  if jax.process_count() > 1:  # every process stops, not only the one that found the lock taken
+    refused = bool(multihost_utils.broadcast_one_to_all(np.array(refused)))
+  if refused:
+    if handle is not None:
+      handle.close()
+    raise UserError(refusal or f"process 0 found --workdir {workdir} in use by another run (its output says which)")
+  try:
+    yield
+  finally:
+    if handle is not None:
+      handle.close()  # releases the lock
+
+
+def _take_lock(workdir: str):
+  os.makedirs(workdir, exist_ok=True)
+  handle = open(os.path.join(workdir, LOCK_FILE), "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or "a process that did not say which"
+    handle.close()
+    raise UserError(f"--workdir {workdir} is in use by another run ({holder}); wait for it to end or stop it, or "
+                    "use another --workdir") from None
+  except OSError:  # no locks on this file system (some network mounts): run unguarded, as before
+    handle.close()
+    return None
+  handle.seek(0)
+  handle.truncate()
+  started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+  handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+  handle.flush()
+  return handle
 
 
 def has_checkpoint(workdir: str) -> bool:
