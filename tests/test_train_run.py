@@ -236,6 +236,9 @@ def test_a_damaged_checkpoint_or_a_lost_config_is_one_line(straight, config_file
   code = cli.main(_args(config_file, data_root, lost, "--config.seed=3"))
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "holds checkpoints (the latest: step 6) but not the config.json" in err[0]
+  code = cli.main(_args(config_file, data_root, damaged, "--config.total_steps=5"))  # below where it is
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "total_steps 5 is below step 6, where" in err[0], err
 
 
 # ---------------------------------------------------------------- interruptions, in a child process

@@ -242,6 +242,9 @@ class Trainer:
       raise UserError(f"{self.workdir} holds checkpoints (the latest: step {latest}) but not the "
                       f"{checkpointing.CONFIG_FILE} of their run, which a resumed run's settings are checked against: "
                       "put it back, or use another --workdir")
+    if latest is not None and latest > cfg.total_steps:  # it would export step `latest` as if it were the end
+      raise UserError(f"total_steps {cfg.total_steps} is below step {latest}, where {self.workdir} already is: "
+                      f"run it with total_steps {latest} or more, or use another --workdir")
     if latest is not None:
       self.log(f"resuming from {self.workdir}/{checkpointing.CHECKPOINT_DIR}/{latest}")
       state = checkpointing.restore(mngr, latest, abstract, self.data_iterator)
