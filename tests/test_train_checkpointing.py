@@ -77,6 +77,22 @@ def test_the_best_checkpoint_survives_a_resumed_run_that_evaluates_nothing(tmp_p
   assert sorted(resumed.all_steps()) == [2, 8, 10]
 
 
+def test_a_diverged_run_resumes_with_a_lower_lr_but_not_another_loss():
+  """What the divergence message advises (a lower lr, a longer warmup) and what only memory or speed depend on
+  may change on resume; grad_accum may not (with loss.images_per_group 0 it changes the loss)."""
+  saved = train_config.base_config().to_dict()
+  current = copy.deepcopy(saved)
+  current["optimizer"]["lr"] /= 10
+  current["optimizer"]["warmup_steps"] *= 2
+  current["remat"] = not saved["remat"]
+  current["data"]["cache_images"] = not saved["data"]["cache_images"]
+  assert sorted(checkpointing.check_resume(saved, current, "W")) == [
+      "data.cache_images", "optimizer.lr", "optimizer.warmup_steps", "remat"]
+  current["grad_accum"] = 2
+  with pytest.raises(UserError, match="W was trained with grad_accum=1, this run has 2"):
+    checkpointing.check_resume(saved, current, "W")
+
+
 def test_a_resume_that_changes_the_split_the_best_is_chosen_by_is_refused():
   saved = train_config.base_config().to_dict()
   saved["evals"] = ("refcoco|unc|val", "refcoco+|unc|val")

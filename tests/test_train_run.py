@@ -198,9 +198,9 @@ def test_a_workdir_of_another_config_refuses_to_resume(straight, config_file, da
   w = tmp_path / "other"
   assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3")) == 0
   capsys.readouterr()
-  code = cli.main(_args(config_file, data_root, w, "--config.optimizer.lr=0.01"))
+  code = cli.main(_args(config_file, data_root, w, "--config.optimizer.clip_norm=0.5"))
   err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2 and len(err) == 1 and "optimizer.lr=0.001" in err[0] and "0.01" in err[0], err
+  assert code == 2 and len(err) == 1 and "optimizer.clip_norm=1.0, this run has 0.5" in err[0], err
 
 
 def test_a_workdir_in_use_by_another_run_is_refused(config_file, data_root, tmp_path, capsys):

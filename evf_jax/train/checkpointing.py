@@ -189,7 +189,12 @@ def _read_state(path) -> Any:
 # devices are laid out (checkpoints restore onto any mesh). Everything else must match the saved config.
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "evals",
                      "eval", "progress", "peak_tflops", "mesh", "init", "data.workers", "data.read_threads",
-                     "data.prefetch", "data.root", "data.synthetic", "export", "replicate_frozen", "dcn_mesh")
+                     "data.prefetch", "data.root", "data.synthetic", "export", "replicate_frozen", "dcn_mesh",
+                     # memory and speed only (grad_accum is not: with loss.images_per_group 0 each microbatch
+                     # is one mean, so it changes the loss)
+                     "remat", "data.cache_images",
+                     # what a run that diverged resumes from its last checkpoint with (the state holds no lr)
+                     "optimizer.lr", "optimizer.warmup_steps")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

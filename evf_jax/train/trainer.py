@@ -394,8 +394,8 @@ class Trainer:
     values = {k: float(v) for k, v in _host(metrics).items()}
     if not math.isfinite(values["loss"]):
       raise TrainingDiverged(f"the loss is {values['loss']} at step {step}; stopped without saving that state "
-                             f"(the last checkpoint in {self.workdir} is intact): lower optimizer.lr or raise "
-                             f"optimizer.warmup_steps")
+                             f"(the last checkpoint in {self.workdir} is intact): resume from it with a lower "
+                             f"--config.optimizer.lr or a higher --config.optimizer.warmup_steps")
     values["step"] = step
     return values
 
