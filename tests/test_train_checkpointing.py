@@ -93,6 +93,17 @@ def test_a_diverged_run_resumes_with_a_lower_lr_but_not_another_loss():
     checkpointing.check_resume(saved, current, "W")
 
 
+def test_another_model_is_named_before_other_differences():
+  """A workdir of another model and batch size: the model is named (the hint to change batch_size first led
+  through a chain of refusals)."""
+  saved = train_config.base_config().to_dict()
+  current = copy.deepcopy(saved)
+  current["batch_size"] = saved["batch_size"] * 2
+  current["model"]["multimask_output"] = True
+  with pytest.raises(UserError, match="model.multimask_output is only in this run's config"):
+    checkpointing.check_resume(saved, current, "W")
+
+
 def test_a_resume_that_changes_the_split_the_best_is_chosen_by_is_refused():
   saved = train_config.base_config().to_dict()
   saved["evals"] = ("refcoco|unc|val", "refcoco+|unc|val")

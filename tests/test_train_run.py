@@ -217,6 +217,25 @@ def test_a_workdir_in_use_by_another_run_is_refused(config_file, data_root, tmp_
     pass
 
 
+def test_sigterm_before_the_training_loop_exits_cleanly(config_file, data_root, tmp_path, monkeypatch, capsys):
+  """SIGTERM while the run prepares (here: as its data is located) ends it with status 0 and a line saying so;
+  Python's default ended it with 143, which a scheduler may count as a failure."""
+  from evf_jax.cli import run_train
+  locate = run_train._data_dirs
+
+  def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # handled before the next line runs
+    return locate(*args, **kwargs)
+
+  monkeypatch.setattr(run_train, "_data_dirs", terminated)
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(SystemExit) as stopped:
+    cli.main(_args(config_file, data_root, tmp_path / "w"))
+  assert stopped.value.code == 0
+  assert "stopped by SIGTERM before training" in capsys.readouterr().out
+  assert signal.getsignal(signal.SIGTERM) == before  # restored
+
+
 def test_a_damaged_checkpoint_or_a_lost_config_is_one_line(straight, config_file, data_root, tmp_path, capsys):
   """The newest checkpoint's arrays cut short: one line naming it and the step to fall back to (was orbax's
   traceback, 150 lines). config.json deleted: refused, since nothing could be checked (was a resume with any

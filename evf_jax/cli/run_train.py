@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -349,6 +350,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def train(cfg, workdir: str, profile: Optional[ProfileWindow] = None):
   """Everything `run.py train` does after parsing; returns the trainer's Summary."""
+  if jax.process_count() > 1:  # jax's preemption notifier owns SIGTERM
+    return _train(cfg, workdir, profile)
+  # SIGTERM before the training loop (data, tokenizer, restore, pretrained weights: minutes at full size) ends
+  # the run with status 0, as one during training does: a scheduler may count 143 as a failure. The trainer's
+  # own handler, which saves the step, takes over for the loop.
+  previous = signal.signal(signal.SIGTERM, _stop_before_training)
+  try:
+    return _train(cfg, workdir, profile)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_before_training(signum, frame) -> None:
+  print("stopped by SIGTERM before training (nothing to save); run the same command again to start", flush=True)
+  raise SystemExit(0)
+
+
+def _train(cfg, workdir: str, profile: Optional[ProfileWindow]):
   workdir = storage.resolve(workdir, "--workdir")  # a local path, or gs://BUCKET/PATH
   _check_data_location(cfg, workdir)
   model_config = _check_config(cfg)

@@ -227,7 +227,8 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: 
   a, b = _flat(_normalise(saved)), _flat(_normalise(current))
   a = {**ADDED_SETTINGS, **a}
   allowed = []
-  for key in sorted(set(a) | set(b)):
+  # The model first: another model (family) is what to name, not the first of the settings that differ with it.
+  for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("model."), k)):
     if a.get(key, "<missing>") == b.get(key, "<missing>"):
       continue
     if any(key == p or key.startswith(p + ".") for p in RESUME_MAY_CHANGE):
