@@ -173,12 +173,20 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   return config, params, tokenizer
 
 
+class _UnretrievedTaskErrors(logging.Filter):
+  """asyncio's "Task exception was never retrieved" records (with the task's traceback): the other reads of a
+  restore that failed, garbage-collected after the error that counts was raised."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().split("\n", 1)[0].endswith("exception was never retrieved")  # then the task
+
+
 @contextlib.contextmanager
 def quiet_if_restore_fails():
-  """Around an orbax restore: if it fails, the "Event loop is closed" errors that follow are not printed. Once
-  orbax has given up and closed its asyncio loop, TensorStore's other reads still call back into it, and Python
-  printed a traceback for each (hundreds of lines after the one-line error). The filter stays after a failure,
-  since those reads finish later."""
+  """Around an orbax restore: if it fails, the errors of its other reads are not printed. Once orbax has given
+  up and closed its asyncio loop, TensorStore's other reads still call back into it ("Event loop is closed", an
+  unraisable error each) or end as tasks nobody awaits (asyncio logs each when it is collected): hundreds of
+  traceback lines after the one-line error. The filters stay after a failure, since those reads finish later."""
   previous = sys.unraisablehook
 
   def filtered(unraisable) -> None:
@@ -186,8 +194,11 @@ def quiet_if_restore_fails():
       previous(unraisable)
 
   sys.unraisablehook = filtered
+  unretrieved = _UnretrievedTaskErrors()
+  logging.getLogger("asyncio").addFilter(unretrieved)
   yield
   sys.unraisablehook = previous  # reached only when the restore succeeded
+  logging.getLogger("asyncio").removeFilter(unretrieved)
 
 
 def check_shapes(directory: str, params: Any, target: Any) -> None:
