@@ -32,7 +32,7 @@ from convert.rules import (
   convert,
 )
 from evf_jax import __version__, storage
-from evf_jax.checkpoints import CONFIG_FILE, PARAMS_DIR, PROVENANCE_FILE, TOKENIZER_DIR, read_json, save_model
+from evf_jax.checkpoints import CONFIG_FILE, PARAMS_DIR, PROVENANCE_FILE, TOKENIZER_DIR, save_model
 from evf_jax.errors import UserError, first_line
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
 from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
@@ -250,7 +250,7 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
   cfg_path = os.path.join(src_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise UserError(f"{src_dir}: config.json is missing (not a Hugging Face-style EVF-SAM directory)")
-  hf_config = read_json(cfg_path, UserError)
+  hf_config = storage.read_json(cfg_path)
   check_model_type(hf_config, cfg_path)
   tok = os.path.join(src_dir, TOKENIZER_FILES[0])
   if not os.path.isfile(tok):

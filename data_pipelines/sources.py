@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import os
 import re
 import warnings
@@ -28,6 +27,7 @@ from PIL import Image
 
 # Importing tfds_builders registers our builders with TFDS.
 from data_pipelines import records, tfds_builders
+from evf_jax import storage
 from evf_jax.errors import UserError, first_line
 
 DATASET_INFO = "dataset_info.json"
@@ -76,16 +76,7 @@ def _versions(path: str) -> list[str]:
 
 def _json_object(path: str) -> dict:
   """A JSON file of a prepared dataset that must hold an object; DataReadError naming it otherwise."""
-  with open(path) as f:
-    text = f.read()
-  try:
-    value = json.loads(text)
-  except ValueError as e:
-    raise DataReadError(f"{path}: not valid JSON ({e}); the dataset is damaged: prepare it again") from None
-  if not isinstance(value, dict):
-    raise DataReadError(f"{path}: expected a JSON object, found {type(value).__name__}; the dataset is damaged: "
-                        "prepare it again")
-  return value
+  return storage.read_json(path, DataReadError, "the dataset is damaged: prepare it again")
 
 
 def _info(version_dir: str) -> dict:

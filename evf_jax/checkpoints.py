@@ -79,17 +79,6 @@ def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, A
           json.dumps(dict(provenance), indent=2, sort_keys=True))
 
 
-def read_json(path: str, error: type[Exception] = ModelDirError) -> dict[str, Any]:
-  """A JSON file holding an object, or `error` naming the file when it is not valid JSON or not an object."""
-  try:
-    value = json.loads(storage.path(path).read_text())
-  except ValueError as e:
-    raise error(f"{path}: not valid JSON ({e})") from None
-  if not isinstance(value, dict):  # every file we read is an object; a list would fail later at .get
-    raise error(f"{path}: expected a JSON object, found {type(value).__name__}")
-  return value
-
-
 def read_config(directory: str, expect_model_type: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
   """model_config.json; `expect_model_type`: the model_type (or one of the model_types) it must hold."""
   directory = storage.resolve(directory, "checkpoint directory") if storage.is_url(directory) else directory
@@ -99,7 +88,7 @@ def read_config(directory: str, expect_model_type: Union[str, Sequence[str], Non
     raise ModelDirError(f"{directory}: {what}")
   if not storage.path(path).is_file():
     raise ModelDirError(f"{directory}: not a converted evf-jax checkpoint ({CONFIG_FILE} is missing)")
-  config = read_json(path)
+  config = storage.read_json(path, ModelDirError)
   if expect_model_type is not None:
     allowed = [expect_model_type] if isinstance(expect_model_type, str) else list(expect_model_type)
     if config.get("model_type") not in allowed:
@@ -129,7 +118,7 @@ def load_params(directory: str, target: Optional[Any] = None) -> Any:
 def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   """The checkpoint's provenance.json (where the weights came from), or None if it has none."""
   path = os.path.join(directory, PROVENANCE_FILE)
-  return read_json(path) if storage.path(path).is_file() else None
+  return storage.read_json(path, ModelDirError) if storage.path(path).is_file() else None
 
 
 def _model_config(directory: str, raw: dict) -> ModelConfig:

@@ -23,6 +23,13 @@ SUPPORTED = "JPEG, PNG, WebP, BMP (and anything else Pillow reads)"
 FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # what a directory of images is read for
 
 
+def image_names(directory: str) -> list[str]:
+  """The entries of `directory` named as images (`FILE_EXTENSIONS`, any case), hidden ones (macOS's `._x.jpg`)
+  left out; not checked to be files. OSError when it cannot be listed."""
+  return [n for n in os.listdir(directory) if os.path.splitext(n)[1].lower() in FILE_EXTENSIONS
+          and not n.startswith(".")]
+
+
 class ImageReadError(UserError, ValueError):
   pass
 

@@ -13,12 +13,13 @@ processes of a run, whose objects a cached listing hides (gcsfs then says a file
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import posixpath
 import shutil
 import tempfile
 import uuid
-from typing import Union
+from typing import Any, Union
 
 import fsspec
 from etils import epath
@@ -198,3 +199,17 @@ def remove_tree(p: PathLike) -> None:
   target = path(p)
   if target.exists():
     target.rmtree()
+
+
+def read_json(file: str, error: type[Exception] = UserError, advice: str = "") -> dict[str, Any]:
+  """A JSON file (local or gs://) holding an object, or `error` naming the file when it is not valid JSON or not
+  an object (every file we read is one; a list would fail later at .get); `advice` ends the message."""
+  try:
+    value = json.loads(path(file).read_text())
+  except ValueError as e:
+    problem = f"not valid JSON ({e})"
+  else:
+    if isinstance(value, dict):
+      return value
+    problem = f"expected a JSON object, found {type(value).__name__}"
+  raise error(f"{file}: {problem}" + (f"; {advice}" if advice else ""))

@@ -163,10 +163,9 @@ def frame_key(stem: str) -> tuple:
 def _frame_names(path: str) -> list[str]:
   """A frames directory's image files, in natural order; names that would collide are refused."""
   try:
-    entries = os.listdir(path)
+    names = images.image_names(path)
   except OSError as e:
     raise UserError(f"cannot list the frames directory {path} ({e.strerror or first_line(e)})") from None
-  names = [n for n in entries if os.path.splitext(n)[1].lower() in images.FILE_EXTENSIONS and not n.startswith(".")]
   if not names:
     raise UserError(f"no frames ({', '.join(images.FILE_EXTENSIONS)}) in the directory {path}")
   for n in sorted(names):

@@ -10,7 +10,7 @@ from typing import Sequence
 from evf_jax import storage
 from evf_jax.cli import common
 from evf_jax.errors import UserError
-from evf_jax.images import FILE_EXTENSIONS, load_image, probe_image, save_prediction
+from evf_jax.images import FILE_EXTENSIONS, image_names, load_image, probe_image, save_prediction
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import is_blank
 from evf_jax.video import VideoPredictor, read_frames
@@ -117,11 +117,10 @@ def image_files(paths: Sequence[str], out_dir: str) -> tuple[list[str], list[str
     if os.path.realpath(path) == os.path.realpath(out_dir):  # a rerun would read the masks as images
       raise UserError(f"--out-dir {out_dir} is an --image directory; choose another --out-dir")
     try:
-      names = os.listdir(path)
+      names = image_names(path)
     except OSError as e:
       raise UserError(f"--image {path}: cannot list the directory ({e.strerror})") from None
-    found = sorted(n for n in names if os.path.splitext(n)[1].lower() in FILE_EXTENSIONS and not n.startswith(".")
-                   and os.path.isfile(os.path.join(path, n)))
+    found = sorted(n for n in names if os.path.isfile(os.path.join(path, n)))
     if not found:
       raise UserError(f"--image {path}: a directory with no images ({', '.join(FILE_EXTENSIONS)})")
     files += [os.path.join(path, n) for n in found]

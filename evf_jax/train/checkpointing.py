@@ -245,7 +245,7 @@ def check_resume(saved: Mapping[str, Any], current: Mapping[str, Any], workdir: 
 
 def read_run_config(workdir: str) -> Optional[dict]:
   path = os.path.join(workdir, CONFIG_FILE)
-  return checkpoints.read_json(path, UserError) if storage.path(path).is_file() else None
+  return storage.read_json(path) if storage.path(path).is_file() else None
 
 
 def write_run_config(workdir: str, config: Mapping[str, Any], initialisation: Mapping[str, Any]) -> None:
@@ -260,7 +260,7 @@ def read_initialisation(workdir: str) -> dict:
   path = os.path.join(workdir, INIT_FILE)
   if not storage.path(path).is_file():
     return {"init": "unknown (the workdir was started by a version that did not record it)"}
-  return checkpoints.read_json(path, UserError)
+  return storage.read_json(path)
 
 
 # ---------------------------------------------------------------- export
