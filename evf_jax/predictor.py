@@ -30,7 +30,7 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.runtime import compute_dtype, enable_compilation_cache
-from evf_jax.tokenizer import is_blank
+from evf_jax.tokenizer import prompt_problem
 
 
 class PromptError(UserError, ValueError):
@@ -175,8 +175,9 @@ class Predictor:
     for i, p in enumerate(prompts):
       if not isinstance(p, str):
         raise PromptError(f"prompt {i} is a {type(p).__name__}, not a str")
-      if is_blank(p):
-        raise PromptError(f"prompt {i} is empty or whitespace-only")
+      problem = prompt_problem(p)
+      if problem:
+        raise PromptError(f"prompt {i} {problem}")
     input_ids, attention_mask = self.tokenizer.encode_batch(prompts)
     return self.predict_tokens(input_ids, attention_mask)
 

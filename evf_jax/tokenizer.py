@@ -40,11 +40,29 @@ FAIRSEQ_OFFSET = 1
 MAX_TEXT_LEN = 1022
 
 
+# The multitask models' prefix for semantic-level prompts ("[semantic] sky": every region of the class).
+SEMANTIC_TAG = "[semantic]"
+
+
+def _visible(text: str) -> str:
+  return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+
+
 def is_blank(text: str) -> bool:
   """True when `text` holds nothing but whitespace and invisible format characters (zero-width spaces, byte-order
   marks, joiners: Unicode category Cf). `str.strip` keeps the latter, yet such a prompt says nothing: the
   tokenizer turns it into "<s></s>" (zero-width spaces, marks) or an unknown piece (joiners)."""
-  return not "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+  return not _visible(text)
+
+
+def prompt_problem(text: str) -> Optional[str]:
+  """Why `text` is no prompt (to follow "prompt N "), or None: blank (`is_blank`), or the semantic tag with
+  nothing after it, which names no class to segment."""
+  if is_blank(text):
+    return "is empty or whitespace-only"
+  if _visible(text) == SEMANTIC_TAG:
+    return f"is only the {SEMANTIC_TAG} tag: name what to segment after it, e.g. '{SEMANTIC_TAG} sky'"
+  return None
 
 
 def truncate_ids(ids: Sequence[int], max_text_len: int) -> list[int]:

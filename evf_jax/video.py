@@ -29,7 +29,7 @@ from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config, postprocess_matrices
 from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
 from evf_jax.sam2 import tracking
 from evf_jax.sam2.transforms import video_frame
-from evf_jax.tokenizer import is_blank
+from evf_jax.tokenizer import prompt_problem
 
 
 @dataclasses.dataclass
@@ -87,8 +87,9 @@ class VideoPredictor:
 
   def prompt_embedding(self, frame0: np.ndarray, prompt: str) -> jax.Array:
     """(1, C): BEiT-3 on frame 0 and the text, projected (the one sparse prompt of frame 0)."""
-    if is_blank(prompt):
-      raise UserError("the prompt is empty or whitespace-only")
+    problem = prompt_problem(prompt)
+    if problem:
+      raise UserError(f"the prompt {problem}")
     ids, mask = self.tokenizer.encode_batch([prompt])
     beit = beit_image(frame0, self.config.beit3.img_size)[None]
     return self._text_prompt(self.params, jnp.asarray(beit), jnp.asarray(ids), jnp.asarray(mask))

@@ -385,11 +385,12 @@ def test_predict_bad_image(ckpt, tmp_path, capsys, kind):
   assert expect in line and os.path.basename(path) in line
 
 
-@pytest.mark.parametrize("prompt", ["", "   \t"])
-def test_predict_empty_prompt(ckpt, image_file, tmp_path, capsys, prompt):
+@pytest.mark.parametrize("prompt,expect", [("", "is empty"), ("   \t", "is empty"),
+                                           ("[semantic] ", "is only the [semantic] tag")])
+def test_predict_empty_prompt(ckpt, image_file, tmp_path, capsys, prompt, expect):
   line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat",
                               "--prompt", prompt, "--out-dir", str(tmp_path / "o")])
-  assert "--prompt 2 is empty" in line
+  assert f"--prompt 2 {expect}" in line
 
 
 def test_predict_long_prompt_is_truncated_with_a_warning(ckpt, image_file, tmp_path, capsys):

@@ -22,6 +22,7 @@ from PIL import Image
 
 from evf_jax import cli
 from evf_jax.cli import run_serve
+from evf_jax.errors import UserError
 from evf_jax.images import load_image, overlay
 from evf_jax.predictor import Predictor
 from evf_testing.benchmarking import build_models
@@ -173,6 +174,9 @@ def test_semantic_checkbox_prefixes_each_prompt():
   assert run_serve.parse_prompts(" circles \n\n[semantic] squares\n", True) == ["[semantic] circles",
                                                                               "[semantic] squares"]
   assert run_serve.parse_prompts("circles\r\nsquares", False) == ["circles", "squares"]
+  for text, semantic in (("circles\n[semantic]", False), ("circles\n [semantic] \u200b", True)):
+    with pytest.raises(UserError, match=r"^prompt 2 is only the \[semantic\] tag: name what to segment"):
+      run_serve.parse_prompts(text, semantic)
 
 
 def _bad_inputs(tmp_path):

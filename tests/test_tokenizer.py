@@ -123,6 +123,20 @@ def test_blank_prompts_are_those_the_tokenizer_drops_entirely(bpe_dir):
     predictor.predict(["car", "\u200b"])
 
 
+def test_the_semantic_tag_alone_is_no_prompt():
+  """"[semantic]" names no class: refused (the model would segment whatever the bare tag suggests to it); with
+  a class after it, or as part of other text, it is a prompt."""
+  from evf_jax.predictor import PromptError, Predictor
+  for text in ("[semantic]", " [semantic]\u200b ", "\t[semantic]\n"):
+    assert T.prompt_problem(text).startswith("is only the [semantic] tag"), repr(text)
+  for text in ("[semantic] sky", "[semantic]sky", "the [semantic] tag", "[Semantic]"):
+    assert T.prompt_problem(text) is None, repr(text)
+  assert T.prompt_problem(" ") == "is empty or whitespace-only"
+  predictor = Predictor.__new__(Predictor)
+  with pytest.raises(PromptError, match=r"prompt 0 is only the \[semantic\] tag: name what to segment after it"):
+    predictor.predict(["[semantic] ", "car"])
+
+
 def test_encode_batch_buckets_and_padding(bpe_dir):
   tok = T.TextTokenizer(bpe_dir)
   texts = ["dog", "[semantic] the man on the left", ""]

@@ -12,7 +12,7 @@ from evf_jax.cli import common
 from evf_jax.errors import UserError
 from evf_jax.images import FILE_EXTENSIONS, image_names, load_image, probe_image, save_prediction
 from evf_jax.predictor import Predictor
-from evf_jax.tokenizer import is_blank
+from evf_jax.tokenizer import prompt_problem
 from evf_jax.video import VideoPredictor, read_frames
 
 HELP = "segment images by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   prompts = list(args.prompt)
   for i, p in enumerate(prompts):
-    if is_blank(p):
-      raise UserError(f"--prompt {i + 1} is empty or whitespace-only")
+    problem = prompt_problem(p)
+    if problem:
+      raise UserError(f"--prompt {i + 1} {problem}")
   common.check_compute_args(args)
   storage.check_output_dir(args.out_dir, "--out-dir")
   if args.skip_existing and args.overwrite:
