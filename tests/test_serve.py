@@ -323,6 +323,19 @@ def test_a_taken_port_is_one_line_before_the_model_loads(ckpt, no_model_load, ca
   assert "another --port" in err
 
 
+def test_a_port_taken_only_where_gradio_probes_is_one_line_before_the_model_loads(ckpt, no_model_load, capsys):
+  """gradio binds the port on its own probe address (127.0.0.1) whatever --host; taken there only, --host ::1
+  would have failed after the model load."""
+  from gradio import http_server
+  assert run_serve.gradio_probe_host() == http_server.LOCALHOST_NAME == "127.0.0.1"
+  if not _has_ipv6():
+    pytest.skip("no IPv6 loopback here")
+  with _taken_port() as port:
+    err = _serve_error(["--checkpoint", ckpt, "--host", "::1", "--port", str(port)], capsys)
+  assert err == (f"error: cannot listen on [::1]:{port}: the port is taken on 127.0.0.1 (gradio needs it free "
+                 "there, whatever --host); pass another --port"), err
+
+
 @pytest.mark.parametrize("host, expect", [
     ("no-such-host.invalid", "--host no-such-host.invalid is not an address or a known host name"),
     ("192.0.2.1", "192.0.2.1 is not an address of this machine"),  # TEST-NET-1: nobody's address

@@ -136,6 +136,23 @@ def check_listen(host: str, port: int) -> None:
         s.bind(address)
       except OSError as e:
         raise UserError(f"{where}: {_bind_problem(host, e)}") from None
+  # gradio refuses a port it cannot bind on its own probe address, whatever the host (e.g. --host ::1 with the port
+  # taken on 127.0.0.1 only).
+  probe = gradio_probe_host()
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((probe, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise UserError(f"{where}: the port is taken on {probe} (gradio needs it free there, whatever --host); "
+                        "pass another --port") from None
+
+
+def gradio_probe_host() -> str:
+  """Where gradio tries a port before it serves (its http_server.LOCALHOST_NAME, read here without importing
+  gradio, which takes seconds)."""
+  return os.getenv("GRADIO_SERVER_NAME", "127.0.0.1")
 
 
 def _bind_problem(host: str, e: OSError) -> str:
