@@ -157,6 +157,10 @@ def _write_whole(path: str, write: Callable[[BinaryIO], None]) -> None:
   os.replace(partial, path)
 
 
+# What `save_prediction` may write for a base name; the logits only when given.
+PREDICTION_SUFFIXES = ("_mask.png", "_vis.png", "_logits.npy")
+
+
 def save_prediction(base: str, image: np.ndarray, mask: np.ndarray, logits=None) -> None:
   """Writes `<base>_mask.png` (0/255), `<base>_vis.png` (overlay) and, given logits, `<base>_logits.npy`, each
   whole or not at all."""

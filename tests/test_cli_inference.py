@@ -240,6 +240,25 @@ def test_predict_writes_masks_overlays_and_logits(ckpt, image_file, tmp_path, ca
   assert cli.main(argv + ["--overwrite"]) == 0
 
 
+def test_predict_overwrite_leaves_no_stale_outputs(ckpt, image_file, tmp_path, capsys):
+  """--overwrite with fewer prompts and no --save-logits: the image's earlier masks, overlays and logits that this
+  run does not write go too; another image's outputs and the user's files stay. --skip-existing does the same
+  for the images it predicts again."""
+  out = tmp_path / "pred"
+  argv = ["predict", "--checkpoint", ckpt, "--image", image_file, "--out-dir", str(out)]
+  assert cli.main(argv + ["--prompt", "a", "--prompt", "b", "--prompt", "c", "--save-logits"]) == 0
+  mine = ["notes.txt", "scene_0_mask.png.bak", "scene_x_mask.png", "scenery_0_mask.png", "other_0_logits.npy"]
+  for name in mine:
+    (out / name).write_text("the user's")
+  assert cli.main(argv + ["--prompt", "a", "--overwrite"]) == 0
+  assert sorted(os.listdir(out)) == sorted(mine + ["scene_0_mask.png", "scene_0_vis.png"])
+  assert cli.main(argv + ["--prompt", "a", "--prompt", "b", "--save-logits", "--overwrite"]) == 0
+  (out / "scene_0_vis.png").unlink()  # as a stopped run leaves it
+  assert cli.main(argv + ["--prompt", "a", "--skip-existing"]) == 0  # scene is not all there: predicted again
+  assert sorted(os.listdir(out)) == sorted(mine + ["scene_0_mask.png", "scene_0_vis.png"])
+  capsys.readouterr()
+
+
 def test_predict_several_images_and_a_directory(ckpt, image_file, tmp_path, capsys):
   """One model load for every image: files and a directory's images (by name; other files, hidden files and
   folders ignored; a file named twice read once), each with every prompt, equal to predicting them one at a

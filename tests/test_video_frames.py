@@ -4,6 +4,7 @@ be listed or opened. The CLI tests use a stand-in predictor: what is tested happ
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -122,14 +123,55 @@ def test_cli_chunk_capped_and_summary(tmp_path, stand, capsys):
   d = _frames(tmp_path / "five", [f"{t}.png" for t in range(5)])
   assert cli.main(_predict(d, tmp_path / "o1", "--chunk", "64")) == 0
   assert stand.made[-1]["chunk"] == 5  # a chunk of 64 would encode 59 padding frames
-  assert capsys.readouterr().out.strip().splitlines()[-1] == "5 frames, object seen on 5"
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("5 frames, object seen on 5; ")
   assert cli.main(_predict(d, tmp_path / "o2", "--chunk", "3")) == 0
   assert stand.made[-1]["chunk"] == 3
   one = _frames(tmp_path / "one", ["0.png"])
   assert cli.main(_predict(one, tmp_path / "o3")) == 0
   assert stand.made[-1]["chunk"] == 2  # the tracker's least
-  assert capsys.readouterr().out.strip().splitlines()[-1] == "1 frame, object seen on 1"
-  assert sorted(os.listdir(tmp_path / "o3")) == ["0_mask.png", "0_vis.png"]
+  record = tmp_path / "o3" / "track.json"
+  assert capsys.readouterr().out.strip().splitlines()[-1] == f"1 frame, object seen on 1; {record} written"
+  assert sorted(os.listdir(tmp_path / "o3")) == ["0_mask.png", "0_vis.png", "track.json"]
+
+
+def test_cli_track_record_and_overwrite_leaves_nothing_stale(tmp_path, stand, capsys, monkeypatch):
+  """track.json is written after the last frame (per frame: name, object score, mask area), so a stopped run has
+  none; --overwrite removes the earlier run's record, its frames this video lacks and logits not written now,
+  and nothing else."""
+  out = tmp_path / "o"
+  five = _frames(tmp_path / "five", [f"{t:05d}.png" for t in range(5)])
+  assert cli.main(_predict(five, out, "--save-logits")) == 0
+  record = json.loads((out / "track.json").read_text())
+  assert record["prompt"] == "the dog" and record["video"] == five
+  assert record["frames"] == [{"name": f"{t:05d}", "object_score": 1.0, "mask_area": 0} for t in range(5)]
+  assert len(os.listdir(out)) == 5 * 3 + 1
+  (out / "notes.txt").write_text("mine")  # the user's: stays
+  three = _frames(tmp_path / "three", [f"{t:05d}.png" for t in range(3)])
+  line = error_line(capsys, _predict(three, out))
+  assert "00000_mask.png exists" in line and "--overwrite" in line, line
+  (out / "00000_logits.npy").rename(out / "keep_logits.npy")  # not named by this run or the record: stays
+  assert cli.main(_predict(three, out, "--overwrite")) == 0
+  assert sorted(os.listdir(out)) == sorted([f"0000{t}{s}" for t in range(3) for s in ("_mask.png", "_vis.png")]
+                                           + ["keep_logits.npy", "notes.txt", "track.json"])
+  assert [f["name"] for f in json.loads((out / "track.json").read_text())["frames"]] == ["00000", "00001", "00002"]
+
+  def stopped(self, frames, prompt):  # a run stopped after frame 1: no record, the earlier one gone too
+    for i, f in enumerate(frames):
+      if i == 2:
+        raise KeyboardInterrupt
+      yield VideoFrame(i, np.zeros(f.shape[:2], np.float32), np.zeros(f.shape[:2], bool), 1.0)
+
+  with monkeypatch.context() as m:
+    m.setattr(_Stand, "iter_predict", stopped)
+    assert cli.main(_predict(five, out, "--overwrite")) != 0
+  assert capsys.readouterr().err.strip() == "error: interrupted"
+  assert not (out / "track.json").exists() and (out / "00001_mask.png").exists()
+  (tmp_path / "only_record").mkdir()  # a record alone is an earlier run's output too
+  (tmp_path / "only_record" / "track.json").write_text("{}")
+  line = error_line(capsys, _predict(three, tmp_path / "only_record"))
+  assert "track.json exists" in line, line
+  assert cli.main(_predict(three, tmp_path / "only_record", "--overwrite")) == 0
+  assert "track.json is unreadable" in capsys.readouterr().out
 
 
 def test_cli_bad_frames_before_the_load(tmp_path, stand, capsys):

@@ -44,10 +44,10 @@ def add_compilation_cache_arg(p: argparse.ArgumentParser) -> None:
                  help="persistent compilation cache directory (makes later runs start faster)")
 
 
-def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+def add_overwrite_arg(p: argparse.ArgumentParser, more: str = "") -> None:
   p.add_argument("--overwrite", action="store_true",
                  help="replace files of the same names in --out-dir (an earlier run's outputs); without it they "
-                      "are a one-line error before anything runs")
+                      f"are a one-line error before anything runs{more}")
 
 
 def check_no_directories(paths: Iterable[str]) -> None:

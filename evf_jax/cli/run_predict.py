@@ -4,18 +4,23 @@ prompt through a video (EVF-SAM2), written as PNGs (and optionally logits)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 from typing import Sequence
 
 from evf_jax import storage
 from evf_jax.cli import common
 from evf_jax.errors import UserError
-from evf_jax.images import FILE_EXTENSIONS, image_names, load_image, probe_image, save_prediction
+from evf_jax.images import (FILE_EXTENSIONS, PREDICTION_SUFFIXES, image_names, load_image, probe_image,
+                            save_prediction)
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import prompt_problem
 from evf_jax.video import VideoPredictor, read_frames
 
 HELP = "segment images by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
+# A --video run's record (prompt, frames, object scores), written after the last frame: the run is complete.
+TRACK_FILE = "track.json"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,10 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "one with --video")
   p.add_argument("--out-dir", required=True,
                  help="where to write <stem>_<i>_mask.png and <stem>_<i>_vis.png (video: <frame-stem>_mask.png and "
-                      "<frame-stem>_vis.png per frame)")
+                      f"<frame-stem>_vis.png per frame, then {TRACK_FILE} with every frame's object score: "
+                      "written last, it says the video is done)")
   p.add_argument("--save-logits", action="store_true",
                  help="also write <stem>_<i>_logits.npy (video: <frame-stem>_logits.npy), float32, H x W")
-  common.add_overwrite_arg(p)
+  common.add_overwrite_arg(p, "; an image's or video's outputs that this run does not write (logits, a "
+                              "prompt index or frame beyond this run's) are removed with them, so none is stale")
   p.add_argument("--skip-existing", action="store_true",
                  help="images: keep the images whose outputs are all in --out-dir (an interrupted or earlier run's) "
                       "and predict the others, replacing what they had written; run again with it to continue")
@@ -87,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
   for (f, _), hw in zip(todo, sizes):
     predictor.image_input.check_fits(hw, f)  # set_image would say "the image"
   os.makedirs(args.out_dir, exist_ok=True)
+  earlier = os.listdir(args.out_dir) if args.overwrite or args.skip_existing else []
   for path, stem in todo:
     image = load_image(path)
     predictor.set_image(image)
     result = predictor.predict(prompts)
+    _remove(_stale_image_outputs(args.out_dir, earlier, stem, outputs[stem]))
     if len(files) > 1:
       print(f"{path}:")
     for i, prompt in enumerate(prompts):
@@ -142,8 +151,42 @@ def image_files(paths: Sequence[str], out_dir: str) -> tuple[list[str], list[str
 
 def _outputs(args: argparse.Namespace, bases: list[str]) -> list[str]:
   """The files `save_prediction` writes for each base name."""
-  suffixes = ("_mask.png", "_vis.png") + (("_logits.npy",) if args.save_logits else ())
+  suffixes = PREDICTION_SUFFIXES if args.save_logits else PREDICTION_SUFFIXES[:-1]
   return [os.path.join(args.out_dir, b + s) for b in bases for s in suffixes]
+
+
+def _stale_image_outputs(out_dir: str, names: list[str], stem: str, written: list[str]) -> list[str]:
+  """Files among `names` (of `out_dir`) that an earlier run wrote for the image `stem` (`<stem>_<i><suffix>`) and
+  this run does not rewrite (`written`): its logits without --save-logits now, the prompts past this run's."""
+  pattern = re.compile(re.escape(stem) + r"_[0-9]+(" + "|".join(map(re.escape, PREDICTION_SUFFIXES)) + ")")
+  keep = set(written)
+  return [f for f in (os.path.join(out_dir, n) for n in names if pattern.fullmatch(n)) if f not in keep]
+
+
+def _remove(files: list[str]) -> None:
+  for f in files:
+    if os.path.isfile(f) or os.path.islink(f):
+      os.remove(f)
+
+
+def _stale_video_outputs(args: argparse.Namespace, stems: list[str]) -> list[str]:
+  """With --overwrite: the earlier run's record (so that a run killed now is not taken for a complete one), the
+  files of the frames it lists that this video lacks, and this video's frames' logits when this run writes none.
+  A run killed before its record names no frames: those of its frames this video lacks stay."""
+  record = os.path.join(args.out_dir, TRACK_FILE)
+  if not os.path.isfile(record):
+    return []
+  try:
+    with open(record, encoding="utf-8") as f:
+      earlier = [frame["name"] for frame in json.load(f)["frames"]]
+  except (OSError, ValueError, KeyError, TypeError):
+    print(f"warning: {record} is unreadable: the earlier run's frames that this video lacks stay")
+    earlier = []
+  this = set(stems)
+  stale = [os.path.join(args.out_dir, str(n) + s) for n in earlier if n not in this for s in PREDICTION_SUFFIXES]
+  if not args.save_logits:  # this video's frames, logits from before
+    stale += [os.path.join(args.out_dir, n + PREDICTION_SUFFIXES[-1]) for n in stems]
+  return [record] + stale
 
 
 def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
@@ -155,13 +198,16 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
     # The masks and overlays written there would be read as frames by the next run.
     raise UserError(f"--out-dir {args.out_dir} is the frames directory (--video); choose another --out-dir")
   stems, frames = read_frames(args.video)  # a directory's frames are all checked here, before the load
-  common.check_not_there(_outputs(args, stems), args.overwrite)
+  record = os.path.join(args.out_dir, TRACK_FILE)
+  common.check_not_there(_outputs(args, stems) + [record], args.overwrite)
   # A chunk is padded to its full size: a longer one than the video would encode padding frames only.
   chunk = min(args.chunk, max(2, len(stems)))
   predictor = VideoPredictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                              compilation_cache_dir=args.compilation_cache,
                                              max_text_len=args.max_text_len, chunk=chunk)
   os.makedirs(args.out_dir, exist_ok=True)
+  if args.overwrite:
+    _remove(_stale_video_outputs(args, stems))
   shown: list = []
 
   def keep(frames):  # the frames again, for the overlays
@@ -169,13 +215,17 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
       shown.append(f)
       yield f
 
-  seen = 0
+  seen, track = 0, []
   for out in predictor.iter_predict(keep(frames), prompts[0]):
     frame = shown.pop(0)
     save_prediction(os.path.join(args.out_dir, stems[out.index]), frame, out.mask,
                     out.logits if args.save_logits else None)
     seen += out.object_score > 0
+    track.append({"name": stems[out.index], "object_score": round(float(out.object_score), 6),
+                  "mask_area": int(out.mask.sum())})
     print(f"[{stems[out.index]}] mask area {int(out.mask.sum())} px ({100.0 * out.mask.mean():.2f}%), "
           f"object score {out.object_score:.4f}")
-  print(f"{len(stems)} frame{'s' if len(stems) != 1 else ''}, object seen on {seen}")
+  storage.write_atomic(record, json.dumps({"video": args.video, "prompt": prompts[0], "checkpoint": args.checkpoint,
+                                           "frames": track}, indent=1) + "\n")
+  print(f"{len(stems)} frame{'s' if len(stems) != 1 else ''}, object seen on {seen}; {record} written")
   return 0
