@@ -35,12 +35,18 @@ class ImageReadError(UserError, ValueError):
 
 
 def to_rgb_uint8(img) -> np.ndarray:
-  """A PIL image of any mode -> RGB uint8 (H, W, 3)."""
+  """A PIL image of any mode -> RGB uint8 (H, W, 3). Floating-point images (mode F, e.g. 32-bit TIFFs, which
+  OpenCV's colour read cannot open) are taken as 0-1 when no value exceeds 1 (the usual convention for float
+  images; rounded as 0-255 they would be nearly black), else as 0-255; NaN becomes 0."""
   mode = img.mode
   if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
     a = np.asarray(img).astype(np.float64)
     if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
       a = a / 257.0  # 16-bit range onto 8 bits
+    if mode == "F":
+      a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
+      if a.max(initial=0) <= 1.0:
+        a = a * 255.0
     a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
     return np.repeat(a[..., None], 3, axis=-1)
   if mode in ("RGBA", "LA", "PA", "P", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):

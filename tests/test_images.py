@@ -45,6 +45,17 @@ def test_16_bit(tmp_path):
   np.testing.assert_array_equal(got[..., 0], [[0, 3, 255, 100]])
 
 
+def test_float_images(tmp_path):
+  """32-bit float TIFFs (OpenCV's colour read returns nothing for them): values in 0-1 are scaled to 0-255 (they
+  were rounded to 0 and 1: a black image), others are read as 0-255; NaN is 0."""
+  unit = np.array([[0.0, 0.5, 1.0, 0.2]], np.float32)
+  Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+  np.testing.assert_array_equal(load_image(str(tmp_path / "unit.tif"))[..., 0], [[0, 128, 255, 51]])
+  wide = np.array([[0.0, 0.5, 254.6, 300.0, np.nan, -3.0]], np.float32)
+  Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
+  np.testing.assert_array_equal(load_image(str(tmp_path / "wide.tif"))[..., 0], [[0, 0, 255, 255, 0, 0]])
+
+
 def test_exif_orientation(tmp_path, rgb):
   img = Image.fromarray(rgb)
   exif = img.getexif()
