@@ -42,7 +42,7 @@ def to_rgb_uint8(img) -> np.ndarray:
   if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
     a = np.asarray(img).astype(np.float64)
     if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
-      a = a / 257.0  # 16-bit range onto 8 bits
+      a = np.floor(a / 256.0)  # 16-bit range onto 8 bits: the high byte, as OpenCV's read (and Pillow's for RGB)
     if mode == "F":
       a = np.nan_to_num(a, nan=0.0, posinf=255.0, neginf=0.0)
       if a.max(initial=0) <= 1.0:
