@@ -34,11 +34,18 @@ class ImageReadError(UserError, ValueError):
   pass
 
 
-def to_rgb_uint8(img) -> np.ndarray:
+def to_rgb_uint8(img, jpeg_cmyk: bool = False) -> np.ndarray:
   """A PIL image of any mode -> RGB uint8 (H, W, 3). Floating-point images (mode F, e.g. 32-bit TIFFs, which
   OpenCV's colour read cannot open) are taken as 0-1 when no value exceeds 1 (the usual convention for float
-  images; rounded as 0-255 they would be nearly black), else as 0-255; NaN becomes 0."""
+  images; rounded as 0-255 they would be nearly black), else as 0-255; NaN becomes 0. `jpeg_cmyk`: a CMYK image
+  decoded from a JPEG, converted as OpenCV converts libjpeg's (Adobe-inverted) CMYK."""
   mode = img.mode
+  if mode == "CMYK" and jpeg_cmyk:
+    # Pillow un-inverts Adobe CMYK (libjpeg's c = 255 - C); OpenCV's red is k - ((255 - c) * k >> 8) on libjpeg's
+    # values. Pillow's own conversion is 1 level off on most pixels (some COCO images are CMYK JPEGs).
+    a = np.asarray(img, np.int32)
+    k = 255 - a[..., 3:]
+    return (k - ((a[..., :3] * k) >> 8)).astype(np.uint8)
   if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
     a = np.asarray(img).astype(np.float64)
     if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
@@ -85,7 +92,7 @@ def _decode(source: BinaryIO, what: str) -> np.ndarray:
   with _opened(source, what) as img:
     img.load()  # decode now, so a truncated file fails here and not later
     _check_size(img, what)
-    return to_rgb_uint8(ImageOps.exif_transpose(img))
+    return to_rgb_uint8(ImageOps.exif_transpose(img), jpeg_cmyk=img.mode == "CMYK" and img.format == "JPEG")
 
 
 def decode_image(data: bytes, what: str = "image bytes") -> np.ndarray:
@@ -137,6 +144,9 @@ def _turned(img: Image.Image) -> bool:
 
 def check_rgb_array(image: np.ndarray) -> np.ndarray:
   """Validates an in-memory image given to the Python API."""
+  if isinstance(image, (str, bytes, os.PathLike)):
+    raise ImageReadError(f"expected an RGB uint8 array, got a {type(image).__name__}: read a file with "
+                         "evf_jax.load_image(path), encoded bytes with evf_jax.images.decode_image(data)")
   a = np.asarray(image)
   if a.ndim != 3 or a.shape[-1] != 3:
     raise ImageReadError(f"expected an RGB image of shape (H, W, 3), got {a.shape}")
@@ -148,7 +158,13 @@ def check_rgb_array(image: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """The reference's visualisation: masked pixels become 0.5 * pixel + 0.5 * (50, 120, 220)."""
+  """The reference's visualisation: masked pixels become 0.5 * pixel + 0.5 * (50, 120, 220). `mask`: (H, W),
+  bool or numbers (nonzero is masked: 0/1, or 0/255 as the mask PNGs hold)."""
+  image = check_rgb_array(image)
+  mask = np.asarray(mask)
+  if mask.shape != image.shape[:2]:
+    raise ValueError(f"the mask is {mask.shape}, the image {image.shape}: expected a mask of the image's (H, W)")
+  mask = mask != 0  # an integer mask would index rows
   out = image.copy()
   out[mask] = (image[mask].astype(np.float64) * 0.5 + np.array([50, 120, 220]) * 0.5).astype(np.uint8)  # masked only
   return out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evf_jax.images import ImageReadError, check_rgb_array, load_image, probe_image
+from evf_jax.images import ImageReadError, check_rgb_array, load_image, overlay, probe_image
 
 
 @pytest.fixture
@@ -56,6 +56,33 @@ def test_float_images(tmp_path):
   wide = np.array([[0.0, 0.5, 254.6, 300.0, np.nan, -3.0]], np.float32)
   Image.fromarray(wide, mode="F").save(tmp_path / "wide.tif")
   np.testing.assert_array_equal(load_image(str(tmp_path / "wide.tif"))[..., 0], [[0, 0, 255, 255, 0, 0]])
+
+
+def test_cmyk_jpeg_as_opencv(tmp_path):
+  """CMYK JPEGs (a few COCO images are) as OpenCV converts libjpeg's Adobe-inverted CMYK: red = k - ((255 - c) *
+  k >> 8) on the inverted values (checked against cv2 4.x on random CMYK, EXIF-rotated too); Pillow's own
+  conversion is 1-2 levels off on most pixels."""
+  rng = np.random.default_rng(1)
+  cmyk = Image.fromarray(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), mode="CMYK")
+  cmyk.save(tmp_path / "c.jpg", "JPEG", quality=90)
+  stored = np.asarray(Image.open(tmp_path / "c.jpg")).astype(np.int64)  # Pillow's (un-inverted) CMYK
+  c, k = 255 - stored[..., :3], 255 - stored[..., 3:]  # libjpeg's
+  want = k - (((255 - c) * k) >> 8)
+  got = load_image(str(tmp_path / "c.jpg"))
+  np.testing.assert_array_equal(got, want)
+  assert (np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB")) != want).mean() > 0.5  # Pillow's differs
+
+
+def test_overlay_takes_bool_and_number_masks(rgb):
+  """A 0/1 or 0/255 mask (as the mask PNGs hold) paints the masked pixels; used as an index it painted rows."""
+  mask = np.zeros((20, 30), bool)
+  mask[5:9, 10:20] = True
+  want = overlay(rgb, mask)
+  assert (want != rgb).any(axis=-1)[~mask].sum() == 0 and (want[mask] != rgb[mask]).any()
+  for m in (mask.astype(np.uint8), mask.astype(np.uint8) * 255, mask.astype(np.float32)):
+    np.testing.assert_array_equal(overlay(rgb, m), want)
+  with pytest.raises(ValueError, match=r"the mask is \(1, 20, 30\), the image \(20, 30, 3\)"):
+    overlay(rgb, mask[None])
 
 
 def test_exif_orientation(tmp_path, rgb):
