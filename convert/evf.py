@@ -285,11 +285,8 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
   }
 
   def write(staging: str) -> None:
-    save_model(staging, result.params, dict(config.to_dict(), param_dtype=dtype), provenance)
-    os.makedirs(os.path.join(staging, TOKENIZER_DIR))
-    for name in TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(src_dir, name)):
-        shutil.copy2(os.path.join(src_dir, name), os.path.join(staging, TOKENIZER_DIR, name))
+    tokenizer_files = {n: os.path.join(src_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))}
+    save_model(staging, result.params, dict(config.to_dict(), param_dtype=dtype), provenance, tokenizer_files)
 
   write_directory(out, write)
   log(f"wrote {out}")

@@ -25,7 +25,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: I001 (t
 from evf_jax import storage
 from evf_jax.errors import UserError, first_line, innermost
 from evf_jax.families import BY_MODEL_TYPE, ModelConfig
-from evf_jax.tokenizer import MAX_TEXT_LEN, TextTokenizer
+from evf_jax.tokenizer import MAX_TEXT_LEN, TextTokenizer, check_fits_model
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -61,11 +61,20 @@ class ModelDirError(UserError, ValueError):
   """A converted-model directory is missing files or holds another model type."""
 
 
-def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, Any],
-               provenance: Optional[Mapping[str, Any]] = None) -> None:
-  """Writes a checkpoint directory. `params` may be host arrays or (possibly sharded) jax arrays; with several
-  processes, every process calls this and process 0 writes the JSON files. `directory` may be a gs:// URL."""
+def save_model(directory: str, params: Mapping[str, Any], config: Union[ModelConfig, Mapping[str, Any]],
+               provenance: Optional[Mapping[str, Any]] = None,
+               tokenizer_files: Optional[Mapping[str, str]] = None) -> None:
+  """Writes a checkpoint directory that `load_checkpoint` reads. `params` may be host arrays or (possibly sharded)
+  jax arrays; `config` an `EvfConfig`/`EvfSam2Config` or its `to_dict()` (plus an optional "param_dtype");
+  `tokenizer_files` ({name: source file}; `tokenizer.SPM_FILE` at least, for `load_checkpoint`) are copied into
+  tokenizer/. With several processes, every process calls this and process 0 writes the other files. `directory`
+  may be a gs:// URL; one that already holds a checkpoint is refused (UserError) before anything is written."""
+  config = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+  if config.get("model_type") not in BY_MODEL_TYPE:
+    raise UserError(f"config: model_type {config.get('model_type')!r} is not one of {sorted(BY_MODEL_TYPE)}")
   directory = storage.resolve(directory, "checkpoint directory")
+  if storage.path(os.path.join(directory, PARAMS_DIR)).exists():
+    raise UserError(f"{directory} already holds a checkpoint ({PARAMS_DIR}/); write to a new directory")
   storage.path(directory).mkdir(parents=True, exist_ok=True)
   use_array_handler()
   ckptr = ocp.StandardCheckpointer()
@@ -73,10 +82,15 @@ def save_model(directory: str, params: Mapping[str, Any], config: Mapping[str, A
              jax.tree.map(lambda x: x if isinstance(x, jax.Array) else np.asarray(x), params))
   ckptr.wait_until_finished()
   if jax.process_index() == 0:
-    storage.path(os.path.join(directory, CONFIG_FILE)).write_text(json.dumps(dict(config), indent=2, sort_keys=True))
+    storage.path(os.path.join(directory, CONFIG_FILE)).write_text(json.dumps(config, indent=2, sort_keys=True))
     if provenance is not None:
       storage.path(os.path.join(directory, PROVENANCE_FILE)).write_text(
           json.dumps(dict(provenance), indent=2, sort_keys=True))
+    if tokenizer_files:  # None or {}: none
+      tokenizer_dir = storage.path(os.path.join(directory, TOKENIZER_DIR))
+      tokenizer_dir.mkdir(parents=True, exist_ok=True)
+      for name, source in tokenizer_files.items():
+        storage.path(source).copy(tokenizer_dir / name, overwrite=True)
 
 
 def read_config(directory: str, expect_model_type: Union[str, Sequence[str], None] = None) -> dict[str, Any]:
@@ -150,6 +164,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
                     "positions")
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
+  check_fits_model(tokenizer, config.beit3, lambda message: ModelDirError(f"{directory}: {message}"))
   param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
   target = family.abstract_params(config, param_dtype=param_dtype)
   try:

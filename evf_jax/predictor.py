@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from typing import Any, Optional, Sequence
 
 import jax
@@ -30,7 +31,7 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.runtime import compute_dtype, enable_compilation_cache
-from evf_jax.tokenizer import prompt_problem
+from evf_jax.tokenizer import check_fits_model, prompt_problem
 
 
 class PromptError(UserError, ValueError):
@@ -61,10 +62,9 @@ class Predictor:
                attention: str = "xla", size_multiple: int = buckets.SIZE_MULTIPLE):
     dtype = compute_dtype(precision, attention)
     runtime.check_precision_platform(precision)
-    limit = config.beit3.max_text_len
-    if getattr(tokenizer, "max_text_len", 2) > limit:  # a longer prompt would fail inside BEiT-3's trace
-      raise UserError(f"the tokenizer's max_text_len {tokenizer.max_text_len} exceeds this model's {limit} text "
-                      "positions")
+    check_fits_model(tokenizer, config.beit3)
+    if not isinstance(size_multiple, int) or size_multiple < 1:
+      raise UserError(f"size_multiple must be a positive int, got {size_multiple!r}")
     self.config = config
     self.family = families.family_of(config)
     self.image_input = image_input = families.image_input(config)
@@ -113,7 +113,8 @@ class Predictor:
   # Image.
   def set_image(self, image: np.ndarray) -> None:
     """Computes and caches SAM's image embedding (SAM-2's features) and BEiT-3's input for an RGB uint8
-    (H, W, 3) image."""
+    (H, W, 3) image. If it fails, no image is set (a later `predict` never answers for the image before)."""
+    self._image = None
     image = images.check_rgb_array(image)
     self.image_input.check_fits(image.shape[:2])
     framed, input_hw = self.image_input.frame(image)
@@ -168,27 +169,26 @@ class Predictor:
   # Prompts.
   def predict(self, prompts: Sequence[str]) -> Prediction:
     """Masks for each text prompt on the current image."""
-    # One list up front: a generator would be used up by the checks below.
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-      raise PromptError("no prompts given")
-    for i, p in enumerate(prompts):
-      if not isinstance(p, str):
-        raise PromptError(f"prompt {i} is a {type(p).__name__}, not a str")
-      problem = prompt_problem(p)
-      if problem:
-        raise PromptError(f"prompt {i} {problem}")
-    input_ids, attention_mask = self.tokenizer.encode_batch(prompts)
+    input_ids, attention_mask = encode_prompts(self.tokenizer, prompts)
     return self.predict_tokens(input_ids, attention_mask)
 
   def predict_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Prediction:
     """As `predict`, for callers that tokenise themselves: (N, L) ids, (N, L) bool (True = token)."""
     self._require_image()
-    input_ids = np.asarray(input_ids, np.int32)
+    input_ids = np.asarray(input_ids)
     attention_mask = np.asarray(attention_mask, bool)
     if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape or input_ids.shape[0] == 0:
       raise PromptError(f"input_ids {input_ids.shape} and attention_mask {attention_mask.shape} must be "
                         "the same non-empty (N, L)")
+    if input_ids.dtype.kind not in "iu":
+      raise PromptError(f"input_ids must be integers, got {input_ids.dtype}")
+    vocab, positions = self.config.beit3.vocab_size, self.config.beit3.max_text_len
+    if input_ids.size and not 0 <= input_ids.min() <= input_ids.max() < vocab:  # jax's gather: NaN past the table
+      raise PromptError(f"input_ids must lie in [0, {vocab}) (this model's vocabulary), got "
+                        f"{input_ids.min()} to {input_ids.max()}: another tokenizer's ids?")
+    if input_ids.shape[1] > positions:
+      raise PromptError(f"input_ids are {input_ids.shape[1]} long, more than this model's {positions} text positions")
+    input_ids = input_ids.astype(np.int32)
     n = input_ids.shape[0]
     n_pad = buckets.pow2_at_least(n)
     if n_pad != n:  # filler prompts "<s></s>", dropped below
@@ -202,5 +202,28 @@ class Predictor:
     low, iou = self._decode(self.params, img["embedding"], img["beit"], input_ids, attention_mask)
     logits = self._upsample(low, img["a_y"], img["a_x"])  # padded shapes: no recompile per n or (H, W)
     h, w = img["orig_hw"]
-    logits = np.asarray(logits)[:n, :h, :w]
-    return Prediction(masks=logits > 0, logits=logits, scores=np.asarray(iou)[:n])
+    logits = np.array(np.asarray(logits)[:n, :h, :w])  # a copy: writable, and not holding the padded buffer
+    return Prediction(masks=logits > 0, logits=logits, scores=np.array(np.asarray(iou)[:n]))
+
+
+def encode_prompts(tokenizer, prompts, name: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+  """`tokenizer.encode_batch` of a str or an iterable of str, each checked (PromptError, "prompt <i>" from 0, or
+  `name`): not blank, not the bare semantic tag, not a text the tokenizer drops entirely (control characters,
+  U+FFFD)."""
+  if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, (str, Iterable)):
+    raise PromptError(f"prompts must be a str or an iterable of str, got a {type(prompts).__name__}")
+  # One list up front: a generator would be used up by the checks below.
+  prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+  if not prompts:
+    raise PromptError("no prompts given")
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise PromptError(f"{name or f'prompt {i}'} is a {type(p).__name__}, not a str")
+    problem = prompt_problem(p)
+    if problem:
+      raise PromptError(f"{name or f'prompt {i}'} {problem}")
+  input_ids, attention_mask = tokenizer.encode_batch(prompts)
+  for i, n in enumerate(attention_mask.sum(axis=1)):
+    if n <= 2:  # "<s></s>": nothing of the text is left
+      raise PromptError(f"{name or f'prompt {i}'} has no text the tokenizer keeps: {prompts[i][:40]!r}")
+  return input_ids, attention_mask

@@ -26,10 +26,11 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError, first_line
 from evf_jax.evf import cast_kernels
 from evf_jax.evf_sam2 import EvfSam2, EvfSam2Config, postprocess_matrices
+from evf_jax.predictor import PromptError, encode_prompts
 from evf_jax.runtime import check_precision_platform, compute_dtype, enable_compilation_cache
 from evf_jax.sam2 import tracking
 from evf_jax.sam2.transforms import video_frame
-from evf_jax.tokenizer import prompt_problem
+from evf_jax.tokenizer import check_fits_model
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class VideoPredictor:
       raise UserError("video needs an EVF-SAM2 checkpoint (SAM-2 has the video memory); this one is EVF-SAM")
     dtype = compute_dtype(precision, attention)
     check_precision_platform(precision)
+    check_fits_model(tokenizer, config.beit3)
     self.config, self.tokenizer = config, tokenizer
     self.model = EvfSam2(config, attention=attention, dtype=dtype)
     self.params = jax.device_put(cast_kernels(params, dtype))
@@ -87,10 +89,9 @@ class VideoPredictor:
 
   def prompt_embedding(self, frame0: np.ndarray, prompt: str) -> jax.Array:
     """(1, C): BEiT-3 on frame 0 and the text, projected (the one sparse prompt of frame 0)."""
-    problem = prompt_problem(prompt)
-    if problem:
-      raise UserError(f"the prompt {problem}")
-    ids, mask = self.tokenizer.encode_batch([prompt])
+    if not isinstance(prompt, str):  # a list would be several objects: one is tracked
+      raise PromptError(f"the prompt must be a str (one object to track), got a {type(prompt).__name__}")
+    ids, mask = encode_prompts(self.tokenizer, [prompt], name="the prompt")
     beit = beit_image(frame0, self.config.beit3.img_size)[None]
     return self._text_prompt(self.params, jnp.asarray(beit), jnp.asarray(ids), jnp.asarray(mask))
 
@@ -115,7 +116,7 @@ class VideoPredictor:
         yield video_frame(f, s)
 
     for i, (low, score) in enumerate(self.tracker.run(model_frames(), prompts)):
-      logits = np.asarray(self._upsample(jnp.asarray(low[0]), a_y, a_x), np.float32)
+      logits = np.array(self._upsample(jnp.asarray(low[0]), a_y, a_x), np.float32)  # writable
       yield VideoFrame(i, logits, logits > 0, float(score[0]))
 
   def predict(self, frames: Iterable[np.ndarray], prompt: str) -> list[VideoFrame]:

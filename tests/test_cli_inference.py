@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -482,6 +483,81 @@ def test_predictor_prompts_any_iterable_and_non_str(ckpt, image_file):
     p.predict(["  "])
   with pytest.raises(UserError, match="the image is 5000x1: too thin"):  # not PIL's ValueError from the resize
     p.set_image(np.zeros((1, 5000, 3), np.uint8))
+
+
+def test_predictor_api_mistakes_are_clear_errors(ckpt, image_file):
+  """Library mistakes that gave silent wrong answers or deep tracebacks: ids past the vocabulary (jax's gather
+  reads them as NaN: NaN scores, empty masks), float ids, a failed set_image (the image before stayed set), a path
+  for an array, bytes or None for prompts, text the tokenizer drops entirely, a bad size_multiple. Logits are
+  writable copies."""
+  from evf_jax.images import ImageReadError
+  from evf_jax.predictor import PromptError
+  p = Predictor.from_checkpoint(ckpt)
+  image = np.asarray(Image.open(image_file).convert("RGB"))
+  p.set_image(image)
+  vocab = p.config.beit3.vocab_size
+  ids, mask = np.array([[0, 5, 2]]), np.ones((1, 3), bool)
+  assert np.isfinite(p.predict_tokens(ids, mask).scores).all()
+  for bad, expect in (([[0, vocab, 2]], rf"must lie in \[0, {vocab}\)"), ([[0, -5, 2]], "must lie in"),
+                      ([[0.0, 5.0, 2.0]], "must be integers")):
+    with pytest.raises(PromptError, match=expect):
+      p.predict_tokens(np.array(bad), mask)
+  too_long = p.config.beit3.max_text_len + 1
+  with pytest.raises(PromptError, match="text positions"):
+    p.predict_tokens(np.zeros((1, too_long), np.int32), np.ones((1, too_long), bool))
+  for prompts, expect in ((b"dog", "a str or an iterable of str, got a bytes"), (None, "got a NoneType"),
+                          (5, "got a int"), (["cat", "\x01\x02"], "prompt 1 has no text the tokenizer keeps")):
+    with pytest.raises(PromptError, match=expect):
+      p.predict(prompts)
+  result = p.predict(["cat"])
+  result.logits *= 2  # a writable array of its own
+  with pytest.raises(ImageReadError, match="got a str: read a file with evf_jax.load_image"):
+    p.set_image(image_file)
+  with pytest.raises(UserError, match="no image set"):  # not the earlier image's answer
+    p.predict(["cat"])
+  from evf_jax.checkpoints import load_checkpoint
+  config, params, tokenizer = load_checkpoint(ckpt)
+  for multiple in (0, -8, 2.5):
+    with pytest.raises(UserError, match="size_multiple must be a positive int"):
+      Predictor(config, params, tokenizer, size_multiple=multiple)
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_refused(ckpt, tmp_path):
+  """A tokenizer with more ids than BEiT-3's embedding table (another model's) made NaN results for the prompts
+  that use the extra ids: refused at the load, and by the Predictor's constructor."""
+  from evf_jax.checkpoints import ModelDirError, load_checkpoint
+  config, params, tokenizer = load_checkpoint(ckpt)
+  small = dataclasses.replace(config, beit3=dataclasses.replace(config.beit3, vocab_size=tokenizer.vocab_size - 1))
+  with pytest.raises(UserError, match=f"the tokenizer has {tokenizer.vocab_size} ids, more than this model's"):
+    Predictor(small, params, tokenizer)
+  copy = tmp_path / "small_vocab"
+  shutil.copytree(ckpt, copy)
+  raw = json.loads((copy / "model_config.json").read_text())
+  raw["beit3"]["vocab_size"] = tokenizer.vocab_size - 1
+  (copy / "model_config.json").write_text(json.dumps(raw))
+  with pytest.raises(ModelDirError, match=f"^{copy}: the tokenizer has {tokenizer.vocab_size} ids"):
+    load_checkpoint(str(copy))
+
+
+def test_save_model_round_trip_and_mistakes(ckpt, tmp_path):
+  """`save_model` from Python: a config object and the tokenizer make a directory `load_checkpoint` reads back;
+  a config without a known model_type and a directory that holds a checkpoint are refused before any write
+  (they left a params/ without config, or failed in orbax)."""
+  from evf_jax.checkpoints import load_checkpoint, save_model
+  from evf_jax.tokenizer import SPM_FILE
+  config, params, tokenizer = load_checkpoint(ckpt)
+  out = tmp_path / "saved"
+  save_model(str(out), params, config, tokenizer_files={SPM_FILE: tokenizer.model_file})
+  config2, params2, tokenizer2 = load_checkpoint(str(out))
+  assert config2 == config and tokenizer2.encode("a dog") == tokenizer.encode("a dog")
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  before = sorted(os.listdir(out))
+  with pytest.raises(UserError, match="already holds a checkpoint"):
+    save_model(str(out), params, config)
+  assert sorted(os.listdir(out)) == before
+  with pytest.raises(UserError, match="model_type None is not one of"):
+    save_model(str(tmp_path / "bad"), params, {"sam_scale": "tiny"})
+  assert not (tmp_path / "bad").exists()
 
 
 def test_predict_attention_xla(ckpt, image_file, tmp_path, capsys):

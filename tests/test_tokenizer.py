@@ -111,30 +111,32 @@ def test_blank_prompts_are_those_the_tokenizer_drops_entirely(bpe_dir):
   """`is_blank` (what predict, the video predictor and the demo refuse or skip): every prompt the tokenizer encodes
   as "<s></s>" (whitespace, zero-width spaces, byte-order marks), and invisible joiners it keeps as an unknown
   piece; a prompt with one visible character is not blank."""
-  from evf_jax.predictor import PromptError, Predictor
+  from evf_jax.predictor import PromptError, encode_prompts
   tok = T.TextTokenizer(bpe_dir)
   dropped = ["", " \t\n", "\u200b", "\u200b \u200b", "\ufeff", "\u00a0\u3000"]
   assert all(tok.encode(t) == [T.BOS_ID, T.EOS_ID] and T.is_blank(t) for t in dropped)
   assert T.is_blank("\u200d\u2060") and tok.encode("\u200d\u2060") != [T.BOS_ID, T.EOS_ID]
   for text in ("a", "\u200bcar", "red\u200b"):
     assert not T.is_blank(text) and len(tok.encode(text)) > 2, repr(text)
-  predictor = Predictor.__new__(Predictor)  # the prompt check runs before anything the constructor sets
   with pytest.raises(PromptError, match="prompt 1 is empty or whitespace-only"):
-    predictor.predict(["car", "\u200b"])
+    encode_prompts(tok, ["car", "\u200b"])  # what Predictor.predict checks prompts with
+  # Text the tokenizer drops though it is not blank: control characters.
+  assert not T.is_blank("\x01\x02") and tok.encode("\x01\x02") == [T.BOS_ID, T.EOS_ID]
+  with pytest.raises(PromptError, match="prompt 0 has no text the tokenizer keeps"):
+    encode_prompts(tok, ["\x01\x02"])
 
 
 def test_the_semantic_tag_alone_is_no_prompt():
   """"[semantic]" names no class: refused (the model would segment whatever the bare tag suggests to it); with
   a class after it, or as part of other text, it is a prompt."""
-  from evf_jax.predictor import PromptError, Predictor
+  from evf_jax.predictor import PromptError, encode_prompts
   for text in ("[semantic]", " [semantic]\u200b ", "\t[semantic]\n"):
     assert T.prompt_problem(text).startswith("is only the [semantic] tag"), repr(text)
   for text in ("[semantic] sky", "[semantic]sky", "the [semantic] tag", "[Semantic]"):
     assert T.prompt_problem(text) is None, repr(text)
   assert T.prompt_problem(" ") == "is empty or whitespace-only"
-  predictor = Predictor.__new__(Predictor)
   with pytest.raises(PromptError, match=r"prompt 0 is only the \[semantic\] tag: name what to segment after it"):
-    predictor.predict(["[semantic] ", "car"])
+    encode_prompts(None, ["[semantic] ", "car"])  # refused before the tokenizer is used
 
 
 def test_encode_batch_buckets_and_padding(bpe_dir):

@@ -194,3 +194,14 @@ def test_cli_frame_that_cannot_be_opened(tmp_path, stand, capsys, monkeypatch):
   monkeypatch.setattr(images, "open", refuse_frame_1, raising=False)
   line = error_line(capsys, _predict(d, tmp_path / "o"))
   assert "cannot open image" in line and "1.png" in line, line
+
+
+def test_the_video_prompt_is_one_str():
+  """A list (several objects) or None is refused in one line, not a TypeError from inside the tokenizer."""
+  from evf_jax.predictor import PromptError
+  from evf_jax.video import VideoPredictor
+  predictor = VideoPredictor.__new__(VideoPredictor)  # the check runs before anything the constructor sets
+  frame = np.zeros((6, 8, 3), np.uint8)
+  for prompt, kind in ((["dog"], "list"), (None, "NoneType")):
+    with pytest.raises(PromptError, match=f"the prompt must be a str \\(one object to track\\), got a {kind}"):
+      predictor.prompt_embedding(frame, prompt)

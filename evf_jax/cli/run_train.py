@@ -37,7 +37,7 @@ from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
 from evf_jax.runtime import (check_accelerator_in_use, check_attention_platform, check_precision_platform,
                              compute_dtype, enable_compilation_cache)
-from evf_jax.tokenizer import SPM_FILE, TextTokenizer
+from evf_jax.tokenizer import SPM_FILE, TextTokenizer, check_fits_model
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
 from evf_jax.train.trainer import ProfileWindow, Trainer
@@ -385,9 +385,7 @@ def _train_locked(cfg, workdir: str, model_config: ModelConfig, mesh, profile: O
   rules = sharding.rules_for(mesh, cfg.sharding_rules)
   data_root, mixture = _data_dirs(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, mixture)
-  if tokenizer.vocab_size > model_config.beit3.vocab_size:
-    raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids, more than model.beit3.vocab_size "
-                    f"{model_config.beit3.vocab_size}")
+  check_fits_model(tokenizer, model_config.beit3)
   if checkpointing.has_checkpoint(workdir):  # resuming: the parameters come from the checkpoint
     init, init_description = (lambda: None), {}
   else:

@@ -275,12 +275,9 @@ def export(workdir: str, params: Any, model_config: Mapping[str, Any], provenanc
   if jax.process_index() == 0:
     storage.remove_tree(staging)
   multihost_utils.sync_global_devices("evf_jax export: staging cleared")
-  checkpoints.save_model(staging, params, model_config, provenance)
+  checkpoints.save_model(staging, params, model_config, provenance,
+                         {SPM_FILE: tokenizer_model} if tokenizer_model else {})
   if jax.process_index() == 0:
-    if tokenizer_model:
-      tok = storage.path(os.path.join(staging, checkpoints.TOKENIZER_DIR))
-      tok.mkdir(parents=True, exist_ok=True)
-      storage.path(tokenizer_model).copy(tok / SPM_FILE, overwrite=True)
     if storage.is_url(out):  # no rename: keeping the old export aside would copy it whole once more
       storage.remove_tree(out)
       storage.move_tree(staging, out)
