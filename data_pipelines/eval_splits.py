@@ -20,7 +20,7 @@ import re
 from typing import Sequence
 
 from data_pipelines import sources
-from data_pipelines.tfds_builders import builder_name
+from data_pipelines.tfds_builders import builder_name, prepare_command
 from evf_jax.errors import UserError
 
 STANDARD_SPLITS = ("refcoco|unc|val", "refcoco|unc|testA", "refcoco|unc|testB",
@@ -117,7 +117,7 @@ def resolve_data_dir(data: str, split: EvalSplit) -> tuple[EvalSplit, sources.Lo
   if found is None:
     also = ", or build TFDS's ref_coco there" if split.dataset in REF_COCO_SPLIT_BY else ""
     raise UserError(f"{split.name}: no prepared dataset at {os.path.join(data, builder_name(split.dataset))} "
-                    f"(build it with `run.py prepare --dataset {split.dataset} --data_dir {data}`{also})")
+                    f"(build it with `{prepare_command(split.dataset, data)}`{also})")
   path, where = found
   try:
     meta = sources.describe(where)

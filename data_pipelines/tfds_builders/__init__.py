@@ -12,5 +12,6 @@ from data_pipelines.tfds_builders.evf import (  # noqa: F401
     builder_class,
     builder_name,
     example_to_record,
+    prepare_command,
     record_to_example,
 )

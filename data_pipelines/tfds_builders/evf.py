@@ -76,6 +76,13 @@ def builder_name(dataset: str) -> str:
   return dataset.replace("+", "plus")
 
 
+def prepare_command(dataset: str, data_dir: str) -> str:
+  """The `run.py prepare` command that builds `dataset` into `data_dir` (for messages): the synthetic set is
+  generated, the others read raw files from --src."""
+  src = "" if dataset == "synthetic" else " --src RAW_ROOT"
+  return f"run.py prepare --dataset {dataset}{src} --data_dir {data_dir}"
+
+
 class _LocalDatasetInfo(tfds.core.DatasetInfo):
   """DatasetInfo that never looks for pre-computed info in gs://tfds-data.
 

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from convert.pretrained import init_from_pretrained
 from data_pipelines import pipeline, prepare, sources
-from data_pipelines.tfds_builders import builder_name
+from data_pipelines.tfds_builders import builder_name, prepare_command
 from data_pipelines.transforms import SampleConfig
 from evf_jax import checkpoints, evaluate, families, sharding, storage
 from evf_jax.cli import cluster, run_eval
@@ -222,7 +222,7 @@ def _data_dirs(cfg, workdir: str) -> tuple[str, dict[str, tuple[float, list[str]
           multihost_utils.sync_global_devices("evf_jax: synthetic data")
         else:
           raise UserError(f"data.mixture.{group}: no prepared dataset at {os.path.join(root, builder_name(name))} "
-                          f"(build it with `run.py prepare --dataset {name} --data_dir {root}`, or set "
+                          f"(build it with `{prepare_command(name, root)}`, or set "
                           "--config.data.root)")
       if split.split("[", 1)[0] not in sources.describe(directory).get("splits", {}):
         raise UserError(f"{directory} has no {split.split('[', 1)[0]} split")
