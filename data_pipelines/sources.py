@@ -144,7 +144,8 @@ def warn_legacy(directory: str) -> None:
     return
   _warned.add(directory)
   warnings.warn(f"{directory} is in the old prepared format (records.py), read for one more release; convert it "
-                "with `run.py prepare --dataset NAME --src OLD_DIR --data_dir DATA_DIR` (docs/data.md#2-raw-datasets)",
+                "with `run.py prepare --dataset NAME --src OLD_DIR --data_dir DATA_DIR` (synthetic: generate it again, "
+                "without --src; docs/data.md#2-raw-datasets)",
                 OldFormatWarning, stacklevel=3)
 
 
