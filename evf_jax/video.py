@@ -10,6 +10,7 @@ align_corners=False) and thresholded at 0. Frames must all have the size of fram
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -124,14 +125,15 @@ class VideoPredictor:
 
 
 def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
-  """A video as (frame stems, iterator of RGB uint8 frames; a directory's are read lazily, a file's are decoded
-  up front).
+  """A video as (frame stems, iterator of RGB uint8 frames, read lazily: memory holds a chunk, not the video).
 
   A directory: its image files (`images.FILE_EXTENSIONS`, any case; hidden files such as macOS's `._x.jpg` left
   out) in natural order (`frame_key`: `frame2` before `frame10`, ffmpeg's `%05d.jpg` by number, what SAM-2's
   loader expects); every frame's header is read up front, so a file that is no image or has another size than
-  frame 0 is refused before any work. A file: decoded with PyAV (optional: `pip install av`), stems `00000`,
-  `00001`, ... Problems are `UserError`s.
+  frame 0 is refused before any work. A file: decoded with PyAV (optional: `pip install av`) twice, once up front
+  to count and check its frames, then as they are used; frames are turned as the stream's display rotation says
+  (a phone's portrait video, shown upright as ffmpeg's autorotate shows it); stems `00000`, `00001`, ... Problems
+  are `UserError`s.
   """
   if not os.path.exists(path):
     raise UserError(f"video not found: {path}")
@@ -145,14 +147,52 @@ def read_frames(path: str) -> tuple[list[str], Iterator[np.ndarray]]:
   except ImportError:
     raise UserError(f"reading a video file needs PyAV (pip install av); or give a directory of frames: {path}") \
         from None
-  try:
+  count, first = 0, None
+  with _decode_errors(path):
     with av.open(path) as container:
-      frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+      for frame in container.decode(video=0):  # decoded (corrupt data shows), not converted
+        hw = _upright_hw(frame)
+        if first is None:
+          first = hw
+        elif hw != first:
+          raise UserError(f"frame {count} of {path} is {hw[1]}x{hw[0]}, frame 0 is {first[1]}x{first[0]}: a "
+                          "video's frames must all have one size")
+        count += 1
+  if not count:
+    raise UserError(f"the video has no frames: {path}")
+
+  def frames():
+    with _decode_errors(path):
+      with av.open(path) as container:
+        for frame in container.decode(video=0):
+          yield _upright(frame.to_ndarray(format="rgb24"), frame.rotation)
+
+  return [f"{i:05d}" for i in range(count)], frames()
+
+
+@contextlib.contextmanager
+def _decode_errors(path: str):
+  try:
+    yield
+  except UserError:
+    raise
   except Exception as e:  # noqa: BLE001 (PyAV's many errors: not a video, no video stream, corrupt data)
     raise UserError(f"cannot decode the video {path}: {first_line(e)}") from None
-  if not frames:
-    raise UserError(f"the video has no frames: {path}")
-  return [f"{i:05d}" for i in range(len(frames))], iter(frames)
+
+
+def _quarter_turns(rotation: float) -> int:
+  """Counterclockwise quarter turns for a display rotation in degrees (PyAV's `frame.rotation`, counterclockwise)."""
+  return int(round(rotation / 90)) % 4
+
+
+def _upright_hw(frame) -> tuple[int, int]:
+  hw = (frame.height, frame.width)
+  return hw[::-1] if _quarter_turns(frame.rotation) % 2 else hw
+
+
+def _upright(rgb: np.ndarray, rotation: float) -> np.ndarray:
+  k = _quarter_turns(rotation)
+  return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
 
 
 def frame_key(stem: str) -> tuple:

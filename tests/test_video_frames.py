@@ -205,3 +205,60 @@ def test_the_video_prompt_is_one_str():
   for prompt, kind in ((["dog"], "list"), (None, "NoneType")):
     with pytest.raises(PromptError, match=f"the prompt must be a str \\(one object to track\\), got a {kind}"):
       predictor.prompt_embedding(frame, prompt)
+
+
+def _video_file(path, n=5, rotation=None, hw=(48, 64)):
+  import av
+  frames = []
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = hw[1], hw[0], "yuv420p"
+    if rotation is not None:
+      stream.set_display_rotation(rotation)
+    for i in range(n):
+      a = np.full((*hw, 3), 40, np.uint8)
+      a[..., 1] = 30 * i
+      a[:8, :16] = 250  # a bright block at the top left of the stored frame
+      frames.append(a)
+      for packet in stream.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  return str(path)
+
+
+def test_video_file_read_lazily_and_upright(tmp_path):
+  """A video file is counted and checked up front, then decoded as its frames are used (a generator: memory holds
+  what the tracker holds, not the video); a display rotation of -90 degrees (a phone's portrait video) turns each
+  frame a quarter clockwise, as ffmpeg's autorotate shows it."""
+  import inspect
+  stems, frames = read_frames(_video_file(tmp_path / "v.mp4"))
+  assert stems == [f"{i:05d}" for i in range(5)] and inspect.isgenerator(frames)
+  plain = list(frames)
+  assert len(plain) == 5 and plain[0].shape == (48, 64, 3) and plain[0][:8, :16].mean() > 200
+  stems, frames = read_frames(_video_file(tmp_path / "portrait.mp4", rotation=-90))
+  turned = list(frames)
+  assert len(stems) == 5 and turned[0].shape == (64, 48, 3) and turned[0].flags.c_contiguous
+  np.testing.assert_array_equal(turned[2], np.rot90(plain[2], -1))  # clockwise: the block is at the top right
+  assert turned[0][:16, -8:].mean() > 200
+
+
+def test_video_file_problems_before_any_frame(tmp_path):
+  whole = _video_file(tmp_path / "v.mp4")
+  with open(whole, "rb") as f:
+    data = f.read()
+  cut = tmp_path / "cut.mp4"
+  cut.write_bytes(data[:len(data) // 3])  # the index (moov) is at the end: nothing is readable
+  with pytest.raises(UserError, match=r"cannot decode the video .*cut\.mp4"):
+    read_frames(str(cut))
+  notes = tmp_path / "notes.mp4"
+  notes.write_text("not a video")
+  with pytest.raises(UserError, match="cannot decode the video"):
+    read_frames(str(notes))
+
+
+def test_cli_video_file(tmp_path, stand, capsys):
+  assert cli.main(_predict(_video_file(tmp_path / "v.mp4", n=3), tmp_path / "o")) == 0
+  assert sorted(os.listdir(tmp_path / "o")) == sorted([f"0000{i}{s}" for i in range(3) for s in ("_mask.png", "_vis.png")]
+                                                      + ["track.json"])
+  assert capsys.readouterr().out.strip().splitlines()[-1].startswith("3 frames, object seen on 3; ")
