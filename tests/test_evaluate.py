@@ -431,7 +431,8 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   assert "unknown dataset 'coco'" in error_line(capsys, base + ["--data", root, "--split", "coco|unc|val"])
   assert "has no split 'testB'" in error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|testB"])
   line = error_line(capsys, base + ["--data", root, "--split", "refcocog|umd|val"])
-  assert "no prepared dataset" in line and f"`run.py prepare --dataset refcocog --src RAW_ROOT --data_dir {root}`" in line
+  assert "no prepared dataset" in line
+  assert f"`run.py prepare --dataset refcocog --src RAW_ROOT --data_dir {root}`" in line
   line = error_line(capsys, base + ["--data", os.path.join(root, "refcoco"), "--split", "refcoco+|unc|val"])
   assert "holds dataset 'refcoco'" in line
   other = tmp_path / "sam_ckpt"

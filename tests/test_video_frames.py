@@ -259,6 +259,6 @@ def test_video_file_problems_before_any_frame(tmp_path):
 
 def test_cli_video_file(tmp_path, stand, capsys):
   assert cli.main(_predict(_video_file(tmp_path / "v.mp4", n=3), tmp_path / "o")) == 0
-  assert sorted(os.listdir(tmp_path / "o")) == sorted([f"0000{i}{s}" for i in range(3) for s in ("_mask.png", "_vis.png")]
-                                                      + ["track.json"])
+  written = [f"0000{i}{s}" for i in range(3) for s in ("_mask.png", "_vis.png")] + ["track.json"]
+  assert sorted(os.listdir(tmp_path / "o")) == sorted(written)
   assert capsys.readouterr().out.strip().splitlines()[-1].startswith("3 frames, object seen on 3; ")
