@@ -167,9 +167,13 @@ def test_cli_track_record_and_overwrite_leaves_nothing_stale(tmp_path, stand, ca
   assert capsys.readouterr().err.strip() == "error: interrupted"
   assert not (out / "track.json").exists() and (out / "00001_mask.png").exists()
   (tmp_path / "only_record").mkdir()  # a record alone is an earlier run's output too
-  (tmp_path / "only_record" / "track.json").write_text("{}")
+  (tmp_path / "outside_mask.png").write_text("the user's")  # a record naming it does not remove it
+  (tmp_path / "only_record" / "track.json").write_text('{"frames": [{"name": "../outside"}, {"name": 3}]}')
   line = error_line(capsys, _predict(three, tmp_path / "only_record"))
   assert "track.json exists" in line, line
+  assert cli.main(_predict(three, tmp_path / "only_record", "--overwrite")) == 0
+  assert (tmp_path / "outside_mask.png").exists()
+  (tmp_path / "only_record" / "track.json").write_text("{}")
   assert cli.main(_predict(three, tmp_path / "only_record", "--overwrite")) == 0
   assert "track.json is unreadable" in capsys.readouterr().out
 

@@ -174,19 +174,21 @@ def _stale_video_outputs(args: argparse.Namespace, stems: list[str]) -> list[str
   files of the frames it lists that this video lacks, and this video's frames' logits when this run writes none.
   A run killed before its record names no frames: those of its frames this video lacks stay."""
   record = os.path.join(args.out_dir, TRACK_FILE)
-  if not os.path.isfile(record):
-    return []
-  try:
-    with open(record, encoding="utf-8") as f:
-      earlier = [frame["name"] for frame in json.load(f)["frames"]]
-  except (OSError, ValueError, KeyError, TypeError):
-    print(f"warning: {record} is unreadable: the earlier run's frames that this video lacks stay")
-    earlier = []
+  earlier = []
+  if os.path.isfile(record):
+    try:
+      with open(record, encoding="utf-8") as f:
+        earlier = [frame["name"] for frame in json.load(f)["frames"]]
+    except (OSError, ValueError, KeyError, TypeError):
+      print(f"warning: {record} is unreadable: the earlier run's frames that this video lacks stay")
   this = set(stems)
-  stale = [os.path.join(args.out_dir, str(n) + s) for n in earlier if n not in this for s in PREDICTION_SUFFIXES]
+  # Names only (no path, nothing hidden): whatever the record says, nothing outside --out-dir is removed.
+  gone = [n for n in earlier if isinstance(n, str) and n not in this and os.path.basename(n) == n
+          and not n.startswith(".")]
+  stale = [record] + [os.path.join(args.out_dir, n + s) for n in gone for s in PREDICTION_SUFFIXES]
   if not args.save_logits:  # this video's frames, logits from before
     stale += [os.path.join(args.out_dir, n + PREDICTION_SUFFIXES[-1]) for n in stems]
-  return [record] + stale
+  return stale
 
 
 def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
