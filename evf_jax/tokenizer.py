@@ -75,14 +75,15 @@ class TokenizerError(UserError, ValueError):
   """The sentencepiece model is missing or not usable."""
 
 
-def check_fits_model(tokenizer, beit3_config, error: type[Exception] = UserError) -> None:
-  """`error` unless every id `tokenizer` gives has a row in BEiT-3's embedding table and its longest prompt fits
-  the text positions (jax's gather reads an id past the table as NaN: NaN scores and empty masks, no error)."""
+def check_fits_model(tokenizer, beit3_config, error: type[Exception] = UserError, lengths: bool = True) -> None:
+  """`error` unless every id `tokenizer` gives has a row in BEiT-3's embedding table (jax's gather reads an id past
+  the table as NaN: NaN scores and empty masks, no error) and, with `lengths`, its longest prompt fits the text
+  positions (training cuts prompts to its own data.max_text_len instead)."""
   vocab, positions = beit3_config.vocab_size, beit3_config.max_text_len
   if tokenizer.vocab_size > vocab:
     raise error(f"the tokenizer has {tokenizer.vocab_size} ids, more than this model's {vocab} (BEiT-3's "
                 "vocab_size): another model's tokenizer?")
-  if getattr(tokenizer, "max_text_len", 2) > positions:  # a longer prompt would fail inside BEiT-3's trace
+  if lengths and getattr(tokenizer, "max_text_len", 2) > positions:  # a longer prompt would fail inside BEiT-3's trace
     raise error(f"the tokenizer's max_text_len {tokenizer.max_text_len} exceeds this model's {positions} text "
                 "positions")
 

@@ -385,7 +385,7 @@ def _train_locked(cfg, workdir: str, model_config: ModelConfig, mesh, profile: O
   rules = sharding.rules_for(mesh, cfg.sharding_rules)
   data_root, mixture = _data_dirs(cfg, workdir)
   tokenizer = _tokenizer(cfg, workdir, mixture)
-  check_fits_model(tokenizer, model_config.beit3)
+  check_fits_model(tokenizer, model_config.beit3, lengths=False)
   if checkpointing.has_checkpoint(workdir):  # resuming: the parameters come from the checkpoint
     init, init_description = (lambda: None), {}
   else:
