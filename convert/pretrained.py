@@ -6,15 +6,18 @@ What the original EVF-SAM training starts from (hustvl/EVF-SAM, `model/evf_sam.p
   - BEiT-3 from the public pretrained file (`beit3_large_patch16_224.pth`, or the base one), whose
     "model" entry is loaded with `strict=False` into a `BEiT3Wrapper` (unilm `beit3/modeling_utils.py`),
     a module whose only child is the torchscale encoder, attribute `beit3`;
-  - the projector `text_hidden_fcs` (our `projector/fc1`, `projector/fc2`) freshly initialised.
+  - the projector `text_hidden_fcs` (our `projector/fc1`, `projector/fc2`) freshly initialised: torch
+    `nn.Linear`'s default, weights and biases uniform in +-1/sqrt(fan_in) (flax's lecun_normal has sqrt(3) times
+    the spread, and zero biases).
 
 EVF-SAM2 (`model/evf_sam2.py`) starts the same way with SAM-2 in SAM's place: Meta's `build_sam2` with
 `sam2_hiera_l.yaml` (sam_scale "large"; `sam2_hiera_t.yaml` for "tiny") and the official SAM 2.0 file
 (`sam2_hiera_large.pt`), which it loads strictly.
 
 `init_from_pretrained` does the same: the parameter tree of the family's `init_params(config, rng)` (an
-`EvfConfig` or an `EvfSam2Config`) with the `sam` subtree replaced by the converted SAM (SAM-2) file and the
-`beit3` subtree by the converted BEiT-3 file.
+`EvfConfig` or an `EvfSam2Config`) with the `sam` subtree replaced by the converted SAM (SAM-2) file, the
+`beit3` subtree by the converted BEiT-3 file, and the projector drawn as torch's `nn.Linear` draws it
+(`torch_linear_init`).
 Either path may be None; that subtree then stays at its random init (a partial init). Only the subtrees
 that stay random are initialised: `init_params` is traced inside a jit whose outputs are those subtrees,
 so XLA drops the other initialisers and the result is bit-identical to `init_params(config, rng)` there.
@@ -318,11 +321,27 @@ def random_subtrees(config: ModelConfig, rng, subtrees: Sequence[str],
   return dict(_subtree_init(config, names, param_dtype)(rng))
 
 
+PROJECTOR_STREAM = 7  # folded into the rng for the projector's draw: independent of the subtrees' init
+
+
+def torch_linear_init(layers: Mapping[str, Any], rng) -> dict[str, Any]:
+  """`{name: {"kernel": (in, out), "bias": (out,)}}` redrawn as torch's `nn.Linear` draws its parameters (kaiming
+  uniform with a=sqrt(5) for the weight, and the bias): uniform in +-1/sqrt(in), dtypes kept."""
+  out = {}
+  for i, (name, layer) in enumerate(sorted(layers.items())):
+    kernel, bias = layer["kernel"], layer["bias"]
+    bound = 1.0 / np.sqrt(kernel.shape[0])
+    k_rng, b_rng = jax.random.split(jax.random.fold_in(rng, i))
+    out[name] = {"kernel": jax.random.uniform(k_rng, kernel.shape, kernel.dtype, -bound, bound),
+                 "bias": jax.random.uniform(b_rng, bias.shape, bias.dtype, -bound, bound)}
+  return out
+
+
 def init_from_pretrained(config: ModelConfig, *, sam_path: str | None, beit3_path: str | None,
                          rng, param_dtype: Any = jnp.float32) -> tuple[dict[str, Any], InitReport]:
   """EVF-SAM / EVF-SAM2 params as the original training starts: SAM (SAM-2) and BEiT-3 from their public
-  checkpoints, the projector (and any subtree whose path is None) at the family's
-  `init_params(config, rng, param_dtype)` init.
+  checkpoints, the projector at torch `nn.Linear`'s default init (`torch_linear_init`), any subtree whose path is
+  None at the family's `init_params(config, rng, param_dtype)` init.
 
   Args:
     config: the model (`EvfConfig` or `EvfSam2Config`); its sizes must be the checkpoints' sizes.
@@ -367,6 +386,8 @@ def init_from_pretrained(config: ModelConfig, *, sam_path: str | None, beit3_pat
 
   random_names = tuple(n for n in SUBTREES if n not in loaded)
   params = dict(random_subtrees(config, rng, random_names, param_dtype))
+  if "projector" in params:  # the original's text_hidden_fcs keep torch's default init
+    params["projector"] = torch_linear_init(params["projector"], jax.random.fold_in(rng, PROJECTOR_STREAM))
   for name, tree in loaded.items():
     params[name] = jax.tree.map(jnp.asarray, tree)
   params = {n: params[n] for n in SUBTREES}

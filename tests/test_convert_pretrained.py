@@ -169,17 +169,28 @@ def test_report(files, full):
   assert "mim_head.weight" in text and "projector: random init (4 tensors)" in text
 
 
-def test_projector_is_the_random_init(full):
+def test_projector_is_torchs_linear_init(full):
+  """As the original's `text_hidden_fcs` start: torch nn.Linear's default, weights and biases uniform in
+  +-1/sqrt(fan_in) (flax's lecun_normal: sqrt(3) times the spread, zero biases); another key draws other values."""
   params, _ = full
   proj = _flat_np(params["projector"])
-  # What init_params(config, rng) draws for the projector (test_matches_init_params checks that the
-  # pruned init equals it); another key draws other values.
-  want = _flat_np(P.random_subtrees(CONFIG, jax.random.key(RNG), ["projector"])["projector"])
-  other = _flat_np(P.random_subtrees(CONFIG, jax.random.key(RNG + 1), ["projector"])["projector"])
-  for k in proj:
-    np.testing.assert_array_equal(proj[k], want[k], err_msg=k)
-  k1 = "fc1/kernel"
-  assert np.std(proj[k1]) > 0.01 and not np.array_equal(proj[k1], other[k1])
+  again = _flat_np(P.torch_linear_init(P.random_subtrees(CONFIG, jax.random.key(RNG), ["projector"])["projector"],
+                                       jax.random.fold_in(jax.random.key(RNG), P.PROJECTOR_STREAM)))
+  other = _flat_np(P.torch_linear_init(params["projector"], jax.random.key(RNG + 1)))
+  for k, v in proj.items():
+    np.testing.assert_array_equal(v, again[k], err_msg=k)
+    assert not np.array_equal(v, other[k]), k
+  torch = tr.import_torch()
+  for layer in ("fc1", "fc2"):
+    kernel, bias = proj[f"{layer}/kernel"], proj[f"{layer}/bias"]
+    bound = 1 / np.sqrt(kernel.shape[0])
+    ref = torch.nn.Linear(kernel.shape[0], kernel.shape[1])  # what the original draws, for the same shapes
+    for ours, theirs in ((kernel, ref.weight.detach().numpy()), (bias, ref.bias.detach().numpy())):
+      assert np.abs(ours).max() <= bound and np.abs(theirs).max() <= bound
+      # The std of n uniform draws is bound/sqrt(3), give or take ~0.45/sqrt(n) of it: 4 of those allowed.
+      tol = 1.8 / np.sqrt(ours.size)
+      for x in (ours, theirs):
+        assert abs(np.std(x) / (bound / np.sqrt(3)) - 1) < tol, (layer, x.shape, np.std(x), bound)
 
 
 @pytest.mark.slow
@@ -323,9 +334,9 @@ def test_forward_runs_and_matches_torch(files, full):
 def test_matches_init_params(full):
   """The pruned init of the random subtrees is bit-identical to `init_params` (compiles the whole
   model's initialisers: ~40 s on 2 CPU cores even at the tiny size)."""
-  params, _ = full
   ref = init_params(CONFIG, jax.random.key(RNG))
-  for k, v in _flat_np(params["projector"]).items():
+  pruned = P.random_subtrees(CONFIG, jax.random.key(RNG), ["projector"])
+  for k, v in _flat_np(pruned["projector"]).items():
     np.testing.assert_array_equal(v, np.asarray(flatten(ref["projector"])[k]), err_msg=k)
 
 
@@ -353,7 +364,7 @@ def test_sam2_tree_is_the_models(full2):
 
 def test_every_sam2_tensor_is_the_checkpoints(files, sam2_files, full2):
   """The `sam` subtree is `convert.sam2`'s conversion of the file (video memory included), BEiT-3 the same
-  file's conversion as for EVF-SAM, the projector EVF-SAM2's random init."""
+  file's conversion as for EVF-SAM, the projector torch's nn.Linear init."""
   params, report = full2
   ours = _flat_np(params["sam"])
   res = convert_sam2_result(sam2_files.state, CONFIG2.sam2)
@@ -370,8 +381,9 @@ def test_every_sam2_tensor_is_the_checkpoints(files, sam2_files, full2):
   assert (sam.prefix, sam.size, sam.converted, sam.skipped) == ("", "toy", len(s), ())
   assert report.sources["beit3"].size == "tiny" and report.random_subtrees == ("projector",)
   _assert_equal_trees(params["beit3"], convert_beit3(files.beit3_state, CONFIG2.beit3).params)
-  _assert_equal_trees(params["projector"],
-                      P.random_subtrees(CONFIG2, jax.random.key(RNG), ["projector"])["projector"])
+  key = jax.random.key(RNG)
+  _assert_equal_trees(params["projector"], P.torch_linear_init(
+      P.random_subtrees(CONFIG2, key, ["projector"])["projector"], jax.random.fold_in(key, P.PROJECTOR_STREAM)))
   assert params["projector"]["fc2"]["kernel"].shape == (32, CONFIG2.out_dim)
 
 
@@ -402,15 +414,15 @@ def test_evf_sam2_checkpoint_layout(files, sam2_files, full2, tmp_path):
 @pytest.mark.slow
 def test_sam2_partial_init_keeps_sam_random(files, full2):
   """beit3_path only: SAM-2 stays at EVF-SAM2's random init, bit-identical to `evf_sam2.init_params` (the pruned
-  init of `sam` and the projector). Slow for compiling SAM-2's initialisers, and the whole model's for the
+  init of `sam`). Slow for compiling SAM-2's initialisers, and the whole model's for the
   reference: ~2 min on 2 CPU cores."""
   params, report = P.init_from_pretrained(CONFIG2, sam_path=None, beit3_path=files.beit3_path,
                                           rng=jax.random.key(RNG))
   assert set(report.sources) == {"beit3"} and report.random_subtrees == ("sam", "projector")
   ref = evf_sam2.init_params(CONFIG2, jax.random.key(RNG))
-  for name in ("sam", "projector"):
-    _assert_equal_trees(params[name], ref[name])
+  _assert_equal_trees(params["sam"], ref["sam"])
   _assert_equal_trees(params["beit3"], full2[0]["beit3"])
+  _assert_equal_trees(params["projector"], full2[0]["projector"])  # whatever else is drawn with it
 
 
 def test_sam_generation_must_be_the_configs(files, sam2_files):

@@ -12,7 +12,9 @@ sam2: EVF-SAM2 (SAM-2 Hiera-L + BEiT-3-large, the released `evf-sam2`) instead: 
   original keeps it for video). The loss sees the best of masks 1-3 by predicted IoU, the mask inference keeps,
   as the original's training forward since its commit 9d00853; the released evf-sam2 predates that commit,
   whose forward trained mask 0 (--config.model.multimask_output=False trains and decodes mask 0).
-refclef: also train on RefCLEF (whether the released model saw it is unknown).
+refclef: also train on RefCLEF (whether the released model saw it is unknown; the original's code default, as
+  LISA's, lists it with the other three, so this follows that default; off by default here, so that the run
+  needs only the COCO-based sets).
 EVF-SAM's recipe was not published: the optimizer, schedule, batch and loss weights are LISA's, whose training
 script EVF-SAM's authors say they adapted (docs/data.md#7-training-recipe). The refer datasets are drawn
 uniformly, as the original's `refer_seg` group.
