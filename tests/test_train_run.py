@@ -194,6 +194,27 @@ def test_stop_and_resume_equals_the_uninterrupted_run(straight, config_file, dat
 
 
 @pytest.mark.slow
+def test_export_best_exports_the_step_with_the_best_giou(config_file, data_root, tmp_path, capsys):
+  """export_best=True: export/ holds the model of the evaluated step with the highest gIoU (step 3 here, its
+  recorded gIoU raised by hand), read back from its checkpoint, not the last step's; without it, the last."""
+  w = tmp_path / "best"
+  assert cli.main(_args(config_file, data_root, w, "--config.eval_every=3")) == 0
+  with open(w / "checkpoints" / "3" / "metrics" / "metrics", "w") as f:
+    json.dump({"giou": 1.0, "ciou": 1.0}, f)  # orbax's record of step 3's evaluation
+  capsys.readouterr()
+  assert cli.main(_args(config_file, data_root, w, "--config.eval_every=3", "--config.export_best=True")) == 0
+  assert "exported the trained model of step 3 (the best by gIoU)" in capsys.readouterr().out
+  assert json.load(open(w / "export" / "provenance.json"))["step"] == 3
+  _, params, _ = load_checkpoint(str(w / "export"))
+  best, last = saved_params(str(w), 3), saved_params(str(w), 6)
+  for key in ("beit3", "projector"):
+    assert_same_tree(params[key], best[key])
+  assert not np.array_equal(params["projector"]["fc1"]["kernel"], last["projector"]["fc1"]["kernel"])
+  assert cli.main(_args(config_file, data_root, w, "--config.eval_every=3")) == 0
+  assert json.load(open(w / "export" / "provenance.json"))["step"] == 6
+
+
+@pytest.mark.slow
 def test_a_workdir_of_another_config_refuses_to_resume(straight, config_file, data_root, tmp_path, capsys):
   w = tmp_path / "other"
   assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3")) == 0

@@ -32,4 +32,5 @@ def get_config(arg=None):
   c.evals = ("refcoco|unc|val", "refcoco+|unc|val", "refcocog|umd|val")
   c.batch_size = 160  # and LISA's 5000 steps (base_config): the released model's run length is unknown
   c.remat = arg.size == "huge"  # BEiT-3-large
+  c.export_best = True  # LISA keeps the checkpoint with the best validation gIoU
   return c

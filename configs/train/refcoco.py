@@ -33,4 +33,5 @@ def get_config(arg=None):
   c.batch_size = 160
   c.total_steps = 5000
   c.remat = arg.size == "huge"  # BEiT-3-large
+  c.export_best = True  # LISA keeps the checkpoint with the best validation gIoU
   return c

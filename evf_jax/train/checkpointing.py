@@ -139,6 +139,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_iterator: Any) -> Any:
   """The state of `step` with the shapes, dtypes and shardings of `abstract_state` (so a run may resume on
   another mesh or process count), and the iterator moved to the saved position."""
+  state = restore_state(mngr, step, abstract_state)
+  data_iterator.set_state(_data_state(os.path.join(str(mngr.directory), str(step), "data")))
+  return state
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """`restore` without the data iterator (UserError for a checkpoint that cannot be read)."""
   try:
     with checkpoints.quiet_if_restore_fails():
       restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
@@ -155,7 +162,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, data_it
     raise UserError(f"{mngr.directory}/{step}: cannot restore it ({first_line(innermost(e))[:300]}); it is damaged "
                     f"(a copy cut short?) or was saved with another model: {instead}, or use another "
                     "--workdir") from None
-  data_iterator.set_state(_data_state(os.path.join(str(mngr.directory), str(step), "data")))
   return restored["state"]
 
 
@@ -189,7 +195,7 @@ def _read_state(path) -> Any:
 # devices are laid out (checkpoints restore onto any mesh). Everything else must match the saved config.
 RESUME_MAY_CHANGE = ("total_steps", "checkpoint_every", "eval_every", "log_every", "keep_checkpoints", "evals",
                      "eval", "progress", "peak_tflops", "mesh", "init", "data.workers", "data.read_threads",
-                     "data.prefetch", "data.root", "data.synthetic", "export", "replicate_frozen", "dcn_mesh",
+                     "data.prefetch", "data.root", "data.synthetic", "export_best", "replicate_frozen", "dcn_mesh",
                      # memory and speed only (grad_accum is not: with loss.images_per_group 0 each microbatch
                      # is one mean, so it changes the loss)
                      "remat", "data.cache_images",

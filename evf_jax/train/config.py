@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 500
   c.log_every = 50
   c.keep_checkpoints = 3        # the latest N, plus the best by eval gIoU
+  c.export_best = False         # export/ holds the best step by eval gIoU (LISA keeps that), not the last
   c.progress = True
   # Compute.
   c.precision = "bf16"          # compute dtype; parameters and optimizer state are float32

@@ -66,6 +66,7 @@ class Summary:
   last_metrics: dict[str, float]
   evals: dict[int, dict[str, dict[str, Any]]]
   export: Optional[str]
+  export_step: Optional[int] = None  # the step whose model export/ holds
 
 
 def state_layout(model_config: ModelConfig, trainable, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
@@ -371,8 +372,19 @@ class Trainer:
       checkpointing.save(mngr, step, state, self.data_iterator, force=True)
     mngr.wait_until_finished()
     if not summary.stopped_early and step >= total:
-      summary.export = self._export(state, step)
-      self.log(f"exported the trained model to {summary.export}")
+      export_step = step
+      best = mngr.best_step() if cfg.export_best else None
+      if cfg.export_best and best is None:
+        self.log("export_best: no step was evaluated; exporting the last one")
+      elif best is not None and best != step:
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state = None  # the last state's memory, for the best one's
+        state = checkpointing.restore_state(mngr, best, like)
+        export_step = best
+      summary.export = self._export(state, export_step)
+      summary.export_step = export_step
+      self.log(f"exported the trained model of step {export_step}"
+               f"{' (the best by gIoU)' if cfg.export_best and best is not None else ''} to {summary.export}")
 
   def _stop_trace(self, metrics, step: Optional[int]) -> None:
     jax.block_until_ready(metrics)  # the traced steps' device work ends inside the trace
