@@ -31,7 +31,7 @@ from evf_jax.checkpoints import load_checkpoint
 from evf_jax.errors import UserError
 from evf_jax.evf import cast_kernels
 from evf_jax.runtime import compute_dtype, enable_compilation_cache
-from evf_jax.tokenizer import check_fits_model, prompt_problem
+from evf_jax.tokenizer import check_fits_model, check_prompts
 
 
 class PromptError(UserError, ValueError):
@@ -216,14 +216,10 @@ def encode_prompts(tokenizer, prompts, name: Optional[str] = None) -> tuple[np.n
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise PromptError("no prompts given")
-  for i, p in enumerate(prompts):
-    if not isinstance(p, str):
-      raise PromptError(f"{name or f'prompt {i}'} is a {type(p).__name__}, not a str")
-    problem = prompt_problem(p)
-    if problem:
-      raise PromptError(f"{name or f'prompt {i}'} {problem}")
+  label = (lambda i: name) if name else (lambda i: f"prompt {i}")
+  check_prompts(prompts, label, PromptError)
   input_ids, attention_mask = tokenizer.encode_batch(prompts)
   for i, n in enumerate(attention_mask.sum(axis=1)):
     if n <= 2:  # "<s></s>": nothing of the text is left
-      raise PromptError(f"{name or f'prompt {i}'} has no text the tokenizer keeps: {prompts[i][:40]!r}")
+      raise PromptError(f"{label(i)} has no text the tokenizer keeps: {prompts[i][:40]!r}")
   return input_ids, attention_mask

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import unicodedata
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -63,6 +63,16 @@ def prompt_problem(text: str) -> Optional[str]:
   if _visible(text) == SEMANTIC_TAG:
     return f"is only the {SEMANTIC_TAG} tag: name what to segment after it, e.g. '{SEMANTIC_TAG} sky'"
   return None
+
+
+def check_prompts(prompts: Sequence[str], name: Callable[[int], str], error: type[Exception] = UserError) -> None:
+  """`error` "<name(i)> <problem>" for the first of `prompts` that is no str or that `prompt_problem` refuses."""
+  for i, p in enumerate(prompts):
+    if not isinstance(p, str):
+      raise error(f"{name(i)} is a {type(p).__name__}, not a str")
+    problem = prompt_problem(p)
+    if problem:
+      raise error(f"{name(i)} {problem}")
 
 
 def truncate_ids(ids: Sequence[int], max_text_len: int) -> list[int]:

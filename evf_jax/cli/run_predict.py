@@ -15,7 +15,7 @@ from evf_jax.errors import UserError
 from evf_jax.images import (FILE_EXTENSIONS, PREDICTION_SUFFIXES, image_names, load_image, probe_image,
                             save_prediction)
 from evf_jax.predictor import Predictor
-from evf_jax.tokenizer import prompt_problem
+from evf_jax.tokenizer import check_prompts
 from evf_jax.video import VideoPredictor, read_frames
 
 HELP = "segment images by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
@@ -62,10 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   prompts = list(args.prompt)
-  for i, p in enumerate(prompts):
-    problem = prompt_problem(p)
-    if problem:
-      raise UserError(f"--prompt {i + 1} {problem}")
+  check_prompts(prompts, lambda i: f"--prompt {i + 1}")
   common.check_compute_args(args)
   storage.check_output_dir(args.out_dir, "--out-dir")
   if args.skip_existing and args.overwrite:
@@ -177,9 +174,8 @@ def _stale_video_outputs(args: argparse.Namespace, stems: list[str]) -> list[str
   earlier = []
   if os.path.isfile(record):
     try:
-      with open(record, encoding="utf-8") as f:
-        earlier = [frame["name"] for frame in json.load(f)["frames"]]
-    except (OSError, ValueError, KeyError, TypeError):
+      earlier = [frame["name"] for frame in storage.read_json(record)["frames"]]
+    except (UserError, OSError, KeyError, TypeError):
       print(f"warning: {record} is unreadable: the earlier run's frames that this video lacks stay")
   this = set(stems)
   # Names only (no path, nothing hidden): whatever the record says, nothing outside --out-dir is removed.

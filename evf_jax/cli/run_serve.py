@@ -44,7 +44,7 @@ from evf_jax.cli import common, run_synthetic
 from evf_jax.errors import UserError, first_line
 from evf_jax.images import ImageReadError, load_image, overlay
 from evf_jax.predictor import Prediction, Predictor
-from evf_jax.tokenizer import SEMANTIC_TAG as SEMANTIC, is_blank, prompt_problem
+from evf_jax.tokenizer import SEMANTIC_TAG as SEMANTIC, check_prompts, is_blank
 from evf_jax.train.checkpointing import EXPORT_DIR
 
 HELP = "a web page (gradio) to segment images by text prompts; listens on 127.0.0.1 unless --host says otherwise"
@@ -174,10 +174,7 @@ def parse_prompts(text: str | None, semantic: bool) -> list[str]:
     raise UserError(f"{len(prompts)} prompts: at most {MAX_PROMPTS} at a time")
   if semantic:
     prompts = [p if p.startswith(SEMANTIC) else f"{SEMANTIC} {p}" for p in prompts]
-  for i, p in enumerate(prompts):
-    problem = prompt_problem(p)
-    if problem:
-      raise UserError(f"prompt {i + 1} {problem}")
+  check_prompts(prompts, lambda i: f"prompt {i + 1}")
   return prompts
 
 
