@@ -414,6 +414,37 @@ def test_serving_is_said_once_the_port_listens(ckpt, monkeypatch, tmp_path, host
   assert os.environ["NO_PROXY"] == "example.com" and "no_proxy" not in os.environ  # as they were
 
 
+SIGTERM_AT_SERVING = """
+import os, signal, sys
+from evf_jax import cli
+
+
+class Out:  # SIGTERM to itself as the "serving" line is written: what a supervisor may do at once
+  def write(self, text):
+    sys.__stdout__.write(text)
+    if text.startswith("serving "):
+      os.kill(os.getpid(), signal.SIGTERM)
+    return len(text)
+
+  def __getattr__(self, name):  # the rest (isatty, fileno, ... for uvicorn's logging) as the real stdout's
+    return getattr(sys.__stdout__, name)
+
+
+sys.stdout = Out()
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_as_serving_is_said_stops_it_cleanly(ckpt, tmp_path):
+  """The SIGTERM handler is in place when the "serving" line is written (it was set after: a supervisor that
+  signalled at once killed the process, under load in the test below)."""
+  env = {**os.environ, "TMPDIR": str(tmp_path), "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", SIGTERM_AT_SERVING, "serve", "--checkpoint", ckpt, "--port",
+                         str(_free_port())], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0 and done.stdout.startswith("serving "), (done.returncode, done.stdout, done.stderr)
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("evf_jax_serve_")]
+
+
 def test_sigterm_stops_the_server_as_ctrl_c_does(ckpt, tmp_path):
   """`kill` (SIGTERM) ends serve with status 0 and removes its temporary folder of served masks; Python's default
   ended the process at once and left the folder behind."""

@@ -418,12 +418,15 @@ def run(args: argparse.Namespace) -> int:
     demo.close(verbose=False)
     first = re.split(r"\.\s", first_line(e))[0]
     raise UserError(f"cannot listen on {url_host(host)}:{args.port} ({first}); pass another --port or --host") from None
-  print(f"serving {checkpoint} at {url} (Ctrl-C stops)", flush=True)  # only now: the port is listening
   # SIGTERM (kill, systemd, a container's stop) stops it as Ctrl-C does: Python's default for it ends the process
-  # at once, without the exit handlers that remove the served masks' temporary folder.
+  # at once, without the exit handlers that remove the served masks' temporary folder. Set before the "serving"
+  # line, which tells a supervisor it may signal.
   previous = signal.signal(signal.SIGTERM, _interrupt)
   try:
+    print(f"serving {checkpoint} at {url} (Ctrl-C stops)", flush=True)  # only now: the port is listening
     demo.block_thread()
+  except KeyboardInterrupt:  # before block_thread, which closes the server itself on one
+    demo.close(verbose=False)
   finally:
     signal.signal(signal.SIGTERM, previous)
   return 0
