@@ -46,15 +46,23 @@ def use_array_handler() -> None:
   global _array_handler_set
   if _array_handler_set:
     return
-  absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
-  absl_logger.setLevel(logging.ERROR)  # no warning that the default handler is overridden: that is the intent
-  try:
+  with absl_errors_only():  # no warning that the default handler is overridden: that is the intent
     ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store(),
         min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+  _array_handler_set = True
+
+
+@contextlib.contextmanager
+def absl_errors_only():
+  """Only errors of what orbax logs (through absl) meanwhile: around calls whose warnings say what we intend."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
   finally:
     absl_logger.setLevel(level)
-  _array_handler_set = True
 
 
 class ModelDirError(UserError, ValueError):

@@ -111,12 +111,11 @@ def test_an_export_to_a_bucket_loads_as_a_local_one(gcs_bucket, tmp_path):
   into a local workdir: the same config, parameters, provenance and tokenizer come back from both."""
   config = tiny_config()
   tokenizer_model = os.path.join(spm_model.train(str(tmp_path / "spm")), "sentencepiece.bpe.model")
-  model_config = dict(config.to_dict(), param_dtype="float32")
   workdirs = {"local": str(tmp_path / "run"), "gcs": f"gs://{gcs_bucket}/run"}
   first, params = (random_params(abstract_params(config), seed) for seed in (1, 0))
-  checkpointing.export(workdirs["gcs"], first, model_config, {"step": 1}, tokenizer_model)
+  checkpointing.export(workdirs["gcs"], first, config, {"step": 1}, tokenizer_model)
   for where, workdir in workdirs.items():
-    out = checkpointing.export(workdir, params, model_config, {"step": 2}, tokenizer_model)
+    out = checkpointing.export(workdir, params, config, {"step": 2}, tokenizer_model)
     assert out == f"{workdir}/export"
   loaded = {where: load_checkpoint(f"{w}/export") for where, w in workdirs.items()}
   assert loaded["gcs"][0] == loaded["local"][0] == config

@@ -99,7 +99,8 @@ def test_two_processes_train_as_one(tmp_path):
 @pytest.mark.slow
 def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
   """The same two processes with a gs:// workdir (a local GCS emulator): each writes its shards and data
-  position into the bucket, process 0 the rest; one process then resumes the run from the bucket."""
+  position into the bucket, process 0 the rest; one process exports step 6 from the bucket, then resumes the
+  run there."""
   from evf_jax import storage
   config = tmp_path / "micro.py"
   config.write_text(CONFIG)
@@ -118,6 +119,14 @@ def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
   files = set(storage._files_under(workdir))
   assert {"checkpoints/6/commit_success.txt", "checkpoints/6/data/process_0-of-2.json",
           "checkpoints/6/data/process_1-of-2.json", "export/model_config.json", "config.json"} <= files, files
+  # `run.py export` of the bucket's step 6 (written by two processes) in one: the run's own export, bit for bit.
+  from evf_jax.checkpoints import load_checkpoint
+  from evf_testing.training import assert_same_tree
+  assert cli.main(["export", "--workdir", workdir, "--step", "6", "--out", str(tmp_path / "six")]) == 0
+  (config_a, params_a, _), (config_b, params_b, _) = (load_checkpoint(d) for d in (str(tmp_path / "six"),
+                                                                                  f"{workdir}/export"))
+  assert config_a == config_b
+  assert_same_tree(params_a, params_b)
   assert cli.main(["train", *common, "--config.total_steps=8"]) == 0
   assert storage.path(f"{workdir}/checkpoints/8/commit_success.txt").exists()
 

@@ -281,6 +281,74 @@ def test_a_damaged_checkpoint_or_a_lost_config_is_one_line(straight, config_file
   assert code == 2 and len(err) == 1 and "total_steps 5 is below step 6, where" in err[0], err
 
 
+# ---------------------------------------------------------------- run.py export: any kept step
+
+def _export(workdir, out, *extra):
+  return cli.main(["export", "--workdir", str(workdir), "--out", str(out), *extra])
+
+
+def test_export_writes_any_kept_step_as_a_checkpoint(straight, tmp_path, capsys):
+  """`run.py export`: step 3 (which export/ does not hold) as a checkpoint directory with step 3's parameters;
+  'best' and 'latest' (step 6 here, the one evaluated) equal the run's own export bit for bit. The workdir is
+  only read: a save in progress there (orbax's temporary folder) is left alone."""
+  in_progress = os.path.join(straight, "checkpoints", "9.orbax-checkpoint-tmp-1234567")
+  os.makedirs(in_progress)
+  try:
+    assert _export(straight, tmp_path / "s3", "--step", "3") == 0
+    assert os.path.isdir(in_progress)
+  finally:
+    shutil.rmtree(in_progress)
+  assert f"the model of step 3 of {straight}" in capsys.readouterr().out
+  config, params, tokenizer = load_checkpoint(str(tmp_path / "s3"))
+  step3 = saved_params(straight, 3)
+  for key in ("beit3", "projector"):
+    assert_same_tree(params[key], step3[key])
+  last = saved_params(straight, 6)
+  assert not np.array_equal(params["projector"]["fc1"]["kernel"], last["projector"]["fc1"]["kernel"])
+  provenance = json.load(open(tmp_path / "s3" / "provenance.json"))
+  run_export = json.load(open(os.path.join(straight, "export", "provenance.json")))
+  assert provenance["step"] == 3 and provenance["workdir"] == straight
+  assert provenance["initialisation"] == run_export["initialisation"]
+  assert provenance["initialisation"]["init"] == "random"
+  assert provenance["config"]["total_steps"] == run_export["config"]["total_steps"] == 6
+  exported = load_checkpoint(os.path.join(straight, "export"))
+  for step in ("best", "latest"):
+    assert _export(straight, tmp_path / step, "--step", step) == 0
+    assert f"the model of step 6 (the best by gIoU) of {straight}" in capsys.readouterr().out
+    again = load_checkpoint(str(tmp_path / step))
+    assert again[0] == exported[0] == config
+    assert_same_tree(again[1], exported[1])
+    text = ["the red circle", "[semantic] squares"]
+    assert np.array_equal(again[2].encode_batch(text)[0], tokenizer.encode_batch(text)[0])
+
+
+def test_export_refuses_bad_input_in_one_line(straight, tmp_path, capsys):
+  """A step the run did not keep (the kept ones listed), 'best' with nothing evaluated, --out where training
+  would replace it or a directory that is not a checkpoint, a folder that is not a workdir."""
+  unevaluated = tmp_path / "unevaluated"  # step 3 alone: no gIoU recorded
+  os.makedirs(unevaluated / "checkpoints")
+  shutil.copy(os.path.join(straight, "config.json"), unevaluated)
+  shutil.copytree(os.path.join(straight, "checkpoints", "3"), unevaluated / "checkpoints" / "3")
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("mine")
+  cases = [
+      ((straight, tmp_path / "o", "--step", "4"), "keeps no complete checkpoint of that step; it keeps 3, 6 (best)"),
+      ((straight, tmp_path / "o", "--step", "six"), "--step 'six': expected a step number, 'latest' or 'best'"),
+      ((unevaluated, tmp_path / "o", "--step", "best"), "no kept step of"),
+      ((straight, os.path.join(straight, "export", "step3"), "--step", "3"), "is in the run's export/"),
+      ((straight, tmp_path / "mine"), "exists and is not an evf-jax checkpoint directory"),
+      ((tmp_path / "mine", tmp_path / "o"), "not a training workdir (config.json is missing)"),
+      ((tmp_path / "nowhere", tmp_path / "o"), "no such directory"),
+  ]
+  for args, expect in cases:
+    code = _export(*args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect in err[0], (args, err)
+  assert not os.path.exists(tmp_path / "o") and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+  assert sorted(os.listdir(os.path.join(straight, "export"))) == ["model_config.json", "params", "provenance.json",
+                                                                  "tokenizer"]
+
+
 # ---------------------------------------------------------------- interruptions, in a child process
 
 # The child: `run.py train` with each batch slowed down (so a signal lands mid-run) and, when asked, every

@@ -12,8 +12,8 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
-from evf_jax.cli import (run_convert, run_eval, run_export_hf, run_predict, run_prepare, run_serve, run_synthetic,
-                         run_train)
+from evf_jax.cli import (run_convert, run_eval, run_export, run_export_hf, run_predict, run_prepare, run_serve,
+                         run_synthetic, run_train)
 from evf_jax.errors import UserError
 
 # name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
@@ -24,6 +24,7 @@ COMMANDS = {
     "prepare": run_prepare,
     "eval": run_eval,
     "train": run_train,
+    "export": run_export,
     "synthetic": run_synthetic,
     "serve": run_serve,
 }

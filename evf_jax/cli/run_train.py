@@ -43,7 +43,6 @@ from evf_jax.train import config as train_config
 from evf_jax.train.trainer import ProfileWindow, Trainer
 
 HELP = "train EVF-SAM or EVF-SAM2 from a config (configs/train/*.py) into a workdir; resumes when run again"
-TOKENIZER_DIR = "tokenizer"   # <workdir>/tokenizer: a sentencepiece model trained on the training prompts
 DATA_DIR = "data"             # <workdir>/data: generated synthetic data when data.root is ""
 _DASHES = "-\u2013\u2014"      # a flag's hyphens, and the en and em dashes a document's typography makes of them
 
@@ -232,12 +231,8 @@ def _data_dirs(cfg, workdir: str) -> tuple[str, dict[str, tuple[float, list[str]
 
 
 def _tokenizer(cfg, workdir: str, mixture) -> TextTokenizer:
-  if cfg.tokenizer:
-    return TextTokenizer(cfg.tokenizer)
-  if cfg.init.evf_checkpoint:
-    return TextTokenizer(os.path.join(cfg.init.evf_checkpoint, checkpoints.TOKENIZER_DIR))
-  if cfg.train_tokenizer_vocab > 0:
-    directory = os.path.join(workdir, TOKENIZER_DIR)
+  directory, trained_here = checkpointing.tokenizer_source(cfg, workdir)
+  if trained_here:
     if not storage.path(os.path.join(directory, SPM_FILE)).is_file() and jax.process_index() == 0:
       split = cfg.data.get("split", "train")
       texts = [e.text for _, dirs in mixture.values() for d in dirs for r in sources.read_records(d, split)
@@ -245,9 +240,7 @@ def _tokenizer(cfg, workdir: str, mixture) -> TextTokenizer:
       with storage.LocalMirror(directory) as mirror:  # sentencepiece writes local files
         train_tokenizer(texts, mirror.local, cfg.train_tokenizer_vocab)
     multihost_utils.sync_global_devices("evf_jax: tokenizer")
-    return TextTokenizer(directory)
-  raise UserError("no tokenizer: set --config.tokenizer (a sentencepiece model, e.g. BEiT-3's beit3.spm), "
-                  "init.evf_checkpoint, or train_tokenizer_vocab")
+  return TextTokenizer(directory)
 
 
 def train_tokenizer(texts: Sequence[str], directory: str, vocab_size: int) -> str:

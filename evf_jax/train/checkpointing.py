@@ -9,7 +9,8 @@ Layout of a workdir:
                        renamed when complete, so a process killed at any moment leaves the last complete step
                        readable; leftovers of an interrupted save are removed at the next start.
   export/              the trained model as an evf-jax checkpoint directory (what `Predictor`, `run.py predict`
-                       and `run.py eval` load)
+                       and `run.py eval` load); `run.py export` writes any kept step as one elsewhere
+  tokenizer/           the sentencepiece model the run trained (train_tokenizer_vocab > 0)
   run.lock             held (flock) by the run using the workdir, naming its process; a second run is refused
 The workdir may be a gs:// URL (`evf_jax.storage`): there orbax marks a finished save with a commit file
 instead of a rename, and the export is copied into place (not atomic).
@@ -32,14 +33,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from evf_jax import checkpoints, storage
+from evf_jax import __version__, checkpoints, storage
 from evf_jax.errors import UserError, first_line, innermost
 from evf_jax.tokenizer import SPM_FILE
+from evf_jax.train import partition
 
 CONFIG_FILE = "config.json"
 INIT_FILE = "initialisation.json"
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
+TOKENIZER_DIR = "tokenizer"
 LOCK_FILE = "run.lock"
 BEST_METRIC = "giou"
 
@@ -165,6 +168,51 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -
   return restored["state"]
 
 
+def kept_steps(workdir: str) -> tuple[list[int], Optional[int]]:
+  """The complete checkpoints of `workdir` and the best of them by eval gIoU (None where none was evaluated).
+  Read-only: a run using the workdir keeps its save in progress (a manager of its own would remove it)."""
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, cleanup_tmp_directories=False,
+                                         save_interval_steps=0, best_fn=lambda m: m[BEST_METRIC], best_mode="max")
+  with checkpoints.absl_errors_only():  # orbax's notes that the directory is read-only
+    mngr = ocp.CheckpointManager(storage.path(os.path.join(workdir, CHECKPOINT_DIR)), options=options)
+    try:
+      return sorted(mngr.all_steps()), mngr.best_step()
+    finally:
+      mngr.close()
+
+
+def restore_model_params(workdir: str, step: int) -> dict:
+  """The model's parameters saved at `step` (trained and frozen merged, as host arrays), without the optimizer
+  state, whatever mesh or processes wrote them (UserError for a step that cannot be read)."""
+  path = storage.path(os.path.join(workdir, CHECKPOINT_DIR, str(step), "state"))
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    with checkpoints.quiet_if_restore_fails(), checkpoints.absl_errors_only():  # the state has no metadata file of
+      saved = checkpointer.metadata(path).item_metadata                        # its own (the step's is above it)
+      target = {k: saved[k] for k in ("params", "frozen")}
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item=target, partial_restore=True,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)))
+  except Exception as e:  # noqa: BLE001 (whatever orbax or TensorStore raise: one line naming the checkpoint)
+    raise UserError(f"{path}: cannot read the parameters ({first_line(innermost(e))[:300]}); the step was removed "
+                    "meanwhile (a run keeps its latest ones), or its files are damaged") from None
+  return partition.merge(restored["params"], restored["frozen"])
+
+
+def tokenizer_source(cfg: Mapping[str, Any], workdir: str) -> tuple[str, bool]:
+  """Where a run's sentencepiece model is (a file or a directory holding it), and whether the run trains it
+  there: the config's `tokenizer`, else its init checkpoint's, else WORKDIR/tokenizer when `train_tokenizer_vocab`
+  is set (UserError otherwise). `cfg` is the run's config (a ConfigDict, or config.json as read)."""
+  if cfg["tokenizer"]:
+    return cfg["tokenizer"], False
+  if cfg["init"]["evf_checkpoint"]:
+    return os.path.join(cfg["init"]["evf_checkpoint"], checkpoints.TOKENIZER_DIR), False
+  if cfg.get("train_tokenizer_vocab", 0) > 0:
+    return os.path.join(workdir, TOKENIZER_DIR), True
+  raise UserError("no tokenizer: set --config.tokenizer (a sentencepiece model, e.g. BEiT-3's beit3.spm), "
+                  "init.evf_checkpoint, or train_tokenizer_vocab")
+
+
 def _data_state(directory: str) -> Any:
   """This process's saved iterator state. Written by another number of processes, the saved states must all be
   equal (our pipelines' state is the global batch index, the same on every process) and that one is used."""
@@ -271,7 +319,21 @@ def read_initialisation(workdir: str) -> dict:
 
 # ---------------------------------------------------------------- export
 
-def export(workdir: str, params: Any, model_config: Mapping[str, Any], provenance: Mapping[str, Any],
+def training_provenance(run: Mapping[str, Any], workdir: str, step: int) -> dict:
+  """provenance.json of a model exported from a training run: `run` ({"config", "initialisation"}) and where
+  and when it comes from."""
+  return dict(run, source="evf-jax training", workdir=workdir, step=step, evf_jax=__version__,
+              created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def save_trained_model(directory: str, params: Any, model_config: Any, provenance: Mapping[str, Any],
+                       tokenizer_model: Optional[str]) -> None:
+  """`checkpoints.save_model` of a trained model: float32 parameters, the run's sentencepiece model."""
+  checkpoints.save_model(directory, params, dict(model_config.to_dict(), param_dtype="float32"), provenance,
+                         {SPM_FILE: tokenizer_model} if tokenizer_model else {})
+
+
+def export(workdir: str, params: Any, model_config: Any, provenance: Mapping[str, Any],
            tokenizer_model: Optional[str]) -> str:
   """Writes `<workdir>/export/`, an evf-jax checkpoint directory, atomically (a finished export replaces the
   previous one only once complete; on GCS the old one is removed and the finished export copied into place).
@@ -281,8 +343,7 @@ def export(workdir: str, params: Any, model_config: Mapping[str, Any], provenanc
   if jax.process_index() == 0:
     storage.remove_tree(staging)
   multihost_utils.sync_global_devices("evf_jax export: staging cleared")
-  checkpoints.save_model(staging, params, model_config, provenance,
-                         {SPM_FILE: tokenizer_model} if tokenizer_model else {})
+  save_trained_model(staging, params, model_config, provenance, tokenizer_model)
   if jax.process_index() == 0:
     if storage.is_url(out):  # no rename: keeping the old export aside would copy it whole once more
       storage.remove_tree(out)

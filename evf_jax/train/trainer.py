@@ -11,7 +11,6 @@ every field).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from evf_jax import __version__, families, flops, sharding, storage
+from evf_jax import families, flops, sharding, storage
 from evf_jax.errors import UserError, first_line
 from evf_jax.families import ModelConfig
 from evf_jax.runtime import compilation_cache_hits, compute_dtype
@@ -453,8 +452,5 @@ class Trainer:
 
   def _export(self, state, step: int) -> str:
     params = partition.merge(state["params"], state["frozen"])
-    model_config = dict(self.model_config.to_dict(), param_dtype="float32")
-    provenance = dict(self.provenance, source="evf-jax training", workdir=self.workdir, step=step,
-                      evf_jax=__version__,
-                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    return checkpointing.export(self.workdir, params, model_config, provenance, self.tokenizer_model)
+    provenance = checkpointing.training_provenance(self.provenance, self.workdir, step)
+    return checkpointing.export(self.workdir, params, self.model_config, provenance, self.tokenizer_model)
