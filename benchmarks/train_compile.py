@@ -653,6 +653,7 @@ def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict)
   devices: the parameters keep the training state's shardings and the rest of the state stays in memory, so the
   peak while evaluating is the whole state plus the step's batch, outputs and temporaries."""
   from evf_jax import buckets, evaluate, families, sharding
+  from evf_jax.train import config as train_config
   from evf_jax.train import partition
 
   devices = mesh.devices.size
@@ -663,7 +664,8 @@ def _compile_eval(args, cfg, model_config, mesh, rules, abstract, summary: dict)
                               sam_size=image_input.size, beit_size=model_config.beit3.img_size,
                               low_res=image_input.low_res, sharding=sharding.batch_sharding(mesh, rules))
   params = partition.merge(abstract["params"], abstract["frozen"])
-  step = evaluate.sharded_step(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh, False, axes)
+  predict = evaluate.evf_predict_fn(model_config, *train_config.eval_compute(cfg))
+  step = evaluate.sharded_step(predict, mesh, False, axes)
   start = time.perf_counter()
   with sharding.activate(mesh, rules):
     compiled = step.trace(params, batch).lower().compile()

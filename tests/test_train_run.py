@@ -116,6 +116,22 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   assert result["ciou"] == pytest.approx(evals[0]["eval/synthetic|val/ciou"], abs=1e-9)
 
 
+def test_eval_precision_sets_the_periodic_evaluation_apart_from_training(config_file, data_root, tmp_path, capsys):
+  """Training in bf16 with eval.precision=fp32: the run's evaluation is `run.py eval --precision fp32` of its
+  export exactly, and differs from the bf16 one (so the setting is what made them equal)."""
+  w = tmp_path / "w"
+  assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3", "--config.precision=bf16",
+                        "--config.eval.precision=fp32")) == 0
+  logged = [json.loads(line) for line in open(w / "metrics.jsonl") if "eval/synthetic|val/giou" in line]
+  results = {}
+  for precision in ("fp32", "bf16"):
+    assert cli.main(["eval", "--checkpoint", str(w / "export"), "--data", data_root, "--split", "synthetic|val",
+                     "--out-dir", str(w / precision), "--precision", precision, "--no-progress"]) == 0
+    results[precision] = json.load(open(w / precision / "synthetic_val.json"))
+  assert len(logged) == 1 and logged[0]["eval/synthetic|val/giou"] == pytest.approx(results["fp32"]["giou"], abs=1e-9)
+  assert results["bf16"]["giou"] != results["fp32"]["giou"]
+
+
 @pytest.fixture(scope="module")
 def sam2_run(data_root, tmp_path_factory):
   """A 4-step EVF-SAM2 run (toy SAM-2, the micro config's BEiT-3 and data)."""
@@ -552,6 +568,8 @@ def test_help_lists_every_flag(capsys):
     (("--config.model.beit3.vocab_size=20",), "ids, more than this model's 20 (BEiT-3's vocab_size)"),
     (("--config.attention=cudnn",), "cuDNN attention needs precision bf16"),
     (("--config.precision=fp16",), "fp16 needs a GPU"),
+    (("--config.eval.precision=fp64",), "config.eval.precision 'fp64': expected '' (the training's) or one of"),
+    (("--config.eval.precision=fp16",), "fp16 needs a GPU"),
     (("--config.optimizer.name=lion",), "config.optimizer.name 'lion': expected one of adamw, muon"),
     (("--profile_steps=-2",), "profile: steps -2"),
     (("--workdir=s3://bucket/run",), "--workdir s3://bucket/run: only local paths and gs:// URLs are supported"),

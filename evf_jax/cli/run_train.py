@@ -35,8 +35,8 @@ from evf_jax import checkpoints, evaluate, families, sharding, storage
 from evf_jax.cli import cluster, run_eval
 from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
-from evf_jax.runtime import (check_accelerator_in_use, check_attention_platform, check_precision_platform,
-                             compute_dtype, enable_compilation_cache)
+from evf_jax.runtime import (PRECISIONS, check_accelerator_in_use, check_attention_platform,
+                             check_precision_platform, compute_dtype, enable_compilation_cache)
 from evf_jax.tokenizer import SPM_FILE, TextTokenizer, check_fits_model
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
@@ -155,6 +155,11 @@ def _check_config(cfg) -> ModelConfig:
   compute_dtype(cfg.precision, cfg.attention)
   check_attention_platform(cfg.attention)
   check_precision_platform(cfg.precision)
+  eval_precision, _ = train_config.eval_compute(cfg)
+  if eval_precision not in PRECISIONS:
+    raise UserError(f"config.eval.precision {cfg.eval.precision!r}: expected '' (the training's) or one of "
+                    f"{', '.join(PRECISIONS)}")
+  check_precision_platform(eval_precision)
   for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "grad_accum",
               "keep_checkpoints"):
     if int(cfg[key]) < 1:
@@ -309,7 +314,7 @@ def _eval_fn(cfg, model_config: ModelConfig, tokenizer, mesh, rules, data_root: 
     return None
   located = run_eval.locate_splits(cfg.eval.root or data_root, list(cfg.evals))
   options = eval_options(cfg, model_config)
-  evaluator = evaluate.Evaluator(evaluate.evf_predict_fn(model_config, cfg.precision, cfg.attention), mesh=mesh,
+  evaluator = evaluate.Evaluator(evaluate.evf_predict_fn(model_config, *train_config.eval_compute(cfg)), mesh=mesh,
                                  batch_axes=sharding.batch_axes(mesh, rules), options=options)
 
   def fn(params, step):

@@ -167,8 +167,11 @@ def base_config() -> ml_collections.ConfigDict:
       "synthetic": {"num_train": 0, "num_eval": 0, "seed": 0},  # > 0: generate a missing synthetic dataset
   })
   c.evals = ("refcoco|unc|val",)  # splits evaluated every eval_every steps; the first one picks the best
-  # root "": data.root; size_multiple / min_prompts: the evaluator's shape buckets (evf_jax/evaluate.py)
-  c.eval = ml_collections.ConfigDict({"root": "", "batch_size": 8, "size_multiple": 128, "min_prompts": 2})
+  # root "": data.root; size_multiple / min_prompts: the evaluator's shape buckets (evf_jax/evaluate.py);
+  # precision "": the training's, or fp32 / bf16 / fp16 (the original's eval.py runs fp16; fp32 runs XLA
+  # attention: cuDNN's needs bf16 or fp16)
+  c.eval = ml_collections.ConfigDict({"root": "", "batch_size": 8, "size_multiple": 128, "min_prompts": 2,
+                                      "precision": ""})
   # Devices: mesh axes (-1: the rest) and logical-axis rules (evf_jax/sharding.py).
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   # Over several TPU slices (multi-slice): how many slices each mesh axis spans (-1: the rest); the mesh's
@@ -225,6 +228,13 @@ def model_config(model: ml_collections.ConfigDict) -> ModelConfig:
                      mm_extractor_scale=model.mm_extractor_scale)
   except (TypeError, ValueError) as e:
     raise UserError(f"config.model: {e}") from None
+
+
+def eval_compute(cfg: ml_collections.ConfigDict) -> tuple[str, str]:
+  """The periodic evaluation's precision and attention: `eval.precision` ("": the training's); fp32 runs XLA
+  attention, since cuDNN's needs bf16 or fp16."""
+  precision = cfg.eval.get("precision", "") or cfg.precision
+  return precision, cfg.attention if precision != "fp32" else "xla"
 
 
 def default_trainable(model: ml_collections.ConfigDict) -> tuple[str, ...]:
