@@ -162,6 +162,11 @@ def test_evf_sam2_trains_evaluates_and_exports_a_model_predictor_loads(sam2_run,
   in_memory = Predictor(config, jax.tree.map(np.asarray, params), tokenizer)
   in_memory.set_image(image)
   np.testing.assert_array_equal(exported.predict(["the red circle"]).logits, in_memory.predict(["the red circle"]).logits)
+  # `run.py export` merges the frozen SAM-2 back in: the run's own export, bit for bit.
+  assert cli.main(["export", "--workdir", w, "--out", os.path.join(w, "again")]) == 0
+  again = load_checkpoint(os.path.join(w, "again"))
+  assert again[0] == config
+  assert_same_tree(again[1], params)
 
 
 def test_an_init_checkpoint_of_the_other_family_is_refused(config_file, data_root, tmp_path, capsys):
