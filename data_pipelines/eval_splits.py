@@ -2,8 +2,9 @@
 
 Splits are named as EVF-SAM's eval.py names them, "DATASET|SPLITBY|SPLIT": refcoco|unc|val,
 refcoco|unc|testA, refcoco|unc|testB, refcoco+|unc|{val,testA,testB}, refcocog|umd|{val,test} (the eight
-standard splits), plus refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, and
-"synthetic|SPLIT". SPLIT may carry a TFDS slice: "refcoco|unc|val[:10%]".
+standard splits), plus refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB},
+"synthetic|SPLIT", and "NAME|SPLIT" for a dataset of your own (`run.py prepare --dataset custom --name NAME`).
+SPLIT may carry a TFDS slice: "refcoco|unc|val[:10%]".
 
 DATA is a TFDS data_dir (or one dataset folder in it). The split is read from, in this order:
   DATA/NAME        the dataset built by `run.py prepare --dataset DATASET --data_dir DATA` (NAME: refcoco+ ->
@@ -32,6 +33,7 @@ REFER_SPLIT_BY = {"refclef": "unc", "refcoco": "unc", "refcoco+": "unc", "refcoc
 REF_COCO_SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 REF_COCO_SPLITS = {"val": "validation"}  # our split name -> ref_coco's
 SYNTHETIC = "synthetic"
+_CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")  # tfds_builders.custom_name_problem says the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +57,7 @@ def _base(split: str) -> str:
 def parse_split(name: str) -> EvalSplit:
   parts = name.split("|")
   dataset, split_by = parts[0], ""
-  if dataset == SYNTHETIC:
+  if dataset == SYNTHETIC or (dataset not in REFER_SPLIT_BY and len(parts) == 2 and _CUSTOM_NAME.match(dataset)):
     if len(parts) != 2:
       raise UserError(f"split {name!r}: the synthetic set is named 'synthetic|SPLIT', e.g. 'synthetic|val'")
     split = parts[1]
@@ -68,12 +70,13 @@ def parse_split(name: str) -> EvalSplit:
     split, split_by = parts[2], parts[1]
   else:
     known = ", ".join(sorted(REFER_SPLIT_BY) + [SYNTHETIC])
-    raise UserError(f"split {name!r}: unknown dataset {dataset!r} (known: {known})")
+    raise UserError(f"split {name!r}: unknown dataset {dataset!r} (known: {known}; a dataset of your own is "
+                    "'NAME|SPLIT')")
   if not split:
     raise UserError(f"split {name!r}: empty split name")
   if _base(split) == "train":
     raise UserError(f"split {name!r}: train records keep raw sentences and are not an evaluation split")
-  return EvalSplit(name, dataset, split, split_by if dataset != SYNTHETIC else "")
+  return EvalSplit(name, dataset, split, split_by)
 
 
 def expand_splits(names: Sequence[str]) -> list[EvalSplit]:

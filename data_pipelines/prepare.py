@@ -27,7 +27,7 @@ from data_pipelines import readers, records, sources, synthetic, tfds_builders
 from evf_jax import storage
 from evf_jax.errors import UserError
 
-DATASETS = sorted(readers.READERS) + ["synthetic"]
+DATASETS = sorted(readers.READERS) + [readers.CUSTOM, "synthetic"]
 
 
 def _remove_empty_parents(path: str, stop: str) -> None:
@@ -56,20 +56,19 @@ def _remove_stale_incomplete(name_dir: str, version: str) -> None:
       shutil.rmtree(os.path.join(name_dir, entry))
 
 
-def build(dataset: str, data_dir: str, src: str | None = None, *, num_train: int = 2000, num_eval: int = 200,
-          seed: int = 0, progress: bool = True) -> dict:
+def build(dataset: str, data_dir: str, src: str | None = None, *, name: str | None = None, num_train: int = 2000,
+          num_eval: int = 200, seed: int = 0, progress: bool = True) -> dict:
   """Builds one dataset as TFDS ArrayRecord into `data_dir`; returns a summary (also in the dataset's
   metadata.json): {"dataset", "path", "splits": {split: {"images", "prompts", "shards"}}, "skipped"}.
-  `src` is the raw download (docs/data.md#2-raw-datasets) or a directory in the old prepared format."""
+  `src` is the raw download (docs/data.md#2-raw-datasets) or a directory in the old prepared format; for
+  dataset "custom", the user's own data (readers.CUSTOM_LAYOUT), built as the dataset `name`."""
   _check_local_dir(data_dir, "--data_dir")
-  cls = tfds_builders.builder_class(dataset)
-  if cls is None:
-    raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+  cls = _builder_class(dataset, name)
   name_dir = os.path.join(os.path.abspath(data_dir), cls.name)
   if os.path.exists(name_dir) and not os.path.isdir(name_dir):
     raise UserError(f"{name_dir} is a file; choose another --data_dir or remove it")
   if sources.is_legacy(name_dir):  # sources.locate prefers it: a TFDS dataset inside would never be read
-    how = ("build it into another --data_dir" if dataset == "synthetic" else  # generated, never converted
+    how = ("build it into another --data_dir" if dataset in ("synthetic", readers.CUSTOM) else  # never converted
            f"convert it into another --data_dir: `run.py prepare --dataset {dataset} --src {name_dir} --data_dir "
            "OTHER_DIR`")
     raise UserError(f"{name_dir} holds a dataset in the old prepared format ({records.META_FILE}), which would "
@@ -104,7 +103,26 @@ def build(dataset: str, data_dir: str, src: str | None = None, *, num_train: int
   meta = builder.info.metadata
   splits = {name: {"images": int(info.num_examples), "prompts": int(meta["prompts"].get(name, 0)),
                    "shards": len(info.shard_lengths)} for name, info in sorted(builder.info.splits.items())}
-  return {"dataset": dataset, "path": path, "splits": splits, "skipped": dict(meta.get("skipped", {}))}
+  return {"dataset": meta["dataset"], "path": path, "splits": splits, "skipped": dict(meta.get("skipped", {}))}
+
+
+def _builder_class(dataset: str, name: str | None) -> type:
+  """The TFDS builder of `dataset`; for "custom", one named `name` (checked: training mixtures and evaluation
+  splits find the dataset by it)."""
+  if dataset == readers.CUSTOM:
+    if not name:
+      raise UserError("--dataset custom needs --name NAME: the name training mixtures and evaluation splits "
+                      "(NAME|SPLIT) will use")
+    problem = tfds_builders.custom_name_problem(name)
+    if problem:
+      raise UserError(f"--name {name}: {problem}")
+    return tfds_builders.custom_builder(name)
+  if name:
+    raise UserError(f"--name is for --dataset custom only ({dataset} has its own name)")
+  cls = tfds_builders.builder_class(dataset)
+  if cls is None:
+    raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+  return cls
 
 
 def _check_out(out: str) -> None:
@@ -147,6 +165,8 @@ def prepare(dataset: str, out: str, src: str | None = None, *, num_train: int = 
             seed: int = 0, records_per_shard: int = 2000, progress: bool = True) -> dict:
   """Deprecated (one release): converts one dataset into the old records.py format in OUT; returns the summary
   that is also stored in OUT/meta.json. `build` writes the TFDS dataset that replaces it."""
+  if dataset == readers.CUSTOM:
+    raise UserError("--dataset custom builds a TFDS dataset only: give --data_dir, not the deprecated --out")
   warnings.warn("this writes the old prepared format, read for one more release; build a TFDS dataset instead "
                 "(`run.py prepare --data_dir`, prepare.build)", sources.OldFormatWarning, stacklevel=2)
   _check_local_dir(out, "--out")

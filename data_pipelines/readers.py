@@ -12,6 +12,7 @@ UserError listing every missing one, and a UserError naming the file for annotat
   humanparsing                                     dataset/humanparsing   (JPEGImages/, SegmentationClassAug/)
   partimagenet                                     dataset/PartImageNet   (images/<split>/, annotations/<split>/<split>.json)
   pascal_part                                      dataset/vlpart/pascal_part  (<split>.json, VOCdevkit/VOC2010/JPEGImages/)
+  custom (your own data, `--name NAME`)            any folder  (SPLIT.jsonl files: CUSTOM_LAYOUT)
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ import glob
 import json
 import os
 import pickle
+import re
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from data_pipelines import records, safe_pickle
 from evf_jax.errors import UserError
 from evf_jax.images import ImageReadError, decode_image
+from evf_jax.tokenizer import check_prompts
 
 Build = Callable[[int, int], tuple[list[records.Entry], list[bytes]]]
 
@@ -512,3 +515,144 @@ READERS: dict[str, Callable[[str], list[ImageTask]]] = {
     "partimagenet": read_partimagenet,
     "pascal_part": read_pascal_part,
 }
+
+
+# ---------------------------------------------------------------- your own data (`run.py prepare --dataset custom`)
+
+CUSTOM = "custom"
+CUSTOM_LAYOUT = ("SRC/SPLIT.jsonl, one image per line: {\"image\": PATH, \"objects\": [{\"texts\": [TEXT, ...], "
+                 "\"mask\": PNG_PATH} or {\"texts\": [...], \"segmentation\": COCO polygons or RLE}, ...]}, paths "
+                 "relative to SRC (docs/data.md#27-your-own-data)")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+\Z")  # TFDS split names (no "-", "[" or "+": slicing syntax)
+
+
+def _mask_file(path: str, h: int, w: int) -> bytes:
+  """A mask image -> compressed RLE: nonzero pixels are the object (any colour channel; alpha ignored; a palette
+  image's index). EXIF orientation applied, as the image's."""
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      arr = np.asarray(im)
+  except FileNotFoundError:
+    raise SkipImage("missing_mask") from None
+  except (OSError, SyntaxError, ValueError):
+    raise SkipImage("corrupt_mask") from None
+  if arr.ndim == 3:
+    arr = arr[..., :3 if arr.shape[-1] >= 3 else 1].any(-1)  # RGB(A): the colours; LA: the grey level
+  if arr.shape != (h, w):
+    raise SkipImage("mask_size_mismatch")
+  return records.encode_mask(arr != 0)
+
+
+def _custom_texts(obj: dict, where: str) -> list[str]:
+  texts = obj.get("texts")
+  texts = [texts] if isinstance(texts, str) else texts
+  if not isinstance(texts, list) or not texts:
+    raise UserError(f"{where}: an object needs \"texts\", a list of one or more prompts")
+  check_prompts(texts, lambda i: f"{where}: text {i}")
+  return texts
+
+
+def _custom_line(item, where: str, src: str) -> tuple[str, Optional[str], list[tuple[list[str], str, object]]]:
+  """One line -> (image path, its id or None, [(texts, "mask" or "segmentation", value)]), checked."""
+  if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"]:
+    raise UserError(f"{where}: expected an object with \"image\" (a path) and \"objects\"")
+  objects = item.get("objects")
+  if not isinstance(objects, list) or not objects:
+    raise UserError(f"{where}: \"objects\" must be a non-empty list")
+  image_id = item.get("id")
+  if image_id is not None and not isinstance(image_id, (str, int)):
+    raise UserError(f"{where}: \"id\" must be a string or an integer")
+  for key in ("height", "width"):
+    if key in item and not (isinstance(item[key], int) and not isinstance(item[key], bool) and item[key] > 0):
+      raise UserError(f"{where}: \"{key}\" must be a positive integer")
+  out = []
+  for k, obj in enumerate(objects):
+    at = f"{where}: object {k}"
+    if not isinstance(obj, dict):
+      raise UserError(f"{at}: expected an object with \"texts\" and a \"mask\" or \"segmentation\"")
+    texts = _custom_texts(obj, at)
+    kinds = [key for key in ("mask", "segmentation") if key in obj]
+    if len(kinds) != 1:
+      raise UserError(f"{at}: give one of \"mask\" (a mask image's path) and \"segmentation\" (COCO polygons or "
+                      "RLE)" + (", not both" if kinds else ""))
+    value = obj[kinds[0]]
+    if kinds[0] == "mask":
+      if not isinstance(value, str) or not value:
+        raise UserError(f"{at}: \"mask\" must be a path")
+      value = os.path.join(src, value)
+    elif not _is_segmentation(value):
+      raise UserError(f"{at}: \"segmentation\" must be COCO polygons (a list of [x1, y1, x2, y2, ...] lists of at "
+                      "least 3 points) or an RLE ({\"size\": [h, w], \"counts\": ...})")
+    out.append((texts, kinds[0], value))
+  return os.path.join(src, item["image"]), (None if image_id is None else str(image_id)), out
+
+
+def _is_segmentation(value) -> bool:
+  def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+  def rle(v):
+    return (isinstance(v, dict) and isinstance(v.get("size"), list) and len(v["size"]) == 2
+            and all(isinstance(n, int) and n > 0 for n in v["size"])
+            and (isinstance(v.get("counts"), str) or (isinstance(v.get("counts"), list)
+                                                      and all(isinstance(n, int) for n in v["counts"]))))
+
+  def polygon(v):
+    return isinstance(v, list) and len(v) >= 6 and len(v) % 2 == 0 and all(number(x) for x in v)
+  if isinstance(value, dict):
+    return rle(value)
+  return isinstance(value, list) and bool(value) and (all(polygon(p) for p in value) or all(rle(r) for r in value))
+
+
+def _custom_builder(objects: list[tuple[list[str], str, object]], line: int) -> Build:
+  def build(h: int, w: int):
+    masks, entries = [], []
+    for k, (texts, kind, value) in enumerate(objects):
+      if kind == "mask":
+        masks.append(_mask_file(value, h, w))
+      else:
+        try:
+          parts = _rle_parts(value, h, w)
+        except Exception:  # pylint: disable=broad-except  # pycocotools raises bare Exceptions
+          raise SkipImage("bad_segmentation") from None
+        masks.append(union_rle(parts, h, w))
+      entries += [records.Entry(text, k, {"line": line, "object": k}) for text in texts]
+    return entries, masks
+  return build
+
+
+def read_custom(src: str) -> list[ImageTask]:
+  """Your own images, prompts and masks (`CUSTOM_LAYOUT`): one split per SPLIT.jsonl. Texts are kept as written in
+  every split. Lines that cannot be what the layout says are one UserError naming the file and line; images and
+  mask files that are missing or unreadable are skipped and counted."""
+  paths = sorted(glob.glob(os.path.join(src, "*.jsonl")))
+  if not paths:
+    raise UserError(f"{CUSTOM}: no SPLIT.jsonl file in {src}; expected {CUSTOM_LAYOUT}")
+  tasks = []
+  for path in paths:
+    split = os.path.basename(path)[:-len(".jsonl")]
+    if not _SPLIT_NAME.match(split):
+      raise UserError(f"{path}: {split!r} is no split name (letters, digits and _ only)")
+    seen: dict[str, int] = {}
+    try:
+      with open(path, encoding="utf-8") as f:
+        lines = list(f)
+    except (OSError, UnicodeDecodeError) as e:
+      raise UserError(f"cannot read {path}: {e}") from None
+    for number, text in enumerate(lines, 1):
+      if not text.strip():
+        continue
+      where = f"{path}:{number}"
+      try:
+        item = json.loads(text)
+      except ValueError as e:
+        raise UserError(f"{where}: not JSON ({e})") from None
+      image_path, image_id, objects = _custom_line(item, where, src)
+      image_id = image_id if image_id is not None else os.path.relpath(image_path, src)
+      if image_id in seen:
+        raise UserError(f"{where}: image {image_id!r} is also on line {seen[image_id]}; put all of an image's "
+                        "objects on one line")
+      seen[image_id] = number
+      tasks.append(ImageTask(split, image_id, image_path, _custom_builder(objects, number), _stated_hw(item)))
+  return tasks

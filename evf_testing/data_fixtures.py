@@ -233,3 +233,62 @@ def encode_png(arr: np.ndarray) -> bytes:
   buf = io.BytesIO()
   Image.fromarray(arr).save(buf, format="PNG")
   return buf.getvalue()
+
+
+# ---------------------------------------------------------------- your own data (`--dataset custom`)
+
+def custom_masks() -> dict[str, np.ndarray]:
+  """The masks of write_custom's objects, by their first text (image a.jpg is 30 x 40, b.png 24 x 24)."""
+  box = np.zeros((30, 40), np.uint8)
+  box[3:12, 5:25] = 1
+  blob = np.zeros((30, 40), np.uint8)
+  blob[15:28, 20:38] = 1
+  small = np.zeros((24, 24), np.uint8)
+  small[2:9, 10:20] = 1
+  return {"the Red box": box, "[semantic] blob": blob, "the triangle": reference_mask([[0, 0, 20, 0, 0, 20]], 30, 40),
+          "a square": small, "The Small Thing": small}
+
+
+def write_custom(src: str) -> None:
+  """train.jsonl: a.jpg with a grey PNG mask (0/255), an RGBA mask (colour in G only, alpha 0 off the object) and
+  polygons; b.png with a compressed RLE; c.jpg whose mask file is missing; d.jpg that does not exist. val.jsonl:
+  b.png again with an uncompressed RLE, its text in capitals (kept as written)."""
+  m = custom_masks()
+  save_jpeg(os.path.join(src, "img", "a.jpg"), 30, 40, 1)
+  os.makedirs(os.path.join(src, "masks"))
+  Image.fromarray(m["the Red box"] * 255).save(os.path.join(src, "masks", "a_box.png"))
+  rgba = np.zeros((30, 40, 4), np.uint8)
+  rgba[..., 1] = m["[semantic] blob"] * 200
+  rgba[..., 3] = m["[semantic] blob"] * 255
+  Image.fromarray(rgba, mode="RGBA").save(os.path.join(src, "masks", "a_blob.png"))
+  with open(os.path.join(src, "img", "b.png"), "wb") as f:
+    f.write(encode_png(np.full((24, 24, 3), 90, np.uint8)))
+  save_jpeg(os.path.join(src, "img", "c.jpg"), 20, 20, 2)
+  train = [
+      {"image": "img/a.jpg", "objects": [
+          {"texts": ["the Red box", "box at the top"], "mask": "masks/a_box.png"},
+          {"texts": "[semantic] blob", "mask": "masks/a_blob.png"},
+          {"texts": ["the triangle"], "segmentation": [[0, 0, 20, 0, 0, 20]]}]},
+      {"image": "img/b.png", "id": 7, "objects": [{"texts": ["a square"], "segmentation": rle_of(m["a square"])}]},
+      {"image": "img/c.jpg", "objects": [{"texts": ["gone"], "mask": "masks/none.png"}]},
+      {"image": "img/d.jpg", "objects": [{"texts": ["nothing"], "segmentation": [[0, 0, 5, 0, 0, 5]]}]},
+  ]
+  counts = _uncompressed_counts(m["a square"])
+  val = [{"image": "img/b.png", "objects": [{"texts": ["The Small Thing"],
+                                             "segmentation": {"size": [24, 24], "counts": counts}}]}]
+  for name, lines in (("train", train), ("val", val)):
+    with open(os.path.join(src, f"{name}.jsonl"), "w") as f:
+      f.write("\n".join(json.dumps(line) for line in lines) + "\n\n")  # a blank line is allowed
+
+
+def _uncompressed_counts(mask: np.ndarray) -> list[int]:
+  """COCO's uncompressed RLE of a mask: run lengths in column-major order, starting with a run of zeros."""
+  flat = np.asarray(mask, np.uint8).flatten(order="F")
+  counts, value, run = [], 0, 0
+  for v in flat:
+    if v == value:
+      run += 1
+    else:
+      counts.append(run)
+      value, run = v, 1
+  return counts + [run]

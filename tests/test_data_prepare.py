@@ -5,6 +5,7 @@ every builder on its fixture."""
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -373,3 +374,109 @@ def test_stale_incomplete_folders_of_a_killed_run_are_removed(tmp_path):
   assert cli.main(["prepare", "--dataset", "synthetic", "--data_dir", str(tmp_path / "data"), "--num-train", "1",
                    "--num-eval", "1", "--no-progress"]) == 0
   assert sorted(os.listdir(name_dir)) == ["1.0.0", "notes"]
+
+
+# ---------------------------------------------------------------- your own data
+
+def _prepare_custom(tmp_path, name="mine"):
+  src, data_dir = str(tmp_path / "raw"), str(tmp_path / "tfds")
+  F.write_custom(src)
+  assert cli.main(["prepare", "--dataset", "custom", "--name", name, "--src", src, "--data_dir", data_dir,
+                   "--no-progress"]) == 0
+  return os.path.join(data_dir, name)
+
+
+def test_custom_dataset_masks_texts_and_splits(tmp_path, capsys):
+  out = _prepare_custom(tmp_path)
+  assert "skipped: missing_image 1, missing_mask 1" in capsys.readouterr().out
+  meta = sources.describe(out)
+  assert meta["dataset"] == "mine" and meta["format"] == "custom"
+  assert {k: (v["images"], v["prompts"]) for k, v in meta["splits"].items()} == {"train": (2, 5), "val": (1, 1)}
+  expected = F.custom_masks()
+  train = records.read_records(out, "train")
+  assert [r.image_id for r in train] == ["img/a.jpg", "7"] and {r.source for r in train} == {"mine"}
+  texts = _by_text(train)
+  assert set(texts) == {"the Red box", "box at the top", "[semantic] blob", "the triangle", "a square"}
+  for text, (rec, entry) in texts.items():
+    first = "the Red box" if text == "box at the top" else text
+    np.testing.assert_array_equal(rec.mask(entry.mask_index), expected[first], err_msg=text)
+  assert texts["box at the top"][1].mask_index == texts["the Red box"][1].mask_index  # one mask, two texts
+  assert texts["the triangle"][1].ids == {"line": 1, "object": 2}
+  (val,) = records.read_records(out, "val")
+  assert [e.text for e in val.entries] == ["The Small Thing"]  # kept as written outside train too
+  np.testing.assert_array_equal(val.mask(0), expected["The Small Thing"])  # an uncompressed RLE
+
+
+def test_custom_splits_evaluate_by_name(tmp_path):
+  """`NAME|SPLIT` names a custom dataset's split for run.py eval and training's evals."""
+  from data_pipelines import eval_splits
+  out = _prepare_custom(tmp_path, "shoes")
+  split, where, meta = eval_splits.resolve_data_dir(os.path.dirname(out), eval_splits.parse_split("shoes|val[:1]"))
+  assert (split.dataset, split.split, meta["dataset"]) == ("shoes", "val[:1]", "shoes")
+  assert len(sources.open_split(where, split.split)) == 1
+  with pytest.raises(Exception, match=r"no prepared dataset at .*boots \(build it with `run.py prepare --dataset "
+                     r"custom --name boots --src JSONL_DIR"):
+    eval_splits.resolve_data_dir(os.path.dirname(out), eval_splits.parse_split("boots|val"))
+
+
+def _custom_fails(tmp_path, capsys, lines, *extra, name="mine", file="train.jsonl") -> str:
+  src = tmp_path / "raw"
+  src.mkdir(exist_ok=True)
+  F.save_jpeg(str(src / "a.jpg"), 10, 10, 0)
+  if lines is not None:
+    (src / file).write_text("\n".join(lines) + "\n")
+  return _fails(capsys, "--dataset", "custom", *(("--name", name) if name else ()), "--src", str(src),
+                "--data_dir", str(tmp_path / "tfds"), *extra)
+
+
+POLY = '[[0, 0, 5, 0, 0, 5]]'
+
+
+@pytest.mark.parametrize("lines, message", [
+    (None, r"custom: no SPLIT.jsonl file in .*raw; expected SRC/SPLIT.jsonl"),
+    (['{"image": "a.jpg", "objects": []'], r"train.jsonl:1: not JSON"),
+    (['', '["a.jpg"]'], r"train.jsonl:2: expected an object with \"image\""),
+    (['{"image": "a.jpg", "objects": []}'], r"train.jsonl:1: \"objects\" must be a non-empty list"),
+    (['{"image": "a.jpg", "height": "10", "objects": [{"texts": "ok", "segmentation": %s}]}' % POLY],
+     r"train.jsonl:1: \"height\" must be a positive integer"),
+    (['{"image": "a.jpg", "objects": [{"segmentation": %s}]}' % POLY], r"object 0: an object needs \"texts\""),
+    (['{"image": "a.jpg", "objects": [{"texts": ["  "], "segmentation": %s}]}' % POLY],
+     r"object 0: text 0 is empty or whitespace-only"),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok", "[semantic]"], "segmentation": %s}]}' % POLY],
+     r"object 0: text 1 is only the \[semantic\] tag"),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok", 3], "segmentation": %s}]}' % POLY],
+     r"object 0: text 1 is a int, not a str"),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok"], "mask": "m.png", "segmentation": %s}]}' % POLY],
+     r"object 0: give one of \"mask\" .* and \"segmentation\" .*, not both"),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok"]}]}'], r"object 0: give one of \"mask\""),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": [[0, 0, 5]]}]}'],
+     r"object 0: \"segmentation\" must be COCO polygons"),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": {"counts": "x"}}]}'],
+     r"object 0: \"segmentation\" must be COCO polygons .* or an RLE"),
+    (['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": %s}]}' % POLY] * 2,
+     r"train.jsonl:2: image 'a.jpg' is also on line 1; put all of an image's objects on one line"),
+])
+def test_custom_lines_that_are_not_the_layout_are_one_line_naming_file_and_line(tmp_path, capsys, lines, message):
+  assert re.search(message, _custom_fails(tmp_path, capsys, lines))
+  assert not (tmp_path / "tfds" / "mine").exists()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("", r"--dataset custom needs --name NAME"),
+    ("My_Set", r"--name My_Set: use lowercase letters"),
+    ("refcocoplus", r"--name refcocoplus: that is one of the datasets run.py prepare builds itself"),
+    ("coco", r"--name coco: a dataset of TFDS's catalogue has that name"),
+])
+def test_custom_names_that_cannot_be_found_again_are_refused(tmp_path, capsys, name, message):
+  ok = ['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": %s}]}' % POLY]
+  assert re.search(message, _custom_fails(tmp_path, capsys, ok, name=name))
+
+
+def test_custom_flag_misuse_is_refused(tmp_path, capsys):
+  ok = ['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": %s}]}' % POLY]
+  assert re.search(r"'my-val' is no split name", _custom_fails(tmp_path, capsys, ok, file="my-val.jsonl"))
+  (tmp_path / "raw" / "my-val.jsonl").unlink()
+  assert "--name is for --dataset custom only" in _fails(capsys, "--dataset", "ade20k", "--name", "x", "--src",
+                                                         str(tmp_path / "raw"), "--data_dir", str(tmp_path / "d"))
+  assert "give --data_dir, not the deprecated --out" in _fails(capsys, "--dataset", "custom", "--name", "x", "--src",
+                                                               str(tmp_path / "raw"), "--out", str(tmp_path / "o"))

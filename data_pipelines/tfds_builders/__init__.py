@@ -11,6 +11,8 @@ from data_pipelines.tfds_builders.evf import (  # noqa: F401
     Synthetic,
     builder_class,
     builder_name,
+    custom_builder,
+    custom_name_problem,
     example_to_record,
     prepare_command,
     record_to_example,

@@ -23,6 +23,8 @@ import concurrent.futures
 import functools
 import json
 import os
+import re
+import types
 from collections.abc import Iterator
 
 import numpy as np
@@ -78,7 +80,9 @@ def builder_name(dataset: str) -> str:
 
 def prepare_command(dataset: str, data_dir: str) -> str:
   """The `run.py prepare` command that builds `dataset` into `data_dir` (for messages): the synthetic set is
-  generated, the others read raw files from --src."""
+  generated, the others read raw files from --src; a name we do not know is a dataset of the user's own."""
+  if dataset != "synthetic" and dataset not in readers.READERS:
+    return f"run.py prepare --dataset {readers.CUSTOM} --name {dataset} --src JSONL_DIR --data_dir {data_dir}"
   src = "" if dataset == "synthetic" else " --src RAW_ROOT"
   return f"run.py prepare --dataset {dataset}{src} --data_dir {data_dir}"
 
@@ -125,6 +129,9 @@ class EvfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     items = self._split_items(str(dl_manager.manual_dir))
     return {split: self._generate_examples(split, gen) for split, gen in items.items()}
 
+  def _read(self, src: str) -> list[readers.ImageTask]:
+    return readers.READERS[self.DATASET](src)
+
   def _split_items(self, src: str) -> dict[str, Iterator[records.Record]]:
     if os.path.isfile(os.path.join(src, records.META_FILE)):  # the old prepared format: convert it
       meta = records.read_meta(src)
@@ -133,7 +140,7 @@ class EvfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       self.info.metadata["converted_from"] = os.path.abspath(src)
       self.info.metadata["skipped"] = dict(meta.get("skipped", {}))
       return {split: iter(records.read_records(src, split)) for split in sorted(meta.get("splits", {}))}
-    tasks = readers.READERS[self.DATASET](src)
+    tasks = self._read(src)
     if not tasks:
       raise ValueError(f"{self.DATASET}: found no images to convert under {src}")
     by_split: dict[str, list[readers.ImageTask]] = collections.defaultdict(list)
@@ -193,6 +200,40 @@ class Synthetic(EvfBuilder):
     # Rasterising (numpy) and PNG encoding release the GIL: two threads generate the set ~1.5x faster, in order.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
       yield from pool.map(functools.partial(synthetic.make_example, self.seed, split), range(n))
+
+
+class _Custom(EvfBuilder, skip_registration=True):
+  """A dataset of the user's own (readers.read_custom), under the name the user gave it."""
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"Your own data: {readers.CUSTOM_LAYOUT}."
+
+  def _read(self, src: str) -> list[readers.ImageTask]:
+    return readers.read_custom(src)
+
+  def _split_generators(self, dl_manager):
+    splits = super()._split_generators(dl_manager)
+    self.info.metadata["format"] = readers.CUSTOM
+    return splits
+
+
+def custom_builder(name: str) -> type:
+  """The builder of a custom dataset called `name` (check it with `custom_name_problem` first). Not registered
+  with TFDS: datasets are read back by name from their files, whatever the process."""
+  return types.new_class(name.title().replace("_", ""), (_Custom,), {"skip_registration": True}, lambda ns: ns.update(
+      name=name, DATASET=name, __module__=__name__, __doc__=f"{name}: a dataset of your own (readers.read_custom)."))
+
+
+def custom_name_problem(name: str) -> str | None:
+  """Why `name` cannot name a custom dataset, or None: it must be a TFDS name (lowercase letters, digits and _,
+  starting with a letter) that neither our datasets nor TFDS's catalogue use, since datasets are found by name."""
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    return "use lowercase letters, digits and _, starting with a letter"
+  ours = {readers.CUSTOM, *BUILDERS, *(builder_name(d) for d in BUILDERS)}
+  if name in ours:
+    return "that is one of the datasets run.py prepare builds itself"
+  if name in tfds.list_builders(with_community_datasets=False):
+    return "a dataset of TFDS's catalogue has that name, and TFDS would read it as that one"
+  return None
 
 
 BUILDERS: dict[str, type] = {**{d: _make(d) for d in sorted(readers.READERS)}, "synthetic": Synthetic}

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.epilog = (
       "Splits are named as in EVF-SAM's eval.py, DATASET|SPLITBY|SPLIT (quote them in a shell):\n"
       "  the eight standard ones (--split standard selects all): " + ", ".join(eval_splits.STANDARD_SPLITS) + "\n"
-      "  also: refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, synthetic|val\n"
+      "  also: refclef|unc|{val,testA,testB,testC}, grefcoco|unc|{val,testA,testB}, synthetic|val,\n"
+      "  and NAME|SPLIT for a dataset of your own (run.py prepare --dataset custom --name NAME)\n"
       "  a TFDS slice reads part of a split: 'refcoco|unc|val[:10%]'\n"
       "Data: --data ROOT is a TFDS data_dir holding one dataset per name (docs/data.md#2-raw-datasets):\n"
       "  python run.py prepare --dataset refcoco --src dataset/refer_seg --data_dir ROOT\n"

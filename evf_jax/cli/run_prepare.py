@@ -8,14 +8,18 @@ from data_pipelines import prepare
 from evf_jax.errors import UserError
 
 DEFAULTS = {"records_per_shard": 2000, "num_train": 2000, "num_eval": 200, "seed": 0}
-HELP = "build a dataset from its raw download (or the synthetic set) as TFDS ArrayRecord under --data_dir"
+HELP = ("build a dataset from its raw download (or the synthetic set, or your own data) as TFDS ArrayRecord under "
+        "--data_dir")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dataset", required=True, choices=prepare.DATASETS, metavar="NAME",
                  help="one of: " + ", ".join(prepare.DATASETS))
   p.add_argument("--src", default=None, help="root of the raw download in the EVF-SAM layout (the builder's "
-                 "manual dir), or a directory in the old prepared format to convert; not for synthetic")
+                 "manual dir), or a directory in the old prepared format to convert; custom: your SPLIT.jsonl "
+                 "files (docs/data.md#27-your-own-data); not for synthetic")
+  p.add_argument("--name", default=None, help="custom only: the dataset's name (lowercase letters, digits, _), "
+                 "as training mixtures and evaluation splits (NAME|SPLIT) will name it")
   p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
                  help="TFDS data_dir: the dataset goes to DATA_DIR/NAME/VERSION (refused if that exists)")
   p.add_argument("--out", default=None, help="deprecated: write the old prepared format into this directory")
@@ -39,6 +43,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
   if args.dataset != "synthetic" and synthetic_only:
     raise UserError(f"{', '.join(synthetic_only)}: for --dataset synthetic only (it is generated; "
                     f"{args.dataset} is read from --src)")
+  if args.name is not None and args.dataset != "custom":
+    raise UserError(f"--name is for --dataset custom only ({args.dataset} has its own name)")
   if args.data_dir and args.records_per_shard is not None:
     raise UserError("--records-per-shard is for the deprecated --out only (TFDS shards a --data_dir build itself)")
   for key, value in DEFAULTS.items():
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                               progress=not args.no_progress)
     where = args.out
   else:
-    summary = prepare.build(args.dataset, args.data_dir, args.src, num_train=args.num_train,
+    summary = prepare.build(args.dataset, args.data_dir, args.src, name=args.name, num_train=args.num_train,
                             num_eval=args.num_eval, seed=args.seed, progress=not args.no_progress)
     where = summary["path"]
   splits = ", ".join(f"{k}: {v['images']} images / {v['prompts']} prompts" for k, v in summary["splits"].items())
