@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -526,22 +527,36 @@ CUSTOM_LAYOUT = ("SRC/SPLIT.jsonl, one image per line: {\"image\": PATH, \"objec
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+\Z")  # TFDS split names (no "-", "[" or "+": slicing syntax)
 
 
+_MASK_MODES = ("1", "L", "P", "I", "LA", "PA", "RGB", "RGBA")  # others (CMYK, float, YCbCr, ...) are no mask
+
+
 def _mask_file(path: str, h: int, w: int) -> bytes:
-  """A mask image -> compressed RLE: nonzero pixels are the object (any colour channel; alpha ignored; a palette
-  image's index). EXIF orientation applied, as the image's."""
+  """A mask image -> compressed RLE (docs/data.md#27-your-own-data): where the image uses transparency, its visible
+  (alpha > 0) pixels; otherwise its nonzero ones (any colour channel; a palette image's index); a JPEG's at 128
+  and above, since JPEG noise makes a 0 background nonzero. EXIF orientation applied, as the image's."""
   try:
     with Image.open(path) as im:
+      raw_16bit = any(";16" in str(tile[3]) for tile in im.tile) and im.mode.startswith(("RGB", "LA"))
+      if im.mode not in _MASK_MODES and not im.mode.startswith("I;16") or raw_16bit:
+        raise SkipImage("unsupported_mask")  # Pillow reads 16-bit colour as its high byte: 1 would read as 0
+      turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # EXIF orientations that swap width and height
+      if (im.size[::-1] if not turned else im.size) != (h, w):
+        raise SkipImage("mask_size_mismatch")  # found before decoding: a mask of another size may be huge
+      jpeg = im.format == "JPEG"
       im = ImageOps.exif_transpose(im)
+      alpha = None
+      if im.mode in ("LA", "PA", "RGBA") or (im.mode == "P" and "transparency" in im.info):
+        alpha = np.asarray(im.convert("RGBA"))[..., 3] if im.mode == "P" else np.asarray(im.getchannel("A"))
       arr = np.asarray(im)
   except FileNotFoundError:
     raise SkipImage("missing_mask") from None
-  except (OSError, SyntaxError, ValueError):
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
     raise SkipImage("corrupt_mask") from None
+  if alpha is not None and (alpha < 255).any():
+    return records.encode_mask(alpha > 0)
   if arr.ndim == 3:
-    arr = arr[..., :3 if arr.shape[-1] >= 3 else 1].any(-1)  # RGB(A): the colours; LA: the grey level
-  if arr.shape != (h, w):
-    raise SkipImage("mask_size_mismatch")
-  return records.encode_mask(arr != 0)
+    arr = arr[..., :3].max(-1) if arr.shape[-1] >= 3 else arr[..., 0]  # RGB(A): the colours; LA/PA: L or P
+  return records.encode_mask(arr >= 128 if jpeg else arr != 0)
 
 
 def _custom_texts(obj: dict, where: str) -> list[str]:
@@ -561,7 +576,7 @@ def _custom_line(item, where: str, src: str) -> tuple[str, Optional[str], list[t
   if not isinstance(objects, list) or not objects:
     raise UserError(f"{where}: \"objects\" must be a non-empty list")
   image_id = item.get("id")
-  if image_id is not None and not isinstance(image_id, (str, int)):
+  if image_id is not None and (not isinstance(image_id, (str, int)) or isinstance(image_id, bool)):
     raise UserError(f"{where}: \"id\" must be a string or an integer")
   for key in ("height", "width"):
     if key in item and not (isinstance(item[key], int) and not isinstance(item[key], bool) and item[key] > 0):
@@ -583,20 +598,49 @@ def _custom_line(item, where: str, src: str) -> tuple[str, Optional[str], list[t
       value = os.path.join(src, value)
     elif not _is_segmentation(value):
       raise UserError(f"{at}: \"segmentation\" must be COCO polygons (a list of [x1, y1, x2, y2, ...] lists of at "
-                      "least 3 points) or an RLE ({\"size\": [h, w], \"counts\": ...})")
+                      "least 3 points, finite numbers) or an RLE ({\"size\": [h, w], \"counts\": ...} whose runs "
+                      "cover h x w pixels)")
     out.append((texts, kinds[0], value))
   return os.path.join(src, item["image"]), (None if image_id is None else str(image_id)), out
 
 
+def _compressed_counts(text: str) -> Optional[list[int]]:
+  """The run lengths of a COCO compressed RLE string (each count in 5-bit groups, offset by 48, bit 6 meaning "more";
+  from the fourth on, a difference from the count two before), or None where it is no such string."""
+  counts, i = [], 0
+  while i < len(text):
+    value, shift, more = 0, 0, True
+    while more:
+      if i == len(text):
+        return None
+      c = ord(text[i]) - 48
+      if not 0 <= c < 64:
+        return None
+      value |= (c & 0x1f) << shift
+      more = bool(c & 0x20)
+      shift += 5
+      i += 1
+      if not more and c & 0x10:
+        value -= 1 << shift  # negative: the sign bit of the last group
+    counts.append(value + counts[-2] if len(counts) > 2 else value)
+  return counts
+
+
 def _is_segmentation(value) -> bool:
   def number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
   def rle(v):
-    return (isinstance(v, dict) and isinstance(v.get("size"), list) and len(v["size"]) == 2
-            and all(isinstance(n, int) and n > 0 for n in v["size"])
-            and (isinstance(v.get("counts"), str) or (isinstance(v.get("counts"), list)
-                                                      and all(isinstance(n, int) for n in v["counts"]))))
+    if not (isinstance(v, dict) and isinstance(v.get("size"), list) and len(v["size"]) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v["size"])):
+      return False
+    counts = v.get("counts")
+    if isinstance(counts, str):
+      counts = _compressed_counts(counts)
+    elif not (isinstance(counts, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in counts)):
+      return False
+    # Runs that do not cover the mask exactly would be read past their end.
+    return bool(counts) and min(counts) >= 0 and sum(counts) == v["size"][0] * v["size"][1]
 
   def polygon(v):
     return isinstance(v, list) and len(v) >= 6 and len(v) % 2 == 0 and all(number(x) for x in v)
@@ -632,14 +676,16 @@ def read_custom(src: str) -> list[ImageTask]:
   tasks = []
   for path in paths:
     split = os.path.basename(path)[:-len(".jsonl")]
-    if not _SPLIT_NAME.match(split):
-      raise UserError(f"{path}: {split!r} is no split name (letters, digits and _ only)")
+    if not _SPLIT_NAME.match(split) or split == "all":  # TFDS reserves "all" (every split together)
+      raise UserError(f"{path}: {split!r} is no split name (letters, digits and _ only; not 'all')")
     seen: dict[str, int] = {}
     try:
-      with open(path, encoding="utf-8") as f:
+      with open(path, encoding="utf-8-sig") as f:  # a byte-order mark, as some Windows editors write, is skipped
         lines = list(f)
     except (OSError, UnicodeDecodeError) as e:
       raise UserError(f"cannot read {path}: {e}") from None
+    if not any(text.strip() for text in lines):
+      raise UserError(f"{path}: no images (an empty split; remove the file or fill it)")
     for number, text in enumerate(lines, 1):
       if not text.strip():
         continue
@@ -649,10 +695,11 @@ def read_custom(src: str) -> list[ImageTask]:
       except ValueError as e:
         raise UserError(f"{where}: not JSON ({e})") from None
       image_path, image_id, objects = _custom_line(item, where, src)
+      for key in (os.path.realpath(image_path), "id " + (image_id or os.path.relpath(image_path, src))):
+        if key in seen:
+          raise UserError(f"{where}: image {item['image']!r}{f' (id {image_id!r})' if image_id else ''} is also on "
+                          f"line {seen[key]}; put all of an image's objects on one line")
+        seen[key] = number
       image_id = image_id if image_id is not None else os.path.relpath(image_path, src)
-      if image_id in seen:
-        raise UserError(f"{where}: image {image_id!r} is also on line {seen[image_id]}; put all of an image's "
-                        "objects on one line")
-      seen[image_id] = number
       tasks.append(ImageTask(split, image_id, image_path, _custom_builder(objects, number), _stated_hw(item)))
   return tasks

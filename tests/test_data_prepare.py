@@ -3,6 +3,7 @@
 Each builds the dataset's TFDS builder (data_pipelines/tfds_builders) and reads it back: the round trip of
 every builder on its fixture."""
 
+import json
 import os
 import pickle
 import re
@@ -407,6 +408,55 @@ def test_custom_dataset_masks_texts_and_splits(tmp_path, capsys):
   np.testing.assert_array_equal(val.mask(0), expected["The Small Thing"])  # an uncompressed RLE
 
 
+def _png_rgb16(rgb: np.ndarray) -> bytes:
+  """A 16-bit RGB PNG (Pillow cannot write one): signature, IHDR, one IDAT of filter-0 rows, IEND."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  h, w = rgb.shape[:2]
+  rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb)
+  return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+          + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_custom_mask_images_as_drawing_tools_write_them(tmp_path, capsys):
+  """Lossy JPEG masks, cut-outs on a transparent background, palette transparency, a byte-order mark; colour
+  modes a mask cannot be (16-bit colour, which Pillow reads as its high byte, and CMYK) are skipped and counted."""
+  from PIL import Image
+  src = tmp_path / "raw"
+  (src / "m").mkdir(parents=True)
+  F.save_jpeg(str(src / "a.jpg"), 30, 40, 0)
+  box = np.zeros((30, 40), np.uint8)
+  box[4:20, 6:30] = 1
+  Image.fromarray(box * 255).save(src / "m" / "jpeg.jpg", quality=60)  # its noise makes the background nonzero
+  cutout = np.full((30, 40, 4), 255, np.uint8)  # white where transparent, opaque red on the object
+  cutout[..., 3] = box * 255
+  cutout[box == 1, :3] = (200, 0, 0)
+  Image.fromarray(cutout, mode="RGBA").save(src / "m" / "cutout.png")
+  palette = Image.fromarray(np.where(box == 1, 0, 1).astype(np.uint8), mode="P")  # index 0 is the object here
+  palette.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)
+  palette.info["transparency"] = 1
+  palette.save(src / "m" / "palette.png", transparency=1)
+  Image.fromarray(np.stack([box * 255] * 3, -1)).convert("CMYK").save(src / "m" / "cmyk.jpg")
+  (src / "m" / "rgb16.png").write_bytes(_png_rgb16(np.stack([box] * 3, -1)))  # values 0 and 1: high byte 0
+  names = ("jpeg.jpg", "cutout.png", "palette.png", "cmyk.jpg", "rgb16.png")
+  for name in names:  # one image file per line: an image is on one line only
+    (src / f"{name}.jpg").write_bytes((src / "a.jpg").read_bytes())
+  lines = [{"image": f"{name}.jpg", "id": name, "objects": [{"texts": "the box", "mask": f"m/{name}"}]}
+           for name in names]
+  (src / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(x) for x in lines).encode())
+  data = str(tmp_path / "tfds")
+  assert cli.main(["prepare", "--dataset", "custom", "--name", "m", "--src", str(src), "--data_dir", data,
+                   "--no-progress"]) == 0
+  assert "skipped: unsupported_mask 2" in capsys.readouterr().out
+  recs = records.read_records(os.path.join(data, "m"), "train")
+  assert [r.image_id for r in recs] == ["jpeg.jpg", "cutout.png", "palette.png"]
+  for rec in recs:
+    np.testing.assert_array_equal(rec.mask(0), box, err_msg=rec.image_id)
+
+
 def test_custom_splits_evaluate_by_name(tmp_path):
   """`NAME|SPLIT` names a custom dataset's split for run.py eval and training's evals."""
   from data_pipelines import eval_splits
@@ -414,6 +464,8 @@ def test_custom_splits_evaluate_by_name(tmp_path):
   split, where, meta = eval_splits.resolve_data_dir(os.path.dirname(out), eval_splits.parse_split("shoes|val[:1]"))
   assert (split.dataset, split.split, meta["dataset"]) == ("shoes", "val[:1]", "shoes")
   assert len(sources.open_split(where, split.split)) == 1
+  # A custom train split holds its texts as written, like every split: it evaluates too (refer train splits do not).
+  assert eval_splits.resolve_data_dir(os.path.dirname(out), eval_splits.parse_split("shoes|train"))[0].split == "train"
   with pytest.raises(Exception, match=r"no prepared dataset at .*boots \(build it with `run.py prepare --dataset "
                      r"custom --name boots --src JSONL_DIR"):
     eval_splits.resolve_data_dir(os.path.dirname(out), eval_splits.parse_split("boots|val"))
@@ -455,6 +507,21 @@ POLY = '[[0, 0, 5, 0, 0, 5]]'
      r"object 0: \"segmentation\" must be COCO polygons .* or an RLE"),
     (['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": %s}]}' % POLY] * 2,
      r"train.jsonl:2: image 'a.jpg' is also on line 1; put all of an image's objects on one line"),
+    (['{"image": "a.jpg", "id": 1, "objects": [{"texts": "ok", "segmentation": %s}]}' % POLY,
+      '{"image": "./a.jpg", "id": 2, "objects": [{"texts": "ok", "segmentation": %s}]}' % POLY],
+     r"train.jsonl:2: image './a.jpg' \(id '2'\) is also on line 1"),
+    (['{"image": "a.jpg", "id": true, "objects": [{"texts": "ok", "segmentation": %s}]}' % POLY],
+     r"\"id\" must be a string or an integer"),
+    # Python's json reads NaN; pycocotools would rasterise it into some shape.
+    (['{"image": "a.jpg", "objects": [{"texts": "ok", "segmentation": [[0, 0, NaN, 0, 4, 4]]}]}'],
+     r"object 0: \"segmentation\" must be COCO polygons .*finite numbers"),
+    # Runs that do not cover size[0] x size[1] pixels: pycocotools would read past them (garbage, or a crash later).
+    (['{"image": "a.jpg", "objects": [{"texts": "ok", "segmentation": {"size": [10, 10], "counts": [10, 5]}}]}'],
+     r"object 0: \"segmentation\" must be .* an RLE .* whose runs cover h x w pixels"),
+    (['{"image": "a.jpg", "objects": [{"texts": "ok", "segmentation": {"size": [10, 10], "counts": ""}}]}'],
+     r"whose runs cover h x w pixels"),
+    (['{"image": "a.jpg", "objects": [{"texts": "ok", "segmentation": {"size": [10, 10], "counts": "0`0"}}]}'],
+     r"whose runs cover h x w pixels"),
 ])
 def test_custom_lines_that_are_not_the_layout_are_one_line_naming_file_and_line(tmp_path, capsys, lines, message):
   assert re.search(message, _custom_fails(tmp_path, capsys, lines))
@@ -474,6 +541,12 @@ def test_custom_names_that_cannot_be_found_again_are_refused(tmp_path, capsys, n
 
 def test_custom_flag_misuse_is_refused(tmp_path, capsys):
   ok = ['{"image": "a.jpg", "objects": [{"texts": ["ok"], "segmentation": %s}]}' % POLY]
+  assert re.search(r"--name a{65}: 65 characters; use at most 64", _custom_fails(tmp_path, capsys, ok, name="a" * 65))
+  (tmp_path / "raw" / "val.jsonl").write_text("\n \n")
+  assert re.search(r"val.jsonl: no images \(an empty split", _custom_fails(tmp_path, capsys, ok))
+  (tmp_path / "raw" / "val.jsonl").unlink()
+  assert re.search(r"all.jsonl: 'all' is no split name", _custom_fails(tmp_path, capsys, ok, file="all.jsonl"))
+  (tmp_path / "raw" / "all.jsonl").unlink()
   assert re.search(r"'my-val' is no split name", _custom_fails(tmp_path, capsys, ok, file="my-val.jsonl"))
   (tmp_path / "raw" / "my-val.jsonl").unlink()
   assert "--name is for --dataset custom only" in _fails(capsys, "--dataset", "ade20k", "--name", "x", "--src",

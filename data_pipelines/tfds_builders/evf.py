@@ -228,6 +228,8 @@ def custom_name_problem(name: str) -> str | None:
   starting with a letter) that neither our datasets nor TFDS's catalogue use, since datasets are found by name."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     return "use lowercase letters, digits and _, starting with a letter"
+  if len(name) > 64:  # it names a folder, and its shard files start with it
+    return f"{len(name)} characters; use at most 64"
   ours = {readers.CUSTOM, *BUILDERS, *(builder_name(d) for d in BUILDERS)}
   if name in ours:
     return "that is one of the datasets run.py prepare builds itself"
