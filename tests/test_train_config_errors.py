@@ -93,6 +93,16 @@ def test_the_loader_passes_the_argument_and_leaves_the_config_unlocked():
   assert cfg.model != train_config.load_file(SYNTHETIC).model  # the argument reached get_config
 
 
+def test_the_custom_config_trains_and_evaluates_the_named_datasets():
+  custom = os.path.join(ROOT, "configs", "train", "custom.py")
+  cfg = train_config.load_file(f"{custom}:name=shoes+boots")
+  assert cfg.data.mixture.to_dict() == {"custom": (1.0, ("shoes", "boots"))}
+  assert cfg.evals == ("shoes|val", "boots|val") and cfg.export_best and "sam" in cfg.model
+  cfg = train_config.load_file(f"{custom}:name=shoes,sam2,val=")  # nothing evaluated: the last step is exported
+  assert cfg.evals == () and not cfg.export_best
+  assert "sam2" in cfg.model and cfg.trainable == train_config.EVF_SAM2_TRAINABLE
+
+
 @pytest.mark.parametrize("command", ["train", "synthetic"])
 def test_help_still_works(command, capsys):
   with pytest.raises(SystemExit) as exit_:
