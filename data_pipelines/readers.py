@@ -522,8 +522,10 @@ READERS: dict[str, Callable[[str], list[ImageTask]]] = {
 
 CUSTOM = "custom"
 CUSTOM_LAYOUT = ("SRC/SPLIT.jsonl, one image per line: {\"image\": PATH, \"objects\": [{\"texts\": [TEXT, ...], "
-                 "\"mask\": PNG_PATH} or {\"texts\": [...], \"segmentation\": COCO polygons or RLE}, ...]}, paths "
-                 "relative to SRC (docs/data.md#27-your-own-data)")
+                 "\"mask\": PNG_PATH} or {\"texts\": [...], \"segmentation\": COCO polygons or RLE}, ...]} and/or "
+                 "\"label_map\": PNG_PATH with SRC/classes.json; paths relative to SRC "
+                 "(docs/data.md#27-your-own-data)")
+CUSTOM_CLASSES = "classes.json"
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+\Z")  # TFDS split names (no "-", "[" or "+": slicing syntax)
 
 
@@ -568,13 +570,17 @@ def _custom_texts(obj: dict, where: str) -> list[str]:
   return texts
 
 
-def _custom_line(item, where: str, src: str) -> tuple[str, Optional[str], list[tuple[list[str], str, object]]]:
-  """One line -> (image path, its id or None, [(texts, "mask" or "segmentation", value)]), checked."""
+def _custom_line(item, where: str, src: str):
+  """One line -> (image path, its id or None, [(texts, "mask" or "segmentation", value)], label map path or None),
+  checked."""
   if not isinstance(item, dict) or not isinstance(item.get("image"), str) or not item["image"]:
     raise UserError(f"{where}: expected an object with \"image\" (a path) and \"objects\"")
-  objects = item.get("objects")
-  if not isinstance(objects, list) or not objects:
-    raise UserError(f"{where}: \"objects\" must be a non-empty list")
+  label_map = item.get("label_map")
+  if label_map is not None and (not isinstance(label_map, str) or not label_map):
+    raise UserError(f"{where}: \"label_map\" must be a path")
+  objects = item.get("objects", [] if label_map else None)
+  if not isinstance(objects, list) or not (objects or label_map):
+    raise UserError(f"{where}: \"objects\" must be a non-empty list (or give a \"label_map\")")
   image_id = item.get("id")
   if image_id is not None and (not isinstance(image_id, (str, int)) or isinstance(image_id, bool)):
     raise UserError(f"{where}: \"id\" must be a string or an integer")
@@ -601,7 +607,20 @@ def _custom_line(item, where: str, src: str) -> tuple[str, Optional[str], list[t
                       "least 3 points, finite numbers) or an RLE ({\"size\": [h, w], \"counts\": ...} whose runs "
                       "cover h x w pixels)")
     out.append((texts, kinds[0], value))
-  return os.path.join(src, item["image"]), (None if image_id is None else str(image_id)), out
+  return (os.path.join(src, item["image"]), (None if image_id is None else str(image_id)), out,
+          os.path.join(src, label_map) if label_map else None)
+
+
+def _custom_classes(src: str) -> dict[int, str]:
+  """SRC/classes.json: the prompt of each label-map value, {"1": "[semantic] road", ...} or a list indexed by value."""
+  path = os.path.join(src, CUSTOM_CLASSES)
+  classes = _load_json(path)
+  if isinstance(classes, list):
+    classes = {str(i): name for i, name in enumerate(classes) if name is not None}
+  if not isinstance(classes, dict) or not classes or not all(k.isdigit() for k in classes):
+    raise UserError(f"{path}: expected a list of prompts (index = label value) or an object {{\"VALUE\": PROMPT}}")
+  check_prompts(list(classes.values()), lambda i: f"{path}: prompt of value {list(classes)[i]}")
+  return {int(k): v for k, v in classes.items()}
 
 
 def _compressed_counts(text: str) -> Optional[list[int]]:
@@ -649,9 +668,22 @@ def _is_segmentation(value) -> bool:
   return isinstance(value, list) and bool(value) and (all(polygon(p) for p in value) or all(rle(r) for r in value))
 
 
-def _custom_builder(objects: list[tuple[list[str], str, object]], line: int) -> Build:
+def _custom_builder(objects: list[tuple[list[str], str, object]], line: int, label_map: Optional[str],
+                    classes: dict[int, str]) -> Build:
   def build(h: int, w: int):
     masks, entries = [], []
+    if label_map:  # first: a missing or damaged map skips the image before any mask is read
+      if not os.path.exists(label_map):
+        raise SkipImage("missing_label_map")
+      label = _read_label_map(label_map)
+      if label.shape != (h, w):
+        raise SkipImage("label_size_mismatch")
+      for value in np.unique(label):  # values classes.json does not name (background, ignore) are negatives
+        if int(value) in classes:
+          entries.append(records.Entry(classes[int(value)], len(objects) + len(masks),
+                                       {"line": line, "class_id": int(value)}))
+          masks.append(records.encode_mask(label == value))
+    label_entries, label_masks, entries, masks = entries, masks, [], []
     for k, (texts, kind, value) in enumerate(objects):
       if kind == "mask":
         masks.append(_mask_file(value, h, w))
@@ -662,7 +694,7 @@ def _custom_builder(objects: list[tuple[list[str], str, object]], line: int) -> 
           raise SkipImage("bad_segmentation") from None
         masks.append(union_rle(parts, h, w))
       entries += [records.Entry(text, k, {"line": line, "object": k}) for text in texts]
-    return entries, masks
+    return entries + label_entries, masks + label_masks
   return build
 
 
@@ -673,7 +705,7 @@ def read_custom(src: str) -> list[ImageTask]:
   paths = sorted(glob.glob(os.path.join(src, "*.jsonl")))
   if not paths:
     raise UserError(f"{CUSTOM}: no SPLIT.jsonl file in {src}; expected {CUSTOM_LAYOUT}")
-  tasks = []
+  tasks, classes = [], None
   for path in paths:
     split = os.path.basename(path)[:-len(".jsonl")]
     if not _SPLIT_NAME.match(split) or split == "all":  # TFDS reserves "all" (every split together)
@@ -694,12 +726,18 @@ def read_custom(src: str) -> list[ImageTask]:
         item = json.loads(text)
       except ValueError as e:
         raise UserError(f"{where}: not JSON ({e})") from None
-      image_path, image_id, objects = _custom_line(item, where, src)
+      image_path, image_id, objects, label_map = _custom_line(item, where, src)
+      if label_map and classes is None:
+        if not os.path.isfile(os.path.join(src, CUSTOM_CLASSES)):
+          raise UserError(f"{where}: a \"label_map\" needs {os.path.join(src, CUSTOM_CLASSES)}, the prompt of each "
+                          "label value")
+        classes = _custom_classes(src)
       for key in (os.path.realpath(image_path), "id " + (image_id or os.path.relpath(image_path, src))):
         if key in seen:
           raise UserError(f"{where}: image {item['image']!r}{f' (id {image_id!r})' if image_id else ''} is also on "
                           f"line {seen[key]}; put all of an image's objects on one line")
         seen[key] = number
       image_id = image_id if image_id is not None else os.path.relpath(image_path, src)
-      tasks.append(ImageTask(split, image_id, image_path, _custom_builder(objects, number), _stated_hw(item)))
+      tasks.append(ImageTask(split, image_id, image_path, _custom_builder(objects, number, label_map, classes or {}),
+                             _stated_hw(item)))
   return tasks

@@ -457,6 +457,48 @@ def test_custom_mask_images_as_drawing_tools_write_them(tmp_path, capsys):
     np.testing.assert_array_equal(rec.mask(0), box, err_msg=rec.image_id)
 
 
+def test_custom_label_maps_give_one_prompt_per_named_value(tmp_path, capsys):
+  """A semantic dataset of one's own: a label map per image, the prompt of each value in classes.json; values it
+  does not name (background, 255 = ignore) are negatives in every mask; objects may share the line."""
+  src = tmp_path / "raw"
+  label = np.zeros((20, 30), np.uint8)
+  label[2:8, 3:12], label[10:18, 5:25], label[0, :] = 1, 3, 255
+  F.save_label_png(str(src / "labels" / "a.png"), label)
+  F.save_label_png(str(src / "labels" / "small.png"), label[:10])
+  for name in ("a", "b", "c", "d"):
+    F.save_jpeg(str(src / f"{name}.jpg"), 20, 30, 0)
+  (src / "classes.json").write_text(json.dumps(["[semantic] background", "[semantic] road", None, "car"]))
+  lines = [{"image": "a.jpg", "label_map": "labels/a.png",
+            "objects": [{"texts": "the top row", "segmentation": [[0, 0, 29, 0, 29, 0.9, 0, 0.9]]}]},
+           {"image": "b.jpg", "label_map": "labels/missing.png"},
+           {"image": "c.jpg", "label_map": "labels/small.png"},
+           {"image": "d.jpg", "objects": [{"texts": "anything", "segmentation": [[0, 0, 5, 0, 0, 5]]}]}]
+  (src / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  data = str(tmp_path / "tfds")
+  assert cli.main(["prepare", "--dataset", "custom", "--name", "sem", "--src", str(src), "--data_dir", data,
+                   "--no-progress"]) == 0
+  assert "skipped: label_size_mismatch 1, missing_label_map 1" in capsys.readouterr().out
+  rec = records.read_records(os.path.join(data, "sem"), "train")[0]
+  by_text = {e.text: (e.mask_index, e.ids) for e in rec.entries}
+  assert list(by_text) == ["the top row", "[semantic] background", "[semantic] road", "car"]  # no prompt for 255
+  for text, value in (("[semantic] background", 0), ("[semantic] road", 1), ("car", 3)):
+    index, ids = by_text[text]
+    assert ids == {"line": 1, "class_id": value}
+    np.testing.assert_array_equal(rec.mask(index), label == value, err_msg=text)
+  np.testing.assert_array_equal(rec.mask(by_text["the top row"][0]), F.reference_mask(lines[0]["objects"][0][
+      "segmentation"], 20, 30))
+  # classes.json is needed, and must hold prompts.
+  (src / "classes.json").write_text(json.dumps({"1": "road", "x": "car"}))
+  assert re.search(r"classes.json: expected a list of prompts", _fails(capsys, "--dataset", "custom", "--name", "s2",
+                                                                          "--src", str(src), "--data_dir", data))
+  (src / "classes.json").write_text(json.dumps({"1": "road", "3": " "}))
+  assert re.search(r"classes.json: prompt of value 3 is empty", _fails(capsys, "--dataset", "custom", "--name", "s2",
+                                                                          "--src", str(src), "--data_dir", data))
+  (src / "classes.json").unlink()
+  assert re.search(r"train.jsonl:1: a \"label_map\" needs .*classes.json",
+                   _fails(capsys, "--dataset", "custom", "--name", "s2", "--src", str(src), "--data_dir", data))
+
+
 def test_custom_splits_evaluate_by_name(tmp_path):
   """`NAME|SPLIT` names a custom dataset's split for run.py eval and training's evals."""
   from data_pipelines import eval_splits
@@ -488,7 +530,8 @@ POLY = '[[0, 0, 5, 0, 0, 5]]'
     (None, r"custom: no SPLIT.jsonl file in .*raw; expected SRC/SPLIT.jsonl"),
     (['{"image": "a.jpg", "objects": []'], r"train.jsonl:1: not JSON"),
     (['', '["a.jpg"]'], r"train.jsonl:2: expected an object with \"image\""),
-    (['{"image": "a.jpg", "objects": []}'], r"train.jsonl:1: \"objects\" must be a non-empty list"),
+    (['{"image": "a.jpg", "objects": []}'], r"train.jsonl:1: \"objects\" must be a non-empty list \(or give a "),
+    (['{"image": "a.jpg", "label_map": 3}'], r"train.jsonl:1: \"label_map\" must be a path"),
     (['{"image": "a.jpg", "height": "10", "objects": [{"texts": "ok", "segmentation": %s}]}' % POLY],
      r"train.jsonl:1: \"height\" must be a positive integer"),
     (['{"image": "a.jpg", "objects": [{"segmentation": %s}]}' % POLY], r"object 0: an object needs \"texts\""),
