@@ -617,14 +617,14 @@ def _custom_classes(src: str) -> dict[int, str]:
   classes = _load_json(path)
   if isinstance(classes, list):
     classes = {str(i): name for i, name in enumerate(classes) if name is not None}
-  if not isinstance(classes, dict) or not classes or not all(k.isdigit() for k in classes):
+  if not isinstance(classes, dict) or not classes or not all(re.fullmatch(r"[0-9]+", k) for k in classes):
     raise UserError(f"{path}: expected a list of prompts (index = label value) or an object {{\"VALUE\": PROMPT}}")
   check_prompts(list(classes.values()), lambda i: f"{path}: prompt of value {list(classes)[i]}")
   return {int(k): v for k, v in classes.items()}
 
 
 def _compressed_counts(text: str) -> Optional[list[int]]:
-  """The run lengths of a COCO compressed RLE string (each count in 5-bit groups, offset by 48, bit 6 meaning "more";
+  """The run lengths of a COCO compressed RLE string (each count in 5-bit groups, offset by 48, bit 0x20 meaning "more";
   from the fourth on, a difference from the count two before), or None where it is no such string."""
   counts, i = [], 0
   while i < len(text):

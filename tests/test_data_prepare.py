@@ -488,7 +488,7 @@ def test_custom_label_maps_give_one_prompt_per_named_value(tmp_path, capsys):
   np.testing.assert_array_equal(rec.mask(by_text["the top row"][0]), F.reference_mask(lines[0]["objects"][0][
       "segmentation"], 20, 30))
   # classes.json is needed, and must hold prompts.
-  (src / "classes.json").write_text(json.dumps({"1": "road", "x": "car"}))
+  (src / "classes.json").write_text(json.dumps({"1": "road", "\u00b2": "car"}))
   assert re.search(r"classes.json: expected a list of prompts", _fails(capsys, "--dataset", "custom", "--name", "s2",
                                                                           "--src", str(src), "--data_dir", data))
   (src / "classes.json").write_text(json.dumps({"1": "road", "3": " "}))
