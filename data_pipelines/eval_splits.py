@@ -21,7 +21,7 @@ import re
 from typing import Sequence
 
 from data_pipelines import sources
-from data_pipelines.tfds_builders import builder_name, prepare_command
+from data_pipelines.tfds_builders import CUSTOM_NAME, builder_name, prepare_command
 from evf_jax.errors import UserError
 
 STANDARD_SPLITS = ("refcoco|unc|val", "refcoco|unc|testA", "refcoco|unc|testB",
@@ -33,7 +33,6 @@ REFER_SPLIT_BY = {"refclef": "unc", "refcoco": "unc", "refcoco+": "unc", "refcoc
 REF_COCO_SPLIT_BY = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 REF_COCO_SPLITS = {"val": "validation"}  # our split name -> ref_coco's
 SYNTHETIC = "synthetic"
-_CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")  # tfds_builders.custom_name_problem says the rest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,7 @@ def _base(split: str) -> str:
 def parse_split(name: str) -> EvalSplit:
   parts = name.split("|")
   dataset, split_by = parts[0], ""
-  if dataset == SYNTHETIC or (dataset not in REFER_SPLIT_BY and len(parts) == 2 and _CUSTOM_NAME.match(dataset)):
+  if dataset == SYNTHETIC or (dataset not in REFER_SPLIT_BY and len(parts) == 2 and CUSTOM_NAME.fullmatch(dataset)):
     if len(parts) != 2:
       raise UserError(f"split {name!r}: the synthetic set is named 'synthetic|SPLIT', e.g. 'synthetic|val'")
     split = parts[1]

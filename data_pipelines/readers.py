@@ -671,19 +671,14 @@ def _is_segmentation(value) -> bool:
 def _custom_builder(objects: list[tuple[list[str], str, object]], line: int, label_map: Optional[str],
                     classes: dict[int, str]) -> Build:
   def build(h: int, w: int):
-    masks, entries = [], []
+    label = None
     if label_map:  # first: a missing or damaged map skips the image before any mask is read
       if not os.path.exists(label_map):
         raise SkipImage("missing_label_map")
       label = _read_label_map(label_map)
       if label.shape != (h, w):
         raise SkipImage("label_size_mismatch")
-      for value in np.unique(label):  # values classes.json does not name (background, ignore) are negatives
-        if int(value) in classes:
-          entries.append(records.Entry(classes[int(value)], len(objects) + len(masks),
-                                       {"line": line, "class_id": int(value)}))
-          masks.append(records.encode_mask(label == value))
-    label_entries, label_masks, entries, masks = entries, masks, [], []
+    masks, entries = [], []
     for k, (texts, kind, value) in enumerate(objects):
       if kind == "mask":
         masks.append(_mask_file(value, h, w))
@@ -694,7 +689,11 @@ def _custom_builder(objects: list[tuple[list[str], str, object]], line: int, lab
           raise SkipImage("bad_segmentation") from None
         masks.append(union_rle(parts, h, w))
       entries += [records.Entry(text, k, {"line": line, "object": k}) for text in texts]
-    return entries + label_entries, masks + label_masks
+    for value in (np.unique(label) if label is not None else ()):  # values classes.json does not name are negatives
+      if int(value) in classes:
+        entries.append(records.Entry(classes[int(value)], len(masks), {"line": line, "class_id": int(value)}))
+        masks.append(records.encode_mask(label == value))
+    return entries, masks
   return build
 
 
@@ -732,12 +731,13 @@ def read_custom(src: str) -> list[ImageTask]:
           raise UserError(f"{where}: a \"label_map\" needs {os.path.join(src, CUSTOM_CLASSES)}, the prompt of each "
                           "label value")
         classes = _custom_classes(src)
-      for key in (os.path.realpath(image_path), "id " + (image_id or os.path.relpath(image_path, src))):
-        if key in seen:
-          raise UserError(f"{where}: image {item['image']!r}{f' (id {image_id!r})' if image_id else ''} is also on "
-                          f"line {seen[key]}; put all of an image's objects on one line")
-        seen[key] = number
+      given_id = f" (id {image_id!r})" if image_id is not None else ""
       image_id = image_id if image_id is not None else os.path.relpath(image_path, src)
+      for key in (os.path.realpath(image_path), "id " + image_id):
+        if key in seen:
+          raise UserError(f"{where}: image {item['image']!r}{given_id} is also on line {seen[key]}; put all of an "
+                          "image's objects on one line")
+        seen[key] = number
       tasks.append(ImageTask(split, image_id, image_path, _custom_builder(objects, number, label_map, classes or {}),
                              _stated_hw(item)))
   return tasks

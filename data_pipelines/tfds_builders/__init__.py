@@ -5,6 +5,7 @@ Importing this package registers them with TFDS (`tfds.builder("refcoco")`, `tfd
 
 from data_pipelines.tfds_builders.evf import (  # noqa: F401
     BUILDERS,
+    CUSTOM_NAME,
     FEATURES,
     VERSION,
     EvfBuilder,

@@ -216,6 +216,9 @@ class _Custom(EvfBuilder, skip_registration=True):
     return splits
 
 
+CUSTOM_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a TFDS dataset name; custom_name_problem says the rest
+
+
 def custom_builder(name: str) -> type:
   """The builder of a custom dataset called `name` (check it with `custom_name_problem` first). Not registered
   with TFDS: datasets are read back by name from their files, whatever the process."""
@@ -226,7 +229,7 @@ def custom_builder(name: str) -> type:
 def custom_name_problem(name: str) -> str | None:
   """Why `name` cannot name a custom dataset, or None: it must be a TFDS name (lowercase letters, digits and _,
   starting with a letter) that neither our datasets nor TFDS's catalogue use, since datasets are found by name."""
-  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+  if not CUSTOM_NAME.fullmatch(name):
     return "use lowercase letters, digits and _, starting with a letter"
   if len(name) > 64:  # it names a folder, and its shard files start with it
     return f"{len(name)} characters; use at most 64"
