@@ -23,6 +23,7 @@ from evf_testing.images import smooth_image
 from evf_testing.spm_model import train as train_spm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("fast_compile")  # tiny models: compiling is the cost
 
 
 @pytest.fixture(scope="module")

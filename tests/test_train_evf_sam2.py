@@ -49,7 +49,8 @@ def reference():
 
 
 @pytest.mark.parametrize("trainable, torch_trainable, multimask", [
-    (TRAINABLE, None, True), (WITH_DECODER, TORCH_WITH_DECODER, True), (TRAINABLE, None, False)],
+    (TRAINABLE, None, True), pytest.param(WITH_DECODER, TORCH_WITH_DECODER, True, marks=pytest.mark.slow),
+    (TRAINABLE, None, False)],
     ids=["original-frozen-set", "decoder-trained", "mask-0"])
 def test_gradients_match_pytorch(reference, trainable, torch_trainable, multimask):
   """One batch (two images, prompts of different lengths, one padding prompt), float32: the loss and every

@@ -116,22 +116,6 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
   assert result["ciou"] == pytest.approx(evals[0]["eval/synthetic|val/ciou"], abs=1e-9)
 
 
-def test_eval_precision_sets_the_periodic_evaluation_apart_from_training(config_file, data_root, tmp_path, capsys):
-  """Training in bf16 with eval.precision=fp32: the run's evaluation is `run.py eval --precision fp32` of its
-  export exactly, and differs from the bf16 one (so the setting is what made them equal)."""
-  w = tmp_path / "w"
-  assert cli.main(_args(config_file, data_root, w, "--config.total_steps=3", "--config.precision=bf16",
-                        "--config.eval.precision=fp32")) == 0
-  logged = [json.loads(line) for line in open(w / "metrics.jsonl") if "eval/synthetic|val/giou" in line]
-  results = {}
-  for precision in ("fp32", "bf16"):
-    assert cli.main(["eval", "--checkpoint", str(w / "export"), "--data", data_root, "--split", "synthetic|val",
-                     "--out-dir", str(w / precision), "--precision", precision, "--no-progress"]) == 0
-    results[precision] = json.load(open(w / precision / "synthetic_val.json"))
-  assert len(logged) == 1 and logged[0]["eval/synthetic|val/giou"] == pytest.approx(results["fp32"]["giou"], abs=1e-9)
-  assert results["bf16"]["giou"] != results["fp32"]["giou"]
-
-
 CUSTOM_CONFIG = f'''from evf_jax.train import config as train_config
 from evf_testing.training import micro_train_config
 
@@ -167,7 +151,9 @@ def _write_custom_data(data_root, src):
 
 def test_fine_tunes_a_checkpoint_on_a_custom_dataset_evaluated_by_name(straight, data_root, tmp_path, capsys):
   """configs/train/custom.py's data and evaluation on a dataset of one's own, from a trained export: the run
-  evaluates `mine|val` as `run.py eval` does, and its export is a fine-tuned model."""
+  evaluates `mine|val` as `run.py eval` does, and its export is a fine-tuned model. It trains in bf16 with
+  eval.precision=fp32: its evaluation is `run.py eval --precision fp32` exactly and differs from the bf16 one (so
+  the setting is what made them equal)."""
   data = str(tmp_path / "data")
   _write_custom_data(data_root, str(tmp_path / "src"))
   assert cli.main(["prepare", "--dataset", "custom", "--name", "mine", "--src", str(tmp_path / "src"), "--data_dir",
@@ -175,12 +161,16 @@ def test_fine_tunes_a_checkpoint_on_a_custom_dataset_evaluated_by_name(straight,
   (tmp_path / "custom.py").write_text(CUSTOM_CONFIG)
   w, start = tmp_path / "w", os.path.join(straight, "export")
   assert cli.main(["train", "--config", str(tmp_path / "custom.py"), "--workdir", str(w), f"--config.data.root={data}",
-                   f"--config.init.evf_checkpoint={start}"]) == 0
+                   f"--config.init.evf_checkpoint={start}", "--config.precision=bf16",
+                   "--config.eval.precision=fp32"]) == 0
   logged = [json.loads(line) for line in open(w / "metrics.jsonl") if "eval/mine|val/giou" in line]
-  assert cli.main(["eval", "--checkpoint", str(w / "export"), "--data", data, "--split", "mine|val",
-                   "--out-dir", str(w / "eval"), "--no-progress"]) == 0
-  result = json.load(open(w / "eval" / "mine_val.json"))
-  assert len(logged) == 1 and logged[0]["eval/mine|val/giou"] == pytest.approx(result["giou"], abs=1e-9)
+  results = {}
+  for precision in ("fp32", "bf16"):
+    assert cli.main(["eval", "--checkpoint", str(w / "export"), "--data", data, "--split", "mine|val",
+                     "--out-dir", str(w / precision), "--precision", precision, "--no-progress"]) == 0
+    results[precision] = json.load(open(w / precision / "mine_val.json"))
+  assert len(logged) == 1 and logged[0]["eval/mine|val/giou"] == pytest.approx(results["fp32"]["giou"], abs=1e-9)
+  assert results["bf16"]["giou"] != results["fp32"]["giou"]
   assert _initialisation(w)["init"] == "evf_checkpoint"
   before, after = load_checkpoint(start), load_checkpoint(str(w / "export"))
   assert after[0] == before[0]

@@ -317,6 +317,7 @@ def test_indivisible_dimensions_fall_back_to_replication():
       jax.sharding.PartitionSpec(None, "tensor"))
 
 
+@pytest.mark.slow  # a compile-only check of the step's collectives
 def test_fsdp_text_embedding_sums_its_gradient_over_data_only(start):
   """Under FSDP the text embedding's table is split along its width. Left alone, XLA's partitioner gathered every
   device's token rows at full width for the lookup's gradient; gathering the table first costs the table (and an
