@@ -98,12 +98,12 @@ def test_the_loss_sees_the_mask_inference_keeps(reference):
                                    training=True)
     return m.decode_for_training(feats, prompts)[0], m.decode(feats, prompts)[0], masks, iou, single
 
+  programs = {m: jax.jit(lambda p, c=dataclasses.replace(config, multimask_output=m): EvfSam2(c).apply(
+      {"params": p}, method=run)) for m in (True, False)}  # one compile each; the biases are arguments
   for multimask, favoured in ((True, 1), (True, 2), (True, 3), (False, 2)):
-    cfg = dataclasses.replace(config, multimask_output=multimask)
     bias = np.asarray(flat[iou_bias]) + 10.0 * (np.arange(4) == favoured)
     p = traverse_util.unflatten_dict({**flat, iou_bias: bias}, sep="/")
-    train_mask, decoded, multi, iou, mask0 = map(np.asarray, jax.jit(
-        lambda p, c=cfg: EvfSam2(c).apply({"params": p}, method=run))(p))
+    train_mask, decoded, multi, iou, mask0 = map(np.asarray, programs[multimask](p))
     assert train_mask.shape == (2, 1, 32, 32) and multi.shape == (2, 3, 32, 32)
     np.testing.assert_array_equal(train_mask, decoded)
     # Mask 0 of the 4 the decoder predicts is none of the three multimask outputs.
