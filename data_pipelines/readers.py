@@ -300,17 +300,29 @@ def _read_label_map(path: str) -> np.ndarray:
   return arr
 
 
-def _label_builder(label_path: str, class_ids: Callable[[np.ndarray], list[tuple[int, int, str]]]) -> Build:
-  """class_ids(label_map) -> [(stored value, class id, prompt)]; mask = (label_map == stored value)."""
+def _sized_label_map(path: str, h: int, w: int) -> np.ndarray:
+  label = _read_label_map(path)
+  if label.shape != (h, w):
+    raise SkipImage("label_size_mismatch")
+  return label
+
+
+ClassIds = Callable[[np.ndarray], list[tuple[int, int, str]]]
+
+
+def _label_masks(label: np.ndarray, class_ids: ClassIds, first: int, meta: dict):
+  """class_ids(label_map) -> [(stored value, class id, prompt)] -> (entries, masks): mask = (label_map == stored
+  value), the masks numbered from `first`, each entry's meta `meta` and its class id."""
+  entries, masks = [], []
+  for value, cid, text in class_ids(label):
+    entries.append(records.Entry(text, first + len(masks), {**meta, "class_id": int(cid)}))
+    masks.append(records.encode_mask(label == value))
+  return entries, masks
+
+
+def _label_builder(label_path: str, class_ids: ClassIds) -> Build:
   def build(h: int, w: int):
-    label = _read_label_map(label_path)
-    if label.shape != (h, w):
-      raise SkipImage("label_size_mismatch")
-    masks, entries = [], []
-    for value, cid, text in class_ids(label):
-      entries.append(records.Entry(text, len(masks), {"class_id": int(cid)}))
-      masks.append(records.encode_mask(label == value))
-    return entries, masks
+    return _label_masks(_sized_label_map(label_path, h, w), class_ids, 0, {})
   return build
 
 
@@ -675,9 +687,7 @@ def _custom_builder(objects: list[tuple[list[str], str, object]], line: int, lab
     if label_map:  # first: a missing or damaged map skips the image before any mask is read
       if not os.path.exists(label_map):
         raise SkipImage("missing_label_map")
-      label = _read_label_map(label_map)
-      if label.shape != (h, w):
-        raise SkipImage("label_size_mismatch")
+      label = _sized_label_map(label_map, h, w)
     masks, entries = [], []
     for k, (texts, kind, value) in enumerate(objects):
       if kind == "mask":
@@ -689,10 +699,10 @@ def _custom_builder(objects: list[tuple[list[str], str, object]], line: int, lab
           raise SkipImage("bad_segmentation") from None
         masks.append(union_rle(parts, h, w))
       entries += [records.Entry(text, k, {"line": line, "object": k}) for text in texts]
-    for value in (np.unique(label) if label is not None else ()):  # values classes.json does not name are negatives
-      if int(value) in classes:
-        entries.append(records.Entry(classes[int(value)], len(masks), {"line": line, "class_id": int(value)}))
-        masks.append(records.encode_mask(label == value))
+    if label is not None:  # values classes.json does not name are negatives
+      named = _label_masks(label, lambda m: [(int(v), int(v), classes[int(v)]) for v in np.unique(m)
+                                             if int(v) in classes], len(masks), {"line": line})
+      entries, masks = entries + named[0], masks + named[1]
     return entries, masks
   return build
 
