@@ -117,3 +117,45 @@ def test_the_install_extras_name_jax_extras_that_exist():
     assert requirements == [f"jax[{name}]"] and name in provided, (name, requirements)
   version = lambda spec: tuple(int(p) for p in re.search(r">=\s*([\d.]+)", spec).group(1).split("."))  # noqa: E731
   assert version(project["requires-python"]) >= version(jax_meta["Requires-Python"])
+
+
+LIGHT_START = r'''
+import contextlib, io, sys
+import evf_jax
+from evf_jax import cli
+printed = {}
+for argv, status in ((["--help"], 0), (["nope"], 2), ([], 2)):
+  with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+    try:
+      cli.main(argv)
+    except SystemExit as e:
+      assert e.code == status, (argv, e.code)
+    else:
+      raise AssertionError(argv)
+  printed[" ".join(argv)] = out.getvalue() + err.getvalue()
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("jax", "flax", "numpy", "torch", "orbax", "grain")
+               or m.startswith("evf_jax.cli.run_"))
+assert not heavy, heavy[:10]
+assert all(f"    {name} " in printed["--help"] or f"    {name}\n" in printed["--help"] for name in cli.COMMANDS)
+assert "invalid choice: 'nope'" in printed["nope"], printed
+assert evf_jax.Predictor.__module__ == "evf_jax.predictor" and "jax" in sys.modules  # imported on first use
+print("ok")
+'''
+
+
+def test_the_package_and_the_command_list_start_without_jax():
+  """`import evf_jax`, `run.py --help` and a mistyped or missing command import no sub-command, jax or numpy
+  (they took 3-9 s when the package imported everything); the exported names still resolve on first use."""
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, "-c", LIGHT_START], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_every_command_has_a_module_with_its_arguments_and_run():
+  from evf_jax import cli
+  for name in cli.COMMANDS:
+    module = cli.command_module(name)
+    assert callable(module.add_arguments) and callable(module.run), name
+    help_text = cli.build_parser(name).format_help()
+    assert name in help_text and cli.COMMANDS[name][1].split()[0] in help_text, name

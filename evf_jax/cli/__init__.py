@@ -8,26 +8,40 @@ bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from typing import Optional, Sequence
 
-from evf_jax.cli import (run_convert, run_eval, run_export, run_export_hf, run_predict, run_prepare, run_serve,
-                         run_synthetic, run_train)
 from evf_jax.errors import UserError
 
-# name -> module with HELP, add_arguments(parser) and run(args) -> exit code.
+# name -> (module in evf_jax.cli with add_arguments(parser) and run(args) -> exit code, one-line help). Only the
+# command that runs is imported: all of them pull in jax, orbax, gradio and matplotlib, which made `run.py --help`
+# and every argparse mistake take seconds.
 COMMANDS = {
-    "convert": run_convert,
-    "export-hf": run_export_hf,
-    "predict": run_predict,
-    "prepare": run_prepare,
-    "eval": run_eval,
-    "train": run_train,
-    "export": run_export,
-    "synthetic": run_synthetic,
-    "serve": run_serve,
+    "convert": ("run_convert", "convert a PyTorch EVF-SAM or EVF-SAM2 checkpoint into an evf-jax checkpoint "
+                               "directory"),
+    "export-hf": ("run_export_hf", "write an evf-jax checkpoint (e.g. a training run's export) in the original's "
+                                   "Hugging Face layout, for EVF-SAM's PyTorch code"),
+    "predict": ("run_predict", "segment images by text prompts, or a video by one text prompt, with an evf-jax "
+                               "checkpoint"),
+    "prepare": ("run_prepare", "build a dataset from its raw download (or the synthetic set, or your own data) as "
+                               "TFDS ArrayRecord under --data_dir"),
+    "eval": ("run_eval", "referring-segmentation evaluation (gIoU / cIoU) of a checkpoint on prepared splits"),
+    "train": ("run_train", "train EVF-SAM or EVF-SAM2 from a config (configs/train/*.py) into a workdir; resumes "
+                           "when run again"),
+    "export": ("run_export", "write one step a training run kept (a number, latest, or best by eval gIoU) as an "
+                             "evf-jax checkpoint directory, for predict, eval, serve and export-hf"),
+    "synthetic": ("run_synthetic", "the default job: train a small EVF-SAM on generated data, evaluate it against "
+                                   "text-blind baselines, predict and draw the results (no downloads)"),
+    "serve": ("run_serve", "a web page (gradio) to segment images by text prompts; listens on 127.0.0.1 unless "
+                           "--host says otherwise"),
 }
+
+
+def command_module(name: str):
+  """The module behind sub-command `name` (imported here, on first use)."""
+  return importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,11 +52,14 @@ class _Parser(argparse.ArgumentParser):
     raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+  """`run.py`'s parser: every sub-command listed, the arguments of `command` alone (the one given)."""
   parser = _Parser(prog="run.py", description="evf-jax: EVF-SAM in JAX/Flax.")
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for name, module in COMMANDS.items():
-    module.add_arguments(sub.add_parser(name, help=module.HELP, description=module.HELP, add_help=name != "train"))
+  for name, (_, help_) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_, description=help_, add_help=name != "train")
+    if name == command:
+      command_module(name).add_arguments(p)
   return parser
 
 
@@ -64,9 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     if argv[:1] == ["train"]:  # absl flags (ml_collections config_flags), not argparse
-      return run_train.main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return int(COMMANDS[args.command].run(args) or 0)
+      return command_module("train").main(argv[1:])
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
+    return int(command_module(args.command).run(args) or 0)
   except UserError as e:
     return report_user_error(e)
   except KeyboardInterrupt:

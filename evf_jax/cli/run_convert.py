@@ -8,8 +8,6 @@ import argparse
 from convert.evf import STORED_DTYPES, convert_directory
 from evf_jax.cli import common
 
-HELP = "convert a PyTorch EVF-SAM or EVF-SAM2 checkpoint into an evf-jax checkpoint directory"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--src", required=True, type=common.nonempty,

@@ -30,7 +30,6 @@ from evf_jax.images import decode_image, overlay
 from evf_jax.runtime import (check_accelerator_in_use, check_precision_platform, compute_dtype,
                              enable_compilation_cache)
 
-HELP = "referring-segmentation evaluation (gIoU / cIoU) of a checkpoint on prepared splits"
 
 PROTOCOL = ("EVF-SAM eval.py: every sentence a prompt, logits > 0 at the original resolution; "
             "cIoU = sum I / sum U, gIoU = mean I/U per sentence (empty union = 1)")

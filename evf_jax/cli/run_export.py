@@ -17,8 +17,6 @@ from evf_jax.tokenizer import TextTokenizer, TokenizerError, check_fits_model
 from evf_jax.train import checkpointing
 from evf_jax.train import config as train_config
 
-HELP = ("write one step a training run kept (a number, latest, or best by eval gIoU) as an evf-jax checkpoint "
-        "directory, for predict, eval, serve and export-hf")
 # The workdir's folders a run replaces or removes: a model written there would be lost.
 RUN_OWNED = (checkpointing.CHECKPOINT_DIR, checkpointing.EXPORT_DIR, checkpointing.EXPORT_DIR + ".partial",
              checkpointing.EXPORT_DIR + ".old")

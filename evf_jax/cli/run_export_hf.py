@@ -8,9 +8,6 @@ import argparse
 from convert.export_hf import EXPORT_DTYPES, export_directory
 from evf_jax.cli import common
 
-HELP = ("write an evf-jax checkpoint (e.g. a training run's export) in the original's Hugging Face layout, "
-        "for EVF-SAM's PyTorch code")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True, type=common.nonempty,

@@ -18,7 +18,6 @@ from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import check_prompts
 from evf_jax.video import VideoPredictor, read_frames
 
-HELP = "segment images by text prompts, or a video by one text prompt, with an evf-jax checkpoint"
 # A --video run's record (prompt, frames, object scores), written after the last frame: the run is complete.
 TRACK_FILE = "track.json"
 

@@ -8,8 +8,6 @@ from data_pipelines import prepare
 from evf_jax.errors import UserError
 
 DEFAULTS = {"records_per_shard": 2000, "num_train": 2000, "num_eval": 200, "seed": 0}
-HELP = ("build a dataset from its raw download (or the synthetic set, or your own data) as TFDS ArrayRecord under "
-        "--data_dir")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +30,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  f"{DEFAULTS['num_eval']})")
   p.add_argument("--seed", type=int, default=None, help=f"synthetic only: generator seed (default {DEFAULTS['seed']})")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

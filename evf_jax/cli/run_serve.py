@@ -47,7 +47,6 @@ from evf_jax.predictor import Prediction, Predictor
 from evf_jax.tokenizer import SEMANTIC_TAG as SEMANTIC, check_prompts, is_blank
 from evf_jax.train.checkpointing import EXPORT_DIR
 
-HELP = "a web page (gradio) to segment images by text prompts; listens on 127.0.0.1 unless --host says otherwise"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES_DIR = os.path.join(REPO, "examples")
 # Held-out images of the synthetic dataset (data_pipelines/synthetic.py: seed 0, split "val", images 1, 2, 5),

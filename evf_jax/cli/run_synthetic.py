@@ -33,8 +33,6 @@ from evf_jax.train import config as train_config
 matplotlib.use("Agg")  # files only, no display
 from matplotlib import pyplot as plt  # noqa: E402
 
-HELP = ("the default job: train a small EVF-SAM on generated data, evaluate it against text-blind baselines, "
-        "predict and draw the results (no downloads)")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "train", "synthetic.py")
 SPLIT = "synthetic|val"

@@ -42,7 +42,6 @@ from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
 from evf_jax.train.trainer import ProfileWindow, Trainer
 
-HELP = "train EVF-SAM or EVF-SAM2 from a config (configs/train/*.py) into a workdir; resumes when run again"
 DATA_DIR = "data"             # <workdir>/data: generated synthetic data when data.root is ""
 _DASHES = "-\u2013\u2014"      # a flag's hyphens, and the en and em dashes a document's typography makes of them
 
