@@ -356,7 +356,8 @@ def main(argv=None) -> None:
   ap.add_argument("--prompts", type=int, default=3, help="prompts per image")
   ap.add_argument("--text-len", type=int, default=64, help="tokens per prompt (data.max_text_len)")
   ap.add_argument("--mask-size", type=int, default=0, help="loss resolution (0: SAM's input size, the default)")
-  ap.add_argument("--remat", default="full", help="comma-separated sizes that recompute activations")
+  ap.add_argument("--remat", default="full",
+                  help="comma-separated sizes that recompute activations (none: no size)")
   ap.add_argument("--devices", type=int, default=0, help="devices of the data-parallel mesh (0: all)")
   ap.add_argument("--steps", type=int, default=10, help="timed steps")
   ap.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
@@ -377,7 +378,9 @@ def main(argv=None) -> None:
   sizes = [s for s in args.size.split(",") if s]
   if any(s not in PRESETS for s in sizes):
     ap.error(f"--size: expected a comma-separated subset of {sorted(PRESETS)}")
-  args.remat = [s for s in args.remat.split(",") if s]
+  args.remat = [s for s in args.remat.split(",") if s and s != "none"]
+  if any(s not in PRESETS for s in args.remat):  # a misspelt size would silently run without remat
+    ap.error(f"--remat: expected none or a comma-separated subset of {sorted(PRESETS)}")
   global OUT_PATH, T_START
   OUT_PATH = args.out
   import jax

@@ -126,6 +126,14 @@ def test_train_gpu_tiny_on_cpu(gpu_bench, tmp_path):
   assert prof["trace"] == "train_gpu_tiny.trace.json.gz" and (tmp_path / prof["trace"]).stat().st_size > 0
 
 
+def test_train_gpu_refuses_unknown_sizes(gpu_bench, capsys):
+  """A misspelt size in --remat ran that size without remat, unnoticed in the results; now refused like --size."""
+  for argv, flag in ((["--size", "tiny", "--remat", "tinny"], "--remat"), (["--size", "tiny,huge"], "--size")):
+    with pytest.raises(SystemExit) as exit_:
+      gpu_bench(argv)
+    assert exit_.value.code == 2 and f"{flag}: expected" in capsys.readouterr().err, argv
+
+
 def test_train_gpu_records_errors_and_skips(gpu_bench, tmp_path):
   """cuDNN attention where there is no GPU: the setup's error is recorded and the run ends normally; a size
   the time limit leaves no room for is skipped, and says so."""
