@@ -9,7 +9,6 @@ from data_pipelines import pipeline, prepare, records, sources, transforms
 from data_pipelines.transforms import SampleConfig
 from evf_testing import data_fixtures as F
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 SMALL = SampleConfig(sam_size=128, max_text_len=16)
 
 

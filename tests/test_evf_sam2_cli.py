@@ -159,10 +159,10 @@ def test_eval_equals_the_original_protocol(ckpt, torch_model, spm_dir, tmp_path,
   the image (PIL bilinear to a square, no padding) and runs `forward()` (BEiT-3 masking the padded tokens), logits
   > 0 at the original size, gIoU / cIoU in numpy.
   As in tests/test_evaluate.py, a logit within float32 rounding of 0 may flip a pixel: a few pixels of slack."""
-  from data_pipelines import prepare, records
+  from data_pipelines import prepare, sources
   from evf_jax.images import decode_image
   root = tmp_path / "data"
-  prepare.prepare("synthetic", str(root / "synthetic"), num_train=1, num_eval=1, seed=0, progress=False)
+  prepare.build("synthetic", str(root), num_train=1, num_eval=1, seed=0, progress=False)
   out = tmp_path / "res"
   assert cli.main(["eval", "--checkpoint", ckpt, "--data", str(root), "--split", "synthetic|val",
                    "--out-dir", str(out), "--batch-size", "1", "--no-progress"]) == 0, capsys.readouterr().err
@@ -170,7 +170,7 @@ def test_eval_equals_the_original_protocol(ckpt, torch_model, spm_dir, tmp_path,
   tokenizer = TextTokenizer(spm_dir)
   s = TOY.sam2
   inter, union = [], []
-  for rec in records.read_records(str(root / "synthetic"), "val"):
+  for rec in sources.read_records(str(root / "synthetic"), "val"):
     image = decode_image(rec.image)
     ids, mask = tokenizer.encode_batch([e.text for e in rec.entries])
     full, _, _ = reference_evf_sam2(torch_model, sam2_eval_input(image, s.image_size, s.pixel_mean, s.pixel_std),

@@ -60,7 +60,7 @@ def test_two_processes_train_as_one(tmp_path):
   config = tmp_path / "micro.py"
   config.write_text(CONFIG)
   from data_pipelines import prepare
-  prepare.prepare("synthetic", str(tmp_path / "data" / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  prepare.build("synthetic", str(tmp_path / "data"), num_train=24, num_eval=3, seed=0, progress=False)
   common = ["--config", str(config), f"--config.data.root={tmp_path / 'data'}"]
   one = _train(common + ["--workdir", str(tmp_path / "one")], 8)
   out, _ = one.communicate()
@@ -105,7 +105,7 @@ def test_two_processes_train_into_a_bucket(tmp_path, gcs_bucket):
   config = tmp_path / "micro.py"
   config.write_text(CONFIG)
   from data_pipelines import prepare
-  prepare.prepare("synthetic", str(tmp_path / "data" / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  prepare.build("synthetic", str(tmp_path / "data"), num_train=24, num_eval=3, seed=0, progress=False)
   workdir = f"gs://{gcs_bucket}/two_processes"
   common = ["--config", str(config), f"--config.data.root={tmp_path / 'data'}", "--workdir", workdir]
   port = _port()
@@ -140,7 +140,7 @@ def test_two_processes_launched_by_slurm(tmp_path):
   config = tmp_path / "micro.py"
   config.write_text(CONFIG)
   from data_pipelines import prepare
-  prepare.prepare("synthetic", str(tmp_path / "data" / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  prepare.build("synthetic", str(tmp_path / "data"), num_train=24, num_eval=3, seed=0, progress=False)
   port = _port()
   common = ["--config", str(config), f"--config.data.root={tmp_path / 'data'}", "--workdir", str(tmp_path / "w"),
             "--coordinator_bind_address", f"127.0.0.1:{port}", "--heartbeat_timeout", "20"]

@@ -51,7 +51,7 @@ def data_root(tmp_path_factory, config_file):
   """The synthetic data and tokenizer, made once and shared (each run reads them from --config.data.root)."""
   root = tmp_path_factory.mktemp("data")
   from data_pipelines import prepare
-  prepare.prepare("synthetic", str(root / "synthetic"), num_train=24, num_eval=3, seed=0, progress=False)
+  prepare.build("synthetic", str(root), num_train=24, num_eval=3, seed=0, progress=False)  # TFDS: root/synthetic
   return str(root)
 
 
@@ -95,8 +95,8 @@ def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root
     assert_same_tree(params[key], trained[key])
   provenance = json.load(open(os.path.join(w, "export", "provenance.json")))
   assert provenance["step"] == 6 and provenance["initialisation"]["init"] == "random"
-  from data_pipelines import records
-  image = decode_image(records.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
+  from data_pipelines import sources
+  image = decode_image(sources.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
   exported = Predictor.from_checkpoint(os.path.join(w, "export"))
   exported.set_image(image)
   in_memory = Predictor(config, jax.tree.map(np.asarray, params), tokenizer)
@@ -133,11 +133,11 @@ def get_config(arg=None):
 def _write_custom_data(data_root, src):
   """A dataset of one's own in the layout of `run.py prepare --dataset custom`, from synthetic images and masks."""
   from PIL import Image
-  from data_pipelines import records
+  from data_pipelines import sources
   os.makedirs(src)
   for split, take in (("train", slice(0, 6)), ("val", slice(6, 8))):
     lines = []
-    for i, rec in enumerate(records.read_records(os.path.join(data_root, "synthetic"), "train")[take]):
+    for i, rec in enumerate(sources.read_records(os.path.join(data_root, "synthetic"), "train")[take]):
       with open(os.path.join(src, f"{split}{i}.png"), "wb") as f:
         f.write(rec.image)
       objects = []
@@ -204,8 +204,8 @@ def test_evf_sam2_trains_evaluates_and_exports_a_model_predictor_loads(sam2_run,
   assert sorted(trained) == ["beit3", "projector"]  # the original's frozen set: all of SAM-2
   for key in ("beit3", "projector"):
     assert_same_tree(params[key], trained[key])
-  from data_pipelines import records
-  image = decode_image(records.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
+  from data_pipelines import sources
+  image = decode_image(sources.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
   exported = Predictor.from_checkpoint(os.path.join(w, "export"))
   exported.set_image(image)
   in_memory = Predictor(config, jax.tree.map(np.asarray, params), tokenizer)
@@ -581,8 +581,8 @@ def test_a_gs_workdir_trains_resumes_and_exports_like_a_local_one(straight, conf
   _, params, _ = load_checkpoint(f"{w}/export")
   _, local, _ = load_checkpoint(os.path.join(straight, "export"))
   assert_same_tree(params, local)
-  from data_pipelines import records
-  image = decode_image(records.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
+  from data_pipelines import sources
+  image = decode_image(sources.read_records(os.path.join(data_root, "synthetic"), "val")[0].image)
   out_dir = os.path.join(straight, "pred_gcs")
   assert cli.main(["predict", "--checkpoint", f"{w}/export", "--image", _png(image, straight), "--prompt",
                    "the circle", "--out-dir", out_dir]) == 0
