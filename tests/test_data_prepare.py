@@ -18,7 +18,6 @@ from data_pipelines import records, sources
 from evf_jax import cli
 from evf_testing import data_fixtures as F
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

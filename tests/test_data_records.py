@@ -9,7 +9,6 @@ import pytest
 
 from data_pipelines import records, safe_pickle, synthetic
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 
 
 class _Evil:

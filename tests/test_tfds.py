@@ -18,7 +18,6 @@ from data_pipelines.transforms import SampleConfig
 from evf_jax import evaluate
 from evf_testing import data_fixtures as F
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 SMALL = SampleConfig(sam_size=128, max_text_len=16)
 
 # One COCO-style world written both ways: refer_seg (our readers) and TFDS ref_coco's refcoco.json.
