@@ -57,9 +57,14 @@ def is_blank(text: str) -> bool:
 
 def prompt_problem(text: str) -> Optional[str]:
   """Why `text` is no prompt (to follow "prompt N "), or None: blank (`is_blank`), or the semantic tag with
-  nothing after it, which names no class to segment."""
+  nothing after it, which names no class to segment; or not UTF-8 (bytes a command line could not decode, held
+  as surrogates, which sentencepiece cannot read)."""
   if is_blank(text):
     return "is empty or whitespace-only"
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return "is not valid UTF-8 text"
   if _visible(text) == SEMANTIC_TAG:
     return f"is only the {SEMANTIC_TAG} tag: name what to segment after it, e.g. '{SEMANTIC_TAG} sky'"
   return None

@@ -621,6 +621,16 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
   assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
 
 
+def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path, capsys):
+  """Bytes the shell could not decode reach Python as surrogates; sentencepiece raised a traceback on them after
+  the model had loaded."""
+  out = tmp_path / "o"
+  code = cli.main(["predict", "--checkpoint", str(tmp_path), "--image", "i.png", "--prompt", "zebra",
+                   "--prompt", "zebra \udcff", "--out-dir", str(out)])
+  assert code == 2 and capsys.readouterr().err.strip() == "error: --prompt 2 is not valid UTF-8 text"
+  assert not out.exists()
+
+
 @pytest.mark.parametrize("argv,expect", [
     (["eval", "--checkpoint", "c", "--data", "d", "--split", "s", "--batch-size", "x"],
      "error: run.py eval: argument --batch-size: invalid int value: 'x' (see run.py eval --help)"),
@@ -633,6 +643,9 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
      "error: run.py predict: argument --checkpoint: is empty"),  # was "error: : not a converted ..."
     (["convert", "--src", " ", "--out", "o"], "error: run.py convert: argument --src: is empty"),
     (["export-hf", "--checkpoint", "", "--out", "o"], "error: run.py export-hf: argument --checkpoint: is empty"),
+    # an unset variable (--out "$OUT"): was the current directory, replaced with --overwrite
+    (["convert", "--src", "s", "--out", ""], "error: run.py convert: argument --out: is empty"),
+    (["export-hf", "--checkpoint", "c", "--out", "  "], "error: run.py export-hf: argument --out: is empty"),
 ])
 def test_argument_mistakes_are_one_line(capsys, argv, expect):
   with pytest.raises(SystemExit) as e:

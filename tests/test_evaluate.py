@@ -429,6 +429,8 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
   assert "split 'val[2:2]': selects no examples" in error_line(capsys, base + ["--data", root, "--split",
                                                                                "refcoco|unc|val[2:2]"])
   assert "unknown dataset 'coco'" in error_line(capsys, base + ["--data", root, "--split", "coco|unc|val"])
+  line = error_line(capsys, base + ["--data", root, "--split", "a|b_c", "--split", "a_b|c"])
+  assert "--split a|b_c and --split a_b|c would both write a_b_c.json" in line, line
   assert "has no split 'testB'" in error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|testB"])
   line = error_line(capsys, base + ["--data", root, "--split", "refcocog|umd|val"])
   assert "no prepared dataset" in line

@@ -13,7 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--src", required=True, type=common.nonempty,
                  help="a Hugging Face-style EVF-SAM / EVF-SAM2 directory (config.json + model.safetensors / "
                       "sharded safetensors / pytorch_model.bin + tokenizer files), or a hub id like YxZhang/evf-sam")
-  p.add_argument("--out", required=True, help="the evf-jax checkpoint directory to write")
+  p.add_argument("--out", required=True, type=common.nonempty, help="the evf-jax checkpoint directory to write")
   p.add_argument("--precision", default="fp32", choices=list(STORED_DTYPES),
                  help="precision the weights are stored in")
   p.add_argument("--overwrite", action="store_true",

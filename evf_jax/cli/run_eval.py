@@ -117,6 +117,12 @@ def locate_splits(data: str, split_names: Sequence[str]) -> list[tuple[EvalSplit
   splits = eval_splits.expand_splits(split_names)
   if not splits:
     raise UserError("no --split given")
+  written: dict[str, str] = {}
+  for s in splits:  # e.g. "a|b_c" and "a_b|c": the second result would replace the first, unnoticed
+    if s.tag in written:
+      raise UserError(f"--split {written[s.tag]} and --split {s.name} would both write {s.tag}.json; evaluate them "
+                      "in separate runs with separate --out-dir")
+    written[s.tag] = s.name
   located = [eval_splits.resolve_data_dir(data, s) for s in splits]
   for split, where, _ in located:  # a bad slice ("val[:abc]", beyond the split), damaged files: now, not after
     sources.open_split(where, split.split)  # the checkpoint load and earlier splits

@@ -12,7 +12,7 @@ from evf_jax.cli import common
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True, type=common.nonempty,
                  help="an evf-jax checkpoint directory (`run.py convert`, or WORKDIR/export of `run.py train`)")
-  p.add_argument("--out", required=True,
+  p.add_argument("--out", required=True, type=common.nonempty,
                  help="the directory to write: config.json, model.safetensors, the tokenizer files")
   p.add_argument("--precision", default=None, choices=list(EXPORT_DTYPES),
                  help="the weights' dtype in the file (default: the checkpoint's own)")
