@@ -486,6 +486,28 @@ def test_predictor_prompts_any_iterable_and_non_str(ckpt, image_file):
     p.set_image(np.zeros((1, 5000, 3), np.uint8))
 
 
+def test_a_model_config_with_bad_values_is_one_line(ckpt, image_file, tmp_path, capsys):
+  """model_config.json edited by hand: a string for a count, a negative or zero size, a NaN, a list of the wrong
+  length. Each was a traceback from inside the model (or a model of negative size); now one line, before the
+  weights load."""
+  cases = ((("beit3", "num_layers"), "two", "num_layers: expected an int, got 'two'"),
+           (("sam", "img_size"), -128, "img_size: must be >= 1, got -128"),
+           (("sam", "decoder_depth"), 0, "decoder_depth: must be >= 1, got 0"),
+           (("sam", "mlp_ratio"), float("nan"), "mlp_ratio: expected a finite number, got nan"),
+           (("sam", "pixel_mean"), [1.0, 2.0], "pixel_mean: expected 3 values, got 2"))
+  for (part, field), value, expect in cases:
+    bad = tmp_path / f"{part}_{field}"
+    shutil.copytree(ckpt, bad)
+    config = json.loads((bad / "model_config.json").read_text())
+    config[part][field] = value
+    (bad / "model_config.json").write_text(json.dumps(config))
+    code = cli.main(["predict", "--checkpoint", str(bad), "--image", image_file, "--prompt", "cat", "--out-dir",
+                     str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "model_config.json is not a valid EVF-SAM config" in err[0], err
+    assert expect in err[0], err
+
+
 def test_predictor_api_mistakes_are_clear_errors(ckpt, image_file):
   """Library mistakes that gave silent wrong answers or deep tracebacks: ids past the vocabulary (jax's gather
   reads them as NaN: NaN scores, empty masks), float ids, a failed set_image (the image before stayed set), a path

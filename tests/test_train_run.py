@@ -74,8 +74,11 @@ def _initialisation(workdir):
 
 @pytest.fixture(scope="module")
 def straight(config_file, data_root, tmp_path_factory):
-  """An uninterrupted 6-step run in this process, steps 2 and 3 traced: the reference for every resumed run."""
+  """An uninterrupted 6-step run in this process, steps 2 and 3 traced: the reference for every resumed run. Its
+  workdir starts with the config.json of a run that failed before its first checkpoint (a bad setting), which
+  this run replaces instead of asking for that setting again."""
   workdir = tmp_path_factory.mktemp("straight")
+  (workdir / "config.json").write_text(json.dumps({"total_steps": 6, "data": {"max_text_len": 1000}}))
   assert cli.main(_args(config_file, data_root, workdir, "--profile_steps=2")) == 0
   return str(workdir)
 
@@ -83,6 +86,8 @@ def straight(config_file, data_root, tmp_path_factory):
 def test_train_evaluates_and_exports_a_model_predictor_loads(straight, data_root, capsys):
   w = straight
   assert sorted(int(s) for s in os.listdir(os.path.join(w, "checkpoints")) if s.isdigit()) == [3, 6]
+  saved = json.load(open(os.path.join(w, "config.json")))  # the failed run's config.json, replaced
+  assert saved["data"]["max_text_len"] != 1000 and saved["optimizer"]["schedule"] == "constant"
   losses = _losses(w)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(v) for v in losses.values())
   evals = [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl")) if "eval/synthetic|val/giou" in line]
@@ -617,6 +622,16 @@ def test_help_lists_every_flag(capsys):
     (("--config.mesh=(('dta', -1),)",), "mesh axis 'dta' (8 devices) is not one the sharding rules use"),
     (("--config.loss.images_per_group=3",), "microbatches of 8 images, which loss.images_per_group 3 does not divide"),
     (("--config.loss.images_per_group=-1",), "config.loss.images_per_group must be >= 0, got -1"),
+    (("--config.data.num_prompts=0",), "config.data.num_prompts must be >= 1, got 0"),  # trained on no loss
+    (("--config.optimizer.lr=-1",), "config.optimizer.lr must be >= 0, got -1"),
+    (("--config.optimizer.lr=nan",), "config.optimizer.lr must be >= 0, got nan"),
+    (("--config.optimizer.b2=1.0",), "config.optimizer.b2 must be in [0, 1), got 1.0"),
+    (("--config.data.mask_size=-32",), "config.data.mask_size must be >= 0, got -32"),
+    (("--config.eval.batch_size=0",), "config.eval.batch_size must be >= 1, got 0"),
+    (("--config.data.max_text_len=1000",), "config.data.max_text_len 1000: this model's BEiT-3 has text positions"),
+    (("--config.model.sam.img_size=-128",), "config.model: img_size: must be >= 1, got -128"),
+    (("--config.init.from_scratch=False", "--config.init.evf_checkpoint=/nonexistent"),
+     "init.evf_checkpoint: no such directory: /nonexistent"),  # was "/nonexistent/tokenizer: no sentencepiece"
     (("--config.init.from_scratch=False", "--config.init.sam_checkpoint=/nope.pth"), "init.sam_checkpoint: no such file"),
     (("--config.trainable=('beit3/nothing',)",), "match no parameter"),
     # jax's gather reads ids past the table as NaN; the run's own prompt length is data.max_text_len, not 1022.

@@ -37,6 +37,7 @@ class Beit3Config:
   pad_token_id: int = 1           # XLM-R `<pad>`; EVF-SAM passes `input_ids == 1` as the padding mask
 
   def __post_init__(self):
+    config_dicts.check_values(self)
     if self.embed_dim % self.num_heads:
       raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
     if self.img_size % self.patch_size:

@@ -14,6 +14,7 @@ compiling (docs/training.md#profiling-and-compile-time).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -170,7 +171,39 @@ def _check_config(cfg) -> ModelConfig:
   for key, allowed in (("name", optimizer.OPTIMIZERS), ("schedule", optimizer.SCHEDULES)):
     if cfg.optimizer[key] not in allowed:
       raise UserError(f"config.optimizer.{key} {cfg.optimizer[key]!r}: expected one of {', '.join(allowed)}")
-  return train_config.model_config(cfg.model)
+  _check_ranges(cfg)
+  model_config = train_config.model_config(cfg.model)
+  if int(cfg.data.max_text_len) > model_config.beit3.max_text_len:  # it failed in the model's init, with a traceback
+    raise UserError(f"config.data.max_text_len {cfg.data.max_text_len}: this model's BEiT-3 has text positions for "
+                    f"{model_config.beit3.max_text_len} tokens (model.beit3.max_source_positions)")
+  if cfg.init.evf_checkpoint and not storage.path(cfg.init.evf_checkpoint).is_dir():
+    raise UserError(f"init.evf_checkpoint: no such directory: {cfg.init.evf_checkpoint}")
+  return model_config
+
+
+# (setting, lowest value, whether the lowest is allowed): each was accepted and trained silently wrong (a negative
+# learning rate, no prompts so no loss), or failed inside a compiled step or a reading thread.
+_RANGES = (("data.num_prompts", 1, True), ("data.max_text_len", 2, True), ("data.mask_size", 0, True),
+           ("data.read_threads", 1, True), ("data.workers", 0, True), ("data.prefetch", 0, True),
+           ("optimizer.lr", 0, True), ("optimizer.warmup_steps", 0, True), ("optimizer.clip_norm", 0, True),
+           ("optimizer.weight_decay", 0, True), ("optimizer.end_factor", 0, True), ("optimizer.eps", 0, False),
+           ("optimizer.b1", 0, True), ("optimizer.b2", 0, True), ("optimizer.muon_momentum", 0, True),
+           ("eval.batch_size", 1, True), ("eval.size_multiple", 1, True), ("eval.min_prompts", 1, True),
+           ("loss.bce_weight", 0, True), ("loss.dice_weight", 0, True))
+_BELOW_ONE = ("optimizer.b1", "optimizer.b2", "optimizer.muon_momentum")  # a momentum of 1 never forgets
+
+
+def _check_ranges(cfg) -> None:
+  for key, low, inclusive in _RANGES:
+    section, field = key.split(".")
+    if field not in cfg.get(section, {}):  # a config file of one's own without it: the code's default applies
+      continue
+    value = cfg[section][field]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value >= low if inclusive else value > low) and (key not in _BELOW_ONE or value < 1)
+    if not ok:
+      bound = f"in [{low}, 1)" if key in _BELOW_ONE else f"{'>=' if inclusive else '>'} {low}"
+      raise UserError(f"config.{key} must be {bound}, got {value!r}")
 
 
 def _locate(root: str, name: str) -> str | None:

@@ -42,6 +42,7 @@ class SamConfig:
   pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
   def __post_init__(self):
+    config_dicts.check_values(self)
     # Lists from JSON become tuples, so configs stay hashable (usable as static jit arguments).
     for f in ("global_attn_indexes", "pixel_mean", "pixel_std"):
       object.__setattr__(self, f, tuple(getattr(self, f)))

@@ -85,6 +85,7 @@ class Sam2Config:
   pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
   def __post_init__(self):
+    config_dicts.check_values(self)
     for f in ("stages", "global_att_blocks", "window_spec", "window_pos_embed_bkg_spatial_size", "q_stride",
               "fpn_top_down_levels", "pixel_mean", "pixel_std"):
       object.__setattr__(self, f, tuple(getattr(self, f)))

@@ -220,10 +220,14 @@ class Trainer:
     storage.path(self.workdir).mkdir(parents=True, exist_ok=True)
     saved = checkpointing.read_run_config(self.workdir)
     run_config = cfg.to_dict()
-    if saved is not None:
+    mngr = checkpointing.manager(self.workdir, cfg.keep_checkpoints)
+    latest = mngr.latest_step()
+    if saved is not None and latest is not None:
       changed = checkpointing.check_resume(saved, run_config, self.workdir)
       if changed:
         self.log(f"resuming with changed settings: {', '.join(changed)}")
+    elif saved is not None:  # e.g. a run that failed on a bad setting: checking against it would demand that setting
+      self.log(f"{self.workdir} holds no checkpoint: starting afresh, its {checkpointing.CONFIG_FILE} replaced")
     dtype = compute_dtype(cfg.precision, cfg.attention)
     self.schedule = optimizer.learning_rate(cfg.optimizer.lr, total_steps=cfg.total_steps,
                                             warmup_steps=cfg.optimizer.warmup_steps,
@@ -236,8 +240,6 @@ class Trainer:
                f"them, e.g. {report[0]}")
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
 
-    mngr = checkpointing.manager(self.workdir, cfg.keep_checkpoints)
-    latest = mngr.latest_step()
     if latest is not None and saved is None:  # resuming would check nothing: another config's state may load
       raise UserError(f"{self.workdir} holds checkpoints (the latest: step {latest}) but not the "
                       f"{checkpointing.CONFIG_FILE} of their run, which a resumed run's settings are checked against: "
