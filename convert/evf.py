@@ -38,6 +38,7 @@ from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstrac
 from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
 from evf_jax.families import ModelConfig, family_of
 from evf_jax.tokenizer import TextTokenizer
+from evf_jax.train import checkpointing
 
 SAM_PREFIX = "visual_model."
 BEIT3_PREFIX = "mm_extractor.beit3."
@@ -183,6 +184,7 @@ def check_out_dir(out: str, overwrite: bool, ours: Optional[Callable[[str], bool
   (default: `CHECKPOINT_ENTRIES` when `ours` is the default; None otherwise: not checked). Anything else a user
   owns is never replaced. Checked before any work, as is that --out can be created (or replaced)."""
   storage.check_output_dir(out, "--out")
+  checkpointing.check_not_in_a_model(out, "--out", itself=False)  # it may replace a checkpoint, not one around it
   if entries is None and ours is None:
     entries = CHECKPOINT_ENTRIES
   if os.path.isdir(out) and os.listdir(out):

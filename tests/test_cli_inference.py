@@ -486,6 +486,29 @@ def test_predictor_prompts_any_iterable_and_non_str(ckpt, image_file):
     p.set_image(np.zeros((1, 5000, 3), np.uint8))
 
 
+def test_outputs_inside_a_checkpoint_are_refused(ckpt, hf_dir, image_file, tmp_path, capsys):
+  """predict --out-dir, export-hf --out and convert --out inside a checkpoint or a run's export/ or checkpoints/
+  were accepted; the next convert --overwrite, export or training run replaced that folder whole, outputs and all."""
+  model, workdir = tmp_path / "model", tmp_path / "w"
+  shutil.copytree(ckpt, model)
+  shutil.copytree(ckpt, workdir / "export")
+  (workdir / "config.json").write_text("{}")  # a training workdir
+  before = sorted(os.listdir(model))
+  predict = ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat", "--out-dir"]
+  cases = ((predict + [str(model)], f"--out-dir {model} is the evf-jax checkpoint {model}, which"),
+           (predict + [str(model / "preds")], f"is inside the evf-jax checkpoint {model}, which"),
+           (predict + [str(workdir / "export" / "preds")], f"is in the run's export/ of {workdir}, which"),
+           (predict + [str(workdir / "checkpoints" / "preds")], f"is in the run's checkpoints/ of {workdir}, which"),
+           (["export-hf", "--checkpoint", ckpt, "--out", str(model / "hf")], "is inside the evf-jax checkpoint"),
+           (["convert", "--src", hf_dir, "--out", str(model / "params" / "x")], "is inside the evf-jax checkpoint"))
+  for argv, expect in cases:
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expect in err[0], (argv, err)
+  assert sorted(os.listdir(model)) == before == sorted(os.listdir(workdir / "export"))
+  assert not (workdir / "checkpoints").exists()
+
+
 def test_a_model_config_with_bad_values_is_one_line(ckpt, image_file, tmp_path, capsys):
   """model_config.json edited by hand: a string for a count, a negative or zero size, a NaN, a list of the wrong
   length. Each was a traceback from inside the model (or a model of negative size); now one line, before the

@@ -430,6 +430,9 @@ def test_cli_eval_bad_input(ckpt, data, tmp_path, capsys):
                                                                                "refcoco|unc|val[2:2]"])
   assert "unknown dataset 'coco'" in error_line(capsys, base + ["--data", root, "--split", "coco|unc|val"])
   line = error_line(capsys, base + ["--data", root, "--split", "a|b_c", "--split", "a_b|c"])
+  assert "is inside the evf-jax checkpoint" in error_line(capsys, ["eval", "--checkpoint", ckpt, "--data", root,
+                                                                    "--split", "refcoco|unc|val", "--out-dir",
+                                                                    os.path.join(ckpt, "results"), "--no-progress"])
   assert "--split a|b_c and --split a_b|c would both write a_b_c.json" in line, line
   assert "has no split 'testB'" in error_line(capsys, base + ["--data", root, "--split", "refcoco|unc|testB"])
   line = error_line(capsys, base + ["--data", root, "--split", "refcocog|umd|val"])

@@ -29,6 +29,7 @@ from evf_jax.evf import cast_kernels
 from evf_jax.images import decode_image, overlay
 from evf_jax.runtime import (check_accelerator_in_use, check_precision_platform, compute_dtype,
                              enable_compilation_cache)
+from evf_jax.train import checkpointing
 
 
 PROTOCOL = ("EVF-SAM eval.py: every sentence a prompt, logits > 0 at the original resolution; "
@@ -208,6 +209,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
   earlier: list[Optional[dict]] = [None] * len(located)
   if out_dir is not None:  # before the load, not after the first split's hours of work
     storage.check_output_dir(out_dir, "--out-dir")
+    checkpointing.check_not_in_a_model(out_dir, "--out-dir")
     earlier = _earlier_results(out_dir, [os.path.join(out_dir, f"{split.tag}.json") for split, _, _ in located],
                                same, overwrite, skip_existing)
     if jax.process_index() == 0 and any(r is not None for r in earlier):

@@ -17,10 +17,6 @@ from evf_jax.tokenizer import TextTokenizer, TokenizerError, check_fits_model
 from evf_jax.train import checkpointing
 from evf_jax.train import config as train_config
 
-# The workdir's folders a run replaces or removes: a model written there would be lost.
-RUN_OWNED = (checkpointing.CHECKPOINT_DIR, checkpointing.EXPORT_DIR, checkpointing.EXPORT_DIR + ".partial",
-             checkpointing.EXPORT_DIR + ".old")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--workdir", required=True, type=common.nonempty, help="the run's --workdir (a path or gs:// URL)")
@@ -50,23 +46,11 @@ def _choose(step: str, kept: list[int], best, workdir: str) -> int:
   return int(step)
 
 
-def _check_out(out: str, workdir: str) -> None:
-  if storage.is_url(workdir):
-    return
-  inside = os.path.realpath(out)
-  for name in RUN_OWNED:
-    owned = os.path.realpath(os.path.join(workdir, name))
-    if inside == owned or inside.startswith(owned + os.sep):
-      raise UserError(f"--out {out} is in the run's {name}/, which training replaces or removes; choose a "
-                      "directory elsewhere")
-
-
 def run(args: argparse.Namespace) -> int:
   workdir = storage.resolve(args.workdir, "--workdir")
   if storage.is_url(args.out):
     raise UserError(f"--out {args.out}: write the checkpoint to a local directory (copy it to the bucket after)")
   out = os.path.abspath(args.out)
-  _check_out(out, workdir)
   check_out_dir(out, args.overwrite)
   if not storage.path(workdir).is_dir():
     raise UserError(f"--workdir {workdir}: no such directory")

@@ -16,6 +16,7 @@ from evf_jax.images import (FILE_EXTENSIONS, PREDICTION_SUFFIXES, image_names, l
                             save_prediction)
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import check_prompts
+from evf_jax.train import checkpointing
 from evf_jax.video import VideoPredictor, read_frames
 
 # A --video run's record (prompt, frames, object scores), written after the last frame: the run is complete.
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
   check_prompts(prompts, lambda i: f"--prompt {i + 1}")
   common.check_compute_args(args)
   storage.check_output_dir(args.out_dir, "--out-dir")
+  checkpointing.check_not_in_a_model(args.out_dir, "--out-dir")
   if args.skip_existing and args.overwrite:
     raise UserError("--skip-existing keeps finished outputs and --overwrite replaces them: choose one")
   if args.video is not None:

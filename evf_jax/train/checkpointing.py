@@ -237,6 +237,34 @@ def _read_state(path) -> Any:
     return text.encode()
 
 
+# ---------------------------------------------------------------- outputs that would be lost
+
+# A workdir's folders a run replaces or removes.
+RUN_OWNED = (CHECKPOINT_DIR, EXPORT_DIR, EXPORT_DIR + ".partial", EXPORT_DIR + ".old")
+
+
+def check_not_in_a_model(out: str, flag: str, itself: bool = True) -> None:
+  """UserError when the local directory `out` is inside an evf-jax checkpoint (a directory holding
+  model_config.json) or inside a training workdir's checkpoints/ or export/ (or is one, with `itself`): convert
+  --overwrite, export and the workdir's next training run replace those whole, and what was written there is
+  lost without a word."""
+  if storage.is_url(out):
+    return
+  path = os.path.realpath(out)
+  first = True
+  while True:
+    parent = os.path.dirname(path)
+    if os.path.basename(path) in RUN_OWNED and os.path.isfile(os.path.join(parent, CONFIG_FILE)):
+      raise UserError(f"{flag} {out} is in the run's {os.path.basename(path)}/ of {parent}, which training "
+                      "replaces or removes; choose a directory elsewhere")
+    if (itself or not first) and os.path.isfile(os.path.join(path, checkpoints.CONFIG_FILE)):
+      raise UserError(f"{flag} {out} is {'' if first else 'inside '}the evf-jax checkpoint {path}, which convert, "
+                      "export and training replace whole; choose a directory elsewhere")
+    if parent == path:
+      return
+    path, first = parent, False
+
+
 # ---------------------------------------------------------------- the run's configuration
 
 # Settings a resumed run may change: how long and how often, where evaluation reads, how data is read, how the
