@@ -666,6 +666,18 @@ def test_run_py_exit_code_and_no_traceback(tmp_path):
   assert r.stderr.strip().splitlines() == [f"error: image not found: {tmp_path / 'missing.png'}"]
 
 
+def test_predict_image_flag_mistakes_are_one_line(image_file, tmp_path, capsys):
+  """--chunk with --image was silently ignored; a second --image that does not exist but shares a stem with the
+  first (a typo in case) was reported as a name clash. Both before the checkpoint is read."""
+  head, name = os.path.split(image_file)
+  typo = os.path.join(head, name.upper())
+  base = ["predict", "--checkpoint", str(tmp_path / "none"), "--prompt", "cat", "--out-dir", str(tmp_path / "o")]
+  for extra, expect in ((["--image", image_file, "--chunk", "8"], "error: --chunk is for --video"),
+                        (["--image", image_file, typo], f"error: image not found: {typo}")):
+    assert cli.main(base + extra) == 2
+    assert capsys.readouterr().err.strip() == expect
+
+
 def test_a_prompt_that_is_not_utf8_is_one_line(tmp_path, capsys):
   """Bytes the shell could not decode reach Python as surrogates; sentencepiece raised a traceback on them after
   the model had loaded."""

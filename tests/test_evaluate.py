@@ -363,6 +363,13 @@ def test_cli_eval_writes_json_table_and_overlays(ckpt, data, tmp_path, capsys):
   assert code == 2 and len(err) == 1 and "synthetic_val.json exists" in err[0] and "--overwrite" in err[0], err
   assert json.load(open(out / "synthetic_val.json")) == syn
   assert "--skip-existing" in err[0]
+  # --overwrite without overlays: the earlier overlays of the split evaluated again go (they would pass for the
+  # new result's), a file of the user's among them stays, and those of the split not evaluated again stay.
+  (out / "overlays" / "synthetic_val" / "notes.txt").write_text("mine")
+  assert cli.main(["eval", "--checkpoint", ckpt, "--data", root, "--split", "synthetic|val", "--out-dir", str(out),
+                   "--batch-size", "2", "--overwrite", "--no-progress"]) == 0
+  assert os.listdir(out / "overlays" / "synthetic_val") == ["notes.txt"]
+  assert json.load(open(out / "overlays" / "refcoco_unc_val" / "index.json")) == index
 
 
 def test_cli_eval_skip_existing_continues_an_interrupted_run(ckpt, data, tmp_path, capsys, monkeypatch):

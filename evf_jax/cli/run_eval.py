@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import grain
@@ -226,6 +227,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
     if kept is not None:
       results.extend([kept] if kept else [])  # processes other than 0 have not read it
       continue
+    if out_dir and not storage.is_url(out_dir):
+      _clear_overlays(os.path.join(out_dir, "overlays", split.tag))
     overlay_dir = os.path.join(out_dir, "overlays", split.tag) if out_dir and save_overlays else None
     r = evaluate_split(evaluator, params, tokenizer, config, directory, split.split, name=split.name,
                        overlay_dir=overlay_dir, save_overlays=save_overlays)
@@ -243,6 +246,23 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
       r["json"] = path
     results.append(r)
   return results
+
+
+# What OverlayWriter writes: <index>_<image id>_<sentence>.png and index[-<process>].json.
+_OVERLAY_FILE = re.compile(r"^(\d{5}_.+_\d+\.png|index(-\d+)?\.json)$")
+
+
+def _clear_overlays(directory: str) -> None:
+  """An earlier run's overlays of a split evaluated again (--overwrite) would sit beside the new result as if
+  they were its own: removed, the files this command writes only."""
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if _OVERLAY_FILE.match(name):
+        os.remove(os.path.join(directory, name))
+    if not os.listdir(directory):
+      os.rmdir(directory)
+  if jax.process_count() > 1:  # before any process writes the new ones
+    multihost_utils.sync_global_devices("evf_jax: overlays cleared")
 
 
 def _data_dir(directory: sources.Location, meta: dict) -> str:

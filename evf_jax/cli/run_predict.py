@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--skip-existing", action="store_true",
                  help="images: keep the images whose outputs are all in --out-dir (an interrupted or earlier run's) "
                       "and predict the others, replacing what they had written; run again with it to continue")
-  p.add_argument("--chunk", type=int, default=4,
+  p.add_argument("--chunk", type=int, default=None,
                  help="video: frames whose image features are computed in one batch (default 4; at most the "
                       "video's frames)")
   common.add_compute_args(p)
@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_existing:
       raise UserError("--skip-existing is for images: a video is tracked from its first frame, so run it whole")
     return run_video(args, prompts)
+  if args.chunk is not None:  # it would be ignored: images are predicted one at a time
+    raise UserError("--chunk is for --video")
   files, stems = image_files(args.image, args.out_dir)
   outputs = {s: _outputs(args, [f"{s}_{i}" for i in range(len(prompts))]) for s in stems}
   if args.skip_existing:  # every file is written whole (images.save_prediction): one that exists is finished
@@ -120,6 +122,8 @@ def image_files(paths: Sequence[str], out_dir: str) -> tuple[list[str], list[str
   files = []
   for path in paths:
     if not os.path.isdir(path):
+      if not os.path.exists(path):  # before the name checks: a typo is no name clash
+        raise UserError(f"image not found: {path}")
       files.append(path)
       continue
     if os.path.realpath(path) == os.path.realpath(out_dir):  # a rerun would read the masks as images
@@ -191,6 +195,8 @@ def _stale_video_outputs(args: argparse.Namespace, stems: list[str]) -> list[str
 def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
   if len(prompts) != 1:
     raise UserError(f"--video takes one --prompt (the object to track), got {len(prompts)}")
+  if args.chunk is None:
+    args.chunk = 4
   if args.chunk < 2:
     raise UserError(f"--chunk must be at least 2, got {args.chunk}")
   if os.path.isdir(args.video) and os.path.realpath(args.video) == os.path.realpath(args.out_dir):
