@@ -492,7 +492,12 @@ def test_outputs_inside_a_checkpoint_are_refused(ckpt, hf_dir, image_file, tmp_p
   model, workdir = tmp_path / "model", tmp_path / "w"
   shutil.copytree(ckpt, model)
   shutil.copytree(ckpt, workdir / "export")
-  (workdir / "config.json").write_text("{}")  # a training workdir
+  (workdir / "config.json").write_text("{}")  # a training workdir: its config and its lock file
+  (workdir / "run.lock").write_text("")
+  project = tmp_path / "project"  # names common elsewhere are no workdir or checkpoint: accepted
+  (project / "checkpoints").mkdir(parents=True)
+  for name in ("config.json", "model_config.json"):
+    (project / name).write_text("{}")
   before = sorted(os.listdir(model))
   predict = ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat", "--out-dir"]
   cases = ((predict + [str(model)], f"--out-dir {model} is the evf-jax checkpoint {model}, which"),
@@ -507,6 +512,9 @@ def test_outputs_inside_a_checkpoint_are_refused(ckpt, hf_dir, image_file, tmp_p
     assert code == 2 and len(err) == 1 and expect in err[0], (argv, err)
   assert sorted(os.listdir(model)) == before == sorted(os.listdir(workdir / "export"))
   assert not (workdir / "checkpoints").exists()
+  from evf_jax.train import checkpointing
+  checkpointing.check_not_in_a_model(str(project / "checkpoints" / "evf-sam"), "--out", itself=False)
+  checkpointing.check_not_in_a_model(str(project / "preds"), "--out-dir")
 
 
 def test_a_model_config_with_bad_values_is_one_line(ckpt, image_file, tmp_path, capsys):

@@ -250,14 +250,19 @@ def check_not_in_a_model(out: str, flag: str, itself: bool = True) -> None:
   lost without a word."""
   if storage.is_url(out):
     return
+  # What marks them, beyond names common elsewhere (a project's config.json, its checkpoints/ folder).
+  is_workdir = lambda d: os.path.isfile(os.path.join(d, CONFIG_FILE)) and any(  # noqa: E731
+      os.path.exists(os.path.join(d, name)) for name in (INIT_FILE, LOCK_FILE))
+  is_checkpoint = lambda d: os.path.isfile(os.path.join(d, checkpoints.CONFIG_FILE)) and os.path.isdir(  # noqa: E731
+      os.path.join(d, checkpoints.PARAMS_DIR))
   path = os.path.realpath(out)
   first = True
   while True:
     parent = os.path.dirname(path)
-    if os.path.basename(path) in RUN_OWNED and os.path.isfile(os.path.join(parent, CONFIG_FILE)):
+    if os.path.basename(path) in RUN_OWNED and is_workdir(parent):
       raise UserError(f"{flag} {out} is in the run's {os.path.basename(path)}/ of {parent}, which training "
                       "replaces or removes; choose a directory elsewhere")
-    if (itself or not first) and os.path.isfile(os.path.join(path, checkpoints.CONFIG_FILE)):
+    if (itself or not first) and is_checkpoint(path):
       raise UserError(f"{flag} {out} is {'' if first else 'inside '}the evf-jax checkpoint {path}, which convert, "
                       "export and training replace whole; choose a directory elsewhere")
     if parent == path:
