@@ -160,19 +160,31 @@ def test_two_processes_launched_by_slurm(tmp_path):
          "--data", str(tmp_path / "data"), "--split", "synthetic|val", "--out-dir", str(tmp_path / out),
          "--batch-size", "2", "--no-progress", *extra], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
-  port = _port()
-  runs = [evaluate("two", 4, ("--coordinator-address", f"127.0.0.1:{port}", "--coordinator-bind-address",
-                              f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i))) for i in range(2)]
-  runs.append(evaluate("one", 8))
+  def two_processes(*extra):
+    port = _port()
+    return [evaluate("two", 4, ("--coordinator-address", f"127.0.0.1:{port}", "--coordinator-bind-address",
+                                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), *extra))
+            for i in range(2)]
+  runs = two_processes("--save-overlays", "3") + [evaluate("one", 8, ("--save-overlays", "3"))]
   outs = [p.communicate()[0] for p in runs]
   for p, o in zip(runs, outs):
     assert p.returncode == 0, o[-3000:]
   assert "gIoU" in outs[0] and "gIoU" not in outs[1]  # the table once, from process 0
+  # Each process draws its own images' overlays; together they are one process's.
+  two_drawn, one_drawn = (sorted(os.listdir(tmp_path / d / "overlays" / "synthetic_val")) for d in ("two", "one"))
+  assert [f for f in two_drawn if f.endswith(".png")] == [f for f in one_drawn if f.endswith(".png")] != []
+  assert {"index-0.json", "index-1.json"} <= set(two_drawn) and "index.json" in one_drawn
   two, one = (json.load(open(tmp_path / d / "synthetic_val.json")) for d in ("two", "one"))
   assert two["devices"] == one["devices"] == 8 and two["images"] == one["images"] == 3
   for key in ("sentences", "total_intersection", "total_union", "ciou"):
     assert two[key] == one[key], (key, two[key], one[key])
   assert two["giou"] == pytest.approx(one["giou"], rel=1e-12), (two["giou"], one["giou"])
+  # Evaluated again with --overwrite and no overlays: process 0 removes the earlier ones, behind a barrier.
+  again = two_processes("--overwrite")
+  outs = [p.communicate()[0] for p in again]
+  for p, o in zip(again, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert not (tmp_path / "two" / "overlays" / "synthetic_val").exists()
 
   # Fine-tuning from that export in two processes (each loads the checkpoint, then its shards go to the mesh).
   port = _port()
