@@ -42,6 +42,9 @@ class VideoFrame:
   object_score: float       # the object-score logit (<= 0: "no object", the logits are then all -1024)
 
 
+DEFAULT_CHUNK = 4  # frames encoded in one batch
+
+
 class VideoPredictor:
   """`VideoPredictor.from_checkpoint(dir).predict(frames, prompt)`: frames are RGB uint8 (H, W, 3) arrays of one
   size; `iter_predict` yields `VideoFrame`s one chunk at a time (frames are read lazily).
@@ -51,7 +54,7 @@ class VideoPredictor:
   """
 
   def __init__(self, config: EvfSam2Config, params: Any, tokenizer, *, precision: str = "fp32",
-               attention: str = "xla", chunk: int = 4, fill_hole_area: int = 8):
+               attention: str = "xla", chunk: int = DEFAULT_CHUNK, fill_hole_area: int = 8):
     if not isinstance(config, EvfSam2Config):
       raise UserError("video needs an EVF-SAM2 checkpoint (SAM-2 has the video memory); this one is EVF-SAM")
     dtype = compute_dtype(precision, attention)

@@ -622,6 +622,7 @@ def test_help_lists_every_flag(capsys):
     (("--config.mesh=(('dta', -1),)",), "mesh axis 'dta' (8 devices) is not one the sharding rules use"),
     (("--config.loss.images_per_group=3",), "microbatches of 8 images, which loss.images_per_group 3 does not divide"),
     (("--config.loss.images_per_group=-1",), "config.loss.images_per_group must be >= 0, got -1"),
+    (("--config.checkpoint_every=0",), "config.checkpoint_every must be >= 1, got 0"),
     (("--config.data.num_prompts=0",), "config.data.num_prompts must be >= 1, got 0"),  # trained on no loss
     (("--config.optimizer.lr=-1",), "config.optimizer.lr must be >= 0, got -1"),
     (("--config.optimizer.lr=nan",), "config.optimizer.lr must be >= 0, got nan"),

@@ -17,7 +17,7 @@ from evf_jax.images import (FILE_EXTENSIONS, PREDICTION_SUFFIXES, image_names, l
 from evf_jax.predictor import Predictor
 from evf_jax.tokenizer import check_prompts
 from evf_jax.train import checkpointing
-from evf_jax.video import VideoPredictor, read_frames
+from evf_jax.video import DEFAULT_CHUNK, VideoPredictor, read_frames
 
 # A --video run's record (prompt, frames, object scores), written after the last frame: the run is complete.
 TRACK_FILE = "track.json"
@@ -51,8 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="images: keep the images whose outputs are all in --out-dir (an interrupted or earlier run's) "
                       "and predict the others, replacing what they had written; run again with it to continue")
   p.add_argument("--chunk", type=int, default=None,
-                 help="video: frames whose image features are computed in one batch (default 4; at most the "
-                      "video's frames)")
+                 help=f"video: frames whose image features are computed in one batch (default {DEFAULT_CHUNK}; at "
+                      "most the video's frames)")
   common.add_compute_args(p)
   p.add_argument("--max-text-len", type=int, default=None,
                  help="longest prompt in tokens (special tokens included), 2 to the model's limit (1022 for the "
@@ -196,7 +196,7 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
   if len(prompts) != 1:
     raise UserError(f"--video takes one --prompt (the object to track), got {len(prompts)}")
   if args.chunk is None:
-    args.chunk = 4
+    args.chunk = DEFAULT_CHUNK
   if args.chunk < 2:
     raise UserError(f"--chunk must be at least 2, got {args.chunk}")
   if os.path.isdir(args.video) and os.path.realpath(args.video) == os.path.realpath(args.out_dir):

@@ -14,6 +14,7 @@ compiling (docs/training.md#profiling-and-compile-time).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -160,18 +161,12 @@ def _check_config(cfg) -> ModelConfig:
     raise UserError(f"config.eval.precision {cfg.eval.precision!r}: expected '' (the training's) or one of "
                     f"{', '.join(PRECISIONS)}")
   check_precision_platform(eval_precision)
-  for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every", "grad_accum",
-              "keep_checkpoints"):
-    if int(cfg[key]) < 1:
-      raise UserError(f"config.{key} must be >= 1, got {cfg[key]}")
-  if int(cfg.loss.images_per_group) < 0:
-    raise UserError(f"config.loss.images_per_group must be >= 0, got {cfg.loss.images_per_group}")
+  _check_ranges(cfg)
   if not cfg.data.mixture:
     raise UserError("config.data.mixture is empty")
   for key, allowed in (("name", optimizer.OPTIMIZERS), ("schedule", optimizer.SCHEDULES)):
     if cfg.optimizer[key] not in allowed:
       raise UserError(f"config.optimizer.{key} {cfg.optimizer[key]!r}: expected one of {', '.join(allowed)}")
-  _check_ranges(cfg)
   model_config = train_config.model_config(cfg.model)
   if int(cfg.data.max_text_len) > model_config.beit3.max_text_len:  # it failed in the model's init, with a traceback
     raise UserError(f"config.data.max_text_len {cfg.data.max_text_len}: this model's BEiT-3 has text positions for "
@@ -183,22 +178,25 @@ def _check_config(cfg) -> ModelConfig:
 
 # (setting, lowest value, whether the lowest is allowed): each was accepted and trained silently wrong (a negative
 # learning rate, no prompts so no loss), or failed inside a compiled step or a reading thread.
-_RANGES = (("data.num_prompts", 1, True), ("data.max_text_len", 2, True), ("data.mask_size", 0, True),
+_RANGES = (*((key, 1, True) for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every",
+                                        "grad_accum", "keep_checkpoints")),
+           ("loss.images_per_group", 0, True), ("loss.bce_weight", 0, True), ("loss.dice_weight", 0, True),
+           ("data.num_prompts", 1, True), ("data.max_text_len", 2, True), ("data.mask_size", 0, True),
            ("data.read_threads", 1, True), ("data.workers", 0, True), ("data.prefetch", 0, True),
            ("optimizer.lr", 0, True), ("optimizer.warmup_steps", 0, True), ("optimizer.clip_norm", 0, True),
            ("optimizer.weight_decay", 0, True), ("optimizer.end_factor", 0, True), ("optimizer.eps", 0, False),
            ("optimizer.b1", 0, True), ("optimizer.b2", 0, True), ("optimizer.muon_momentum", 0, True),
-           ("eval.batch_size", 1, True), ("eval.size_multiple", 1, True), ("eval.min_prompts", 1, True),
-           ("loss.bce_weight", 0, True), ("loss.dice_weight", 0, True))
+           ("eval.batch_size", 1, True), ("eval.size_multiple", 1, True), ("eval.min_prompts", 1, True))
 _BELOW_ONE = ("optimizer.b1", "optimizer.b2", "optimizer.muon_momentum")  # a momentum of 1 never forgets
 
 
 def _check_ranges(cfg) -> None:
   for key, low, inclusive in _RANGES:
-    section, field = key.split(".")
-    if field not in cfg.get(section, {}):  # a config file of one's own without it: the code's default applies
+    *sections, field = key.split(".")
+    section = functools.reduce(lambda c, name: c.get(name, {}), sections, cfg)
+    if field not in section:  # a config file of one's own without it: the code's default applies
       continue
-    value = cfg[section][field]
+    value = section[field]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
         value >= low if inclusive else value > low) and (key not in _BELOW_ONE or value < 1)
     if not ok:
