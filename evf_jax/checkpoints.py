@@ -25,7 +25,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: I001 (t
 from evf_jax import storage
 from evf_jax.errors import UserError, first_line, innermost
 from evf_jax.families import BY_MODEL_TYPE, ModelConfig
-from evf_jax.tokenizer import MAX_TEXT_LEN, TextTokenizer, check_fits_model
+from evf_jax.tokenizer import MAX_TEXT_LEN, MIN_TEXT_LEN, TextTokenizer, check_fits_model
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
@@ -167,9 +167,9 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   family = BY_MODEL_TYPE[raw["model_type"]]
   config = _model_config(directory, raw)
   limit = config.beit3.max_text_len  # BEiT-3's text position table: a longer prompt fails inside the model
-  if max_text_len is not None and not 2 <= max_text_len <= limit:
-    raise UserError(f"max text length {max_text_len}: expected 2 (<s> and </s>) to {limit}, this model's text "
-                    "positions")
+  if max_text_len is not None and not MIN_TEXT_LEN <= max_text_len <= limit:
+    raise UserError(f"max text length {max_text_len}: expected {MIN_TEXT_LEN} (<s>, a token and </s>) to {limit}, "
+                    "this model's text positions")
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   check_fits_model(tokenizer, config.beit3, lambda message: ModelDirError(f"{directory}: {message}"))

@@ -13,13 +13,14 @@ processes of a run, whose objects a cached listing hides (gcsfs then says a file
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import posixpath
 import shutil
 import tempfile
 import uuid
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 import fsspec
 from etils import epath
@@ -92,6 +93,32 @@ def check_output_dir(path: str, flag: str) -> None:
     raise UserError(f"{flag} {path}: cannot create it, {existing} is a file")
   if not os.access(existing, os.W_OK | os.X_OK):
     raise UserError(f"{flag} {path}: cannot write in {existing} (permission denied)")
+
+
+@contextlib.contextmanager
+def output_dir(path: str, flag: str) -> Iterator[None]:
+  """Creates local directory `path` for the body to write into: one that cannot be created (a name too long, a
+  file system that refuses it) is a UserError. If the body fails, the directories made here are removed again
+  while they are still empty, so a command that fails leaves no empty folder behind."""
+  made = []
+  full = os.path.abspath(path)
+  while not os.path.exists(full):
+    made.append(full)
+    full = os.path.dirname(full)
+  try:
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
+    yield
+  except BaseException:
+    for d in made:  # deepest first; a directory that now holds files is kept with everything above it
+      try:
+        if os.path.isdir(d):  # the deepest ones may never have been made
+          os.rmdir(d)
+      except OSError:
+        break
+    raise
 
 
 def path(p: PathLike) -> epath.Path:

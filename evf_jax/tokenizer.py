@@ -38,6 +38,8 @@ FAIRSEQ_OFFSET = 1
 
 # BEiT-3's text positions: max_source_positions 1024 minus the fairseq offset 2.
 MAX_TEXT_LEN = 1022
+# The shortest cap that keeps text: <s>, one token, </s> (at 2 every prompt would be truncated to no text).
+MIN_TEXT_LEN = 3
 
 
 # The multitask models' prefix for semantic-level prompts ("[semantic] sky": every region of the class).
@@ -132,8 +134,8 @@ class TextTokenizer:
     if self.sp.unk_id() != 0:
       raise TokenizerError(f"{model_file}: sentencepiece <unk> has id {self.sp.unk_id()}; the XLM-R id "
                            "mapping needs it at 0 (with <s>=1, </s>=2)")
-    if max_text_len < 2:
-      raise ValueError(f"max_text_len must be >= 2 (<s> and </s>), got {max_text_len}")
+    if max_text_len < MIN_TEXT_LEN:
+      raise ValueError(f"max_text_len must be >= {MIN_TEXT_LEN} (<s>, a token and </s>), got {max_text_len}")
     self.model_file = model_file
     self.max_text_len = max_text_len
 
@@ -173,8 +175,8 @@ class TextTokenizer:
         `text_padding_mask` is its negation).
     """
     cap = self.max_text_len if max_text_len is None else int(max_text_len)
-    if cap < 2:
-      raise ValueError(f"max_text_len must be >= 2 (<s> and </s>), got {cap}")
+    if cap < MIN_TEXT_LEN:
+      raise ValueError(f"max_text_len must be >= {MIN_TEXT_LEN} (<s>, a token and </s>), got {cap}")
     encoded = [self.encode(t) for t in texts]
     for i, ids in enumerate(encoded):
       if len(ids) > cap:

@@ -343,6 +343,21 @@ def test_predict_keeps_the_images_done_when_a_later_one_is_corrupt(ckpt, image_f
   assert sorted(os.listdir(out)) == ["scene_0_mask.png", "scene_0_vis.png"]
 
 
+def test_a_failed_predict_leaves_no_empty_out_dir(ckpt, tmp_path, capsys):
+  """The folders predict made are removed again when it fails before writing anything (here: the only image is
+  cut off), and one it cannot create is one line."""
+  full = tmp_path / "full.png"
+  Image.fromarray(smooth_image(64, 64, 3)).save(full)
+  cut = tmp_path / "cut.png"
+  cut.write_bytes(full.read_bytes()[:len(full.read_bytes()) // 2])
+  base = ["predict", "--checkpoint", ckpt, "--image", str(cut), "--prompt", "cat", "--out-dir"]
+  assert "cannot decode image" in _error_line(capsys, base + [str(tmp_path / "o" / "sub")])
+  assert not os.path.exists(tmp_path / "o")
+  line = _error_line(capsys, base[:4] + [str(full)] + base[5:] + [str(tmp_path / "o" / ("x" * 300))])
+  assert f"{'x' * 300}: cannot create it (File name too long)" in line, line
+  assert not os.path.exists(tmp_path / "o")
+
+
 def test_predict_skip_existing_continues_an_interrupted_run(ckpt, tmp_path, capsys):
   """Files are written whole (hidden `.partial`, then renamed), so after a kill an image is done exactly when all
   its outputs exist: --skip-existing keeps those and predicts the rest, replacing their partial outputs."""
@@ -463,11 +478,11 @@ def test_predict_bad_out_dir_before_any_work(ckpt, image_file, tmp_path, capsys)
   assert afile.read_text() == "keep me" and out == ["", "", ""]
 
 
-@pytest.mark.parametrize("n", ["0", "1", "1023", "5000"])
+@pytest.mark.parametrize("n", ["0", "2", "1023", "5000"])
 def test_predict_max_text_len_out_of_range(ckpt, image_file, tmp_path, capsys, n):
   line = _error_line(capsys, ["predict", "--checkpoint", ckpt, "--image", image_file, "--prompt", "cat",
                               "--max-text-len", n, "--out-dir", str(tmp_path / "o")])
-  assert f"max text length {n}: expected 2 (<s> and </s>) to 1022" in line, line
+  assert f"max text length {n}: expected 3 (<s>, a token and </s>) to 1022" in line, line
   assert not os.path.exists(tmp_path / "o")
 
 

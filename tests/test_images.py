@@ -102,10 +102,10 @@ def test_array_checks(rgb):
 
 
 def test_one_decoder_for_predict_and_prepared_data(tmp_path):
-  """The same files through `run.py predict`'s path (load_image on the file) and through `prepare` -> the
+  """The same files through `run.py predict`'s path (load_image on the file) and through `prepare` (TFDS) -> the
   record's bytes -> the pipeline's example: the same pixels, for CMYK JPEG, EXIF-rotated JPEG, 16-bit PNG and
   palette PNG with transparency (the annotations state each image's size as displayed)."""
-  from data_pipelines import prepare, records, transforms
+  from data_pipelines import prepare, sources, transforms
   from evf_jax.images import decode_image
   from evf_jax.sam.transforms import to_frame
   from evf_testing import data_fixtures as F
@@ -128,13 +128,13 @@ def test_one_decoder_for_predict_and_prepared_data(tmp_path):
   pal.info["transparency"] = 0
   pal.save(path[4], "PNG", transparency=0)
 
-  out = str(tmp_path / "out")
-  summary = prepare.prepare("refcoco", out, src, progress=False)
+  summary = prepare.build("refcoco", str(tmp_path / "tfds"), src, progress=False)
   assert summary["skipped"] == {}
   cfg = transforms.SampleConfig(sam_size=64, beit_size=32)
   seen = set()
   for split in summary["splits"]:
-    for rec in records.read_records(out, split):
+    source = sources.open_split(str(tmp_path / "tfds" / "refcoco"), split)
+    for rec in (source[i] for i in range(len(source))):
       image_id = int(rec.image_id)
       from_file = load_image(path[image_id])
       assert from_file.shape[:2] == F.REFER_IMAGES[image_id] == (rec.h, rec.w)

@@ -629,6 +629,7 @@ def test_help_lists_every_flag(capsys):
     (("--config.optimizer.b2=1.0",), "config.optimizer.b2 must be in [0, 1), got 1.0"),
     (("--config.data.mask_size=-32",), "config.data.mask_size must be >= 0, got -32"),
     (("--config.eval.batch_size=0",), "config.eval.batch_size must be >= 1, got 0"),
+    (("--config.data.max_text_len=2",), "config.data.max_text_len must be >= 3, got 2"),  # no text: every prompt <s></s>
     (("--config.data.max_text_len=1000",), "config.data.max_text_len 1000: this model's BEiT-3 has text positions"),
     (("--config.model.sam.img_size=-128",), "config.model: img_size: must be >= 1, got -128"),
     (("--config.init.from_scratch=False", "--config.init.evf_checkpoint=/nonexistent"),

@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "most the video's frames)")
   common.add_compute_args(p)
   p.add_argument("--max-text-len", type=int, default=None,
-                 help="longest prompt in tokens (special tokens included), 2 to the model's limit (1022 for the "
+                 help="longest prompt in tokens (special tokens included), 3 to the model's limit (1022 for the "
                       "released models; the default); longer prompts are truncated with a warning")
   common.add_compilation_cache_arg(p)
 
@@ -93,22 +93,22 @@ def run(args: argparse.Namespace) -> int:
                                         max_text_len=args.max_text_len)
   for (f, _), hw in zip(todo, sizes):
     predictor.image_input.check_fits(hw, f)  # set_image would say "the image"
-  os.makedirs(args.out_dir, exist_ok=True)
-  earlier = os.listdir(args.out_dir) if args.overwrite or args.skip_existing else []
-  for path, stem in todo:
-    image = load_image(path)
-    predictor.set_image(image)
-    result = predictor.predict(prompts)
-    _remove(_stale_image_outputs(args.out_dir, earlier, stem, outputs[stem]))
-    if len(files) > 1:
-      print(f"{path}:")
-    for i, prompt in enumerate(prompts):
-      mask = result.masks[i]
-      save_prediction(os.path.join(args.out_dir, f"{stem}_{i}"), image, mask,
-                      result.logits[i] if args.save_logits else None)
-      shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-      print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
-            f"score {float(result.scores[i]):.4f}")
+  with storage.output_dir(args.out_dir, "--out-dir"):
+    earlier = os.listdir(args.out_dir) if args.overwrite or args.skip_existing else []
+    for path, stem in todo:
+      image = load_image(path)
+      predictor.set_image(image)
+      result = predictor.predict(prompts)
+      _remove(_stale_image_outputs(args.out_dir, earlier, stem, outputs[stem]))
+      if len(files) > 1:
+        print(f"{path}:")
+      for i, prompt in enumerate(prompts):
+        mask = result.masks[i]
+        save_prediction(os.path.join(args.out_dir, f"{stem}_{i}"), image, mask,
+                        result.logits[i] if args.save_logits else None)
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        print(f"[{i}] {shown!r}: mask area {int(mask.sum())} px ({100.0 * mask.mean():.2f}%), "
+              f"score {float(result.scores[i]):.4f}")
   if len(files) > 1:
     kept = f" ({len(done)} of them done before, kept)" if done else ""
     print(f"{len(files)} images x {len(prompts)} prompts: masks in {args.out_dir}{kept}")
@@ -210,9 +210,6 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
   predictor = VideoPredictor.from_checkpoint(args.checkpoint, precision=args.precision, attention=args.attention,
                                              compilation_cache_dir=args.compilation_cache,
                                              max_text_len=args.max_text_len, chunk=chunk)
-  os.makedirs(args.out_dir, exist_ok=True)
-  if args.overwrite:
-    _remove(_stale_video_outputs(args, stems))
   shown: list = []
 
   def keep(frames):  # the frames again, for the overlays
@@ -221,16 +218,19 @@ def run_video(args: argparse.Namespace, prompts: list[str]) -> int:
       yield f
 
   seen, track = 0, []
-  for out in predictor.iter_predict(keep(frames), prompts[0]):
-    frame = shown.pop(0)
-    save_prediction(os.path.join(args.out_dir, stems[out.index]), frame, out.mask,
-                    out.logits if args.save_logits else None)
-    seen += out.object_score > 0
-    track.append({"name": stems[out.index], "object_score": round(float(out.object_score), 6),
-                  "mask_area": int(out.mask.sum())})
-    print(f"[{stems[out.index]}] mask area {int(out.mask.sum())} px ({100.0 * out.mask.mean():.2f}%), "
-          f"object score {out.object_score:.4f}")
-  storage.write_atomic(record, json.dumps({"video": args.video, "prompt": prompts[0], "checkpoint": args.checkpoint,
-                                           "frames": track}, indent=1) + "\n")
+  with storage.output_dir(args.out_dir, "--out-dir"):
+    if args.overwrite:
+      _remove(_stale_video_outputs(args, stems))
+    for out in predictor.iter_predict(keep(frames), prompts[0]):
+      frame = shown.pop(0)
+      save_prediction(os.path.join(args.out_dir, stems[out.index]), frame, out.mask,
+                      out.logits if args.save_logits else None)
+      seen += out.object_score > 0
+      track.append({"name": stems[out.index], "object_score": round(float(out.object_score), 6),
+                    "mask_area": int(out.mask.sum())})
+      print(f"[{stems[out.index]}] mask area {int(out.mask.sum())} px ({100.0 * out.mask.mean():.2f}%), "
+            f"object score {out.object_score:.4f}")
+    storage.write_atomic(record, json.dumps({"video": args.video, "prompt": prompts[0],
+                                             "checkpoint": args.checkpoint, "frames": track}, indent=1) + "\n")
   print(f"{len(stems)} frame{'s' if len(stems) != 1 else ''}, object seen on {seen}; {record} written")
   return 0

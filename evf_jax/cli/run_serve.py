@@ -76,7 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
   common.add_compute_args(p)
   p.add_argument("--max-text-len", type=int, default=None,
-                 help="longest prompt in tokens (special tokens included), 2 to the model's limit (1022 for the "
+                 help="longest prompt in tokens (special tokens included), 3 to the model's limit (1022 for the "
                       "released models; the default); longer prompts are truncated with a warning")
   p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                  help=f"largest image accepted, in pixels (default {DEFAULT_MAX_PIXELS}); bigger ones get a message")

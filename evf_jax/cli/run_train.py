@@ -39,7 +39,7 @@ from evf_jax.errors import UserError
 from evf_jax.families import ModelConfig
 from evf_jax.runtime import (PRECISIONS, check_accelerator_in_use, check_attention_platform,
                              check_precision_platform, compute_dtype, enable_compilation_cache)
-from evf_jax.tokenizer import SPM_FILE, TextTokenizer, check_fits_model
+from evf_jax.tokenizer import MIN_TEXT_LEN, SPM_FILE, TextTokenizer, check_fits_model
 from evf_jax.train import checkpointing, optimizer
 from evf_jax.train import config as train_config
 from evf_jax.train.trainer import ProfileWindow, Trainer
@@ -181,7 +181,7 @@ def _check_config(cfg) -> ModelConfig:
 _RANGES = (*((key, 1, True) for key in ("total_steps", "batch_size", "checkpoint_every", "eval_every", "log_every",
                                         "grad_accum", "keep_checkpoints")),
            ("loss.images_per_group", 0, True), ("loss.bce_weight", 0, True), ("loss.dice_weight", 0, True),
-           ("data.num_prompts", 1, True), ("data.max_text_len", 2, True), ("data.mask_size", 0, True),
+           ("data.num_prompts", 1, True), ("data.max_text_len", MIN_TEXT_LEN, True), ("data.mask_size", 0, True),
            ("data.read_threads", 1, True), ("data.workers", 0, True), ("data.prefetch", 0, True),
            ("optimizer.lr", 0, True), ("optimizer.warmup_steps", 0, True), ("optimizer.clip_norm", 0, True),
            ("optimizer.weight_decay", 0, True), ("optimizer.end_factor", 0, True), ("optimizer.eps", 0, False),
