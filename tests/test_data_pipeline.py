@@ -49,7 +49,8 @@ def test_batch_spec_with_default_sizes(data):
     assert b[k].shape == shape and b[k].dtype == dtype, k
   for i in range(2):
     h, w = b["resize_hw"][i]
-    assert max(h, w) == 1024 and b["valid_region"][i].sum() == h * w
+    assert max(h, w) == 1024 and h != w  # not square: a transposed region would show
+    np.testing.assert_array_equal(b["valid_region"][i], (np.arange(1024)[:, None] < h) & (np.arange(1024) < w))
     assert not b["sam_image"][i, h:].any() and not b["sam_image"][i, :, w:].any()
     assert not b["masks"][i][:, h:].any()
   assert (b["input_ids"][..., 0] == 0).all() and b["attention_mask"].sum(-1).min() >= 3
@@ -97,6 +98,28 @@ def test_same_seed_same_batches_and_exact_resume(data):
   resumed = pipeline.train_iterator(make(7))
   resumed.set_state(state)
   _assert_batches_equal(_take(resumed, 3), first[2:])
+
+
+def test_each_epoch_is_shuffled_and_prompts_are_drawn_anew_each_visit(data):
+  """The 12 training images are read in an order that is not the files' and every image once an epoch; an image
+  seen again gets other prompts (a synthetic image has 16-39 sentences, a sample takes 3)."""
+  tok, syn, _ = data
+  cfg = SampleConfig(sam_size=32, max_text_len=8, mask_size=16, beit_size=16)
+  ds = pipeline.train_dataset({"syn": (1, [syn])}, tok, global_batch_size=1, seed=5, sample=cfg,
+                              process_index=0, process_count=1)
+  source = sources.open_split(syn, "train")
+  files = [transforms.image_inputs(source[i], cfg)["sam_image"].tobytes() for i in range(len(source))]
+  assert len(set(files)) == len(files) == 12
+  visits = collections.defaultdict(list)
+  order = []
+  for j in range(3 * len(files)):
+    b = ds[j]
+    order.append(files.index(b["sam_image"][0].tobytes()))
+    visits[order[-1]].append(b["input_ids"][0].tobytes())
+  for epoch in range(3):
+    assert sorted(order[12 * epoch:12 * epoch + 12]) == list(range(12)), order
+  assert order[:12] != list(range(12)), order
+  assert sum(len(set(v)) > 1 for v in visits.values()) >= 10, {k: len(set(v)) for k, v in visits.items()}
 
 
 def test_process_shards_are_disjoint_and_complete(data):
@@ -160,6 +183,12 @@ def test_eval_dataset_keeps_every_sentence_at_original_size(data):
                                                        process_count=3)] for p in range(3)]
   flat = sum(ids, [])
   assert sorted(flat) == sorted(f"val-{i}" for i in range(4)) and len(set(flat)) == 4
+  # `index` is the image's place in the split's files (evaluation slots and overlays), whatever the process
+  files = sources.open_split(syn, "val")
+  seen = [(e["index"], e["image_id"]) for p in range(3) for e in pipeline.eval_dataset(
+      syn, "val", tok, low_res=32, sample=SMALL, process_index=p, process_count=3)]
+  assert sorted(i for i, _ in seen) == list(range(4))
+  assert all(files[i].image_id == image_id for i, image_id in seen), seen
 
 
 @pytest.mark.slow  # ~50 s here: every grain worker process re-imports jax and the test modules

@@ -58,6 +58,13 @@ def test_refer_family(tmp_path, dataset):
   assert [e.text for e in test_a.entries] == ["big box", "square thing"]
 
 
+def test_refer_eval_split_semantics():
+  """REFER's test splits select refs whose split contains the letter: a "testAB" ref is in testA and testB."""
+  from data_pipelines import readers
+  assert readers._eval_split_names("testAB") == ["testA", "testB"]
+  assert readers._eval_split_names("testA") == ["testA"] and readers._eval_split_names("val") == ["val"]
+
+
 def test_grefcoco_union_and_no_target(tmp_path):
   out, _ = _prepare(tmp_path, "grefcoco", F.write_refer, "grefcoco")
   train = _by_text(records.read_records(out, "train"))

@@ -231,6 +231,40 @@ def test_oracle_scores_one(data):
   assert r["empty_union_sentences"] == 3  # the empty-GT image's three sentences
 
 
+def test_every_process_s_totals_are_summed(monkeypatch):
+  """With several processes, the split's result sums every process's totals (the all-gather is replaced by the
+  stack of two accumulators' values: this process's first, as process_allgather orders them)."""
+  mine, other = metrics.IoUAccumulator(), metrics.IoUAccumulator()
+  mine.add([3, 0], [4, 0])
+  other.add([1, 5, 2], [2, 5, 8])
+  theirs = {np.dtype(np.int64): np.asarray([other.sentences, other.total_inter, other.total_union,
+                                            other.empty_union, 2], np.int64),
+            np.dtype(np.float64): np.asarray([other.iou_sum], np.float64)}
+  monkeypatch.setattr(evaluate, "gather_64bit", lambda v: np.stack([v, theirs[v.dtype]]))
+  r = evaluate._combine_processes(mine, 1)
+  assert (r["sentences"], r["total_intersection"], r["total_union"], r["empty_union_sentences"], r["images"]) == (
+      5, 11, 19, 1, 3)
+  assert r["giou"] == pytest.approx((0.75 + 1.0 + 0.5 + 1.0 + 0.25) / 5, abs=1e-9)  # IoU = I / (U + eps)
+  assert r["ciou"] == pytest.approx(11 / 19)
+
+
+def test_evaluate_split_cuts_prompts_at_the_evaluators_length(data, monkeypatch):
+  """run.py eval's split reader takes the evaluator's max_text_len (1022 by default: nothing is cut), not the
+  pipeline's training default of 64 tokens."""
+  root, tok = data
+  seen = []
+  real = pipeline.eval_dataset
+  monkeypatch.setattr(pipeline, "eval_dataset", lambda *a, **k: seen.append(k["sample"]) or real(*a, **k))
+  config = EvfConfig.preset("tiny")
+  for length in (100, None):
+    kw = {} if length is None else {"max_text_len": length}
+    run = _evaluator(evaluate.oracle_predict_fn, tok, 2, jax.devices()[:1], config=config, **kw)
+    r = run_eval.evaluate_split(run.evaluator, {}, tok, config, os.path.join(root, "refcoco"), "val", name="v")
+    assert r["giou"] == pytest.approx(1.0, abs=1e-9)
+    assert seen and {s.max_text_len for s in seen} == {length or 1022}, seen
+    seen.clear()
+
+
 def test_batcher_pads_and_masks():
   ex = []
   for i, (n, h, w) in enumerate([(3, 40, 50), (1, 130, 20)]):

@@ -48,3 +48,21 @@ def test_float_bilinear_is_not_the_uint8_kernel():
   assert 0.1 < differ.mean() < 0.3 and np.abs(rounded - resize_uint8_bilinear(image, (1024, 1024))).max() == 1
   with pytest.raises(ValueError, match="uint8"):
     resize_uint8_bilinear(image.astype(np.float32), (8, 8))
+
+
+def test_normalisation_constants_are_sam2s():
+  """Sam2Config's pixel mean and std are sam2's own (`SAM2Transforms`, in 0..1 units), read from its source: the
+  module imports torchvision, which cannot be imported beside our torch. The parity tests take the constants from
+  our config, so only this test sees a wrong one."""
+  import ast
+  import importlib.util
+  import os
+  path = os.path.join(importlib.util.find_spec("sam2").submodule_search_locations[0], "utils", "transforms.py")
+  found = {}
+  for node in ast.walk(ast.parse(open(path).read())):
+    if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute) and \
+        node.targets[0].attr in ("mean", "std"):
+      found[node.targets[0].attr] = ast.literal_eval(node.value)
+  for name in ("mean", "std"):
+    for cfg in SAM2_CONFIGS.values():
+      np.testing.assert_allclose(getattr(cfg, f"pixel_{name}"), np.array(found[name]) * 255, rtol=0, atol=1e-9)

@@ -101,3 +101,12 @@ def test_preprocess_outputs():
   x, input_size, original_size = T.preprocess(img)
   assert x.shape == (1024, 1024, 3) and input_size == (1024, 683) and original_size == (640, 427)
   assert np.all(x[:, 683:] == 0)
+
+
+def test_normalisation_constants_are_segment_anythings():
+  """SamConfig's pixel mean and std against `Sam`'s own defaults: the parity tests build their torch models from
+  our config, so a wrong constant would pass them all."""
+  import inspect
+  params = inspect.signature(tr.segment_anything_modeling().Sam.__init__).parameters
+  assert T.PIXEL_MEAN == tuple(params["pixel_mean"].default)
+  assert T.PIXEL_STD == tuple(params["pixel_std"].default)
