@@ -45,6 +45,20 @@ def test_a_state_of_another_tree_is_refused_in_one_line(tmp_path):
   assert float(same["params"]["pe"][0]) == 1.0
 
 
+def test_the_data_position_is_restored_with_the_state(tmp_path):
+  """A resumed run reads on from the saved position (the slow tier's resume tests show the whole run equal)."""
+  mngr = checkpointing.manager(str(tmp_path), keep=2)
+  state = {"params": {"a": jnp.arange(3.0)}}
+  it = _iterator()
+  assert [int(next(it)) for _ in range(3)] == [0, 1, 2]
+  assert checkpointing.save(mngr, 3, state, it, force=True)
+  mngr.wait_until_finished()
+  fresh = _iterator()
+  back = checkpointing.restore(mngr, 3, _abstract(state), fresh)
+  assert [int(next(fresh)) for _ in range(2)] == [3, 4]
+  np.testing.assert_array_equal(back["params"]["a"], state["params"]["a"])
+
+
 def test_a_muon_state_round_trips(tmp_path):
   tx = optimizer.muon(optax.constant_schedule(1e-2))
   params = {"dense": {"kernel": jnp.arange(12.0).reshape(4, 3), "bias": jnp.ones(3)}, "norm": {"scale": jnp.ones(3)}}
