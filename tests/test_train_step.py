@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -17,7 +18,7 @@ from evf_jax import sharding
 from evf_jax.evf import EvfSam, abstract_params, init_params
 from evf_jax.train import config as train_config
 from evf_jax.train import losses, optimizer, partition
-from evf_jax.train.step import StepOptions, loss_fn, make_train_step
+from evf_jax.train.step import LOSS_METRICS, StepOptions, accumulated_gradients, loss_fn, make_train_step
 from evf_jax.train.trainer import fresh_state, state_layout
 from evf_testing import evf_reference as ref
 from evf_testing import torch_reference as tr
@@ -240,6 +241,46 @@ def test_replicate_frozen_holds_the_frozen_parameters_whole(start):
   assert set(sharding.describe(sharded["frozen"]).values()) != {str(jax.sharding.PartitionSpec())}
   for part in ("params", "opt_state"):
     assert jax.tree.leaves(whole[part]) == jax.tree.leaves(sharded[part])
+
+
+def test_accumulated_gradients_are_the_mean_over_microbatches():
+  """On a least-squares loss: n microbatches (rows i, i + n, ...) give the mean of their gradients and metrics,
+  which for equal-sized microbatches of a mean loss is the whole batch's gradient. The model's step with
+  accumulation is checked in the slow test below."""
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(12, 3)).astype(np.float32), rng.normal(size=(12,)).astype(np.float32)
+  params, frozen = {"w": np.float32([0.5, -1.0, 2.0])}, {"b": np.float32(0.25)}
+
+  def grad_fn(p, f, batch):
+    def loss(p):
+      r = batch["x"] @ p["w"] + f["b"] - batch["y"]
+      total = jnp.mean(r ** 2)
+      return total, {"loss": total, "bce": jnp.mean(r), "dice": jnp.max(r), "masks": jnp.float32(r.shape[0])}
+    return jax.value_and_grad(loss, has_aux=True)(p)
+
+  batch = {"x": x, "y": y}
+  for n in (1, 2, 3):
+    grads, metrics = jax.jit(accumulated_gradients, static_argnums=(0, 4))(grad_fn, params, frozen, batch, n)
+    micro = [grad_fn(params, frozen, {k: v[i::n] for k, v in batch.items()}) for i in range(n)]
+    np.testing.assert_allclose(grads["w"], np.mean([g["w"] for (_, _), g in micro], 0), rtol=1e-5)
+    np.testing.assert_allclose(grads["w"], grad_fn(params, frozen, batch)[1]["w"], rtol=1e-5)
+    assert set(metrics) == set(LOSS_METRICS)
+    for k in LOSS_METRICS:
+      np.testing.assert_allclose(metrics[k], np.mean([m[k] for (_, m), _ in micro]), rtol=1e-5, err_msg=k)
+
+
+def test_the_loss_groups_and_the_frozen_encoder_follow_the_config(start):
+  """loss.images_per_group reaches the loss (groups of that many images, then a mean over groups), and a run
+  that trains the image encoder computes its gradients (encoder_frozen is decided by what is trained)."""
+  config, params = start
+  batch = random_batch(config, images=4, prompts=2, mask_size=16, seed=4, invalid=3)
+  trained, frozen = partition.split(params, TRAINABLE)
+  loss = lambda options: float(jax.jit(loss_fn(EvfSam(config), config, options))(trained, frozen, batch)[0])
+  whole, grouped = loss(StepOptions(loss_group=0)), loss(StepOptions(loss_group=1))
+  assert abs(whole - grouped) > 1e-4, (whole, grouped)
+  assert StepOptions.from_config(train_config.base_config(), np.float32, encoder_frozen=True).loss_group == 2
+  assert partition.encoder_frozen(trained)
+  assert not partition.encoder_frozen(partition.split(params, TRAINABLE + ("sam/image_encoder/blocks_0/.*",))[0])
 
 
 @pytest.mark.slow

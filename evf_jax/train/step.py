@@ -35,6 +35,7 @@ from evf_jax.train import losses, partition
 
 BATCH_KEYS = ("sam_image", "resize_hw", "beit_image", "input_ids", "attention_mask", "prompt_valid", "masks",
               "valid_region")
+LOSS_METRICS = ("loss", "bce", "dice", "masks")  # what losses.mask_loss reports, averaged over microbatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,24 @@ def _microbatches(batch: dict, n: int) -> dict:
   return jax.tree.map(one, batch)
 
 
+def accumulated_gradients(grad_fn: Callable, params: Any, frozen: Any, batch: dict, n: int) -> tuple[Any, dict]:
+  """`grad_fn(params, frozen, batch) -> ((loss, metrics), grads)` over `n` microbatches in a `lax.scan`: the
+  mean of their gradients and of their metrics (float32 scalars named LOSS_METRICS)."""
+  if n == 1:
+    (_, metrics), grads = grad_fn(params, frozen, batch)
+    return grads, metrics
+
+  def body(carry, micro):
+    g_sum, m_sum = carry
+    micro = jax.tree.map(layers.batch_constraint, micro)
+    (_, m), g = grad_fn(params, frozen, micro)
+    return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+
+  zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS})
+  (grads, metrics), _ = jax.lax.scan(body, zeros, _microbatches(batch, n))
+  return jax.tree.map(lambda g: g / n, grads), {k: v / n for k, v in metrics.items()}
+
+
 def make_train_step(model: EvfSam | EvfSam2, config: ModelConfig, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, options: StepOptions) -> Callable:
   """(state, batch) -> (state, metrics); pure, for `jax.jit` with donated state."""
@@ -106,19 +125,7 @@ def make_train_step(model: EvfSam | EvfSam2, config: ModelConfig, tx: optax.Grad
   def step(state, batch):
     params, frozen = state["params"], state["frozen"]
     batch = {k: batch[k] for k in BATCH_KEYS}
-    if options.grad_accum == 1:
-      (_, metrics), grads = grad_fn(params, frozen, batch)
-    else:
-      def body(carry, micro):
-        g_sum, m_sum = carry
-        micro = jax.tree.map(layers.batch_constraint, micro)
-        (_, m), g = grad_fn(params, frozen, micro)
-        return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
-      zeros = (jax.tree.map(jnp.zeros_like, params),
-               {k: jnp.zeros((), jnp.float32) for k in ("loss", "bce", "dice", "masks")})
-      (grads, metrics), _ = jax.lax.scan(body, zeros, _microbatches(batch, options.grad_accum))
-      grads = jax.tree.map(lambda g: g / options.grad_accum, grads)
-      metrics = {k: v / options.grad_accum for k, v in metrics.items()}
+    grads, metrics = accumulated_gradients(grad_fn, params, frozen, batch, options.grad_accum)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
