@@ -313,6 +313,20 @@ def test_a_workdir_in_use_by_another_run_is_refused(config_file, data_root, tmp_
     pass
 
 
+def test_a_loss_that_is_not_finite_stops_the_run_without_saving_that_state(config_file, data_root, tmp_path, capsys):
+  """An absurd learning rate: the loss of step 1 is finite and saved, the parameters it leaves give an infinite
+  or NaN loss at step 2, and the run stops there in one line, with only step 1's checkpoint and no export."""
+  w = tmp_path / "w"
+  code = cli.main(_args(config_file, data_root, w, "--config.optimizer.lr=1e30", "--config.optimizer.warmup_steps=0",
+                        "--config.checkpoint_every=1", "--config.total_steps=4"))
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1, err
+  assert "the loss is" in err[0] and "at step 2; stopped without saving that state" in err[0], err
+  assert sorted(os.listdir(w / "checkpoints")) == ["1"]
+  assert not (w / "export").exists()
+  assert all(np.isfinite(v) for v in _losses(w).values()) and 1 in _losses(w)
+
+
 def test_sigterm_before_the_training_loop_exits_cleanly(config_file, data_root, tmp_path, monkeypatch, capsys):
   """SIGTERM while the run prepares (here: as its data is located) ends it with status 0 and a line saying so;
   Python's default ended it with 143, which a scheduler may count as a failure."""
