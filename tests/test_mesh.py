@@ -70,3 +70,15 @@ def test_one_slice_is_jax_make_mesh():
   assert [d.id for d in ours.devices.flat] == [d.id for d in theirs.devices.flat]
   with pytest.raises(UserError, match="'dta' is not an axis"):  # a misspelt axis is refused before a pod
     sharding.make_mesh(spec, jax.devices()[:8], dcn=[("dta", -1)])
+
+
+def test_the_batch_is_split_over_data_and_fsdp():
+  """FSDP is data parallel too: the batch dimension goes over both axes (the rule's whole target), or over the
+  ones the mesh has."""
+  rules = sharding.DEFAULT_RULES
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)], jax.devices()[:8])
+  assert sharding.batch_axes(mesh, sharding.rules_for(mesh, rules)) == ("data", "fsdp")
+  assert sharding.batch_sharding(mesh, sharding.rules_for(mesh, rules)).spec == jax.sharding.PartitionSpec(
+      ("data", "fsdp"))
+  mesh = sharding.make_mesh([("data", 2), ("tensor", 4)], jax.devices()[:8])
+  assert sharding.batch_axes(mesh, sharding.rules_for(mesh, rules)) == ("data",)

@@ -197,6 +197,11 @@ def test_buffers_of_the_originals_are_never_trained(start):
   assert len(partition.paths(trained)) == len(partition.paths(params)) - 1
   assert partition.check_patterns(partition.paths(params), ("sam/prompt_encoder/pe_layer/.*", ".*")) == [
       repr("sam/prompt_encoder/pe_layer/.*")]
+  # a pattern matches whole paths: "mask_decoder/.*" names nothing, "sam/mask_decoder/.*" the decoder
+  assert partition.paths(partition.split(params, ("mask_decoder/.*",))[0]) == []
+  assert partition.check_patterns(partition.paths(params), ("mask_decoder/.*",)) == [repr("mask_decoder/.*")]
+  decoder = partition.paths(partition.split(params, ("sam/mask_decoder/.*",))[0])
+  assert decoder and all(p.startswith("sam/mask_decoder/") for p in decoder)
 
 
 def test_muon_updates_the_matrices_and_shards_its_state_like_them(start):
