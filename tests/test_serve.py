@@ -285,9 +285,9 @@ def test_serve_errors_are_one_line(ckpt, tmp_path, capsys):
   assert cli.main(["serve", "--checkpoint", str(tmp_path / "nope")] + port) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0]
-  for n in ("0", "5000"):  # the model's text positions end at 1022: refused before anything is served
+  for n in ("2", "5000"):  # the model's text positions end at 1022: refused before anything is served
     assert cli.main(["serve", "--checkpoint", ckpt, "--max-text-len", n] + port) == 2
-    assert capsys.readouterr().err.startswith(f"error: max text length {n}: expected 2")
+    assert capsys.readouterr().err.startswith(f"error: max text length {n}: expected 3")
 
 
 @pytest.fixture
