@@ -641,6 +641,8 @@ def test_help_lists_every_flag(capsys):
     (("--config.optimizer.lr=-1",), "config.optimizer.lr must be >= 0, got -1"),
     (("--config.optimizer.lr=nan",), "config.optimizer.lr must be >= 0, got nan"),
     (("--config.optimizer.b2=1.0",), "config.optimizer.b2 must be in [0, 1), got 1.0"),
+    (("--config.optimizer.eps=0",), "config.optimizer.eps must be > 0, got 0"),  # Adam divides by sqrt(v) + eps
+    (("--config.optimizer.clip_norm=-1",), "config.optimizer.clip_norm must be >= 0, got -1"),
     (("--config.data.mask_size=-32",), "config.data.mask_size must be >= 0, got -32"),
     (("--config.eval.batch_size=0",), "config.eval.batch_size must be >= 1, got 0"),
     (("--config.data.max_text_len=2",), "config.data.max_text_len must be >= 3, got 2"),  # no text: every prompt <s></s>
