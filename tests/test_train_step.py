@@ -55,7 +55,8 @@ def test_loss_matches_numpy():
   n, m = 7, 24
   logits = rng.normal(0, 4, (n, m, m)).astype(np.float32)
   targets = (rng.random((n, m, m)) < 0.3).astype(np.uint8)
-  targets[2] = 0  # an empty target (a no-object prompt)
+  targets[2] = 0  # an empty target (a no-object prompt) ...
+  logits[2] -= 30  # ... predicted empty: where Dice's scale (1/1000) and eps decide the value
   region = np.zeros((n, m, m), bool)
   for i in range(n):
     region[i, :rng.integers(8, m + 1), :rng.integers(8, m + 1)] = True
