@@ -18,7 +18,7 @@ from evf_jax import sharding
 from evf_jax.evf import EvfSam, abstract_params, init_params
 from evf_jax.train import config as train_config
 from evf_jax.train import losses, optimizer, partition
-from evf_jax.train.step import LOSS_METRICS, StepOptions, accumulated_gradients, loss_fn, make_train_step
+from evf_jax.train.step import StepOptions, accumulated_gradients, loss_fn, make_train_step
 from evf_jax.train.trainer import fresh_state, state_layout
 from evf_testing import evf_reference as ref
 from evf_testing import torch_reference as tr
@@ -67,7 +67,7 @@ def test_loss_matches_numpy():
   np.testing.assert_allclose(float(total), want, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["bce"]), bce, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["dice"]), dice, rtol=1e-5)
-  assert float(metrics["masks"]) == 5
+  assert float(metrics["masks"]) == 5 and set(metrics) == set(losses.METRICS)  # what accumulation averages
   total2, _ = losses.mask_loss(logits, targets, region, valid, losses.LossWeights(bce=1.0, dice=0.0))
   np.testing.assert_allclose(float(total2), bce, rtol=1e-5)
 
@@ -270,14 +270,15 @@ def test_accumulated_gradients_are_the_mean_over_microbatches():
     micro = [grad_fn(params, frozen, {k: v[i::n] for k, v in batch.items()}) for i in range(n)]
     np.testing.assert_allclose(grads["w"], np.mean([g["w"] for (_, _), g in micro], 0), rtol=1e-5)
     np.testing.assert_allclose(grads["w"], grad_fn(params, frozen, batch)[1]["w"], rtol=1e-5)
-    assert set(metrics) == set(LOSS_METRICS)
-    for k in LOSS_METRICS:
+    assert set(metrics) == set(losses.METRICS)
+    for k in losses.METRICS:
       np.testing.assert_allclose(metrics[k], np.mean([m[k] for (_, m), _ in micro]), rtol=1e-5, err_msg=k)
 
 
 def test_the_loss_groups_and_the_frozen_encoder_follow_the_config(start):
-  """loss.images_per_group reaches the loss (groups of that many images, then a mean over groups), and a run
-  that trains the image encoder computes its gradients (encoder_frozen is decided by what is trained)."""
+  """loss.images_per_group reaches the loss (groups of that many images, then a mean over groups), and the
+  image encoder counts as frozen only while no parameter of it is trained (encoder_frozen decides whether it
+  runs without gradients)."""
   config, params = start
   batch = random_batch(config, images=4, prompts=2, mask_size=16, seed=4, invalid=3)
   trained, frozen = partition.split(params, TRAINABLE)

@@ -20,6 +20,7 @@ import optax
 DICE_SCALE = 1000.0
 DICE_EPS = 1e-6
 MASK_COUNT_EPS = 1e-8  # the reference's "+ 1e-8" on the number of masks
+METRICS = ("loss", "bce", "dice", "masks")  # the float32 scalars mask_loss reports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ def mask_loss(logits: jax.Array, targets: jax.Array, region: jax.Array, valid: j
   groups: the N masks split into this many contiguous groups of equal size (the masks of a group of images);
   each term is the mean over a group's valid masks, then the mean over the groups. With one group, a plain mean
   over the valid masks of the batch.
-  Returns (total, {"loss", "bce", "dice", "masks"}): padding prompts (valid False) contribute nothing."""
+  Returns (total, {METRICS}): padding prompts (valid False) contribute nothing."""
   bce, dice = per_mask_losses(logits, targets, region)
   v = valid.astype(jnp.float32).reshape(groups, -1)
   count = jnp.sum(v, axis=1)

@@ -35,7 +35,6 @@ from evf_jax.train import losses, partition
 
 BATCH_KEYS = ("sam_image", "resize_hw", "beit_image", "input_ids", "attention_mask", "prompt_valid", "masks",
               "valid_region")
-LOSS_METRICS = ("loss", "bce", "dice", "masks")  # what losses.mask_loss reports, averaged over microbatches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +100,7 @@ def _microbatches(batch: dict, n: int) -> dict:
 
 def accumulated_gradients(grad_fn: Callable, params: Any, frozen: Any, batch: dict, n: int) -> tuple[Any, dict]:
   """`grad_fn(params, frozen, batch) -> ((loss, metrics), grads)` over `n` microbatches in a `lax.scan`: the
-  mean of their gradients and of their metrics (float32 scalars named LOSS_METRICS)."""
+  mean of their gradients and of their metrics (losses.METRICS)."""
   if n == 1:
     (_, metrics), grads = grad_fn(params, frozen, batch)
     return grads, metrics
@@ -112,7 +111,7 @@ def accumulated_gradients(grad_fn: Callable, params: Any, frozen: Any, batch: di
     (_, m), g = grad_fn(params, frozen, micro)
     return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
 
-  zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS})
+  zeros = (jax.tree.map(jnp.zeros_like, params), {k: jnp.zeros((), jnp.float32) for k in losses.METRICS})
   (grads, metrics), _ = jax.lax.scan(body, zeros, _microbatches(batch, n))
   return jax.tree.map(lambda g: g / n, grads), {k: v / n for k, v in metrics.items()}
 
