@@ -29,6 +29,8 @@ from evf_jax.tokenizer import MAX_TEXT_LEN, MIN_TEXT_LEN, TextTokenizer, check_f
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "model_config.json"
+PARAM_DTYPE_KEY = "param_dtype"  # beside the model config's own keys: the dtype the weights are stored in
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 PROVENANCE_FILE = "provenance.json"
 TOKENIZER_DIR = "tokenizer"  # the sentencepiece model and the reference's tokenizer files
 
@@ -145,6 +147,11 @@ def read_provenance(directory: str) -> Optional[dict[str, Any]]:
 
 def _model_config(directory: str, raw: dict) -> ModelConfig:
   family = BY_MODEL_TYPE[raw["model_type"]]
+  raw = dict(raw)
+  stored_dtype = raw.pop(PARAM_DTYPE_KEY, "float32")
+  if stored_dtype not in PARAM_DTYPES:  # any other value was read as float32
+    raise ModelDirError(f"{directory}: {CONFIG_FILE} has {PARAM_DTYPE_KEY} {stored_dtype!r}; expected one of "
+                        f"{sorted(PARAM_DTYPES)}")
   try:
     return family.config_class.from_dict(raw)
   except (KeyError, TypeError, ValueError) as e:
@@ -173,8 +180,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   check_fits_model(tokenizer, config.beit3, lambda message: ModelDirError(f"{directory}: {message}"))
-  param_dtype = jnp.bfloat16 if raw.get("param_dtype") == "bfloat16" else jnp.float32
-  target = family.abstract_params(config, param_dtype=param_dtype)
+  target = family.abstract_params(config, param_dtype=PARAM_DTYPES[raw.get(PARAM_DTYPE_KEY, "float32")])
   try:
     with quiet_if_restore_fails():
       params = load_params(directory, target)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 C = TypeVar("C")
 
@@ -16,12 +16,26 @@ def to_dict(config: Any) -> dict[str, Any]:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
-def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
-  """`cls(**d)`, refusing keys that are not fields of `cls` (a config from another version or model)."""
-  unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+def refuse_unknown(name: str, d: Mapping[str, Any], known: Iterable[str]) -> None:
+  """ValueError naming the keys of `d` outside `known`: a config from another version or model, or a typo in a
+  file edited by hand, which would otherwise be ignored and the model built without it."""
+  unknown = sorted(set(d) - set(known))
   if unknown:
-    raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+    raise ValueError(f"unknown {name} fields: {unknown}")
+
+
+def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
+  """`cls(**d)`, refusing keys that are not fields of `cls`."""
+  refuse_unknown(cls.__name__, d, (f.name for f in dataclasses.fields(cls)))
   return cls(**dict(d))
+
+
+def check_repeated(d: Mapping[str, Any], config: Any, names: Iterable[str]) -> None:
+  """ValueError if a value `d` repeats for its readers (e.g. hidden_size, which the BEiT-3 part decides) is not
+  what `config` built from `d` has: an edit of the copy alone would otherwise be ignored."""
+  for name in names:
+    if name in d and (type(d[name]) is bool or d[name] != getattr(config, name)):
+      raise ValueError(f"{name}={d[name]!r} does not fit the rest of the config, which gives {getattr(config, name)}")
 
 
 # Integer fields that count or size something: 0 would build an empty or broken model. (window_size 0 is SAM's

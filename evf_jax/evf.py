@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from evf_jax import layers, runtime
+from evf_jax import config_dicts, layers, runtime
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.beit3.model import Beit3
 from evf_jax.sam import sam as sam_lib
@@ -28,6 +28,8 @@ MODEL_TYPE = "evf"
 # only "huge"; "base" / "large" / "tiny" are ours.
 SAM_SCALES = {"huge": "vit_h", "large": "vit_l", "base": "vit_b", "tiny": "tiny"}
 BEIT3_SCALES = ("large", "base", "tiny")
+# What to_dict() repeats from the parts for readers of the JSON: from_dict checks them, it does not read them.
+REPEATED = ("hidden_size", "out_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +79,12 @@ class EvfConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "EvfConfig":
     if d.get("model_type") != MODEL_TYPE:
       raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    return cls(sam=SamConfig.from_dict(d["sam"]), beit3=Beit3Config.from_dict(d["beit3"]),
-               sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"])
+    config_dicts.refuse_unknown(cls.__name__, d, REPEATED + ("model_type", "sam", "beit3", "sam_scale",
+                                                             "mm_extractor_scale"))
+    config = cls(sam=SamConfig.from_dict(d["sam"]), beit3=Beit3Config.from_dict(d["beit3"]),
+                 sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"])
+    config_dicts.check_repeated(d, config, REPEATED)
+    return config
 
 
 class Projector(nn.Module):

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evf_jax import postprocess, runtime
+from evf_jax import config_dicts, postprocess, runtime
 from evf_jax.beit3.config import Beit3Config
 from evf_jax.beit3.model import Beit3
-from evf_jax.evf import BEIT3_SCALES, EvfSam, Projector
+from evf_jax.evf import BEIT3_SCALES, REPEATED, EvfSam, Projector
 from evf_jax.sam2 import sam2_base
 from evf_jax.sam2.config import Sam2Config
 
@@ -89,9 +89,15 @@ class EvfSam2Config:
   def from_dict(cls, d: Mapping[str, Any]) -> EvfSam2Config:
     if d.get("model_type") != MODEL_TYPE:
       raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    return cls(sam2=Sam2Config.from_dict(d["sam2"]), beit3=Beit3Config.from_dict(d["beit3"]),
-               sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"],
-               multimask_output=bool(d.get("multimask_output", True)))
+    config_dicts.refuse_unknown(cls.__name__, d, REPEATED + ("model_type", "sam2", "beit3", "sam_scale",
+                                                             "mm_extractor_scale", "multimask_output"))
+    multimask = d.get("multimask_output", True)  # absent from configs written before it existed
+    if not isinstance(multimask, bool):  # bool("false") is True
+      raise ValueError(f"multimask_output: expected a bool, got {multimask!r}")
+    config = cls(sam2=Sam2Config.from_dict(d["sam2"]), beit3=Beit3Config.from_dict(d["beit3"]),
+                 sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"], multimask_output=multimask)
+    config_dicts.check_repeated(d, config, REPEATED)
+    return config
 
 
 class EvfSam2(EvfSam):

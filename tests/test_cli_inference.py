@@ -535,23 +535,29 @@ def test_outputs_inside_a_checkpoint_are_refused(ckpt, hf_dir, image_file, tmp_p
 def test_a_model_config_with_bad_values_is_one_line(ckpt, image_file, tmp_path, capsys):
   """model_config.json edited by hand: a string for a count, a negative or zero size, a NaN, a list of the wrong
   length. Each was a traceback from inside the model (or a model of negative size); now one line, before the
-  weights load."""
-  cases = ((("beit3", "num_layers"), "two", "num_layers: expected an int, got 'two'"),
+  weights load. Top-level keys too: a misspelt or unknown key, a changed copy of a part's size (hidden_size is
+  BEiT-3's embed_dim) and an unknown param_dtype were ignored, the last read as float32."""
+  invalid = "model_config.json is not a valid EVF-SAM config"
+  cases = ((("beit3", "num_layers"), "two", f"{invalid} (num_layers: expected an int, got 'two')"),
            (("sam", "img_size"), -128, "img_size: must be >= 1, got -128"),
            (("sam", "decoder_depth"), 0, "decoder_depth: must be >= 1, got 0"),
            (("sam", "mlp_ratio"), float("nan"), "mlp_ratio: expected a finite number, got nan"),
-           (("sam", "pixel_mean"), [1.0, 2.0], "pixel_mean: expected 3 values, got 2"))
+           (("sam", "pixel_mean"), [1.0, 2.0], "pixel_mean: expected 3 values, got 2"),
+           ((None, "sam_scal"), "huge", f"{invalid} (unknown EvfConfig fields: ['sam_scal'])"),
+           ((None, "hidden_size"), 4096, f"{invalid} (hidden_size=4096 does not fit the rest of the config, which "
+                                         "gives 32)"),
+           ((None, "param_dtype"), "float16", "model_config.json has param_dtype 'float16'; expected one of "
+                                              "['bfloat16', 'float32']"))
   for (part, field), value, expect in cases:
     bad = tmp_path / f"{part}_{field}"
     shutil.copytree(ckpt, bad)
     config = json.loads((bad / "model_config.json").read_text())
-    config[part][field] = value
+    (config[part] if part else config)[field] = value
     (bad / "model_config.json").write_text(json.dumps(config))
     code = cli.main(["predict", "--checkpoint", str(bad), "--image", image_file, "--prompt", "cat", "--out-dir",
                      str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "model_config.json is not a valid EVF-SAM config" in err[0], err
-    assert expect in err[0], err
+    assert code == 2 and len(err) == 1 and f"{bad}: " in err[0] and expect in err[0], err
 
 
 def test_predictor_api_mistakes_are_clear_errors(ckpt, image_file):
@@ -675,6 +681,7 @@ def test_predict_bad_checkpoint(ckpt, image_file, tmp_path, capsys, damage, expe
   elif damage == "wrong_size":  # sizes edited by hand: flax would fail at the first call
     cfg = json.load(open(os.path.join(bad, "model_config.json")))
     cfg["beit3"]["embed_dim"] += 8
+    cfg["hidden_size"] = cfg["beit3"]["embed_dim"]  # its copy, kept in step
     json.dump(cfg, open(os.path.join(bad, "model_config.json"), "w"))
   line = _error_line(capsys, ["predict", "--checkpoint", bad, "--image", image_file, "--prompt", "cat",
                               "--out-dir", str(tmp_path / "o")])

@@ -51,6 +51,13 @@ def test_config():
     EvfSam2Config.from_scales("huge", "large")
   with pytest.raises(ValueError, match="model_type is 'evf'"):
     EvfSam2Config.from_dict({**TOY.to_dict(), "model_type": "evf"})
+  # A hand edit that used to be ignored, or read the wrong way round (bool("false") is True).
+  for edit, expect in (({"multimask": False}, r"unknown EvfSam2Config fields: \['multimask'\]"),
+                       ({"multimask_output": "false"}, "multimask_output: expected a bool, got 'false'"),
+                       ({"out_dim": 256}, f"out_dim=256 does not fit the rest of the config, which gives "
+                                          f"{TOY.out_dim}")):
+    with pytest.raises(ValueError, match=expect):
+      EvfSam2Config.from_dict({**TOY.to_dict(), **edit})
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
