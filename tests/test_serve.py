@@ -239,6 +239,62 @@ def test_the_page_segments_uploads_only(app, tmp_path):
     demo.close(verbose=False)
 
 
+def test_an_upload_without_a_path_is_a_message(app):
+  """A payload naming no file is the page's message, not an internal error from opening nothing."""
+  for image in ({"path": None, "orig_name": "holiday.png"}, {"path": "", "orig_name": "holiday.png"}):
+    status = app.segment_page(image, TWO, False)[3]
+    assert status == "**Error:** the image did not arrive: upload it again", status
+
+
+def test_limits_are_inclusive(app):
+  """--max-pixels is the largest image accepted and MAX_PROMPTS the most prompts: an image of exactly that many
+  pixels and exactly 16 prompts pass, one pixel less is refused."""
+  h, w = load_image(EXAMPLE).shape[:2]
+  predictor = app.segmenter.predictor
+  assert run_serve.Segmenter(predictor, max_pixels=h * w).read_image(EXAMPLE, "x.png").shape == (h, w, 3)
+  with pytest.raises(UserError, match=f"x.png is {w}x{h}"):
+    run_serve.Segmenter(predictor, max_pixels=h * w - 1).read_image(EXAMPLE, "x.png")
+  assert len(run_serve.parse_prompts("\n".join(["cat"] * run_serve.MAX_PROMPTS), False)) == 16
+
+
+def test_prompts_are_shown_as_typed_not_as_markup(app):
+  """The table is Markdown: a prompt's `|` would split its cell and `*` or `_` turn into emphasis unless escaped."""
+  table = app.segment_page(EXAMPLE, "a | b\n*the* top_left", False)[2]
+  rows = table.splitlines()[2:]
+  assert rows[0].startswith(r"| 0 | a \| b | ") and rows[1].startswith(r"| 1 | \*the\* top\_left | "), rows
+
+
+def test_a_truncated_prompt_is_a_warning_on_the_page(app, monkeypatch):
+  """The tokenizer's warning for a prompt longer than max_text_len (cut to fit) reaches the status line, not only
+  the server's log."""
+  monkeypatch.setattr(app.segmenter.predictor.tokenizer, "max_text_len", 16)
+  long = " ".join(["the blue square and the circle"] * 6)
+  status = app.segment_page(EXAMPLE, f"{long}\nthe square on the left", False)[3]
+  warned = [line for line in status.split("  \n") if line.startswith("Warning: ")]
+  assert len(warned) == 1 and "prompt 0 has" in warned[0] and "truncated to 16" in warned[0], status
+
+
+def test_only_the_newest_mask_zips_are_kept(app, monkeypatch):
+  """Each request writes a zip; a server that runs for days keeps the newest KEEP_OUTPUTS of them, not all."""
+  monkeypatch.setattr(run_serve, "KEEP_OUTPUTS", 2)
+  zips = [app.segment_page(EXAMPLE, TWO, False)[1] for _ in range(4)]
+  assert [os.path.exists(z) for z in zips] == [False, False, True, True]
+  assert not os.path.exists(os.path.dirname(zips[1]))  # the folder too, not only the zip
+
+
+def test_a_file_beside_the_upload_folder_is_refused(app, tmp_path):
+  """Inside the upload folder means under it, not a name that starts like it (`gradio2` next to `gradio`)."""
+  page = run_serve.App(app.segmenter)
+  page._uploads = str(tmp_path / "gradio")
+  beside = tmp_path / "gradio2" / "private.png"
+  beside.parent.mkdir()
+  Image.fromarray(load_image(EXAMPLE)[:, ::-1]).save(beside)
+  encodes = app.segmenter.encodes
+  status = page.uploaded_only({"path": str(beside)}, TWO, False)[3]
+  assert status == "**Error:** the image did not arrive as an upload: upload it again", status
+  assert app.segmenter.encodes == encodes
+
+
 def test_a_bug_is_a_message_and_the_next_request_works(app, monkeypatch, capsys):
   def broken(image, prompts):
     raise RuntimeError("boom")
