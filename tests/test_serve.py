@@ -428,6 +428,20 @@ def test_an_empty_path_flag_is_one_line(ckpt, no_model_load, capsys):
                                        "(see run.py serve --help)"], err
 
 
+def test_a_bad_max_pixels_is_one_line(ckpt, no_model_load, capsys):
+  """--max-pixels 0 would refuse every image on the page: refused before the model loads."""
+  err = _serve_error(["--checkpoint", ckpt, "--max-pixels", "0", "--port", str(_free_port())], capsys)
+  assert err == "error: --max-pixels must be >= 1, got 0", err
+
+
+def test_a_bracketed_ipv6_host_is_its_address():
+  """--host [::1], as a URL writes it, listens on ::1 (getaddrinfo knows no brackets); the URL gets them back."""
+  assert run_serve.listen_host(" [::1] ") == "::1" and run_serve.url_host("::1") == "[::1]"
+  assert run_serve.listen_host("127.0.0.1") == "127.0.0.1"
+  with pytest.raises(UserError, match="--host is empty"):
+    run_serve.listen_host("[]")
+
+
 @pytest.mark.parametrize("port", ["0", "-1", "70000"])
 def test_a_port_out_of_range_is_one_line(ckpt, no_model_load, capsys, port):
   assert _serve_error(["--checkpoint", ckpt, "--port", port], capsys) == f"error: --port {port}: expected 1 to 65535"
@@ -461,12 +475,19 @@ def test_serving_is_said_once_the_port_listens(ckpt, monkeypatch, tmp_path, host
   monkeypatch.setenv("NO_PROXY", "example.com")
   monkeypatch.delenv("no_proxy", raising=False)
   monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
-  monkeypatch.setattr(gr.Blocks, "block_thread", lambda self: self.close(verbose=False))  # instead of Ctrl-C
+  limits = []  # the upload limit gradio enforces, as launched
+
+  def block_thread(self):  # instead of Ctrl-C
+    limits.append(self.max_file_size)
+    self.close(verbose=False)
+
+  monkeypatch.setattr(gr.Blocks, "block_thread", block_thread)
   monkeypatch.setattr(sys, "stdout", Stdout())
   assert cli.main(["serve", "--checkpoint", ckpt, "--host", host, "--port", str(port)]) == 0
   assert len(said) == 1 and f"at {url} " in said[0][0], said
   assert said[0][1] == 0, f"nothing listens at {url} when serve says it serves there"
   assert tunnels == []
+  assert limits == [100 * 1024 ** 2]  # MAX_UPLOAD: gradio refuses bigger uploads itself
   assert os.environ["NO_PROXY"] == "example.com" and "no_proxy" not in os.environ  # as they were
 
 
