@@ -189,6 +189,8 @@ def test_fill_holes_against_bruteforce():
   logits[0, 0, :3, :3] = -1  # a border hole of 9 px (not filled at max_area 8) ...
   logits[0, 0, 3, :4] = 1
   logits[0, 0, :3, 3] = 1
+  logits[5] = -2  # ... and an object of 4 px: the foreground (label 0) is no hole, whatever its area
+  logits[5, 0, 10:12, 10:12] = 3
   cc, misc.get_connected_components = misc.get_connected_components, connected_components_bruteforce
   try:
     for area in (1, 3, 8):
@@ -199,6 +201,7 @@ def test_fill_holes_against_bruteforce():
   finally:
     misc.get_connected_components = cc
   assert np.all(tracking.fill_holes(logits, 8)[0, 0, :3, :3] == -1)
+  assert np.all(tracking.fill_holes(logits, 8)[5, 0, 10:12, 10:12] == 3)
   np.testing.assert_array_equal(tracking.fill_holes(logits, 0), logits)
 
 
