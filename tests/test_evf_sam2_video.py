@@ -17,6 +17,7 @@ from evf_jax import cli
 from evf_jax.errors import UserError
 from evf_jax.evf import EvfConfig
 from evf_jax.evf_sam2 import EvfSam2Config
+from evf_jax.images import ImageReadError
 from evf_jax.tokenizer import TextTokenizer
 from evf_jax.video import VideoPredictor, read_frames
 from evf_testing import evf_reference as ref
@@ -165,6 +166,11 @@ def test_frames_of_other_sizes_and_sam1(ckpt, tmp_path):
     predictor.predict(frames, PROMPT)
   with pytest.raises(UserError, match="no frames"):
     predictor.predict([], PROMPT)
+  # Every frame is checked as frame 0 is, not only its size: a float or grey frame 1 is a message.
+  for bad, expect in ((frames[0].astype(np.float32), "expected a uint8 image, got float32"),
+                      (frames[0][..., 0], r"expected an RGB image of shape \(H, W, 3\), got \(40, 50\)")):
+    with pytest.raises(ImageReadError, match=expect):
+      predictor.predict([frames[0], bad], PROMPT)
   with pytest.raises(UserError, match="EVF-SAM2"):
     VideoPredictor(EvfConfig.preset("tiny"), {}, None)
 
