@@ -259,6 +259,14 @@ def test_video_file_problems_before_any_frame(tmp_path):
   notes.write_text("not a video")
   with pytest.raises(UserError, match="cannot decode the video"):
     read_frames(str(notes))
+  import av
+  empty = tmp_path / "empty.avi"  # a video stream without frames (AVI keeps one; an MP4 without frames has none)
+  with av.open(str(empty), "w") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+    container.start_encoding()
+  with pytest.raises(UserError, match=r"^the video has no frames: .*empty\.avi$"):
+    read_frames(str(empty))
 
 
 def test_cli_video_file(tmp_path, stand, capsys):
