@@ -181,7 +181,8 @@ def test_any_size_converts_back(released, tmp_path, capsys):
   config, params, _ = load_checkpoint(ckpt)
   out = str(tmp_path / "hf")
   assert cli.main(["export-hf", "--checkpoint", ckpt, "--out", out, "--precision", "bf16"]) == 0
-  assert "note: the original" in capsys.readouterr().out  # toy sizes
+  said = capsys.readouterr().out
+  assert "note: the original" in said and "mask 0" not in said  # toy sizes; multimask_output as the original
   got, _ = _safetensors(os.path.join(out, "model.safetensors"))
   assert {str(v.dtype) for v in got.values()} == {"bfloat16"}
   assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
@@ -191,6 +192,12 @@ def test_any_size_converts_back(released, tmp_path, capsys):
   assert config_back == config
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_back)):
     np.testing.assert_array_equal(np.asarray(a).astype(jax.numpy.bfloat16).astype(np.float32), b)
+  # A model that decodes mask 0 (multimask_output False) is written with a note that the original picks another.
+  single = str(tmp_path / "single")
+  save_model(single, params, dict(config.to_dict(), param_dtype="float32", multimask_output=False))
+  shutil.copytree(os.path.join(ckpt, TOKENIZER_DIR), os.path.join(single, TOKENIZER_DIR))
+  assert cli.main(["export-hf", "--checkpoint", single, "--out", str(tmp_path / "hf_single")]) == 0
+  assert "note: this model decodes SAM-2's mask 0" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # ~20 s: the full-size models' parameter shapes
