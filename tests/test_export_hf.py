@@ -200,6 +200,31 @@ def test_any_size_converts_back(released, tmp_path, capsys):
   assert "note: this model decodes SAM-2's mask 0" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("released", ["evf-sam"], indirect=True)
+def test_a_bf16_checkpoint_with_its_sentencepiece_model_alone(released, tmp_path):
+  """A bf16 checkpoint is written in bfloat16 by default (its own dtype) and in float32 on request, its bfloat16
+  arrays cast too. Its tokenizer folder holding only the sentencepiece model (a training run's own tokenizer),
+  the export still gets the tokenizer_config.json that makes AutoTokenizer pick the slow XLM-R tokenizer."""
+  import transformers
+  _, hf, _ = released
+  ckpt = str(tmp_path / "bf16")
+  assert cli.main(["convert", "--src", hf, "--out", ckpt, "--precision", "bf16"]) == 0
+  tok = os.path.join(ckpt, TOKENIZER_DIR)
+  for name in os.listdir(tok):
+    if name != "sentencepiece.bpe.model":
+      os.remove(os.path.join(tok, name))
+  for precision, dtype in ((None, "bfloat16"), ("fp32", "float32")):
+    out = str(tmp_path / f"hf_{dtype}")
+    flags = ["--precision", precision] if precision else []
+    assert cli.main(["export-hf", "--checkpoint", ckpt, "--out", out, *flags]) == 0
+    got, _ = _safetensors(os.path.join(out, "model.safetensors"))
+    assert {str(v.dtype) for v in got.values()} == {dtype}
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == dtype
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out, use_fast=False)
+  assert type(hf_tok).__name__ == "XLMRobertaTokenizer"
+  assert hf_tok(PROMPTS[0])["input_ids"] == TextTokenizer(tok).encode(PROMPTS[0])
+
+
 @pytest.mark.slow  # ~20 s: the full-size models' parameter shapes
 def test_released_sizes_map_every_tensor():
   """Read backwards, the tables give the released files' tensor counts (SAM-H + BEiT-3-L: 1569; SAM-B +
