@@ -9,6 +9,7 @@ tokenizer loads with `AutoTokenizer(use_fast=False)` and gives our ids.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -223,6 +224,34 @@ def test_a_bf16_checkpoint_with_its_sentencepiece_model_alone(released, tmp_path
   hf_tok = transformers.AutoTokenizer.from_pretrained(out, use_fast=False)
   assert type(hf_tok).__name__ == "XLMRobertaTokenizer"
   assert hf_tok(PROMPTS[0])["input_ids"] == TextTokenizer(tok).encode(PROMPTS[0])
+
+
+def test_released_sizes_config_json():
+  """config.json of the released sizes (no models built): read as the original's (without "evf_jax") by
+  `run.py convert`, it gives the same config (hidden_size is BEiT-3's width, out_dim the prompt width; the toys
+  have one width for both), and no note says the original cannot build it; a released scale name over other
+  sizes gets that note."""
+  from convert.evf import EVF_JAX_KEY, config_from_hf
+  from convert.export_hf import hf_config, original_cannot_build
+  from evf_jax.beit3.config import Beit3Config
+  from evf_jax.sam.config import SamConfig
+  from evf_jax.sam2 import SAM2_CONFIGS
+  for config, sam_part, other_sam in ((EvfConfig.preset("evf-sam"), "sam", SamConfig.preset("vit_b")),
+                                      (EvfSam2Config.preset("evf-sam2"), "sam2", SAM2_CONFIGS["hiera_b+"])):
+    as_original = {k: v for k, v in hf_config(config, "float32").items() if k != EVF_JAX_KEY}
+    assert config_from_hf(as_original, sam2=sam_part == "sam2") == config
+    assert original_cannot_build(config) is None
+    for part, other in ((sam_part, other_sam), ("beit3", Beit3Config.preset("base"))):
+      why = original_cannot_build(dataclasses.replace(config, **{part: other}))
+      assert why and why.startswith(f"its {part} is not the released size"), why
+
+
+def test_a_bucket_as_out_is_one_line(tmp_path, monkeypatch, capsys):
+  """--out gs://...: refused before the checkpoint is read, not written to a local folder named "gs:"."""
+  monkeypatch.chdir(tmp_path)
+  line = _error(capsys, ["export-hf", "--checkpoint", str(tmp_path / "none"), "--out", "gs://bucket/hf"])
+  assert line.startswith("error: --out gs://bucket/hf: a local directory is expected"), line
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow  # ~20 s: the full-size models' parameter shapes
