@@ -25,7 +25,7 @@ def test_paths_are_local_or_gs_urls(tmp_path, monkeypatch):
   assert storage.resolve("run", "--workdir") == os.path.join(str(tmp_path), "run")
   assert storage.resolve("gs://b/run/", "--workdir") == "gs://b/run"
   for bad, expect in (("s3://b/run", "only local paths and gs:// URLs"), ("gs:///run", "expected gs://BUCKET"),
-                      ("gs://", "expected gs://BUCKET")):
+                      ("gs://", "expected gs://BUCKET"), ("", "^--workdir is empty"), (" ", "^--workdir is empty")):
     with pytest.raises(UserError, match=expect):
       storage.resolve(bad, "--workdir")
 
@@ -56,6 +56,39 @@ def test_an_output_dir_through_a_dangling_link_is_one_line(tmp_path, monkeypatch
   assert cli.main(["predict", "--checkpoint", "c", "--image", "x.jpg", "--prompt", "a", "--out-dir", "dangling"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "is a symbolic link to" in err[0], err
+
+
+def test_a_failed_local_write_keeps_the_earlier_file(tmp_path):
+  """write_atomic writes a temporary file and renames it: a write that fails half-way (here: text that cannot be
+  encoded) leaves the earlier file whole, as a killed one would (an eval result, a video's track.json)."""
+  target = tmp_path / "result.json"
+  storage.write_atomic(target, '{"giou": 0.5}')
+  with pytest.raises(UnicodeEncodeError):
+    storage.write_atomic(target, '{"giou": 0.7, "note": "\ud800"}')
+  assert target.read_text() == '{"giou": 0.5}'
+
+
+def test_a_failed_command_removes_only_the_folders_it_made(tmp_path):
+  """output_dir removes the empty folders it created when the body fails, not the user's existing (empty)
+  folder they were created in, nor a given --out-dir that already existed."""
+  (tmp_path / "mine").mkdir()
+  for out in ("mine/a/b", "mine"):
+    with pytest.raises(RuntimeError), storage.output_dir(str(tmp_path / out), "--out-dir"):
+      assert (tmp_path / out).is_dir()
+      raise RuntimeError("the command failed")
+    assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+  """A directory the user may not write in is refused before any work (the tests run as root, who may write
+  anywhere, so os.access says no here): the first save failed with PermissionError's traceback after the work."""
+  locked = str(tmp_path / "locked")
+  os.mkdir(locked)
+  real = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode, **k: False if p == locked else real(p, mode, **k))
+  for out in (locked, os.path.join(locked, "new", "sub")):
+    with pytest.raises(UserError, match=f"^--out-dir {out}: cannot write in {locked} \\(permission denied\\)$"):
+      storage.check_output_dir(out, "--out-dir")
 
 
 def test_file_operations_on_a_bucket(gcs_bucket, tmp_path):
