@@ -168,14 +168,26 @@ def test_cli_track_record_and_overwrite_leaves_nothing_stale(tmp_path, stand, ca
   assert not (out / "track.json").exists() and (out / "00001_mask.png").exists()
   (tmp_path / "only_record").mkdir()  # a record alone is an earlier run's output too
   (tmp_path / "outside_mask.png").write_text("the user's")  # a record naming it does not remove it
-  (tmp_path / "only_record" / "track.json").write_text('{"frames": [{"name": "../outside"}, {"name": 3}]}')
+  (tmp_path / "absolute_mask.png").write_text("the user's")  # nor by an absolute path (not hidden, unlike ../)
+  (tmp_path / "only_record" / "track.json").write_text(json.dumps(
+      {"frames": [{"name": "../outside"}, {"name": str(tmp_path / "absolute")}, {"name": 3}]}))
   line = error_line(capsys, _predict(three, tmp_path / "only_record"))
   assert "track.json exists" in line, line
   assert cli.main(_predict(three, tmp_path / "only_record", "--overwrite")) == 0
-  assert (tmp_path / "outside_mask.png").exists()
+  assert (tmp_path / "outside_mask.png").exists() and (tmp_path / "absolute_mask.png").exists()
   (tmp_path / "only_record" / "track.json").write_text("{}")
   assert cli.main(_predict(three, tmp_path / "only_record", "--overwrite")) == 0
   assert "track.json is unreadable" in capsys.readouterr().out
+
+
+def test_cli_out_dir_that_is_the_frames_directory(tmp_path, stand, capsys):
+  """Masks and overlays written among the frames would be read as frames by the next run: refused before the
+  model loads, with the directory named either way, and nothing written there."""
+  d = _frames(tmp_path / "a", ["0.png", "1.png"])
+  for out in (d, os.path.join(d, "")):
+    line = error_line(capsys, _predict(d, out))
+    assert line == f"error: --out-dir {out} is the frames directory (--video); choose another --out-dir", line
+  assert stand.made == [] and sorted(os.listdir(d)) == ["0.png", "1.png"]
 
 
 def test_cli_bad_frames_before_the_load(tmp_path, stand, capsys):
