@@ -437,6 +437,14 @@ def test_cli_eval_skip_existing_continues_an_interrupted_run(ckpt, data, tmp_pat
   line = error_line(capsys, base + ["--skip-existing", "--precision", "bf16"])
   assert "refcoco_unc_val.json is another evaluation's (precision \"fp32\" there, \"bf16\" now)" in line, line
   assert "--overwrite" in line
+  # ... as are those of another checkpoint (a copy: the same provenance, another path) or other data.
+  shutil.copytree(ckpt, tmp_path / "copy")
+  line = error_line(capsys, ["eval", "--checkpoint", str(tmp_path / "copy"), *base[3:], "--skip-existing"])
+  assert "refcoco_unc_val.json is another evaluation's (checkpoint.path " in line, line
+  shutil.copytree(root, tmp_path / "data_copy")
+  line = error_line(capsys, base[:4] + [str(tmp_path / "data_copy")] + base[5:] + ["--skip-existing"])
+  assert "refcoco_unc_val.json is another evaluation's (data_dir " in line, line
+  assert {name: json.load(open(out / name)) for name in first} == {**first, "synthetic_val.json": again}
   assert "choose one" in error_line(capsys, base + ["--skip-existing", "--overwrite"])
   os.remove(out / "synthetic_val.json")
   os.mkdir(out / "synthetic_val.json")  # no result, and nothing could be written there after the evaluation
