@@ -109,6 +109,44 @@ def test_write_directory_failure_keeps_the_old_directory(tmp_path):
   assert sorted(os.listdir(out)) == sorted(CHECKPOINT_ENTRIES) and os.listdir(tmp_path) == ["ckpt"]
 
 
+def test_write_directory_puts_the_old_directory_back_when_the_new_one_cannot_move_in(tmp_path, monkeypatch):
+  """The old directory is moved aside before the new one moves in: when that second rename fails, the old one is
+  back under its name (not left as ckpt.old-PID) and the new one's files are gone."""
+  out = _checkpoint_like(tmp_path / "ckpt")
+  (tmp_path / "ckpt" / "model_config.json").write_text('{"old": true}')
+  real = os.replace
+
+  def refuse_staging(src, dst):
+    if ".partial-" in str(src):
+      raise OSError(28, "No space left on device")
+    return real(src, dst)
+
+  def write(staging):
+    os.makedirs(staging)
+    with open(os.path.join(staging, "model_config.json"), "w") as f:
+      json.dump({"new": True}, f)
+
+  monkeypatch.setattr(os, "replace", refuse_staging)
+  with pytest.raises(OSError, match="No space left"):
+    write_directory(out, write)
+  assert os.listdir(tmp_path) == ["ckpt"] and sorted(os.listdir(out)) == sorted(CHECKPOINT_ENTRIES)
+  assert json.loads((tmp_path / "ckpt" / "model_config.json").read_text()) == {"old": True}
+
+
+def test_out_that_cannot_be_replaced_is_refused_before_any_work(tmp_path, monkeypatch):
+  """Replacing --out renames it in its parent: a parent the user may not write in is one line before the
+  conversion (after it, the rename failed with PermissionError's traceback). Root may write anywhere, so
+  os.access says no here."""
+  parent = tmp_path / "shared"
+  parent.mkdir()
+  out = _checkpoint_like(parent / "ckpt")
+  real = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode, **k: False if p == str(parent) else real(p, mode, **k))
+  with pytest.raises(UserError, match=f"^--out {out}: cannot replace it, cannot write in {parent} \\(permission"):
+    check_out_dir(out, True)
+  assert sorted(os.listdir(out)) == sorted(CHECKPOINT_ENTRIES)
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_an_output_name_taken_by_a_directory(tmp_path, overwrite):
   (tmp_path / "a_mask.png").mkdir()
