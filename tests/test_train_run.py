@@ -461,7 +461,9 @@ def test_export_refuses_bad_input_in_one_line(straight, tmp_path, capsys):
   shutil.copytree(os.path.join(straight, "checkpoints", "3"), unevaluated / "checkpoints" / "3")
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("mine")
+  shutil.copytree(os.path.join(straight, "export"), tmp_path / "earlier")  # a checkpoint: replaced with --overwrite
   cases = [
+      ((straight, tmp_path / "earlier", "--step", "3"), "exists and is not empty; pass --overwrite to replace it"),
       ((straight, tmp_path / "o", "--step", "4"), "keeps no complete checkpoint of that step; it keeps 3, 6 (best)"),
       ((straight, tmp_path / "o", "--step", "six"), "--step 'six': expected a step number, 'latest' or 'best'"),
       ((unevaluated, tmp_path / "o", "--step", "best"), "no kept step of"),
@@ -475,6 +477,8 @@ def test_export_refuses_bad_input_in_one_line(straight, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expect in err[0], (args, err)
   assert not os.path.exists(tmp_path / "o") and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+  provenance = lambda d: json.load(open(os.path.join(d, "provenance.json")))  # noqa: E731
+  assert provenance(tmp_path / "earlier") == provenance(os.path.join(straight, "export"))  # not step 3's
   assert sorted(os.listdir(os.path.join(straight, "export"))) == ["model_config.json", "params", "provenance.json",
                                                                   "tokenizer"]
 
