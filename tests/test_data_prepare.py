@@ -331,8 +331,10 @@ def test_split_with_every_image_skipped_says_why(tmp_path, capsys):
   src = str(tmp_path / "raw")
   F.write_refer(src, "refcoco")
   os.remove(os.path.join(src, "images/mscoco/images/train2014/COCO_train2014_000000000002.jpg"))  # all of val
+  (tmp_path / "o").mkdir()  # the user's, empty
   err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o"))
   assert err == "error: refcoco: split val: every image was skipped (missing_image 1)"
+  assert os.listdir(tmp_path / "o") == []  # the folders the build made are gone, the user's folder is not
   with pytest.warns(DeprecationWarning):  # the old format's writer says the same
     err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--out", str(tmp_path / "old"))
   assert err == "error: refcoco: split val: every image was skipped (missing_image 1)"
@@ -371,6 +373,27 @@ def test_flags_that_would_do_nothing_are_refused(tmp_path, capsys):
   line = _fails(capsys, "--dataset", "synthetic", "--data_dir", str(tmp_path / "o"), "--records-per-shard", "10")
   assert "--records-per-shard is for the deprecated --out only" in line, line
   assert not (tmp_path / "o").exists()
+
+
+def test_old_format_out_of_the_users_or_left_by_a_killed_run(tmp_path, capsys):
+  """The deprecated --out: a directory holding the user's files is refused in one line before anything is
+  written (the final rename failed with a traceback after the work), and the `.partial` folder a killed run left
+  is replaced by the next run (its makedirs failed with a traceback)."""
+  synthetic = ("--dataset", "synthetic", "--num-train", "1", "--num-eval", "1")
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("mine")
+  with pytest.warns(DeprecationWarning):
+    err = _fails(capsys, *synthetic, "--out", str(mine))
+  assert err == f"error: {mine} already exists and is not empty; choose another --out or remove it"
+  assert os.listdir(mine) == ["notes.txt"] and os.listdir(tmp_path) == ["mine"]
+  (tmp_path / "old.partial").mkdir()  # what a SIGKILLed run leaves
+  (tmp_path / "old.partial" / "leftover").write_bytes(b"cut off")
+  with pytest.warns(DeprecationWarning):
+    assert cli.main(["prepare", *synthetic, "--out", str(tmp_path / "old"), "--no-progress"]) == 0
+  assert sorted(os.listdir(tmp_path)) == ["mine", "old"] and "leftover" not in os.listdir(tmp_path / "old")
+  with pytest.warns(DeprecationWarning):
+    assert len(sources.read_records(str(tmp_path / "old"), "train")) == 1
 
 
 def test_stale_incomplete_folders_of_a_killed_run_are_removed(tmp_path):
