@@ -452,6 +452,31 @@ def test_export_writes_any_kept_step_as_a_checkpoint(straight, tmp_path, capsys)
     assert np.array_equal(again[2].encode_batch(text)[0], tokenizer.encode_batch(text)[0])
 
 
+def test_export_overwrite_replaces_a_checkpoint_whole(straight, tmp_path, monkeypatch, capsys):
+  """--overwrite replaces an earlier export with another step's model; an export that fails half-way leaves the
+  earlier one as it was (the new one is written beside it and moved in when complete)."""
+  out = tmp_path / "model"
+  assert _export(straight, out, "--step", "3") == 0
+  assert _export(straight, out, "--step", "6", "--overwrite") == 0
+  assert json.load(open(out / "provenance.json"))["step"] == 6
+  assert_same_tree(load_checkpoint(str(out))[1], load_checkpoint(os.path.join(straight, "export"))[1])
+  before = {name: (out / name).read_bytes() for name in ("model_config.json", "provenance.json")}
+  from evf_jax.train import checkpointing
+
+  def fail_half_way(directory, *args):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "model_config.json"), "w") as f:
+      f.write("{}")
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpointing, "save_trained_model", fail_half_way)
+  with pytest.raises(OSError, match="No space left"):
+    _export(straight, out, "--step", "3", "--overwrite")
+  assert {name: (out / name).read_bytes() for name in before} == before
+  assert os.listdir(tmp_path) == ["model"]  # nothing left beside it
+  capsys.readouterr()
+
+
 def test_export_refuses_bad_input_in_one_line(straight, tmp_path, capsys):
   """A step the run did not keep (the kept ones listed), 'best' with nothing evaluated, --out where training
   would replace it or a directory that is not a checkpoint, a folder that is not a workdir."""
