@@ -70,12 +70,12 @@ def test_a_failed_local_write_keeps_the_earlier_file(tmp_path):
 
 def test_a_failed_command_removes_only_the_folders_it_made(tmp_path):
   """output_dir removes the empty folders it created when the body fails, not the user's existing (empty)
-  folder they were created in, nor a given --out-dir that already existed."""
+  folder they were created in, nor a given --out-dir that already existed. Ctrl-C is a failure too."""
   (tmp_path / "mine").mkdir()
-  for out in ("mine/a/b", "mine"):
-    with pytest.raises(RuntimeError), storage.output_dir(str(tmp_path / out), "--out-dir"):
+  for out, error in (("mine/a/b", RuntimeError), ("mine/c", KeyboardInterrupt), ("mine", RuntimeError)):
+    with pytest.raises(error), storage.output_dir(str(tmp_path / out), "--out-dir"):
       assert (tmp_path / out).is_dir()
-      raise RuntimeError("the command failed")
+      raise error()
     assert os.listdir(tmp_path) == ["mine"] and os.listdir(tmp_path / "mine") == []
 
 
