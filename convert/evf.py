@@ -32,7 +32,8 @@ from convert.rules import (
   convert,
 )
 from evf_jax import __version__, storage
-from evf_jax.checkpoints import CONFIG_FILE, PARAMS_DIR, PROVENANCE_FILE, TOKENIZER_DIR, save_model
+from evf_jax.checkpoints import (CONFIG_FILE, PARAM_DTYPE_KEY, PARAMS_DIR, PROVENANCE_FILE, TOKENIZER_DIR,
+                                 save_model)
 from evf_jax.errors import UserError, first_line
 from evf_jax.evf import BEIT3_SCALES, MODEL_TYPE, SAM_SCALES, EvfConfig, abstract_params
 from evf_jax.evf_sam2 import SAM2_SCALES, EvfSam2Config
@@ -288,7 +289,7 @@ def convert_directory(src: str, out: str, precision: str = "fp32", overwrite: bo
 
   def write(staging: str) -> None:
     tokenizer_files = {n: os.path.join(src_dir, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))}
-    save_model(staging, result.params, dict(config.to_dict(), param_dtype=dtype), provenance, tokenizer_files)
+    save_model(staging, result.params, {**config.to_dict(), PARAM_DTYPE_KEY: dtype}, provenance, tokenizer_files)
 
   write_directory(out, write)
   log(f"wrote {out}")

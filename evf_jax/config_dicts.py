@@ -17,8 +17,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def refuse_unknown(name: str, d: Mapping[str, Any], known: Iterable[str]) -> None:
-  """ValueError naming the keys of `d` outside `known`: a config from another version or model, or a typo in a
-  file edited by hand, which would otherwise be ignored and the model built without it."""
+  """ValueError naming the keys of `d` outside `known` (e.g. what `to_dict()` writes): a config from another
+  version or model, or a typo in a file edited by hand, which would otherwise be ignored and the model built
+  without it."""
   unknown = sorted(set(d) - set(known))
   if unknown:
     raise ValueError(f"unknown {name} fields: {unknown}")

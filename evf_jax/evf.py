@@ -79,10 +79,9 @@ class EvfConfig:
   def from_dict(cls, d: Mapping[str, Any]) -> "EvfConfig":
     if d.get("model_type") != MODEL_TYPE:
       raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    config_dicts.refuse_unknown(cls.__name__, d, REPEATED + ("model_type", "sam", "beit3", "sam_scale",
-                                                             "mm_extractor_scale"))
     config = cls(sam=SamConfig.from_dict(d["sam"]), beit3=Beit3Config.from_dict(d["beit3"]),
                  sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"])
+    config_dicts.refuse_unknown(cls.__name__, d, config.to_dict())
     config_dicts.check_repeated(d, config, REPEATED)
     return config
 

@@ -89,13 +89,12 @@ class EvfSam2Config:
   def from_dict(cls, d: Mapping[str, Any]) -> EvfSam2Config:
     if d.get("model_type") != MODEL_TYPE:
       raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
-    config_dicts.refuse_unknown(cls.__name__, d, REPEATED + ("model_type", "sam2", "beit3", "sam_scale",
-                                                             "mm_extractor_scale", "multimask_output"))
     multimask = d.get("multimask_output", True)  # absent from configs written before it existed
     if not isinstance(multimask, bool):  # bool("false") is True
       raise ValueError(f"multimask_output: expected a bool, got {multimask!r}")
     config = cls(sam2=Sam2Config.from_dict(d["sam2"]), beit3=Beit3Config.from_dict(d["beit3"]),
                  sam_scale=d["sam_scale"], mm_extractor_scale=d["mm_extractor_scale"], multimask_output=multimask)
+    config_dicts.refuse_unknown(cls.__name__, d, config.to_dict())
     config_dicts.check_repeated(d, config, REPEATED)
     return config
 

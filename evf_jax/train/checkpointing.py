@@ -362,8 +362,8 @@ def training_provenance(run: Mapping[str, Any], workdir: str, step: int) -> dict
 def save_trained_model(directory: str, params: Any, model_config: Any, provenance: Mapping[str, Any],
                        tokenizer_model: Optional[str]) -> None:
   """`checkpoints.save_model` of a trained model: float32 parameters, the run's sentencepiece model."""
-  checkpoints.save_model(directory, params, dict(model_config.to_dict(), param_dtype="float32"), provenance,
-                         {SPM_FILE: tokenizer_model} if tokenizer_model else {})
+  config = {**model_config.to_dict(), checkpoints.PARAM_DTYPE_KEY: "float32"}
+  checkpoints.save_model(directory, params, config, provenance, {SPM_FILE: tokenizer_model} if tokenizer_model else {})
 
 
 def export(workdir: str, params: Any, model_config: Any, provenance: Mapping[str, Any],
