@@ -56,10 +56,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _has_ipv6() -> bool:
+def _can_bind(host: str) -> bool:
+  """Whether `host` is an address of this machine (no IPv6 loopback in some containers; 127.0.0.2 is loopback
+  on Linux, not on every system)."""
   try:
-    with socket.socket(socket.AF_INET6) as s:
-      s.bind(("::1", 0))
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+      s.bind((host, 0))
     return True
   except OSError:
     return False
@@ -384,7 +386,7 @@ def test_a_port_taken_only_where_gradio_probes_is_one_line_before_the_model_load
   would have failed after the model load."""
   from gradio import http_server
   assert run_serve.gradio_probe_host() == http_server.LOCALHOST_NAME == "127.0.0.1"
-  if not _has_ipv6():
+  if not _can_bind("::1"):
     pytest.skip("no IPv6 loopback here")
   with _taken_port() as port:
     err = _serve_error(["--checkpoint", ckpt, "--host", "::1", "--port", str(port)], capsys)
@@ -454,10 +456,7 @@ def test_serving_is_said_once_the_port_listens(ckpt, monkeypatch, tmp_path, host
   proxy: NO_PROXY names --host too) and stops when gradio's wait for Ctrl-C ends."""
   import gradio as gr
   from gradio import networking
-  try:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-      s.bind((host, 0))
-  except OSError:  # no IPv6 loopback; 127.0.0.2 is loopback on Linux, not on every system
+  if not _can_bind(host):
     pytest.skip(f"{host} is not an address here")
   port = _free_port()
   url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
