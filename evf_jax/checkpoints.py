@@ -145,13 +145,19 @@ def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   return storage.read_json(path, ModelDirError) if storage.path(path).is_file() else None
 
 
-def _model_config(directory: str, raw: dict) -> ModelConfig:
-  family = BY_MODEL_TYPE[raw["model_type"]]
-  raw = dict(raw)
-  stored_dtype = raw.pop(PARAM_DTYPE_KEY, "float32")
+def _param_dtype(directory: str, raw: dict):
+  """The dtype the checkpoint's weights are stored in, from its model_config.json."""
+  stored_dtype = raw.get(PARAM_DTYPE_KEY, "float32")
   if stored_dtype not in PARAM_DTYPES:  # any other value was read as float32
     raise ModelDirError(f"{directory}: {CONFIG_FILE} has {PARAM_DTYPE_KEY} {stored_dtype!r}; expected one of "
                         f"{sorted(PARAM_DTYPES)}")
+  return PARAM_DTYPES[stored_dtype]
+
+
+def _model_config(directory: str, raw: dict) -> ModelConfig:
+  family = BY_MODEL_TYPE[raw["model_type"]]
+  _param_dtype(directory, raw)
+  raw = {k: v for k, v in raw.items() if k != PARAM_DTYPE_KEY}
   try:
     return family.config_class.from_dict(raw)
   except (KeyError, TypeError, ValueError) as e:
@@ -180,7 +186,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   check_fits_model(tokenizer, config.beit3, lambda message: ModelDirError(f"{directory}: {message}"))
-  target = family.abstract_params(config, param_dtype=PARAM_DTYPES[raw.get(PARAM_DTYPE_KEY, "float32")])
+  target = family.abstract_params(config, param_dtype=_param_dtype(directory, raw))
   try:
     with quiet_if_restore_fails():
       params = load_params(directory, target)
