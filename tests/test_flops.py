@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import pytest
 
 from evf_jax import flops, layers
-from evf_jax.evf import EvfConfig
+from evf_jax.beit3.config import Beit3Config
+from evf_jax.evf import EvfConfig, EvfSam
 from evf_jax.evf_sam2 import EvfSam2Config
+from evf_jax.sam import image_encoder
+from evf_jax.sam.config import SamConfig
 from evf_jax.sam2.config import Sam2Config
 from evf_jax.sam2.sam2_base import Sam2
 
@@ -114,6 +117,44 @@ def test_sam2_counts_match_xla(name, part):
   if name != "toy":  # at toy widths the decoder's head approximations are 2% of it
     matmuls = _matmul_flops(lowered.as_text())
     assert matmuls == pytest.approx(analytic, rel=MATMUL_RTOL[part])
+
+
+# EVF-SAM's parts at small widths, shaped so that each term of the count shows: SAM ViT-B's layout at 256 px (a
+# 16 grid in 7-windows, padded to 21: 9 windows) with one global block and a 128-wide decoder; BEiT-3 256 wide
+# over a 64-px image (17 vision tokens); the projector 256 -> 128 (not square).
+EVF_SMALL = EvfConfig(
+    sam=dataclasses.replace(SamConfig.preset("vit_b"), img_size=256, embed_dim=256, depth=2, num_heads=4,
+                            window_size=7, global_attn_indexes=(1,), prompt_embed_dim=128, decoder_mlp_dim=512,
+                            iou_head_hidden_dim=128),
+    beit3=dataclasses.replace(Beit3Config.preset("tiny"), embed_dim=256, num_layers=2, num_heads=4, ffn_dim=1024,
+                              img_size=64),
+    sam_scale="base", mm_extractor_scale="tiny")
+
+
+def test_evf_sam_counts_match_xla(monkeypatch):
+  """SAM's image encoder and decoder, BEiT-3 and the projector (what EVF-SAM's MFU is made of) against the dots
+  and convolutions of the lowered Flax model: 3 prompts on one image, whose BEiT-3 patches are embedded once.
+  SAM's decomposed rel-pos terms are not in the count (a q x table product folded into QK^T here, an
+  elementwise add in the reference), so the encoder runs plain attention in their place."""
+  monkeypatch.setattr(image_encoder, "rel_pos_attention", lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v))
+  cfg, n, text_len = EVF_SMALL, 3, 16
+  model, s, b, g, c = EvfSam(cfg), cfg.sam.img_size, cfg.beit3.img_size, cfg.sam.embedding_size, cfg.out_dim
+  assert flops.windows_per_image(cfg.sam) == (9, 49)
+  ids = S((n, text_len), jnp.int32), S((n, text_len), jnp.bool_)
+  init = lambda *x: model.init(jax.random.key(0), *x)["params"]  # noqa: E731
+  params = nn.unbox(jax.eval_shape(init, S((1, s, s, 3), jnp.float32), S((1, b, b, 3), jnp.float32), *ids))
+
+  def count(method, *args):
+    fn = lambda p, *x: model.apply({"params": p}, *x, method=method)  # noqa: E731
+    return _matmul_flops(jax.jit(fn).lower(params, *args).as_text())
+
+  assert count("embed_image", S((1, s, s, 3), jnp.float32)) == pytest.approx(flops.sam_encoder(cfg.sam), rel=1e-9)
+  text = count("text_prompts", S((1, b, b, 3), jnp.float32), *ids)
+  per_prompt = flops.beit3(cfg.beit3, text_len) + flops.projector(cfg)
+  assert text == pytest.approx(flops.beit3_patch_embedding(cfg.beit3) + n * per_prompt, rel=1e-9)
+  assert count(lambda m, x: m.projector(x), S((1, cfg.hidden_size), jnp.float32)) == flops.projector(cfg)
+  decoder = count("decode", S((1, g, g, c), jnp.float32), S((n, c), jnp.float32))
+  assert decoder == pytest.approx(n * flops.sam_decoder(cfg.sam), rel=MATMUL_RTOL["decoder"])
 
 
 def test_frozen_decoder_costs_forward_plus_input_gradient():
