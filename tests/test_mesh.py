@@ -5,10 +5,15 @@ have); the compiled programs are in tests/test_train_compile.py (slow)."""
 
 from __future__ import annotations
 
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-import jax
 from evf_jax import sharding
 from evf_jax.errors import UserError
 
@@ -82,3 +87,31 @@ def test_the_batch_is_split_over_data_and_fsdp():
       ("data", "fsdp"))
   mesh = sharding.make_mesh([("data", 2), ("tensor", 4)], jax.devices()[:8])
   assert sharding.batch_axes(mesh, sharding.rules_for(mesh, rules)) == ("data",)
+
+
+def test_mesh_shape_fills_in_the_one_minus_one_and_names_each_mistake():
+  assert sharding.mesh_shape([("data", -1), ("fsdp", 2), ("tensor", 1)], 8) == (("data", "fsdp", "tensor"), (4, 2, 1))
+  assert sharding.mesh_shape([("data", 2), ("fsdp", 4)], 8) == (("data", "fsdp"), (2, 4))
+  for spec, expect in (([("data", -1), ("fsdp", -1)], "sizes must be positive, with at most one -1"),
+                       ([("data", 8), ("fsdp", 0)], "sizes must be positive, with at most one -1"),
+                       ([("data", -1), ("fsdp", 3)], "8 devices are not a multiple of 3"),
+                       ([("data", 2), ("data", 4)], "repeated axis names"),
+                       ([("data", 2), ("fsdp", 2)], "has 4 devices, but there are 8")):
+    with pytest.raises(UserError, match=re.escape(expect)):
+      sharding.mesh_shape(spec, 8)
+  # An axis of one device that no rule uses repeats nothing: allowed; of two, refused.
+  sharding.check_axes_used([("data", -1), ("spare", 1)], 8, sharding.DEFAULT_RULES)
+  with pytest.raises(UserError, match=re.escape("mesh axis 'spare' (2 devices) is not one the sharding rules use")):
+    sharding.check_axes_used([("data", -1), ("spare", 2)], 8, sharding.DEFAULT_RULES)
+
+
+def test_a_dimension_over_two_axes_falls_back_unless_their_product_divides_it():
+  """A rule may split one dimension over several mesh axes: 12 rows divide over data=2 but not over data x fsdp=8,
+  so they are replicated (and reported); 16 rows are split. Rules may name axes the mesh lacks (tensor here)."""
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 4)], jax.devices()[:8])
+  s = jax.ShapeDtypeStruct
+  boxed = {"w": nn.Partitioned(s((12, 16), jnp.float32), names=("embed", "mlp")),
+           "v": nn.Partitioned(s((16, 6), jnp.float32), names=("embed", "mlp"))}
+  shards, report = sharding.param_shardings(boxed, mesh, [("embed", ("data", "fsdp")), ("mlp", "tensor")])
+  assert sharding.describe(shards) == {"w": str(P(None, None)), "v": str(P(("data", "fsdp"), None))}
+  assert report == ["w: dim 0 (12) over dataxfsdp=8"]
