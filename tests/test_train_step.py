@@ -205,6 +205,23 @@ def test_buffers_of_the_originals_are_never_trained(start):
   assert decoder and all(p.startswith("sam/mask_decoder/") for p in decoder)
 
 
+def test_patterns_match_whole_paths_and_either_family_s_decoder_counts_as_trained():
+  """A pattern names whole paths: "layers_1" is not a prefix of layers_1's or layers_10's parameters (a typo'd
+  pattern is reported, not widened). A trained decoder is SAM's `mask_decoder` or SAM-2's `sam_mask_decoder`
+  (it decides the step's FLOPs and the MFU)."""
+  params = {"beit3": {"layers_1": {"kernel": 1}, "layers_10": {"kernel": 2}},
+            "sam": {"image_encoder": {"kernel": 3}, "mask_decoder": {"kernel": 4}, "sam_mask_decoder": {"kernel": 5}}}
+  all_paths = partition.paths(params)
+  assert partition.paths(partition.split(params, ("beit3/layers_1",))[0]) == []
+  assert partition.check_patterns(all_paths, ("beit3/layers_1", "beit3/layers_1/kernel")) == [repr("beit3/layers_1")]
+  assert partition.paths(partition.split(params, ("beit3/layers_1/kernel",))[0]) == ["beit3/layers_1/kernel"]
+  for decoder in ("mask_decoder", "sam_mask_decoder"):
+    trained = partition.split(params, (f"sam/{decoder}/.*",))[0]
+    assert partition.decoder_trained(trained) and partition.encoder_frozen(trained), decoder
+  trained = partition.split(params, ("beit3/.*", "sam/image_encoder/.*"))[0]
+  assert not partition.decoder_trained(trained) and not partition.encoder_frozen(trained)
+
+
 def test_muon_updates_the_matrices_and_shards_its_state_like_them(start):
   """optimizer.name = "muon": Muon's momentum for exactly the 2-D dense kernels, AdamW's moments for the rest
   (conv kernels, biases, norms, embeddings, tables); on a (data 2, fsdp 4) mesh each momentum is laid out like
