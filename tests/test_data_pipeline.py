@@ -1,6 +1,7 @@
 """The grain pipeline: shapes, K padding, determinism, exact resume, disjoint process shards, mixture, eval."""
 
 import collections
+import dataclasses
 
 import numpy as np
 import pytest
@@ -156,6 +157,45 @@ def test_mixture_is_iid_with_weights(data):
   ds = pipeline.train_dataset({"syn": (1, [syn]), "refer_seg": (0, [ref])}, tok, global_batch_size=2, seed=0,
                               sample=SMALL, process_index=0, process_count=1)
   assert all((ds[j]["source_id"] == 0).all() for j in range(3))  # weight 0 is never drawn
+
+
+def test_source_id_is_the_dir_drawn_as_often_as_its_weight_says(data):
+  """`source_id` is the sample's index in `Mixture.dirs()` (the refcoco fixture's only train image is 48 x 64,
+  none of the synthetic ones is); with weights 3 : 1 about a quarter of the samples come from the second."""
+  tok, syn, ref = data
+  cfg = SampleConfig(sam_size=32, max_text_len=8, mask_size=16, beit_size=16)
+  make = lambda mix, b: pipeline.train_dataset(mix, tok, global_batch_size=b, seed=0, sample=cfg,  # noqa: E731
+                                               process_index=0, process_count=1)
+  only_ref = make({"syn": (0, [syn]), "refer_seg": (1, [ref])}, 2)
+  assert all((only_ref[j]["source_id"] == 1).all() for j in range(2))
+  mixed = make({"syn": (3, [syn]), "refer_seg": (1, [ref])}, 8)
+  batches = [mixed[j] for j in range(20)]
+  ids = np.concatenate([b["source_id"] for b in batches])
+  from_ref = np.concatenate([(b["orig_hw"] == [48, 64]).all(-1) for b in batches])
+  np.testing.assert_array_equal(ids, from_ref.astype(np.int32))
+  assert 0.15 < ids.mean() < 0.35, ids.mean()
+
+
+def test_mixture_spec_mistakes_and_single_locations():
+  tfds_dir = sources.TfdsDataset("synthetic", "/data")
+  assert pipeline.Mixture.of({"a": (2, tfds_dir), "b": (1, "some/dir")}).dirs() == [tfds_dir, "some/dir"]
+  for spec, expect in (({"a": (-1, ["x"])}, "needs weight >= 0 and at least one dir"),
+                       ({"a": (1, [])}, "needs weight >= 0 and at least one dir"),
+                       ({"a": (0, ["x"]), "b": (0, ["y"])}, "mixture weights sum to 0")):
+    with pytest.raises(ValueError, match=expect):
+      pipeline.Mixture.of(spec)
+
+
+def test_the_image_cache_keeps_datasets_apart(data):
+  """Two datasets may name the same image id with other pixels and masks (refcoco and refcoco+ both use COCO's ids):
+  the cache is keyed by the source as well."""
+  tok, syn, ref = data
+  cfg = SampleConfig(sam_size=64, max_text_len=8, mask_size=32, beit_size=32)
+  a = sources.read_records(syn, "train")[0]
+  b = dataclasses.replace(sources.read_records(ref, "train")[0], image_id=a.image_id)
+  transform, rng = pipeline.TrainTransform(tok, cfg, cache_images=True), np.random.default_rng(0)
+  transform((0, a), rng)
+  np.testing.assert_array_equal(transform((1, b), rng)["sam_image"], transforms.image_inputs(b, cfg)["sam_image"])
 
 
 def test_global_arrays_on_8_devices(data):
