@@ -146,6 +146,7 @@ def test_ref_coco_built_without_tensorflow_is_read_and_evaluated_directly(world)
   assert "the dog" in [e.text for r in theirs for e in r.entries]
   train = sources.read_records(where, "train")  # train text stays raw
   assert [e.text for e in train[0].entries] == ["Left Man", "the guy"]
+  assert [e.text for e in sources.read_records(where, "train[:1]")[0].entries] == ["Left Man", "the guy"]  # sliced too
   # The same gIoU / cIoU from TFDS's ref_coco, from our builder, and from the old format (the reader before).
   with pytest.warns(DeprecationWarning, match="old prepared format"):
     old = _evaluate(str(root / "old" / "refcoco"), "val", tok)
@@ -167,6 +168,15 @@ def test_ref_coco_trains_directly(world):
   assert b["masks"].shape == (2, 3, 128, 128) and b["prompt_valid"][:, :2].all()  # the train image's 2 sentences
   with pytest.raises(ValueError, match="configs refcoco_unc"):  # the dataset folder alone names no config
     sources.locate(str(root / "coco_tfds" / "ref_coco"))
+
+
+def test_a_dataset_folder_means_its_newest_version_in_numeric_order(tmp_path):
+  """1.10.0 is newer than 1.9.0 (a string sort says otherwise)."""
+  for version in ("1.9.0", "1.10.0", "1.2.0"):
+    (tmp_path / "synthetic" / version).mkdir(parents=True)
+    (tmp_path / "synthetic" / version / sources.DATASET_INFO).write_text(
+        json.dumps({"name": "synthetic", "version": version}))
+  assert sources.tfds_at(str(tmp_path / "synthetic")) == sources.TfdsDataset("synthetic:1.10.0", str(tmp_path))
 
 
 def test_damaged_or_missing_shards_are_one_line_when_the_split_opens(world, tmp_path):
