@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import types
 import warnings
 
 import numpy as np
@@ -156,6 +157,25 @@ def test_encode_batch_buckets_and_padding(bpe_dir):
   assert tok.encode_batch(["dog"] * 2, buckets=None, max_text_len=24)[0].shape == (2, 24)
   assert tok.encode_batch(["dog"], buckets=(8, 40))[0].shape == (1, 8)
   assert tok.encode_batch([])[0].shape == (0, 16)
+
+
+def test_a_prompt_as_long_as_a_bucket_stays_in_it(bpe_dir):
+  """The smallest bucket that fits: 16 ids pad to 16, 17 to 32, 32 to 32 (not the next bucket up)."""
+  tok = T.TextTokenizer(bpe_dir)
+  by_length = {len(tok.encode(t)): t for k in range(1, 40) for t in (" ".join(["dog"] * k), "a " + " ".join(["dog"] * k))}
+  for n, width in ((16, 16), (17, 32), (32, 32)):
+    assert tok.encode_batch(["dog", by_length[n]])[0].shape == (2, width), n
+  with pytest.raises(ValueError, match="max_text_len must be >= 3"):  # <s></s> alone: no text left
+    tok.encode_batch(["dog"], max_text_len=2)
+
+
+def test_a_tokenizer_fits_a_model_up_to_its_last_row_and_position():
+  model = types.SimpleNamespace(vocab_size=100, max_text_len=64)
+  T.check_fits_model(types.SimpleNamespace(vocab_size=100, max_text_len=64), model)
+  for vocab, length, expect in ((101, 64, "has 101 ids, more than this model's 100"),
+                                (100, 65, "max_text_len 65 exceeds this model's 64 text positions")):
+    with pytest.raises(T.UserError, match=expect):
+      T.check_fits_model(types.SimpleNamespace(vocab_size=vocab, max_text_len=length), model)
 
 
 def test_truncation_keeps_eos_and_warns(bpe_dir):
