@@ -54,7 +54,7 @@ def _reference_one_by_one(model, config, image, tokenizer):
   return np.stack(logits), np.stack(scores)
 
 
-@pytest.mark.parametrize("hw", [(60, 90), (91, 47)])
+@pytest.mark.parametrize("hw", [(60, 90), (91, 47), (40, 150)])  # the last: sides in two size buckets (128, 256)
 def test_tiny_end_to_end_parity(tiny, spm_dir, hw):
   config, model, out = tiny
   image = smooth_image(*hw)
@@ -99,6 +99,24 @@ def test_no_recompile_within_a_bucket(tiny):
   assert after == {"embed": first["embed"], "decode": first["decode"] + 1, "upsample": first["upsample"] + 1}
   p.predict(["another one"])
   assert sizes() == after
+
+
+def test_prompt_counts_between_buckets_and_prompts_as_long_as_the_text_positions(tiny):
+  """3 prompts run as a bucket of 4: three masks and three scores come back, each what the prompt alone gives. A
+  prompt padded to all of BEiT-3's text positions is accepted, and the padding does not change its answer."""
+  config, _, out = tiny
+  p = Predictor.from_checkpoint(out)
+  p.set_image(smooth_image(50, 70, seed=5))
+  three = p.predict(PROMPTS[:3])
+  assert three.logits.shape == three.masks.shape == (3, 50, 70) and three.scores.shape == (3,)
+  atol = 2e-5 * max(1.0, float(np.abs(three.logits).max()))
+  for i, prompt in enumerate(PROMPTS[:3]):
+    one = p.predict([prompt])
+    np.testing.assert_allclose(three.logits[i], one.logits[0], atol=atol, rtol=0)
+    np.testing.assert_allclose(three.scores[i], one.scores[0], atol=1e-5)
+  ids, mask = p.tokenizer.encode_batch(["cat"], buckets=None, max_text_len=config.beit3.max_text_len)
+  assert ids.shape == (1, config.beit3.max_text_len)
+  np.testing.assert_allclose(p.predict_tokens(ids, mask).logits, p.predict(["cat"]).logits, atol=atol, rtol=0)
 
 
 def test_reference_batch_equals_one_by_one(tiny, spm_dir):
