@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evf_jax.images import ImageReadError, check_rgb_array, load_image, overlay, probe_image
+from evf_jax.images import ImageReadError, check_rgb_array, image_names, load_image, overlay, probe_image
 
 
 @pytest.fixture
@@ -58,6 +58,29 @@ def test_float_images(tmp_path):
   np.testing.assert_array_equal(load_image(str(tmp_path / "wide.tif"))[..., 0], [[0, 0, 255, 255, 0, 0]])
 
 
+def test_32_bit_integer_images(tmp_path):
+  """Mode I (32-bit integer TIFFs): values up to 255 are 8-bit already; above, the 16-bit range's high byte."""
+  for values, want in (([0, 100, 255], [0, 100, 255]), ([0, 256 * 100, 65535], [0, 100, 255])):
+    Image.fromarray(np.array([values], np.int32)).save(tmp_path / "i.tif")
+    with Image.open(tmp_path / "i.tif") as img:
+      assert img.mode == "I"
+    np.testing.assert_array_equal(load_image(str(tmp_path / "i.tif"))[..., 0], [want])
+
+
+def test_cmyk_other_than_jpeg_is_not_inverted(tmp_path, rgb):
+  """Only libjpeg's CMYK is Adobe-inverted (`test_cmyk_jpeg_as_opencv`); a CMYK TIFF converts as Pillow does."""
+  Image.fromarray(rgb).convert("CMYK").save(tmp_path / "c.tif")
+  with Image.open(tmp_path / "c.tif") as img:
+    want = np.asarray(img.convert("RGB"))
+  np.testing.assert_array_equal(load_image(str(tmp_path / "c.tif")), want)
+
+
+def test_a_directory_s_images_by_extension_in_any_case(tmp_path):
+  for name in ("a.JPG", "b.png", "c.Jpeg", "d.webp", ".e.jpg", "f.txt", "g.tif"):
+    (tmp_path / name).write_bytes(b"")
+  assert sorted(image_names(str(tmp_path))) == ["a.JPG", "b.png", "c.Jpeg", "d.webp"]
+
+
 def test_cmyk_jpeg_as_opencv(tmp_path):
   """CMYK JPEGs (a few COCO images are) as OpenCV converts libjpeg's Adobe-inverted CMYK: red = k - ((255 - c) *
   k >> 8) on the inverted values (checked against cv2 4.x on random CMYK, EXIF-rotated too); Pillow's own
@@ -92,6 +115,12 @@ def test_exif_orientation(tmp_path, rgb):
   img.save(tmp_path / "r.jpg", exif=exif, quality=100)
   got = load_image(str(tmp_path / "r.jpg"))
   assert got.shape == (30, 20, 3)
+  # probe_image, as stored and as shown; orientations 5-8 turn the image a quarter, 2-4 do not.
+  for orientation, shown in ((2, (20, 30)), (3, (20, 30)), (5, (30, 20)), (6, (30, 20)), (7, (30, 20)), (8, (30, 20))):
+    exif[0x0112] = orientation
+    img.save(tmp_path / f"o{orientation}.jpg", exif=exif)
+    path = str(tmp_path / f"o{orientation}.jpg")
+    assert probe_image(path) == (20, 30) and probe_image(path, oriented=True) == shown == load_image(path).shape[:2]
 
 
 def test_array_checks(rgb):
