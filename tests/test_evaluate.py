@@ -64,10 +64,12 @@ def test_metric_matches_numpy_on_random_masks():
 
 def test_metric_region_ignores_padding():
   logits = jnp.ones((1, 4, 4))
-  gt = jnp.zeros((1, 4, 4), jnp.uint8).at[0, 0, 0].set(1)
+  gt = jnp.zeros((1, 4, 4), jnp.uint8).at[0, 0, 0].set(1).at[0, 3, 3].set(1)  # (3, 3): ground truth in the padding
   region = jnp.zeros((4, 4), bool).at[:2, :3].set(True)
   inter, union = metrics.intersection_union(logits, gt, region)
   assert (int(inter[0]), int(union[0])) == (1, 6)
+  inter, union = metrics.intersection_union(-logits, gt, region)  # nothing predicted: the union is the region's GT
+  assert (int(inter[0]), int(union[0])) == (0, 1)
 
 
 def test_split_names():
