@@ -119,6 +119,19 @@ def test_prompt_counts_between_buckets_and_prompts_as_long_as_the_text_positions
   np.testing.assert_allclose(p.predict_tokens(ids, mask).logits, p.predict(["cat"]).logits, atol=atol, rtol=0)
 
 
+def test_a_bf16_predictor_stores_kernels_and_computes_in_bf16(tiny):
+  """precision="bf16": Dense/Conv kernels held in bf16 and the image embedding computed in it; the logits come
+  back as float32 (the slow test_bf16_kernels_cast_once_bit_identical checks them bit for bit)."""
+  import jax
+  import jax.numpy as jnp
+  p = Predictor.from_checkpoint(tiny[2], precision="bf16")
+  kernels = [x.dtype for path, x in jax.tree_util.tree_leaves_with_path(p.params) if path[-1].key == "kernel"]
+  assert kernels and all(d == jnp.bfloat16 for d in kernels)
+  p.set_image(smooth_image(40, 60, seed=6))
+  assert p.image_embedding.dtype == jnp.bfloat16
+  assert p.predict(["cat"]).logits.dtype == np.float32
+
+
 def test_reference_batch_equals_one_by_one(tiny, spm_dir):
   """The padded-batch reference itself matches per-prompt runs (so our batched call is a fair check)."""
   config, model, _ = tiny
