@@ -225,7 +225,8 @@ def test_train_step_evf_sam2():
 
 
 @pytest.mark.parametrize("kind,peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
     ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("cpu", None), ("TPU v99", None)])
 def test_peak_by_device_kind(kind, peak):
   """jax's device_kind strings; the longest prefix wins ("TPU v5 lite", a v5e, is not a v5p's "TPU v5")."""
