@@ -162,7 +162,8 @@ def test_encode_batch_buckets_and_padding(bpe_dir):
 def test_a_prompt_as_long_as_a_bucket_stays_in_it(bpe_dir):
   """The smallest bucket that fits: 16 ids pad to 16, 17 to 32, 32 to 32 (not the next bucket up)."""
   tok = T.TextTokenizer(bpe_dir)
-  by_length = {len(tok.encode(t)): t for k in range(1, 40) for t in (" ".join(["dog"] * k), "a " + " ".join(["dog"] * k))}
+  texts = [prefix + " ".join(["dog"] * k) for k in range(1, 40) for prefix in ("", "a ")]
+  by_length = {len(tok.encode(t)): t for t in texts}
   for n, width in ((16, 16), (17, 32), (32, 32)):
     assert tok.encode_batch(["dog", by_length[n]])[0].shape == (2, width), n
   with pytest.raises(ValueError, match="max_text_len must be >= 3"):  # <s></s> alone: no text left
