@@ -340,6 +340,37 @@ def test_sigterm_mid_run_saves_that_step_and_the_resumed_run_equals_the_uninterr
   assert _losses(str(w)) == _losses(straight)
 
 
+def test_the_first_report_counts_neither_the_compile_nor_the_first_batch_s_wait(
+    straight, config_file, data_root, tmp_path, monkeypatch):
+  """A data pipeline slow to start (2 s to its first batch, fetched before the step compiles): the first
+  report's window begins after the compile, so neither that wait nor the compile is in its step time or its
+  data-wait fraction (the wait alone had made the fraction about 7)."""
+  w = tmp_path / "slow_start"
+  shutil.copytree(straight, w)
+  shutil.rmtree(w / "checkpoints" / "6")
+  shutil.rmtree(w / "export")
+  from data_pipelines import pipeline
+  train_iterator, fetched = pipeline.train_iterator, []
+
+  def slow_to_start(*args, **kwargs):
+    iterator = train_iterator(*args, **kwargs)
+    next_batch = type(iterator).__next__
+
+    def next_after_a_slow_start(self):
+      if not fetched:
+        time.sleep(2.0)
+      fetched.append(1)
+      return next_batch(self)
+    monkeypatch.setattr(type(iterator), "__next__", next_after_a_slow_start)
+    return iterator
+
+  monkeypatch.setattr(pipeline, "train_iterator", slow_to_start)
+  assert cli.main(_args(config_file, data_root, w, "--config.log_every=1")) == 0
+  rows = [json.loads(line) for line in open(w / "metrics.jsonl")]
+  report = [r for r in rows if r["step"] == 4 and "train/loss" in r][0]
+  assert len(fetched) >= 3 and report["train/data_wait_fraction"] < 0.5 and report["train/step_s"] < 2.0, report
+
+
 def test_a_workdir_in_use_by_another_run_is_refused(config_file, data_root, tmp_path, capsys):
   """Two runs on one workdir (a scheduler's retry while the first still runs) both trained and crashed in orbax
   with doubled metrics; the second is now refused in one line naming the first, before it writes anything."""

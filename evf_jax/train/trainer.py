@@ -331,7 +331,7 @@ class Trainer:
             self.log(f"compiled the train step in {time.perf_counter() - t_compile:.1f} s{cached} after "
                      f"{t_compile - t_lower:.1f} s of tracing and lowering{_memory_line(train_step)}; "
                      f"{step_flops / 1e9:.2f} GFLOP per step")
-            t_last = time.perf_counter()
+            t_last, wait = time.perf_counter(), 0.0  # the first report's window starts here, its waits too
           state, metrics = train_step(state, batch)
         step += 1
         if self._tracing and step - start == self.profile.skip + self.profile.steps:
