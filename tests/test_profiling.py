@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import tempfile
 
 import flax.linen as nn
@@ -131,3 +132,79 @@ def test_gpu_traces_count_stream_lines_only():
 ])
 def test_training_step_parts(op_name, part, pass_):
   assert step_part(op_name) == part and profiling.pass_of(op_name) == pass_
+
+
+def test_exclusive_time_with_a_shared_start_a_touching_end_and_two_threads():
+  """A loop and its first thunk starting in the same microsecond (listed child first), a thunk starting as the
+  loop ends, and another worker thread's thunk overlapping them: none of these nest in each other."""
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}}]
+
+  def op(name, ts, dur, tid=7):
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+            "args": {"hlo_op": name, "hlo_module": "m"}}
+
+  events = meta + [op("body.3", 0, 40), op("while.2", 0, 100), op("next", 100, 10), op("other", 20, 50, tid=8)]
+  assert profiling.op_times(events, "m") == {"while.2": 60, "body.3": 40, "next": 10, "other": 50}
+
+
+def test_another_module_s_op_of_the_same_name_does_not_count():
+  meta = [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "Stream #13(Compute)"}}]
+  ours = {"ph": "X", "pid": 2, "tid": 1, "ts": 0, "dur": 40, "name": "f", "args": {"hlo_op": "fusion.3",
+                                                                                  "hlo_module": "jit_step"}}
+  theirs = dict(ours, ts=50, dur=7, args={"hlo_op": "fusion.3", "hlo_module": "jit_convert"})  # names repeat
+  assert profiling.op_times(meta + [ours, theirs], "jit_step", instructions={"fusion.3"}) == {"fusion.3": 40}
+
+
+def test_an_instruction_s_own_metadata_wins_and_otherwise_its_first_operand_s():
+  text = """HloModule jit_g, entry_computation_layout={(f32[4]{0}, f32[4]{0})->f32[4]{0}}
+
+%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0} parameter(0)
+  %p1 = f32[4]{0} parameter(1)
+  ROOT %a = f32[4]{0} add(%p0, %p1), metadata={op_name="jit(g)/jvp(M)/inner/add"}
+}
+
+ENTRY %main.2 (x: f32[4], y: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0), metadata={op_name="x"}
+  %y = f32[4]{0} parameter(1), metadata={op_name="y"}
+  %e = f32[4]{0} exponential(%x), metadata={op_name="jit(g)/jvp(M)/first/exp"}
+  %t = f32[4]{0} tanh(%y), metadata={op_name="jit(g)/jvp(M)/second/tanh"}
+  %m = f32[4]{0} multiply(%e, %t)
+  ROOT %add_fusion = f32[4]{0} fusion(%m, %t), kind=kLoop, calls=%fused_add, metadata={op_name="jit(g)/own/add"}
+}
+"""
+  names = profiling.op_names(text)
+  assert names["m"] == "jit(g)/jvp(M)/first/exp"
+  assert names["add_fusion"] == "jit(g)/own/add"
+
+
+def test_attribute_in_ms_per_step_with_unattributed_time_kept_apart():
+  # 6 ms of device time over 2 steps: a forward product, its backward, and a copy without metadata.
+  long_name = "jit(step)/jvp(M)/" + "deep/" * 40 + "a/dot"
+  times = collections.Counter({"fusion.1": 3000, "copy.9": 2000, "fusion.2": 1000})
+  names = {"fusion.1": long_name, "fusion.2": "jit(step)/transpose(jvp(M))/a/dot", "constant.4": "jit(step)/b"}
+
+  def part_of(op_name):  # as step_part: anything it does not know is the optimizer's
+    return "a" if "/a/" in op_name else "optimizer"
+
+  r = profiling.attribute(times, names, part_of, per=2, top=2)
+  assert r["device_ms"] == pytest.approx(3.0)
+  assert r["passes_ms"] == pytest.approx({"forward": 1.5, "outside": 1.0, "backward": 0.5})
+  assert [(row["part"], row["pass"]) for row in r["parts"]] == [("a", "forward"), ("unattributed", "outside"),
+                                                                 ("a", "backward")]
+  assert [row["ms"] for row in r["parts"]] == pytest.approx([1.5, 1.0, 0.5])
+  assert [row["share"] for row in r["parts"]] == pytest.approx([1 / 2, 1 / 3, 1 / 6])
+  assert [(row["op"], row["ms"]) for row in r["top_ops"]] == [("fusion.1", 1.5), ("copy.9", 1.0)]
+  op_name = r["top_ops"][0]["op_name"]  # the tail names the module
+  assert len(op_name) == 160 and op_name.endswith("/deep/a/dot")
+  assert r["ops_seen"] == 3 and r["ops_with_metadata"] == 2  # constant.4 never ran
+
+
+def test_one_trace_file_is_expected(tmp_path):
+  for run in ("run1", "run2"):
+    (tmp_path / "plugins" / run).mkdir(parents=True)
+    (tmp_path / "plugins" / run / "host.trace.json.gz").write_bytes(b"")
+  with pytest.raises(ValueError, match="found 2"):
+    profiling.trace_file(str(tmp_path))
+  assert profiling.trace_file(str(tmp_path / "plugins" / "run1")).endswith("run1/host.trace.json.gz")
