@@ -8,9 +8,12 @@ GPU script records an error instead of dying, and skips what its time limit leav
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
+import types
 
 import pytest
 
@@ -156,3 +159,114 @@ def test_train_gpu_cudnn_path_with_remat(gpu_bench, monkeypatch, tmp_path):
   assert calls["cudnn"] > 0
   _check_gpu_size(r["tiny"], prompts=2, text_len=16)
   assert r["tiny"]["setup"]["remat"] is True and r["tiny"]["setup"]["attention"] == "cudnn"
+
+
+class _Clock:
+  """time.perf_counter and time.time of train_gpu: each step the fake device runs advances it by its duration."""
+
+  def __init__(self, durations):
+    self.now, self.durations, self.calls = 0.0, list(durations), 0
+
+  def step(self, state, batch):
+    self.now += self.durations.pop(0)
+    self.calls += 1
+    return state, {"loss": float(self.calls)}
+
+
+def _fake_steps(monkeypatch, durations, **kw):
+  clock = _Clock(durations)
+  monkeypatch.setattr(train_gpu, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, time=lambda: clock.now,
+                                                                strftime=time.strftime))
+  monkeypatch.setattr(train_gpu, "T_START", 0.0)
+  monkeypatch.setattr("evf_jax.sharding.activate", lambda mesh, rules: contextlib.nullcontext())
+  ctx = train_gpu.Ctx()
+  ctx.__dict__.update(compiled=clock.step, state={}, batch={}, mesh=None, rules=None, dev=None, images=8, n_devices=2,
+                      flops=1e12, peak=4e12)
+  args = types.SimpleNamespace(warmup=2, steps=3, prompts=3, time_limit=0, margin=20.0)
+  args.__dict__.update(kw)
+  return clock, ctx, args
+
+
+def test_train_gpu_step_times_and_rates(monkeypatch):
+  """2 warm-up steps, 3 timed ones (median 0.4 s, mean 0.5 s) and 3 pipelined ones (0.75 s in all): the rates
+  count the better of the two, and the MFU is over both devices' peak."""
+  clock, ctx, args = _fake_steps(monkeypatch, [0.5, 0.5, 0.2, 0.9, 0.4, 0.25, 0.25, 0.25])
+  r = train_gpu.run_steps(ctx, "tiny", args)
+  assert clock.calls == 8
+  assert r["warmup_s"] == pytest.approx(1.0)
+  assert r["step_all"] == pytest.approx([0.2, 0.9, 0.4]) and r["steps_timed"] == 3
+  assert r["step_s"] == pytest.approx(0.4) and r["pipelined_step_s"] == pytest.approx(0.25)
+  assert r["images_per_s"] == pytest.approx(8 / 0.25) and r["prompts_per_s"] == pytest.approx(24 / 0.25)
+  assert r["model_tflops_per_s"] == pytest.approx(4.0)
+  assert r["mfu"] == pytest.approx(0.5)  # 4 TFLOP/s of 2 x 4 TFLOP/s
+  assert r["loss_first"] == 1.0 and r["loss_last"] == 8.0 and r["losses_finite"]
+
+
+def test_train_gpu_timed_steps_stop_near_the_time_limit(monkeypatch):
+  """100 s of --time-limit, 20 s of margin, 30 s steps: after the first timed step 70 s are left, less than the
+  margin and two steps; the median of the one step is kept, and there is no time for pipelined steps."""
+  clock, ctx, args = _fake_steps(monkeypatch, [30.0] * 5, warmup=0, steps=5, time_limit=100)
+  r = train_gpu.run_steps(ctx, "tiny", args)
+  assert clock.calls == 1 and r["steps_timed"] == 1 and r["step_s"] == pytest.approx(30.0)
+  assert r["pipelined_step_s"] is None
+
+
+def test_train_gpu_remat_none_and_the_profile_s_xla_flags(gpu_bench, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+  profile = types.SimpleNamespace(profile=2)
+  assert train_gpu.sizes_xla_flags(profile) == "--xla_foo=1 --xla_gpu_enable_command_buffer="
+  assert train_gpu.sizes_xla_flags(types.SimpleNamespace(profile=0)) == "--xla_foo=1"
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")  # the user's choice stays
+  assert train_gpu.sizes_xla_flags(profile) == "--xla_gpu_enable_command_buffer=FUSION"
+  r = gpu_bench(["--size", "tiny", "--remat", "none", "--time-limit", "1"])  # "none" is no size, not an error
+  assert "left of --time-limit" in r["tiny"]["skipped"]
+
+
+def test_train_gpu_parent_hands_each_size_to_a_child(gpu_bench, monkeypatch, tmp_path):
+  """The child gets every option but --size/--role/--time-limit/--in-process (in both spellings), the time left
+  of the limit (the clock here moves 10 s per reading), and the profile's XLA flags, which this process keeps out
+  of its own environment."""
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  now = iter(range(1000, 2000, 10))
+  monkeypatch.setattr(train_gpu, "time", types.SimpleNamespace(perf_counter=time.perf_counter, time=lambda: next(now),
+                                                                strftime=time.strftime))
+  runs = []
+  monkeypatch.setattr(train_gpu.subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw["env"]))
+                      or types.SimpleNamespace(returncode=0, stderr=""))
+  out = str(tmp_path / "r.json")
+  gpu_bench(["--size=tiny", "--steps", "3", "--time-limit", "500", "--profile=2", "--out", out])
+  (cmd, env), = runs
+  i = cmd.index("--role")
+  assert cmd[i:i + 4] == ["--role", "child", "--size", "tiny"] and cmd[i + 4] == "--time-limit"
+  assert 400 < float(cmd[i + 5]) < 500
+  assert cmd[i + 6:] == ["--steps", "3", "--profile=2", "--out", out]
+  assert env["XLA_FLAGS"] == "--xla_gpu_enable_command_buffer=" and "XLA_FLAGS" not in os.environ
+
+
+def test_train_gpu_child_keeps_the_parent_s_keys(monkeypatch, tmp_path):
+  out = tmp_path / "r.json"
+  out.write_text(json.dumps({"date": "2026-12-02", "sizes": ["tiny"], "tiny": {}}))
+  monkeypatch.setattr(train_gpu, "OUT_PATH", str(out))
+  monkeypatch.setattr(train_gpu, "RESULTS", {"tiny": {"steps": {"step_s": 0.5}}})
+  train_gpu.write_out("tiny")
+  assert json.load(open(out)) == {"date": "2026-12-02", "sizes": ["tiny"], "tiny": {"steps": {"step_s": 0.5}}}
+
+
+def test_train_gpu_profile_is_per_step(monkeypatch, tmp_path):
+  """Three traced steps of a small program: the device time is reported per step, a third of the trace's."""
+  import jax
+  import jax.numpy as jnp
+  from evf_testing import profiling
+  monkeypatch.setattr("evf_jax.sharding.activate", lambda mesh, rules: contextlib.nullcontext())
+  monkeypatch.setattr(train_gpu, "OUT_PATH", str(tmp_path / "r.json"))
+  x = jnp.ones((256, 256))
+  compiled = jax.jit(lambda s, b: (jnp.tanh(s @ b), {"loss": jnp.sum(s)})).lower(x, x).compile()
+  ctx = train_gpu.Ctx()
+  ctx.__dict__.update(compiled=compiled, state=x, batch=x, mesh=None, rules=None)
+  t0 = time.perf_counter()
+  r = train_gpu.profile_steps(ctx, "tiny", types.SimpleNamespace(profile=3, keep_trace_mib=100))
+  wall_ms = (time.perf_counter() - t0) * 1e3
+  text = compiled.as_text()
+  traced = profiling.op_times(profiling.load_trace(str(tmp_path / r["trace"])), profiling.module_name(text))
+  assert r["steps"] == 3 and r["device_ms"] > 0 and 0 < 3 * r["traced_wall_ms_per_step"] <= wall_ms
+  assert r["device_ms"] == pytest.approx(sum(traced.values()) / 1e3 / 3)
