@@ -797,3 +797,25 @@ def test_a_resumed_run_drops_the_rows_it_trains_again(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "train/lo')
   _drop_rows_after(str(path), 3)
   assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3] + rows[5:]
+
+
+def test_a_report_s_rates_and_mfu(tmp_path, monkeypatch):
+  """4 steps of 8 images in 2 s, 0.5 s of it waiting for data, 1 TFLOP per step on 4 devices of 1 TFLOP/s each:
+  2 steps/s, 16 images/s, 0.5 s per step, a quarter of the time waiting, 2 TFLOP/s of 4 (MFU 0.5); the
+  metrics are the window's means."""
+  import types
+  from ml_collections import ConfigDict
+  from evf_jax.train import trainer
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  window = [{"step": s, "loss": loss, "bce": 0.5, "dice": 0.25, "lr": 1e-4, "grad_norm": 2.0}
+            for s, loss in zip(range(5, 9), (1.0, 2.0, 3.0, 6.0))]
+  scalars = {}
+  writer = types.SimpleNamespace(add_scalar=lambda k, v, step: scalars.setdefault(k, v), sync=lambda: None)
+  bar = types.SimpleNamespace(n=8, update=lambda n: None, set_postfix=lambda post, refresh: None)
+  me = types.SimpleNamespace(cfg=ConfigDict({"batch_size": 8}), workdir=str(tmp_path))
+  trainer.Trainer._report(me, window, 8, 2.0, 0.5, 1e12, 1e12, bar, writer)
+  row = json.loads((tmp_path / trainer.METRICS_FILE).read_text())
+  assert row["step"] == 8
+  expect = {"images_per_s": 16.0, "step_s": 0.5, "data_wait_fraction": 0.25, "mfu": 0.5, "loss": 3.0, "dice": 0.25}
+  for key, value in expect.items():
+    assert row[f"train/{key}"] == pytest.approx(value) == scalars[f"train/{key}"], key
