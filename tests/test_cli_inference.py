@@ -769,3 +769,39 @@ def test_convert_other_weight_layouts(hf_dir, ckpt, tmp_path, layout):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert jax.tree.structure(got) == jax.tree.structure(want)
+
+
+def test_the_compilation_cache_keeps_every_program_and_counts_its_reads(tmp_path):
+  """`--compilation-cache`: a program that compiles in milliseconds is stored too (jax's default keeps only those
+  over a second), and a compile the cache answers counts as one hit."""
+  import jax.numpy as jnp
+  from jax._src import compilation_cache
+  from evf_jax import runtime
+  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+          "jax_persistent_cache_min_entry_size_bytes")
+  before = {k: getattr(jax.config, k) for k in keys}
+  x = np.arange(7, dtype=np.float32)
+  try:
+    runtime.enable_compilation_cache(str(tmp_path / "cache"))
+    compilation_cache.reset_cache()  # this session's cache (conftest) was set up already
+    f = jax.jit(lambda v: jnp.sin(v) * 3.25 + 0.5)
+    np.asarray(f(x))
+    assert [n for n in os.listdir(tmp_path / "cache") if n.startswith("jit__lambda")], os.listdir(tmp_path / "cache")
+    hits = runtime.compilation_cache_hits()
+    jax.clear_caches()
+    np.asarray(f(x))
+    assert runtime.compilation_cache_hits() == hits + 1
+  finally:
+    for k, v in before.items():
+      jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a choice of XLA:CPU")
+def test_eigen_dots_take_products_off_ynnpack():
+  import jax.numpy as jnp
+  from evf_jax import runtime
+  x = np.ones((64, 64), np.float32)
+  if "__ynn_fusion" not in jax.jit(jnp.matmul).lower(x, x).compile().as_text():
+    pytest.skip("this jax does not compile products to YNNPACK")
+  assert "__ynn_fusion" not in runtime.jit_eigen_dots(jnp.matmul).lower(x, x).compile().as_text()
