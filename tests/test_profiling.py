@@ -128,6 +128,7 @@ def test_gpu_traces_count_stream_lines_only():
      "forward"),
     ("jit(step)/transpose(jvp(hk,nkl,wl->nhw))/dot_general", "upsampling to the loss size", "backward"),
     ("jit(step)/jvp(jit(log_sigmoid))/jit(softplus)/exp", "loss", "forward"),
+    ("jit(step)/transpose(jvp(jit(log_sigmoid)))/jit(softplus)/mul", "loss", "backward"),
     ("jit(step)/mul", "optimizer update and norms", "outside"),
 ])
 def test_training_step_parts(op_name, part, pass_):

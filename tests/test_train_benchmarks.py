@@ -270,3 +270,14 @@ def test_train_gpu_profile_is_per_step(monkeypatch, tmp_path):
   traced = profiling.op_times(profiling.load_trace(str(tmp_path / r["trace"])), profiling.module_name(text))
   assert r["steps"] == 3 and r["device_ms"] > 0 and 0 < 3 * r["traced_wall_ms_per_step"] <= wall_ms
   assert r["device_ms"] == pytest.approx(sum(traced.values()) / 1e3 / 3)
+
+
+def test_train_gpu_profiles_a_size_when_time_is_left(monkeypatch):
+  sections = []
+  monkeypatch.setattr(train_gpu, "run_section", lambda label, name, fn, *a: sections.append(name) or {})
+  monkeypatch.setattr(train_gpu, "T_START", time.time())
+  train_gpu.run_size("tiny", types.SimpleNamespace(profile=2, time_limit=0, margin=20.0))
+  assert sections == ["setup", "compile", "steps", "profile"]
+  sections.clear()
+  train_gpu.run_size("tiny", types.SimpleNamespace(profile=2, time_limit=25, margin=20.0))  # < 30 s left
+  assert sections == ["setup", "compile", "steps"]
