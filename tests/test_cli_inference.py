@@ -805,3 +805,13 @@ def test_eigen_dots_take_products_off_ynnpack():
   if "__ynn_fusion" not in jax.jit(jnp.matmul).lower(x, x).compile().as_text():
     pytest.skip("this jax does not compile products to YNNPACK")
   assert "__ynn_fusion" not in runtime.jit_eigen_dots(jnp.matmul).lower(x, x).compile().as_text()
+
+
+def test_cudnn_attention_needs_a_gpu_on_every_other_platform(monkeypatch):
+  from evf_jax import runtime
+  monkeypatch.setattr(runtime, "backend", lambda: "tpu")
+  with pytest.raises(UserError, match="attention cudnn needs an NVIDIA GPU; jax is running on tpu"):
+    runtime.check_attention_platform("cudnn")
+  runtime.check_attention_platform("xla")
+  monkeypatch.setattr(runtime, "backend", lambda: "gpu")
+  runtime.check_attention_platform("cudnn")

@@ -313,3 +313,9 @@ def test_train_gpu_traced_wall_is_the_steps_not_the_profiler_s_stop(monkeypatch,
   ctx.__dict__.update(compiled=compiled, state=x, batch=x, mesh=None, rules=None)
   r = train_gpu.profile_steps(ctx, "tiny", types.SimpleNamespace(profile=3, keep_trace_mib=0))
   assert 0 < r["traced_wall_ms_per_step"] < 100  # with the stop: over 200 ms per step
+
+
+def test_train_gpu_memory_stats():
+  dev = types.SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": 5 << 30, "bytes_in_use": 3, "num_allocs": 7})
+  assert train_gpu.memory_stats(dev) == {"peak_bytes_in_use": 5 << 30, "bytes_in_use": 3}
+  assert train_gpu.memory_stats(types.SimpleNamespace(memory_stats=lambda: None)) is None  # the CPU's answer
