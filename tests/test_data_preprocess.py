@@ -65,3 +65,38 @@ def test_encode_text_pads_and_truncates_keeping_eos():
   assert ids.tolist() == [0, 5, 5, 5, 2, 1, 1, 1]
   ids = transforms.encode_text(Tok(), "a" * 20, 6)
   assert ids.tolist() == [0, 5, 5, 5, 5, 2]
+
+
+@pytest.mark.parametrize("mode,rows", [("longest_side", 12), ("square", 16)])
+def test_train_example_at_a_mask_size_below_the_sam_size(mode, rows):
+  """A 30 x 40 image, mask = its left half, at mask_size 16 (SAM frame 64): longest_side scales by 16/40 to
+  12 x 16 (region rows 0-11, all 16 columns; the mask its 8 left columns); square stretches to 16 x 16."""
+  from data_pipelines import records
+  from evf_testing import data_fixtures as F
+  half = np.zeros((30, 40), np.uint8)
+  half[:, :20] = 1
+  rec = records.Record(source="t", image_id="a", image=F.encode_png(np.full((30, 40, 3), 99, np.uint8)), h=30, w=40,
+                       masks=[records.encode_mask(half)], entries=[records.Entry("x", 0, {})])
+  tok = type("Tok", (), {"encode": lambda self, text: [0, 7, 2]})()
+  cfg = transforms.SampleConfig(num_prompts=2, max_text_len=4, sam_size=64, sam_mode=mode, mask_size=16,
+                                beit_size=16)
+  ex = transforms.train_example(rec, [0], tok, cfg)
+  want_region = np.zeros((16, 16), bool)
+  want_region[:rows] = True
+  np.testing.assert_array_equal(ex["valid_region"], want_region)
+  want_mask = np.zeros((16, 16), np.uint8)
+  want_mask[:rows, :8] = 1
+  np.testing.assert_array_equal(ex["masks"][0], want_mask)
+  assert not ex["masks"][1].any() and ex["prompt_valid"].tolist() == [True, False]
+  assert ex["resize_hw"].tolist() == ([48, 64] if mode == "longest_side" else [64, 64])
+
+
+def test_record_whose_size_is_not_its_images_is_refused():
+  """Masks are decoded at the record's h x w: a record that misstates its image's size (30 x 40 stored as
+  40 x 30) would put every mask on the wrong geometry, so the sample is refused rather than made."""
+  from data_pipelines import records
+  from evf_testing import data_fixtures as F
+  rec = records.Record(source="t", image_id="a", image=F.encode_png(np.zeros((30, 40, 3), np.uint8)), h=40, w=30,
+                       masks=[records.encode_mask(np.ones((40, 30)))], entries=[records.Entry("x", 0, {})])
+  with pytest.raises(ValueError, match="image is 30x40, record says 40x30"):
+    transforms.image_inputs(rec, transforms.SampleConfig(sam_size=64, beit_size=16))
