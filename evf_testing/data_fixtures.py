@@ -100,7 +100,8 @@ def refer_annotations() -> list[dict]:
 
 def refer_refs() -> list[dict]:
   def sents(*texts):
-    return [{"sent_id": 100 + i, "sent": t, "raw": t, "tokens": t.split()} for i, t in enumerate(texts)]
+    # raw (the annotator's text) differs from sent: the reader takes sent, the normalised one
+    return [{"sent_id": 100 + i, "sent": t, "raw": t.upper() + " .", "tokens": t.split()} for i, t in enumerate(texts)]
   return [
       {"ref_id": 10, "ann_id": 1, "image_id": 1, "category_id": 1, "split": "train",
        "sentences": sents("Left Man", "the guy in red")},

@@ -51,11 +51,16 @@ def test_refer_family(tmp_path, dataset):
     np.testing.assert_array_equal(rec.mask(entry.mask_index), expected)
     assert entry.ids["ann_ids"] == [ann_id]
   assert train["Left Man"][1].mask_index == train["the guy in red"][1].mask_index  # one mask per ref
+  assert train["the guy in red"][1].ids == {"ref_id": 10, "sent_id": 101, "ann_ids": [1]}  # traceable to the source
   # Eval splits: every sentence, strip().lower(); empty segmentation -> all-zero mask.
   (val,) = records.read_records(out, "val")
   assert [e.text for e in val.entries] == ["the empty one"] and not val.mask(0).any()
   (test_a,) = records.read_records(out, "testA")
   assert [e.text for e in test_a.entries] == ["big box", "square thing"]
+  # The fixture writes where REFER_DATASETS says: hold that table to the documented layout (docs/data.md#21).
+  refs = "refs(umd).p" if dataset == "refcocog" else "refs(unc).p"
+  images = "images/saiapr_tc-12" if dataset == "refclef" else "images/mscoco/images/train2014"
+  assert (tmp_path / "raw" / dataset / refs).is_file() and (tmp_path / "raw" / images).is_dir()
 
 
 def test_refer_eval_split_semantics():
@@ -268,6 +273,17 @@ def test_refs_not_in_instances_are_skipped_and_counted_not_zero_masks(tmp_path, 
   err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o3"))
   assert "4 of 5 refs" in err and "image (1) or annotation (3)" in err and inst in err
   assert not (tmp_path / "o2" / "refcoco").exists() and not (tmp_path / "o3" / "refcoco").exists()
+
+
+def test_grefcoco_list_naming_one_missing_annotation_is_skipped(tmp_path):
+  """A gRefCOCO ann_id list is skipped when any of its ids (not -1) is missing, not only when all are
+  (docs/data.md#21-refcoco-family): the union of the rest would be a wrong mask, or fail the build."""
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "grefcoco")
+  _edit_json(os.path.join(src, "grefcoco", "grefs(unc).json"), lambda refs: refs[0].update(ann_id=[1, 99]))
+  out, meta = _prepare(tmp_path, "grefcoco", lambda s: None)
+  assert meta["skipped"] == {"ann_not_in_instances": 1, "corrupt_image": 1}
+  assert set(_by_text(records.read_records(out, "train"))) == {"dog on the right"}  # ref 10's sentences left out
 
 
 def test_colour_label_map_skipped_grey_rgb_accepted(tmp_path, capsys):
