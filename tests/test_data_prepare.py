@@ -103,10 +103,36 @@ def test_humanparsing_includes_background_viewer_side(tmp_path):
   np.testing.assert_array_equal(got["[semantic] left arm"], (lab == 15).astype(np.uint8))
 
 
+def test_index_png_label_map_ids_are_its_indices(tmp_path):
+  """HumanParsing's label maps are index ("P") PNGs with a colour palette: the ids are the indices, not the
+  palette's colours or their luma (the other fixtures' maps are grey "L" PNGs)."""
+  from PIL import Image
+
+  def write(src):
+    F.write_humanparsing(src)
+    im = Image.fromarray(F.humanparsing_label(), mode="P")
+    im.putpalette(np.random.default_rng(0).integers(0, 256, 768).astype(np.uint8).tobytes())
+    im.save(os.path.join(src, "SegmentationClassAug", "hp_1.png"))
+  out, _ = _prepare(tmp_path, "humanparsing", write)
+  (rec,) = records.read_records(out, "train")
+  got = {e.text: rec.mask(e.mask_index) for e in rec.entries}
+  assert set(got) == {"[semantic] background", "[semantic] right shoe", "[semantic] left arm"}
+  np.testing.assert_array_equal(got["[semantic] right shoe"], (F.humanparsing_label() == 9).astype(np.uint8))
+
+
+def _obj365_with_a_polygon(src):
+  F.write_obj365(src)
+  path = os.path.join(src, "raw", "Objects365_v1", "2019-08-02", "o365_res_instances.json")
+  _edit_json(path, lambda d: (d["categories"].append({"id": 4, "name": "Dog"}), d["annotations"].append(
+      {"id": 71, "image_id": 7, "category_id": 4, "segmentation": [F.rect_poly(1, 1, 9, 9)], "iscrowd": 0})))
+
+
 def test_obj365_rle_and_name_as_stored(tmp_path):
-  out, _ = _prepare(tmp_path, "obj365", F.write_obj365)
+  # A polygon annotation is skipped (the original takes only a compressed-RLE dict in segmentation[0]).
+  out, _ = _prepare(tmp_path, "obj365", _obj365_with_a_polygon)
   (rec,) = records.read_records(out, "train")
   assert [e.text for e in rec.entries] == ["Person"]
+  assert rec.entries[0].ids == {"ann_ids": [70], "class_id": 3}  # the annotation's id and its category's
   np.testing.assert_array_equal(rec.mask(0), F.o365_mask())
 
 
@@ -297,10 +323,10 @@ def test_colour_label_map_skipped_grey_rgb_accepted(tmp_path, capsys):
   (rec,) = records.read_records(out, "train")
   got = {e.text: rec.mask(e.mask_index) for e in rec.entries}
   np.testing.assert_array_equal(got["[semantic] left arm"], (lab == 15).astype(np.uint8))
-  colour = np.stack([lab * 10, lab, np.zeros_like(lab)], axis=-1)  # a colour map: its luma is no label id
-  Image.fromarray(colour).save(label_png)
-  err = _fails(capsys, "--dataset", "humanparsing", "--src", src, "--data_dir", str(tmp_path / "o2"))
-  assert err == "error: humanparsing: split train: every image was skipped (corrupt_label_map 1)"
+  for k, colour in enumerate(([lab * 10, lab, np.zeros_like(lab)], [lab, lab, lab * 2])):  # R = G, B differs
+    Image.fromarray(np.stack(colour, axis=-1)).save(label_png)  # a colour map: its luma is no label id
+    err = _fails(capsys, "--dataset", "humanparsing", "--src", src, "--data_dir", str(tmp_path / f"o{k + 2}"))
+    assert err == "error: humanparsing: split train: every image was skipped (corrupt_label_map 1)"
 
 
 def _truncate(path, n):
