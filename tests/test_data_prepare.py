@@ -153,6 +153,47 @@ def test_parts_merged_per_category(tmp_path, dataset, writer, texts):
   np.testing.assert_array_equal(got[texts[1]], F.reference_mask(coco["annotations"][2]["segmentation"], 40, 40))
 
 
+def test_class_tables_hold_the_documented_ids():
+  """A swapped pair in a class table silently trains one class's masks under another's name. HumanParsing: the
+  table of docs/data.md#24-humanparsing; ADE20K: ids of the SceneParsing objectInfo150 list (raw value k = k-th)."""
+  from data_pipelines import readers
+  with open(os.path.join(ROOT, "docs", "data.md")) as f:
+    doc = f.read().split("### 2.4 HumanParsing")[1].split("### 2.5")[0]
+  documented = dict(re.findall(r"(\d+) \| ([a-z][a-z ]*[a-z]) \|", doc))
+  assert len(documented) == 18
+  assert {str(i): name for i, name in enumerate(readers.HUMANPARSING_CLASSES)} == documented
+  known = {1: "wall", 2: "building", 3: "sky", 4: "floor", 5: "tree", 13: "person", 15: "door", 20: "chair",
+           21: "car", 81: "bus", 84: "truck", 91: "airplane", 149: "clock", 150: "flag"}
+  assert len(readers.ADE20K_CLASSES) == len(set(readers.ADE20K_CLASSES)) == 150
+  assert {k: readers.ADE20K_CLASSES[k - 1] for k in known} == known
+
+
+@pytest.mark.parametrize("dataset", ["partimagenet", "pascal_part"])
+def test_parts_every_split_from_its_own_files(tmp_path, dataset):
+  """PartImageNet reads train, val and test (each from images/<split>/), Pascal-Part train and val: a split left
+  out, or read from another split's images, would go unnoticed with train alone."""
+  src = tmp_path / "raw"
+  splits = ("train", "val", "test") if dataset == "partimagenet" else ("train", "val")
+  for k, split in enumerate(splits):
+    name = f"{split}_1.jpg"  # another image per split, of another size
+    if dataset == "partimagenet":
+      image, ann = src / "images" / split / name, src / "annotations" / split / f"{split}.json"
+    else:
+      image, ann = src / "VOCdevkit" / "VOC2010" / "JPEGImages" / name, src / f"{split}.json"
+    F.save_jpeg(str(image), 40, 40 + k, k)
+    coco = F.part_coco(["a:b", "c:d", "e:f"], name)
+    coco["images"][0]["width"] = 40 + k
+    # "e:f" has one annotation, a polygon of 2 points: no area, so no prompt (never an all-zero mask)
+    coco["annotations"].append({"id": 5, "image_id": 1, "category_id": 2, "segmentation": [[1, 1, 9, 9]]})
+    ann.parent.mkdir(parents=True, exist_ok=True)
+    ann.write_text(json.dumps(coco))
+  out, meta = _prepare(tmp_path, dataset, lambda s: None)
+  assert sorted(meta["splits"]) == sorted(splits) and meta["skipped"] == {}
+  for k, split in enumerate(splits):
+    (rec,) = records.read_records(out, split)
+    assert (rec.h, rec.w) == (40, 40 + k) and len(rec.entries) == 2
+
+
 def test_missing_files_listed_in_one_line(tmp_path, capsys):
   src = tmp_path / "raw"
   (src / "refcoco").mkdir(parents=True)
