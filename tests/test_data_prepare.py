@@ -424,6 +424,22 @@ def test_split_with_every_image_skipped_says_why(tmp_path, capsys):
   assert not (tmp_path / "old").exists() and not (tmp_path / "old.partial").exists()
 
 
+def test_images_whose_annotations_do_not_fit_are_skipped(tmp_path, capsys):
+  """An image whose size is not the one instances.json states (e.g. EXIF-rotated after annotation) is skipped:
+  its polygons would be drawn on the wrong geometry. An image with no prompt (an ADE20K map of only "other") is
+  skipped too, not written as a sample with nothing to learn."""
+  src = str(tmp_path / "raw")
+  F.write_refer(src, "refcoco")
+  _edit_json(os.path.join(src, "refcoco", "instances.json"),
+             lambda d: d["images"][0].update(height=64, width=48))  # image 1 is 48 x 64
+  err = _fails(capsys, "--dataset", "refcoco", "--src", src, "--data_dir", str(tmp_path / "o"))
+  assert err == "error: refcoco: split train: every image was skipped (corrupt_image 1, image_size_mismatch 1)"
+  F.write_ade20k(str(tmp_path / "ade"))
+  F.save_label_png(str(tmp_path / "ade" / "annotations" / "validation" / "ADE_val_1.png"), np.zeros((40, 52)))
+  err = _fails(capsys, "--dataset", "ade20k", "--src", str(tmp_path / "ade"), "--data_dir", str(tmp_path / "o"))
+  assert err == "error: ade20k: split validation: every image was skipped (no_prompts 1)"
+
+
 def test_bad_output_dirs_are_one_line(tmp_path, capsys):
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
