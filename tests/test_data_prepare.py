@@ -550,8 +550,9 @@ def _png_rgb16(rgb: np.ndarray) -> bytes:
 
 
 def test_custom_mask_images_as_drawing_tools_write_them(tmp_path, capsys):
-  """Lossy JPEG masks, cut-outs on a transparent background, palette transparency, a byte-order mark; colour
-  modes a mask cannot be (16-bit colour, which Pillow reads as its high byte, and CMYK) are skipped and counted."""
+  """Lossy JPEG masks, cut-outs on a transparent background, palette transparency, a byte-order mark, colour in
+  any channel, opaque RGBA (its colours), palette indices; colour modes a mask cannot be (16-bit colour, which
+  Pillow reads as its high byte, and CMYK) are skipped and counted."""
   from PIL import Image
   src = tmp_path / "raw"
   (src / "m").mkdir(parents=True)
@@ -569,7 +570,16 @@ def test_custom_mask_images_as_drawing_tools_write_them(tmp_path, capsys):
   palette.save(src / "m" / "palette.png", transparency=1)
   Image.fromarray(np.stack([box * 255] * 3, -1)).convert("CMYK").save(src / "m" / "cmyk.jpg")
   (src / "m" / "rgb16.png").write_bytes(_png_rgb16(np.stack([box] * 3, -1)))  # values 0 and 1: high byte 0
-  names = ("jpeg.jpg", "cutout.png", "palette.png", "cmyk.jpg", "rgb16.png")
+  green = np.zeros((30, 40, 3), np.uint8)  # colour in G alone: any channel counts, not only the first
+  green[box == 1, 1] = 180
+  Image.fromarray(green).save(src / "m" / "green.png")
+  opaque = np.full((30, 40, 4), 255, np.uint8)  # RGBA without transparency: its colours, not its alpha
+  opaque[..., :3] = np.stack([np.zeros_like(box), np.zeros_like(box), box * 255], -1)
+  Image.fromarray(opaque, mode="RGBA").save(src / "m" / "opaque.png")
+  indexed = Image.fromarray(box, mode="P")  # no transparency: the index counts, not its colour (1 is black here)
+  indexed.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+  indexed.save(src / "m" / "indexed.png")
+  names = ("jpeg.jpg", "cutout.png", "palette.png", "cmyk.jpg", "rgb16.png", "green.png", "opaque.png", "indexed.png")
   for name in names:  # one image file per line: an image is on one line only
     (src / f"{name}.jpg").write_bytes((src / "a.jpg").read_bytes())
   lines = [{"image": f"{name}.jpg", "id": name, "objects": [{"texts": "the box", "mask": f"m/{name}"}]}
@@ -580,9 +590,43 @@ def test_custom_mask_images_as_drawing_tools_write_them(tmp_path, capsys):
                    "--no-progress"]) == 0
   assert "skipped: unsupported_mask 2" in capsys.readouterr().out
   recs = records.read_records(os.path.join(data, "m"), "train")
-  assert [r.image_id for r in recs] == ["jpeg.jpg", "cutout.png", "palette.png"]
+  assert [r.image_id for r in recs] == ["jpeg.jpg", "cutout.png", "palette.png", "green.png", "opaque.png",
+                                        "indexed.png"]
   for rec in recs:
     np.testing.assert_array_equal(rec.mask(0), box, err_msg=rec.image_id)
+
+
+@pytest.mark.parametrize("orientation,shown", [(5, np.transpose), (6, lambda m: np.rot90(m, -1))])
+def test_custom_mask_with_exif_orientation_turns_as_its_image(tmp_path, orientation, shown):
+  """A photo and its mask, both stored 20 x 30 with EXIF orientation 5 (transpose) or 6 (turn clockwise), are
+  read as shown, 30 x 20: the mask as turned as the image."""
+  from PIL import Image
+  src = tmp_path / "raw"
+  src.mkdir()
+  stored = np.zeros((20, 30), np.uint8)
+  stored[2:6, 3:25] = 1
+  exif = Image.new("L", (1, 1)).getexif()
+  exif[0x0112] = orientation
+  Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(src / "a.jpg", exif=exif)
+  Image.fromarray(stored * 255).save(src / "m.png", exif=exif)
+  (src / "train.jsonl").write_text(json.dumps({"image": "a.jpg", "objects": [{"texts": "it", "mask": "m.png"}]}))
+  data = str(tmp_path / "tfds")
+  assert cli.main(["prepare", "--dataset", "custom", "--name", "x", "--src", str(src), "--data_dir", data,
+                   "--no-progress"]) == 0
+  (rec,) = records.read_records(os.path.join(data, "x"), "train")
+  assert (rec.h, rec.w) == (30, 20)
+  np.testing.assert_array_equal(rec.mask(0), shown(stored))
+
+
+def test_custom_rle_of_another_size_is_skipped(tmp_path, capsys):
+  """An RLE states its own size; one that is not its image's (20 x 20 on a 30 x 40 image) would be decoded
+  as runs over the wrong grid: skipped and counted, never stored."""
+  src = tmp_path / "raw"
+  F.save_jpeg(str(src / "a.jpg"), 30, 40, 0)
+  line = {"image": "a.jpg", "objects": [{"texts": "it", "segmentation": F.rle_of(np.ones((20, 20)))}]}
+  (src / "train.jsonl").write_text(json.dumps(line))
+  err = _fails(capsys, "--dataset", "custom", "--name", "x", "--src", str(src), "--data_dir", str(tmp_path / "o"))
+  assert err == "error: custom: split train: every image was skipped (mask_size_mismatch 1)"
 
 
 def test_custom_label_maps_give_one_prompt_per_named_value(tmp_path, capsys):
