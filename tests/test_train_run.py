@@ -819,3 +819,14 @@ def test_a_report_s_rates_and_mfu(tmp_path, monkeypatch):
   expect = {"images_per_s": 16.0, "step_s": 0.5, "data_wait_fraction": 0.25, "mfu": 0.5, "loss": 3.0, "dice": 0.25}
   for key, value in expect.items():
     assert row[f"train/{key}"] == pytest.approx(value) == scalars[f"train/{key}"], key
+
+
+def test_mfu_is_measured_against_the_config_s_peak_or_else_the_device_kind_s(monkeypatch):
+  from types import SimpleNamespace
+  from ml_collections import ConfigDict
+  from evf_jax.train import trainer
+  assert trainer.peak_flops_per_device(ConfigDict({"peak_tflops": 2.5})) == 2.5e12
+  assert trainer.peak_flops_per_device(ConfigDict({"peak_tflops": 0.0})) is None  # a CPU has no peak: no MFU
+  monkeypatch.setattr(jax, "devices", lambda: [SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")])
+  assert trainer.peak_flops_per_device(ConfigDict({"peak_tflops": 0.0})) == 989e12
+  assert trainer.peak_flops_per_device(ConfigDict({"peak_tflops": 400.0})) == 400e12

@@ -161,6 +161,13 @@ class _EventWriter:
     self.mirror.close()
 
 
+def peak_flops_per_device(cfg) -> Optional[float]:
+  """What MFU is measured against: the config's `peak_tflops`, else the device kind's bf16 peak (None: no MFU)."""
+  if cfg.get("peak_tflops"):
+    return float(cfg.peak_tflops) * 1e12
+  return flops.peak_flops(jax.devices()[0].device_kind)
+
+
 class Trainer:
   def __init__(self, cfg, *, workdir: str, model_config: ModelConfig, mesh: jax.sharding.Mesh,
                data_iterator: Iterator[dict], init_params: InitFn, eval_fn: Optional[EvalFn] = None,
@@ -295,7 +302,7 @@ class Trainer:
     total = int(cfg.total_steps)
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                disable=not cfg.get("progress", True) or jax.process_index() != 0)
-    peak = float(cfg.peak_tflops) * 1e12 if cfg.get("peak_tflops") else flops.peak_flops(jax.devices()[0].device_kind)
+    peak = peak_flops_per_device(cfg)
     window: list[dict] = []
     t_last, wait = time.perf_counter(), 0.0
     pending = None  # (step, metrics on device): fetched one step late, so the device runs ahead
