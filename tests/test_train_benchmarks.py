@@ -161,6 +161,24 @@ def test_train_gpu_cudnn_path_with_remat(gpu_bench, monkeypatch, tmp_path):
   assert r["tiny"]["setup"]["remat"] is True and r["tiny"]["setup"]["attention"] == "cudnn"
 
 
+def _set_clocks(monkeypatch, perf_counter=time.perf_counter, wall=time.time):
+  """train_gpu's `time` with these clocks in place of the real ones (step timings; the --time-limit budget)."""
+  monkeypatch.setattr(train_gpu, "time", types.SimpleNamespace(perf_counter=perf_counter, time=wall,
+                                                                strftime=time.strftime))
+
+
+def _without_a_mesh(monkeypatch):
+  monkeypatch.setattr("evf_jax.sharding.activate", lambda mesh, rules: contextlib.nullcontext())
+
+
+def _small_step(n):
+  """(state, the compiled step) of a small program shaped like the training step: (state, batch) -> (state, metrics)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((n, n))
+  return x, jax.jit(lambda s, b: (jnp.tanh(s @ b), {"loss": jnp.sum(s)})).lower(x, x).compile()
+
+
 class _Clock:
   """time.perf_counter and time.time of train_gpu: each step the fake device runs advances it by its duration."""
 
@@ -175,10 +193,9 @@ class _Clock:
 
 def _fake_steps(monkeypatch, durations, **kw):
   clock = _Clock(durations)
-  monkeypatch.setattr(train_gpu, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, time=lambda: clock.now,
-                                                                strftime=time.strftime))
+  _set_clocks(monkeypatch, perf_counter=lambda: clock.now, wall=lambda: clock.now)
   monkeypatch.setattr(train_gpu, "T_START", 0.0)
-  monkeypatch.setattr("evf_jax.sharding.activate", lambda mesh, rules: contextlib.nullcontext())
+  _without_a_mesh(monkeypatch)
   ctx = train_gpu.Ctx()
   ctx.__dict__.update(compiled=clock.step, state={}, batch={}, mesh=None, rules=None, dev=None, images=8, n_devices=2,
                       flops=1e12, peak=4e12)
@@ -228,8 +245,7 @@ def test_train_gpu_parent_hands_each_size_to_a_child(gpu_bench, monkeypatch, tmp
   of its own environment."""
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   now = iter(range(1000, 2000, 10))
-  monkeypatch.setattr(train_gpu, "time", types.SimpleNamespace(perf_counter=time.perf_counter, time=lambda: next(now),
-                                                                strftime=time.strftime))
+  _set_clocks(monkeypatch, wall=lambda: next(now))
   runs = []
   monkeypatch.setattr(train_gpu.subprocess, "run", lambda cmd, **kw: runs.append((cmd, kw["env"]))
                       or types.SimpleNamespace(returncode=0, stderr=""))
@@ -255,16 +271,12 @@ def test_train_gpu_child_keeps_the_parent_s_keys(monkeypatch, tmp_path):
 def test_train_gpu_profile_is_per_step(monkeypatch, tmp_path):
   """Three traced steps of a small program, each 0.1 s by train_gpu's clock: the device time and the wall time are
   reported per step, the device time a third of the trace's."""
-  import jax
-  import jax.numpy as jnp
   from evf_testing import profiling
   clock = types.SimpleNamespace(now=0.0)
-  monkeypatch.setattr(train_gpu, "time", types.SimpleNamespace(perf_counter=lambda: clock.now, time=time.time,
-                                                                strftime=time.strftime))
-  monkeypatch.setattr("evf_jax.sharding.activate", lambda mesh, rules: contextlib.nullcontext())
+  _set_clocks(monkeypatch, perf_counter=lambda: clock.now)
+  _without_a_mesh(monkeypatch)
   monkeypatch.setattr(train_gpu, "OUT_PATH", str(tmp_path / "r.json"))
-  x = jnp.ones((256, 256))
-  compiled = jax.jit(lambda s, b: (jnp.tanh(s @ b), {"loss": jnp.sum(s)})).lower(x, x).compile()
+  x, compiled = _small_step(256)
 
   def step(state, batch):
     clock.now += 0.1
@@ -295,7 +307,6 @@ def test_train_gpu_traced_wall_is_the_steps_not_the_profiler_s_stop(monkeypatch,
   """The profiler's stop collects and writes the trace (seconds for a GPU step's thousands of kernels): the traced
   wall time per step, set beside the device time, leaves it out (here a stop made 0.6 s slower)."""
   import jax
-  import jax.numpy as jnp
   real = jax.profiler.trace
 
   @contextlib.contextmanager
@@ -305,10 +316,9 @@ def test_train_gpu_traced_wall_is_the_steps_not_the_profiler_s_stop(monkeypatch,
     time.sleep(0.6)
 
   monkeypatch.setattr(jax.profiler, "trace", slow_stop)
-  monkeypatch.setattr("evf_jax.sharding.activate", lambda mesh, rules: contextlib.nullcontext())
+  _without_a_mesh(monkeypatch)
   monkeypatch.setattr(train_gpu, "OUT_PATH", None)
-  x = jnp.ones((64, 64))
-  compiled = jax.jit(lambda s, b: (jnp.tanh(s @ b), {"loss": jnp.sum(s)})).lower(x, x).compile()
+  x, compiled = _small_step(64)
   ctx = train_gpu.Ctx()
   ctx.__dict__.update(compiled=compiled, state=x, batch=x, mesh=None, rules=None)
   r = train_gpu.profile_steps(ctx, "tiny", types.SimpleNamespace(profile=3, keep_trace_mib=0))

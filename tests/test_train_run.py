@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -308,16 +309,21 @@ def _tree_state(directory):
           for d, _, files in os.walk(directory) for f in files if f != "run.lock"}
 
 
+def _straight_at_step_3(straight, workdir):
+  """A copy of the straight run's workdir as it was before step 4: its step-6 checkpoint and export removed."""
+  shutil.copytree(straight, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  shutil.rmtree(workdir / "export")
+  return workdir
+
+
 def test_sigterm_mid_run_saves_that_step_and_the_resumed_run_equals_the_uninterrupted_one(
     straight, config_file, data_root, tmp_path, monkeypatch, capsys):
   """The straight run's workdir back at its step-3 checkpoint, resumed; SIGTERM arrives as step 5's batch is
   placed: the run saves step 5 (off the checkpoint_every=3 grid) and exits 0. The same command then runs on to
   step 6: parameters and per-step losses bit-identical to the straight run, so each resume read on from the saved
   parameters, step and data position. (The slow tier sends the signals from outside, to a child process.)"""
-  w = tmp_path / "term"
-  shutil.copytree(straight, w)
-  shutil.rmtree(w / "checkpoints" / "6")
-  shutil.rmtree(w / "export")
+  w = _straight_at_step_3(straight, tmp_path / "term")
   placed = []
 
   def terminated_at_step_5(host_batch, batch_sharding):
@@ -344,11 +350,8 @@ def test_the_first_report_counts_neither_the_compile_nor_the_first_batch_s_wait(
     straight, config_file, data_root, tmp_path, monkeypatch):
   """A data pipeline slow to start (2 s to its first batch, fetched before the step compiles): the first
   report's window begins after the compile, so neither that wait nor the compile is in its step time or its
-  data-wait fraction (the wait alone had made the fraction about 7)."""
-  w = tmp_path / "slow_start"
-  shutil.copytree(straight, w)
-  shutil.rmtree(w / "checkpoints" / "6")
-  shutil.rmtree(w / "export")
+  data-wait fraction (the wait alone had made the fraction about 6)."""
+  w = _straight_at_step_3(straight, tmp_path / "slow_start")
   from data_pipelines import pipeline
   train_iterator, fetched = pipeline.train_iterator, []
 
@@ -803,16 +806,15 @@ def test_a_report_s_rates_and_mfu(tmp_path, monkeypatch):
   """4 steps of 8 images in 2 s, 0.5 s of it waiting for data, 1 TFLOP per step on 4 devices of 1 TFLOP/s each:
   2 steps/s, 16 images/s, 0.5 s per step, a quarter of the time waiting, 2 TFLOP/s of 4 (MFU 0.5); the
   metrics are the window's means."""
-  import types
   from ml_collections import ConfigDict
   from evf_jax.train import trainer
   monkeypatch.setattr(jax, "device_count", lambda: 4)
   window = [{"step": s, "loss": loss, "bce": 0.5, "dice": 0.25, "lr": 1e-4, "grad_norm": 2.0}
             for s, loss in zip(range(5, 9), (1.0, 2.0, 3.0, 6.0))]
   scalars = {}
-  writer = types.SimpleNamespace(add_scalar=lambda k, v, step: scalars.setdefault(k, v), sync=lambda: None)
-  bar = types.SimpleNamespace(n=8, update=lambda n: None, set_postfix=lambda post, refresh: None)
-  me = types.SimpleNamespace(cfg=ConfigDict({"batch_size": 8}), workdir=str(tmp_path))
+  writer = SimpleNamespace(add_scalar=lambda k, v, step: scalars.setdefault(k, v), sync=lambda: None)
+  bar = SimpleNamespace(n=8, update=lambda n: None, set_postfix=lambda post, refresh: None)
+  me = SimpleNamespace(cfg=ConfigDict({"batch_size": 8}), workdir=str(tmp_path))
   trainer.Trainer._report(me, window, 8, 2.0, 0.5, 1e12, 1e12, bar, writer)
   row = json.loads((tmp_path / trainer.METRICS_FILE).read_text())
   assert row["step"] == 8
@@ -822,7 +824,6 @@ def test_a_report_s_rates_and_mfu(tmp_path, monkeypatch):
 
 
 def test_mfu_is_measured_against_the_config_s_peak_or_else_the_device_kind_s(monkeypatch):
-  from types import SimpleNamespace
   from ml_collections import ConfigDict
   from evf_jax.train import trainer
   assert trainer.peak_flops_per_device(ConfigDict({"peak_tflops": 2.5})) == 2.5e12
