@@ -145,28 +145,31 @@ def read_provenance(directory: str) -> Optional[dict[str, Any]]:
   return storage.read_json(path, ModelDirError) if storage.path(path).is_file() else None
 
 
-def _param_dtype(directory: str, raw: dict):
-  """The dtype the checkpoint's weights are stored in, from its model_config.json."""
-  stored_dtype = raw.get(PARAM_DTYPE_KEY, "float32")
-  if stored_dtype not in PARAM_DTYPES:  # any other value was read as float32
-    raise ModelDirError(f"{directory}: {CONFIG_FILE} has {PARAM_DTYPE_KEY} {stored_dtype!r}; expected one of "
+def stored_param_dtype(directory: str, raw: dict) -> str:
+  """The name of the dtype the checkpoint's weights are stored in: its model_config.json's `param_dtype`,
+  float32 where it has none (checkpoints converted before the key existed)."""
+  name = raw.get(PARAM_DTYPE_KEY, "float32")
+  if name not in PARAM_DTYPES:  # any other value was read as float32
+    raise ModelDirError(f"{directory}: {CONFIG_FILE} has {PARAM_DTYPE_KEY} {name!r}; expected one of "
                         f"{sorted(PARAM_DTYPES)}")
-  return PARAM_DTYPES[stored_dtype]
+  return name
 
 
-def _model_config(directory: str, raw: dict) -> ModelConfig:
+def _model_config(directory: str, raw: dict) -> tuple[ModelConfig, str]:
+  """The model config model_config.json holds, and the name of the dtype its weights are stored in."""
   family = BY_MODEL_TYPE[raw["model_type"]]
-  _param_dtype(directory, raw)
+  param_dtype = stored_param_dtype(directory, raw)
   raw = {k: v for k, v in raw.items() if k != PARAM_DTYPE_KEY}
   try:
-    return family.config_class.from_dict(raw)
+    return family.config_class.from_dict(raw), param_dtype
   except (KeyError, TypeError, ValueError) as e:
     raise ModelDirError(f"{directory}: {CONFIG_FILE} is not a valid {family.name} config ({e})") from None
 
 
 def text_positions(directory: str) -> int:
   """The longest prompt (tokens, <s> and </s> included) the checkpoint's BEiT-3 has positions for."""
-  return _model_config(directory, read_config(directory, expect_model_type=tuple(BY_MODEL_TYPE))).beit3.max_text_len
+  config, _ = _model_config(directory, read_config(directory, expect_model_type=tuple(BY_MODEL_TYPE)))
+  return config.beit3.max_text_len
 
 
 def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple[ModelConfig, Any, TextTokenizer]:
@@ -178,7 +181,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   """
   raw = read_config(directory, expect_model_type=tuple(BY_MODEL_TYPE))
   family = BY_MODEL_TYPE[raw["model_type"]]
-  config = _model_config(directory, raw)
+  config, param_dtype = _model_config(directory, raw)
   limit = config.beit3.max_text_len  # BEiT-3's text position table: a longer prompt fails inside the model
   if max_text_len is not None and not MIN_TEXT_LEN <= max_text_len <= limit:
     raise UserError(f"max text length {max_text_len}: expected {MIN_TEXT_LEN} (<s>, a token and </s>) to {limit}, "
@@ -186,7 +189,7 @@ def load_checkpoint(directory: str, max_text_len: Optional[int] = None) -> tuple
   tok_dir = os.path.join(directory, TOKENIZER_DIR)
   tokenizer = TextTokenizer(tok_dir, min(MAX_TEXT_LEN, limit) if max_text_len is None else max_text_len)
   check_fits_model(tokenizer, config.beit3, lambda message: ModelDirError(f"{directory}: {message}"))
-  target = family.abstract_params(config, param_dtype=_param_dtype(directory, raw))
+  target = family.abstract_params(config, param_dtype=PARAM_DTYPES[param_dtype])
   try:
     with quiet_if_restore_fails():
       params = load_params(directory, target)

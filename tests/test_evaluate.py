@@ -387,6 +387,7 @@ def test_cli_eval_writes_json_table_and_overlays(ckpt, data, tmp_path, capsys):
   assert r["devices"] == jax.device_count() and r["batch_size"] == 8 and r["wall_time_s"] > 0
   assert len(r["checkpoint"]["provenance"]["source_files"]["model.safetensors"]) == 64
   assert r["checkpoint"]["sam_scale"] == "tiny" and r["precision"] == "fp32"
+  assert r["checkpoint"]["param_dtype"] == "float32"  # as convert wrote it
   syn = json.load(open(out / "synthetic_val.json"))
   assert syn["images"] == 1 and syn["sentences"] == len(records.read_records(os.path.join(root, "synthetic"), "val")[0].entries)
   index = json.load(open(out / "overlays" / "refcoco_unc_val" / "index.json"))

@@ -237,7 +237,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split_names: Sequence[str], 
          "checkpoint": {"path": fields["checkpoint.path"],
                         "sam_scale": raw_config.get("sam_scale"),
                         "mm_extractor_scale": raw_config.get("mm_extractor_scale"),
-                        "param_dtype": raw_config.get(checkpoints.PARAM_DTYPE_KEY, "float32"),
+                        "param_dtype": checkpoints.stored_param_dtype(checkpoint, raw_config),
                         "provenance": provenance},
          "dataset_meta": {k: meta.get(k) for k in ("dataset", "skipped", "src", "seed") if k in meta}}
     if out_dir and jax.process_index() == 0:
