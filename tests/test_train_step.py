@@ -188,6 +188,20 @@ def test_steps_lower_the_loss_and_leave_frozen_parameters_alone(start, muon):
     np.testing.assert_array_equal(a, np.asarray(b))
 
 
+def test_the_state_starts_in_float32_from_bfloat16_parameters(start):
+  """An init checkpoint converted with --precision bf16 gives bfloat16 host parameters: the state still holds
+  float32 parameters, frozen ones included, and float32 optimizer moments, as the layout a resume restores into."""
+  config, params = start
+  mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  tx = optimizer.adamw(optimizer.learning_rate(1e-3, total_steps=10, warmup_steps=0, schedule="constant"))
+  shapes, shards, _ = state_layout(config, TRAINABLE, tx, mesh, sharding.rules_for(mesh, sharding.DEFAULT_RULES))
+  state = fresh_state(jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), params), TRAINABLE, tx, shards)
+  for part in ("params", "frozen", "opt_state"):
+    want = {str(s.dtype) for s in jax.tree.leaves(shapes[part]) if jnp.issubdtype(s.dtype, jnp.floating)}
+    got = {str(x.dtype) for x in jax.tree.leaves(state[part]) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert want == got == {"float32"}, (part, want, got)
+
+
 def test_buffers_of_the_originals_are_never_trained(start):
   """`.*` trains every parameter except SAM's random spatial frequencies, a buffer in PyTorch; a pattern that
   names only that buffer is reported as matching nothing trainable."""

@@ -96,7 +96,10 @@ def state_layout(model_config: ModelConfig, trainable, tx: optax.GradientTransfo
 
 
 def fresh_state(params: Any, trainable, tx: optax.GradientTransformation, shards: dict) -> dict:
-  """The state at step 0 from a full host parameter tree, placed as `shards` says (from every process)."""
+  """The state at step 0 from a full host parameter tree, placed as `shards` says (from every process), its
+  parameters in float32 as `state_layout` has them: an init checkpoint stored in bfloat16 would otherwise train in
+  bfloat16, optimizer state included, and a resume (which restores into the layout) would then differ."""
+  params = jax.tree.map(lambda x: x if x.dtype == np.float32 else np.asarray(x, np.float32), params)
   trained, frozen = partition.split(params, list(trainable))
   trained = sharding.put_global(trained, shards["params"])
   frozen = sharding.put_global(frozen, shards["frozen"])
