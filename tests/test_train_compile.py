@@ -175,6 +175,9 @@ def test_largest_collectives_name_their_source():
   assert [(r["op"], r["shape"], r["per_step"]) for r in top] == [("all-gather", "bf16[32,256]", 10),
                                                                  ("all-reduce", "f32[1024]", 1)]
   assert top[0]["source"] == "jit(step)/beit3/fc1/dot_general" and top[0]["group"] == 8
+  # Ranked by bytes sent, not by result: the reduce-scatter's 32-byte result sends 7 x 32, the permute its 64.
+  assert [r["op"] for r in train_compile.largest_collectives(hlo, devices=8)] == [
+      "all-gather", "all-reduce", "reduce-scatter", "collective-permute"]
 
 
 def test_loop_without_trip_count_counts_once_and_says_so():
@@ -191,6 +194,59 @@ def test_trip_count_from_the_loop_condition():
       "  ROOT %lt = pred[]{:T(512)} compare(%c, %n), direction=LT")
   traffic = train_compile.collective_traffic(hlo, devices=8)
   assert traffic["all-gather"]["per_step"] == 6 and "unknown_trip_counts" not in traffic
+
+
+def test_loops_of_unknown_trip_count_are_the_ones_holding_collectives():
+  """Every loop whose collectives count once is named (sorted), and only those: a loop without collectives changes
+  no count. A condition other than `counter < N` gives no bound."""
+  hlo = HLO.replace(', backend_config={"known_trip_count":{"n":"10"}}', "").replace(
+      "  ROOT %lt = pred[] constant(true)",
+      "  %n = s32[] constant(0)\n  %c = s32[] get-tuple-element(%p), index=0\n"
+      "  ROOT %gt = pred[] compare(%c, %n), direction=GT")
+  idle = ("%idle (q: (s32[], bf16[4,256])) -> (s32[], bf16[4,256]) {\n"
+          "  ROOT %q = (s32[], bf16[4,256]{1,0}) parameter(0)\n}\n\n")
+  second = ("%body2 (p: (s32[], bf16[4,256])) -> (s32[], bf16[4,256]) {\n  %p = (s32[], bf16[4,256]{1,0}) parameter(0)\n"
+            "  %v = bf16[4,256]{1,0} get-tuple-element(%p), index=1\n"
+            "  %ar2 = bf16[4,256]{1,0} all-reduce(%v), channel_id=7, replica_groups=[1,8]<=[8], to_apply=%add\n"
+            "  ROOT %t = (s32[], bf16[4,256]{1,0}) tuple(%p)\n}\n\n")
+  hlo = hlo.replace("ENTRY %main.9", idle + second + "ENTRY %main.9").replace(
+      "  %g2 = ", "  %spin = (s32[], bf16[4,256]{1,0}) while(%init), condition=%cond, body=%idle\n"
+      "  %loop2 = (s32[], bf16[4,256]{1,0}) while(%init), condition=%cond, body=%body2\n  %g2 = ")
+  traffic = train_compile.collective_traffic(hlo, devices=8)
+  assert traffic["unknown_trip_counts"] == ["body", "body2"]
+  assert traffic["all-gather"]["per_step"] == 1 and traffic["all-reduce"]["per_step"] == 2
+
+
+def test_computations_count_per_call():
+  """A computation runs once per call site (two calls of one computation: its collective twice per step); one that
+  nothing this parser reads calls still counts once rather than vanishing."""
+  hlo = """HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%reduce (a: f32[64]) -> f32[64] {
+  %a = f32[64]{0} parameter(0)
+  ROOT %ar = f32[64]{0} all-reduce(%a), channel_id=1, replica_groups=[1,4]<=[4], to_apply=%add
+}
+
+%orphan (b: f32[32]) -> f32[32] {
+  %b = f32[32]{0} parameter(0)
+  ROOT %cp = f32[32]{0} collective-permute(%b), channel_id=2, source_target_pairs={{0,1},{1,0}}
+}
+
+ENTRY %main (a: f32[64]) -> f32[64] {
+  %a = f32[64]{0} parameter(0)
+  %c1 = f32[64]{0} call(%a), to_apply=%reduce
+  ROOT %c2 = f32[64]{0} call(%c1), to_apply=%reduce
+}
+"""
+  traffic = train_compile.collective_traffic(hlo, devices=4)
+  assert traffic["all-reduce"] == {"ops": 1, "per_step": 2, "result_bytes": 2 * 256, "link_bytes": 2 * 2 * 256 * 3 // 4}
+  assert traffic["collective-permute"]["per_step"] == 1 and traffic["collective-permute"]["result_bytes"] == 128
 
 
 def test_no_collectives():
@@ -251,6 +307,26 @@ def test_group_sizes():
   assert size("x = f32[8] all-gather(f32[1] %a), replica_groups={{0,2},{1,3}}, dimensions={0}", 4) == 2
   assert size("x = f32[] all-reduce(%a), replica_groups=mesh['axis_0'=4,'axis_1'=8] {'axis_0','axis_1'}", 0) == 32
   assert size("x = f32[] all-reduce(%a), replica_groups={}, to_apply=%add", 16) == 16
+
+
+def test_link_bytes():
+  """The ring estimate per kind (an all-to-all keeps 1/group of its buffer), and nothing over a group of one."""
+  link = train_compile._link_bytes
+  assert link("all-to-all", 800, 8) == link("all-gather", 800, 8) == 700
+  assert (link("reduce-scatter", 100, 8), link("all-reduce", 800, 8), link("collective-permute", 64, 8)) == (700, 1400, 64)
+  assert [link(op, 64, 1) for op in deviceless.COLLECTIVES] == [0] * len(deviceless.COLLECTIVES)
+
+
+def test_hbm_per_chip():
+  """Per chip, in GiB (2**30): the longest device-kind prefix wins ("TPU v5 lite" is a v5e, not a v5p, whose kind
+  is "TPU v5"), and a GPU's is the memory its XLA target describes (79 and 140 GiB, as performance.md reads)."""
+  gib = 2 ** 30
+  assert train_compile.hbm_bytes("TPU v5 lite") == 16 * gib and train_compile.hbm_bytes("TPU v5") == 95 * gib
+  assert train_compile.hbm_bytes("TPU v5p") == 95 * gib and train_compile.hbm_bytes("TPU v4") == 32 * gib
+  assert train_compile.hbm_bytes("TPU v6 lite") == 32 * gib and train_compile.hbm_bytes("cpu") is None
+  for target, size in (("h100", 79), ("h200", 140)):
+    hbm = train_compile.hbm_bytes("cpu", target)
+    assert f"device_memory_size: {hbm}\n" in deviceless.TARGETS[target] and int(hbm / gib) == size
 
 
 def test_parse_mesh():
