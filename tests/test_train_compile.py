@@ -249,6 +249,46 @@ ENTRY %main (a: f32[64]) -> f32[64] {
   assert traffic["collective-permute"]["per_step"] == 1 and traffic["collective-permute"]["result_bytes"] == 128
 
 
+def _compiled_on_8_cpus(fn, *shapes) -> str:
+  """The HLO of `fn` under shard_map over 8 CPU devices (a mesh axis "x"), compiled here."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = jax.make_mesh((8,), ("x",))
+  split = NamedSharding(mesh, P("x"))
+  step = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("x"),) * len(shapes), out_specs=P(), check_vma=False),
+                 in_shardings=(split,) * len(shapes))
+  return step.lower(*(jax.ShapeDtypeStruct(s, "float32", sharding=split) for s in shapes)).compile().as_text()
+
+
+def test_every_kind_in_nested_loops_of_a_compiled_program():
+  """XLA's own text (CPU): each kind once in a scan of 3 inside a scan of 5 runs 15 times per step (the trip
+  counts multiply), then an all-reduce once; bytes from each device's shapes (64 floats, a scatter keeps 8)."""
+  import jax
+
+  def fn(a):
+    def outer(c, _):
+      def inner(c, _):
+        s = jax.lax.psum_scatter(c, "x", tiled=True)
+        g = jax.lax.all_gather(s, "x", tiled=True)
+        t = jax.lax.all_to_all(g.reshape(8, 8), "x", 0, 0, tiled=True).reshape(64)
+        return jax.lax.ppermute(t, "x", [(i, (i + 1) % 8) for i in range(8)]) * 0.5, None
+      return jax.lax.scan(inner, c, None, length=3)[0], None
+    return jax.lax.psum(jax.lax.scan(outer, a, None, length=5)[0], "x")
+
+  hlo = _compiled_on_8_cpus(fn, (8 * 64,))
+  traffic = train_compile.collective_traffic(hlo, devices=8)
+  full, shard = 64 * 4, 8 * 4
+  assert traffic == {
+      "all-gather": {"ops": 1, "per_step": 15, "result_bytes": 15 * full, "link_bytes": 15 * full * 7 // 8},
+      "all-reduce": {"ops": 1, "per_step": 1, "result_bytes": full, "link_bytes": 2 * full * 7 // 8},
+      "all-to-all": {"ops": 1, "per_step": 15, "result_bytes": 15 * full, "link_bytes": 15 * full * 7 // 8},
+      "collective-permute": {"ops": 1, "per_step": 15, "result_bytes": 15 * full, "link_bytes": 15 * full},
+      "reduce-scatter": {"ops": 1, "per_step": 15, "result_bytes": 15 * shard, "link_bytes": 15 * shard * 7}}
+  assert deviceless.collectives(hlo) == {op: 1 for op in deviceless.COLLECTIVES}
+
+
 def test_no_collectives():
   assert train_compile.collective_traffic("ENTRY %m (a: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} parameter(0)\n}",
                                           devices=4) == {}
