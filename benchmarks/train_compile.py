@@ -277,19 +277,20 @@ def _executions(found, calls, entry) -> tuple[dict[str, int], list[str]]:
 def _rows(hlo_text: str, devices: int) -> tuple[list[dict], list[str]]:
   found, calls, entry = parse_hlo(hlo_text)
   times, unknown = _executions(found, calls, entry)
-  # One entry per collective: the copies of a split TPU collective share (op, channel_id, shape).
-  picked: dict[tuple, tuple[dict, int]] = {}  # key -> (the collective, its executions per step)
+  # One entry per collective: the copies of a split TPU collective share (op, channel_id, shape), each in its own
+  # computation. Two in one computation are two collectives (XLA:CPU numbers every shard_map collective 1).
+  picked: dict[tuple, tuple[dict, int, str]] = {}  # key -> (the collective, its executions per step, its computation)
   for comp, ops in found.items():
     n = times.get(comp, 1)  # one not reached from the entry (a call this parser missed): once
     for i, o in enumerate(ops):
       key = (o["op"], o["channel"], o["shape"]) if o["channel"] is not None else (comp, i)
-      if key in picked:
-        first, m = picked[key]
-        picked[key] = (dict(first, source=first["source"] or o["source"]), max(m, n))
+      if key in picked and picked[key][2] != comp:
+        first, m, home = picked[key]
+        picked[key] = (dict(first, source=first["source"] or o["source"]), max(m, n), home)
       else:
-        picked[key] = (o, n)
+        picked[(comp, i) if key in picked else key] = (o, n, comp)
   rows = []
-  for o, n in picked.values():
+  for o, n, _ in picked.values():
     if o["op"] == DCN_SEND:  # the whole transfer leaves the slice; the other slices are not in this program
       rows.append(dict(o, group=None, per_step=n, result_bytes=n * o["bytes"], link_bytes=n * o["bytes"]))
       continue

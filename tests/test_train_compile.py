@@ -289,6 +289,32 @@ def test_every_kind_in_nested_loops_of_a_compiled_program():
   assert deviceless.collectives(hlo) == {op: 1 for op in deviceless.COLLECTIVES}
 
 
+def test_collectives_sharing_a_channel_in_one_computation_are_distinct():
+  """Only the copies of a split TPU collective, each in its own computation, count once. XLA:CPU gives every
+  collective of a shard_map channel_id=1: two gathers of one shape in one computation are two gathers, and one of
+  another shape in a loop body is a third."""
+  import jax
+  import jax.numpy as jnp
+
+  def fn(a, b, c):
+    def body(x, _):
+      return x + 1, jax.lax.all_gather(x, "x", tiled=True)
+    looped = jax.lax.scan(body, c, None, length=3)[1].sum(0)
+    return jnp.concatenate([jax.lax.all_gather(a, "x", tiled=True) * 2, jax.lax.all_gather(b, "x", tiled=True) + 1,
+                            looped])
+
+  hlo = _compiled_on_8_cpus(fn, (64,), (64,), (128,))
+  traffic = train_compile.collective_traffic(hlo, devices=8)
+  assert deviceless.collectives(hlo) == {"all-gather": 3}
+  assert traffic["all-gather"] == {"ops": 3, "per_step": 5, "result_bytes": 2 * 64 * 4 + 3 * 128 * 4,
+                                   "link_bytes": (2 * 64 * 4 + 3 * 128 * 4) * 7 // 8}
+  two = ("ENTRY %m (a: f32[8], b: f32[8]) -> f32[64] {\n  %a = f32[8]{0} parameter(0)\n  %b = f32[8]{0} parameter(1)\n"
+         "  %g1 = f32[64]{0} all-gather(%a), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}\n"
+         "  %g2 = f32[64]{0} all-gather(%b), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}\n"
+         "  ROOT %s = f32[64]{0} add(%g1, %g2)\n}")
+  assert train_compile.collective_traffic(two, devices=8)["all-gather"]["ops"] == 2
+
+
 def test_no_collectives():
   assert train_compile.collective_traffic("ENTRY %m (a: f32[4]) -> f32[4] {\n  ROOT %a = f32[4]{0} parameter(0)\n}",
                                           devices=4) == {}
