@@ -5,6 +5,7 @@ in the slow tier and skip where the environment is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -470,6 +472,204 @@ def test_model_preset_of_the_other_family_takes_its_trainable_set():
   cfg = train_compile.load_config("configs/train/synthetic.py:sam2")
   train_compile.use_preset(cfg, "evf-sam2")
   assert tuple(cfg.trainable) == train_config.EVF_SAM2_IMAGE_PATH
+
+
+# ------------------------------------------------------------------ main() here, XLA's compile stood in for
+
+
+class _Compiled:
+  """What main() reads of a compiled program, with numbers these tests know: memory analysis, text and FLOPs."""
+
+  def __init__(self, memory: dict, hlo: str):
+    self.memory, self.hlo = memory, hlo
+
+  def memory_analysis(self):
+    return types.SimpleNamespace(**{f"{name}_size_in_bytes": size for name, size in self.memory.items()})
+
+  def as_text(self):
+    return self.hlo
+
+  def cost_analysis(self):
+    return {"flops": 1.5e9}
+
+
+# An all-gather whose groups are not written: all the devices of the (one slice's) program.
+UNGROUPED_HLO = """ENTRY %main (a: f32[256]) -> f32[1024] {
+  %a = f32[256]{0} parameter(0)
+  ROOT %ag = f32[1024]{0} all-gather(f32[256]{0} %a), channel_id=1, dimensions={0}
+}"""
+TRAIN_MEMORY = {"output": 300_000, "alias": 200_000, "temp": 50_000, "generated_code": 7_000}
+EVAL_MEMORY = {"argument": 11, "output": 130_000, "temp": 17_000, "generated_code": 900}
+EVAL_BATCH_SIZE = 5  # the config's eval.batch_size, for these runs
+
+
+@contextlib.contextmanager
+def _stand_ins(programs: list, devices: int):
+  """main() on this machine's CPU devices, each compile answered by the next of `programs`: the steps are traced and
+  lowered as for the chips (that is the trainer's code), and what the tool makes of the compiled programs is
+  checked against known numbers (compiling even the tiny step takes a minute on 2 cores). Yields what it saw: the
+  lowered steps, the device requests and the evaluation's arguments."""
+  import jax
+
+  from evf_jax import flops
+  from evf_jax.sam import rel_pos_attention
+  seen = {"lowered": [], "devices": [], "eval": []}
+  load_config, compile_eval = train_compile.load_config, train_compile._compile_eval
+
+  def compile_(lowered, *args, **kwargs):
+    seen["lowered"].append(lowered)
+    return programs[len(seen["lowered"]) - 1]
+
+  def devices_(*args):
+    seen["devices"].append(args)
+    return jax.devices()[:devices]
+
+  def load(spec):
+    cfg = load_config(spec)
+    cfg.eval.batch_size = EVAL_BATCH_SIZE
+    return cfg
+
+  def evaluation(*args):
+    seen["eval"].append(args)
+    return compile_eval(*args)
+
+  if jax.device_count() < devices:
+    pytest.skip(f"needs {devices} devices")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax.stages.Lowered, "compile", compile_)
+    mp.setattr(deviceless, "use_compile_only_tpu", lambda tool: None)
+    mp.setattr(deviceless, "use_compile_only_cuda", lambda flags, tool: None)
+    mp.setattr(deviceless, "tpu_devices", devices_)
+    mp.setattr(deviceless, "cuda_devices", devices_)
+    mp.setattr(rel_pos_attention, "default_chunking", rel_pos_attention.default_chunking)  # main() rebinds it on TPU
+    mp.setattr(flops, "peak_flops", lambda kind: 2e14)
+    mp.setattr(train_compile, "load_config", load)
+    mp.setattr(train_compile, "_compile_eval", evaluation)
+    yield seen
+
+
+EVAL_FLAGS = ("--eval", "--eval-prompts", "2", "--eval-text-len", "8", "--eval-size", "128")
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+  """The tiny model's step for 4 H100s (4 CPU devices here), data=2 x fsdp=2, 8 images in 2 microbatches, 2 prompts
+  of 16 tokens, masks at 48, frozen parameters replicated, with its evaluation step; the training program's memory
+  adds up to exactly the H100's HBM. Then that evaluation again with the HBM at exactly its peak."""
+  hbm = train_compile.GPU_HBM["h100"]
+  train = dict(TRAIN_MEMORY, argument=hbm - (300_000 - 200_000 + 50_000 + 7_000))
+  path = tmp_path_factory.mktemp("gpu_run") / "summary.json"
+  programs = [_Compiled(train, UNGROUPED_HLO)] + [_Compiled(EVAL_MEMORY, UNGROUPED_HLO)] * 2
+  with _stand_ins(programs, devices=4) as seen:
+    rc = train_compile.main(["--platform", "gpu", "--model-preset", "tiny", "--mesh", "data=2,fsdp=2,tensor=1",
+                             "--batch-size", "8", "--grad-accum", "2", "--prompts", "2", "--text-len", "16",
+                             "--mask-size", "48", "--replicate-frozen", *EVAL_FLAGS, "--json", str(path)])
+    summary = json.loads(path.read_text())
+    *args, state = seen["eval"][0]
+    peak = summary["evaluation"]["peak_per_device_bytes"]
+    at_peak = train_compile._compile_eval(*args, dict(state, hbm_bytes=peak))
+  return types.SimpleNamespace(rc=rc, summary=summary, seen=seen, hbm=hbm, train=train, at_peak=at_peak,
+                               model_config=args[2])
+
+
+def test_gpu_run_summary(gpu_run):
+  """The flags reach the config; memory per device is arguments + outputs not aliased to the donated state +
+  temporaries + code, and "fits" allows exactly the chip's HBM (the H100's, as the target says); FLOPs per device
+  and at the peak; the ungrouped gather counted over the 4 devices."""
+  from evf_jax import flops
+  summary = gpu_run.summary
+  assert gpu_run.rc == 0 and gpu_run.seen["devices"] == [("h100", "1x1x4")]
+  st = summary["settings"]
+  assert (st["platform"], st["topology"], st["target"], st["num_slices"]) == ("gpu", "1x1x4", "h100", 1)
+  assert st["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and st["dcn_mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+  assert (st["batch_size"], st["grad_accum"], st["prompts_per_image"], st["text_len"], st["mask_size"]) == (8, 2, 2, 16, 48)
+  assert st["replicate_frozen"] is True and summary["devices"] == 4
+  mem = summary["memory_per_device_bytes"]
+  assert mem == dict(gpu_run.train, total=gpu_run.hbm) and summary["hbm_bytes"] == gpu_run.hbm
+  assert summary["fits"] is True
+  model_flops = flops.train_step(gpu_run.model_config, images=8, prompts_per_image=2, text_len=16,
+                                 encoder_frozen=st["encoder_frozen"], decoder_trained=st["decoder_trained"])
+  assert summary["model_flops_per_step"] == model_flops > 0
+  assert summary["model_flops_per_device"] == model_flops / 4 and summary["step_s_at_peak"] == model_flops / 4 / 2e14
+  assert summary["xla_flops_per_device"] == 1.5e9
+  assert summary["collectives"] == {"all-gather": {"ops": 1, "per_step": 1, "result_bytes": 4096,
+                                                   "link_bytes": 4096 * 3 // 4}}
+
+
+def test_gpu_run_lowers_the_step_as_the_trainer_jits_it(gpu_run):
+  """The training state donated (its outputs alias it), the batch not; the batch in the data pipeline's layout
+  (evf_testing's random_batch builds it as the pipeline does), each device holding a quarter of it."""
+  import jax
+
+  from evf_testing.training import random_batch
+  state, batch = gpu_run.seen["lowered"][0].args_info[0]
+  assert all(a.donated for a in jax.tree.leaves(state)) and not any(a.donated for a in batch.values())
+  expected = random_batch(gpu_run.model_config, images=8, prompts=2, text_len=16, mask_size=48)
+  assert {k: (a.shape, a.dtype) for k, a in batch.items()} == {k: (v.shape, v.dtype) for k, v in expected.items()}
+  assert gpu_run.summary["batch_per_device_bytes"] * 4 == sum(v.nbytes for v in expected.values())
+
+
+def test_gpu_run_evaluation_beside_the_training_state(gpu_run):
+  """eval.batch_size (5) rounded up to the devices (8 images); the peak is the whole training state plus the
+  step's batch, outputs, temporaries and code, and fits at exactly the HBM."""
+  summary = gpu_run.summary
+  ev = summary["evaluation"]
+  assert ev["images"] == 8 and gpu_run.seen["lowered"][1].args_info[0][1]["sam_image"].shape[0] == 8
+  assert ev["memory_per_device_bytes"] == EVAL_MEMORY
+  state = sum(summary["state_per_device_bytes"].values())
+  assert ev["peak_per_device_bytes"] == state + ev["batch_per_device_bytes"] + 130_000 + 17_000 + 900
+  assert ev["fits"] is True and gpu_run.at_peak["fits"] is True
+  assert ev["collectives"] == summary["collectives"]
+
+
+@pytest.fixture(scope="module")
+def two_slices_run(tmp_path_factory):
+  """Two v5e 2x2 slices (8 CPU devices here, laid out as one), data=2 spanning them, fsdp=4 inside each."""
+  path = tmp_path_factory.mktemp("two_slices") / "summary.json"
+  with _stand_ins([_Compiled(dict(TRAIN_MEMORY, argument=1), UNGROUPED_HLO),
+                   _Compiled(EVAL_MEMORY, UNGROUPED_HLO)], devices=8) as seen:
+    rc = train_compile.main(["--model-preset", "tiny", "--num-slices", "2", "--mesh", "data=2,fsdp=4,tensor=1",
+                             "--batch-size", "8", *EVAL_FLAGS, "--json", str(path)])
+  return rc, json.loads(path.read_text()), seen
+
+
+def test_two_slices_count_inside_a_slice(two_slices_run):
+  """The slices are asked of libtpu; a program's collectives stay inside its slice, so one without written groups
+  spans a slice's 4 devices, not all 8, in training and in evaluation; no HBM known for the CPU: no verdict."""
+  rc, summary, seen = two_slices_run
+  assert rc == 0 and seen["devices"] == [("v5e:2x2", 2)]
+  st = summary["settings"]
+  assert (st["topology"], st["target"], st["num_slices"]) == ("v5e:2x2", None, 2)
+  assert st["dcn_mesh"] == {"data": 2, "fsdp": 1, "tensor": 1} and summary["devices"] == 8
+  assert summary["hbm_bytes"] is None and summary["fits"] is None and summary["evaluation"]["fits"] is None
+  for part in (summary, summary["evaluation"]):
+    assert part["collectives"]["all-gather"]["link_bytes"] == 4096 * 3 // 4
+    assert [c["group"] for c in part["largest_collectives"]] == [4]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--grad-accum", "4"], "microbatches of 2 images, which the 4 batch shards"),
+    (["--batch-size", "6"], "microbatches of 6 images, which the 4 batch shards"),
+    (["--mesh", "data=3"], "has 3 devices, but there are 4"),
+])
+def test_one_line_errors_before_compiling(argv, message, capsys):
+  """The batch must split into microbatches over the batch shards (data x fsdp), the mesh must cover the devices."""
+  with _stand_ins([], devices=4) as seen:
+    rc = train_compile.main(["--platform", "gpu", "--model-preset", "tiny", "--mesh", "data=2,fsdp=2,tensor=1",
+                             "--batch-size", "8", *argv])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1 and message in err[0] and not seen["lowered"], err
+
+
+def test_unknown_topology_in_one_line(capsys):
+  def unknown(*args):
+    raise RuntimeError("no topology 9x9x9\n  (the plugin's trace)")
+
+  with _stand_ins([], devices=4):
+    deviceless.cuda_devices = unknown  # undone with the stand-ins
+    rc = train_compile.main(["--platform", "gpu", "--topology", "9x9x9", "--model-preset", "tiny"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and err == ["error: gpu topology '9x9x9': no topology 9x9x9"]
 
 
 def _compile(python: pathlib.Path, tmp_path, *argv) -> tuple[dict, str]:
