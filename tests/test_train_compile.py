@@ -441,6 +441,8 @@ def test_without_the_compiler_plugin(platform, needs, capsys):
     (["--num-slices", "0"], "--num-slices must be >= 1"),
     (["--platform", "gpu", "--num-slices", "2"], "--num-slices is for --platform tpu"),
     (["--dcn-mesh", "data"], "expected NAME=SIZE"),
+    *[([f"--{name}", "0"], f"--{name} must be >= 1")
+      for name in ("grad-accum", "prompts", "text-len", "mask-size", "eval-text-len", "eval-size")],
 ])
 def test_bad_flags(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
