@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import subprocess
+import types
 
 import pytest
 
@@ -50,6 +52,71 @@ def test_does_not_overwrite(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     eval_compile.main(["--json", str(mine)])
   assert e.value.code == 2 and mine.read_text() == "keep"
+
+
+# What main() reads of the compiled step, with known numbers: XLA's compile stands aside (main() traces and lowers the
+# step itself, on this machine's CPU devices).
+MEMORY = {"argument": 2_500_000_000, "output": 40_000_000, "temp": 310_000_000, "generated_code": 1_000_000}
+HLO = """  %ag = f32[8,4]{1,0} all-gather(%x), channel_id=1, dimensions={0}
+  %ars = f32[4]{0} all-reduce-start(%y), channel_id=2, to_apply=%add
+  %ard = f32[4]{0} all-reduce-done(%ars)"""
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+  import jax
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices")
+  seen = {"lowered": [], "devices": []}
+
+  def compile_(lowered, *args, **kwargs):
+    seen["lowered"].append(lowered)
+    return types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
+        **{f"{k}_size_in_bytes": v for k, v in MEMORY.items()}), as_text=lambda: HLO)
+
+  def devices_(*args):
+    seen["devices"].append(args)
+    return jax.devices()[:4]
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", compile_)
+  monkeypatch.setattr(deviceless, "use_compile_only_tpu", lambda tool: None)
+  monkeypatch.setattr(deviceless, "use_compile_only_cuda", lambda flags, tool: None)
+  monkeypatch.setattr(deviceless, "tpu_devices", devices_)
+  monkeypatch.setattr(deviceless, "cuda_devices", devices_)
+  return seen
+
+
+def test_summary_of_a_compile(stand_ins, tmp_path):
+  """The default topology asked of libtpu; the batch of images per device times the devices, split over them;
+  the kernels in the compute dtype (bf16); memory in GB (1e9) as XLA reports it; the program's collectives."""
+  import jax
+  out = tmp_path / "summary.json"
+  assert eval_compile.main(["--size", "tiny", "--images-per-device", "2", "--mask-size", "128", "--json", str(out)]) == 0
+  summary = json.loads(out.read_text())
+  assert stand_ins["devices"] == [("v5e:2x2",)] and summary["devices"] == 4
+  assert summary["settings"]["topology"] == "v5e:2x2" and "json" not in summary["settings"]
+  assert summary["per_device_gb"] == pytest.approx({"argument": 2.5, "output": 0.04, "temp": 0.31,
+                                                    "generated_code": 0.001})
+  assert summary["collectives"] == {"all-gather": 1, "all-reduce": 1}
+  lowered = stand_ins["lowered"][0]
+  params, batch = lowered.args_info[0]
+  assert {a.shape[0] for a in batch.values()} == {8}
+  kernels = {a.dtype for path, a in jax.tree_util.tree_leaves_with_path(params) if "kernel" in jax.tree_util.keystr(path)}
+  assert kernels == {jax.numpy.dtype("bfloat16")}
+  # The SAM images' argument is split over the 4 devices (Shardy's or GSPMD's spelling), not replicated.
+  image = re.search(r"tensor<8x\d+x\d+x3xui8>(.*?)(?:, %arg|\) ->)", lowered.as_text()).group(1)
+  assert '"data"' in image or "devices=[4" in image, image
+
+
+def test_gpu_defaults_and_an_unknown_topology(stand_ins, capsys):
+  def unknown(*args):
+    stand_ins["devices"].append(args)
+    raise RuntimeError("no such topology\n  (the plugin's trace)")
+
+  deviceless.cuda_devices = unknown  # undone with the fixture's monkeypatch
+  assert eval_compile.main(["--platform", "gpu", "--size", "tiny"]) == 2
+  assert stand_ins["devices"] == [("h100", "1x1x4")]
+  assert capsys.readouterr().err.strip().splitlines() == ["error: gpu topology '1x1x4': no such topology"]
 
 
 def _compile(python: pathlib.Path, tmp_path, *argv) -> dict:
