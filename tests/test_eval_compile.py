@@ -91,7 +91,8 @@ def test_summary_of_a_compile(stand_ins, tmp_path):
   the kernels in the compute dtype (bf16); memory in GB (1e9) as XLA reports it; the program's collectives."""
   import jax
   out = tmp_path / "summary.json"
-  assert eval_compile.main(["--size", "tiny", "--images-per-device", "2", "--mask-size", "128", "--json", str(out)]) == 0
+  argv = ["--size", "tiny", "--images-per-device", "2", "--mask-size", "128", "--json", str(out)]
+  assert eval_compile.main(argv) == 0
   summary = json.loads(out.read_text())
   assert stand_ins["devices"] == [("v5e:2x2",)] and summary["devices"] == 4
   assert summary["settings"]["topology"] == "v5e:2x2" and "json" not in summary["settings"]
@@ -101,7 +102,8 @@ def test_summary_of_a_compile(stand_ins, tmp_path):
   lowered = stand_ins["lowered"][0]
   params, batch = lowered.args_info[0]
   assert {a.shape[0] for a in batch.values()} == {8}
-  kernels = {a.dtype for path, a in jax.tree_util.tree_leaves_with_path(params) if "kernel" in jax.tree_util.keystr(path)}
+  kernels = {a.dtype for path, a in jax.tree_util.tree_leaves_with_path(params)
+             if "kernel" in jax.tree_util.keystr(path)}
   assert kernels == {jax.numpy.dtype("bfloat16")}
   # The SAM images' argument is split over the 4 devices (Shardy's or GSPMD's spelling), not replicated.
   image = re.search(r"tensor<8x\d+x\d+x3xui8>(.*?)(?:, %arg|\) ->)", lowered.as_text()).group(1)
